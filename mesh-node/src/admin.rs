@@ -1,0 +1,84 @@
+//! Admin endpoint (node-local): readiness, Prometheus metrics, config dump.
+//!
+//! | path | what |
+//! |---|---|
+//! | `/healthz/ready` | 200 once capture is attached and saved workloads are restored |
+//! | `/metrics` | Prometheus text format |
+//! | `/config_dump` | JSON: node settings and every workload with its capture state |
+
+use std::sync::{
+    Arc,
+    atomic::{AtomicBool, Ordering},
+};
+
+use hyper::{Method, Request, Response, StatusCode, body::Incoming};
+use prometheus_client::registry::Registry as MetricsRegistry;
+use tokio::net::TcpListener;
+
+use crate::{
+    config::Config,
+    http::{self, Body},
+    workload::Registry,
+};
+
+pub struct Admin {
+    pub ready: AtomicBool,
+    pub metrics: MetricsRegistry,
+    pub workloads: Arc<Registry>,
+    pub config: Config,
+}
+
+impl Admin {
+    pub async fn serve(self: Arc<Self>, listener: TcpListener) {
+        let handler = Arc::new(move |req: Request<Incoming>| {
+            let admin = Arc::clone(&self);
+            async move { admin.route(req).await }
+        });
+        loop {
+            match listener.accept().await {
+                Ok((stream, _)) => http::spawn_connection(stream, Arc::clone(&handler)),
+                Err(e) => tracing::warn!("admin accept failed: {e}"),
+            }
+        }
+    }
+
+    async fn route(&self, req: Request<Incoming>) -> Response<Body> {
+        if req.method() != Method::GET {
+            return http::text(StatusCode::METHOD_NOT_ALLOWED, "admin endpoint is read-only\n");
+        }
+        match req.uri().path() {
+            "/healthz/ready" => {
+                if self.ready.load(Ordering::Acquire) {
+                    http::text(StatusCode::OK, "ready\n")
+                } else {
+                    http::text(StatusCode::SERVICE_UNAVAILABLE, "not ready: starting\n")
+                }
+            }
+            "/metrics" => {
+                let mut out = String::new();
+                match prometheus_client::encoding::text::encode(&mut out, &self.metrics) {
+                    Ok(()) => http::text(StatusCode::OK, out),
+                    Err(e) => http::text(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+                }
+            }
+            "/config_dump" => {
+                let c = &self.config;
+                http::json(
+                    StatusCode::OK,
+                    &serde_json::json!({
+                        "node": {
+                            "name": c.node_name,
+                            "cgroup_root": c.cgroup_root,
+                            "exclude_ports": c.exclude_ports,
+                            "exclude_cidrs": c.exclude_cidrs.iter()
+                                .map(|x| format!("{}/{}", x.addr, x.prefix_len)).collect::<Vec<_>>(),
+                            "proxy_mark": c.proxy_mark,
+                        },
+                        "workloads": self.workloads.list().await,
+                    }),
+                )
+            }
+            other => http::text(StatusCode::NOT_FOUND, format!("no admin path {other}\n")),
+        }
+    }
+}

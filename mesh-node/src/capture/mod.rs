@@ -1,0 +1,128 @@
+//! Traffic capture: the eBPF programs (see `mesh-ebpf`) and the maps mesh-node drives.
+//!
+//! mesh-node tells the kernel which cgroups are meshed and where their proxy listener is
+//! ([`Capture::mesh`]); for every accepted connection it asks where the client was really
+//! going ([`Capture::take_orig_dst`]).
+
+#[expect(unsafe_code, reason = "tokio AsyncFd registration for the eBPF log ring buffer")]
+mod loader;
+
+use std::{
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    sync::Mutex,
+};
+
+use aya::maps::{HashMap, MapData};
+use mesh_ebpf_common::{ClientTupleKey, FAMILY_INET, FAMILY_INET6, MeshedCgroup, OrigDst};
+
+pub use loader::{CaptureError, EbpfLogger, forward_ebpf_logs, load_and_attach};
+
+/// Where capture sends a meshed cgroup's connects.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct CaptureTarget {
+    pub netns_cookie: u64,
+    pub proxy_port4: u16,
+    pub proxy_port6: u16,
+}
+
+/// The loaded, attached programs and their maps. Dropping it detaches everything.
+pub struct Capture {
+    // Owns the programs and their cgroup links; kept alive for as long as capture runs.
+    _ebpf: aya::Ebpf,
+    meshed: Mutex<HashMap<MapData, u64, MeshedCgroup>>,
+    by_tuple: Mutex<HashMap<MapData, ClientTupleKey, OrigDst>>,
+}
+
+impl Capture {
+    pub fn mesh(&self, cgroup_id: u64, target: CaptureTarget) -> Result<(), CaptureError> {
+        let value = MeshedCgroup {
+            netns_cookie: target.netns_cookie,
+            proxy_port4: target.proxy_port4,
+            proxy_port6: target.proxy_port6,
+            _pad: 0,
+        };
+        self.meshed
+            .lock()
+            .expect("capture map lock")
+            .insert(cgroup_id, value, 0)
+            .map_err(|source| CaptureError::Map { map: "MESHED_CGROUPS", source })
+    }
+
+    pub fn unmesh(&self, cgroup_id: u64) -> Result<(), CaptureError> {
+        match self.meshed.lock().expect("capture map lock").remove(&cgroup_id) {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Err(source) => Err(CaptureError::Map { map: "MESHED_CGROUPS", source }),
+        }
+    }
+
+    /// The destination the client of an accepted connection dialled, removed from the map so
+    /// a later connection reusing the same port cannot see it. `None` means the connection did
+    /// not come through capture (something dialled the listener directly).
+    pub fn take_orig_dst(&self, netns_cookie: u64, peer: SocketAddr) -> Option<SocketAddr> {
+        let key = tuple_key(netns_cookie, peer);
+        let mut map = self.by_tuple.lock().expect("capture map lock");
+        let orig = map.get(&key, 0).ok()?;
+        let _ = map.remove(&key);
+        Some(orig_to_socket_addr(&orig))
+    }
+}
+
+fn ip_words(ip: IpAddr) -> (u16, [u32; 4]) {
+    match ip {
+        IpAddr::V4(v4) => (FAMILY_INET, [u32::from_ne_bytes(v4.octets()), 0, 0, 0]),
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => (FAMILY_INET, [u32::from_ne_bytes(v4.octets()), 0, 0, 0]),
+            None => {
+                let o = v6.octets();
+                let w = |i: usize| u32::from_ne_bytes([o[i], o[i + 1], o[i + 2], o[i + 3]]);
+                (FAMILY_INET6, [w(0), w(4), w(8), w(12)])
+            }
+        },
+    }
+}
+
+fn tuple_key(netns_cookie: u64, peer: SocketAddr) -> ClientTupleKey {
+    let (family, addr) = ip_words(peer.ip());
+    ClientTupleKey { netns_cookie, addr, port: peer.port(), family, _pad: 0 }
+}
+
+fn orig_to_socket_addr(orig: &OrigDst) -> SocketAddr {
+    let port = u16::from_be(orig.port);
+    if orig.family == FAMILY_INET {
+        SocketAddr::new(Ipv4Addr::from(orig.addr[0].to_ne_bytes()).into(), port)
+    } else {
+        let mut octets = [0u8; 16];
+        for (i, w) in orig.addr.iter().enumerate() {
+            octets[i * 4..i * 4 + 4].copy_from_slice(&w.to_ne_bytes());
+        }
+        SocketAddr::new(Ipv6Addr::from(octets).into(), port)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_match_what_sockops_files() {
+        // sockops stores the local address in network order, IPv4 in word 0, port host order.
+        let key = tuple_key(7, "127.0.0.1:40000".parse().unwrap());
+        assert_eq!(key.addr, [u32::from_ne_bytes([127, 0, 0, 1]), 0, 0, 0]);
+        assert_eq!((key.port, key.family, key.netns_cookie), (40000, FAMILY_INET, 7));
+        // A v4-mapped peer on a dual-stack listener is filed as IPv4.
+        let mapped = tuple_key(7, "[::ffff:127.0.0.1]:40000".parse().unwrap());
+        assert_eq!(mapped, key);
+        let v6 = tuple_key(7, "[::1]:5".parse().unwrap());
+        assert_eq!(v6.addr, [0, 0, 0, u32::from_ne_bytes([0, 0, 0, 1])]);
+    }
+
+    #[test]
+    fn orig_dst_round_trips() {
+        for s in ["10.1.2.3:8080", "[fd00::2]:443"] {
+            let addr: SocketAddr = s.parse().unwrap();
+            let (family, words) = ip_words(addr.ip());
+            let orig = OrigDst { addr: words, port: addr.port().to_be(), family, _pad: 0 };
+            assert_eq!(orig_to_socket_addr(&orig), addr);
+        }
+    }
+}

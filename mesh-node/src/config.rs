@@ -1,0 +1,267 @@
+//! Command line and environment: parsed in one place, every error reported at once.
+
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
+
+use clap::{Args, Parser, Subcommand};
+
+pub const DEFAULT_ADMIN_ADDR: &str = "127.0.0.1:15000";
+pub const DEFAULT_API_SOCKET: &str = "/run/nodemesh/mesh-node.sock";
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/nodemesh";
+/// `SO_MARK` on the proxy's own sockets; the capture programs never redirect marked sockets.
+pub const DEFAULT_PROXY_MARK: u32 = 0x4e4d;
+pub const DEFAULT_CONNECT_TIMEOUT_MS: u64 = 10_000;
+/// Exit status for bad configuration (sysexits EX_USAGE).
+pub const EXIT_BAD_CONFIG: i32 = 64;
+
+#[derive(Parser, Debug)]
+#[command(name = "mesh-node", version, about = "Nodemesh node proxy")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run the node proxy: load and attach capture, serve workloads, admin and local API.
+    Run(RunArgs),
+    /// Add, remove or list workloads through a running mesh-node's local API.
+    Workload {
+        #[arg(long, env = "NODEMESH_API_SOCKET", default_value = DEFAULT_API_SOCKET)]
+        api_socket: PathBuf,
+        #[command(subcommand)]
+        action: WorkloadAction,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum WorkloadAction {
+    /// Register (or replace) a workload; prints its status as JSON.
+    Add(WorkloadAddArgs),
+    /// Remove a workload by `namespace/name`.
+    Remove { key: String },
+    /// List workloads as JSON.
+    List,
+}
+
+#[derive(Args, Debug)]
+pub struct WorkloadAddArgs {
+    #[arg(long)]
+    pub name: String,
+    #[arg(long)]
+    pub namespace: String,
+    #[arg(long, default_value = "default")]
+    pub service_account: String,
+    #[arg(long)]
+    pub cgroup: PathBuf,
+    #[arg(long)]
+    pub netns: PathBuf,
+    #[arg(long = "ip")]
+    pub ips: Vec<std::net::IpAddr>,
+    /// Pod label, `key=value`; repeatable.
+    #[arg(long = "label", value_parser = parse_label)]
+    pub labels: Vec<(String, String)>,
+    /// Label of the workload's namespace, `key=value`; repeatable.
+    #[arg(long = "namespace-label", value_parser = parse_label)]
+    pub namespace_labels: Vec<(String, String)>,
+}
+
+fn parse_label(s: &str) -> Result<(String, String), String> {
+    let (k, v) = s.split_once('=').ok_or_else(|| format!("`{s}` is not key=value"))?;
+    Ok((k.to_string(), v.to_string()))
+}
+
+#[derive(Args, Debug)]
+pub struct RunArgs {
+    /// This node's name, as telemetry and (later) the control plane know it.
+    #[arg(long, env = "NODEMESH_NODE_NAME")]
+    pub node_name: Option<String>,
+    /// cgroup v2 directory the capture programs attach to; every meshed workload's cgroup must
+    /// be inside it. Default: the cgroup v2 mount.
+    #[arg(long, env = "NODEMESH_CGROUP_ROOT")]
+    pub cgroup_root: Option<PathBuf>,
+    #[arg(long, env = "NODEMESH_ADMIN_ADDR", default_value = DEFAULT_ADMIN_ADDR)]
+    pub admin_addr: SocketAddr,
+    #[arg(long, env = "NODEMESH_API_SOCKET", default_value = DEFAULT_API_SOCKET)]
+    pub api_socket: PathBuf,
+    /// Where registered workloads are remembered across restarts.
+    #[arg(long, env = "NODEMESH_STATE_DIR", default_value = DEFAULT_STATE_DIR)]
+    pub state_dir: PathBuf,
+    /// Destination port never captured; repeatable or comma-separated.
+    #[arg(long = "exclude-port", env = "NODEMESH_EXCLUDE_PORTS", value_delimiter = ',')]
+    pub exclude_ports: Vec<String>,
+    /// Destination CIDR never captured; repeatable or comma-separated.
+    #[arg(long = "exclude-cidr", env = "NODEMESH_EXCLUDE_CIDRS", value_delimiter = ',')]
+    pub exclude_cidrs: Vec<String>,
+    /// SO_MARK put on the proxy's own sockets (decimal or 0x hex).
+    #[arg(long, env = "NODEMESH_PROXY_MARK", default_value_t = format!("{DEFAULT_PROXY_MARK:#x}"))]
+    pub proxy_mark: String,
+    #[arg(long, env = "NODEMESH_CONNECT_TIMEOUT_MS", default_value_t = DEFAULT_CONNECT_TIMEOUT_MS)]
+    pub connect_timeout_ms: u64,
+}
+
+/// A CIDR in its canonical form (host bits cleared).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Cidr {
+    pub addr: std::net::IpAddr,
+    pub prefix_len: u8,
+}
+
+impl std::str::FromStr for Cidr {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        use std::net::IpAddr;
+        let (addr, len) = match s.split_once('/') {
+            Some((a, l)) => (a, Some(l)),
+            None => (s, None),
+        };
+        let addr: IpAddr = addr.parse().map_err(|_| format!("`{s}`: not an IP address"))?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix_len = match len {
+            None => max,
+            Some(l) => l.parse::<u8>().ok().filter(|l| *l <= max).ok_or_else(|| {
+                format!("`{s}`: prefix length must be 0..={max}")
+            })?,
+        };
+        let addr = match addr {
+            IpAddr::V4(a) => {
+                let mask = u32::MAX.checked_shl(32 - u32::from(prefix_len)).unwrap_or(0);
+                IpAddr::V4((u32::from(a) & mask).into())
+            }
+            IpAddr::V6(a) => {
+                let mask = u128::MAX.checked_shl(128 - u32::from(prefix_len)).unwrap_or(0);
+                IpAddr::V6((u128::from(a) & mask).into())
+            }
+        };
+        Ok(Cidr { addr, prefix_len })
+    }
+}
+
+/// Validated settings for `mesh-node run`.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub node_name: String,
+    pub cgroup_root: PathBuf,
+    pub admin_addr: SocketAddr,
+    pub api_socket: PathBuf,
+    pub state_dir: PathBuf,
+    pub exclude_ports: Vec<u16>,
+    pub exclude_cidrs: Vec<Cidr>,
+    pub proxy_mark: u32,
+    pub connect_timeout: Duration,
+}
+
+impl Config {
+    /// Turns raw arguments into a config, collecting every problem instead of stopping at the
+    /// first one. `cgroup_mount` supplies the default cgroup root.
+    pub fn from_args(
+        args: RunArgs,
+        cgroup_mount: impl FnOnce() -> Result<PathBuf, String>,
+    ) -> Result<Config, Vec<String>> {
+        let mut errors = Vec::new();
+        let exclude_ports = args
+            .exclude_ports
+            .iter()
+            .filter_map(|p| match p.trim().parse::<u16>() {
+                Ok(port) if port != 0 => Some(port),
+                _ => {
+                    errors.push(format!("--exclude-port `{p}`: must be a port number 1-65535"));
+                    None
+                }
+            })
+            .collect();
+        let exclude_cidrs = args
+            .exclude_cidrs
+            .iter()
+            .filter_map(|c| {
+                c.trim().parse::<Cidr>().map_err(|e| errors.push(format!("--exclude-cidr {e}"))).ok()
+            })
+            .collect();
+        let mark = args.proxy_mark.trim();
+        let proxy_mark = match mark.strip_prefix("0x") {
+            Some(hex) => u32::from_str_radix(hex, 16),
+            None => mark.parse(),
+        }
+        .ok()
+        .filter(|m| *m != 0)
+        .unwrap_or_else(|| {
+            errors.push(format!("--proxy-mark `{mark}`: must be a non-zero 32-bit number"));
+            0
+        });
+        let cgroup_root = match args.cgroup_root {
+            Some(p) if p.is_dir() => p,
+            Some(p) => {
+                errors.push(format!("--cgroup-root {}: not a directory", p.display()));
+                p
+            }
+            None => cgroup_mount().unwrap_or_else(|e| {
+                errors.push(format!("--cgroup-root not given and {e}"));
+                PathBuf::new()
+            }),
+        };
+        let node_name = args.node_name.unwrap_or_else(|| {
+            std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .map(|h| h.trim().to_string())
+                .unwrap_or_else(|_| "node".to_string())
+        });
+        if args.connect_timeout_ms == 0 {
+            errors.push("--connect-timeout-ms: must be greater than 0".to_string());
+        }
+        if !errors.is_empty() {
+            return Err(errors);
+        }
+        Ok(Config {
+            node_name,
+            cgroup_root,
+            admin_addr: args.admin_addr,
+            api_socket: args.api_socket,
+            state_dir: args.state_dir,
+            exclude_ports,
+            exclude_cidrs,
+            proxy_mark,
+            connect_timeout: Duration::from_millis(args.connect_timeout_ms),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run_args(extra: &[&str]) -> RunArgs {
+        let mut argv = vec!["mesh-node", "run", "--cgroup-root", "/"];
+        argv.extend_from_slice(extra);
+        match Cli::try_parse_from(argv).unwrap().command {
+            Command::Run(a) => a,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn cidrs_are_canonicalised() {
+        let c: Cidr = "10.1.2.3/16".parse().unwrap();
+        assert_eq!(c.addr.to_string(), "10.1.0.0");
+        assert_eq!(c.prefix_len, 16);
+        let c: Cidr = "fd00::1".parse().unwrap();
+        assert_eq!(c.prefix_len, 128);
+        assert!("10.0.0.0/33".parse::<Cidr>().is_err());
+    }
+
+    #[test]
+    fn all_errors_are_reported_together() {
+        let args = run_args(&[
+            "--exclude-port", "0,80,http", "--exclude-cidr", "10.0.0.0/99", "--proxy-mark", "0",
+        ]);
+        let errors = Config::from_args(args, || Ok("/".into())).unwrap_err();
+        assert_eq!(errors.len(), 4, "{errors:#?}");
+        assert!(errors.iter().any(|e| e.contains("`http`")));
+        assert!(errors.iter().any(|e| e.contains("10.0.0.0/99")));
+    }
+
+    #[test]
+    fn good_config_parses() {
+        let args = run_args(&["--exclude-port", "22,9999", "--proxy-mark", "0x10"]);
+        let cfg = Config::from_args(args, || Ok("/".into())).unwrap();
+        assert_eq!(cfg.exclude_ports, vec![22, 9999]);
+        assert_eq!(cfg.proxy_mark, 0x10);
+    }
+}

@@ -1,0 +1,80 @@
+use std::process::ExitCode;
+
+use clap::Parser;
+use hyper::Method;
+use mesh_control::workload::WorkloadSpec;
+use mesh_node::{
+    api,
+    config::{Cli, Command, Config, EXIT_BAD_CONFIG, WorkloadAction},
+};
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if e.use_stderr() => {
+            let _ = e.print();
+            return ExitCode::from(EXIT_BAD_CONFIG as u8);
+        }
+        Err(e) => {
+            let _ = e.print();
+            return ExitCode::SUCCESS;
+        }
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("NODEMESH_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("mesh-node: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = match cli.command {
+        Command::Run(args) => match Config::from_args(args, mesh_node::cgroup2_mount) {
+            Ok(config) => runtime.block_on(mesh_node::run::run(config)),
+            Err(errors) => {
+                eprintln!("mesh-node: bad configuration:");
+                for e in errors {
+                    eprintln!("  - {e}");
+                }
+                return ExitCode::from(EXIT_BAD_CONFIG as u8);
+            }
+        },
+        Command::Workload { api_socket, action } => runtime.block_on(async {
+            let (method, path, body) = match action {
+                WorkloadAction::List => (Method::GET, "/v1/workloads".to_string(), None),
+                WorkloadAction::Remove { key } => (Method::DELETE, format!("/v1/workloads/{key}"), None),
+                WorkloadAction::Add(a) => {
+                    let spec = WorkloadSpec {
+                        name: a.name,
+                        namespace: a.namespace,
+                        service_account: a.service_account,
+                        cgroup: a.cgroup,
+                        netns: a.netns,
+                        ips: a.ips,
+                        labels: a.labels.into_iter().collect(),
+                        namespace_labels: a.namespace_labels.into_iter().collect(),
+                    };
+                    (Method::POST, "/v1/workloads".to_string(), Some(serde_json::to_vec(&spec)?))
+                }
+            };
+            let out = api::client::call(&api_socket, method, &path, body).await?;
+            if !out.is_empty() {
+                println!("{out}");
+            }
+            Ok(())
+        }),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("mesh-node: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,81 @@
+//! `mesh-node run`: wires capture, proxy, workloads, admin and API together.
+
+use std::sync::{Arc, atomic::Ordering};
+
+use anyhow::Context;
+use tokio::{net::TcpListener, signal::unix::SignalKind};
+
+use crate::{
+    admin::Admin,
+    api, capture,
+    config::Config,
+    proxy::Outbound,
+    telemetry::metrics::Metrics,
+    workload::{self, Registry},
+};
+
+pub async fn run(config: Config) -> anyhow::Result<()> {
+    let ebpf_level = if tracing::enabled!(tracing::Level::DEBUG) {
+        aya_log::Level::Debug
+    } else {
+        aya_log::Level::Info
+    };
+    let (capture, logger) = capture::load_and_attach(&config, ebpf_level)?;
+    let capture = Arc::new(capture);
+    if let Some(logger) = logger {
+        tokio::spawn(capture::forward_ebpf_logs(logger));
+    }
+
+    let mut metrics_registry = prometheus_client::registry::Registry::default();
+    let metrics = Arc::new(Metrics::new(&mut metrics_registry));
+    let index = Arc::new(workload::registry_index());
+    let outbound = Arc::new(Outbound {
+        capture: Arc::clone(&capture),
+        metrics: Arc::clone(&metrics),
+        destinations: index.clone(),
+        proxy_mark: config.proxy_mark,
+        connect_timeout: config.connect_timeout,
+    });
+    let registry = Arc::new(Registry::new(
+        Arc::clone(&capture),
+        outbound,
+        index,
+        metrics,
+        &config.state_dir,
+        &config.cgroup_root,
+    ));
+
+    let admin_listener = TcpListener::bind(config.admin_addr)
+        .await
+        .with_context(|| format!("admin endpoint: cannot listen on {}", config.admin_addr))?;
+    let api_listener = api::server::bind(&config.api_socket)
+        .with_context(|| format!("local API: cannot listen on {}", config.api_socket.display()))?;
+    let admin = Arc::new(Admin {
+        ready: false.into(),
+        metrics: metrics_registry,
+        workloads: Arc::clone(&registry),
+        config: config.clone(),
+    });
+    tokio::spawn(Arc::clone(&admin).serve(admin_listener));
+
+    let restored = registry.restore().await.context("restoring saved workloads")?;
+    tokio::spawn(api::server::serve(api_listener, Arc::clone(&registry)));
+    admin.ready.store(true, Ordering::Release);
+    tracing::info!(
+        node = %config.node_name, admin = %config.admin_addr, api = %config.api_socket.display(),
+        restored, "mesh-node ready"
+    );
+
+    let mut term = tokio::signal::unix::signal(SignalKind::terminate())?;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+    admin.ready.store(false, Ordering::Release);
+    tracing::info!(
+        "shutting down: detaching capture (pods fall back to direct connections); \
+         connections proxied by this process close now; workloads stay saved for the next start"
+    );
+    let _ = std::fs::remove_file(&config.api_socket);
+    Ok(())
+}

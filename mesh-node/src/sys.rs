@@ -1,0 +1,24 @@
+//! The few socket options std, socket2 and nix do not wrap.
+#![expect(unsafe_code, reason = "getsockopt with kernel-defined option numbers")]
+
+use std::{io, os::fd::AsRawFd};
+
+/// `SO_NETNS_COOKIE` (Linux 5.14+): the cookie of the network namespace a socket lives in, the
+/// same value `bpf_get_netns_cookie` returns to the capture programs.
+const SO_NETNS_COOKIE: libc::c_int = 71;
+
+pub fn netns_cookie(socket: &impl AsRawFd) -> io::Result<u64> {
+    let mut cookie: u64 = 0;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: `cookie` and `len` are valid for writes of the sizes passed.
+    let rc = unsafe {
+        libc::getsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            SO_NETNS_COOKIE,
+            (&raw mut cookie).cast(),
+            &raw mut len,
+        )
+    };
+    if rc == 0 { Ok(cookie) } else { Err(io::Error::last_os_error()) }
+}

@@ -1,0 +1,147 @@
+//! The node proxy's metrics. Istio's `istio_tcp_*` names and label names are kept so Istio
+//! dashboards and alerts work unchanged; everything Nodemesh-specific is under `nodemesh_`.
+
+use prometheus_client::{
+    encoding::{EncodeLabelSet, EncodeLabelValue},
+    metrics::{counter::Counter, family::Family, gauge::Gauge},
+    registry::Registry,
+};
+
+pub const UNKNOWN: &str = "unknown";
+
+/// Labels of one TCP connection, as Istio's `reporter="source"` series carry them.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ConnectionLabels {
+    pub reporter: Reporter,
+    pub source_workload: String,
+    pub source_workload_namespace: String,
+    pub destination_workload: String,
+    pub destination_workload_namespace: String,
+}
+
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types, reason = "label values are Istio's lowercase words")]
+pub enum Reporter {
+    source,
+}
+
+/// Why a captured connection could not be proxied.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FailureLabels {
+    pub source_workload: String,
+    pub source_workload_namespace: String,
+    pub reason: FailureReason,
+}
+
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types, reason = "label values are lowercase words")]
+pub enum FailureReason {
+    /// The listener accepted a connection capture did not redirect (someone dialled it).
+    no_original_destination,
+    upstream_connect_refused,
+    upstream_connect_timeout,
+    upstream_connect_error,
+}
+
+/// Counters for one connection, resolved once at accept so the data path only does atomics.
+#[derive(Clone, Debug)]
+pub struct ConnectionCounters {
+    pub sent: Counter,
+    pub received: Counter,
+    closed: Counter,
+}
+
+impl ConnectionCounters {
+    pub fn closed(&self) {
+        self.closed.inc();
+    }
+}
+
+#[derive(Debug, Default)]
+pub struct Metrics {
+    opened: Family<ConnectionLabels, Counter>,
+    closed: Family<ConnectionLabels, Counter>,
+    sent: Family<ConnectionLabels, Counter>,
+    received: Family<ConnectionLabels, Counter>,
+    failures: Family<FailureLabels, Counter>,
+    pub meshed_workloads: Gauge,
+}
+
+impl Metrics {
+    pub fn new(registry: &mut Registry) -> Metrics {
+        let m = Metrics::default();
+        registry.register(
+            "istio_tcp_connections_opened",
+            "TCP connections opened through the node proxy",
+            m.opened.clone(),
+        );
+        registry.register(
+            "istio_tcp_connections_closed",
+            "TCP connections closed through the node proxy",
+            m.closed.clone(),
+        );
+        registry.register(
+            "istio_tcp_sent_bytes",
+            "Bytes sent by the source workload to the destination",
+            m.sent.clone(),
+        );
+        registry.register(
+            "istio_tcp_received_bytes",
+            "Bytes received by the source workload from the destination",
+            m.received.clone(),
+        );
+        registry.register(
+            "nodemesh_proxy_failures",
+            "Captured connections the proxy could not complete, by reason",
+            m.failures.clone(),
+        );
+        registry.register(
+            "nodemesh_meshed_workloads",
+            "Workloads whose traffic this node currently captures",
+            m.meshed_workloads.clone(),
+        );
+        m
+    }
+
+    /// Counts the connection as opened and returns its counters.
+    pub fn connection_opened(&self, labels: &ConnectionLabels) -> ConnectionCounters {
+        self.opened.get_or_create(labels).inc();
+        ConnectionCounters {
+            sent: self.sent.get_or_create(labels).clone(),
+            received: self.received.get_or_create(labels).clone(),
+            closed: self.closed.get_or_create(labels).clone(),
+        }
+    }
+
+    pub fn failure(&self, labels: &FailureLabels) {
+        self.failures.get_or_create(labels).inc();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn istio_names_and_labels_are_exported() {
+        let mut registry = Registry::default();
+        let metrics = Metrics::new(&mut registry);
+        let labels = ConnectionLabels {
+            reporter: Reporter::source,
+            source_workload: "web".into(),
+            source_workload_namespace: "shop".into(),
+            destination_workload: UNKNOWN.into(),
+            destination_workload_namespace: UNKNOWN.into(),
+        };
+        let c = metrics.connection_opened(&labels);
+        c.sent.inc_by(5);
+        c.closed();
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        assert!(text.contains(
+            r#"istio_tcp_connections_opened_total{reporter="source",source_workload="web",source_workload_namespace="shop",destination_workload="unknown",destination_workload_namespace="unknown"} 1"#
+        ), "{text}");
+        assert!(text.contains("istio_tcp_sent_bytes_total{"), "{text}");
+        assert!(text.contains("istio_tcp_connections_closed_total{"), "{text}");
+    }
+}

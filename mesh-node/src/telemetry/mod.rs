@@ -1,0 +1,3 @@
+//! Metrics (Prometheus, Istio's standard names so existing dashboards work).
+
+pub mod metrics;

@@ -1,0 +1,294 @@
+//! The registry of workloads on this node.
+//!
+//! Adding a meshed workload = a helper thread in its netns, listeners there, then the cgroup
+//! goes into `MESHED_CGROUPS` — in that order, so capture never points at a listener that does
+//! not exist yet. Replacing a workload builds the new one before tearing down the old one; a
+//! failed add leaves whatever was registered before untouched.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    io,
+    net::IpAddr,
+    os::unix::fs::MetadataExt,
+    path::{Path, PathBuf},
+    sync::{Arc, RwLock},
+};
+
+use mesh_control::{
+    meshing::MeshDecision,
+    workload::{SpecError, WorkloadKey, WorkloadSpec},
+};
+use nix::sys::statfs::{CGROUP2_SUPER_MAGIC, statfs};
+use tokio::{net::TcpListener, sync::Mutex, task::AbortHandle};
+
+use super::{listeners, state::StateFile};
+use crate::{
+    capture::{Capture, CaptureError, CaptureTarget},
+    netns::{NetnsError, NetnsThread},
+    proxy::{Outbound, Source, outbound::DestinationIndex},
+    telemetry::metrics::Metrics,
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum WorkloadError {
+    #[error("invalid workload: {}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))]
+    Invalid(Vec<SpecError>),
+    #[error("workload {key}: cgroup {path}: {reason}")]
+    Cgroup { key: WorkloadKey, path: PathBuf, reason: String },
+    #[error("workload {key}: cgroup {path} is already registered for workload {other}")]
+    CgroupTaken { key: WorkloadKey, path: PathBuf, other: WorkloadKey },
+    #[error("workload {key}: {source}")]
+    Netns { key: WorkloadKey, source: NetnsError },
+    #[error("workload {key}: cannot listen inside its network namespace: {source}")]
+    Listen { key: WorkloadKey, source: io::Error },
+    #[error("workload {key}: {source}")]
+    Capture { key: WorkloadKey, source: CaptureError },
+    #[error("no workload {0} on this node")]
+    NotFound(WorkloadKey),
+    #[error("saving workload state to {path}: {source}")]
+    State { path: PathBuf, source: io::Error },
+}
+
+impl WorkloadError {
+    /// Whether the caller sent something wrong (vs. the node failing).
+    pub fn is_client_error(&self) -> bool {
+        !matches!(self, WorkloadError::State { .. } | WorkloadError::Capture { .. })
+    }
+}
+
+/// What the node reports about one workload.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct WorkloadStatus {
+    pub namespace: String,
+    pub name: String,
+    pub service_account: String,
+    pub decision: MeshDecision,
+    pub cgroup: PathBuf,
+    pub cgroup_id: u64,
+    pub netns: PathBuf,
+    pub ips: Vec<IpAddr>,
+    /// Present when the workload's traffic is captured.
+    pub capture: Option<CaptureTarget>,
+}
+
+struct Entry {
+    spec: WorkloadSpec,
+    status: WorkloadStatus,
+    listener_tasks: Vec<AbortHandle>,
+}
+
+impl Entry {
+    fn stop(&self, capture: &Capture) -> Result<(), CaptureError> {
+        for task in &self.listener_tasks {
+            task.abort();
+        }
+        if self.status.capture.is_some() { capture.unmesh(self.status.cgroup_id) } else { Ok(()) }
+    }
+}
+
+/// Addresses of registered workloads, for destination telemetry.
+#[derive(Default)]
+pub struct IpIndex(RwLock<HashMap<IpAddr, WorkloadKey>>);
+
+impl DestinationIndex for IpIndex {
+    fn workload_for(&self, ip: IpAddr) -> Option<WorkloadKey> {
+        self.0.read().expect("ip index lock").get(&ip).cloned()
+    }
+}
+
+pub struct Registry {
+    workloads: Mutex<BTreeMap<WorkloadKey, Entry>>,
+    capture: Arc<Capture>,
+    outbound: Arc<Outbound>,
+    index: Arc<IpIndex>,
+    metrics: Arc<Metrics>,
+    state: StateFile,
+    cgroup_root: PathBuf,
+}
+
+impl Registry {
+    pub fn new(
+        capture: Arc<Capture>,
+        outbound: Arc<Outbound>,
+        index: Arc<IpIndex>,
+        metrics: Arc<Metrics>,
+        state_dir: &Path,
+        cgroup_root: &Path,
+    ) -> Registry {
+        Registry {
+            workloads: Mutex::new(BTreeMap::new()),
+            capture,
+            outbound,
+            index,
+            metrics,
+            state: StateFile::new(state_dir),
+            cgroup_root: cgroup_root.canonicalize().unwrap_or_else(|_| cgroup_root.to_path_buf()),
+        }
+    }
+
+    /// Re-registers the workloads saved by a previous run. Ones that no longer exist (their
+    /// netns or cgroup is gone) are logged and dropped.
+    pub async fn restore(&self) -> io::Result<usize> {
+        let specs = self.state.load()?;
+        let mut restored = 0;
+        for spec in specs {
+            let key = spec.key();
+            match self.add(spec).await {
+                Ok(_) => restored += 1,
+                Err(e) => tracing::warn!(workload = %key, "not restored: {e}"),
+            }
+        }
+        // Persist even if nothing changed, so dropped workloads leave the state file.
+        self.persist(&*self.workloads.lock().await)?;
+        Ok(restored)
+    }
+
+    pub async fn add(&self, spec: WorkloadSpec) -> Result<WorkloadStatus, WorkloadError> {
+        spec.validate().map_err(WorkloadError::Invalid)?;
+        let key = spec.key();
+        let (cgroup, cgroup_id) = self.check_cgroup(&key, &spec.cgroup)?;
+        let mut workloads = self.workloads.lock().await;
+        if let Some((other, _)) =
+            workloads.iter().find(|(k, e)| **k != key && e.status.cgroup_id == cgroup_id)
+        {
+            return Err(WorkloadError::CgroupTaken { key, path: cgroup, other: other.clone() });
+        }
+        let decision = spec.mesh_decision();
+        let mut status = WorkloadStatus {
+            namespace: spec.namespace.clone(),
+            name: spec.name.clone(),
+            service_account: spec.service_account.clone(),
+            decision,
+            cgroup,
+            cgroup_id,
+            netns: spec.netns.clone(),
+            ips: spec.ips.clone(),
+            capture: None,
+        };
+        let mut listener_tasks = Vec::new();
+        if decision.is_meshed() {
+            let (target, tasks) = self.start_capture(&key, &spec).await?;
+            if let Err(source) = self.capture.mesh(cgroup_id, target) {
+                tasks.iter().for_each(AbortHandle::abort);
+                return Err(WorkloadError::Capture { key, source });
+            }
+            status.capture = Some(target);
+            listener_tasks = tasks;
+        }
+        let entry = Entry { spec, status: status.clone(), listener_tasks };
+        if let Some(old) = workloads.insert(key.clone(), entry) {
+            self.forget_ips(&old.status.ips);
+            old.listener_tasks.iter().for_each(AbortHandle::abort);
+            // Same cgroup: the new MESHED_CGROUPS value already replaced the old one.
+            if old.status.capture.is_some() && old.status.cgroup_id != cgroup_id {
+                let _ = self.capture.unmesh(old.status.cgroup_id);
+            }
+        }
+        {
+            let mut index = self.index.0.write().expect("ip index lock");
+            for ip in &status.ips {
+                index.insert(*ip, key.clone());
+            }
+        }
+        self.update_gauge(&workloads);
+        self.persist(&workloads).map_err(|source| WorkloadError::State {
+            path: self.state.path().to_path_buf(),
+            source,
+        })?;
+        tracing::info!(workload = %key, ?decision, capture = ?status.capture, "workload registered");
+        Ok(status)
+    }
+
+    pub async fn remove(&self, key: &WorkloadKey) -> Result<(), WorkloadError> {
+        let mut workloads = self.workloads.lock().await;
+        let entry = workloads.remove(key).ok_or_else(|| WorkloadError::NotFound(key.clone()))?;
+        let stopped = entry.stop(&self.capture);
+        self.forget_ips(&entry.status.ips);
+        self.update_gauge(&workloads);
+        self.persist(&workloads).map_err(|source| WorkloadError::State {
+            path: self.state.path().to_path_buf(),
+            source,
+        })?;
+        stopped.map_err(|source| WorkloadError::Capture { key: key.clone(), source })?;
+        tracing::info!(workload = %key, "workload removed; its established connections continue");
+        Ok(())
+    }
+
+    pub async fn list(&self) -> Vec<WorkloadStatus> {
+        self.workloads.lock().await.values().map(|e| e.status.clone()).collect()
+    }
+
+    /// Netns helper, listeners, accept tasks: everything but the capture map entry.
+    async fn start_capture(
+        &self,
+        key: &WorkloadKey,
+        spec: &WorkloadSpec,
+    ) -> Result<(CaptureTarget, Vec<AbortHandle>), WorkloadError> {
+        let netns = NetnsThread::spawn(&spec.netns)
+            .map_err(|source| WorkloadError::Netns { key: key.clone(), source })?;
+        let bound = listeners::bind_in(&netns)
+            .await
+            .map_err(|source| WorkloadError::Netns { key: key.clone(), source })?
+            .map_err(|source| WorkloadError::Listen { key: key.clone(), source })?;
+        let listen_err = |source| WorkloadError::Listen { key: key.clone(), source };
+        let v4 = TcpListener::from_std(bound.v4).map_err(listen_err)?;
+        let v6 = bound.v6.map(TcpListener::from_std).transpose().map_err(listen_err)?;
+        let target = CaptureTarget {
+            netns_cookie: bound.netns_cookie,
+            proxy_port4: v4.local_addr().map_err(listen_err)?.port(),
+            proxy_port6: match &v6 {
+                Some(l) => l.local_addr().map_err(listen_err)?.port(),
+                None => 0,
+            },
+        };
+        let source = Arc::new(Source { key: key.clone(), netns, netns_cookie: bound.netns_cookie });
+        let tasks = std::iter::once(v4)
+            .chain(v6)
+            .map(|listener| {
+                let serve = Arc::clone(&self.outbound).serve(listener, Arc::clone(&source));
+                tokio::spawn(serve).abort_handle()
+            })
+            .collect();
+        Ok((target, tasks))
+    }
+
+    fn check_cgroup(&self, key: &WorkloadKey, path: &Path) -> Result<(PathBuf, u64), WorkloadError> {
+        let bad = |reason: String| WorkloadError::Cgroup {
+            key: key.clone(),
+            path: path.to_path_buf(),
+            reason,
+        };
+        let canonical = path.canonicalize().map_err(|e| bad(e.to_string()))?;
+        match statfs(&canonical) {
+            Ok(fs) if fs.filesystem_type() == CGROUP2_SUPER_MAGIC => {}
+            Ok(_) => return Err(bad("not on a cgroup v2 filesystem".into())),
+            Err(e) => return Err(bad(e.to_string())),
+        }
+        if !canonical.starts_with(&self.cgroup_root) {
+            return Err(bad(format!(
+                "outside mesh-node's cgroup root {}; its connects would never be captured",
+                self.cgroup_root.display()
+            )));
+        }
+        // On cgroup v2 the directory's inode number is the id bpf_get_current_cgroup_id returns.
+        let id = std::fs::metadata(&canonical).map_err(|e| bad(e.to_string()))?.ino();
+        Ok((canonical, id))
+    }
+
+    fn forget_ips(&self, ips: &[IpAddr]) {
+        let mut index = self.index.0.write().expect("ip index lock");
+        for ip in ips {
+            index.remove(ip);
+        }
+    }
+
+    fn update_gauge(&self, workloads: &BTreeMap<WorkloadKey, Entry>) {
+        let meshed = workloads.values().filter(|e| e.status.capture.is_some()).count();
+        self.metrics.meshed_workloads.set(meshed as i64);
+    }
+
+    fn persist(&self, workloads: &BTreeMap<WorkloadKey, Entry>) -> io::Result<()> {
+        let specs: Vec<WorkloadSpec> = workloads.values().map(|e| e.spec.clone()).collect();
+        self.state.save(&specs)
+    }
+}

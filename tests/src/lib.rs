@@ -1,0 +1,444 @@
+//! Simulated Nodemesh nodes on one machine, for tests, the demo and benchmarks.
+//!
+//! A [`SimNode`] is a *node* network namespace holding a bridge, and *pods*: each a network
+//! namespace (veth `eth0` on that bridge) plus a cgroup v2 directory. Processes are started
+//! into a pod's cgroup and netns. The node namespace has no link to the host and no route out,
+//! so nothing a test sends — even through a capture bug — can leave the machine.
+//!
+//! Everything is removed when the `SimNode` is dropped, also when a test panics: processes we
+//! started (by PID), namespaces, cgroups, the work directory. Leftovers of a run that was killed
+//! outright are swept by [`sweep_stale`] (names carry the creating PID).
+#![forbid(unsafe_code)]
+
+pub mod metrics;
+pub mod netns;
+mod process;
+
+use std::{
+    fs,
+    net::{Ipv4Addr, Ipv6Addr, SocketAddr},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::atomic::{AtomicU32, Ordering},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, bail};
+pub use process::{run_checked, wait_with_timeout};
+
+/// Every name we create starts with this, so sweeping never touches anything else.
+pub const NAME_PREFIX: &str = "nmt";
+/// Pods get 10.77.0.N/24 and fd77::N/64 on the node bridge (inside the node netns only).
+const POD_NET4: [u8; 3] = [10, 77, 0];
+const BRIDGE_IP4: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 1);
+const ADMIN_ADDR: &str = "127.0.0.1:15000";
+
+static NEXT_ID: AtomicU32 = AtomicU32::new(0);
+
+/// Where the built binaries are: `NODEMESH_BIN_DIR`, else the target dir this binary runs from.
+pub fn bin_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("NODEMESH_BIN_DIR") {
+        return dir.into();
+    }
+    // target/<profile>/deps/test-binary or target/<profile>/xtask
+    let exe = std::env::current_exe().expect("current_exe");
+    let dir = exe.parent().expect("exe dir");
+    if dir.ends_with("deps") { dir.parent().expect("profile dir").to_path_buf() } else { dir.to_path_buf() }
+}
+
+pub fn bin(name: &str) -> anyhow::Result<PathBuf> {
+    let path = bin_dir().join(name);
+    if !path.is_file() {
+        bail!(
+            "{} not found; build it first (`cargo xtask test` does: cargo build -p mesh-node -p nodemesh-tests --bins)",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
+pub fn cgroup2_mount() -> anyhow::Result<PathBuf> {
+    let mounts = fs::read_to_string("/proc/self/mounts")?;
+    mounts
+        .lines()
+        .find_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.get(2) == Some(&"cgroup2")).then(|| PathBuf::from(f[1]))
+        })
+        .context("no cgroup v2 filesystem mounted")
+}
+
+fn test_cgroup_base() -> anyhow::Result<PathBuf> {
+    Ok(cgroup2_mount()?.join("nodemesh-test"))
+}
+
+/// Removes namespaces and cgroups left by earlier runs whose process no longer exists.
+pub fn sweep_stale() {
+    let alive = |name: &str| -> bool {
+        // nmt<pid>x<n>...
+        let digits: String = name[NAME_PREFIX.len()..].chars().take_while(char::is_ascii_digit).collect();
+        digits.parse::<u32>().map(|pid| Path::new(&format!("/proc/{pid}")).exists()).unwrap_or(true)
+    };
+    if let Ok(out) = Command::new("ip").args(["netns", "list"]).output() {
+        for line in String::from_utf8_lossy(&out.stdout).lines() {
+            let name = line.split_whitespace().next().unwrap_or("");
+            if name.starts_with(NAME_PREFIX) && !alive(name) {
+                let _ = Command::new("ip").args(["netns", "del", name]).status();
+            }
+        }
+    }
+    if let Ok(base) = test_cgroup_base()
+        && let Ok(entries) = fs::read_dir(&base)
+    {
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name.starts_with(NAME_PREFIX) && !alive(&name) {
+                remove_cgroup_tree(&e.path());
+            }
+        }
+    }
+}
+
+fn remove_cgroup_tree(path: &Path) {
+    if let Ok(entries) = fs::read_dir(path) {
+        for e in entries.flatten() {
+            if e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+                remove_cgroup_tree(&e.path());
+            }
+        }
+    }
+    // A cgroup can be removed only once its last process has exited; give killed ones a moment.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while fs::remove_dir(path).is_err() && path.exists() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A pod: network namespace + cgroup + addresses, with Kubernetes-style identity.
+#[derive(Clone, Debug)]
+pub struct Pod {
+    pub name: String,
+    pub namespace: String,
+    pub netns: String,
+    pub cgroup: PathBuf,
+    pub ip: Ipv4Addr,
+    pub ip6: Ipv6Addr,
+}
+
+impl Pod {
+    pub fn netns_path(&self) -> PathBuf {
+        netns::path(&self.netns)
+    }
+    pub fn addr(&self, port: u16) -> SocketAddr {
+        SocketAddr::from((self.ip, port))
+    }
+    pub fn addr6(&self, port: u16) -> SocketAddr {
+        SocketAddr::from((self.ip6, port))
+    }
+}
+
+/// How a pod is registered with mesh-node.
+#[derive(Clone, Debug, Default)]
+pub struct Registration {
+    /// Label the pod's namespace `nodemesh.io/enabled=true`.
+    pub namespace_enabled: bool,
+    pub pod_labels: Vec<(String, String)>,
+}
+
+impl Registration {
+    pub fn meshed() -> Registration {
+        Registration { namespace_enabled: true, pod_labels: Vec::new() }
+    }
+    pub fn unmeshed_namespace() -> Registration {
+        Registration::default()
+    }
+    pub fn opted_out() -> Registration {
+        Registration {
+            namespace_enabled: true,
+            pod_labels: vec![("nodemesh.io/enabled".into(), "false".into())],
+        }
+    }
+}
+
+struct MeshNodeProcess {
+    child: Child,
+}
+
+pub struct SimNode {
+    pub id: String,
+    pub node_netns: String,
+    pub cgroup_root: PathBuf,
+    pub work_dir: PathBuf,
+    pods: Vec<Pod>,
+    /// Processes started in pods, by PID; killed on drop.
+    children: Vec<Child>,
+    mesh_node: Option<MeshNodeProcess>,
+    mesh_node_args: Vec<String>,
+}
+
+impl SimNode {
+    pub fn new() -> anyhow::Result<SimNode> {
+        if !nix::unistd::geteuid().is_root() {
+            bail!("simulated nodes need root (network namespaces, cgroups, eBPF): run as root");
+        }
+        sweep_stale();
+        let id = format!("{NAME_PREFIX}{}x{}", std::process::id(), NEXT_ID.fetch_add(1, Ordering::Relaxed));
+        let node_netns = format!("{id}-node");
+        let cgroup_root = test_cgroup_base()?.join(&id);
+        let work_dir = std::env::temp_dir().join(&id);
+        let node = SimNode {
+            id,
+            node_netns,
+            cgroup_root,
+            work_dir,
+            pods: Vec::new(),
+            children: Vec::new(),
+            mesh_node: None,
+            mesh_node_args: Vec::new(),
+        };
+        // From here on, Drop cleans up whatever got created.
+        fs::create_dir_all(&node.work_dir)?;
+        fs::create_dir_all(node.cgroup_root.join("pods"))?;
+        let n = node.node_netns.clone();
+        run_checked("ip", &["netns", "add", &n])?;
+        run_checked("ip", &["-n", &n, "link", "set", "lo", "up"])?;
+        run_checked("ip", &["-n", &n, "link", "add", "br0", "type", "bridge"])?;
+        run_checked("ip", &["-n", &n, "addr", "add", &format!("{BRIDGE_IP4}/24"), "dev", "br0"])?;
+        run_checked("ip", &["-n", &n, "-6", "addr", "add", "fd77::1/64", "dev", "br0", "nodad"])?;
+        run_checked("ip", &["-n", &n, "link", "set", "br0", "up"])?;
+        Ok(node)
+    }
+
+    /// Adds a pod on the node bridge. `namespace` is the Kubernetes-style namespace.
+    pub fn add_pod(&mut self, name: &str, namespace: &str) -> anyhow::Result<Pod> {
+        let index = self.pods.len() + 2;
+        anyhow::ensure!(index < 250, "too many pods on one simulated node");
+        let netns = format!("{}-{name}", self.id);
+        let pod = Pod {
+            name: name.into(),
+            namespace: namespace.into(),
+            netns: netns.clone(),
+            cgroup: self.cgroup_root.join("pods").join(name),
+            ip: Ipv4Addr::new(POD_NET4[0], POD_NET4[1], POD_NET4[2], index as u8),
+            ip6: format!("fd77::{index:x}").parse()?,
+        };
+        run_checked("ip", &["netns", "add", &netns])?;
+        self.pods.push(pod.clone());
+        let node = &self.node_netns;
+        let veth = format!("v{index}");
+        run_checked("ip", &["-n", &netns, "link", "set", "lo", "up"])?;
+        run_checked("ip", &["-n", node, "link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns", &netns])?;
+        run_checked("ip", &["-n", node, "link", "set", &veth, "master", "br0", "up"])?;
+        run_checked("ip", &["-n", &netns, "addr", "add", &format!("{}/24", pod.ip), "dev", "eth0"])?;
+        run_checked("ip", &["-n", &netns, "-6", "addr", "add", &format!("{}/64", pod.ip6), "dev", "eth0", "nodad"])?;
+        run_checked("ip", &["-n", &netns, "link", "set", "eth0", "up"])?;
+        // The default route points at the node bridge, which leads nowhere else.
+        run_checked("ip", &["-n", &netns, "route", "add", "default", "via", &BRIDGE_IP4.to_string()])?;
+        fs::create_dir_all(&pod.cgroup)?;
+        Ok(pod)
+    }
+
+    pub fn api_socket(&self) -> PathBuf {
+        self.work_dir.join("api.sock")
+    }
+
+    pub fn mesh_node_log(&self) -> PathBuf {
+        self.work_dir.join("mesh-node.log")
+    }
+
+    /// Starts mesh-node in the node netns (extra args are kept for restarts) and waits until
+    /// it reports ready.
+    pub fn start_mesh_node(&mut self, extra_args: &[&str]) -> anyhow::Result<()> {
+        self.mesh_node_args = extra_args.iter().map(|s| s.to_string()).collect();
+        self.spawn_mesh_node(None)
+    }
+
+    /// Starts mesh-node with the same args, optionally inside `cgroup`.
+    fn spawn_mesh_node(&mut self, cgroup: Option<&Path>) -> anyhow::Result<()> {
+        anyhow::ensure!(self.mesh_node.is_none(), "mesh-node already running");
+        let log = fs::OpenOptions::new().create(true).append(true).open(self.mesh_node_log())?;
+        let mut args: Vec<String> = vec![
+            "run".into(),
+            "--node-name".into(),
+            self.node_netns.clone(),
+            "--cgroup-root".into(),
+            self.cgroup_root.display().to_string(),
+            "--admin-addr".into(),
+            ADMIN_ADDR.into(),
+            "--api-socket".into(),
+            self.api_socket().display().to_string(),
+            "--state-dir".into(),
+            self.work_dir.join("state").display().to_string(),
+        ];
+        args.extend(self.mesh_node_args.iter().cloned());
+        let child = process::spawn_in(
+            &self.node_netns,
+            cgroup,
+            &bin("mesh-node")?,
+            &args,
+            &[("NODEMESH_LOG", "info,mesh_node=debug")],
+            Stdio::from(log.try_clone()?),
+            Stdio::from(log),
+        )?;
+        self.mesh_node = Some(MeshNodeProcess { child });
+        self.wait_ready(Duration::from_secs(30))
+    }
+
+    /// Starts mesh-node inside `cgroup` (to test that its own sockets are never captured).
+    pub fn start_mesh_node_in_cgroup(&mut self, cgroup: &Path, extra_args: &[&str]) -> anyhow::Result<()> {
+        self.mesh_node_args = extra_args.iter().map(|s| s.to_string()).collect();
+        self.spawn_mesh_node(Some(cgroup))
+    }
+
+    pub fn mesh_node_pid(&self) -> Option<u32> {
+        self.mesh_node.as_ref().map(|m| m.child.id())
+    }
+
+    fn wait_ready(&mut self, timeout: Duration) -> anyhow::Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(m) = self.mesh_node.as_mut()
+                && let Some(status) = m.child.try_wait()?
+            {
+                self.mesh_node = None;
+                bail!("mesh-node exited with {status} before ready; log:\n{}", self.log_tail());
+            }
+            if let Ok(body) = self.admin_get("/healthz/ready")
+                && body.starts_with("ready")
+            {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("mesh-node not ready after {timeout:?}; log:\n{}", self.log_tail());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn log_tail(&self) -> String {
+        let text = fs::read_to_string(self.mesh_node_log()).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(40)..].join("\n")
+    }
+
+    /// SIGKILL: no chance to clean up, like a crash or OOM kill.
+    pub fn kill_mesh_node(&mut self) -> anyhow::Result<()> {
+        if let Some(mut m) = self.mesh_node.take() {
+            m.child.kill()?;
+            m.child.wait()?;
+        }
+        Ok(())
+    }
+
+    /// SIGTERM and wait: a clean shutdown.
+    pub fn stop_mesh_node(&mut self) -> anyhow::Result<std::process::ExitStatus> {
+        let mut m = self.mesh_node.take().context("mesh-node not running")?;
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(m.child.id() as i32), nix::sys::signal::Signal::SIGTERM)?;
+        wait_with_timeout(&mut m.child, Duration::from_secs(10))
+    }
+
+    pub fn restart_mesh_node(&mut self) -> anyhow::Result<()> {
+        self.spawn_mesh_node(None)
+    }
+
+    /// Registers a pod with mesh-node through its CLI and local API.
+    pub fn register(&self, pod: &Pod, how: &Registration) -> anyhow::Result<serde_json::Value> {
+        let cgroup = pod.cgroup.display().to_string();
+        let netns = pod.netns_path().display().to_string();
+        let (ip, ip6) = (pod.ip.to_string(), pod.ip6.to_string());
+        let mut args: Vec<&str> = vec![
+            "workload", "--api-socket", "", "add", "--name", &pod.name, "--namespace", &pod.namespace,
+            "--cgroup", &cgroup, "--netns", &netns, "--ip", &ip, "--ip", &ip6,
+        ];
+        let socket = self.api_socket().display().to_string();
+        args[2] = &socket;
+        if how.namespace_enabled {
+            args.extend(["--namespace-label", "nodemesh.io/enabled=true"]);
+        }
+        let labels: Vec<String> = how.pod_labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        for l in &labels {
+            args.extend(["--label", l.as_str()]);
+        }
+        let out = self.mesh_node_cli(&args)?;
+        Ok(serde_json::from_str(&out)?)
+    }
+
+    /// Runs the mesh-node CLI; errors carry its stderr.
+    pub fn mesh_node_cli(&self, args: &[&str]) -> anyhow::Result<String> {
+        let out = Command::new(bin("mesh-node")?).args(args).output()?;
+        if !out.status.success() {
+            bail!("mesh-node {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(String::from_utf8(out.stdout)?)
+    }
+
+    /// Starts a long-running process in a pod (cgroup first, then netns, then exec).
+    pub fn spawn_in(&mut self, pod: &Pod, program: &Path, args: &[String]) -> anyhow::Result<u32> {
+        let child = process::spawn_in(&pod.netns, Some(&pod.cgroup), program, args, &[], Stdio::null(), Stdio::inherit())?;
+        let pid = child.id();
+        self.children.push(child);
+        Ok(pid)
+    }
+
+    /// Runs a process in a pod to completion and returns its stdout.
+    pub fn run_in(&self, pod: &Pod, program: &Path, args: &[String], timeout: Duration) -> anyhow::Result<String> {
+        let mut child = process::spawn_in(&pod.netns, Some(&pod.cgroup), program, args, &[], Stdio::piped(), Stdio::inherit())?;
+        let stdout = child.stdout.take().context("stdout")?;
+        let reader = std::thread::spawn(move || std::io::read_to_string(stdout));
+        let status = wait_with_timeout(&mut child, timeout)?;
+        let out = reader.join().map_err(|_| anyhow::anyhow!("reader panicked"))??;
+        anyhow::ensure!(status.success(), "{} {args:?} in pod {} exited with {status}", program.display(), pod.name);
+        Ok(out)
+    }
+
+    /// Runs nm-testapp in a pod and parses its JSON result.
+    pub fn testapp(&self, pod: &Pod, args: &[&str]) -> anyhow::Result<serde_json::Value> {
+        let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+        let out = self.run_in(pod, &bin("nm-testapp")?, &args, Duration::from_secs(120))?;
+        serde_json::from_str(out.trim()).with_context(|| format!("nm-testapp output: {out}"))
+    }
+
+    /// Starts an nm-testapp server in `pod` listening on each address, and waits until the
+    /// first one accepts connections.
+    pub fn serve(&mut self, pod: &Pod, listen: &[SocketAddr]) -> anyhow::Result<()> {
+        let mut args = vec!["serve".to_string(), "--name".into(), pod.name.clone()];
+        for a in listen {
+            args.extend(["--listen".into(), a.to_string()]);
+        }
+        self.spawn_in(pod, &bin("nm-testapp")?, &args)?;
+        for addr in listen {
+            netns::wait_listening(&pod.netns, *addr, Duration::from_secs(10))?;
+        }
+        Ok(())
+    }
+
+    /// GET on mesh-node's admin endpoint (inside the node netns).
+    pub fn admin_get(&self, path: &str) -> anyhow::Result<String> {
+        netns::http_get(&self.node_netns, ADMIN_ADDR.parse()?, path)
+    }
+
+    pub fn metrics(&self) -> anyhow::Result<metrics::Metrics> {
+        Ok(metrics::Metrics::parse(&self.admin_get("/metrics")?))
+    }
+}
+
+impl Drop for SimNode {
+    fn drop(&mut self) {
+        if let Some(mut m) = self.mesh_node.take() {
+            let _ = m.child.kill();
+            let _ = m.child.wait();
+        }
+        for child in &mut self.children {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        for pod in &self.pods {
+            let _ = Command::new("ip").args(["netns", "del", &pod.netns]).status();
+        }
+        let _ = Command::new("ip").args(["netns", "del", &self.node_netns]).status();
+        remove_cgroup_tree(&self.cgroup_root);
+        if std::env::var_os("NODEMESH_KEEP_LOGS").is_none() {
+            let _ = fs::remove_dir_all(&self.work_dir);
+        }
+    }
+}

@@ -1,0 +1,68 @@
+//! Starting processes inside a pod, and waiting for them with a bound.
+
+use std::{
+    ffi::OsStr,
+    path::Path,
+    process::{Child, Command, ExitStatus, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, bail};
+
+/// Runs a command and fails with its stderr if it does not succeed.
+pub fn run_checked(program: &str, args: &[&str]) -> anyhow::Result<()> {
+    let out = Command::new(program).args(args).output().with_context(|| format!("running {program}"))?;
+    if !out.status.success() {
+        bail!("{program} {} failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(())
+}
+
+/// Spawns `program` so that it is in `cgroup` and `netns` before its first instruction: a shell
+/// moves itself into the cgroup, then `nsenter` enters the netns and execs the program (same PID
+/// all the way, so the returned child is the program itself). Not `ip netns exec`: it remounts
+/// /sys, which hides the cgroup v2 mount from the program.
+pub fn spawn_in(
+    netns: &str,
+    cgroup: Option<&Path>,
+    program: &Path,
+    args: &[String],
+    env: &[(&str, &str)],
+    stdout: Stdio,
+    stderr: Stdio,
+) -> anyhow::Result<Child> {
+    let script = match cgroup {
+        Some(_) => r#"echo $$ > "$0/cgroup.procs" && ns="$1" && shift && exec nsenter --net="$ns" -- "$@""#,
+        None => r#"ns="$1" && shift && exec nsenter --net="$ns" -- "$@""#,
+    };
+    let cgroup_arg = cgroup.map(|c| c.as_os_str()).unwrap_or(OsStr::new("-"));
+    Command::new("sh")
+        .arg("-c")
+        .arg(script)
+        .arg(cgroup_arg)
+        .arg(crate::netns::path(netns))
+        .arg(program)
+        .args(args)
+        .envs(env.iter().copied())
+        .stdin(Stdio::null())
+        .stdout(stdout)
+        .stderr(stderr)
+        .spawn()
+        .with_context(|| format!("starting {} in {netns}", program.display()))
+}
+
+/// Waits for `child`; kills it (by its PID) if it runs past `timeout`.
+pub fn wait_with_timeout(child: &mut Child, timeout: Duration) -> anyhow::Result<ExitStatus> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(status) = child.try_wait()? {
+            return Ok(status);
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!("process {} still running after {timeout:?}; killed", child.id());
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
