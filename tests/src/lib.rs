@@ -34,9 +34,19 @@ const BRIDGE_IP4: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 1);
 const ADMIN_ADDR: &str = "127.0.0.1:15000";
 
 static NEXT_ID: AtomicU32 = AtomicU32::new(0);
+static BIN_DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
 
-/// Where the built binaries are: `NODEMESH_BIN_DIR`, else the target dir this binary runs from.
+/// Points the harness at a directory of built binaries (xtask uses target/release).
+pub fn set_bin_dir(dir: PathBuf) {
+    let _ = BIN_DIR.set(dir);
+}
+
+/// Where the built binaries are: [`set_bin_dir`], `NODEMESH_BIN_DIR`, else the target dir this
+/// binary runs from.
 pub fn bin_dir() -> PathBuf {
+    if let Some(dir) = BIN_DIR.get() {
+        return dir.clone();
+    }
     if let Some(dir) = std::env::var_os("NODEMESH_BIN_DIR") {
         return dir.into();
     }
@@ -437,6 +447,10 @@ impl Drop for SimNode {
         }
         let _ = Command::new("ip").args(["netns", "del", &self.node_netns]).status();
         remove_cgroup_tree(&self.cgroup_root);
+        // The shared parent goes too once the last simulated node is gone (fails while others live).
+        if let Some(base) = self.cgroup_root.parent() {
+            let _ = fs::remove_dir(base);
+        }
         if std::env::var_os("NODEMESH_KEEP_LOGS").is_none() {
             let _ = fs::remove_dir_all(&self.work_dir);
         }

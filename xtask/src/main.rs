@@ -1,1 +1,70 @@
-fn main() {}
+//! `cargo xtask <command>`: everything a newcomer or CI runs.
+#![forbid(unsafe_code)]
+
+mod bench;
+mod demo;
+mod setup;
+mod util;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install and check everything the build, demo and tests need (idempotent).
+    Setup,
+    /// Setup, build, then run the whole test suite (unit + simulated-node integration tests).
+    Test {
+        /// Extra arguments for the test binaries, e.g. a test name filter.
+        #[arg(trailing_var_arg = true)]
+        args: Vec<String>,
+    },
+    /// Setup, build, run a simulated node with pods, show what the proxy saw, clean up.
+    Demo {
+        /// Leave the node running until Ctrl-C and print how to poke it.
+        #[arg(long)]
+        keep: bool,
+    },
+    /// Setup, build (release), benchmark direct vs through mesh-node; append to bench/RESULTS.md.
+    Bench,
+    /// Remove simulated-node leftovers of runs that were killed (only our own `nmt*` names).
+    Clean,
+}
+
+fn main() -> std::process::ExitCode {
+    let result = match Cli::parse().command {
+        Cmd::Setup => setup::run(),
+        Cmd::Test { args } => test(&args),
+        Cmd::Demo { keep } => demo::run(keep),
+        Cmd::Bench => bench::run(),
+        Cmd::Clean => {
+            nodemesh_tests::sweep_stale();
+            Ok(())
+        }
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+/// The test command README.md and .ci/run use.
+fn test(args: &[String]) -> anyhow::Result<()> {
+    setup::run()?;
+    util::step("building mesh-node and the test apps");
+    util::cargo(&["build", "-p", "mesh-node", "-p", "nodemesh-tests", "--bins"])?;
+    util::step("running the test suite (simulated nodes need root; 2 test threads)");
+    let bin_dir = util::workspace_root()?.join("target/debug");
+    let mut cargo_args = vec!["test", "--workspace", "--exclude", "mesh-ebpf", "--", "--test-threads", "2"];
+    cargo_args.extend(args.iter().map(String::as_str));
+    util::cargo_env(&cargo_args, &[("NODEMESH_BIN_DIR", bin_dir.to_str().unwrap_or_default())])
+}

@@ -1,0 +1,139 @@
+//! `cargo xtask bench`: direct pod→pod vs through mesh-node, side by side in one run, on the
+//! same simulated node. Appends one dated row per run to bench/RESULTS.md. Numbers are a
+//! baseline, not gates.
+
+use std::{fs, io::Write, time::Instant};
+
+use anyhow::Context;
+use nodemesh_tests::{Pod, Registration, SimNode};
+use serde_json::Value;
+
+use crate::{setup, util};
+
+const CONNECTS: &str = "3000";
+const LATENCY_RATE: &str = "1000";
+const LATENCY_COUNT: &str = "10000";
+const BULK_BYTES: &str = "1073741824";
+
+struct Run {
+    connect_per_sec: f64,
+    p50_us: f64,
+    p99_us: f64,
+    gbit_per_s: f64,
+}
+
+pub fn run() -> anyhow::Result<()> {
+    setup::run()?;
+    util::build_release()?;
+    let mut node = SimNode::new()?;
+    let direct_client = node.add_pod("direct", "bench")?;
+    let mesh_client = node.add_pod("meshed", "bench")?;
+    let server = node.add_pod("server", "bench")?;
+    node.start_mesh_node(&[])?;
+    node.register(&direct_client, &Registration::opted_out())?;
+    node.register(&mesh_client, &Registration::meshed())?;
+    node.serve(&server, &[server.addr(9000)])?;
+    let pid = node.mesh_node_pid().context("mesh-node pid")?;
+
+    util::step("direct pod -> pod");
+    let direct = measure(&node, &direct_client, &server)?;
+    util::step("pod -> mesh-node -> pod");
+    let cpu_before = cpu_seconds(pid)?;
+    let started = Instant::now();
+    let mesh = measure(&node, &mesh_client, &server)?;
+    let cpu_pct = (cpu_seconds(pid)? - cpu_before) / started.elapsed().as_secs_f64() * 100.0;
+    let (rss_kib, hwm_kib) = memory_kib(pid)?;
+    let opened = node.metrics()?.sum("istio_tcp_connections_opened_total", &[("source_workload", "meshed")]);
+    anyhow::ensure!(opened > 3000.0, "meshed runs did not go through mesh-node ({opened} connections)");
+
+    let row = format!(
+        "| {date} | {commit} | {cd:.0} / {cm:.0} | {p50d:.0} / {p50m:.0} | {p99d:.0} / {p99m:.0} | {gd:.2} / {gm:.2} | {rss:.1} ({hwm:.1}) | {cpu:.0}% |",
+        date = util::output("date", &["-u", "+%Y-%m-%d %H:%M"])?,
+        commit = commit()?,
+        cd = direct.connect_per_sec,
+        cm = mesh.connect_per_sec,
+        p50d = direct.p50_us,
+        p50m = mesh.p50_us,
+        p99d = direct.p99_us,
+        p99m = mesh.p99_us,
+        gd = direct.gbit_per_s,
+        gm = mesh.gbit_per_s,
+        rss = rss_kib as f64 / 1024.0,
+        hwm = hwm_kib as f64 / 1024.0,
+        cpu = cpu_pct,
+    );
+    let path = util::workspace_root()?.join("bench/RESULTS.md");
+    if !path.exists() {
+        fs::create_dir_all(path.parent().context("bench dir")?)?;
+        fs::write(&path, HEADER)?;
+    }
+    fs::OpenOptions::new().append(true).open(&path)?.write_all(format!("{row}\n").as_bytes())?;
+    println!("\n{}", HEADER.lines().rev().take(2).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n"));
+    println!("{row}\n\nappended to {}", path.display());
+    Ok(())
+}
+
+const HEADER: &str = "# Benchmarks
+
+`cargo xtask bench` appends one row per run. One simulated node (2-core machine); a client pod
+talks to a server pod on the same node bridge, first directly (client opted out), then captured
+through mesh-node. Each cell is **direct / mesh-node**.
+
+- connect/s: sequential connect + 1 round trip + close, 3,000 times, one client.
+- latency: 1 KiB echo on one connection, open loop at 1,000 req/s for 10,000 requests,
+  measured from each request's scheduled send time (µs).
+- throughput: one 1 GiB upload, checksum verified (Gbit/s).
+- mesh-node RSS after the run in MiB (peak), and its CPU use over the meshed phase
+  (100% = one core).
+
+| date (UTC) | commit | connect/s | p50 µs | p99 µs | Gbit/s | mesh-node RSS MiB (peak) | mesh-node CPU |
+|---|---|---|---|---|---|---|---|
+";
+
+fn measure(node: &SimNode, client: &Pod, server: &Pod) -> anyhow::Result<Run> {
+    let to = server.addr(9000).to_string();
+    let get = |v: &Value, k: &str| -> anyhow::Result<f64> {
+        v[k].as_f64().with_context(|| format!("nm-testapp result has no {k}: {v}"))
+    };
+    let c = node.testapp(client, &["bench-connect", "--to", &to, "--count", CONNECTS])?;
+    let l = node.testapp(client, &["bench-latency", "--to", &to, "--rate", LATENCY_RATE, "--count", LATENCY_COUNT])?;
+    let b = node.testapp(client, &["bench-bulk", "--to", &to, "--bytes", BULK_BYTES])?;
+    Ok(Run {
+        connect_per_sec: get(&c, "per_sec")?,
+        p50_us: get(&l, "p50_us")?,
+        p99_us: get(&l, "p99_us")?,
+        gbit_per_s: get(&b, "mbit_per_s")? / 1000.0,
+    })
+}
+
+fn commit() -> anyhow::Result<String> {
+    let root = util::workspace_root()?;
+    let root = root.to_str().unwrap_or(".");
+    let sha = util::output("git", &["-C", root, "rev-parse", "--short", "HEAD"])?;
+    let dirty = !util::output("git", &["-C", root, "status", "--porcelain", "--untracked-files=no"])?.is_empty();
+    Ok(if dirty { format!("{sha}+dirty") } else { sha })
+}
+
+/// utime + stime of a process, in seconds.
+fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the command name, which is in parentheses and may contain spaces.
+    let rest = stat.rsplit_once(')').context("malformed stat")?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = fields[11].parse::<f64>()? + fields[12].parse::<f64>()?;
+    let hz: f64 = util::output("getconf", &["CLK_TCK"])?.parse()?;
+    Ok(ticks / hz)
+}
+
+/// VmRSS and VmHWM in KiB.
+fn memory_kib(pid: u32) -> anyhow::Result<(u64, u64)> {
+    let status = fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let field = |name: &str| -> anyhow::Result<u64> {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .with_context(|| format!("{name} missing"))
+    };
+    Ok((field("VmRSS:")?, field("VmHWM:")?))
+}

@@ -1,0 +1,150 @@
+//! `cargo xtask setup`: idempotent. Each step checks first and only changes what is missing,
+//! so a second run changes nothing and takes seconds.
+
+use std::{fs, io::Read, path::Path, process::Command};
+
+use anyhow::{Context, bail};
+
+use crate::util::{self, output, step};
+
+/// Debian packages: iproute2 and util-linux (nsenter) for simulated nodes; LLVM 22 for
+/// bpf-linker, matching the nightly's LLVM (TOOLCHAIN.md).
+const APT_PACKAGES: &[&str] = &["iproute2", "util-linux", "llvm-22-dev", "libpolly-22-dev"];
+const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
+/// Kernel options the data path needs, with what each is for.
+const KERNEL_OPTIONS: &[(&str, &str)] = &[
+    ("CONFIG_BPF_SYSCALL", "loading eBPF programs"),
+    ("CONFIG_CGROUP_BPF", "cgroup connect/getpeername/sockops hooks"),
+    ("CONFIG_BPF_JIT", "fast eBPF"),
+    ("CONFIG_DEBUG_INFO_BTF", "BTF for the programs"),
+    ("CONFIG_NET_NS", "simulated pods (network namespaces)"),
+    ("CONFIG_VETH", "simulated pods (veth pairs)"),
+    ("CONFIG_BRIDGE", "simulated nodes (bridge)"),
+];
+
+pub fn run() -> anyhow::Result<()> {
+    check_root()?;
+    check_kernel()?;
+    let cgroup = nodemesh_tests::cgroup2_mount()
+        .context("cgroup v2 is not mounted (the capture hooks attach to a cgroup v2 directory)")?;
+    step(&format!("cgroup v2 found at {}", cgroup.display()));
+    mount_bpffs()?;
+    apt_packages()?;
+    rust_toolchain()?;
+    bpf_linker()?;
+    step("setup complete");
+    Ok(())
+}
+
+fn check_root() -> anyhow::Result<()> {
+    let uid = output("id", &["-u"])?;
+    if uid != "0" {
+        bail!("setup, tests and the demo need root (eBPF, network namespaces, cgroups); you are uid {uid}");
+    }
+    step("running as root");
+    Ok(())
+}
+
+fn check_kernel() -> anyhow::Result<()> {
+    let release = output("uname", &["-r"])?;
+    let version: Vec<u32> = release.split(['.', '-']).take(2).filter_map(|p| p.parse().ok()).collect();
+    if version.len() == 2 && (version[0], version[1]) < (5, 15) {
+        bail!("kernel {release} is too old: Nodemesh needs 5.15+ (bpf_get_netns_cookie in sockops)");
+    }
+    if !Path::new("/sys/kernel/btf/vmlinux").exists() {
+        bail!("kernel {release} lacks CONFIG_DEBUG_INFO_BTF (/sys/kernel/btf/vmlinux is missing)");
+    }
+    match kernel_config(&release) {
+        Some(config) => {
+            let missing: Vec<String> = KERNEL_OPTIONS
+                .iter()
+                .filter(|(opt, _)| !config.lines().any(|l| l == format!("{opt}=y") || l == format!("{opt}=m")))
+                .map(|(opt, why)| format!("{opt} ({why})"))
+                .collect();
+            if !missing.is_empty() {
+                bail!("kernel {release} is missing: {}", missing.join(", "));
+            }
+            step(&format!("kernel {release} has every needed option"));
+        }
+        None => step(&format!(
+            "kernel {release}: config not readable (no /proc/config.gz or /boot/config-*); \
+             mesh-node names any missing feature when it loads its programs"
+        )),
+    }
+    Ok(())
+}
+
+fn kernel_config(release: &str) -> Option<String> {
+    if let Ok(text) = fs::read_to_string(format!("/boot/config-{release}")) {
+        return Some(text);
+    }
+    let out = Command::new("zcat").arg("/proc/config.gz").output().ok()?;
+    out.status.success().then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn mount_bpffs() -> anyhow::Result<()> {
+    let mut mounts = String::new();
+    fs::File::open("/proc/self/mounts")?.read_to_string(&mut mounts)?;
+    if mounts.lines().any(|l| l.split_whitespace().nth(2) == Some("bpf")) {
+        step("bpffs already mounted");
+        return Ok(());
+    }
+    fs::create_dir_all("/sys/fs/bpf")?;
+    util::run("mount", &["-t", "bpf", "bpf", "/sys/fs/bpf"], &[]).context("mounting bpffs at /sys/fs/bpf")?;
+    step("mounted bpffs at /sys/fs/bpf");
+    Ok(())
+}
+
+fn apt_packages() -> anyhow::Result<()> {
+    let missing: Vec<&str> = APT_PACKAGES
+        .iter()
+        .copied()
+        .filter(|p| {
+            Command::new("dpkg-query")
+                .args(["-W", "-f=${Status}", p])
+                .output()
+                .map(|o| !String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
+                .unwrap_or(true)
+        })
+        .collect();
+    if missing.is_empty() {
+        step(&format!("Debian packages present: {}", APT_PACKAGES.join(" ")));
+        return Ok(());
+    }
+    step(&format!("installing Debian packages: {}", missing.join(" ")));
+    let env = [("DEBIAN_FRONTEND", "noninteractive")];
+    util::run("apt-get", &["update", "-qq"], &env)?;
+    let mut args = vec!["install", "-y", "-qq", "--no-install-recommends"];
+    args.extend(&missing);
+    util::run("apt-get", &args, &env)
+}
+
+fn rust_toolchain() -> anyhow::Result<()> {
+    let toolchains = output("rustup", &["toolchain", "list"])?;
+    if !toolchains.lines().any(|l| l.starts_with("nightly")) {
+        step("installing the nightly toolchain (eBPF needs -Z build-std)");
+        util::run("rustup", &["toolchain", "install", "nightly", "--profile", "minimal"], &[])
+            .context("no nightly toolchain and none could be installed; see ../shared/TOOLCHAIN.md")?;
+    }
+    let components = output("rustup", &["component", "list", "--toolchain", "nightly", "--installed"])?;
+    if components.lines().any(|l| l.starts_with("rust-src")) {
+        step("nightly toolchain with rust-src present");
+    } else {
+        step("adding rust-src to the nightly toolchain");
+        util::run("rustup", &["component", "add", "rust-src", "--toolchain", "nightly"], &[])?;
+    }
+    Ok(())
+}
+
+fn bpf_linker() -> anyhow::Result<()> {
+    if let Ok(version) = output("bpf-linker", &["--version"]) {
+        step(&format!("{version} present"));
+        return Ok(());
+    }
+    step("installing bpf-linker against LLVM 22 (about a minute)");
+    util::run(
+        "cargo",
+        &["install", "bpf-linker", "--no-default-features", "--features", "llvm-22"],
+        &[("LLVM_PREFIX", LLVM_PREFIX)],
+    )
+}
