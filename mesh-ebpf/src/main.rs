@@ -21,8 +21,8 @@ mod addr;
 use aya_ebpf::{
     EbpfContext, Global,
     bindings::{
-        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
-        BPF_TCP_CLOSE, bpf_sock_addr,
+        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_TCP_CLOSE,
+        bpf_sock_addr,
     },
     helpers::{bpf_get_current_cgroup_id, bpf_get_netns_cookie, bpf_get_socket_cookie},
     macros::{cgroup_sock_addr, map, sock_ops},
@@ -31,9 +31,8 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::{debug, warn};
 use mesh_ebpf_common::{
-    Cidr4, Cidr6, ClientTupleKey, EXCLUDED_CIDRS_MAX, EXCLUDED_PORTS_MAX, FAMILY_INET,
-    FAMILY_INET6, MESHED_CGROUPS_MAX, MeshedCgroup, ORIG_DST_BY_COOKIE_MAX,
-    ORIG_DST_BY_TUPLE_MAX, OrigDst,
+    Cidr4, Cidr6, ClientTupleKey, EXCLUDED_CIDRS_MAX, EXCLUDED_PORTS_MAX, FAMILY_INET, FAMILY_INET6,
+    MESHED_CGROUPS_MAX, MeshedCgroup, ORIG_DST_BY_COOKIE_MAX, ORIG_DST_BY_TUPLE_MAX, OrigDst,
 };
 
 /// sock_addr verdicts.
@@ -46,12 +45,10 @@ const SOCK_STREAM: u32 = 1;
 static PROXY_MARK: Global<u32> = Global::new(0);
 
 #[map]
-static MESHED_CGROUPS: HashMap<u64, MeshedCgroup> =
-    HashMap::with_max_entries(MESHED_CGROUPS_MAX, 0);
+static MESHED_CGROUPS: HashMap<u64, MeshedCgroup> = HashMap::with_max_entries(MESHED_CGROUPS_MAX, 0);
 
 #[map]
-static ORIG_DST_BY_COOKIE: LruHashMap<u64, OrigDst> =
-    LruHashMap::with_max_entries(ORIG_DST_BY_COOKIE_MAX, 0);
+static ORIG_DST_BY_COOKIE: LruHashMap<u64, OrigDst> = LruHashMap::with_max_entries(ORIG_DST_BY_COOKIE_MAX, 0);
 
 #[map]
 static ORIG_DST_BY_TUPLE: LruHashMap<ClientTupleKey, OrigDst> =
@@ -169,8 +166,7 @@ fn try_sock6_connect(ctx: &SockAddrContext) -> Result<i32, i32> {
         if EXCLUDED_CIDRS4.get(Key::new(32, ip4_be.to_ne_bytes())).is_some() {
             return Ok(ALLOW);
         }
-        let orig =
-            OrigDst { addr: [ip4_be, 0, 0, 0], port: port_be, family: FAMILY_INET, _pad: 0 };
+        let orig = OrigDst { addr: [ip4_be, 0, 0, 0], port: port_be, family: FAMILY_INET, _pad: 0 };
         let mapped = addr::v4_mapped_words(addr::LOOPBACK4_BE);
         return redirect(ctx, &orig, ProxyAddr::V6(mapped), meshed.proxy_port4);
     }
@@ -236,13 +232,7 @@ fn sock_ops_file_by_tuple(ctx: &SockOpsContext) {
             None => (FAMILY_INET6, ip6),
         }
     };
-    let key = ClientTupleKey {
-        netns_cookie,
-        addr,
-        port: ctx.local_port() as u16,
-        family,
-        _pad: 0,
-    };
+    let key = ClientTupleKey { netns_cookie, addr, port: ctx.local_port() as u16, family, _pad: 0 };
     if let Err(e) = ORIG_DST_BY_TUPLE.insert(&key, &orig, 0) {
         warn!(ctx, "nodemesh: ORIG_DST_BY_TUPLE insert failed ({})", e);
         return;

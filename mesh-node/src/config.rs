@@ -118,9 +118,11 @@ impl std::str::FromStr for Cidr {
         let max = if addr.is_ipv4() { 32 } else { 128 };
         let prefix_len = match len {
             None => max,
-            Some(l) => l.parse::<u8>().ok().filter(|l| *l <= max).ok_or_else(|| {
-                format!("`{s}`: prefix length must be 0..={max}")
-            })?,
+            Some(l) => l
+                .parse::<u8>()
+                .ok()
+                .filter(|l| *l <= max)
+                .ok_or_else(|| format!("`{s}`: prefix length must be 0..={max}"))?,
         };
         let addr = match addr {
             IpAddr::V4(a) => {
@@ -248,9 +250,8 @@ mod tests {
 
     #[test]
     fn all_errors_are_reported_together() {
-        let args = run_args(&[
-            "--exclude-port", "0,80,http", "--exclude-cidr", "10.0.0.0/99", "--proxy-mark", "0",
-        ]);
+        let args =
+            run_args(&["--exclude-port", "0,80,http", "--exclude-cidr", "10.0.0.0/99", "--proxy-mark", "0"]);
         let errors = Config::from_args(args, || Ok("/".into())).unwrap_err();
         assert_eq!(errors.len(), 4, "{errors:#?}");
         assert!(errors.iter().any(|e| e.contains("`http`")));

@@ -37,8 +37,8 @@ pub struct NetnsThread {
 
 impl NetnsThread {
     pub fn spawn(path: &Path) -> Result<NetnsThread, NetnsError> {
-        let file = File::open(path)
-            .map_err(|source| NetnsError::Open { path: path.to_path_buf(), source })?;
+        let file =
+            File::open(path).map_err(|source| NetnsError::Open { path: path.to_path_buf(), source })?;
         let (jobs, rx) = mpsc::channel::<Job>();
         let (ready_tx, ready_rx) = mpsc::sync_channel(1);
         let name = format!("netns-{}", path.file_name().unwrap_or_default().to_string_lossy());
@@ -48,10 +48,8 @@ impl NetnsThread {
             .spawn(move || {
                 let entered = setns(&file, CloneFlags::CLONE_NEWNET);
                 let ok = entered.is_ok();
-                let _ = ready_tx.send(entered.map_err(|source| NetnsError::Enter {
-                    path: thread_path,
-                    source,
-                }));
+                let _ =
+                    ready_tx.send(entered.map_err(|source| NetnsError::Enter { path: thread_path, source }));
                 if ok {
                     for job in rx {
                         job();
@@ -59,9 +57,7 @@ impl NetnsThread {
                 }
             })
             .map_err(|source| NetnsError::Open { path: path.to_path_buf(), source })?;
-        ready_rx
-            .recv()
-            .map_err(|_| NetnsError::ThreadGone { path: path.to_path_buf() })??;
+        ready_rx.recv().map_err(|_| NetnsError::ThreadGone { path: path.to_path_buf() })??;
         Ok(NetnsThread { path: path.to_path_buf(), jobs })
     }
 

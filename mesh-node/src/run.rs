@@ -15,11 +15,8 @@ use crate::{
 };
 
 pub async fn run(config: Config) -> anyhow::Result<()> {
-    let ebpf_level = if tracing::enabled!(tracing::Level::DEBUG) {
-        aya_log::Level::Debug
-    } else {
-        aya_log::Level::Info
-    };
+    let ebpf_level =
+        if tracing::enabled!(tracing::Level::DEBUG) { aya_log::Level::Debug } else { aya_log::Level::Info };
     let (capture, logger) = capture::load_and_attach(&config, ebpf_level)?;
     let capture = Arc::new(capture);
     if let Some(logger) = logger {

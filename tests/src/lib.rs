@@ -237,10 +237,16 @@ impl SimNode {
         let node = &self.node_netns;
         let veth = format!("v{index}");
         run_checked("ip", &["-n", &netns, "link", "set", "lo", "up"])?;
-        run_checked("ip", &["-n", node, "link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns", &netns])?;
+        run_checked(
+            "ip",
+            &["-n", node, "link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns", &netns],
+        )?;
         run_checked("ip", &["-n", node, "link", "set", &veth, "master", "br0", "up"])?;
         run_checked("ip", &["-n", &netns, "addr", "add", &format!("{}/24", pod.ip), "dev", "eth0"])?;
-        run_checked("ip", &["-n", &netns, "-6", "addr", "add", &format!("{}/64", pod.ip6), "dev", "eth0", "nodad"])?;
+        run_checked(
+            "ip",
+            &["-n", &netns, "-6", "addr", "add", &format!("{}/64", pod.ip6), "dev", "eth0", "nodad"],
+        )?;
         run_checked("ip", &["-n", &netns, "link", "set", "eth0", "up"])?;
         // The default route points at the node bridge, which leads nowhere else.
         run_checked("ip", &["-n", &netns, "route", "add", "default", "via", &BRIDGE_IP4.to_string()])?;
@@ -343,7 +349,10 @@ impl SimNode {
     /// SIGTERM and wait: a clean shutdown.
     pub fn stop_mesh_node(&mut self) -> anyhow::Result<std::process::ExitStatus> {
         let mut m = self.mesh_node.take().context("mesh-node not running")?;
-        nix::sys::signal::kill(nix::unistd::Pid::from_raw(m.child.id() as i32), nix::sys::signal::Signal::SIGTERM)?;
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(m.child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        )?;
         wait_with_timeout(&mut m.child, Duration::from_secs(10))
     }
 
@@ -357,8 +366,22 @@ impl SimNode {
         let netns = pod.netns_path().display().to_string();
         let (ip, ip6) = (pod.ip.to_string(), pod.ip6.to_string());
         let mut args: Vec<&str> = vec![
-            "workload", "--api-socket", "", "add", "--name", &pod.name, "--namespace", &pod.namespace,
-            "--cgroup", &cgroup, "--netns", &netns, "--ip", &ip, "--ip", &ip6,
+            "workload",
+            "--api-socket",
+            "",
+            "add",
+            "--name",
+            &pod.name,
+            "--namespace",
+            &pod.namespace,
+            "--cgroup",
+            &cgroup,
+            "--netns",
+            &netns,
+            "--ip",
+            &ip,
+            "--ip",
+            &ip6,
         ];
         let socket = self.api_socket().display().to_string();
         args[2] = &socket;
@@ -384,20 +407,47 @@ impl SimNode {
 
     /// Starts a long-running process in a pod (cgroup first, then netns, then exec).
     pub fn spawn_in(&mut self, pod: &Pod, program: &Path, args: &[String]) -> anyhow::Result<u32> {
-        let child = process::spawn_in(&pod.netns, Some(&pod.cgroup), program, args, &[], Stdio::null(), Stdio::inherit())?;
+        let child = process::spawn_in(
+            &pod.netns,
+            Some(&pod.cgroup),
+            program,
+            args,
+            &[],
+            Stdio::null(),
+            Stdio::inherit(),
+        )?;
         let pid = child.id();
         self.children.push(child);
         Ok(pid)
     }
 
     /// Runs a process in a pod to completion and returns its stdout.
-    pub fn run_in(&self, pod: &Pod, program: &Path, args: &[String], timeout: Duration) -> anyhow::Result<String> {
-        let mut child = process::spawn_in(&pod.netns, Some(&pod.cgroup), program, args, &[], Stdio::piped(), Stdio::inherit())?;
+    pub fn run_in(
+        &self,
+        pod: &Pod,
+        program: &Path,
+        args: &[String],
+        timeout: Duration,
+    ) -> anyhow::Result<String> {
+        let mut child = process::spawn_in(
+            &pod.netns,
+            Some(&pod.cgroup),
+            program,
+            args,
+            &[],
+            Stdio::piped(),
+            Stdio::inherit(),
+        )?;
         let stdout = child.stdout.take().context("stdout")?;
         let reader = std::thread::spawn(move || std::io::read_to_string(stdout));
         let status = wait_with_timeout(&mut child, timeout)?;
         let out = reader.join().map_err(|_| anyhow::anyhow!("reader panicked"))??;
-        anyhow::ensure!(status.success(), "{} {args:?} in pod {} exited with {status}", program.display(), pod.name);
+        anyhow::ensure!(
+            status.success(),
+            "{} {args:?} in pod {} exited with {status}",
+            program.display(),
+            pod.name
+        );
         Ok(out)
     }
 

@@ -13,7 +13,9 @@ const SENT: &str = "istio_tcp_sent_bytes_total";
 const RECEIVED: &str = "istio_tcp_received_bytes_total";
 
 fn opened_from(node: &SimNode, pod: &Pod) -> f64 {
-    node.metrics().unwrap().sum(OPENED, &[("source_workload", &pod.name), ("source_workload_namespace", &pod.namespace)])
+    node.metrics()
+        .unwrap()
+        .sum(OPENED, &[("source_workload", &pod.name), ("source_workload_namespace", &pod.namespace)])
 }
 
 /// Metrics are updated as connections close; poll briefly instead of racing the proxy.
@@ -42,14 +44,32 @@ fn meshed_pod_to_other_namespace_goes_through_mesh_node_and_10mib_arrives_intact
     node.serve(&server, &[server.addr(PORT)]).unwrap();
 
     let bytes = 10 * 1024 * 1024;
-    let r = node.testapp(&client, &["client", "--mode", "sink", "--to", &server.addr(PORT).to_string(), "--bytes", &bytes.to_string()]).unwrap();
+    let r = node
+        .testapp(
+            &client,
+            &[
+                "client",
+                "--mode",
+                "sink",
+                "--to",
+                &server.addr(PORT).to_string(),
+                "--bytes",
+                &bytes.to_string(),
+            ],
+        )
+        .unwrap();
     assert!(r.get("error").is_none(), "{r}");
     assert_eq!(r["reply"]["bytes"], bytes, "{r}");
     assert_eq!(r["reply"]["sha256"], r["sent_sha256"], "payload corrupted: {r}");
     // The upstream leg starts in the client's own netns, so the server sees the pod's address.
     assert!(addr_of(&r["reply"]["peer"]).starts_with(&format!("{}:", client.ip)), "{r}");
 
-    let labels = [("source_workload", "client"), ("source_workload_namespace", "shop"), ("destination_workload", "db"), ("destination_workload_namespace", "data")];
+    let labels = [
+        ("source_workload", "client"),
+        ("source_workload_namespace", "shop"),
+        ("destination_workload", "db"),
+        ("destination_workload_namespace", "data"),
+    ];
     eventually("connection counted as closed", || node.metrics().unwrap().sum(CLOSED, &labels) == 1.0);
     let m = node.metrics().unwrap();
     assert_eq!(m.sum(OPENED, &labels), 1.0);
@@ -65,7 +85,8 @@ fn unmeshed_namespace_opted_out_pod_loopback_and_exclusions_bypass_mesh_node() {
     let meshed = node.add_pod("web", "shop").unwrap();
     let server = node.add_pod("api", "shop").unwrap();
     let excluded = node.add_pod("excluded", "shop").unwrap();
-    node.start_mesh_node(&["--exclude-port", "9999", "--exclude-cidr", &format!("{}/32", excluded.ip)]).unwrap();
+    node.start_mesh_node(&["--exclude-port", "9999", "--exclude-cidr", &format!("{}/32", excluded.ip)])
+        .unwrap();
     let status = node.register(&plain, &Registration::unmeshed_namespace()).unwrap();
     assert_eq!(status["decision"], "namespace_not_enabled", "{status}");
     let status = node.register(&opted_out, &Registration::opted_out()).unwrap();
@@ -129,9 +150,20 @@ fn mesh_node_never_captures_its_own_upstream_connects() {
     let host_netns = format!("/var/run/netns/{}", node.node_netns);
     let out = node
         .mesh_node_cli(&[
-            "workload", "--api-socket", &node.api_socket().display().to_string(), "add",
-            "--name", "host-agent", "--namespace", "node", "--cgroup", &shared_cgroup.display().to_string(),
-            "--netns", &host_netns, "--namespace-label", "nodemesh.io/enabled=true",
+            "workload",
+            "--api-socket",
+            &node.api_socket().display().to_string(),
+            "add",
+            "--name",
+            "host-agent",
+            "--namespace",
+            "node",
+            "--cgroup",
+            &shared_cgroup.display().to_string(),
+            "--netns",
+            &host_netns,
+            "--namespace-label",
+            "nodemesh.io/enabled=true",
         ])
         .unwrap();
     assert!(out.contains("\"proxy_port4\""), "{out}");
@@ -190,7 +222,12 @@ fn two_hundred_concurrent_connections_from_each_of_four_pods_reach_their_own_des
                     let n = per_pod / (servers.len() * ports.len());
                     scope.spawn(move || {
                         let to = server.addr(port).to_string();
-                        (ci, d, node.testapp(c, &["client", "--to", &to, "--connections", &n.to_string()]).unwrap())
+                        (
+                            ci,
+                            d,
+                            node.testapp(c, &["client", "--to", &to, "--connections", &n.to_string()])
+                                .unwrap(),
+                        )
                     })
                 })
             })
@@ -225,12 +262,17 @@ fn upstream_refusal_reaches_the_client_as_a_reset_not_a_hang() {
     let r = node.testapp(&client, &["client", "--to", &server.addr(PORT).to_string()]).unwrap();
     let error = r["error"].as_str().unwrap_or_else(|| panic!("expected a failure: {r}"));
     assert!(
-        ["connection reset", "unexpected end of file", "connection refused"].iter().any(|e| error.contains(e)),
+        ["connection reset", "unexpected end of file", "connection refused"]
+            .iter()
+            .any(|e| error.contains(e)),
         "{r}"
     );
     assert!(r["message"].as_str().is_some());
     eventually("failure counted", || {
-        node.metrics().unwrap().sum("nodemesh_proxy_failures_total", &[("reason", "upstream_connect_refused")]) == 1.0
+        node.metrics()
+            .unwrap()
+            .sum("nodemesh_proxy_failures_total", &[("reason", "upstream_connect_refused")])
+            == 1.0
     });
 }
 
@@ -268,16 +310,36 @@ fn clean_shutdown_detaches_and_bad_workloads_are_refused_with_reasons() {
     node.start_mesh_node(&[]).unwrap();
     let err = node
         .mesh_node_cli(&[
-            "workload", "--api-socket", &node.api_socket().display().to_string(), "add",
-            "--name", "Bad_Name", "--namespace", "shop", "--cgroup", "/tmp", "--netns", "/nonexistent",
+            "workload",
+            "--api-socket",
+            &node.api_socket().display().to_string(),
+            "add",
+            "--name",
+            "Bad_Name",
+            "--namespace",
+            "shop",
+            "--cgroup",
+            "/tmp",
+            "--netns",
+            "/nonexistent",
         ])
         .unwrap_err()
         .to_string();
     assert!(err.contains("field `name`"), "{err}");
     let err = node
         .mesh_node_cli(&[
-            "workload", "--api-socket", &node.api_socket().display().to_string(), "add",
-            "--name", "ok", "--namespace", "shop", "--cgroup", "/tmp", "--netns", "/nonexistent",
+            "workload",
+            "--api-socket",
+            &node.api_socket().display().to_string(),
+            "add",
+            "--name",
+            "ok",
+            "--namespace",
+            "shop",
+            "--cgroup",
+            "/tmp",
+            "--netns",
+            "/nonexistent",
         ])
         .unwrap_err()
         .to_string();

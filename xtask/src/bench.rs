@@ -68,7 +68,10 @@ pub fn run() -> anyhow::Result<()> {
         fs::write(&path, HEADER)?;
     }
     fs::OpenOptions::new().append(true).open(&path)?.write_all(format!("{row}\n").as_bytes())?;
-    println!("\n{}", HEADER.lines().rev().take(2).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n"));
+    println!(
+        "\n{}",
+        HEADER.lines().rev().take(2).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n")
+    );
     println!("{row}\n\nappended to {}", path.display());
     Ok(())
 }
@@ -96,7 +99,8 @@ fn measure(node: &SimNode, client: &Pod, server: &Pod) -> anyhow::Result<Run> {
         v[k].as_f64().with_context(|| format!("nm-testapp result has no {k}: {v}"))
     };
     let c = node.testapp(client, &["bench-connect", "--to", &to, "--count", CONNECTS])?;
-    let l = node.testapp(client, &["bench-latency", "--to", &to, "--rate", LATENCY_RATE, "--count", LATENCY_COUNT])?;
+    let l = node
+        .testapp(client, &["bench-latency", "--to", &to, "--rate", LATENCY_RATE, "--count", LATENCY_COUNT])?;
     let b = node.testapp(client, &["bench-bulk", "--to", &to, "--bytes", BULK_BYTES])?;
     Ok(Run {
         connect_per_sec: get(&c, "per_sec")?,
@@ -110,7 +114,8 @@ fn commit() -> anyhow::Result<String> {
     let root = util::workspace_root()?;
     let root = root.to_str().unwrap_or(".");
     let sha = util::output("git", &["-C", root, "rev-parse", "--short", "HEAD"])?;
-    let dirty = !util::output("git", &["-C", root, "status", "--porcelain", "--untracked-files=no"])?.is_empty();
+    let dirty =
+        !util::output("git", &["-C", root, "status", "--porcelain", "--untracked-files=no"])?.is_empty();
     Ok(if dirty { format!("{sha}+dirty") } else { sha })
 }
 

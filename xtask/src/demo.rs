@@ -46,7 +46,12 @@ pub fn run(keep: bool) -> anyhow::Result<()> {
         Ok(())
     };
     send(frontend, reviews.addr(9080), &["--connections", "5"], "5 connections")?;
-    send(frontend, ratings.addr(9080), &["--mode", "sink", "--bytes", "1048576"], "1 MiB upload, checksum verified")?;
+    send(
+        frontend,
+        ratings.addr(9080),
+        &["--mode", "sink", "--bytes", "1048576"],
+        "1 MiB upload, checksum verified",
+    )?;
     send(reviews, ratings.addr(9080), &["--connections", "3"], "3 connections")?;
     send(frontend, postgres.addr(5432), &["--connections", "2"], "2 connections (server not meshed)")?;
     send(report, postgres.addr(5432), &["--connections", "4"], "4 connections (client opted out: direct)")?;
@@ -72,7 +77,10 @@ fn print_report(m: &Metrics) {
         .filter(|s| s.name == "istio_tcp_connections_opened_total")
         .map(|s| {
             let l = |k: &str| s.labels.get(k).cloned().unwrap_or_default();
-            (format!("{}/{}", l("source_workload_namespace"), l("source_workload")), format!("{}/{}", l("destination_workload_namespace"), l("destination_workload")))
+            (
+                format!("{}/{}", l("source_workload_namespace"), l("source_workload")),
+                format!("{}/{}", l("destination_workload_namespace"), l("destination_workload")),
+            )
         })
         .collect();
     pairs.sort();
@@ -123,7 +131,11 @@ fn keep_running(node: &SimNode, pods: &[Pod]) -> anyhow::Result<()> {
         pods[1].addr(9080)
     );
     println!("  # workloads via the local API");
-    println!("  {} workload --api-socket {} list", nodemesh_tests::bin("mesh-node")?.display(), node.api_socket().display());
+    println!(
+        "  {} workload --api-socket {} list",
+        nodemesh_tests::bin("mesh-node")?.display(),
+        node.api_socket().display()
+    );
     println!("  # mesh-node's log: {}", node.mesh_node_log().display());
     let mut signals = nix::sys::signal::SigSet::empty();
     signals.add(nix::sys::signal::Signal::SIGINT);

@@ -58,7 +58,9 @@ fn check_kernel() -> anyhow::Result<()> {
         Some(config) => {
             let missing: Vec<String> = KERNEL_OPTIONS
                 .iter()
-                .filter(|(opt, _)| !config.lines().any(|l| l == format!("{opt}=y") || l == format!("{opt}=m")))
+                .filter(|(opt, _)| {
+                    !config.lines().any(|l| l == format!("{opt}=y") || l == format!("{opt}=m"))
+                })
                 .map(|(opt, why)| format!("{opt} ({why})"))
                 .collect();
             if !missing.is_empty() {

@@ -11,7 +11,12 @@ use tokio::net::UnixStream;
 
 /// Sends one request and returns the body; a non-2xx answer becomes an error carrying the
 /// server's message.
-pub async fn call(socket: &Path, method: Method, path: &str, body: Option<Vec<u8>>) -> anyhow::Result<String> {
+pub async fn call(
+    socket: &Path,
+    method: Method,
+    path: &str,
+    body: Option<Vec<u8>>,
+) -> anyhow::Result<String> {
     let stream = UnixStream::connect(socket).await.with_context(|| {
         format!("cannot reach mesh-node's API at {} — is mesh-node running?", socket.display())
     })?;

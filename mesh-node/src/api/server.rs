@@ -66,9 +66,7 @@ async fn route(registry: &Registry, req: Request<Incoming>) -> Response<Body> {
             let key = WorkloadKey { namespace: namespace.into(), name: name.into() };
             match registry.remove(&key).await {
                 Ok(()) => http::text(StatusCode::NO_CONTENT, ""),
-                Err(e @ crate::workload::WorkloadError::NotFound(_)) => {
-                    http::error(StatusCode::NOT_FOUND, e)
-                }
+                Err(e @ crate::workload::WorkloadError::NotFound(_)) => http::error(StatusCode::NOT_FOUND, e),
                 Err(e) => http::error(StatusCode::INTERNAL_SERVER_ERROR, e),
             }
         }

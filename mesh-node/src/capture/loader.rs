@@ -77,9 +77,11 @@ pub fn load_and_attach(
             .try_into()
             .map_err(|source| CaptureError::Program { name, hook, source })?;
         program.load().map_err(|source| CaptureError::Program { name, hook, source })?;
-        program
-            .attach(&root, CgroupAttachMode::default())
-            .map_err(|source| CaptureError::Program { name, hook, source })?;
+        program.attach(&root, CgroupAttachMode::default()).map_err(|source| CaptureError::Program {
+            name,
+            hook,
+            source,
+        })?;
     }
     let (name, hook) = (SOCK_OPS_PROGRAM, "sockops");
     let sock_ops: &mut SockOps = ebpf
@@ -88,9 +90,11 @@ pub fn load_and_attach(
         .try_into()
         .map_err(|source| CaptureError::Program { name, hook, source })?;
     sock_ops.load().map_err(|source| CaptureError::Program { name, hook, source })?;
-    sock_ops
-        .attach(&root, CgroupAttachMode::default())
-        .map_err(|source| CaptureError::Program { name, hook, source })?;
+    sock_ops.attach(&root, CgroupAttachMode::default()).map_err(|source| CaptureError::Program {
+        name,
+        hook,
+        source,
+    })?;
 
     fill_exclusions(&mut ebpf, config)?;
     let meshed = HashMap::try_from(take_map(&mut ebpf, "MESHED_CGROUPS")?)
@@ -105,8 +109,7 @@ pub fn load_and_attach(
 }
 
 fn open_cgroup(path: &Path) -> Result<File, CaptureError> {
-    File::open(path)
-        .map_err(|source| CaptureError::CgroupRoot { path: path.display().to_string(), source })
+    File::open(path).map_err(|source| CaptureError::CgroupRoot { path: path.display().to_string(), source })
 }
 
 fn take_map(ebpf: &mut aya::Ebpf, name: &'static str) -> Result<aya::maps::Map, CaptureError> {
@@ -114,9 +117,8 @@ fn take_map(ebpf: &mut aya::Ebpf, name: &'static str) -> Result<aya::maps::Map, 
 }
 
 fn fill_exclusions(ebpf: &mut aya::Ebpf, config: &Config) -> Result<(), CaptureError> {
-    let mut ports: HashMap<MapData, u16, u8> =
-        HashMap::try_from(take_map(ebpf, "EXCLUDED_PORTS")?)
-            .map_err(|source| CaptureError::Map { map: "EXCLUDED_PORTS", source })?;
+    let mut ports: HashMap<MapData, u16, u8> = HashMap::try_from(take_map(ebpf, "EXCLUDED_PORTS")?)
+        .map_err(|source| CaptureError::Map { map: "EXCLUDED_PORTS", source })?;
     for port in &config.exclude_ports {
         ports.insert(port, 1, 0).map_err(|source| CaptureError::Map { map: "EXCLUDED_PORTS", source })?;
     }

@@ -20,9 +20,7 @@ use super::relay;
 use crate::{
     capture::Capture,
     netns::NetnsThread,
-    telemetry::metrics::{
-        ConnectionLabels, FailureLabels, FailureReason, Metrics, Reporter, UNKNOWN,
-    },
+    telemetry::metrics::{ConnectionLabels, FailureLabels, FailureReason, Metrics, Reporter, UNKNOWN},
 };
 
 /// Resolves a destination address to the workload that owns it, for telemetry.
@@ -112,7 +110,9 @@ impl Outbound {
         let counters = self.metrics.connection_opened(&labels);
         tracing::debug!(workload = %source.key, %dst, "proxying");
         match relay::relay(client, upstream, &counters.sent, &counters.received).await {
-            Ok(t) => tracing::debug!(workload = %source.key, %dst, sent = t.sent, received = t.received, "closed"),
+            Ok(t) => {
+                tracing::debug!(workload = %source.key, %dst, sent = t.sent, received = t.received, "closed")
+            }
             Err(e) => tracing::debug!(workload = %source.key, %dst, "relay ended with error: {e}"),
         }
         counters.closed();
@@ -124,7 +124,8 @@ impl Outbound {
         let socket = source
             .netns
             .run(move || -> io::Result<Socket> {
-                let socket = Socket::new(Domain::for_address(dst), Type::STREAM.nonblocking(), Some(Protocol::TCP))?;
+                let socket =
+                    Socket::new(Domain::for_address(dst), Type::STREAM.nonblocking(), Some(Protocol::TCP))?;
                 socket.set_mark(mark)?;
                 socket.set_tcp_nodelay(true)?;
                 Ok(socket)

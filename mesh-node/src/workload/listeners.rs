@@ -22,21 +22,20 @@ pub struct WorkloadListeners {
     pub v6: Option<std::net::TcpListener>,
 }
 
-pub async fn bind_in(
-    netns: &NetnsThread,
-) -> Result<io::Result<WorkloadListeners>, crate::netns::NetnsError> {
-    netns.run(|| {
-        let v4 = bind_loopback(SocketAddr::from((Ipv4Addr::LOCALHOST, OUTBOUND_PORT)))?;
-        let netns_cookie = sys::netns_cookie(&v4)?;
-        let v6 = match bind_loopback(SocketAddr::from((Ipv6Addr::LOCALHOST, OUTBOUND_PORT))) {
-            Ok(l) => Some(l),
-            Err(e) if e.kind() == io::ErrorKind::AddrNotAvailable => None,
-            Err(e) if e.raw_os_error() == Some(libc::EAFNOSUPPORT) => None,
-            Err(e) => return Err(e),
-        };
-        Ok(WorkloadListeners { netns_cookie, v4, v6 })
-    })
-    .await
+pub async fn bind_in(netns: &NetnsThread) -> Result<io::Result<WorkloadListeners>, crate::netns::NetnsError> {
+    netns
+        .run(|| {
+            let v4 = bind_loopback(SocketAddr::from((Ipv4Addr::LOCALHOST, OUTBOUND_PORT)))?;
+            let netns_cookie = sys::netns_cookie(&v4)?;
+            let v6 = match bind_loopback(SocketAddr::from((Ipv6Addr::LOCALHOST, OUTBOUND_PORT))) {
+                Ok(l) => Some(l),
+                Err(e) if e.kind() == io::ErrorKind::AddrNotAvailable => None,
+                Err(e) if e.raw_os_error() == Some(libc::EAFNOSUPPORT) => None,
+                Err(e) => return Err(e),
+            };
+            Ok(WorkloadListeners { netns_cookie, v4, v6 })
+        })
+        .await
 }
 
 fn bind_loopback(preferred: SocketAddr) -> io::Result<std::net::TcpListener> {

@@ -42,7 +42,7 @@ pub enum WorkloadError {
     #[error("workload {key}: cannot listen inside its network namespace: {source}")]
     Listen { key: WorkloadKey, source: io::Error },
     #[error("workload {key}: {source}")]
-    Capture { key: WorkloadKey, source: CaptureError },
+    Capture { key: WorkloadKey, source: Box<CaptureError> },
     #[error("no workload {0} on this node")]
     NotFound(WorkloadKey),
     #[error("saving workload state to {path}: {source}")]
@@ -170,7 +170,7 @@ impl Registry {
             let (target, tasks) = self.start_capture(&key, &spec).await?;
             if let Err(source) = self.capture.mesh(cgroup_id, target) {
                 tasks.iter().for_each(AbortHandle::abort);
-                return Err(WorkloadError::Capture { key, source });
+                return Err(WorkloadError::Capture { key, source: Box::new(source) });
             }
             status.capture = Some(target);
             listener_tasks = tasks;
@@ -191,10 +191,8 @@ impl Registry {
             }
         }
         self.update_gauge(&workloads);
-        self.persist(&workloads).map_err(|source| WorkloadError::State {
-            path: self.state.path().to_path_buf(),
-            source,
-        })?;
+        self.persist(&workloads)
+            .map_err(|source| WorkloadError::State { path: self.state.path().to_path_buf(), source })?;
         tracing::info!(workload = %key, ?decision, capture = ?status.capture, "workload registered");
         Ok(status)
     }
@@ -205,11 +203,9 @@ impl Registry {
         let stopped = entry.stop(&self.capture);
         self.forget_ips(&entry.status.ips);
         self.update_gauge(&workloads);
-        self.persist(&workloads).map_err(|source| WorkloadError::State {
-            path: self.state.path().to_path_buf(),
-            source,
-        })?;
-        stopped.map_err(|source| WorkloadError::Capture { key: key.clone(), source })?;
+        self.persist(&workloads)
+            .map_err(|source| WorkloadError::State { path: self.state.path().to_path_buf(), source })?;
+        stopped.map_err(|source| WorkloadError::Capture { key: key.clone(), source: Box::new(source) })?;
         tracing::info!(workload = %key, "workload removed; its established connections continue");
         Ok(())
     }
@@ -253,11 +249,8 @@ impl Registry {
     }
 
     fn check_cgroup(&self, key: &WorkloadKey, path: &Path) -> Result<(PathBuf, u64), WorkloadError> {
-        let bad = |reason: String| WorkloadError::Cgroup {
-            key: key.clone(),
-            path: path.to_path_buf(),
-            reason,
-        };
+        let bad =
+            |reason: String| WorkloadError::Cgroup { key: key.clone(), path: path.to_path_buf(), reason };
         let canonical = path.canonicalize().map_err(|e| bad(e.to_string()))?;
         match statfs(&canonical) {
             Ok(fs) if fs.filesystem_type() == CGROUP2_SUPER_MAGIC => {}

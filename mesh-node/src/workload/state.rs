@@ -59,10 +59,8 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("nodemesh-state-{}", std::process::id()));
         let state = StateFile::new(&dir);
         assert!(state.load().unwrap().is_empty());
-        let spec: WorkloadSpec = serde_json::from_str(
-            r#"{"name":"a","namespace":"b","cgroup":"/c","netns":"/n"}"#,
-        )
-        .unwrap();
+        let spec: WorkloadSpec =
+            serde_json::from_str(r#"{"name":"a","namespace":"b","cgroup":"/c","netns":"/n"}"#).unwrap();
         state.save(std::slice::from_ref(&spec)).unwrap();
         assert_eq!(state.load().unwrap(), vec![spec]);
         std::fs::write(state.path(), "{oops").unwrap();

@@ -4,7 +4,7 @@
 //! Protocol (client speaks first, one command line):
 //! * `HELLO`      → server answers `{"server","local","peer"}` and closes.
 //! * `SINK <n>`   → client sends n bytes then shuts down its write side; server answers
-//!                  `{"server","peer","bytes","sha256"}` (so half-close must work end to end).
+//!   `{"server","peer","bytes","sha256"}` (so half-close must work end to end).
 //! * `ECHO`       → server echoes everything until EOF.
 #![forbid(unsafe_code)]
 
@@ -29,7 +29,9 @@ fn main() {
         args.windows(2).filter(|w| w[0] == name).map(|w| w[1].clone()).collect()
     };
     let num = |name: &str, default: u64| -> u64 {
-        opt(name).map(|v| v.parse().unwrap_or_else(|_| fail(&format!("{name}: not a number")))).unwrap_or(default)
+        opt(name)
+            .map(|v| v.parse().unwrap_or_else(|_| fail(&format!("{name}: not a number"))))
+            .unwrap_or(default)
     };
     let to = || -> SocketAddr {
         opt("--to").unwrap_or_else(|| usage()).parse().unwrap_or_else(|_| fail("--to: not ip:port"))
@@ -46,7 +48,9 @@ fn main() {
             other => fail(&format!("unknown mode {other}")),
         },
         "bench-connect" => bench_connect(to(), num("--count", 1000)),
-        "bench-latency" => bench_latency(to(), num("--rate", 1000), num("--count", 5000), num("--size", 1024) as usize),
+        "bench-latency" => {
+            bench_latency(to(), num("--rate", 1000), num("--count", 5000), num("--size", 1024) as usize)
+        }
         "bench-bulk" => bench_bulk(to(), num("--bytes", 1 << 30)),
         _ => usage(),
     };
@@ -57,7 +61,9 @@ fn main() {
 }
 
 fn usage() -> ! {
-    fail("usage: nm-testapp serve --name N --listen ADDR... | client --to ADDR --mode hello|sink [--connections C] [--bytes N] | bench-connect|bench-latency|bench-bulk --to ADDR")
+    fail(
+        "usage: nm-testapp serve --name N --listen ADDR... | client --to ADDR --mode hello|sink [--connections C] [--bytes N] | bench-connect|bench-latency|bench-bulk --to ADDR",
+    )
 }
 
 fn fail(msg: &str) -> ! {
@@ -115,7 +121,11 @@ fn handle(name: &str, stream: TcpStream) -> io::Result<()> {
                 total += got as u64;
             }
             let digest = hex(&hasher.finalize());
-            writeln!(out, "{}", json!({"server": name, "peer": peer, "bytes": total, "expected": expected, "sha256": digest}))?;
+            writeln!(
+                out,
+                "{}",
+                json!({"server": name, "peer": peer, "bytes": total, "expected": expected, "sha256": digest})
+            )?;
         }
         ["ECHO"] => {
             let mut buf = vec![0u8; 64 * 1024];
@@ -236,7 +246,9 @@ fn bench_latency(to: SocketAddr, rate: u64, count: u64, size: usize) -> io::Resu
     }
     lat_us.sort_by(f64::total_cmp);
     let pct = |p: f64| lat_us[((lat_us.len() as f64 - 1.0) * p).round() as usize];
-    Ok(json!({"count": count, "rate": rate, "size": size, "p50_us": pct(0.50), "p99_us": pct(0.99), "max_us": pct(1.0)}))
+    Ok(
+        json!({"count": count, "rate": rate, "size": size, "p50_us": pct(0.50), "p99_us": pct(0.99), "max_us": pct(1.0)}),
+    )
 }
 
 fn bench_bulk(to: SocketAddr, bytes: u64) -> io::Result<Value> {
