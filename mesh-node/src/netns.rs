@@ -80,21 +80,6 @@ impl NetnsThread {
         rx.await.map_err(|_| self.gone())
     }
 
-    /// Blocking form of [`NetnsThread::run`] for code outside the runtime.
-    pub fn run_blocking<R, F>(&self, f: F) -> Result<R, NetnsError>
-    where
-        R: Send + 'static,
-        F: FnOnce() -> R + Send + 'static,
-    {
-        let (tx, rx) = mpsc::sync_channel(1);
-        self.jobs
-            .send(Box::new(move || {
-                let _ = tx.send(f());
-            }))
-            .map_err(|_| self.gone())?;
-        rx.recv().map_err(|_| self.gone())
-    }
-
     fn gone(&self) -> NetnsError {
         NetnsError::ThreadGone { path: self.path.clone() }
     }

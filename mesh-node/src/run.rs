@@ -11,7 +11,7 @@ use crate::{
     config::Config,
     proxy::Outbound,
     telemetry::metrics::Metrics,
-    workload::{self, Registry},
+    workload::{IpIndex, Registry},
 };
 
 pub async fn run(config: Config) -> anyhow::Result<()> {
@@ -25,7 +25,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
 
     let mut metrics_registry = prometheus_client::registry::Registry::default();
     let metrics = Arc::new(Metrics::new(&mut metrics_registry));
-    let index = Arc::new(workload::registry_index());
+    let index = Arc::new(IpIndex::default());
     let outbound = Arc::new(Outbound {
         capture: Arc::clone(&capture),
         metrics: Arc::clone(&metrics),

@@ -292,7 +292,8 @@ impl SimNode {
             cgroup,
             &bin("mesh-node")?,
             &args,
-            &[("NODEMESH_LOG", "info,mesh_node=debug")],
+            // mesh_ebpf=debug: the capture programs' aya-log records, forwarded into this log.
+            &[("NODEMESH_LOG", "info,mesh_node=debug,mesh_ebpf=debug")],
             Stdio::from(log.try_clone()?),
             Stdio::from(log),
         )?;
@@ -329,6 +330,10 @@ impl SimNode {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    pub fn log(&self) -> String {
+        fs::read_to_string(self.mesh_node_log()).unwrap_or_default()
     }
 
     pub fn log_tail(&self) -> String {

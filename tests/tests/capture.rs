@@ -134,6 +134,8 @@ fn getpeername_shows_the_dialled_address_over_ipv4_and_ipv6() {
         assert_ne!(c["reply"]["peer"], c["local"], "the connection went through the proxy: {r}");
     }
     eventually("both connections proxied", || opened_from(&node, &client) == 2.0);
+    // The connect programs' own (aya-log) records arrive in mesh-node's log.
+    eventually("eBPF log records in mesh-node's log", || node.log().contains("nodemesh: captured connect"));
 }
 
 #[test]

@@ -5,7 +5,3 @@ mod registry;
 mod state;
 
 pub use registry::{IpIndex, Registry, WorkloadError, WorkloadStatus};
-
-pub fn registry_index() -> IpIndex {
-    IpIndex::default()
-}
