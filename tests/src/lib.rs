@@ -367,38 +367,44 @@ impl SimNode {
 
     /// Registers a pod with mesh-node through its CLI and local API.
     pub fn register(&self, pod: &Pod, how: &Registration) -> anyhow::Result<serde_json::Value> {
-        let cgroup = pod.cgroup.display().to_string();
-        let netns = pod.netns_path().display().to_string();
-        let (ip, ip6) = (pod.ip.to_string(), pod.ip6.to_string());
-        let mut args: Vec<&str> = vec![
+        let mut extra = vec!["--ip".to_string(), pod.ip.to_string(), "--ip".into(), pod.ip6.to_string()];
+        if how.namespace_enabled {
+            extra.extend(["--namespace-label".into(), "nodemesh.io/enabled=true".into()]);
+        }
+        for (k, v) in &how.pod_labels {
+            extra.extend(["--label".into(), format!("{k}={v}")]);
+        }
+        let out = self.workload_add(&pod.name, &pod.namespace, &pod.cgroup, &pod.netns_path(), &extra)?;
+        Ok(serde_json::from_str(&out)?)
+    }
+
+    /// `mesh-node workload add` with any cgroup/netns (also invalid ones); returns its stdout.
+    pub fn workload_add(
+        &self,
+        name: &str,
+        namespace: &str,
+        cgroup: &Path,
+        netns: &Path,
+        extra: &[String],
+    ) -> anyhow::Result<String> {
+        let socket = self.api_socket().display().to_string();
+        let (cgroup, netns) = (cgroup.display().to_string(), netns.display().to_string());
+        let mut args = vec![
             "workload",
             "--api-socket",
-            "",
+            &socket,
             "add",
             "--name",
-            &pod.name,
+            name,
             "--namespace",
-            &pod.namespace,
+            namespace,
             "--cgroup",
             &cgroup,
             "--netns",
             &netns,
-            "--ip",
-            &ip,
-            "--ip",
-            &ip6,
         ];
-        let socket = self.api_socket().display().to_string();
-        args[2] = &socket;
-        if how.namespace_enabled {
-            args.extend(["--namespace-label", "nodemesh.io/enabled=true"]);
-        }
-        let labels: Vec<String> = how.pod_labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
-        for l in &labels {
-            args.extend(["--label", l.as_str()]);
-        }
-        let out = self.mesh_node_cli(&args)?;
-        Ok(serde_json::from_str(&out)?)
+        args.extend(extra.iter().map(String::as_str));
+        self.mesh_node_cli(&args)
     }
 
     /// Runs the mesh-node CLI; errors carry its stderr.

@@ -1,7 +1,7 @@
 //! Capture and L4 proxy on one simulated node: real eBPF in the kernel, real mesh-node, real
 //! sockets in network namespaces and cgroups. Needs root (see tests/README.md).
 
-use std::{thread, time::Duration};
+use std::{path::Path, thread, time::Duration};
 
 use nodemesh_tests::{Pod, Registration, SimNode};
 use serde_json::Value;
@@ -149,25 +149,9 @@ fn mesh_node_never_captures_its_own_upstream_connects() {
     let shared_cgroup = node.cgroup_root.join("node-processes");
     std::fs::create_dir_all(&shared_cgroup).unwrap();
     node.start_mesh_node_in_cgroup(&shared_cgroup, &[]).unwrap();
-    let host_netns = format!("/var/run/netns/{}", node.node_netns);
-    let out = node
-        .mesh_node_cli(&[
-            "workload",
-            "--api-socket",
-            &node.api_socket().display().to_string(),
-            "add",
-            "--name",
-            "host-agent",
-            "--namespace",
-            "node",
-            "--cgroup",
-            &shared_cgroup.display().to_string(),
-            "--netns",
-            &host_netns,
-            "--namespace-label",
-            "nodemesh.io/enabled=true",
-        ])
-        .unwrap();
+    let host_netns = nodemesh_tests::netns::path(&node.node_netns);
+    let enabled = ["--namespace-label".to_string(), "nodemesh.io/enabled=true".into()];
+    let out = node.workload_add("host-agent", "node", &shared_cgroup, &host_netns, &enabled).unwrap();
     assert!(out.contains("\"proxy_port4\""), "{out}");
     node.register(&client, &Registration::meshed()).unwrap();
     node.register(&server, &Registration::meshed()).unwrap();
@@ -310,41 +294,14 @@ fn clean_shutdown_detaches_and_bad_workloads_are_refused_with_reasons() {
     let mut node = SimNode::new().unwrap();
     let client = node.add_pod("client", "shop").unwrap();
     node.start_mesh_node(&[]).unwrap();
-    let err = node
-        .mesh_node_cli(&[
-            "workload",
-            "--api-socket",
-            &node.api_socket().display().to_string(),
-            "add",
-            "--name",
-            "Bad_Name",
-            "--namespace",
-            "shop",
-            "--cgroup",
-            "/tmp",
-            "--netns",
-            "/nonexistent",
-        ])
-        .unwrap_err()
-        .to_string();
+    let bad_add = |name: &str| {
+        node.workload_add(name, "shop", Path::new("/tmp"), Path::new("/nonexistent"), &[])
+            .unwrap_err()
+            .to_string()
+    };
+    let err = bad_add("Bad_Name");
     assert!(err.contains("field `name`"), "{err}");
-    let err = node
-        .mesh_node_cli(&[
-            "workload",
-            "--api-socket",
-            &node.api_socket().display().to_string(),
-            "add",
-            "--name",
-            "ok",
-            "--namespace",
-            "shop",
-            "--cgroup",
-            "/tmp",
-            "--netns",
-            "/nonexistent",
-        ])
-        .unwrap_err()
-        .to_string();
+    let err = bad_add("ok");
     assert!(err.contains("cgroup /tmp") && err.contains("not on a cgroup v2 filesystem"), "{err}");
     // The good registration still works afterwards and shows in the config dump.
     node.register(&client, &Registration::meshed()).unwrap();
