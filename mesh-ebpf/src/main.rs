@@ -114,7 +114,8 @@ fn meshed_caller(ctx: &SockAddrContext) -> Option<MeshedCgroup> {
             return None;
         }
         let sk = (*sa).__bindgen_anon_1.sk;
-        if (*sk).mark == PROXY_MARK.load() && PROXY_MARK.load() != 0 {
+        let proxy_mark = PROXY_MARK.load();
+        if proxy_mark != 0 && (*sk).mark == proxy_mark {
             return None;
         }
     }

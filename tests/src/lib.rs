@@ -67,6 +67,9 @@ pub fn bin(name: &str) -> anyhow::Result<PathBuf> {
     Ok(path)
 }
 
+/// Same lookup as `mesh_node::cgroup2_mount`, kept separate on purpose: xtask depends on this
+/// crate and must compile on a fresh machine *before* setup installs the eBPF toolchain that
+/// building mesh-node requires.
 pub fn cgroup2_mount() -> anyhow::Result<PathBuf> {
     let mounts = fs::read_to_string("/proc/self/mounts")?;
     mounts
@@ -337,7 +340,7 @@ impl SimNode {
     }
 
     pub fn log_tail(&self) -> String {
-        let text = fs::read_to_string(self.mesh_node_log()).unwrap_or_default();
+        let text = self.log();
         let lines: Vec<&str> = text.lines().collect();
         lines[lines.len().saturating_sub(40)..].join("\n")
     }

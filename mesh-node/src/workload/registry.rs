@@ -130,24 +130,37 @@ impl Registry {
     /// netns or cgroup is gone) are logged and dropped.
     pub async fn restore(&self) -> io::Result<usize> {
         let specs = self.state.load()?;
+        let mut workloads = self.workloads.lock().await;
         let mut restored = 0;
         for spec in specs {
             let key = spec.key();
-            match self.add(spec).await {
+            match self.insert(&mut workloads, spec).await {
                 Ok(_) => restored += 1,
                 Err(e) => tracing::warn!(workload = %key, "not restored: {e}"),
             }
         }
-        // Persist even if nothing changed, so dropped workloads leave the state file.
-        self.persist(&*self.workloads.lock().await)?;
+        // One write for the whole restore; it also drops workloads that could not come back.
+        self.persist(&workloads)?;
         Ok(restored)
     }
 
     pub async fn add(&self, spec: WorkloadSpec) -> Result<WorkloadStatus, WorkloadError> {
+        let mut workloads = self.workloads.lock().await;
+        let status = self.insert(&mut workloads, spec).await?;
+        self.persist(&workloads)
+            .map_err(|source| WorkloadError::State { path: self.state.path().to_path_buf(), source })?;
+        Ok(status)
+    }
+
+    /// Registers (or replaces) one workload in `workloads`; the caller persists.
+    async fn insert(
+        &self,
+        workloads: &mut BTreeMap<WorkloadKey, Entry>,
+        spec: WorkloadSpec,
+    ) -> Result<WorkloadStatus, WorkloadError> {
         spec.validate().map_err(WorkloadError::Invalid)?;
         let key = spec.key();
         let (cgroup, cgroup_id) = self.check_cgroup(&key, &spec.cgroup)?;
-        let mut workloads = self.workloads.lock().await;
         if let Some((other, _)) =
             workloads.iter().find(|(k, e)| **k != key && e.status.cgroup_id == cgroup_id)
         {
@@ -190,9 +203,7 @@ impl Registry {
                 index.insert(*ip, key.clone());
             }
         }
-        self.update_gauge(&workloads);
-        self.persist(&workloads)
-            .map_err(|source| WorkloadError::State { path: self.state.path().to_path_buf(), source })?;
+        self.update_gauge(workloads);
         tracing::info!(workload = %key, ?decision, capture = ?status.capture, "workload registered");
         Ok(status)
     }
