@@ -1,9 +1,17 @@
-//! Nodemesh control plane.
+//! Nodemesh control plane, and the protocol/model types both sides share.
 //!
-//! For now this is the library half only: the model types that both the node proxy and the
-//! (coming) control-plane server agree on. The first of them describes a workload as a node
-//! sees it, and the rule that decides whether a workload is meshed.
+//! - [`model`]: the one typed config model every source produces, and its store.
+//! - [`source`]: the sources (a watched YAML directory; node reports).
+//! - [`proto`]: Nodemesh's compact xDS resources (generated from `proto/`).
+//! - [`meshing`], [`workload`]: the opt-in rule and a workload as a node registers it.
 #![forbid(unsafe_code)]
 
+pub mod admin;
+pub mod http;
 pub mod meshing;
+pub mod model;
+pub mod proto;
+pub mod run;
+pub mod source;
 pub mod workload;
+pub mod xds;

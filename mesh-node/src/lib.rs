@@ -10,7 +10,8 @@ pub mod admin;
 pub mod api;
 pub mod capture;
 pub mod config;
-pub mod http;
+/// HTTP plumbing shared with mesh-control's admin endpoint.
+pub use mesh_control::http;
 pub mod netns;
 pub mod proxy;
 pub mod run;

@@ -8,8 +8,10 @@ use anyhow::{Context, bail};
 use crate::util::{self, output, step};
 
 /// Debian packages: iproute2 and util-linux (nsenter) for simulated nodes, curl for poking the
-/// demo's admin endpoint; LLVM 22 for bpf-linker, matching the nightly's LLVM (TOOLCHAIN.md).
-const APT_PACKAGES: &[&str] = &["iproute2", "util-linux", "curl", "llvm-22-dev", "libpolly-22-dev"];
+/// demo's admin endpoint, protoc for mesh-control's own protos (tonic-prost-build); LLVM 22 for
+/// bpf-linker, matching the nightly's LLVM (TOOLCHAIN.md).
+const APT_PACKAGES: &[&str] =
+    &["iproute2", "util-linux", "curl", "protobuf-compiler", "llvm-22-dev", "libpolly-22-dev"];
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 /// Kernel options the data path needs, with what each is for.
 const KERNEL_OPTIONS: &[(&str, &str)] = &[

@@ -1,4 +1,5 @@
-//! The small HTTP/1.1 plumbing the admin endpoint and the local API share.
+//! The small HTTP/1.1 plumbing the admin endpoints (mesh-node, mesh-control) and mesh-node's
+//! local API share.
 
 use std::{convert::Infallible, future::Future, sync::Arc};
 

@@ -1,0 +1,97 @@
+//! Admin endpoint of mesh-control (loopback by default).
+//!
+//! | path | what |
+//! |---|---|
+//! | `/healthz/ready` | 200 once the first config is loaded |
+//! | `/debug/nodes` | JSON: every node, the generation it applied, NACK reasons |
+//! | `/debug/config` | JSON: the current generation, the objects in force, rejected input |
+
+use std::sync::{Arc, Mutex};
+
+use hyper::{Method, Request, Response, StatusCode, body::Incoming};
+use tokio::{net::TcpListener, sync::watch};
+
+use crate::{
+    http::{self, Body},
+    model::store::Store,
+    xds::{nodes::Nodes, snapshot::Snapshot},
+};
+
+pub struct Admin {
+    pub store: Arc<Mutex<Store>>,
+    pub nodes: Arc<Nodes>,
+    pub snapshots: watch::Receiver<Arc<Snapshot>>,
+}
+
+/// `/debug/nodes` as `mesh-control status` reads it.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+pub struct NodesReport {
+    /// The newest config generation mesh-control has built.
+    pub generation: u64,
+    pub nodes: Vec<crate::xds::nodes::NodeStatus>,
+}
+
+impl Admin {
+    pub async fn serve(self: Arc<Self>, listener: TcpListener) {
+        let handler = Arc::new(move |req: Request<Incoming>| {
+            let admin = Arc::clone(&self);
+            async move { admin.route(&req) }
+        });
+        loop {
+            match listener.accept().await {
+                Ok((stream, _)) => http::spawn_connection(stream, Arc::clone(&handler)),
+                Err(e) => tracing::warn!("admin accept failed: {e}"),
+            }
+        }
+    }
+
+    fn route(&self, req: &Request<Incoming>) -> Response<Body> {
+        if req.method() != Method::GET {
+            return http::text(StatusCode::METHOD_NOT_ALLOWED, "admin endpoint is read-only\n");
+        }
+        match req.uri().path() {
+            "/healthz/ready" => http::text(StatusCode::OK, "ready\n"),
+            "/debug/nodes" => http::json(
+                StatusCode::OK,
+                &NodesReport { generation: self.snapshots.borrow().generation, nodes: self.nodes.list() },
+            ),
+            "/debug/config" => {
+                let store = self.store.lock().expect("store lock");
+                let snapshot = Arc::clone(&self.snapshots.borrow());
+                let mut objects: Vec<String> = Vec::new();
+                for kind in ALL_KINDS {
+                    objects.extend(store.of_kind(kind).map(|o| o.key().to_string()));
+                }
+                http::json(
+                    StatusCode::OK,
+                    &serde_json::json!({
+                        "store_generation": store.generation(),
+                        "pushed_generation": snapshot.generation,
+                        "objects": objects,
+                        "rejected": store.errors().map(ToString::to_string).collect::<Vec<_>>(),
+                        "addresses": snapshot.addresses.len(),
+                        "clusters": snapshot.clusters.keys().collect::<Vec<_>>(),
+                    }),
+                )
+            }
+            other => http::text(StatusCode::NOT_FOUND, format!("no admin path {other}\n")),
+        }
+    }
+}
+
+const ALL_KINDS: [crate::model::Kind; 11] = {
+    use crate::model::Kind::*;
+    [
+        Namespace,
+        Node,
+        Pod,
+        Service,
+        EndpointSlice,
+        ServiceEntry,
+        WorkloadEntry,
+        DestinationRule,
+        Sidecar,
+        MeshConfig,
+        NodeWorkload,
+    ]
+};

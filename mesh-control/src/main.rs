@@ -1,0 +1,186 @@
+//! `mesh-control`: run the control plane, validate config files, show what nodes run.
+
+use std::{
+    io::{Read, Write},
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::ExitCode,
+    time::Duration,
+};
+
+use clap::{Parser, Subcommand};
+use mesh_control::{
+    admin::NodesReport,
+    model::store::SourceError,
+    run::{self, DEFAULT_ADMIN_ADDR, DEFAULT_XDS_ADDR, Settings},
+    source::files,
+};
+
+#[derive(Parser, Debug)]
+#[command(name = "mesh-control", version, about = "Nodemesh control plane")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Serve xDS to nodes from a watched config directory (and node reports).
+    Run {
+        /// Directory of YAML (Kubernetes and Istio objects); watched for changes.
+        #[arg(long, env = "NODEMESH_CONFIG_DIR")]
+        config_dir: Option<PathBuf>,
+        #[arg(long, env = "NODEMESH_XDS_ADDR", default_value = DEFAULT_XDS_ADDR)]
+        xds_addr: SocketAddr,
+        #[arg(long, env = "NODEMESH_CONTROL_ADMIN_ADDR", default_value = DEFAULT_ADMIN_ADDR)]
+        admin_addr: SocketAddr,
+        /// Changes closer together than this are pushed as one generation.
+        #[arg(long, env = "NODEMESH_DEBOUNCE_MS", default_value_t = 50)]
+        debounce_ms: u64,
+    },
+    /// Check files (or every file under a directory) without applying them; lists every error
+    /// and exits non-zero if there is one.
+    Validate { paths: Vec<PathBuf> },
+    /// List nodes, the config generation each has applied, and why a node rejected config.
+    Status {
+        #[arg(long, env = "NODEMESH_CONTROL_ADMIN_ADDR", default_value = DEFAULT_ADMIN_ADDR)]
+        admin_addr: SocketAddr,
+        /// Print the raw JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("NODEMESH_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match cli.command {
+        Command::Run { config_dir, xds_addr, admin_addr, debounce_ms } => {
+            let settings = Settings {
+                config_dir,
+                xds_addr,
+                admin_addr,
+                debounce: Duration::from_millis(debounce_ms),
+                max_delay: Duration::from_millis(debounce_ms.saturating_mul(10).max(100)),
+            };
+            let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
+            match rt.block_on(run::run(settings)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("mesh-control: {e:#}");
+                    ExitCode::from(1)
+                }
+            }
+        }
+        Command::Validate { paths } => validate(&paths),
+        Command::Status { admin_addr, json } => match status(admin_addr, json) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("mesh-control status: {e:#}");
+                ExitCode::from(1)
+            }
+        },
+    }
+}
+
+fn validate(paths: &[PathBuf]) -> ExitCode {
+    if paths.is_empty() {
+        eprintln!("mesh-control validate: name at least one file or directory");
+        return ExitCode::from(2);
+    }
+    let mut files_checked = 0;
+    let mut objects = 0;
+    let mut errors: Vec<SourceError> = Vec::new();
+    for path in paths {
+        let list = if path.is_dir() {
+            match files::list_files(path) {
+                Ok(l) => l,
+                Err(e) => {
+                    eprintln!("{}: cannot list: {e}", path.display());
+                    return ExitCode::from(1);
+                }
+            }
+        } else {
+            vec![path.clone()]
+        };
+        for file in list {
+            files_checked += 1;
+            check_file(&file, &mut objects, &mut errors);
+        }
+    }
+    for e in &errors {
+        println!("error: {e}");
+    }
+    println!("{files_checked} file(s), {objects} valid object(s), {} error(s)", errors.len());
+    if errors.is_empty() { ExitCode::SUCCESS } else { ExitCode::from(1) }
+}
+
+fn check_file(file: &Path, objects: &mut usize, errors: &mut Vec<SourceError>) {
+    let origin = mesh_control::model::store::Origin::File(file.to_path_buf());
+    match files::load_file(file) {
+        Err(e) => errors.push(e),
+        Ok(docs) => {
+            for d in docs {
+                match d.result {
+                    Ok(_) => *objects += 1,
+                    Err(e) => errors.push(SourceError {
+                        origin: origin.clone(),
+                        location: d.location,
+                        message: e.to_string(),
+                    }),
+                }
+            }
+        }
+    }
+}
+
+fn status(admin: SocketAddr, json: bool) -> anyhow::Result<()> {
+    let body = http_get(admin, "/debug/nodes")?;
+    if json {
+        println!("{body}");
+        return Ok(());
+    }
+    let report: NodesReport = serde_json::from_str(&body)?;
+    println!("config generation: {}", report.generation);
+    println!("{:<24} {:<10} {:<8} {:>8}  REJECTED", "NODE", "CONNECTED", "PROTOCOL", "APPLIED");
+    for n in &report.nodes {
+        let nacks: Vec<String> = n
+            .nacks
+            .iter()
+            .map(|(t, nack)| format!("{} gen {}: {}", short_type(t), nack.generation, nack.reason))
+            .collect();
+        println!(
+            "{:<24} {:<10} {:<8} {:>8}  {}",
+            n.node,
+            if n.connected { "yes" } else { "no" },
+            n.protocol,
+            n.applied_generation(),
+            if nacks.is_empty() { "-".to_string() } else { nacks.join("; ") }
+        );
+    }
+    Ok(())
+}
+
+fn short_type(type_url: &str) -> &str {
+    type_url.rsplit('.').next().unwrap_or(type_url)
+}
+
+/// Minimal HTTP/1.0 GET (the admin endpoint is loopback-only and answers small JSON).
+fn http_get(addr: SocketAddr, path: &str) -> anyhow::Result<String> {
+    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))
+        .map_err(|e| anyhow::anyhow!("cannot reach mesh-control's admin endpoint at {addr}: {e}"))?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
+    let mut buf = String::new();
+    s.read_to_string(&mut buf)?;
+    let (head, body) =
+        buf.split_once("\r\n\r\n").ok_or_else(|| anyhow::anyhow!("malformed HTTP response"))?;
+    anyhow::ensure!(head.starts_with("HTTP/1.1 200") || head.starts_with("HTTP/1.0 200"), "{head}");
+    Ok(body.to_string())
+}

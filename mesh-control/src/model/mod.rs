@@ -1,0 +1,180 @@
+//! The one typed config model. Every source — a watched directory of YAML, the Kubernetes API,
+//! workloads that nodes report — produces these objects through the same parser
+//! ([`parse::object_from_value`]), so a Service means the same thing wherever it came from.
+
+pub mod core;
+pub mod duration;
+pub mod istio;
+pub mod parse;
+pub mod store;
+
+use std::{collections::BTreeMap, fmt, net::IpAddr};
+
+pub use parse::{FieldError, ParseError, object_from_value};
+
+/// The kinds the model understands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
+pub enum Kind {
+    Namespace,
+    Node,
+    Pod,
+    Service,
+    EndpointSlice,
+    ServiceEntry,
+    WorkloadEntry,
+    DestinationRule,
+    Sidecar,
+    MeshConfig,
+    /// A workload a node registered in local mode and reported to the control plane.
+    NodeWorkload,
+}
+
+impl Kind {
+    pub fn is_namespaced(self) -> bool {
+        !matches!(self, Kind::Namespace | Kind::Node | Kind::MeshConfig)
+    }
+}
+
+impl fmt::Display for Kind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(self, f)
+    }
+}
+
+/// Names one object: kind plus namespace (empty for cluster-scoped kinds) plus name.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
+pub struct ObjectKey {
+    pub kind: Kind,
+    pub namespace: String,
+    pub name: String,
+}
+
+impl fmt::Display for ObjectKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.namespace.is_empty() {
+            write!(f, "{} {}", self.kind, self.name)
+        } else {
+            write!(f, "{} {}/{}", self.kind, self.namespace, self.name)
+        }
+    }
+}
+
+pub type Labels = BTreeMap<String, String>;
+
+/// `metadata` as the model keeps it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Meta {
+    pub name: String,
+    /// Empty for cluster-scoped kinds.
+    pub namespace: String,
+    pub labels: Labels,
+}
+
+// Objects live once in the store; boxing the big Istio specs would buy nothing.
+#[allow(clippy::large_enum_variant)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub enum Object {
+    Namespace(core::Namespace),
+    Node(core::Node),
+    Pod(core::Pod),
+    Service(core::Service),
+    EndpointSlice(core::EndpointSlice),
+    ServiceEntry(istio::ServiceEntry),
+    WorkloadEntry(istio::WorkloadEntry),
+    DestinationRule(istio::DestinationRule),
+    Sidecar(istio::Sidecar),
+    MeshConfig(istio::MeshConfig),
+    NodeWorkload(core::Pod),
+}
+
+impl Object {
+    pub fn kind(&self) -> Kind {
+        match self {
+            Object::Namespace(_) => Kind::Namespace,
+            Object::Node(_) => Kind::Node,
+            Object::Pod(_) => Kind::Pod,
+            Object::Service(_) => Kind::Service,
+            Object::EndpointSlice(_) => Kind::EndpointSlice,
+            Object::ServiceEntry(_) => Kind::ServiceEntry,
+            Object::WorkloadEntry(_) => Kind::WorkloadEntry,
+            Object::DestinationRule(_) => Kind::DestinationRule,
+            Object::Sidecar(_) => Kind::Sidecar,
+            Object::MeshConfig(_) => Kind::MeshConfig,
+            Object::NodeWorkload(_) => Kind::NodeWorkload,
+        }
+    }
+
+    pub fn meta(&self) -> &Meta {
+        match self {
+            Object::Namespace(o) => &o.meta,
+            Object::Node(o) => &o.meta,
+            Object::Pod(o) | Object::NodeWorkload(o) => &o.meta,
+            Object::Service(o) => &o.meta,
+            Object::EndpointSlice(o) => &o.meta,
+            Object::ServiceEntry(o) => &o.meta,
+            Object::WorkloadEntry(o) => &o.meta,
+            Object::DestinationRule(o) => &o.meta,
+            Object::Sidecar(o) => &o.meta,
+            Object::MeshConfig(o) => &o.meta,
+        }
+    }
+
+    pub fn key(&self) -> ObjectKey {
+        let meta = self.meta();
+        ObjectKey { kind: self.kind(), namespace: meta.namespace.clone(), name: meta.name.clone() }
+    }
+}
+
+/// Where a workload runs, from node topology labels (or a WorkloadEntry's `locality`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
+pub struct Locality {
+    pub region: String,
+    pub zone: String,
+    pub subzone: String,
+}
+
+impl Locality {
+    pub const REGION_LABEL: &str = "topology.kubernetes.io/region";
+    pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
+    /// Istio's label for the third level.
+    pub const SUBZONE_LABEL: &str = "topology.istio.io/subzone";
+
+    pub fn from_labels(labels: &Labels) -> Locality {
+        let get = |k: &str| labels.get(k).cloned().unwrap_or_default();
+        Locality {
+            region: get(Self::REGION_LABEL),
+            zone: get(Self::ZONE_LABEL),
+            subzone: get(Self::SUBZONE_LABEL),
+        }
+    }
+
+    /// Istio's `region/zone/subzone` form.
+    pub fn parse(s: &str) -> Locality {
+        let mut parts = s.splitn(3, '/').map(str::to_string);
+        Locality {
+            region: parts.next().unwrap_or_default(),
+            zone: parts.next().unwrap_or_default(),
+            subzone: parts.next().unwrap_or_default(),
+        }
+    }
+}
+
+/// Does `labels` carry every `key: value` of `selector`? (An empty selector matches all.)
+pub fn selector_matches(selector: &Labels, labels: &Labels) -> bool {
+    selector.iter().all(|(k, v)| labels.get(k) == Some(v))
+}
+
+/// One IP in a list, parsed; errors name the index.
+pub fn parse_ips(field: &str, values: &[String], errors: &mut Vec<FieldError>) -> Vec<IpAddr> {
+    values
+        .iter()
+        .enumerate()
+        .filter_map(|(i, v)| match v.parse::<IpAddr>() {
+            Ok(ip) => Some(ip),
+            Err(_) => {
+                errors.push(FieldError::new(format!("{field}[{i}]"), format!("`{v}` is not an IP address")));
+                None
+            }
+        })
+        .collect()
+}

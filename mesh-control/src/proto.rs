@@ -1,0 +1,12 @@
+//! Generated code for `proto/nodemesh/mesh/v1/mesh.proto`, and the type URLs of every resource
+//! Nodemesh serves over xDS.
+
+#[allow(clippy::all, rust_2018_idioms)]
+pub mod mesh {
+    tonic::include_proto!("nodemesh.mesh.v1");
+}
+
+pub const ADDRESS_TYPE: &str = "type.googleapis.com/nodemesh.mesh.v1.Address";
+pub const WORKLOAD_TYPE: &str = "type.googleapis.com/nodemesh.mesh.v1.Workload";
+pub const CLUSTER_TYPE: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
+pub const ENDPOINT_TYPE: &str = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment";

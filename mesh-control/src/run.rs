@@ -1,0 +1,131 @@
+//! `mesh-control run`: sources → store → debounced snapshots → xDS streams, plus the admin
+//! endpoint that `mesh-control status` reads.
+
+use std::{
+    net::SocketAddr,
+    path::PathBuf,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use anyhow::Context;
+use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_server::AggregatedDiscoveryServiceServer;
+use tokio::{
+    net::TcpListener,
+    sync::{Notify, watch},
+};
+
+use crate::{
+    admin::Admin,
+    model::store::Store,
+    proto::mesh::node_registration_server::NodeRegistrationServer,
+    source::files::DirectorySource,
+    xds::{nodes::Nodes, registration::Registration, server::AdsServer, snapshot::Snapshot, translate},
+};
+
+pub const DEFAULT_XDS_ADDR: &str = "127.0.0.1:15010";
+pub const DEFAULT_ADMIN_ADDR: &str = "127.0.0.1:15014";
+
+#[derive(Clone, Debug)]
+pub struct Settings {
+    pub config_dir: Option<PathBuf>,
+    pub xds_addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    /// Changes closer together than this are pushed as one.
+    pub debounce: Duration,
+    /// …but a steady stream of changes is still pushed at least this often.
+    pub max_delay: Duration,
+}
+
+pub async fn run(settings: Settings) -> anyhow::Result<()> {
+    let store = Arc::new(Mutex::new(Store::default()));
+    let changed = Arc::new(Notify::new());
+    let nodes = Arc::new(Nodes::default());
+
+    if let Some(dir) = &settings.config_dir {
+        let mut source = DirectorySource::new(dir.clone(), Arc::clone(&store), Arc::clone(&changed));
+        source.load_all()?;
+        tokio::spawn(source.watch(Duration::from_millis(20), Duration::from_secs(5)));
+    }
+
+    let first = Arc::new(translate::snapshot(&store.lock().expect("store lock")));
+    tracing::info!(
+        generation = first.generation,
+        addresses = first.addresses.len(),
+        clusters = first.clusters.len(),
+        "initial config"
+    );
+    let (snap_tx, snap_rx) = watch::channel(first);
+    tokio::spawn(publish_snapshots(Arc::clone(&store), Arc::clone(&changed), snap_tx, settings.clone()));
+
+    let admin =
+        Arc::new(Admin { store: Arc::clone(&store), nodes: Arc::clone(&nodes), snapshots: snap_rx.clone() });
+    let admin_listener = TcpListener::bind(settings.admin_addr)
+        .await
+        .with_context(|| format!("admin endpoint: cannot listen on {}", settings.admin_addr))?;
+    tokio::spawn(admin.serve(admin_listener));
+
+    let xds_listener = TcpListener::bind(settings.xds_addr)
+        .await
+        .with_context(|| format!("xDS: cannot listen on {}", settings.xds_addr))?;
+    let ads = AdsServer { snapshots: snap_rx, nodes };
+    let registration = Registration { store, changed };
+    tracing::info!(xds = %settings.xds_addr, admin = %settings.admin_addr, "mesh-control ready");
+    let server = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(Duration::from_secs(10)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        .add_service(AggregatedDiscoveryServiceServer::new(ads).max_decoding_message_size(16 << 20))
+        .add_service(NodeRegistrationServer::new(registration))
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::TcpListenerStream::new(xds_listener),
+            shutdown(),
+        );
+    server.await.context("xDS server")?;
+    tracing::info!("mesh-control stopped");
+    Ok(())
+}
+
+async fn shutdown() {
+    let mut term =
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}
+
+/// Rebuilds the snapshot after changes settle (debounce), never later than `max_delay` after
+/// the first change of a burst.
+async fn publish_snapshots(
+    store: Arc<Mutex<Store>>,
+    changed: Arc<Notify>,
+    tx: watch::Sender<Arc<Snapshot>>,
+    settings: Settings,
+) {
+    loop {
+        changed.notified().await;
+        let burst_start = Instant::now();
+        loop {
+            let wait = settings.debounce.min(settings.max_delay.saturating_sub(burst_start.elapsed()));
+            if wait.is_zero() || tokio::time::timeout(wait, changed.notified()).await.is_err() {
+                break;
+            }
+        }
+        let started = Instant::now();
+        let snapshot = {
+            let store = store.lock().expect("store lock");
+            if store.generation() == tx.borrow().generation {
+                continue;
+            }
+            translate::snapshot(&store)
+        };
+        tracing::info!(
+            generation = snapshot.generation,
+            addresses = snapshot.addresses.len(),
+            clusters = snapshot.clusters.len(),
+            took_ms = started.elapsed().as_millis() as u64,
+            "config generation ready"
+        );
+        tx.send_replace(Arc::new(snapshot));
+    }
+}

@@ -1,0 +1,9 @@
+//! xDS: the model translated into resources ([`translate`], [`snapshot`]), served over ADS
+//! ([`server`]) with per-node ACK/NACK tracking ([`nodes`]); plus the service nodes report
+//! their local workloads through ([`registration`]).
+
+pub mod nodes;
+pub mod registration;
+pub mod server;
+pub mod snapshot;
+pub mod translate;

@@ -1,0 +1,156 @@
+//! One config generation as xDS resources, and the slice of it a given node gets.
+//!
+//! Scoping (LESSONS.md 9): a node is sent only what its own workloads use — the addresses it
+//! subscribed to on demand (the first connect to an IP), the services its workloads' Sidecars
+//! name, the clusters and endpoints behind those, and its own workloads.
+
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    net::IpAddr,
+    sync::Arc,
+};
+
+use envoy_types::pb::google::protobuf as pbuf;
+use prost::Message;
+
+use super::translate::{content_version, to_any};
+use crate::proto::{self, mesh};
+
+/// One resource, encoded once and shared by every stream that sends it.
+#[derive(Clone, Debug)]
+pub struct Resource {
+    pub name: String,
+    /// Content hash.
+    pub version: String,
+    pub any: pbuf::Any,
+    /// For Address resources that are services: which clusters they pull in.
+    pub service: Option<Arc<mesh::Service>>,
+}
+
+impl Resource {
+    pub fn new(name: &str, type_url: &str, msg: &impl Message) -> Resource {
+        let any = to_any(type_url, msg);
+        Resource { name: name.to_string(), version: content_version(&any.value), any, service: None }
+    }
+}
+
+/// What a client asked for, per type: everything scoped to it ("*"), and/or explicit names.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Subscription {
+    pub wildcard: bool,
+    pub names: BTreeSet<String>,
+}
+
+#[derive(Debug, Default)]
+pub struct Snapshot {
+    pub generation: u64,
+    /// By IP (the resource name).
+    pub addresses: HashMap<String, Resource>,
+    /// ServiceEntry address ranges: an on-demand lookup of an IP inside one resolves to it.
+    cidrs: Vec<(IpAddr, u8, Arc<mesh::Service>)>,
+    pub clusters: BTreeMap<String, Resource>,
+    pub endpoints: BTreeMap<String, Resource>,
+    pub workloads_by_node: BTreeMap<String, Vec<Resource>>,
+    /// Address names each node's Sidecars ask for up front.
+    pub hints_by_node: BTreeMap<String, BTreeSet<String>>,
+}
+
+/// The types, in the order a change is pushed: what is referenced before what references it
+/// (a node never sees an address whose cluster it cannot resolve yet).
+pub const PUSH_ORDER: [&str; 4] =
+    [proto::CLUSTER_TYPE, proto::ENDPOINT_TYPE, proto::WORKLOAD_TYPE, proto::ADDRESS_TYPE];
+
+impl Snapshot {
+    pub fn new(generation: u64) -> Snapshot {
+        Snapshot { generation, ..Snapshot::default() }
+    }
+
+    pub fn add_cidr(&mut self, ip: IpAddr, len: u8, service: Arc<mesh::Service>) {
+        self.cidrs.push((ip, len, service));
+    }
+
+    /// An address by name: a known IP, or an IP inside a ServiceEntry range.
+    pub fn resolve_address(&self, name: &str) -> Option<Resource> {
+        if let Some(r) = self.addresses.get(name) {
+            return Some(r.clone());
+        }
+        let ip: IpAddr = name.parse().ok()?;
+        let (_, _, svc) =
+            self.cidrs.iter().filter(|(net, len, _)| in_cidr(ip, *net, *len)).max_by_key(|c| c.1)?;
+        let msg = mesh::Address { kind: Some(mesh::address::Kind::Service((**svc).clone())) };
+        let mut r = Resource::new(name, proto::ADDRESS_TYPE, &msg);
+        r.service = Some(Arc::clone(svc));
+        Some(r)
+    }
+
+    /// The resources of every type `node` gets, given its subscriptions.
+    pub fn view(
+        &self,
+        node: &str,
+        subs: &HashMap<String, Subscription>,
+    ) -> HashMap<&'static str, BTreeMap<String, Resource>> {
+        let mut out: HashMap<&'static str, BTreeMap<String, Resource>> = HashMap::new();
+        let addr_sub = subs.get(proto::ADDRESS_TYPE).cloned().unwrap_or_default();
+        let mut addresses = BTreeMap::new();
+        if addr_sub.wildcard
+            && let Some(hints) = self.hints_by_node.get(node)
+        {
+            for name in hints {
+                if let Some(r) = self.addresses.get(name) {
+                    addresses.insert(name.clone(), r.clone());
+                }
+            }
+        }
+        for name in &addr_sub.names {
+            if let Some(r) = self.resolve_address(name) {
+                addresses.insert(name.clone(), r);
+            }
+        }
+        let referenced: BTreeSet<&str> = addresses
+            .values()
+            .filter_map(|r| r.service.as_ref())
+            .flat_map(|s| s.ports.iter().map(|p| p.cluster.as_str()))
+            .collect();
+        for (type_url, all) in
+            [(proto::CLUSTER_TYPE, &self.clusters), (proto::ENDPOINT_TYPE, &self.endpoints)]
+        {
+            let sub = subs.get(type_url).cloned().unwrap_or_default();
+            let mut set = BTreeMap::new();
+            if sub.wildcard {
+                for name in &referenced {
+                    if let Some(r) = all.get(*name) {
+                        set.insert(name.to_string(), r.clone());
+                    }
+                }
+            }
+            for name in &sub.names {
+                if let Some(r) = all.get(name) {
+                    set.insert(name.clone(), r.clone());
+                }
+            }
+            out.insert(type_url, set);
+        }
+        let workloads = self
+            .workloads_by_node
+            .get(node)
+            .map(|v| v.iter().map(|r| (r.name.clone(), r.clone())).collect())
+            .unwrap_or_default();
+        out.insert(proto::WORKLOAD_TYPE, workloads);
+        out.insert(proto::ADDRESS_TYPE, addresses);
+        out
+    }
+}
+
+pub fn in_cidr(ip: IpAddr, net: IpAddr, len: u8) -> bool {
+    match (ip, net) {
+        (IpAddr::V4(a), IpAddr::V4(n)) => {
+            let mask = if len == 0 { 0 } else { u32::MAX << (32 - u32::from(len.min(32))) };
+            u32::from(a) & mask == u32::from(n) & mask
+        }
+        (IpAddr::V6(a), IpAddr::V6(n)) => {
+            let mask = if len == 0 { 0 } else { u128::MAX << (128 - u32::from(len.min(128))) };
+            u128::from(a) & mask == u128::from(n) & mask
+        }
+        _ => false,
+    }
+}

@@ -1,0 +1,682 @@
+//! The model → xDS resources: Services and ServiceEntries become `Address` resources (one per
+//! VIP) whose ports name Envoy `Cluster`s; endpoints become `ClusterLoadAssignment`s grouped by
+//! locality; workloads become `Workload` (and `Address`) resources.
+//!
+//! Recomputed whole on each config generation: at 1k services / 10k endpoints that takes
+//! milliseconds, and a pure function of the store is easy to trust. Diffing against what each
+//! node already has is the server's job (versions are content hashes).
+
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    net::IpAddr,
+    sync::Arc,
+    time::Duration,
+};
+
+use envoy_types::pb::{
+    envoy::config::{
+        cluster::v3::{self as cluster, Cluster},
+        core::v3 as envoy_core,
+        endpoint::v3 as endpoint,
+    },
+    google::protobuf as pbuf,
+};
+use prost::Message;
+
+use super::snapshot::{Resource, Snapshot};
+use crate::{
+    model::{
+        Labels, Locality, Object, core, istio,
+        istio::{OutboundMode, Resolution},
+        selector_matches,
+        store::Store,
+    },
+    proto::{self, mesh},
+};
+
+pub const CLUSTER_DOMAIN: &str = "cluster.local";
+
+/// Builds the snapshot for the store's current generation.
+pub fn snapshot(store: &Store) -> Snapshot {
+    let mut t = Translator::new(store);
+    t.services();
+    t.workloads();
+    t.finish()
+}
+
+/// An endpoint of one service port before grouping.
+struct Ep {
+    ip: IpAddr,
+    port: u16,
+    healthy: bool,
+    locality: Locality,
+    weight: u32,
+    /// `namespace/name` of the workload, when known.
+    workload: String,
+}
+
+/// A workload as endpoints selection sees it (pods, node-reported workloads, WorkloadEntries).
+struct Wl<'a> {
+    namespace: &'a str,
+    name: &'a str,
+    labels: &'a Labels,
+    ips: Vec<IpAddr>,
+    ready: bool,
+    node: &'a str,
+    locality: Locality,
+    service_account: &'a str,
+    /// WorkloadEntry port map (name → port).
+    ports: Option<&'a BTreeMap<String, u16>>,
+    weight: u32,
+}
+
+struct Translator<'a> {
+    store: &'a Store,
+    nodes: HashMap<&'a str, Locality>,
+    workloads: Vec<Wl<'a>>,
+    snap: Snapshot,
+}
+
+impl<'a> Translator<'a> {
+    fn new(store: &'a Store) -> Translator<'a> {
+        let nodes = store
+            .of_kind(crate::model::Kind::Node)
+            .filter_map(|o| match o {
+                Object::Node(n) => Some((n.meta.name.as_str(), n.locality())),
+                _ => None,
+            })
+            .collect::<HashMap<_, _>>();
+        let mut workloads = Vec::new();
+        for o in store.of_kind(crate::model::Kind::Pod).chain(store.of_kind(crate::model::Kind::NodeWorkload))
+        {
+            if let Object::Pod(p) | Object::NodeWorkload(p) = o {
+                workloads.push(Wl {
+                    namespace: &p.meta.namespace,
+                    name: &p.meta.name,
+                    labels: &p.meta.labels,
+                    ips: p.ips.clone(),
+                    ready: p.ready,
+                    node: &p.node,
+                    locality: nodes.get(p.node.as_str()).cloned().unwrap_or_default(),
+                    service_account: &p.service_account,
+                    ports: None,
+                    weight: 1,
+                });
+            }
+        }
+        for o in store.of_kind(crate::model::Kind::WorkloadEntry) {
+            if let Object::WorkloadEntry(we) = o {
+                workloads.push(Wl {
+                    namespace: &we.meta.namespace,
+                    name: &we.meta.name,
+                    labels: &we.spec.labels,
+                    ips: we.spec.address.parse().into_iter().collect(),
+                    ready: true,
+                    node: "",
+                    locality: Locality::parse(&we.spec.locality),
+                    service_account: &we.spec.service_account,
+                    ports: Some(&we.spec.ports),
+                    weight: we.spec.weight.max(1),
+                });
+            }
+        }
+        Translator { store, nodes, workloads, snap: Snapshot::new(store.generation()) }
+    }
+
+    fn services(&mut self) {
+        let store = self.store;
+        for o in store.of_kind(crate::model::Kind::Service) {
+            if let Object::Service(s) = o {
+                self.kube_service(s);
+            }
+        }
+        for o in store.of_kind(crate::model::Kind::ServiceEntry) {
+            if let Object::ServiceEntry(se) = o {
+                self.service_entry(se);
+            }
+        }
+    }
+
+    fn kube_service(&mut self, svc: &core::Service) {
+        let hostname = format!("{}.{}.svc.{CLUSTER_DOMAIN}", svc.meta.name, svc.meta.namespace);
+        let slices: Vec<&core::EndpointSlice> = self
+            .store
+            .of_kind(crate::model::Kind::EndpointSlice)
+            .filter_map(|o| match o {
+                Object::EndpointSlice(s)
+                    if s.meta.namespace == svc.meta.namespace && s.service == svc.meta.name =>
+                {
+                    Some(s)
+                }
+                _ => None,
+            })
+            .collect();
+        let mut ports = Vec::new();
+        for sp in svc.ports.iter().filter(|p| p.protocol == "TCP") {
+            let mut eps = Vec::new();
+            for slice in &slices {
+                let Some(port) = slice.ports.iter().find(|p| p.name == sp.name).map(|p| p.port) else {
+                    continue;
+                };
+                for e in &slice.endpoints {
+                    let locality = self
+                        .nodes
+                        .get(e.node.as_str())
+                        .cloned()
+                        .unwrap_or_else(|| Locality { zone: e.zone.clone(), ..Locality::default() });
+                    for ip in &e.addresses {
+                        eps.push(Ep {
+                            ip: *ip,
+                            port,
+                            healthy: e.ready,
+                            locality: locality.clone(),
+                            weight: 1,
+                            workload: e.target.clone(),
+                        });
+                    }
+                }
+            }
+            // Workloads the selector picks that no EndpointSlice lists (local mode: nodes report
+            // workloads, there is no endpoints controller; WorkloadEntries join Services too).
+            if let Some(selector) = &svc.selector {
+                let listed: BTreeSet<IpAddr> = eps.iter().map(|e| e.ip).collect();
+                for w in self.workloads.iter().filter(|w| w.namespace == svc.meta.namespace) {
+                    if !selector_matches(selector, w.labels) || w.ips.iter().any(|ip| listed.contains(ip)) {
+                        continue;
+                    }
+                    let port = match (&sp.target_port, w.ports) {
+                        (_, Some(map)) if map.contains_key(&sp.name) => map[&sp.name],
+                        (core::TargetPort::Number(n), _) => *n,
+                        (core::TargetPort::Name(name), Some(map)) if map.contains_key(name) => map[name],
+                        (core::TargetPort::Name(_), _) => continue,
+                    };
+                    for ip in &w.ips {
+                        eps.push(Ep {
+                            ip: *ip,
+                            port,
+                            healthy: w.ready,
+                            locality: w.locality.clone(),
+                            weight: w.weight,
+                            workload: format!("{}/{}", w.namespace, w.name),
+                        });
+                    }
+                }
+            }
+            let app_protocol = if sp.app_protocol.is_empty() {
+                sp.name.split('-').next().unwrap_or_default().to_string()
+            } else {
+                sp.app_protocol.clone()
+            };
+            ports.push(self.service_port(
+                &hostname,
+                &svc.meta.namespace,
+                sp.port,
+                &sp.name,
+                app_protocol,
+                Some(eps),
+            ));
+        }
+        let service = mesh::Service {
+            hostname,
+            namespace: svc.meta.namespace.clone(),
+            vips: svc.cluster_ips.iter().map(ToString::to_string).collect(),
+            ports,
+            external: false,
+        };
+        for vip in &svc.cluster_ips {
+            self.add_address(*vip, mesh::address::Kind::Service(service.clone()));
+        }
+    }
+
+    fn service_entry(&mut self, se: &istio::ServiceEntry) {
+        let spec = &se.spec;
+        for host in &spec.hosts {
+            let mut ports = Vec::new();
+            for p in &spec.ports {
+                let eps = match spec.resolution {
+                    Resolution::None => None,
+                    _ => {
+                        let mut eps: Vec<Ep> = spec
+                            .endpoints
+                            .iter()
+                            .filter_map(|e| {
+                                Some(Ep {
+                                    ip: e.address.parse().ok()?,
+                                    port: e.ports.get(&p.name).copied().or(p.target_port).unwrap_or(p.number),
+                                    healthy: true,
+                                    locality: Locality::parse(&e.locality),
+                                    weight: e.weight.max(1),
+                                    workload: String::new(),
+                                })
+                            })
+                            .collect();
+                        if let Some(sel) = &spec.workload_selector {
+                            for w in self.workloads.iter().filter(|w| {
+                                w.namespace == se.meta.namespace && selector_matches(&sel.labels, w.labels)
+                            }) {
+                                let port = w
+                                    .ports
+                                    .and_then(|m| m.get(&p.name).copied())
+                                    .or(p.target_port)
+                                    .unwrap_or(p.number);
+                                for ip in &w.ips {
+                                    eps.push(Ep {
+                                        ip: *ip,
+                                        port,
+                                        healthy: w.ready,
+                                        locality: w.locality.clone(),
+                                        weight: w.weight,
+                                        workload: format!("{}/{}", w.namespace, w.name),
+                                    });
+                                }
+                            }
+                        }
+                        Some(eps)
+                    }
+                };
+                ports.push(self.service_port(
+                    host,
+                    &se.meta.namespace,
+                    p.number,
+                    &p.name,
+                    p.protocol.to_lowercase(),
+                    eps,
+                ));
+            }
+            let service = mesh::Service {
+                hostname: host.clone(),
+                namespace: se.meta.namespace.clone(),
+                vips: spec.addresses.clone(),
+                ports,
+                external: spec.location == istio::Location::MeshExternal,
+            };
+            for a in &spec.addresses {
+                match a.split_once('/') {
+                    None => {
+                        if let Ok(ip) = a.parse() {
+                            self.add_address(ip, mesh::address::Kind::Service(service.clone()));
+                        }
+                    }
+                    Some((ip, len)) => {
+                        if let (Ok(ip), Ok(len)) = (ip.parse::<IpAddr>(), len.parse::<u8>()) {
+                            self.snap.add_cidr(ip, len, Arc::new(service.clone()));
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Builds the Cluster (and, unless passthrough, the ClusterLoadAssignment) of one port.
+    fn service_port(
+        &mut self,
+        hostname: &str,
+        namespace: &str,
+        port: u16,
+        port_name: &str,
+        app_protocol: String,
+        endpoints: Option<Vec<Ep>>,
+    ) -> mesh::ServicePort {
+        let name = format!("outbound|{port}||{hostname}");
+        let policy = self.destination_rule(hostname, namespace).map(|dr| port_policy(dr, port));
+        let (cluster, hash_policy) = build_cluster(&name, policy.as_ref(), endpoints.is_none());
+        self.snap.clusters.insert(name.clone(), Resource::new(&name, proto::CLUSTER_TYPE, &cluster));
+        if let Some(eps) = endpoints {
+            let cla = build_load_assignment(&name, eps);
+            self.snap.endpoints.insert(name.clone(), Resource::new(&name, proto::ENDPOINT_TYPE, &cla));
+        }
+        mesh::ServicePort {
+            port: u32::from(port),
+            cluster: name,
+            name: port_name.to_string(),
+            app_protocol,
+            hash_policy,
+        }
+    }
+
+    /// The DestinationRule for a host: an exact match in the service's own namespace first,
+    /// then an exact match anywhere, then the longest wildcard.
+    fn destination_rule(&self, hostname: &str, namespace: &str) -> Option<&'a istio::DestinationRule> {
+        let mut best: Option<(u32, usize, &istio::DestinationRule)> = None;
+        for o in self.store.of_kind(crate::model::Kind::DestinationRule) {
+            let Object::DestinationRule(dr) = o else { continue };
+            let host = qualify(&dr.spec.host, &dr.meta.namespace);
+            let rank = if host == hostname {
+                if dr.meta.namespace == namespace { 3 } else { 2 }
+            } else if let Some(suffix) = host.strip_prefix('*') {
+                if hostname.ends_with(suffix) || host == "*" { 1 } else { continue }
+            } else {
+                continue;
+            };
+            if best.as_ref().is_none_or(|(r, len, _)| (rank, host.len()) > (*r, *len)) {
+                best = Some((rank, host.len(), dr));
+            }
+        }
+        best.map(|(_, _, dr)| dr)
+    }
+
+    fn workloads(&mut self) {
+        let store = self.store;
+        let mesh_mode = store
+            .of_kind(crate::model::Kind::MeshConfig)
+            .find_map(|o| match o {
+                Object::MeshConfig(m) => Some(m.spec.outbound_traffic_policy.mode),
+                _ => None,
+            })
+            .unwrap_or_default();
+        let sidecars: Vec<&istio::Sidecar> = store
+            .of_kind(crate::model::Kind::Sidecar)
+            .filter_map(|o| match o {
+                Object::Sidecar(s) => Some(s),
+                _ => None,
+            })
+            .collect();
+        let mut by_node: BTreeMap<String, Vec<Resource>> = BTreeMap::new();
+        let mut hints: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+        let mut addresses = Vec::new();
+        for w in &self.workloads {
+            let sidecar = sidecar_for(&sidecars, w.namespace, w.labels);
+            let mode =
+                sidecar.and_then(|s| s.spec.outbound_traffic_policy.as_ref()).map_or(mesh_mode, |p| p.mode);
+            let workload = mesh::Workload {
+                uid: format!("{}/{}", w.namespace, w.name),
+                name: w.name.to_string(),
+                namespace: w.namespace.to_string(),
+                service_account: w.service_account.to_string(),
+                node: w.node.to_string(),
+                addresses: w.ips.iter().map(ToString::to_string).collect(),
+                labels: w.labels.clone().into_iter().collect(),
+                locality: Some(mesh::Locality {
+                    region: w.locality.region.clone(),
+                    zone: w.locality.zone.clone(),
+                    subzone: w.locality.subzone.clone(),
+                }),
+                outbound_policy: match mode {
+                    OutboundMode::AllowAny => mesh::OutboundTrafficPolicy::AllowAny,
+                    OutboundMode::RegistryOnly => mesh::OutboundTrafficPolicy::RegistryOnly,
+                } as i32,
+            };
+            if !w.node.is_empty() {
+                let uid = workload.uid.clone();
+                by_node.entry(w.node.to_string()).or_default().push(Resource::new(
+                    &uid,
+                    proto::WORKLOAD_TYPE,
+                    &workload,
+                ));
+                if let Some(s) = sidecar {
+                    hints.entry(w.node.to_string()).or_default().extend(self.hinted_addresses(s));
+                }
+            }
+            for ip in &w.ips {
+                addresses.push((*ip, workload.clone()));
+            }
+        }
+        for (ip, workload) in addresses {
+            // A VIP and a workload never share an IP; if config says so, the Service wins.
+            if !self.snap.addresses.contains_key(&ip.to_string()) {
+                self.add_address(ip, mesh::address::Kind::Workload(workload));
+            }
+        }
+        self.snap.workloads_by_node = by_node;
+        self.snap.hints_by_node = hints;
+    }
+
+    /// Address names of the services a Sidecar's egress hosts name (`ns/host`, `*/host`, `./*`).
+    fn hinted_addresses(&self, sidecar: &istio::Sidecar) -> BTreeSet<String> {
+        let mut out = BTreeSet::new();
+        let hosts: Vec<(&str, &str)> = sidecar
+            .spec
+            .egress
+            .iter()
+            .flat_map(|e| e.hosts.iter())
+            .filter_map(|h| h.split_once('/'))
+            .map(|(ns, host)| (if ns == "." { sidecar.meta.namespace.as_str() } else { ns }, host))
+            .collect();
+        for (name, res) in &self.snap.addresses {
+            let Some(svc) = &res.service else { continue };
+            let wanted = hosts.iter().any(|(ns, host)| {
+                (*ns == "*" || *ns == svc.namespace)
+                    && (*host == "*"
+                        || qualify(host, ns) == svc.hostname
+                        || host.strip_prefix('*').is_some_and(|s| svc.hostname.ends_with(s)))
+            });
+            if wanted {
+                out.insert(name.clone());
+            }
+        }
+        out
+    }
+
+    fn add_address(&mut self, ip: IpAddr, kind: mesh::address::Kind) {
+        let name = ip.to_string();
+        let service = match &kind {
+            mesh::address::Kind::Service(s) => Some(Arc::new(s.clone())),
+            mesh::address::Kind::Workload(_) => None,
+        };
+        let address = mesh::Address { kind: Some(kind) };
+        let mut res = Resource::new(&name, proto::ADDRESS_TYPE, &address);
+        res.service = service;
+        self.snap.addresses.entry(name).or_insert(res);
+    }
+
+    fn finish(self) -> Snapshot {
+        self.snap
+    }
+}
+
+/// Istio's short-name rule: `reviews` in namespace `shop` means `reviews.shop.svc.cluster.local`.
+pub fn qualify(host: &str, namespace: &str) -> String {
+    if host.contains('.') || host.starts_with('*') {
+        host.to_string()
+    } else {
+        format!("{host}.{namespace}.svc.{CLUSTER_DOMAIN}")
+    }
+}
+
+fn sidecar_for<'s>(
+    sidecars: &[&'s istio::Sidecar],
+    namespace: &str,
+    labels: &Labels,
+) -> Option<&'s istio::Sidecar> {
+    let in_ns = sidecars.iter().filter(|s| s.meta.namespace == namespace);
+    in_ns
+        .clone()
+        .find(|s| s.spec.workload_selector.as_ref().is_some_and(|sel| selector_matches(&sel.labels, labels)))
+        .or_else(|| in_ns.clone().find(|s| s.spec.workload_selector.is_none()))
+        .copied()
+}
+
+/// The effective policy for one port: port-level settings override the rule's top level.
+struct PortPolicy {
+    lb: Option<istio::LoadBalancerSettings>,
+    outlier: Option<istio::OutlierDetection>,
+    connect_timeout: Option<Duration>,
+}
+
+fn port_policy(dr: &istio::DestinationRule, port: u16) -> PortPolicy {
+    let tp = dr.spec.traffic_policy.clone().unwrap_or_default();
+    let pl = tp.port_level_settings.iter().find(|p| p.port.as_ref().is_some_and(|p| p.number == port));
+    let pool = pl.and_then(|p| p.connection_pool.clone()).or(tp.connection_pool.clone());
+    let connect_timeout = pool
+        .as_ref()
+        .and_then(|v| v.pointer("/tcp/connectTimeout"))
+        .and_then(|v| v.as_str())
+        .and_then(|s| crate::model::duration::parse(s).ok());
+    PortPolicy {
+        lb: pl.and_then(|p| p.load_balancer.clone()).or(tp.load_balancer),
+        outlier: pl.and_then(|p| p.outlier_detection.clone()).or(tp.outlier_detection),
+        connect_timeout,
+    }
+}
+
+fn pb_duration(d: Duration) -> pbuf::Duration {
+    pbuf::Duration { seconds: d.as_secs() as i64, nanos: d.subsec_nanos() as i32 }
+}
+
+fn build_cluster(
+    name: &str,
+    policy: Option<&PortPolicy>,
+    passthrough: bool,
+) -> (Cluster, Option<mesh::HashPolicy>) {
+    let mut c = Cluster {
+        name: name.to_string(),
+        connect_timeout: Some(pb_duration(
+            policy.and_then(|p| p.connect_timeout).unwrap_or(Duration::from_secs(10)),
+        )),
+        ..Cluster::default()
+    };
+    let mut hash_policy = None;
+    let lb = policy.and_then(|p| p.lb.as_ref());
+    let simple = lb.and_then(|lb| lb.simple);
+    if passthrough || simple == Some(istio::SimpleLb::Passthrough) {
+        c.cluster_discovery_type = Some(cluster::cluster::ClusterDiscoveryType::Type(
+            cluster::cluster::DiscoveryType::OriginalDst as i32,
+        ));
+        c.lb_policy = cluster::cluster::LbPolicy::ClusterProvided as i32;
+        return (c, None);
+    }
+    c.cluster_discovery_type =
+        Some(cluster::cluster::ClusterDiscoveryType::Type(cluster::cluster::DiscoveryType::Eds as i32));
+    c.eds_cluster_config = Some(cluster::cluster::EdsClusterConfig {
+        eds_config: Some(envoy_core::ConfigSource {
+            resource_api_version: envoy_core::ApiVersion::V3 as i32,
+            config_source_specifier: Some(envoy_core::config_source::ConfigSourceSpecifier::Ads(
+                envoy_core::AggregatedConfigSource::default(),
+            )),
+            ..Default::default()
+        }),
+        service_name: String::new(),
+    });
+    c.lb_policy = match (simple, lb.and_then(|lb| lb.consistent_hash.as_ref())) {
+        (_, Some(ch)) => {
+            hash_policy = Some(mesh::HashPolicy {
+                key: Some(if let Some(h) = &ch.http_header_name {
+                    mesh::hash_policy::Key::Header(h.to_ascii_lowercase())
+                } else if let Some(ck) = &ch.http_cookie {
+                    mesh::hash_policy::Key::Cookie(ck.name.clone())
+                } else if let Some(q) = &ch.http_query_parameter_name {
+                    mesh::hash_policy::Key::QueryParameter(q.clone())
+                } else {
+                    mesh::hash_policy::Key::SourceIp(true)
+                }),
+            });
+            if let Some(m) = &ch.maglev {
+                c.lb_config =
+                    Some(cluster::cluster::LbConfig::MaglevLbConfig(cluster::cluster::MaglevLbConfig {
+                        table_size: m.table_size.map(|v| pbuf::UInt64Value { value: v }),
+                    }));
+                cluster::cluster::LbPolicy::Maglev as i32
+            } else {
+                let min = ch.ring_hash.as_ref().and_then(|r| r.minimum_ring_size).or(ch.minimum_ring_size);
+                c.lb_config =
+                    Some(cluster::cluster::LbConfig::RingHashLbConfig(cluster::cluster::RingHashLbConfig {
+                        minimum_ring_size: min.map(|v| pbuf::UInt64Value { value: v }),
+                        ..Default::default()
+                    }));
+                cluster::cluster::LbPolicy::RingHash as i32
+            }
+        }
+        (Some(istio::SimpleLb::LeastRequest | istio::SimpleLb::LeastConn), _) => {
+            cluster::cluster::LbPolicy::LeastRequest as i32
+        }
+        (Some(istio::SimpleLb::Random), _) => cluster::cluster::LbPolicy::Random as i32,
+        _ => cluster::cluster::LbPolicy::RoundRobin as i32,
+    };
+    let outlier = policy.and_then(|p| p.outlier.as_ref());
+    if let Some(od) = outlier {
+        let u32v = |v: Option<u32>| v.map(|value| pbuf::UInt32Value { value });
+        c.outlier_detection = Some(cluster::OutlierDetection {
+            consecutive_5xx: u32v(od.consecutive_5xx_errors.or(od.consecutive_errors)),
+            consecutive_gateway_failure: u32v(od.consecutive_gateway_errors),
+            consecutive_local_origin_failure: u32v(od.consecutive_local_origin_failures),
+            interval: od.interval.map(pb_duration),
+            base_ejection_time: od.base_ejection_time.map(pb_duration),
+            max_ejection_percent: u32v(od.max_ejection_percent),
+            ..Default::default()
+        });
+    }
+    // Istio: locality-aware balancing takes effect once outlier detection is configured (so
+    // failover has a signal), unless the rule turns it off.
+    let locality_enabled = lb.and_then(|lb| lb.locality_lb_setting.as_ref()).and_then(|l| l.enabled);
+    if outlier.is_some() && locality_enabled != Some(false) || locality_enabled == Some(true) {
+        c.common_lb_config = Some(cluster::cluster::CommonLbConfig {
+            locality_config_specifier: Some(
+                cluster::cluster::common_lb_config::LocalityConfigSpecifier::ZoneAwareLbConfig(
+                    Default::default(),
+                ),
+            ),
+            ..Default::default()
+        });
+    }
+    (c, hash_policy)
+}
+
+fn build_load_assignment(name: &str, eps: Vec<Ep>) -> endpoint::ClusterLoadAssignment {
+    let mut groups: BTreeMap<Locality, Vec<endpoint::LbEndpoint>> = BTreeMap::new();
+    let mut seen = BTreeSet::new();
+    for e in eps {
+        if !seen.insert((e.ip, e.port)) {
+            continue;
+        }
+        let lb = endpoint::LbEndpoint {
+            health_status: if e.healthy {
+                envoy_core::HealthStatus::Healthy
+            } else {
+                envoy_core::HealthStatus::Unhealthy
+            } as i32,
+            load_balancing_weight: Some(pbuf::UInt32Value { value: e.weight }),
+            host_identifier: Some(endpoint::lb_endpoint::HostIdentifier::Endpoint(endpoint::Endpoint {
+                address: Some(socket_address(e.ip, e.port)),
+                hostname: e.workload,
+                ..Default::default()
+            })),
+            ..Default::default()
+        };
+        groups.entry(e.locality).or_default().push(lb);
+    }
+    endpoint::ClusterLoadAssignment {
+        cluster_name: name.to_string(),
+        endpoints: groups
+            .into_iter()
+            .map(|(loc, lb_endpoints)| endpoint::LocalityLbEndpoints {
+                locality: Some(envoy_core::Locality {
+                    region: loc.region,
+                    zone: loc.zone,
+                    sub_zone: loc.subzone,
+                }),
+                // gRPC's xDS client drops localities without a weight (TOOLCHAIN.md).
+                load_balancing_weight: Some(pbuf::UInt32Value { value: lb_endpoints.len() as u32 }),
+                lb_endpoints,
+                ..Default::default()
+            })
+            .collect(),
+        ..Default::default()
+    }
+}
+
+pub fn socket_address(ip: IpAddr, port: u16) -> envoy_core::Address {
+    envoy_core::Address {
+        address: Some(envoy_core::address::Address::SocketAddress(envoy_core::SocketAddress {
+            address: ip.to_string(),
+            port_specifier: Some(envoy_core::socket_address::PortSpecifier::PortValue(u32::from(port))),
+            ..Default::default()
+        })),
+    }
+}
+
+/// Content hash, used as the resource version: equal content ⇒ equal version, also across a
+/// control-plane restart (so a reconnecting node is not resent what it has).
+pub fn content_version(bytes: &[u8]) -> String {
+    // FNV-1a 64: stable across builds and platforms, unlike std's RandomState.
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in bytes {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    format!("{h:016x}")
+}
+
+/// Encodes a message as the `Any` a DiscoveryResponse carries.
+pub fn to_any(type_url: &str, msg: &impl Message) -> pbuf::Any {
+    pbuf::Any { type_url: type_url.to_string(), value: msg.encode_to_vec() }
+}
