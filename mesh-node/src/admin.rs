@@ -4,7 +4,8 @@
 //! |---|---|
 //! | `/healthz/ready` | 200 once capture is attached and saved workloads are restored |
 //! | `/metrics` | Prometheus text format |
-//! | `/config_dump` | JSON: node settings and every workload with its capture state |
+//! | `/config_dump` | JSON: node settings, every workload with its capture state, and the config
+//! |   | received from the control plane (addresses, clusters with endpoints and health) |
 
 use std::sync::{
     Arc,
@@ -26,6 +27,7 @@ pub struct Admin {
     pub metrics: MetricsRegistry,
     pub workloads: Arc<Registry>,
     pub config: Config,
+    pub xds: Option<Arc<crate::xds::client::Client>>,
 }
 
 impl Admin {
@@ -75,6 +77,11 @@ impl Admin {
                             "proxy_mark": c.proxy_mark,
                         },
                         "workloads": self.workloads.list().await,
+                        "xds": self.xds.as_ref().map(|x| serde_json::json!({
+                            "control_plane": x.endpoint,
+                            "connected": x.is_connected(),
+                            "config": x.cache.dump(),
+                        })),
                     }),
                 )
             }

@@ -97,6 +97,17 @@ pub struct RunArgs {
     pub proxy_mark: String,
     #[arg(long, env = "NODEMESH_CONNECT_TIMEOUT_MS", default_value_t = DEFAULT_CONNECT_TIMEOUT_MS)]
     pub connect_timeout_ms: u64,
+    /// mesh-control's xDS address, e.g. `http://10.0.0.5:15010`. Without it the node proxies
+    /// every connection to where it was dialled (no services, no load balancing).
+    #[arg(long, env = "NODEMESH_CONTROL_PLANE")]
+    pub control_plane: Option<String>,
+    /// A cluster with more endpoints than this is rejected (NACKed), protecting node memory.
+    #[arg(long, env = "NODEMESH_MAX_ENDPOINTS_PER_CLUSTER", default_value_t = 100_000)]
+    pub max_endpoints_per_cluster: usize,
+    /// How long the first connect to an IP the node knows nothing about waits for the control
+    /// plane to say what it is.
+    #[arg(long, env = "NODEMESH_LOOKUP_TIMEOUT_MS", default_value_t = 2_000)]
+    pub lookup_timeout_ms: u64,
 }
 
 /// A CIDR in its canonical form (host bits cleared).
@@ -150,6 +161,9 @@ pub struct Config {
     pub exclude_cidrs: Vec<Cidr>,
     pub proxy_mark: u32,
     pub connect_timeout: Duration,
+    pub control_plane: Option<String>,
+    pub max_endpoints_per_cluster: usize,
+    pub lookup_timeout: Duration,
 }
 
 impl Config {
@@ -205,6 +219,14 @@ impl Config {
                 .map(|h| h.trim().to_string())
                 .unwrap_or_else(|_| "node".to_string())
         });
+        if let Some(cp) = &args.control_plane
+            && !(cp.starts_with("http://") || cp.starts_with("https://"))
+        {
+            errors.push(format!("--control-plane `{cp}`: must be a URI like http://10.0.0.5:15010"));
+        }
+        if args.max_endpoints_per_cluster == 0 {
+            errors.push("--max-endpoints-per-cluster: must be greater than 0".to_string());
+        }
         if args.connect_timeout_ms == 0 {
             errors.push("--connect-timeout-ms: must be greater than 0".to_string());
         }
@@ -221,6 +243,9 @@ impl Config {
             exclude_cidrs,
             proxy_mark,
             connect_timeout: Duration::from_millis(args.connect_timeout_ms),
+            control_plane: args.control_plane,
+            max_endpoints_per_cluster: args.max_endpoints_per_cluster,
+            lookup_timeout: Duration::from_millis(args.lookup_timeout_ms),
         })
     }
 }

@@ -18,6 +18,7 @@ pub mod run;
 pub mod sys;
 pub mod telemetry;
 pub mod workload;
+pub mod xds;
 
 /// The cgroup v2 mount point, from /proc/self/mounts (hybrid hosts mount it at
 /// /sys/fs/cgroup/unified, pure v2 hosts at /sys/fs/cgroup).

@@ -12,6 +12,7 @@ use crate::{
     proxy::Outbound,
     telemetry::metrics::Metrics,
     workload::{IpIndex, Registry},
+    xds::{cache::Cache, client::Client as XdsClient, route::Router},
 };
 
 pub async fn run(config: Config) -> anyhow::Result<()> {
@@ -26,12 +27,23 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let mut metrics_registry = prometheus_client::registry::Registry::default();
     let metrics = Arc::new(Metrics::new(&mut metrics_registry));
     let index = Arc::new(IpIndex::default());
+    let cache = Arc::new(Cache::new(config.max_endpoints_per_cluster));
+    let xds_client = config
+        .control_plane
+        .as_ref()
+        .map(|cp| Arc::new(XdsClient::new(cp.clone(), config.node_name.clone(), Arc::clone(&cache))));
+    let router = xds_client.as_ref().map(|c| Router {
+        cache: Arc::clone(&cache),
+        on_demand: c.on_demand(),
+        lookup_timeout: config.lookup_timeout,
+    });
     let outbound = Arc::new(Outbound {
         capture: Arc::clone(&capture),
         metrics: Arc::clone(&metrics),
         destinations: index.clone(),
         proxy_mark: config.proxy_mark,
         connect_timeout: config.connect_timeout,
+        router,
     });
     let registry = Arc::new(Registry::new(
         Arc::clone(&capture),
@@ -52,7 +64,11 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         metrics: metrics_registry,
         workloads: Arc::clone(&registry),
         config: config.clone(),
+        xds: xds_client.clone(),
     });
+    if let Some(client) = &xds_client {
+        tokio::spawn(Arc::clone(client).run(registry.watch_specs()));
+    }
     tokio::spawn(Arc::clone(&admin).serve(admin_listener));
 
     let restored = registry.restore().await.context("restoring saved workloads")?;

@@ -32,6 +32,9 @@ pub const NAME_PREFIX: &str = "nmt";
 const POD_NET4: [u8; 3] = [10, 77, 0];
 const BRIDGE_IP4: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 1);
 const ADMIN_ADDR: &str = "127.0.0.1:15000";
+const CONTROL_ADMIN_ADDR: &str = "127.0.0.1:15014";
+/// Where mesh-control listens for xDS when it runs in a simulated node's netns.
+pub const CONTROL_PLANE_URL: &str = "http://127.0.0.1:15010";
 
 static NEXT_ID: AtomicU32 = AtomicU32::new(0);
 static BIN_DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
@@ -187,6 +190,7 @@ pub struct SimNode {
     children: Vec<Child>,
     mesh_node: Option<MeshNodeProcess>,
     mesh_node_args: Vec<String>,
+    control_plane: Option<Child>,
 }
 
 impl SimNode {
@@ -208,6 +212,7 @@ impl SimNode {
             children: Vec::new(),
             mesh_node: None,
             mesh_node_args: Vec::new(),
+            control_plane: None,
         };
         // From here on, Drop cleans up whatever got created.
         fs::create_dir_all(&node.work_dir)?;
@@ -486,6 +491,71 @@ impl SimNode {
         Ok(())
     }
 
+    /// Starts mesh-control in the node netns on `config_dir` (xDS at [`CONTROL_PLANE_URL`]) and
+    /// waits until its admin endpoint answers.
+    pub fn start_control_plane(&mut self, config_dir: &Path) -> anyhow::Result<()> {
+        anyhow::ensure!(self.control_plane.is_none(), "mesh-control already running");
+        let log =
+            fs::OpenOptions::new().create(true).append(true).open(self.work_dir.join("mesh-control.log"))?;
+        let args: Vec<String> = vec!["run".into(), "--config-dir".into(), config_dir.display().to_string()];
+        let child = process::spawn_in(
+            &self.node_netns,
+            None,
+            &bin("mesh-control")?,
+            &args,
+            &[("NODEMESH_LOG", "info,mesh_control=debug")],
+            Stdio::from(log.try_clone()?),
+            Stdio::from(log),
+        )?;
+        self.control_plane = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while self.control_get("/healthz/ready").is_err() {
+            if Instant::now() > deadline {
+                bail!("mesh-control not ready; log:\n{}", self.control_log());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(())
+    }
+
+    /// SIGKILL mesh-control (a crash).
+    pub fn kill_control_plane(&mut self) -> anyhow::Result<()> {
+        if let Some(mut c) = self.control_plane.take() {
+            c.kill()?;
+            c.wait()?;
+        }
+        Ok(())
+    }
+
+    pub fn control_log(&self) -> String {
+        fs::read_to_string(self.work_dir.join("mesh-control.log")).unwrap_or_default()
+    }
+
+    /// GET on mesh-control's admin endpoint (inside the node netns).
+    pub fn control_get(&self, path: &str) -> anyhow::Result<String> {
+        netns::http_get(&self.node_netns, CONTROL_ADMIN_ADDR.parse()?, path)
+    }
+
+    /// `mesh-control status` output, run inside the node netns.
+    pub fn control_status(&self) -> anyhow::Result<String> {
+        let out = Command::new("nsenter")
+            .arg(format!("--net={}", netns::path(&self.node_netns).display()))
+            .arg(bin("mesh-control")?)
+            .arg("status")
+            .output()?;
+        anyhow::ensure!(
+            out.status.success(),
+            "mesh-control status: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(String::from_utf8(out.stdout)?)
+    }
+
+    /// mesh-node's `/config_dump` as JSON.
+    pub fn config_dump(&self) -> anyhow::Result<serde_json::Value> {
+        Ok(serde_json::from_str(&self.admin_get("/config_dump")?)?)
+    }
+
     /// GET on mesh-node's admin endpoint (inside the node netns).
     pub fn admin_get(&self, path: &str) -> anyhow::Result<String> {
         netns::http_get(&self.node_netns, ADMIN_ADDR.parse()?, path)
@@ -501,6 +571,10 @@ impl Drop for SimNode {
         if let Some(mut m) = self.mesh_node.take() {
             let _ = m.child.kill();
             let _ = m.child.wait();
+        }
+        if let Some(mut c) = self.control_plane.take() {
+            let _ = c.kill();
+            let _ = c.wait();
         }
         for child in &mut self.children {
             let _ = child.kill();

@@ -60,8 +60,8 @@ fn main() -> std::process::ExitCode {
 /// The test command README.md and .ci/run use.
 fn test(args: &[String]) -> anyhow::Result<()> {
     setup::run()?;
-    util::step("building mesh-node and the test apps");
-    util::cargo(&["build", "-p", "mesh-node", "-p", "nodemesh-tests", "--bins"])?;
+    util::step("building mesh-node, mesh-control and the test apps");
+    util::cargo(&["build", "-p", "mesh-node", "-p", "mesh-control", "-p", "nodemesh-tests", "--bins"])?;
     util::step("running the test suite (simulated nodes need root; 2 test threads)");
     let bin_dir = util::workspace_root()?.join("target/debug");
     let mut cargo_args = vec!["test", "--workspace", "--exclude", "mesh-ebpf", "--", "--test-threads", "2"];

@@ -55,7 +55,17 @@ pub fn run(program: &str, args: &[&str], env: &[(&str, &str)]) -> anyhow::Result
 /// Builds release binaries and points the harness at them.
 pub fn build_release() -> anyhow::Result<()> {
     step("building mesh-node and nm-testapp (release)");
-    cargo(&["build", "--release", "-p", "mesh-node", "-p", "nodemesh-tests", "--bins"])?;
+    cargo(&[
+        "build",
+        "--release",
+        "-p",
+        "mesh-node",
+        "-p",
+        "mesh-control",
+        "-p",
+        "nodemesh-tests",
+        "--bins",
+    ])?;
     nodemesh_tests::set_bin_dir(workspace_root()?.join("target/release"));
     Ok(())
 }

@@ -21,6 +21,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::{
+    super::proto,
     nodes::Nodes,
     snapshot::{PUSH_ORDER, Resource, Snapshot, Subscription},
     translate::content_version,
@@ -135,15 +136,19 @@ impl Common {
         self.dirty.extend(self.subs.keys().cloned());
     }
 
-    /// Types to push now, in push order: changed and not awaiting an answer.
+    /// The next type to push, if any: strictly in push order, each waiting until the types
+    /// before it are acknowledged, so an address never reaches a node before the cluster and
+    /// endpoints it points at (make-before-break).
     fn ready_types(&self) -> Vec<&'static str> {
-        PUSH_ORDER
-            .iter()
-            .copied()
-            .filter(|t| {
-                self.dirty.contains(*t) && !self.pending.contains_key(*t) && self.subs.contains_key(*t)
-            })
-            .collect()
+        for t in PUSH_ORDER {
+            if self.pending.contains_key(t) {
+                return Vec::new();
+            }
+            if self.dirty.contains(t) && self.subs.contains_key(t) {
+                return vec![t];
+            }
+        }
+        Vec::new()
     }
 
     fn closed(&self) {
@@ -231,11 +236,26 @@ impl DeltaStream {
             self.sent.insert(t.clone(), req.initial_resource_versions.into_iter().collect());
         }
         if first_for_type || *sub != before {
+            if t == proto::ADDRESS_TYPE {
+                // Addresses decide which clusters and endpoints the node gets.
+                self.c.dirty.extend([proto::CLUSTER_TYPE.to_string(), proto::ENDPOINT_TYPE.to_string()]);
+            }
             self.c.dirty.insert(t);
         }
     }
 
+    /// Pushes until every change is sent or waits on an ACK.
     async fn flush(&mut self, tx: &mpsc::Sender<Result<DeltaDiscoveryResponse, Status>>) -> Result<(), ()> {
+        while !self.c.ready_types().is_empty() {
+            self.flush_once(tx).await?;
+        }
+        Ok(())
+    }
+
+    async fn flush_once(
+        &mut self,
+        tx: &mpsc::Sender<Result<DeltaDiscoveryResponse, Status>>,
+    ) -> Result<(), ()> {
         let ready = self.c.ready_types();
         if ready.is_empty() {
             return Ok(());
@@ -348,6 +368,9 @@ impl SotwStream {
         };
         if self.c.subs.get(&t) != Some(&sub) {
             self.c.subs.insert(t.clone(), sub);
+            if t == proto::ADDRESS_TYPE {
+                self.c.dirty.extend([proto::CLUSTER_TYPE.to_string(), proto::ENDPOINT_TYPE.to_string()]);
+            }
             // A changed name list is answered even if the set happens to be equal.
             self.sent.remove(&t);
             self.c.dirty.insert(t);
@@ -358,7 +381,15 @@ impl SotwStream {
         }
     }
 
+    /// Pushes until every change is sent or waits on an ACK.
     async fn flush(&mut self, tx: &mpsc::Sender<Result<DiscoveryResponse, Status>>) -> Result<(), ()> {
+        while !self.c.ready_types().is_empty() {
+            self.flush_once(tx).await?;
+        }
+        Ok(())
+    }
+
+    async fn flush_once(&mut self, tx: &mpsc::Sender<Result<DiscoveryResponse, Status>>) -> Result<(), ()> {
         let ready = self.c.ready_types();
         if ready.is_empty() {
             return Ok(());

@@ -151,6 +151,10 @@ impl<'a> Translator<'a> {
                 _ => None,
             })
             .collect();
+        // Endpoints of the service's own IP families only (Kubernetes: a v4-only Service has
+        // v4 endpoints even when its pods are dual-stack).
+        let families: BTreeSet<bool> = svc.cluster_ips.iter().map(IpAddr::is_ipv4).collect();
+        let same_family = |ip: &IpAddr| families.is_empty() || families.contains(&ip.is_ipv4());
         let mut ports = Vec::new();
         for sp in svc.ports.iter().filter(|p| p.protocol == "TCP") {
             let mut eps = Vec::new();
@@ -164,7 +168,7 @@ impl<'a> Translator<'a> {
                         .get(e.node.as_str())
                         .cloned()
                         .unwrap_or_else(|| Locality { zone: e.zone.clone(), ..Locality::default() });
-                    for ip in &e.addresses {
+                    for ip in e.addresses.iter().filter(|ip| same_family(ip)) {
                         eps.push(Ep {
                             ip: *ip,
                             port,
@@ -190,7 +194,7 @@ impl<'a> Translator<'a> {
                         (core::TargetPort::Name(name), Some(map)) if map.contains_key(name) => map[name],
                         (core::TargetPort::Name(_), _) => continue,
                     };
-                    for ip in &w.ips {
+                    for ip in w.ips.iter().filter(|ip| same_family(ip)) {
                         eps.push(Ep {
                             ip: *ip,
                             port,

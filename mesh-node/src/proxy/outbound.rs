@@ -20,7 +20,10 @@ use super::relay;
 use crate::{
     capture::Capture,
     netns::NetnsThread,
-    telemetry::metrics::{ConnectionLabels, FailureLabels, FailureReason, Metrics, Reporter, UNKNOWN},
+    telemetry::metrics::{
+        ConnectionLabels, EgressDeniedLabels, FailureLabels, FailureReason, Metrics, Reporter, UNKNOWN,
+    },
+    xds::route::{Decision, Router},
 };
 
 /// Resolves a destination address to the workload that owns it, for telemetry.
@@ -35,6 +38,8 @@ pub struct Source {
     pub key: WorkloadKey,
     pub netns: NetnsThread,
     pub netns_cookie: u64,
+    /// The workload's own addresses (consistent hashing on source IP uses the first).
+    pub ips: Vec<IpAddr>,
 }
 
 /// Shared outbound state: capture lookups, metrics, settings.
@@ -44,7 +49,13 @@ pub struct Outbound {
     pub destinations: Arc<dyn DestinationIndex>,
     pub proxy_mark: u32,
     pub connect_timeout: Duration,
+    /// Service routing from the control plane; `None` (no `--control-plane`): every
+    /// connection goes where it was dialled.
+    pub router: Option<Router>,
 }
+
+/// Connect attempts per connection when a cluster endpoint refuses (each a different endpoint).
+const MAX_CONNECT_ATTEMPTS: usize = 3;
 
 impl Outbound {
     /// Accepts on one workload listener until the task is aborted (workload removed).
@@ -82,12 +93,35 @@ impl Outbound {
             return;
         };
         let _ = client.set_nodelay(true);
-        let upstream = match self.connect_upstream(source, dst).await {
+        let decision = match &self.router {
+            Some(router) => router.decide(source, dst, &client).await,
+            None => Decision::Direct,
+        };
+        let connected = match decision {
+            Decision::Direct => self.connect_upstream(source, dst).await.map(|s| (s, dst)),
+            Decision::Balance { balancer, hash, service } => {
+                self.connect_balanced(source, &balancer, hash, &service, dst).await
+            }
+            Decision::Deny(reason) => {
+                tracing::warn!(workload = %source.key, destination = %dst, "connection refused: {reason}");
+                self.metrics.failure(&fail(FailureReason::egress_not_in_registry));
+                self.metrics.egress_denied(&EgressDeniedLabels {
+                    source_workload: source.key.name.clone(),
+                    source_workload_namespace: source.key.namespace.clone(),
+                    destination: dst.to_string(),
+                    reason: "no_service_entry".into(),
+                });
+                relay::reset(&client);
+                return;
+            }
+        };
+        let (upstream, dst) = match connected {
             Ok(s) => s,
             Err(e) => {
                 let reason = match e.kind() {
                     io::ErrorKind::ConnectionRefused => FailureReason::upstream_connect_refused,
                     io::ErrorKind::TimedOut => FailureReason::upstream_connect_timeout,
+                    io::ErrorKind::NotFound => FailureReason::no_healthy_endpoint,
                     _ => FailureReason::upstream_connect_error,
                 };
                 tracing::info!(workload = %source.key, %dst, "upstream connect failed: {e}");
@@ -116,6 +150,53 @@ impl Outbound {
             Err(e) => tracing::debug!(workload = %source.key, %dst, "relay ended with error: {e}"),
         }
         counters.closed();
+    }
+
+    /// Picks an endpoint and connects; a refused or timed-out connect counts against that
+    /// endpoint (outlier detection) and moves on to another one.
+    async fn connect_balanced(
+        &self,
+        source: &Source,
+        balancer: &crate::xds::lb::Balancer,
+        hash: Option<u64>,
+        service: &str,
+        vip: SocketAddr,
+    ) -> io::Result<(TcpStream, SocketAddr)> {
+        let local =
+            self.router.as_ref().and_then(|r| r.cache.workload(&source.key.to_string())).and_then(|w| {
+                w.locality.as_ref().map(|l| (l.region.clone(), l.zone.clone(), l.subzone.clone()))
+            });
+        let mut tried = Vec::new();
+        let mut last_error = None;
+        for _ in 0..MAX_CONNECT_ATTEMPTS {
+            let Some(pick) = balancer.pick(hash, local.as_ref(), &tried) else { break };
+            let addr = pick.endpoint.ep.addr;
+            match self.connect_upstream(source, addr).await {
+                Ok(stream) => {
+                    balancer.report(&pick.endpoint, true);
+                    tracing::debug!(workload = %source.key, %vip, service, endpoint = %addr, "balanced");
+                    return Ok((stream, addr));
+                }
+                Err(e) => {
+                    if let Some(d) = balancer.report(&pick.endpoint, false) {
+                        tracing::warn!(
+                            cluster = balancer.name, endpoint = %addr,
+                            "endpoint ejected for {d:?} after {} consecutive connect failures",
+                            balancer.outlier.consecutive_failures
+                        );
+                    }
+                    tracing::info!(workload = %source.key, service, endpoint = %addr, "connect failed ({e}); trying another endpoint");
+                    tried.push(addr);
+                    last_error = Some(e);
+                }
+            }
+        }
+        Err(last_error.unwrap_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::NotFound,
+                format!("service {service} ({vip}): no endpoints in cluster {}", balancer.name),
+            )
+        }))
     }
 
     /// Dials `dst` from inside the source workload's netns with the proxy mark set.

@@ -41,6 +41,20 @@ pub enum FailureReason {
     upstream_connect_refused,
     upstream_connect_timeout,
     upstream_connect_error,
+    /// REGISTRY_ONLY egress and no Service/ServiceEntry/workload owns the destination.
+    egress_not_in_registry,
+    /// A Service port whose cluster has no endpoints (or none that accepted).
+    no_healthy_endpoint,
+}
+
+/// One denied egress destination (REGISTRY_ONLY): the metric names what was blocked.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EgressDeniedLabels {
+    pub source_workload: String,
+    pub source_workload_namespace: String,
+    /// `ip:port` the workload dialled.
+    pub destination: String,
+    pub reason: String,
 }
 
 /// Counters for one connection, resolved once at accept so the data path only does atomics.
@@ -64,6 +78,7 @@ pub struct Metrics {
     sent: Family<ConnectionLabels, Counter>,
     received: Family<ConnectionLabels, Counter>,
     failures: Family<FailureLabels, Counter>,
+    egress_denied: Family<EgressDeniedLabels, Counter>,
     pub meshed_workloads: Gauge,
 }
 
@@ -96,6 +111,11 @@ impl Metrics {
             m.failures.clone(),
         );
         registry.register(
+            "nodemesh_egress_denied",
+            "Connections refused by outboundTrafficPolicy REGISTRY_ONLY, by destination",
+            m.egress_denied.clone(),
+        );
+        registry.register(
             "nodemesh_meshed_workloads",
             "Workloads whose traffic this node currently captures",
             m.meshed_workloads.clone(),
@@ -115,6 +135,10 @@ impl Metrics {
 
     pub fn failure(&self, labels: &FailureLabels) {
         self.failures.get_or_create(labels).inc();
+    }
+
+    pub fn egress_denied(&self, labels: &EgressDeniedLabels) {
+        self.egress_denied.get_or_create(labels).inc();
     }
 }
 

@@ -104,6 +104,8 @@ pub struct Registry {
     metrics: Arc<Metrics>,
     state: StateFile,
     cgroup_root: PathBuf,
+    /// Every registered spec, republished on each change (the xDS client reports them).
+    specs: tokio::sync::watch::Sender<Vec<WorkloadSpec>>,
 }
 
 impl Registry {
@@ -123,7 +125,13 @@ impl Registry {
             metrics,
             state: StateFile::new(state_dir),
             cgroup_root: cgroup_root.canonicalize().unwrap_or_else(|_| cgroup_root.to_path_buf()),
+            specs: tokio::sync::watch::Sender::new(Vec::new()),
         }
+    }
+
+    /// The registered specs now and after every change.
+    pub fn watch_specs(&self) -> tokio::sync::watch::Receiver<Vec<WorkloadSpec>> {
+        self.specs.subscribe()
     }
 
     /// Re-registers the workloads saved by a previous run. Ones that no longer exist (their
@@ -248,7 +256,12 @@ impl Registry {
                 None => 0,
             },
         };
-        let source = Arc::new(Source { key: key.clone(), netns, netns_cookie: bound.netns_cookie });
+        let source = Arc::new(Source {
+            key: key.clone(),
+            netns,
+            netns_cookie: bound.netns_cookie,
+            ips: spec.ips.clone(),
+        });
         let tasks = std::iter::once(v4)
             .chain(v6)
             .map(|listener| {
@@ -293,6 +306,7 @@ impl Registry {
 
     fn persist(&self, workloads: &BTreeMap<WorkloadKey, Entry>) -> io::Result<()> {
         let specs: Vec<WorkloadSpec> = workloads.values().map(|e| e.spec.clone()).collect();
+        self.specs.send_replace(specs.clone());
         self.state.save(&specs)
     }
 }

@@ -1,0 +1,274 @@
+//! The node's xDS client: one delta ADS stream to mesh-control, plus workload reports.
+//!
+//! - Every response is applied whole or NACKed with the reason (the previous config serves on).
+//! - While the control plane is unreachable the cache keeps serving; reconnects back off
+//!   exponentially (100 ms → 5 s) with jitter so a restarted control plane is not stampeded.
+//! - On reconnect the node resends its subscriptions and the versions it holds, so a restarted
+//!   control plane sends only what changed (resync).
+//! - Addresses are subscribed on demand: the first connect to an IP asks for it.
+
+use std::{
+    collections::BTreeSet,
+    net::IpAddr,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
+
+use anyhow::Context;
+use envoy_types::pb::{
+    envoy::{
+        config::core::v3::Node,
+        service::discovery::v3::{
+            DeltaDiscoveryRequest, DeltaDiscoveryResponse,
+            aggregated_discovery_service_client::AggregatedDiscoveryServiceClient,
+        },
+    },
+    google::rpc::Status as RpcStatus,
+};
+use mesh_control::{
+    proto::{self, mesh},
+    workload::WorkloadSpec,
+};
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+
+use super::cache::{AddressInfo, Cache, Incoming};
+
+/// Hands on-demand address subscriptions to the stream and waits for their answers.
+pub struct OnDemand {
+    cache: Arc<Cache>,
+    /// Every address ever asked for (re-subscribed after a reconnect).
+    subscribed: Mutex<BTreeSet<String>>,
+    requests: mpsc::UnboundedSender<String>,
+    connected: Arc<AtomicBool>,
+}
+
+impl OnDemand {
+    /// What `ip` is: from the cache, else asked of the control plane (waiting up to `timeout`).
+    /// `None`: no answer (control plane unreachable or slow).
+    pub async fn resolve(&self, ip: IpAddr, timeout: Duration) -> Option<AddressInfo> {
+        if let Some(info) = self.cache.address(ip) {
+            return Some(info);
+        }
+        let name = ip.to_string();
+        let notified = self.cache.address_changed.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        if self.subscribed.lock().expect("subscribed lock").insert(name.clone()) {
+            let _ = self.requests.send(name);
+        }
+        if !self.connected.load(Ordering::Acquire) {
+            // Don't make every connection wait out the timeout while we know nobody will answer.
+            return None;
+        }
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            if tokio::time::timeout_at(deadline, notified.as_mut()).await.is_err() {
+                return self.cache.address(ip);
+            }
+            if let Some(info) = self.cache.address(ip) {
+                return Some(info);
+            }
+            notified.set(self.cache.address_changed.notified());
+            notified.as_mut().enable();
+        }
+    }
+}
+
+pub struct Client {
+    pub endpoint: String,
+    pub node: String,
+    pub cache: Arc<Cache>,
+    requests: Mutex<Option<mpsc::UnboundedReceiver<String>>>,
+    on_demand: Arc<OnDemand>,
+    connected: Arc<AtomicBool>,
+}
+
+const SUBSCRIBE_ORDER: [&str; 4] =
+    [proto::CLUSTER_TYPE, proto::ENDPOINT_TYPE, proto::WORKLOAD_TYPE, proto::ADDRESS_TYPE];
+
+impl Client {
+    pub fn new(endpoint: String, node: String, cache: Arc<Cache>) -> Client {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let connected = Arc::new(AtomicBool::new(false));
+        let on_demand = Arc::new(OnDemand {
+            cache: Arc::clone(&cache),
+            subscribed: Mutex::default(),
+            requests: tx,
+            connected: Arc::clone(&connected),
+        });
+        Client { endpoint, node, cache, requests: Mutex::new(Some(rx)), on_demand, connected }
+    }
+
+    pub fn on_demand(&self) -> Arc<OnDemand> {
+        Arc::clone(&self.on_demand)
+    }
+
+    pub fn is_connected(&self) -> bool {
+        self.connected.load(Ordering::Acquire)
+    }
+
+    /// Runs forever: connect, stream, and on any failure back off and reconnect. `specs`:
+    /// the locally registered workloads, reported to the control plane.
+    pub async fn run(self: Arc<Self>, specs: watch::Receiver<Vec<WorkloadSpec>>) {
+        let mut requests = self.requests.lock().expect("requests lock").take().expect("run once");
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            let started = tokio::time::Instant::now();
+            match self.session(&mut requests, &specs).await {
+                Ok(()) => {
+                    tracing::warn!(control_plane = self.endpoint, "xDS stream closed by the control plane")
+                }
+                Err(e) => tracing::warn!(
+                    control_plane = self.endpoint,
+                    "xDS: {e:#}; serving the last good config and retrying"
+                ),
+            }
+            self.connected.store(false, Ordering::Release);
+            if started.elapsed() > Duration::from_secs(10) {
+                backoff = Duration::from_millis(100);
+            }
+            let jitter = Duration::from_millis(fastrand::u64(0..=backoff.as_millis() as u64 / 2));
+            tokio::time::sleep(backoff + jitter).await;
+            backoff = (backoff * 2).min(Duration::from_secs(5));
+        }
+    }
+
+    async fn session(
+        &self,
+        requests: &mut mpsc::UnboundedReceiver<String>,
+        specs: &watch::Receiver<Vec<WorkloadSpec>>,
+    ) -> anyhow::Result<()> {
+        let channel = tonic::transport::Endpoint::from_shared(self.endpoint.clone())
+            .context("--control-plane is not a URI")?
+            .connect_timeout(Duration::from_secs(2))
+            .http2_keep_alive_interval(Duration::from_secs(10))
+            .keep_alive_timeout(Duration::from_secs(10))
+            .connect()
+            .await
+            .context("cannot connect")?;
+        // Workloads first, so the control plane can answer for them right away.
+        let reporter = tokio::spawn(report_workloads(channel.clone(), self.node.clone(), specs.clone()));
+        let _reporter = AbortOnDrop(reporter);
+
+        let (tx, rx) = mpsc::channel::<DeltaDiscoveryRequest>(64);
+        let node = Some(Node { id: self.node.clone(), cluster: "nodemesh".into(), ..Default::default() });
+        for (i, type_url) in SUBSCRIBE_ORDER.iter().enumerate() {
+            let mut names = vec!["*".to_string()];
+            if *type_url == proto::ADDRESS_TYPE {
+                names.extend(self.on_demand.subscribed.lock().expect("subscribed lock").iter().cloned());
+            }
+            tx.send(DeltaDiscoveryRequest {
+                node: if i == 0 { node.clone() } else { None },
+                type_url: type_url.to_string(),
+                resource_names_subscribe: names,
+                initial_resource_versions: self.cache.held_versions(type_url),
+                ..Default::default()
+            })
+            .await?;
+        }
+        let mut client = AggregatedDiscoveryServiceClient::new(channel).max_decoding_message_size(64 << 20);
+        let mut inbound = client.delta_aggregated_resources(ReceiverStream::new(rx)).await?.into_inner();
+        self.connected.store(true, Ordering::Release);
+        tracing::info!(control_plane = self.endpoint, "xDS stream open");
+        loop {
+            tokio::select! {
+                msg = inbound.message() => {
+                    let Some(response) = msg? else { return Ok(()) };
+                    let answer = self.apply(response);
+                    tx.send(answer).await?;
+                }
+                Some(name) = requests.recv() => {
+                    tx.send(DeltaDiscoveryRequest {
+                        type_url: proto::ADDRESS_TYPE.into(),
+                        resource_names_subscribe: vec![name],
+                        ..Default::default()
+                    }).await?;
+                }
+            }
+        }
+    }
+
+    /// Applies one response and returns the ACK or NACK for it.
+    fn apply(&self, r: DeltaDiscoveryResponse) -> DeltaDiscoveryRequest {
+        let generation = r.system_version_info.parse().unwrap_or(0);
+        let updated = r
+            .resources
+            .into_iter()
+            .map(|res| Incoming {
+                name: res.name,
+                version: res.version,
+                value: res.resource.map(|a| a.value).unwrap_or_default(),
+            })
+            .collect::<Vec<_>>();
+        let count = updated.len();
+        let result = self.cache.apply(&r.type_url, generation, updated, &r.removed_resources);
+        let error_detail = match result {
+            Ok(()) => {
+                tracing::debug!(
+                    type_url = r.type_url,
+                    generation,
+                    updated = count,
+                    removed = r.removed_resources.len(),
+                    "config applied"
+                );
+                None
+            }
+            Err(reason) => {
+                tracing::warn!(type_url = r.type_url, generation, "config rejected (NACK): {reason}");
+                Some(RpcStatus {
+                    code: tonic::Code::InvalidArgument as i32,
+                    message: reason,
+                    details: Vec::new(),
+                })
+            }
+        };
+        DeltaDiscoveryRequest {
+            type_url: r.type_url,
+            response_nonce: r.nonce,
+            error_detail,
+            ..Default::default()
+        }
+    }
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Reports the registered workloads now and after every change, for as long as the session.
+async fn report_workloads(
+    channel: tonic::transport::Channel,
+    node: String,
+    mut specs: watch::Receiver<Vec<WorkloadSpec>>,
+) {
+    let mut client = mesh::node_registration_client::NodeRegistrationClient::new(channel);
+    loop {
+        let workloads = specs
+            .borrow_and_update()
+            .iter()
+            .map(|s| mesh::ReportedWorkload {
+                name: s.name.clone(),
+                namespace: s.namespace.clone(),
+                service_account: s.service_account.clone(),
+                addresses: s.ips.iter().map(ToString::to_string).collect(),
+                labels: s.labels.clone().into_iter().collect(),
+                namespace_labels: s.namespace_labels.clone().into_iter().collect(),
+            })
+            .collect();
+        match client.report_workloads(mesh::WorkloadReport { node: node.clone(), workloads }).await {
+            Ok(reply) => tracing::debug!(generation = reply.get_ref().generation, "workloads reported"),
+            Err(e) => tracing::warn!("workload report refused: {}", e.message()),
+        }
+        if specs.changed().await.is_err() {
+            return;
+        }
+    }
+}

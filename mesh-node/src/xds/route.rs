@@ -1,0 +1,150 @@
+//! Where a captured connection goes, from what the control plane said about its destination
+//! IP: a Service port → its cluster's balancer; a workload IP → straight there; an unknown IP →
+//! straight there (ALLOW_ANY) or refused (REGISTRY_ONLY, naming the reason).
+
+use std::{net::SocketAddr, sync::Arc, time::Duration};
+
+use mesh_control::proto::mesh::{self, OutboundTrafficPolicy, hash_policy::Key};
+use tokio::net::TcpStream;
+
+use super::{
+    cache::{AddressInfo, Cache},
+    client::OnDemand,
+    lb::{Balancer, hash_bytes},
+};
+use crate::proxy::Source;
+
+pub enum Decision {
+    /// Connect to the dialled address.
+    Direct,
+    Balance {
+        balancer: Arc<Balancer>,
+        hash: Option<u64>,
+        /// The service hostname, for logs.
+        service: String,
+    },
+    Deny(String),
+}
+
+pub struct Router {
+    pub cache: Arc<Cache>,
+    pub on_demand: Arc<OnDemand>,
+    /// How long the first connect to an unknown IP waits for the control plane's answer.
+    pub lookup_timeout: Duration,
+}
+
+impl Router {
+    pub async fn decide(&self, source: &Source, dst: SocketAddr, client: &TcpStream) -> Decision {
+        let policy = self
+            .cache
+            .workload(&source.key.to_string())
+            .and_then(|w| OutboundTrafficPolicy::try_from(w.outbound_policy).ok())
+            .unwrap_or(OutboundTrafficPolicy::AllowAny);
+        let registry_only = policy == OutboundTrafficPolicy::RegistryOnly;
+        match self.on_demand.resolve(dst.ip(), self.lookup_timeout).await {
+            Some(AddressInfo::Service(svc)) => {
+                let Some(port) = svc.ports.iter().find(|p| p.port == u32::from(dst.port())) else {
+                    return if registry_only {
+                        Decision::Deny(format!(
+                            "service {} does not declare port {} (outboundTrafficPolicy REGISTRY_ONLY)",
+                            svc.hostname,
+                            dst.port()
+                        ))
+                    } else {
+                        Decision::Direct
+                    };
+                };
+                match self.cache.cluster(&port.cluster) {
+                    Some(b) if b.passthrough => Decision::Direct,
+                    Some(balancer) => {
+                        let hash = hash_key(port.hash_policy.as_ref(), source, client).await;
+                        Decision::Balance { balancer, hash, service: svc.hostname.clone() }
+                    }
+                    None => Decision::Deny(format!(
+                        "cluster {} of service {} has not been received from the control plane",
+                        port.cluster, svc.hostname
+                    )),
+                }
+            }
+            Some(AddressInfo::Workload(_)) => Decision::Direct,
+            Some(AddressInfo::Unknown) if registry_only => Decision::Deny(format!(
+                "no ServiceEntry (or Service) matches {dst}; outboundTrafficPolicy is REGISTRY_ONLY — add a \
+                 ServiceEntry for this host to allow it"
+            )),
+            None if registry_only => Decision::Deny(format!(
+                "{dst} is not in the registry this node holds and the control plane did not answer; \
+                 outboundTrafficPolicy is REGISTRY_ONLY, so unknown destinations are refused"
+            )),
+            Some(AddressInfo::Unknown) | None => Decision::Direct,
+        }
+    }
+}
+
+/// The consistent-hash key: the source workload's IP, or a request header / cookie read (not
+/// consumed) from the first bytes the client sent.
+async fn hash_key(policy: Option<&mesh::HashPolicy>, source: &Source, client: &TcpStream) -> Option<u64> {
+    match policy?.key.as_ref()? {
+        Key::SourceIp(_) => source.ips.first().map(|ip| hash_bytes(ip.to_string().as_bytes())),
+        Key::Header(name) => peek_header(client, name, false).await.map(|v| hash_bytes(v.as_bytes())),
+        Key::Cookie(name) => peek_header(client, name, true).await.map(|v| hash_bytes(v.as_bytes())),
+        Key::QueryParameter(name) => peek_query(client, name).await.map(|v| hash_bytes(v.as_bytes())),
+    }
+}
+
+/// Reads the HTTP/1 request head with MSG_PEEK (the bytes stay for the upstream), up to 8 KiB
+/// or 1 s. Per-request hashing over HTTP/2 comes with the L7 proxy.
+async fn peek_head(client: &TcpStream) -> Option<String> {
+    let mut buf = vec![0u8; 8192];
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(1);
+    let mut last = 0;
+    loop {
+        let n = tokio::time::timeout_at(deadline, client.peek(&mut buf)).await.ok()?.ok()?;
+        if n == 0 {
+            return None;
+        }
+        if let Some(end) = buf[..n].windows(4).position(|w| w == b"\r\n\r\n") {
+            return String::from_utf8(buf[..end].to_vec()).ok();
+        }
+        if n == buf.len() {
+            return None;
+        }
+        if n == last {
+            // Nothing new yet: peek returns at once while data is queued, so wait a little.
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        last = n;
+    }
+}
+
+async fn peek_header(client: &TcpStream, name: &str, cookie: bool) -> Option<String> {
+    let head = peek_head(client).await?;
+    let wanted = if cookie { "cookie" } else { name };
+    for line in head.split("\r\n").skip(1) {
+        let (k, v) = line.split_once(':')?;
+        if !k.trim().eq_ignore_ascii_case(wanted) {
+            continue;
+        }
+        let v = v.trim();
+        if !cookie {
+            return Some(v.to_string());
+        }
+        for c in v.split(';') {
+            if let Some((ck, cv)) = c.trim().split_once('=')
+                && ck == name
+            {
+                return Some(cv.to_string());
+            }
+        }
+    }
+    None
+}
+
+async fn peek_query(client: &TcpStream, name: &str) -> Option<String> {
+    let head = peek_head(client).await?;
+    let target = head.split(' ').nth(1)?;
+    let query = target.split_once('?')?.1;
+    query.split('&').find_map(|kv| {
+        let (k, v) = kv.split_once('=')?;
+        (k == name).then(|| v.to_string())
+    })
+}
