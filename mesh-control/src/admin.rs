@@ -59,7 +59,7 @@ impl Admin {
                 let store = self.store.lock().expect("store lock");
                 let snapshot = Arc::clone(&self.snapshots.borrow());
                 let mut objects: Vec<String> = Vec::new();
-                for kind in ALL_KINDS {
+                for kind in crate::model::Kind::ALL {
                     objects.extend(store.of_kind(kind).map(|o| o.key().to_string()));
                 }
                 http::json(
@@ -78,20 +78,3 @@ impl Admin {
         }
     }
 }
-
-const ALL_KINDS: [crate::model::Kind; 11] = {
-    use crate::model::Kind::*;
-    [
-        Namespace,
-        Node,
-        Pod,
-        Service,
-        EndpointSlice,
-        ServiceEntry,
-        WorkloadEntry,
-        DestinationRule,
-        Sidecar,
-        MeshConfig,
-        NodeWorkload,
-    ]
-};

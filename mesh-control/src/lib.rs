@@ -7,7 +7,9 @@
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod hash;
 pub mod http;
+pub mod logging;
 pub mod meshing;
 pub mod model;
 pub mod proto;

@@ -63,7 +63,7 @@ pub fn bin(name: &str) -> anyhow::Result<PathBuf> {
     let path = bin_dir().join(name);
     if !path.is_file() {
         bail!(
-            "{} not found; build it first (`cargo xtask test` does: cargo build -p mesh-node -p nodemesh-tests --bins)",
+            "{} not found; build it first (`cargo xtask test` does: cargo build -p mesh-node -p mesh-control -p nodemesh-tests --bins)",
             path.display()
         );
     }
@@ -280,7 +280,6 @@ impl SimNode {
     /// Starts mesh-node with the same args, optionally inside `cgroup`.
     fn spawn_mesh_node(&mut self, cgroup: Option<&Path>) -> anyhow::Result<()> {
         anyhow::ensure!(self.mesh_node.is_none(), "mesh-node already running");
-        let log = fs::OpenOptions::new().create(true).append(true).open(self.mesh_node_log())?;
         let mut args: Vec<String> = vec![
             "run".into(),
             "--node-name".into(),
@@ -295,16 +294,8 @@ impl SimNode {
             self.work_dir.join("state").display().to_string(),
         ];
         args.extend(self.mesh_node_args.iter().cloned());
-        let child = process::spawn_in(
-            &self.node_netns,
-            cgroup,
-            &bin("mesh-node")?,
-            &args,
-            // mesh_ebpf=debug: the capture programs' aya-log records, forwarded into this log.
-            &[("NODEMESH_LOG", "info,mesh_node=debug,mesh_ebpf=debug")],
-            Stdio::from(log.try_clone()?),
-            Stdio::from(log),
-        )?;
+        // mesh_ebpf=debug: the capture programs' aya-log records, forwarded into this log.
+        let child = self.spawn_daemon("mesh-node", cgroup, &args, "info,mesh_node=debug,mesh_ebpf=debug")?;
         self.mesh_node = Some(MeshNodeProcess { child });
         self.wait_ready(Duration::from_secs(30))
     }
@@ -495,18 +486,8 @@ impl SimNode {
     /// waits until its admin endpoint answers.
     pub fn start_control_plane(&mut self, config_dir: &Path) -> anyhow::Result<()> {
         anyhow::ensure!(self.control_plane.is_none(), "mesh-control already running");
-        let log =
-            fs::OpenOptions::new().create(true).append(true).open(self.work_dir.join("mesh-control.log"))?;
         let args: Vec<String> = vec!["run".into(), "--config-dir".into(), config_dir.display().to_string()];
-        let child = process::spawn_in(
-            &self.node_netns,
-            None,
-            &bin("mesh-control")?,
-            &args,
-            &[("NODEMESH_LOG", "info,mesh_control=debug")],
-            Stdio::from(log.try_clone()?),
-            Stdio::from(log),
-        )?;
+        let child = self.spawn_daemon("mesh-control", None, &args, "info,mesh_control=debug")?;
         self.control_plane = Some(child);
         let deadline = Instant::now() + Duration::from_secs(20);
         while self.control_get("/healthz/ready").is_err() {
@@ -516,6 +497,30 @@ impl SimNode {
             std::thread::sleep(Duration::from_millis(50));
         }
         Ok(())
+    }
+
+    /// Starts one of our binaries in the node netns (optionally in `cgroup`), its output
+    /// appended to `<work dir>/<program>.log`, logging at `log_filter`.
+    fn spawn_daemon(
+        &self,
+        program: &str,
+        cgroup: Option<&Path>,
+        args: &[String],
+        log_filter: &str,
+    ) -> anyhow::Result<Child> {
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.work_dir.join(format!("{program}.log")))?;
+        process::spawn_in(
+            &self.node_netns,
+            cgroup,
+            &bin(program)?,
+            args,
+            &[("NODEMESH_LOG", log_filter)],
+            Stdio::from(log.try_clone()?),
+            Stdio::from(log),
+        )
     }
 
     /// SIGKILL mesh-control (a crash).

@@ -30,6 +30,20 @@ pub enum Kind {
 }
 
 impl Kind {
+    pub const ALL: [Kind; 11] = [
+        Kind::Namespace,
+        Kind::Node,
+        Kind::Pod,
+        Kind::Service,
+        Kind::EndpointSlice,
+        Kind::ServiceEntry,
+        Kind::WorkloadEntry,
+        Kind::DestinationRule,
+        Kind::Sidecar,
+        Kind::MeshConfig,
+        Kind::NodeWorkload,
+    ];
+
     pub fn is_namespaced(self) -> bool {
         !matches!(self, Kind::Namespace | Kind::Node | Kind::MeshConfig)
     }

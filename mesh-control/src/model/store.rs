@@ -84,10 +84,6 @@ impl Store {
         self.generation
     }
 
-    pub fn get(&self, key: &ObjectKey) -> Option<&Object> {
-        self.objects.get(key).map(|e| &e.object)
-    }
-
     pub fn of_kind(&self, kind: Kind) -> impl Iterator<Item = &Object> {
         let start = ObjectKey { kind, namespace: String::new(), name: String::new() };
         self.objects.range(start..).take_while(move |(k, _)| k.kind == kind).map(|(_, e)| &e.object)
@@ -181,39 +177,6 @@ impl Store {
         let applied = self.replace_source(origin, Vec::new());
         self.errors.remove(origin);
         applied
-    }
-
-    /// Upserts or deletes one object of a streaming source (Kubernetes watch events).
-    pub fn upsert(&mut self, origin: &Origin, object: Object) -> bool {
-        let key = object.key();
-        if let Some(owner) = self.owner_other_than(&key, origin) {
-            tracing::warn!("{key} from {origin}: already defined by {owner}; ignored");
-            return false;
-        }
-        if self.objects.get(&key).is_some_and(|e| e.object == object) {
-            return false;
-        }
-        self.objects.insert(key, Entry { object, origin: origin.clone() });
-        self.generation += 1;
-        true
-    }
-
-    pub fn delete(&mut self, origin: &Origin, key: &ObjectKey) -> bool {
-        if self.objects.get(key).is_some_and(|e| &e.origin == origin) {
-            self.objects.remove(key);
-            self.generation += 1;
-            return true;
-        }
-        false
-    }
-
-    /// Keys `origin` supplies of `kind` (a Kubernetes relist removes the ones not listed).
-    pub fn keys_from(&self, origin: &Origin, kind: Kind) -> Vec<ObjectKey> {
-        self.objects
-            .iter()
-            .filter(|(k, e)| k.kind == kind && &e.origin == origin)
-            .map(|(k, _)| k.clone())
-            .collect()
     }
 
     fn owner_other_than(&self, key: &ObjectKey, origin: &Origin) -> Option<&Origin> {

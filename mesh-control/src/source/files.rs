@@ -148,8 +148,6 @@ impl DirectorySource {
                 return 0;
             }
         };
-        let mut changed = 0;
-        let mut store = self.store.lock().expect("store lock");
         let current: BTreeMap<PathBuf, (SystemTime, u64)> = files
             .iter()
             .filter_map(|p| {
@@ -157,21 +155,26 @@ impl DirectorySource {
                 Some((p.clone(), (m.modified().ok()?, m.len())))
             })
             .collect();
+        // Read and parse before taking the store lock: xDS, reports and the admin endpoint
+        // keep going while a big directory loads.
+        let loaded: Vec<(Origin, Result<_, _>)> = current
+            .iter()
+            .filter(|(path, stamp)| self.seen.get(*path) != Some(*stamp))
+            .map(|(path, _)| (Origin::File(path.clone()), load_file(path)))
+            .collect();
+        let mut changed = 0;
+        let mut store = self.store.lock().expect("store lock");
         for gone in self.seen.keys().filter(|p| !current.contains_key(*p)) {
             let applied = store.remove_source(&Origin::File(gone.clone()));
             tracing::info!(file = %gone.display(), removed = applied.changed, "config file removed");
             changed += applied.changed;
         }
-        for (path, stamp) in &current {
-            if self.seen.get(path) == Some(stamp) {
-                continue;
-            }
-            let origin = Origin::File(path.clone());
-            match load_file(path) {
+        for (origin, result) in loaded {
+            match result {
                 Ok(docs) => {
                     let applied = store.replace_source(&origin, docs);
                     tracing::info!(
-                        file = %path.display(), changed = applied.changed, rejected = applied.rejected,
+                        file = %origin, changed = applied.changed, rejected = applied.rejected,
                         "config file loaded"
                     );
                     changed += applied.changed;
@@ -210,7 +213,8 @@ impl DirectorySource {
                 }
                 _ = tokio::time::sleep(poll) => {}
             }
-            self.rescan();
+            // Blocking file I/O: keep the runtime's other tasks moving.
+            tokio::task::block_in_place(|| self.rescan());
         }
     }
 }

@@ -11,9 +11,12 @@ use std::{
     sync::Arc,
 };
 
-use envoy_types::pb::envoy::service::discovery::v3::{
-    self as discovery, DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
-    aggregated_discovery_service_server::AggregatedDiscoveryService,
+use envoy_types::pb::envoy::{
+    config::core::v3::Node,
+    service::discovery::v3::{
+        self as discovery, DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest,
+        DiscoveryResponse, aggregated_discovery_service_server::AggregatedDiscoveryService,
+    },
 };
 use futures::Stream;
 use tokio::sync::{mpsc, watch};
@@ -43,35 +46,111 @@ impl AggregatedDiscoveryService for AdsServer {
         &self,
         request: Request<Streaming<DeltaDiscoveryRequest>>,
     ) -> Result<Response<Self::DeltaAggregatedResourcesStream>, Status> {
-        let mut inbound = request.into_inner();
-        let first =
-            inbound.message().await?.ok_or_else(|| Status::cancelled("stream closed before a request"))?;
-        let node = node_id(first.node.as_ref())?;
-        let (tx, rx) = mpsc::channel(16);
-        let stream = DeltaStream::new(node, self.snapshots.clone(), Arc::clone(&self.nodes));
-        tokio::spawn(stream.run(first, inbound, tx));
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        self.open(request, |c| Delta { c, sent: HashMap::new(), told_absent: HashMap::new() }).await
     }
 
     async fn stream_aggregated_resources(
         &self,
         request: Request<Streaming<DiscoveryRequest>>,
     ) -> Result<Response<Self::StreamAggregatedResourcesStream>, Status> {
+        self.open(request, |c| Sotw { c, sent: HashMap::new() }).await
+    }
+}
+
+impl AdsServer {
+    /// Reads the first request (it names the node), then serves the stream on its own task.
+    async fn open<P: Protocol>(
+        &self,
+        request: Request<Streaming<P::Req>>,
+        make: impl FnOnce(Common) -> P,
+    ) -> Result<Response<BoxStream<P::Resp>>, Status> {
         let mut inbound = request.into_inner();
         let first =
             inbound.message().await?.ok_or_else(|| Status::cancelled("stream closed before a request"))?;
-        let node = node_id(first.node.as_ref())?;
+        let node = P::node(&first).map(|n| n.id.clone()).filter(|id| !id.is_empty()).ok_or_else(|| {
+            Status::invalid_argument("the first request must carry node.id (the node's name)")
+        })?;
         let (tx, rx) = mpsc::channel(16);
-        let stream = SotwStream::new(node, self.snapshots.clone(), Arc::clone(&self.nodes));
-        tokio::spawn(stream.run(first, inbound, tx));
+        let protocol = make(Common::new(node, self.snapshots.clone(), Arc::clone(&self.nodes), P::NAME));
+        tokio::spawn(serve(protocol, first, inbound, tx));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 }
 
-fn node_id(node: Option<&envoy_types::pb::envoy::config::core::v3::Node>) -> Result<String, Status> {
-    node.map(|n| n.id.clone())
-        .filter(|id| !id.is_empty())
-        .ok_or_else(|| Status::invalid_argument("the first request must carry node.id (the node's name)"))
+/// What differs between delta and state-of-the-world: how requests change subscriptions and
+/// how a type's resources become a response.
+trait Protocol: Send + 'static {
+    type Req: Send + 'static;
+    type Resp: Send + 'static;
+    const NAME: &'static str;
+    fn common(&mut self) -> &mut Common;
+    fn node(req: &Self::Req) -> Option<&Node>;
+    fn on_request(&mut self, req: Self::Req);
+    /// The response bringing the node to `want` for `type_url`; `None` if it has it already.
+    fn response(
+        &mut self,
+        type_url: &'static str,
+        want: BTreeMap<String, Resource>,
+        generation: u64,
+        nonce: &str,
+    ) -> Option<Self::Resp>;
+}
+
+/// One stream: push what is ready, then wait for a request or a new snapshot.
+async fn serve<P: Protocol>(
+    mut p: P,
+    first: P::Req,
+    mut inbound: Streaming<P::Req>,
+    tx: mpsc::Sender<Result<P::Resp, Status>>,
+) {
+    p.on_request(first);
+    'stream: loop {
+        while let Some(response) = next_response(&mut p) {
+            if tx.send(Ok(response)).await.is_err() {
+                break 'stream;
+            }
+        }
+        let c = p.common();
+        tokio::select! {
+            msg = inbound.message() => match msg {
+                Ok(Some(req)) => p.on_request(req),
+                Ok(None) => break,
+                Err(e) => {
+                    tracing::debug!(node = c.node, "stream error: {e}");
+                    break;
+                }
+            },
+            changed = c.snapshots.changed() => {
+                if changed.is_err() { break; }
+                c.new_snapshot();
+            }
+        }
+    }
+    p.common().closed();
+}
+
+/// The next response to send, if a type is ready and the node lacks something of it. A type
+/// with nothing new counts as acknowledged at the current generation.
+fn next_response<P: Protocol>(p: &mut P) -> Option<P::Resp> {
+    loop {
+        let c = p.common();
+        let type_url = c.next_type()?;
+        c.dirty.remove(type_url);
+        let want = c.snapshot.resources_for(&c.node, &c.subs, type_url);
+        let generation = c.snapshot.generation;
+        let nonce = c.nonce();
+        match p.response(type_url, want, generation, &nonce) {
+            Some(response) => {
+                tracing::debug!(node = p.common().node, type_url, generation, "push");
+                p.common().pending.insert(type_url.to_string(), (nonce, generation));
+                return Some(response);
+            }
+            None => {
+                let c = p.common();
+                c.nodes.acked(&c.node, type_url, generation);
+            }
+        }
+    }
 }
 
 /// State shared by both protocols: subscriptions, the in-flight response per type, and what
@@ -116,7 +195,7 @@ impl Common {
     }
 
     /// ACK or NACK of an earlier response; stale nonces are ignored.
-    fn answer(&mut self, type_url: &str, nonce: &str, error: Option<&str>) {
+    fn answer(&mut self, type_url: &str, nonce: &str, error: Option<&envoy_types::pb::google::rpc::Status>) {
         if nonce.is_empty() {
             return;
         }
@@ -127,8 +206,21 @@ impl Common {
         self.pending.remove(type_url);
         match error {
             None => self.nodes.acked(&self.node, type_url, generation),
-            Some(reason) => self.nodes.nacked(&self.node, type_url, generation, reason),
+            Some(s) => {
+                let reason =
+                    if s.message.is_empty() { format!("code {}", s.code) } else { s.message.clone() };
+                self.nodes.nacked(&self.node, type_url, generation, &reason);
+            }
         }
+    }
+
+    /// Marks `type_url` for a push; addresses also decide which clusters and endpoints the
+    /// node gets, so those are re-derived with them.
+    fn changed(&mut self, type_url: String) {
+        if type_url == proto::ADDRESS_TYPE {
+            self.dirty.extend([proto::CLUSTER_TYPE.to_string(), proto::ENDPOINT_TYPE.to_string()]);
+        }
+        self.dirty.insert(type_url);
     }
 
     fn new_snapshot(&mut self) {
@@ -139,16 +231,16 @@ impl Common {
     /// The next type to push, if any: strictly in push order, each waiting until the types
     /// before it are acknowledged, so an address never reaches a node before the cluster and
     /// endpoints it points at (make-before-break).
-    fn ready_types(&self) -> Vec<&'static str> {
+    fn next_type(&self) -> Option<&'static str> {
         for t in PUSH_ORDER {
             if self.pending.contains_key(t) {
-                return Vec::new();
+                return None;
             }
             if self.dirty.contains(t) && self.subs.contains_key(t) {
-                return vec![t];
+                return Some(t);
             }
         }
-        Vec::new()
+        None
     }
 
     fn closed(&self) {
@@ -157,11 +249,7 @@ impl Common {
     }
 }
 
-fn rpc_error(detail: Option<&envoy_types::pb::google::rpc::Status>) -> Option<String> {
-    detail.map(|s| if s.message.is_empty() { format!("code {}", s.code) } else { s.message.clone() })
-}
-
-struct DeltaStream {
+struct Delta {
     c: Common,
     /// What the node holds: type → name → version.
     sent: HashMap<String, BTreeMap<String, String>>,
@@ -169,47 +257,22 @@ struct DeltaStream {
     told_absent: HashMap<String, BTreeSet<String>>,
 }
 
-impl DeltaStream {
-    fn new(node: String, snapshots: watch::Receiver<Arc<Snapshot>>, nodes: Arc<Nodes>) -> DeltaStream {
-        DeltaStream {
-            c: Common::new(node, snapshots, nodes, "delta"),
-            sent: HashMap::new(),
-            told_absent: HashMap::new(),
-        }
+impl Protocol for Delta {
+    type Req = DeltaDiscoveryRequest;
+    type Resp = DeltaDiscoveryResponse;
+    const NAME: &'static str = "delta";
+
+    fn common(&mut self) -> &mut Common {
+        &mut self.c
     }
 
-    async fn run(
-        mut self,
-        first: DeltaDiscoveryRequest,
-        mut inbound: Streaming<DeltaDiscoveryRequest>,
-        tx: mpsc::Sender<Result<DeltaDiscoveryResponse, Status>>,
-    ) {
-        self.on_request(first);
-        loop {
-            if self.flush(&tx).await.is_err() {
-                break;
-            }
-            tokio::select! {
-                msg = inbound.message() => match msg {
-                    Ok(Some(req)) => self.on_request(req),
-                    Ok(None) => break,
-                    Err(e) => {
-                        tracing::debug!(node = self.c.node, "stream error: {e}");
-                        break;
-                    }
-                },
-                changed = self.c.snapshots.changed() => {
-                    if changed.is_err() { break; }
-                    self.c.new_snapshot();
-                }
-            }
-        }
-        self.c.closed();
+    fn node(req: &DeltaDiscoveryRequest) -> Option<&Node> {
+        req.node.as_ref()
     }
 
     fn on_request(&mut self, req: DeltaDiscoveryRequest) {
         let t = req.type_url.clone();
-        self.c.answer(&t, &req.response_nonce, rpc_error(req.error_detail.as_ref()).as_deref());
+        self.c.answer(&t, &req.response_nonce, req.error_detail.as_ref());
         let first_for_type = !self.c.subs.contains_key(&t);
         let sub = self.c.subs.entry(t.clone()).or_default();
         let before = sub.clone();
@@ -231,195 +294,120 @@ impl DeltaStream {
                 self.told_absent.entry(t.clone()).or_default().remove(name);
             }
         }
+        let changed = *sub != before;
         if first_for_type {
             // Resync after a reconnect: the node says what it holds; only differences are sent.
             self.sent.insert(t.clone(), req.initial_resource_versions.into_iter().collect());
         }
-        if first_for_type || *sub != before {
-            if t == proto::ADDRESS_TYPE {
-                // Addresses decide which clusters and endpoints the node gets.
-                self.c.dirty.extend([proto::CLUSTER_TYPE.to_string(), proto::ENDPOINT_TYPE.to_string()]);
-            }
-            self.c.dirty.insert(t);
+        if first_for_type || changed {
+            self.c.changed(t);
         }
     }
 
-    /// Pushes until every change is sent or waits on an ACK.
-    async fn flush(&mut self, tx: &mpsc::Sender<Result<DeltaDiscoveryResponse, Status>>) -> Result<(), ()> {
-        while !self.c.ready_types().is_empty() {
-            self.flush_once(tx).await?;
-        }
-        Ok(())
-    }
-
-    async fn flush_once(
+    fn response(
         &mut self,
-        tx: &mpsc::Sender<Result<DeltaDiscoveryResponse, Status>>,
-    ) -> Result<(), ()> {
-        let ready = self.c.ready_types();
-        if ready.is_empty() {
-            return Ok(());
-        }
-        let view = self.c.snapshot.view(&self.c.node, &self.c.subs);
-        let generation = self.c.snapshot.generation;
-        for t in ready {
-            self.c.dirty.remove(t);
-            let want = view.get(t).cloned().unwrap_or_default();
-            let sent = self.sent.entry(t.to_string()).or_default();
-            let resources: Vec<&Resource> =
-                want.values().filter(|r| sent.get(&r.name) != Some(&r.version)).collect();
-            let mut removed: Vec<String> = sent.keys().filter(|n| !want.contains_key(*n)).cloned().collect();
-            let told = self.told_absent.entry(t.to_string()).or_default();
-            let sub = self.c.subs.get(t).cloned().unwrap_or_default();
+        t: &'static str,
+        want: BTreeMap<String, Resource>,
+        generation: u64,
+        nonce: &str,
+    ) -> Option<DeltaDiscoveryResponse> {
+        let sent = self.sent.entry(t.to_string()).or_default();
+        let told = self.told_absent.entry(t.to_string()).or_default();
+        let resources: Vec<&Resource> =
+            want.values().filter(|r| sent.get(&r.name) != Some(&r.version)).collect();
+        let mut removed: Vec<String> = sent.keys().filter(|n| !want.contains_key(*n)).cloned().collect();
+        if let Some(sub) = self.c.subs.get(t) {
             for name in &sub.names {
                 if !want.contains_key(name) && !sent.contains_key(name) && told.insert(name.clone()) {
                     removed.push(name.clone());
                 }
             }
-            if resources.is_empty() && removed.is_empty() {
-                self.c.nodes.acked(&self.c.node, t, generation);
-                continue;
-            }
-            for r in &resources {
-                sent.insert(r.name.clone(), r.version.clone());
-                told.remove(&r.name);
-            }
-            for name in &removed {
-                sent.remove(name);
-            }
-            let nonce = self.c.nonce();
-            let response = DeltaDiscoveryResponse {
-                system_version_info: generation.to_string(),
-                type_url: t.to_string(),
-                resources: resources
-                    .iter()
-                    .map(|r| discovery::Resource {
-                        name: r.name.clone(),
-                        version: r.version.clone(),
-                        resource: Some(r.any.clone()),
-                        ..Default::default()
-                    })
-                    .collect(),
-                removed_resources: removed,
-                nonce: nonce.clone(),
-                ..Default::default()
-            };
-            tracing::debug!(
-                node = self.c.node,
-                type_url = t,
-                generation,
-                updated = response.resources.len(),
-                removed = response.removed_resources.len(),
-                "push"
-            );
-            self.c.pending.insert(t.to_string(), (nonce, generation));
-            tx.send(Ok(response)).await.map_err(|_| ())?;
         }
-        Ok(())
+        if resources.is_empty() && removed.is_empty() {
+            return None;
+        }
+        for r in &resources {
+            sent.insert(r.name.clone(), r.version.clone());
+            told.remove(&r.name);
+        }
+        for name in &removed {
+            sent.remove(name);
+        }
+        Some(DeltaDiscoveryResponse {
+            system_version_info: generation.to_string(),
+            type_url: t.to_string(),
+            resources: resources
+                .iter()
+                .map(|r| discovery::Resource {
+                    name: r.name.clone(),
+                    version: r.version.clone(),
+                    resource: Some(r.any.clone()),
+                    ..Default::default()
+                })
+                .collect(),
+            removed_resources: removed,
+            nonce: nonce.to_string(),
+            ..Default::default()
+        })
     }
 }
 
-struct SotwStream {
+struct Sotw {
     c: Common,
     /// type → hash of the last full set sent.
     sent: HashMap<String, String>,
 }
 
-impl SotwStream {
-    fn new(node: String, snapshots: watch::Receiver<Arc<Snapshot>>, nodes: Arc<Nodes>) -> SotwStream {
-        SotwStream { c: Common::new(node, snapshots, nodes, "sotw"), sent: HashMap::new() }
+impl Protocol for Sotw {
+    type Req = DiscoveryRequest;
+    type Resp = DiscoveryResponse;
+    const NAME: &'static str = "sotw";
+
+    fn common(&mut self) -> &mut Common {
+        &mut self.c
     }
 
-    async fn run(
-        mut self,
-        first: DiscoveryRequest,
-        mut inbound: Streaming<DiscoveryRequest>,
-        tx: mpsc::Sender<Result<DiscoveryResponse, Status>>,
-    ) {
-        self.on_request(first);
-        loop {
-            if self.flush(&tx).await.is_err() {
-                break;
-            }
-            tokio::select! {
-                msg = inbound.message() => match msg {
-                    Ok(Some(req)) => self.on_request(req),
-                    Ok(None) => break,
-                    Err(e) => {
-                        tracing::debug!(node = self.c.node, "stream error: {e}");
-                        break;
-                    }
-                },
-                changed = self.c.snapshots.changed() => {
-                    if changed.is_err() { break; }
-                    self.c.new_snapshot();
-                }
-            }
-        }
-        self.c.closed();
+    fn node(req: &DiscoveryRequest) -> Option<&Node> {
+        req.node.as_ref()
     }
 
     fn on_request(&mut self, req: DiscoveryRequest) {
         let t = req.type_url.clone();
-        self.c.answer(&t, &req.response_nonce, rpc_error(req.error_detail.as_ref()).as_deref());
+        self.c.answer(&t, &req.response_nonce, req.error_detail.as_ref());
         let sub = Subscription {
             wildcard: req.resource_names.is_empty() || req.resource_names.iter().any(|n| n == "*"),
             names: req.resource_names.into_iter().filter(|n| n != "*").collect(),
         };
-        if self.c.subs.get(&t) != Some(&sub) {
+        let changed = self.c.subs.get(&t) != Some(&sub);
+        // A changed name list, or a fresh request for the same names (the client restarted this
+        // type), is answered even if the set happens to be equal.
+        if changed || req.response_nonce.is_empty() {
             self.c.subs.insert(t.clone(), sub);
-            if t == proto::ADDRESS_TYPE {
-                self.c.dirty.extend([proto::CLUSTER_TYPE.to_string(), proto::ENDPOINT_TYPE.to_string()]);
-            }
-            // A changed name list is answered even if the set happens to be equal.
             self.sent.remove(&t);
-            self.c.dirty.insert(t);
-        } else if req.response_nonce.is_empty() {
-            // A fresh request for the same names (client restart of this type): answer it.
-            self.sent.remove(&t);
-            self.c.dirty.insert(t);
+            self.c.changed(t);
         }
     }
 
-    /// Pushes until every change is sent or waits on an ACK.
-    async fn flush(&mut self, tx: &mpsc::Sender<Result<DiscoveryResponse, Status>>) -> Result<(), ()> {
-        while !self.c.ready_types().is_empty() {
-            self.flush_once(tx).await?;
+    fn response(
+        &mut self,
+        t: &'static str,
+        want: BTreeMap<String, Resource>,
+        _generation: u64,
+        nonce: &str,
+    ) -> Option<DiscoveryResponse> {
+        let digest: Vec<u8> =
+            want.values().flat_map(|r| [r.name.as_bytes(), r.version.as_bytes(), b";"].concat()).collect();
+        let version = content_version(&digest);
+        if self.sent.get(t) == Some(&version) {
+            return None;
         }
-        Ok(())
-    }
-
-    async fn flush_once(&mut self, tx: &mpsc::Sender<Result<DiscoveryResponse, Status>>) -> Result<(), ()> {
-        let ready = self.c.ready_types();
-        if ready.is_empty() {
-            return Ok(());
-        }
-        let view = self.c.snapshot.view(&self.c.node, &self.c.subs);
-        let generation = self.c.snapshot.generation;
-        for t in ready {
-            self.c.dirty.remove(t);
-            let want = view.get(t).cloned().unwrap_or_default();
-            let digest: Vec<u8> = want
-                .values()
-                .flat_map(|r| [r.name.as_bytes(), r.version.as_bytes(), b";"].concat())
-                .collect();
-            let version = content_version(&digest);
-            if self.sent.get(t) == Some(&version) {
-                self.c.nodes.acked(&self.c.node, t, generation);
-                continue;
-            }
-            self.sent.insert(t.to_string(), version.clone());
-            let nonce = self.c.nonce();
-            let response = DiscoveryResponse {
-                version_info: version,
-                type_url: t.to_string(),
-                resources: want.values().map(|r| r.any.clone()).collect(),
-                nonce: nonce.clone(),
-                ..Default::default()
-            };
-            self.c.pending.insert(t.to_string(), (nonce, generation));
-            tx.send(Ok(response)).await.map_err(|_| ())?;
-        }
-        Ok(())
+        self.sent.insert(t.to_string(), version.clone());
+        Some(DiscoveryResponse {
+            version_info: version,
+            type_url: t.to_string(),
+            resources: want.into_values().map(|r| r.any).collect(),
+            nonce: nonce.to_string(),
+            ..Default::default()
+        })
     }
 }

@@ -83,16 +83,54 @@ impl Snapshot {
         Some(r)
     }
 
-    /// The resources of every type `node` gets, given its subscriptions.
-    pub fn view(
+    /// The resources of `type_url` that `node` gets, given its subscriptions. Clusters and
+    /// endpoints follow from the addresses (those the node's services use), so computing them
+    /// computes the address set first.
+    pub fn resources_for(
         &self,
         node: &str,
         subs: &HashMap<String, Subscription>,
-    ) -> HashMap<&'static str, BTreeMap<String, Resource>> {
-        let mut out: HashMap<&'static str, BTreeMap<String, Resource>> = HashMap::new();
-        let addr_sub = subs.get(proto::ADDRESS_TYPE).cloned().unwrap_or_default();
+        type_url: &str,
+    ) -> BTreeMap<String, Resource> {
+        let sub = subs.get(type_url).cloned().unwrap_or_default();
+        match type_url {
+            proto::ADDRESS_TYPE => self.addresses_for(node, &sub),
+            proto::CLUSTER_TYPE | proto::ENDPOINT_TYPE => {
+                let all = if type_url == proto::CLUSTER_TYPE { &self.clusters } else { &self.endpoints };
+                let mut set = BTreeMap::new();
+                if sub.wildcard {
+                    let address_sub = subs.get(proto::ADDRESS_TYPE).cloned().unwrap_or_default();
+                    let addresses = self.addresses_for(node, &address_sub);
+                    let referenced = addresses
+                        .values()
+                        .filter_map(|r| r.service.as_ref())
+                        .flat_map(|s| s.ports.iter().map(|p| p.cluster.as_str()));
+                    for name in referenced {
+                        if let Some(r) = all.get(name) {
+                            set.insert(name.to_string(), r.clone());
+                        }
+                    }
+                }
+                for name in &sub.names {
+                    if let Some(r) = all.get(name) {
+                        set.insert(name.clone(), r.clone());
+                    }
+                }
+                set
+            }
+            proto::WORKLOAD_TYPE => self
+                .workloads_by_node
+                .get(node)
+                .map(|v| v.iter().map(|r| (r.name.clone(), r.clone())).collect())
+                .unwrap_or_default(),
+            _ => BTreeMap::new(),
+        }
+    }
+
+    /// Sidecar hints (wildcard) plus the names subscribed on demand that exist.
+    fn addresses_for(&self, node: &str, sub: &Subscription) -> BTreeMap<String, Resource> {
         let mut addresses = BTreeMap::new();
-        if addr_sub.wildcard
+        if sub.wildcard
             && let Some(hints) = self.hints_by_node.get(node)
         {
             for name in hints {
@@ -101,43 +139,12 @@ impl Snapshot {
                 }
             }
         }
-        for name in &addr_sub.names {
+        for name in &sub.names {
             if let Some(r) = self.resolve_address(name) {
                 addresses.insert(name.clone(), r);
             }
         }
-        let referenced: BTreeSet<&str> = addresses
-            .values()
-            .filter_map(|r| r.service.as_ref())
-            .flat_map(|s| s.ports.iter().map(|p| p.cluster.as_str()))
-            .collect();
-        for (type_url, all) in
-            [(proto::CLUSTER_TYPE, &self.clusters), (proto::ENDPOINT_TYPE, &self.endpoints)]
-        {
-            let sub = subs.get(type_url).cloned().unwrap_or_default();
-            let mut set = BTreeMap::new();
-            if sub.wildcard {
-                for name in &referenced {
-                    if let Some(r) = all.get(*name) {
-                        set.insert(name.to_string(), r.clone());
-                    }
-                }
-            }
-            for name in &sub.names {
-                if let Some(r) = all.get(name) {
-                    set.insert(name.clone(), r.clone());
-                }
-            }
-            out.insert(type_url, set);
-        }
-        let workloads = self
-            .workloads_by_node
-            .get(node)
-            .map(|v| v.iter().map(|r| (r.name.clone(), r.clone())).collect())
-            .unwrap_or_default();
-        out.insert(proto::WORKLOAD_TYPE, workloads);
-        out.insert(proto::ADDRESS_TYPE, addresses);
-        out
+        addresses
     }
 }
 

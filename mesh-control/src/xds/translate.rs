@@ -41,7 +41,7 @@ pub fn snapshot(store: &Store) -> Snapshot {
     let mut t = Translator::new(store);
     t.services();
     t.workloads();
-    t.finish()
+    t.snap
 }
 
 /// An endpoint of one service port before grouping.
@@ -68,6 +68,20 @@ struct Wl<'a> {
     /// WorkloadEntry port map (name → port).
     ports: Option<&'a BTreeMap<String, u16>>,
     weight: u32,
+}
+
+impl Wl<'_> {
+    /// One endpoint per address of the workload, on `port`.
+    fn endpoints(&self, port: u16) -> impl Iterator<Item = Ep> + '_ {
+        self.ips.iter().map(move |ip| Ep {
+            ip: *ip,
+            port,
+            healthy: self.ready,
+            locality: self.locality.clone(),
+            weight: self.weight,
+            workload: format!("{}/{}", self.namespace, self.name),
+        })
+    }
 }
 
 struct Translator<'a> {
@@ -194,16 +208,7 @@ impl<'a> Translator<'a> {
                         (core::TargetPort::Name(name), Some(map)) if map.contains_key(name) => map[name],
                         (core::TargetPort::Name(_), _) => continue,
                     };
-                    for ip in w.ips.iter().filter(|ip| same_family(ip)) {
-                        eps.push(Ep {
-                            ip: *ip,
-                            port,
-                            healthy: w.ready,
-                            locality: w.locality.clone(),
-                            weight: w.weight,
-                            workload: format!("{}/{}", w.namespace, w.name),
-                        });
-                    }
+                    eps.extend(w.endpoints(port).filter(|e| same_family(&e.ip)));
                 }
             }
             let app_protocol = if sp.app_protocol.is_empty() {
@@ -263,16 +268,7 @@ impl<'a> Translator<'a> {
                                     .and_then(|m| m.get(&p.name).copied())
                                     .or(p.target_port)
                                     .unwrap_or(p.number);
-                                for ip in &w.ips {
-                                    eps.push(Ep {
-                                        ip: *ip,
-                                        port,
-                                        healthy: w.ready,
-                                        locality: w.locality.clone(),
-                                        weight: w.weight,
-                                        workload: format!("{}/{}", w.namespace, w.name),
-                                    });
-                                }
+                                eps.extend(w.endpoints(port));
                             }
                         }
                         Some(eps)
@@ -461,10 +457,6 @@ impl<'a> Translator<'a> {
         let mut res = Resource::new(&name, proto::ADDRESS_TYPE, &address);
         res.service = service;
         self.snap.addresses.entry(name).or_insert(res);
-    }
-
-    fn finish(self) -> Snapshot {
-        self.snap
     }
 }
 
@@ -671,13 +663,7 @@ pub fn socket_address(ip: IpAddr, port: u16) -> envoy_core::Address {
 /// Content hash, used as the resource version: equal content ⇒ equal version, also across a
 /// control-plane restart (so a reconnecting node is not resent what it has).
 pub fn content_version(bytes: &[u8]) -> String {
-    // FNV-1a 64: stable across builds and platforms, unlike std's RandomState.
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in bytes {
-        h ^= u64::from(*b);
-        h = h.wrapping_mul(0x0100_0000_01b3);
-    }
-    format!("{h:016x}")
+    format!("{:016x}", crate::hash::fnv1a64(bytes))
 }
 
 /// Encodes a message as the `Any` a DiscoveryResponse carries.

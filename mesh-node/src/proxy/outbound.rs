@@ -99,8 +99,8 @@ impl Outbound {
         };
         let connected = match decision {
             Decision::Direct => self.connect_upstream(source, dst).await.map(|s| (s, dst)),
-            Decision::Balance { balancer, hash, service } => {
-                self.connect_balanced(source, &balancer, hash, &service, dst).await
+            Decision::Balance { balancer, hash, local, service } => {
+                self.connect_balanced(source, &balancer, hash, local.as_ref(), &service, dst).await
             }
             Decision::Deny(reason) => {
                 tracing::warn!(workload = %source.key, destination = %dst, "connection refused: {reason}");
@@ -159,17 +159,14 @@ impl Outbound {
         source: &Source,
         balancer: &crate::xds::lb::Balancer,
         hash: Option<u64>,
+        local: Option<&crate::xds::lb::LocalityKey>,
         service: &str,
         vip: SocketAddr,
     ) -> io::Result<(TcpStream, SocketAddr)> {
-        let local =
-            self.router.as_ref().and_then(|r| r.cache.workload(&source.key.to_string())).and_then(|w| {
-                w.locality.as_ref().map(|l| (l.region.clone(), l.zone.clone(), l.subzone.clone()))
-            });
         let mut tried = Vec::new();
         let mut last_error = None;
         for _ in 0..MAX_CONNECT_ATTEMPTS {
-            let Some(pick) = balancer.pick(hash, local.as_ref(), &tried) else { break };
+            let Some(pick) = balancer.pick(hash, local, &tried) else { break };
             let addr = pick.endpoint.ep.addr;
             match self.connect_upstream(source, addr).await {
                 Ok(stream) => {

@@ -136,24 +136,22 @@ impl Cache {
                     }
                     sets.push((cla.cluster_name, eps));
                 }
-                let s = self.state.write().expect("cache lock");
+                let mut s = self.state.write().expect("cache lock");
+                // Check every name before changing anything: a response applies whole or not at all.
+                if let Some((name, _)) = sets.iter().find(|(name, _)| !s.clusters.contains_key(name)) {
+                    return Err(format!(
+                        "ClusterLoadAssignment {name}: no Cluster of that name (clusters are sent first)"
+                    ));
+                }
                 for (name, eps) in sets {
-                    match s.clusters.get(&name) {
-                        Some(b) => b.set_endpoints(eps),
-                        None => {
-                            return Err(format!(
-                                "ClusterLoadAssignment {name}: no Cluster of that name (clusters are sent first)"
-                            ));
-                        }
-                    }
+                    s.clusters[&name].set_endpoints(eps);
                 }
                 for name in removed {
                     if let Some(b) = s.clusters.get(name) {
                         b.set_endpoints(Vec::new());
                     }
                 }
-                drop(s);
-                self.state.write().expect("cache lock").generation.insert(type_url.into(), generation);
+                s.generation.insert(type_url.into(), generation);
             }
             proto::WORKLOAD_TYPE => {
                 let decoded = decode_all::<mesh::Workload>(updated)?;

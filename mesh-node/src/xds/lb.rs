@@ -172,10 +172,6 @@ impl Balancer {
         *self.members.write().expect("members lock") = Arc::new(Members { endpoints, ring });
     }
 
-    pub fn endpoint_count(&self) -> usize {
-        self.members().endpoints.len()
-    }
-
     /// Picks an endpoint not in `exclude`. `hash` is the consistent-hash key (ignored by other
     /// policies; a hash policy without a key falls back to random, like Envoy).
     pub fn pick(
@@ -303,11 +299,7 @@ fn build_ring(endpoints: &[Arc<EndpointState>], min_ring_size: usize) -> Vec<(u6
 /// FNV-1a then a murmur finaliser: stable across runs and nodes (so every node maps a key to
 /// the same endpoint), well spread.
 pub fn hash_bytes(bytes: &[u8]) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in bytes {
-        h ^= u64::from(*b);
-        h = h.wrapping_mul(0x0100_0000_01b3);
-    }
+    let mut h = mesh_control::hash::fnv1a64(bytes);
     h ^= h >> 33;
     h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
     h ^= h >> 33;

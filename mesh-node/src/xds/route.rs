@@ -10,7 +10,7 @@ use tokio::net::TcpStream;
 use super::{
     cache::{AddressInfo, Cache},
     client::OnDemand,
-    lb::{Balancer, hash_bytes},
+    lb::{Balancer, LocalityKey, hash_bytes},
 };
 use crate::proxy::Source;
 
@@ -20,6 +20,8 @@ pub enum Decision {
     Balance {
         balancer: Arc<Balancer>,
         hash: Option<u64>,
+        /// The source workload's locality, for locality-aware clusters.
+        local: Option<LocalityKey>,
         /// The service hostname, for logs.
         service: String,
     },
@@ -35,9 +37,9 @@ pub struct Router {
 
 impl Router {
     pub async fn decide(&self, source: &Source, dst: SocketAddr, client: &TcpStream) -> Decision {
-        let policy = self
-            .cache
-            .workload(&source.key.to_string())
+        let workload = self.cache.workload(&source.key.to_string());
+        let policy = workload
+            .as_ref()
             .and_then(|w| OutboundTrafficPolicy::try_from(w.outbound_policy).ok())
             .unwrap_or(OutboundTrafficPolicy::AllowAny);
         let registry_only = policy == OutboundTrafficPolicy::RegistryOnly;
@@ -58,7 +60,11 @@ impl Router {
                     Some(b) if b.passthrough => Decision::Direct,
                     Some(balancer) => {
                         let hash = hash_key(port.hash_policy.as_ref(), source, client).await;
-                        Decision::Balance { balancer, hash, service: svc.hostname.clone() }
+                        let local = workload
+                            .as_ref()
+                            .and_then(|w| w.locality.as_ref())
+                            .map(|l| (l.region.clone(), l.zone.clone(), l.subzone.clone()));
+                        Decision::Balance { balancer, hash, local, service: svc.hostname.clone() }
                     }
                     None => Decision::Deny(format!(
                         "cluster {} of service {} has not been received from the control plane",
