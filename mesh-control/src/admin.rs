@@ -28,6 +28,8 @@ pub struct Admin {
 pub struct NodesReport {
     /// The newest config generation mesh-control has built.
     pub generation: u64,
+    /// False during the resync grace after a start.
+    pub warm: bool,
     pub nodes: Vec<crate::xds::nodes::NodeStatus>,
 }
 
@@ -51,10 +53,17 @@ impl Admin {
         }
         match req.uri().path() {
             "/healthz/ready" => http::text(StatusCode::OK, "ready\n"),
-            "/debug/nodes" => http::json(
-                StatusCode::OK,
-                &NodesReport { generation: self.snapshots.borrow().generation, nodes: self.nodes.list() },
-            ),
+            "/debug/nodes" => {
+                let snapshot = Arc::clone(&self.snapshots.borrow());
+                http::json(
+                    StatusCode::OK,
+                    &NodesReport {
+                        generation: snapshot.generation,
+                        warm: snapshot.warm,
+                        nodes: self.nodes.list(),
+                    },
+                )
+            }
             "/debug/config" => {
                 let store = self.store.lock().expect("store lock");
                 let snapshot = Arc::clone(&self.snapshots.borrow());

@@ -37,6 +37,11 @@ enum Command {
         /// Changes closer together than this are pushed as one generation.
         #[arg(long, env = "NODEMESH_DEBOUNCE_MS", default_value_t = 50)]
         debounce_ms: u64,
+        /// After a (re)start, nodes that reconnect holding config keep it this long (or until
+        /// every Node in the config has reported), so no node is resynced to a view that lacks
+        /// the workloads of nodes not yet back. Nodes retry at most every ~7.5 s.
+        #[arg(long, env = "NODEMESH_RESYNC_GRACE_MS", default_value_t = 8000)]
+        resync_grace_ms: u64,
     },
     /// Check files (or every file under a directory) without applying them; lists every error
     /// and exits non-zero if there is one.
@@ -55,13 +60,14 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     mesh_control::logging::init();
     match cli.command {
-        Command::Run { config_dir, xds_addr, admin_addr, debounce_ms } => {
+        Command::Run { config_dir, xds_addr, admin_addr, debounce_ms, resync_grace_ms } => {
             let settings = Settings {
                 config_dir,
                 xds_addr,
                 admin_addr,
                 debounce: Duration::from_millis(debounce_ms),
                 max_delay: Duration::from_millis(debounce_ms.saturating_mul(10).max(100)),
+                resync_grace: Duration::from_millis(resync_grace_ms),
             };
             let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
             match rt.block_on(run::run(settings)) {
@@ -142,6 +148,9 @@ fn status(admin: SocketAddr, json: bool) -> anyhow::Result<()> {
     }
     let report: NodesReport = serde_json::from_str(&body)?;
     println!("config generation: {}", report.generation);
+    if !report.warm {
+        println!("resync grace: nodes reconnecting with config keep it until every node has reported");
+    }
     println!("{:<24} {:<10} {:<8} {:>8}  REJECTED", "NODE", "CONNECTED", "PROTOCOL", "APPLIED");
     for n in &report.nodes {
         let nacks: Vec<String> = n

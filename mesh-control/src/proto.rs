@@ -10,3 +10,8 @@ pub const ADDRESS_TYPE: &str = "type.googleapis.com/nodemesh.mesh.v1.Address";
 pub const WORKLOAD_TYPE: &str = "type.googleapis.com/nodemesh.mesh.v1.Workload";
 pub const CLUSTER_TYPE: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
 pub const ENDPOINT_TYPE: &str = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment";
+
+/// `Node.client_features` entry of mesh-node: its clusters and endpoints are exactly those its
+/// Address resources use, so the server computes them only once it knows the Address
+/// subscription (otherwise a reconnect would first remove what the node holds).
+pub const ADDRESS_SCOPED: &str = "nodemesh.io/address-scoped";

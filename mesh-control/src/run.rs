@@ -17,7 +17,10 @@ use tokio::{
 
 use crate::{
     admin::Admin,
-    model::store::Store,
+    model::{
+        Kind,
+        store::{Origin, Store},
+    },
     proto::mesh::node_registration_server::NodeRegistrationServer,
     source::files::DirectorySource,
     xds::{nodes::Nodes, registration::Registration, server::AdsServer, snapshot::Snapshot, translate},
@@ -35,6 +38,10 @@ pub struct Settings {
     pub debounce: Duration,
     /// …but a steady stream of changes is still pushed at least this often.
     pub max_delay: Duration,
+    /// After a start, how long nodes that reconnect holding config keep it before being
+    /// resynced, so that every node can report its workloads first (see [`Snapshot::warm`]).
+    /// Ends early once every Node object in the config has reported.
+    pub resync_grace: Duration,
 }
 
 pub async fn run(settings: Settings) -> anyhow::Result<()> {
@@ -48,15 +55,24 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         tokio::spawn(source.watch(Duration::from_millis(20), Duration::from_secs(5)));
     }
 
-    let first = Arc::new(translate::snapshot(&store.lock().expect("store lock")));
+    let grace_end = Instant::now() + settings.resync_grace;
+    let mut first = translate::snapshot(&store.lock().expect("store lock"));
+    first.warm = settings.resync_grace.is_zero();
     tracing::info!(
         generation = first.generation,
         addresses = first.addresses.len(),
         clusters = first.clusters.len(),
+        resync_grace_ms = settings.resync_grace.as_millis() as u64,
         "initial config"
     );
-    let (snap_tx, snap_rx) = watch::channel(first);
-    tokio::spawn(publish_snapshots(Arc::clone(&store), Arc::clone(&changed), snap_tx, settings.clone()));
+    let (snap_tx, snap_rx) = watch::channel(Arc::new(first));
+    tokio::spawn(publish_snapshots(
+        Arc::clone(&store),
+        Arc::clone(&changed),
+        snap_tx,
+        settings.clone(),
+        grace_end,
+    ));
 
     let admin =
         Arc::new(Admin { store: Arc::clone(&store), nodes: Arc::clone(&nodes), snapshots: snap_rx.clone() });
@@ -95,15 +111,23 @@ async fn shutdown() {
 }
 
 /// Rebuilds the snapshot after changes settle (debounce), never later than `max_delay` after
-/// the first change of a burst.
+/// the first change of a burst; and once more when the resync grace ends.
 async fn publish_snapshots(
     store: Arc<Mutex<Store>>,
     changed: Arc<Notify>,
     tx: watch::Sender<Arc<Snapshot>>,
     settings: Settings,
+    grace_end: Instant,
 ) {
     loop {
-        changed.notified().await;
+        if tx.borrow().warm {
+            changed.notified().await;
+        } else {
+            tokio::select! {
+                _ = changed.notified() => {}
+                _ = tokio::time::sleep_until(grace_end.into()) => {}
+            }
+        }
         let burst_start = Instant::now();
         loop {
             let wait = settings.debounce.min(settings.max_delay.saturating_sub(burst_start.elapsed()));
@@ -112,13 +136,20 @@ async fn publish_snapshots(
             }
         }
         let started = Instant::now();
+        let was_warm = tx.borrow().warm;
         let snapshot = {
             let store = store.lock().expect("store lock");
-            if store.generation() == tx.borrow().generation {
+            let warm = was_warm || Instant::now() >= grace_end || every_node_reported(&store);
+            if store.generation() == tx.borrow().generation && warm == was_warm {
                 continue;
             }
-            translate::snapshot(&store)
+            let mut snapshot = translate::snapshot(&store);
+            snapshot.warm = warm;
+            snapshot
         };
+        if snapshot.warm && !was_warm {
+            tracing::info!("resync grace over: nodes that reconnected holding config are resynced now");
+        }
         tracing::info!(
             generation = snapshot.generation,
             addresses = snapshot.addresses.len(),
@@ -128,4 +159,10 @@ async fn publish_snapshots(
         );
         tx.send_replace(Arc::new(snapshot));
     }
+}
+
+/// Whether the config lists its nodes and each has reported its workloads since the start.
+fn every_node_reported(store: &Store) -> bool {
+    let mut nodes = store.of_kind(Kind::Node).peekable();
+    nodes.peek().is_some() && nodes.all(|n| store.has_delivered(&Origin::Node(n.meta().name.clone())))
 }

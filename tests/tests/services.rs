@@ -53,7 +53,14 @@ fn hello_counts(node: &SimNode, client: &Pod, to: &str, n: usize) -> BTreeMap<St
         .testapp(client, &["client", "--to", to, "--mode", "hello", "--connections", &n.to_string()])
         .unwrap();
     let mut counts = BTreeMap::new();
-    for c in v["connections"].as_array().unwrap_or_else(|| panic!("{v}")) {
+    let Some(connections) = v["connections"].as_array() else {
+        panic!(
+            "{v}\n--- mesh-node log ---\n{}\n--- mesh-control log ---\n{}",
+            node.log(),
+            node.control_log()
+        );
+    };
+    for c in connections {
         let server = c["reply"]["server"].as_str().unwrap_or_else(|| panic!("no reply: {c}")).to_string();
         *counts.entry(server).or_default() += 1;
     }
@@ -228,11 +235,19 @@ fn control_plane_outage_keeps_traffic_flowing_and_a_nack_is_reported() {
     node.kill_control_plane().unwrap();
     assert_eq!(hello_counts(&node, &client, &to, 6).values().sum::<usize>(), 6, "last good config serves on");
 
+    // A restarted control plane holds a node that comes back with config until every node
+    // could report (the resync grace): the node keeps all three endpoints meanwhile, and is
+    // never resynced to a view that lacks them.
     node.start_control_plane(&config).unwrap();
-    eventually("node reconnects and resyncs", Duration::from_secs(20), || {
+    eventually("node reconnects", Duration::from_secs(20), || {
         node.control_status()
             .is_ok_and(|s| s.lines().any(|l| l.contains(&node.node_netns) && l.contains(" yes ")))
     });
+    assert_eq!(hello_counts(&node, &client, &to, 6).len(), 3, "still all three while reconnected");
+    eventually("resync grace ends", Duration::from_secs(20), || {
+        node.control_status().is_ok_and(|s| !s.contains("resync grace"))
+    });
+    assert_eq!(hello_counts(&node, &client, &to, 6).len(), 3, "resynced to all three");
 
     // A fourth endpoint exceeds this node's limit: the node NACKs, keeps the three, says why.
     let extra = node.add_pod("web3", "shop").unwrap();

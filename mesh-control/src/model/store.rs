@@ -68,6 +68,9 @@ pub struct Store {
     objects: BTreeMap<ObjectKey, Entry>,
     /// Current problems, by source.
     errors: BTreeMap<Origin, Vec<SourceError>>,
+    /// Every source that has delivered its set at least once (even an empty one): a node that
+    /// runs no workloads has still reported.
+    delivered: BTreeSet<Origin>,
     generation: u64,
 }
 
@@ -101,10 +104,16 @@ impl Store {
         self.objects.is_empty()
     }
 
+    /// Whether `origin` has delivered its set since this store was created.
+    pub fn has_delivered(&self, origin: &Origin) -> bool {
+        self.delivered.contains(origin)
+    }
+
     /// Replaces everything `origin` supplies with `documents`. A document that fails keeps the
     /// previous version of the object it names (if `origin` supplied one) in force.
     pub fn replace_source(&mut self, origin: &Origin, documents: Vec<Document>) -> Applied {
         let mut applied = Applied::default();
+        self.delivered.insert(origin.clone());
         let mut errors = Vec::new();
         let mut keep: BTreeSet<ObjectKey> = BTreeSet::new();
         let mut next: BTreeMap<ObjectKey, Object> = BTreeMap::new();
@@ -176,6 +185,7 @@ impl Store {
     pub fn remove_source(&mut self, origin: &Origin) -> Applied {
         let applied = self.replace_source(origin, Vec::new());
         self.errors.remove(origin);
+        self.delivered.remove(origin);
         applied
     }
 

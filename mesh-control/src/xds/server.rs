@@ -4,6 +4,13 @@
 //! Per stream and per type at most one response is in flight: the next waits for the node's
 //! ACK or NACK (flow control), and changes that arrive meanwhile are coalesced into it. Pushes
 //! go in [`PUSH_ORDER`] so references resolve before they are used.
+//!
+//! Two holds keep a node from ever being handed less than it should have:
+//! - A client that declares [`proto::ADDRESS_SCOPED`] gets no clusters or endpoints before its
+//!   Address subscription arrived: its scope is what its addresses use, and pushing earlier
+//!   would remove what it holds.
+//! - A client reconnecting with config (it names resources it holds) is not resynced during the
+//!   resync grace after a control-plane start ([`Snapshot::warm`]); it keeps its last good config.
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap, HashSet},
@@ -67,11 +74,15 @@ impl AdsServer {
         let mut inbound = request.into_inner();
         let first =
             inbound.message().await?.ok_or_else(|| Status::cancelled("stream closed before a request"))?;
-        let node = P::node(&first).map(|n| n.id.clone()).filter(|id| !id.is_empty()).ok_or_else(|| {
+        let node = P::node(&first).filter(|n| !n.id.is_empty()).ok_or_else(|| {
             Status::invalid_argument("the first request must carry node.id (the node's name)")
         })?;
+        let address_scoped = node.client_features.iter().any(|f| f == proto::ADDRESS_SCOPED);
+        let mut common =
+            Common::new(node.id.clone(), self.snapshots.clone(), Arc::clone(&self.nodes), P::NAME);
+        common.address_scoped = address_scoped;
         let (tx, rx) = mpsc::channel(16);
-        let protocol = make(Common::new(node, self.snapshots.clone(), Arc::clone(&self.nodes), P::NAME));
+        let protocol = make(common);
         tokio::spawn(serve(protocol, first, inbound, tx));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
@@ -165,6 +176,10 @@ struct Common {
     pending: HashMap<String, (String, u64)>,
     dirty: HashSet<String>,
     next_nonce: u64,
+    /// The client declared [`proto::ADDRESS_SCOPED`].
+    address_scoped: bool,
+    /// The client came back holding config (a reconnect).
+    resyncing: bool,
 }
 
 impl Common {
@@ -186,6 +201,8 @@ impl Common {
             pending: HashMap::new(),
             dirty: HashSet::new(),
             next_nonce: 0,
+            address_scoped: false,
+            resyncing: false,
         }
     }
 
@@ -232,11 +249,18 @@ impl Common {
     /// before it are acknowledged, so an address never reaches a node before the cluster and
     /// endpoints it points at (make-before-break).
     fn next_type(&self) -> Option<&'static str> {
+        if self.resyncing && !self.snapshot.warm {
+            return None;
+        }
         for t in PUSH_ORDER {
             if self.pending.contains_key(t) {
                 return None;
             }
             if self.dirty.contains(t) && self.subs.contains_key(t) {
+                let scoped = t == proto::CLUSTER_TYPE || t == proto::ENDPOINT_TYPE;
+                if scoped && self.address_scoped && !self.subs.contains_key(proto::ADDRESS_TYPE) {
+                    return None;
+                }
                 return Some(t);
             }
         }
@@ -297,6 +321,7 @@ impl Protocol for Delta {
         let changed = *sub != before;
         if first_for_type {
             // Resync after a reconnect: the node says what it holds; only differences are sent.
+            self.c.resyncing |= !req.initial_resource_versions.is_empty();
             self.sent.insert(t.clone(), req.initial_resource_versions.into_iter().collect());
         }
         if first_for_type || changed {
@@ -378,6 +403,8 @@ impl Protocol for Sotw {
             wildcard: req.resource_names.is_empty() || req.resource_names.iter().any(|n| n == "*"),
             names: req.resource_names.into_iter().filter(|n| n != "*").collect(),
         };
+        // A first request that names a version: the client holds config from before.
+        self.c.resyncing |= !self.c.subs.contains_key(&t) && !req.version_info.is_empty();
         let changed = self.c.subs.get(&t) != Some(&sub);
         // A changed name list, or a fresh request for the same names (the client restarted this
         // type), is answered even if the set happens to be equal.
@@ -409,5 +436,80 @@ impl Protocol for Sotw {
             nonce: nonce.to_string(),
             ..Default::default()
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use envoy_types::pb::envoy::config::cluster::v3::Cluster;
+
+    use super::*;
+    use crate::proto::mesh;
+
+    const VIP: &str = "10.96.0.10";
+    const CLUSTER: &str = "outbound|80||web.shop.svc.cluster.local";
+
+    /// One service at [`VIP`] whose port 80 uses [`CLUSTER`].
+    fn snapshot(generation: u64, warm: bool) -> Arc<Snapshot> {
+        let mut snap = Snapshot::new(generation);
+        snap.warm = warm;
+        let cluster = Cluster { name: CLUSTER.into(), ..Default::default() };
+        snap.clusters.insert(CLUSTER.into(), Resource::new(CLUSTER, proto::CLUSTER_TYPE, &cluster));
+        let service = mesh::Service {
+            hostname: "web.shop.svc.cluster.local".into(),
+            ports: vec![mesh::ServicePort { port: 80, cluster: CLUSTER.into(), ..Default::default() }],
+            ..Default::default()
+        };
+        let address = mesh::Address { kind: Some(mesh::address::Kind::Service(service.clone())) };
+        let mut resource = Resource::new(VIP, proto::ADDRESS_TYPE, &address);
+        resource.service = Some(Arc::new(service));
+        snap.addresses.insert(VIP.into(), resource);
+        Arc::new(snap)
+    }
+
+    fn stream(snap: Arc<Snapshot>, address_scoped: bool) -> (Delta, watch::Sender<Arc<Snapshot>>) {
+        let (tx, rx) = watch::channel(snap);
+        let mut c = Common::new("n1".into(), rx, Arc::new(Nodes::default()), "delta");
+        c.address_scoped = address_scoped;
+        (Delta { c, sent: HashMap::new(), told_absent: HashMap::new() }, tx)
+    }
+
+    fn request(type_url: &str, subscribe: &[&str], held: &[(&str, &str)]) -> DeltaDiscoveryRequest {
+        DeltaDiscoveryRequest {
+            type_url: type_url.into(),
+            resource_names_subscribe: subscribe.iter().map(ToString::to_string).collect(),
+            initial_resource_versions: held.iter().map(|(n, v)| (n.to_string(), v.to_string())).collect(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn an_address_scoped_node_gets_no_clusters_before_its_address_subscription() {
+        let snap = snapshot(1, true);
+        let version = snap.clusters[CLUSTER].version.clone();
+        let (mut d, _tx) = stream(snap, true);
+        // Reconnecting, holding the cluster: pushing now would remove it (no addresses known yet).
+        d.on_request(request(proto::CLUSTER_TYPE, &["*"], &[(CLUSTER, &version)]));
+        assert!(next_response(&mut d).is_none(), "no cluster push before the Address subscription");
+        d.on_request(request(proto::ADDRESS_TYPE, &["*", VIP], &[]));
+        let r = next_response(&mut d).expect("the address goes out once the clusters are settled");
+        assert_eq!(r.type_url, proto::ADDRESS_TYPE, "the held cluster is current: nothing to send");
+        assert!(r.removed_resources.is_empty());
+    }
+
+    #[test]
+    fn a_node_reconnecting_with_config_keeps_it_until_the_resync_grace_ends() {
+        let (mut d, tx) = stream(snapshot(1, false), false);
+        d.on_request(request(proto::CLUSTER_TYPE, &["*"], &[(CLUSTER, "older")]));
+        assert!(next_response(&mut d).is_none(), "held during the grace");
+        tx.send_replace(snapshot(1, true));
+        d.c.new_snapshot();
+        let r = next_response(&mut d).expect("resynced after the grace");
+        assert_eq!(r.type_url, proto::CLUSTER_TYPE);
+
+        // A node with nothing to lose is served at once, grace or not.
+        let (mut fresh, _tx) = stream(snapshot(1, false), false);
+        fresh.on_request(request(proto::CLUSTER_TYPE, &["*", CLUSTER], &[]));
+        assert!(next_response(&mut fresh).is_some());
     }
 }

@@ -53,6 +53,10 @@ pub struct Snapshot {
     pub workloads_by_node: BTreeMap<String, Vec<Resource>>,
     /// Address names each node's Sidecars ask for up front.
     pub hints_by_node: BTreeMap<String, BTreeSet<String>>,
+    /// False while a freshly started control plane may not yet know every node's workloads
+    /// (the resync grace): a node reconnecting with config keeps its last good config until
+    /// then, instead of being handed a partial view that would drop other nodes' endpoints.
+    pub warm: bool,
 }
 
 /// The types, in the order a change is pushed: what is referenced before what references it

@@ -155,7 +155,14 @@ impl Client {
         let _reporter = AbortOnDrop(reporter);
 
         let (tx, rx) = mpsc::channel::<DeltaDiscoveryRequest>(64);
-        let node = Some(Node { id: self.node.clone(), cluster: "nodemesh".into(), ..Default::default() });
+        let node = Some(Node {
+            id: self.node.clone(),
+            cluster: "nodemesh".into(),
+            // Our clusters and endpoints follow from our addresses: the control plane waits for
+            // the Address subscription below before computing them.
+            client_features: vec![proto::ADDRESS_SCOPED.into()],
+            ..Default::default()
+        });
         for (i, type_url) in SUBSCRIBE_ORDER.iter().enumerate() {
             let mut names = vec!["*".to_string()];
             if *type_url == proto::ADDRESS_TYPE {
