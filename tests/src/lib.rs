@@ -10,6 +10,9 @@
 //! outright are swept by [`sweep_stale`] (names carry the creating PID).
 #![forbid(unsafe_code)]
 
+mod cluster;
+mod control;
+pub mod mesh;
 pub mod metrics;
 pub mod netns;
 mod process;
@@ -24,17 +27,16 @@ use std::{
 };
 
 use anyhow::{Context, bail};
+pub use cluster::SimCluster;
+pub use control::ControlPlane;
 pub use process::{run_checked, wait_with_timeout};
 
 /// Every name we create starts with this, so sweeping never touches anything else.
 pub const NAME_PREFIX: &str = "nmt";
-/// Pods get 10.77.0.N/24 and fd77::N/64 on the node bridge (inside the node netns only).
-const POD_NET4: [u8; 3] = [10, 77, 0];
-const BRIDGE_IP4: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 1);
 const ADMIN_ADDR: &str = "127.0.0.1:15000";
-const CONTROL_ADMIN_ADDR: &str = "127.0.0.1:15014";
 /// Where mesh-control listens for xDS when it runs in a simulated node's netns.
 pub const CONTROL_PLANE_URL: &str = "http://127.0.0.1:15010";
+const LOCAL_XDS_ADDR: &str = "127.0.0.1:15010";
 
 static NEXT_ID: AtomicU32 = AtomicU32::new(0);
 static BIN_DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
@@ -130,6 +132,38 @@ fn remove_cgroup_tree(path: &Path) {
     }
 }
 
+/// A fresh name for a simulated node or cluster (root checked, stale leftovers swept first).
+fn new_id() -> anyhow::Result<String> {
+    if !nix::unistd::geteuid().is_root() {
+        bail!("simulated nodes need root (network namespaces, cgroups, eBPF): run as root");
+    }
+    sweep_stale();
+    Ok(format!("{NAME_PREFIX}{}x{}", std::process::id(), NEXT_ID.fetch_add(1, Ordering::Relaxed)))
+}
+
+/// Starts one of our binaries in `netns` (optionally in `cgroup`), its output appended to
+/// `<work_dir>/<program>.log`, logging at `log_filter`.
+fn spawn_daemon(
+    netns: &str,
+    work_dir: &Path,
+    program: &str,
+    cgroup: Option<&Path>,
+    args: &[String],
+    log_filter: &str,
+) -> anyhow::Result<Child> {
+    let log =
+        fs::OpenOptions::new().create(true).append(true).open(work_dir.join(format!("{program}.log")))?;
+    process::spawn_in(
+        netns,
+        cgroup,
+        &bin(program)?,
+        args,
+        &[("NODEMESH_LOG", log_filter)],
+        Stdio::from(log.try_clone()?),
+        Stdio::from(log),
+    )
+}
+
 /// A pod: network namespace + cgroup + addresses, with Kubernetes-style identity.
 #[derive(Clone, Debug)]
 pub struct Pod {
@@ -180,8 +214,12 @@ struct MeshNodeProcess {
     child: Child,
 }
 
+/// Node `index` of a simulated cluster (0 for a lone node) owns pod subnets 10.77.<index>.0/24
+/// and fd77:0:0:<index>::/64; its bridge is .1 of each, pods get .2 and up.
 pub struct SimNode {
     pub id: String,
+    pub index: u8,
+    /// The node netns; also the node's name (mesh-node `--node-name`, `Node` objects).
     pub node_netns: String,
     pub cgroup_root: PathBuf,
     pub work_dir: PathBuf,
@@ -190,21 +228,23 @@ pub struct SimNode {
     children: Vec<Child>,
     mesh_node: Option<MeshNodeProcess>,
     mesh_node_args: Vec<String>,
-    control_plane: Option<Child>,
+    control: ControlPlane,
 }
 
 impl SimNode {
+    /// A lone node (index 0).
     pub fn new() -> anyhow::Result<SimNode> {
-        if !nix::unistd::geteuid().is_root() {
-            bail!("simulated nodes need root (network namespaces, cgroups, eBPF): run as root");
-        }
-        sweep_stale();
-        let id = format!("{NAME_PREFIX}{}x{}", std::process::id(), NEXT_ID.fetch_add(1, Ordering::Relaxed));
+        SimNode::create(&new_id()?, 0)
+    }
+
+    pub(crate) fn create(id: &str, index: u8) -> anyhow::Result<SimNode> {
         let node_netns = format!("{id}-node");
-        let cgroup_root = test_cgroup_base()?.join(&id);
-        let work_dir = std::env::temp_dir().join(&id);
+        let cgroup_root = test_cgroup_base()?.join(id);
+        let work_dir = std::env::temp_dir().join(id);
+        let control = ControlPlane::new(&node_netns, &work_dir, LOCAL_XDS_ADDR.parse()?);
         let node = SimNode {
-            id,
+            id: id.to_string(),
+            index,
             node_netns,
             cgroup_root,
             work_dir,
@@ -212,7 +252,7 @@ impl SimNode {
             children: Vec::new(),
             mesh_node: None,
             mesh_node_args: Vec::new(),
-            control_plane: None,
+            control,
         };
         // From here on, Drop cleans up whatever got created.
         fs::create_dir_all(&node.work_dir)?;
@@ -221,10 +261,23 @@ impl SimNode {
         run_checked("ip", &["netns", "add", &n])?;
         run_checked("ip", &["-n", &n, "link", "set", "lo", "up"])?;
         run_checked("ip", &["-n", &n, "link", "add", "br0", "type", "bridge"])?;
-        run_checked("ip", &["-n", &n, "addr", "add", &format!("{BRIDGE_IP4}/24"), "dev", "br0"])?;
-        run_checked("ip", &["-n", &n, "-6", "addr", "add", "fd77::1/64", "dev", "br0", "nodad"])?;
+        run_checked("ip", &["-n", &n, "addr", "add", &format!("{}/24", node.pod_ip4(1)), "dev", "br0"])?;
+        run_checked(
+            "ip",
+            &["-n", &n, "-6", "addr", "add", &format!("{}/64", node.pod_ip6(1)), "dev", "br0", "nodad"],
+        )?;
         run_checked("ip", &["-n", &n, "link", "set", "br0", "up"])?;
         Ok(node)
+    }
+
+    /// Host `host` of this node's IPv4 pod subnet (1 is the bridge).
+    pub fn pod_ip4(&self, host: u8) -> Ipv4Addr {
+        Ipv4Addr::new(10, 77, self.index, host)
+    }
+
+    /// Host `host` of this node's IPv6 pod subnet (1 is the bridge).
+    pub fn pod_ip6(&self, host: u8) -> Ipv6Addr {
+        Ipv6Addr::new(0xfd77, 0, 0, u16::from(self.index), 0, 0, 0, u16::from(host))
     }
 
     /// Adds a pod on the node bridge. `namespace` is the Kubernetes-style namespace.
@@ -237,8 +290,8 @@ impl SimNode {
             namespace: namespace.into(),
             netns: netns.clone(),
             cgroup: self.cgroup_root.join("pods").join(name),
-            ip: Ipv4Addr::new(POD_NET4[0], POD_NET4[1], POD_NET4[2], index as u8),
-            ip6: format!("fd77::{index:x}").parse()?,
+            ip: self.pod_ip4(index as u8),
+            ip6: self.pod_ip6(index as u8),
         };
         run_checked("ip", &["netns", "add", &netns])?;
         self.pods.push(pod.clone());
@@ -257,7 +310,11 @@ impl SimNode {
         )?;
         run_checked("ip", &["-n", &netns, "link", "set", "eth0", "up"])?;
         // The default route points at the node bridge, which leads nowhere else.
-        run_checked("ip", &["-n", &netns, "route", "add", "default", "via", &BRIDGE_IP4.to_string()])?;
+        run_checked("ip", &["-n", &netns, "route", "add", "default", "via", &self.pod_ip4(1).to_string()])?;
+        run_checked(
+            "ip",
+            &["-n", &netns, "-6", "route", "add", "default", "via", &self.pod_ip6(1).to_string()],
+        )?;
         fs::create_dir_all(&pod.cgroup)?;
         Ok(pod)
     }
@@ -295,7 +352,8 @@ impl SimNode {
         ];
         args.extend(self.mesh_node_args.iter().cloned());
         // mesh_ebpf=debug: the capture programs' aya-log records, forwarded into this log.
-        let child = self.spawn_daemon("mesh-node", cgroup, &args, "info,mesh_node=debug,mesh_ebpf=debug")?;
+        let filter = "info,mesh_node=debug,mesh_ebpf=debug";
+        let child = spawn_daemon(&self.node_netns, &self.work_dir, "mesh-node", cgroup, &args, filter)?;
         self.mesh_node = Some(MeshNodeProcess { child });
         self.wait_ready(Duration::from_secs(30))
     }
@@ -431,6 +489,16 @@ impl SimNode {
         Ok(pid)
     }
 
+    /// Kills a process this node started with [`SimNode::spawn_in`] or [`SimNode::serve`].
+    pub fn kill_process(&mut self, pid: u32) -> anyhow::Result<()> {
+        let i =
+            self.children.iter().position(|c| c.id() == pid).context("not a process this node started")?;
+        let mut child = self.children.remove(i);
+        let killed = child.kill();
+        child.wait()?;
+        Ok(killed?)
+    }
+
     /// Runs a process in a pod to completion and returns its stdout.
     pub fn run_in(
         &self,
@@ -468,92 +536,49 @@ impl SimNode {
         serde_json::from_str(out.trim()).with_context(|| format!("nm-testapp output: {out}"))
     }
 
-    /// Starts an nm-testapp server in `pod` listening on each address, and waits until the
-    /// first one accepts connections.
-    pub fn serve(&mut self, pod: &Pod, listen: &[SocketAddr]) -> anyhow::Result<()> {
+    /// Starts an nm-testapp server in `pod` listening on each address, and waits until each
+    /// accepts connections.
+    /// Returns the server's PID.
+    pub fn serve(&mut self, pod: &Pod, listen: &[SocketAddr]) -> anyhow::Result<u32> {
         let mut args = vec!["serve".to_string(), "--name".into(), pod.name.clone()];
         for a in listen {
             args.extend(["--listen".into(), a.to_string()]);
         }
-        self.spawn_in(pod, &bin("nm-testapp")?, &args)?;
+        let pid = self.spawn_in(pod, &bin("nm-testapp")?, &args)?;
         for addr in listen {
             netns::wait_listening(&pod.netns, *addr, Duration::from_secs(10))?;
         }
-        Ok(())
+        Ok(pid)
     }
 
     /// Starts mesh-control in the node netns on `config_dir` (xDS at [`CONTROL_PLANE_URL`]) and
     /// waits until its admin endpoint answers.
     pub fn start_control_plane(&mut self, config_dir: &Path) -> anyhow::Result<()> {
-        anyhow::ensure!(self.control_plane.is_none(), "mesh-control already running");
-        let args: Vec<String> = vec!["run".into(), "--config-dir".into(), config_dir.display().to_string()];
-        let child = self.spawn_daemon("mesh-control", None, &args, "info,mesh_control=debug")?;
-        self.control_plane = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while self.control_get("/healthz/ready").is_err() {
-            if Instant::now() > deadline {
-                bail!("mesh-control not ready; log:\n{}", self.control_log());
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        Ok(())
+        self.control.start(config_dir, &[])
     }
 
-    /// Starts one of our binaries in the node netns (optionally in `cgroup`), its output
-    /// appended to `<work dir>/<program>.log`, logging at `log_filter`.
-    fn spawn_daemon(
-        &self,
-        program: &str,
-        cgroup: Option<&Path>,
-        args: &[String],
-        log_filter: &str,
-    ) -> anyhow::Result<Child> {
-        let log = fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.work_dir.join(format!("{program}.log")))?;
-        process::spawn_in(
-            &self.node_netns,
-            cgroup,
-            &bin(program)?,
-            args,
-            &[("NODEMESH_LOG", log_filter)],
-            Stdio::from(log.try_clone()?),
-            Stdio::from(log),
-        )
+    /// The node-local mesh-control of [`SimNode::start_control_plane`].
+    pub fn control_plane(&mut self) -> &mut ControlPlane {
+        &mut self.control
     }
 
     /// SIGKILL mesh-control (a crash).
     pub fn kill_control_plane(&mut self) -> anyhow::Result<()> {
-        if let Some(mut c) = self.control_plane.take() {
-            c.kill()?;
-            c.wait()?;
-        }
-        Ok(())
+        self.control.kill()
     }
 
     pub fn control_log(&self) -> String {
-        fs::read_to_string(self.work_dir.join("mesh-control.log")).unwrap_or_default()
+        self.control.log()
     }
 
     /// GET on mesh-control's admin endpoint (inside the node netns).
     pub fn control_get(&self, path: &str) -> anyhow::Result<String> {
-        netns::http_get(&self.node_netns, CONTROL_ADMIN_ADDR.parse()?, path)
+        self.control.get(path)
     }
 
     /// `mesh-control status` output, run inside the node netns.
     pub fn control_status(&self) -> anyhow::Result<String> {
-        let out = Command::new("nsenter")
-            .arg(format!("--net={}", netns::path(&self.node_netns).display()))
-            .arg(bin("mesh-control")?)
-            .arg("status")
-            .output()?;
-        anyhow::ensure!(
-            out.status.success(),
-            "mesh-control status: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        Ok(String::from_utf8(out.stdout)?)
+        self.control.status()
     }
 
     /// mesh-node's `/config_dump` as JSON.
@@ -577,10 +602,7 @@ impl Drop for SimNode {
             let _ = m.child.kill();
             let _ = m.child.wait();
         }
-        if let Some(mut c) = self.control_plane.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        let _ = self.control.kill();
         for child in &mut self.children {
             let _ = child.kill();
             let _ = child.wait();

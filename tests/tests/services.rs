@@ -3,73 +3,22 @@
 //! scoping, egress policy, NACKs, and a control-plane outage.
 
 use std::{
-    collections::BTreeMap,
     fs,
-    path::{Path, PathBuf},
+    path::PathBuf,
     time::{Duration, Instant},
 };
 
-use nodemesh_tests::{CONTROL_PLANE_URL, Pod, Registration, SimNode};
-use serde_json::Value;
+use nodemesh_tests::{
+    CONTROL_PLANE_URL, Pod, Registration, SimNode,
+    mesh::{
+        dumped_cluster as cluster, eventually, hello_counts, labelled, rule_yaml, service_yaml,
+        write_config as write,
+    },
+};
 
 const VIP: &str = "10.96.0.10";
 
-fn eventually(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !check() {
-        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-fn labelled(app: &str) -> Registration {
-    Registration { namespace_enabled: true, pod_labels: vec![("app".into(), app.into())] }
-}
-
-fn write(dir: &Path, file: &str, text: &str) {
-    // Write then rename, as editors and `kubectl`-style tools do: the watcher never sees half a file.
-    let tmp = dir.join(format!(".{file}.tmp"));
-    fs::write(&tmp, text).unwrap();
-    fs::rename(&tmp, dir.join(file)).unwrap();
-}
-
-fn service_yaml(name: &str, vip: &str, app: &str) -> String {
-    format!(
-        "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: shop}}\n\
-         spec:\n  clusterIP: {vip}\n  selector: {{app: {app}}}\n  ports: [{{name: tcp-echo, port: 80, targetPort: 8080}}]\n"
-    )
-}
-
-fn rule_yaml(lb: &str) -> String {
-    format!(
-        "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: web, namespace: shop}}\n\
-         spec:\n  host: web\n  trafficPolicy:\n    loadBalancer: {lb}\n"
-    )
-}
-
-/// Servers named by which one answered each of `n` connections to `to`.
-fn hello_counts(node: &SimNode, client: &Pod, to: &str, n: usize) -> BTreeMap<String, usize> {
-    let v = node
-        .testapp(client, &["client", "--to", to, "--mode", "hello", "--connections", &n.to_string()])
-        .unwrap();
-    let mut counts = BTreeMap::new();
-    let Some(connections) = v["connections"].as_array() else {
-        panic!(
-            "{v}\n--- mesh-node log ---\n{}\n--- mesh-control log ---\n{}",
-            node.log(),
-            node.control_log()
-        );
-    };
-    for c in connections {
-        let server = c["reply"]["server"].as_str().unwrap_or_else(|| panic!("no reply: {c}")).to_string();
-        *counts.entry(server).or_default() += 1;
-    }
-    counts
-}
-
-fn cluster<'a>(dump: &'a Value, name: &str) -> Option<&'a Value> {
-    dump["xds"]["config"]["clusters"].get(name)
-}
+const WEB: &str = "outbound|80||web.shop.svc.cluster.local";
 
 struct Setup {
     node: SimNode,
@@ -127,10 +76,10 @@ fn service_vip_is_balanced_per_destination_rule_and_changes_apply_from_the_direc
 
     // Consistent hash on source IP: one client always lands on the same endpoint.
     let changed = Instant::now();
-    write(&config, "rule.yaml", &rule_yaml("{consistentHash: {useSourceIp: true}}"));
+    write(&config, "rule.yaml", &rule_yaml("{loadBalancer: {consistentHash: {useSourceIp: true}}}"));
     eventually("the ring-hash cluster reaches the node", Duration::from_secs(10), || {
         node.config_dump().is_ok_and(|d| {
-            cluster(&d, "outbound|80||web.shop.svc.cluster.local")
+            cluster(&d, WEB)
                 .is_some_and(|c| c["lb_policy"].as_str().unwrap_or_default().starts_with("RingHash"))
         })
     });
@@ -140,12 +89,10 @@ fn service_vip_is_balanced_per_destination_rule_and_changes_apply_from_the_direc
 
     // Random and least request spread over every endpoint.
     for lb in ["{simple: RANDOM}", "{simple: LEAST_REQUEST}"] {
-        write(&config, "rule.yaml", &rule_yaml(lb));
+        write(&config, "rule.yaml", &rule_yaml(&format!("{{loadBalancer: {lb}}}")));
         let want = if lb.contains("RANDOM") { "Random" } else { "LeastRequest" };
         eventually(&format!("{want} reaches the node"), Duration::from_secs(10), || {
-            node.config_dump().is_ok_and(|d| {
-                cluster(&d, "outbound|80||web.shop.svc.cluster.local").is_some_and(|c| c["lb_policy"] == want)
-            })
+            node.config_dump().is_ok_and(|d| cluster(&d, WEB).is_some_and(|c| c["lb_policy"] == want))
         });
         let counts = hello_counts(&node, &client, &to, 60);
         assert_eq!(counts.len(), 3, "{want} must reach every endpoint: {counts:?}");
@@ -155,8 +102,7 @@ fn service_vip_is_balanced_per_destination_rule_and_changes_apply_from_the_direc
     node.register(&servers[2], &labelled("retired")).unwrap();
     eventually("two endpoints left", Duration::from_secs(10), || {
         node.config_dump().is_ok_and(|d| {
-            cluster(&d, "outbound|80||web.shop.svc.cluster.local")
-                .is_some_and(|c| c["endpoints"].as_array().is_some_and(|e| e.len() == 2))
+            cluster(&d, WEB).is_some_and(|c| c["endpoints"].as_array().is_some_and(|e| e.len() == 2))
         })
     });
     let counts = hello_counts(&node, &client, &to, 20);
@@ -186,7 +132,7 @@ fn a_node_holds_only_what_its_workloads_use() {
             .is_ok_and(|c| c.contains("outbound|80||other.shop.svc.cluster.local"))
     });
     let dump = node.config_dump().unwrap();
-    assert!(cluster(&dump, "outbound|80||web.shop.svc.cluster.local").is_some(), "{dump}");
+    assert!(cluster(&dump, WEB).is_some(), "{dump}");
     assert!(
         cluster(&dump, "outbound|80||other.shop.svc.cluster.local").is_none(),
         "service `other` is never dialled from this node, so it must hold none of it: {dump}"

@@ -1,0 +1,119 @@
+//! mesh-control as a test process: started in a given network namespace on a config directory,
+//! killed like a crash, read through its admin endpoint and `mesh-control status`.
+
+use std::{
+    fs,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::{Child, Command},
+    time::{Duration, Instant},
+};
+
+use anyhow::bail;
+
+use crate::{bin, netns, spawn_daemon};
+
+/// mesh-control's admin endpoint, on loopback inside its netns (its default).
+const ADMIN_ADDR: &str = "127.0.0.1:15014";
+
+pub struct ControlPlane {
+    netns: String,
+    work_dir: PathBuf,
+    xds_addr: SocketAddr,
+    child: Option<Child>,
+}
+
+impl ControlPlane {
+    /// A control plane that will run in `netns`, serving xDS on `xds_addr`, logging to
+    /// `<work_dir>/mesh-control.log`.
+    pub fn new(netns: &str, work_dir: &Path, xds_addr: SocketAddr) -> ControlPlane {
+        ControlPlane { netns: netns.into(), work_dir: work_dir.into(), xds_addr, child: None }
+    }
+
+    /// What nodes pass as `--control-plane`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.xds_addr)
+    }
+
+    /// Starts mesh-control on `config_dir` (plus `extra_args`) and waits until it answers.
+    pub fn start(&mut self, config_dir: &Path, extra_args: &[&str]) -> anyhow::Result<()> {
+        anyhow::ensure!(self.child.is_none(), "mesh-control already running");
+        let mut args: Vec<String> = vec![
+            "run".into(),
+            "--config-dir".into(),
+            config_dir.display().to_string(),
+            "--xds-addr".into(),
+            self.xds_addr.to_string(),
+        ];
+        args.extend(extra_args.iter().map(ToString::to_string));
+        let child = spawn_daemon(
+            &self.netns,
+            &self.work_dir,
+            "mesh-control",
+            None,
+            &args,
+            "info,mesh_control=debug",
+        )?;
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while self.get("/healthz/ready").is_err() {
+            if Instant::now() > deadline {
+                bail!("mesh-control not ready; log:\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(())
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// SIGKILL (a crash).
+    pub fn kill(&mut self) -> anyhow::Result<()> {
+        if let Some(mut c) = self.child.take() {
+            c.kill()?;
+            c.wait()?;
+        }
+        Ok(())
+    }
+
+    pub fn log(&self) -> String {
+        fs::read_to_string(self.work_dir.join("mesh-control.log")).unwrap_or_default()
+    }
+
+    /// GET on the admin endpoint.
+    pub fn get(&self, path: &str) -> anyhow::Result<String> {
+        netns::http_get(&self.netns, ADMIN_ADDR.parse()?, path)
+    }
+
+    /// `mesh-control status` output, run inside the control plane's netns.
+    pub fn status(&self) -> anyhow::Result<String> {
+        self.cli(&["status"])
+    }
+
+    /// `mesh-control status --json`.
+    pub fn status_json(&self) -> anyhow::Result<serde_json::Value> {
+        Ok(serde_json::from_str(&self.cli(&["status", "--json"])?)?)
+    }
+
+    fn cli(&self, args: &[&str]) -> anyhow::Result<String> {
+        let out = Command::new("nsenter")
+            .arg(format!("--net={}", netns::path(&self.netns).display()))
+            .arg(bin("mesh-control")?)
+            .args(args)
+            .output()?;
+        anyhow::ensure!(
+            out.status.success(),
+            "mesh-control {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(String::from_utf8(out.stdout)?)
+    }
+}
+
+impl Drop for ControlPlane {
+    fn drop(&mut self) {
+        let _ = self.kill();
+    }
+}

@@ -1,0 +1,85 @@
+//! Helpers for tests that run traffic through mesh-control: waiting for config to land,
+//! counting which server answered, reading a node's config dump, and config YAML.
+
+use std::{
+    collections::BTreeMap,
+    fs,
+    path::Path,
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+
+use crate::{Pod, Registration, SimNode};
+
+/// Polls `check` every 50 ms; panics naming `what` after `timeout`.
+pub fn eventually(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !check() {
+        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Writes a config file the way editors and `kubectl`-like tools do (write, then rename), so a
+/// directory watcher never sees half a file.
+pub fn write_config(dir: &Path, file: &str, text: &str) {
+    let tmp = dir.join(format!(".{file}.tmp"));
+    fs::write(&tmp, text).unwrap();
+    fs::rename(&tmp, dir.join(file)).unwrap();
+}
+
+/// A meshed pod labelled `app=<app>`.
+pub fn labelled(app: &str) -> Registration {
+    Registration { namespace_enabled: true, pod_labels: vec![("app".into(), app.into())] }
+}
+
+/// A `shop` Service named `name` at `vip`, port 80 → 8080 on pods labelled `app=<app>`.
+pub fn service_yaml(name: &str, vip: &str, app: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: shop}}\n\
+         spec:\n  clusterIP: {vip}\n  selector: {{app: {app}}}\n  ports: [{{name: tcp-echo, port: 80, targetPort: 8080}}]\n"
+    )
+}
+
+/// A DestinationRule for `web` in `shop` with `policy` as its traffic policy (flow YAML).
+pub fn rule_yaml(policy: &str) -> String {
+    format!(
+        "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: web, namespace: shop}}\n\
+         spec:\n  host: web\n  trafficPolicy: {policy}\n"
+    )
+}
+
+/// Which server answered each of `n` connections from `client` to `to`; on failure the panic
+/// carries both logs.
+pub fn hello_counts(node: &SimNode, client: &Pod, to: &str, n: usize) -> BTreeMap<String, usize> {
+    let v = node
+        .testapp(client, &["client", "--to", to, "--mode", "hello", "--connections", &n.to_string()])
+        .unwrap();
+    let Some(connections) = v["connections"].as_array() else {
+        panic!(
+            "{v}\n--- mesh-node log ---\n{}\n--- mesh-control log ---\n{}",
+            node.log_tail(),
+            node.control_log()
+        );
+    };
+    let mut counts = BTreeMap::new();
+    for c in connections {
+        let server = c["reply"]["server"].as_str().unwrap_or_else(|| panic!("no reply: {c}")).to_string();
+        *counts.entry(server).or_default() += 1;
+    }
+    counts
+}
+
+/// A cluster in a node's `/config_dump`.
+pub fn dumped_cluster<'a>(dump: &'a Value, name: &str) -> Option<&'a Value> {
+    dump["xds"]["config"]["clusters"].get(name)
+}
+
+/// How many endpoints a node holds for cluster `name` (0 if it holds none of it).
+pub fn endpoint_count(node: &SimNode, name: &str) -> usize {
+    node.config_dump()
+        .ok()
+        .and_then(|d| dumped_cluster(&d, name).and_then(|c| c["endpoints"].as_array()).map(Vec::len))
+        .unwrap_or(0)
+}

@@ -1,0 +1,166 @@
+//! A simulated cluster of two nodes joined by a fabric, one mesh-control in the fabric: Service
+//! VIP traffic balanced across endpoints on both nodes under each policy, endpoint changes from
+//! the config directory reaching every node, scoping per node, and locality preference with
+//! failover from Node topology labels.
+
+use std::time::{Duration, Instant};
+
+use nodemesh_tests::{
+    Pod, Registration, SimCluster, SimNode,
+    mesh::{endpoint_count, eventually, hello_counts, labelled, rule_yaml, service_yaml},
+};
+
+const VIP: &str = "10.96.0.10";
+const WEB: &str = "outbound|80||web.shop.svc.cluster.local";
+
+/// Two nodes: node 0 runs `client0` and `web0`; node 1 runs `client1`, `web1` and `web2`.
+struct Setup {
+    cluster: SimCluster,
+    clients: [Pod; 2],
+    /// PID of each web server, by pod name.
+    servers: Vec<(String, u32)>,
+}
+
+fn node_yaml(name: &str, zone: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Node\nmetadata:\n  name: {name}\n  labels: {{topology.kubernetes.io/region: r1, topology.kubernetes.io/zone: {zone}}}\n"
+    )
+}
+
+fn setup() -> Setup {
+    let mut cluster = SimCluster::new(2).unwrap();
+    for (i, zone) in ["zone-a", "zone-b"].iter().enumerate() {
+        let name = cluster.nodes[i].node_netns.clone();
+        cluster.write_config(&format!("node{i}.yaml"), &node_yaml(&name, zone));
+    }
+    cluster.write_config("web.yaml", &service_yaml("web", VIP, "web"));
+    cluster.start(&[], &[]).unwrap();
+    let mut clients = Vec::new();
+    let mut servers = Vec::new();
+    for (i, node) in cluster.nodes.iter_mut().enumerate() {
+        let client = node.add_pod(&format!("client{i}"), "shop").unwrap();
+        node.register(&client, &Registration::meshed()).unwrap();
+        clients.push(client);
+        let webs: &[&str] = if i == 0 { &["web0"] } else { &["web1", "web2"] };
+        for name in webs {
+            let pod = node.add_pod(name, "shop").unwrap();
+            node.register(&pod, &labelled("web")).unwrap();
+            servers.push((name.to_string(), node.serve(&pod, &[pod.addr(8080)]).unwrap()));
+        }
+    }
+    let clients: [Pod; 2] = clients.try_into().unwrap();
+    Setup { cluster, clients, servers }
+}
+
+#[test]
+fn vip_traffic_is_balanced_across_two_nodes_and_endpoint_changes_reach_every_node() {
+    let Setup { cluster, clients, .. } = setup();
+    let (node0, node1) = (&cluster.nodes[0], &cluster.nodes[1]);
+    let to = format!("{VIP}:80");
+
+    // Round robin (no DestinationRule) from node 0 across one local and two remote endpoints.
+    eventually("node 0 reaches all three endpoints", Duration::from_secs(15), || {
+        answered(node0, &clients[0], &to) && endpoint_count(node0, WEB) == 3
+    });
+    let counts = hello_counts(node0, &clients[0], &to, 30);
+    assert_eq!(counts.len(), 3, "{counts:?}");
+    assert!(counts.values().all(|c| (9..=11).contains(c)), "round robin not even within ±1: {counts:?}");
+
+    // Scoping: node 1 runs two of web's endpoints but none of its workloads has dialled web,
+    // so it holds nothing of it.
+    assert_eq!(endpoint_count(node1, WEB), 0, "node 1 must hold no endpoints of web");
+    let dump = node1.config_dump().unwrap();
+    assert!(dump["xds"]["config"]["clusters"].get(WEB).is_none(), "{dump}");
+    // Once a workload there dials web, node 1 gets it too.
+    assert_eq!(hello_counts(node1, &clients[1], &to, 3).values().sum::<usize>(), 3);
+
+    // Consistent hash on source IP: each client sticks to one endpoint.
+    cluster.write_config("rule.yaml", &rule_yaml("{loadBalancer: {consistentHash: {useSourceIp: true}}}"));
+    for (node, client) in [(node0, &clients[0]), (node1, &clients[1])] {
+        eventually("ring hash reaches the node", Duration::from_secs(10), || {
+            node.config_dump().is_ok_and(|d| {
+                d["xds"]["config"]["clusters"][WEB]["lb_policy"]
+                    .as_str()
+                    .is_some_and(|p| p.starts_with("RingHash"))
+            })
+        });
+        let counts = hello_counts(node, client, &to, 20);
+        assert_eq!(counts.len(), 1, "consistent hash must be sticky per source: {counts:?}");
+    }
+
+    // Random and least request spread over endpoints on both nodes.
+    for (lb, want) in [("RANDOM", "Random"), ("LEAST_REQUEST", "LeastRequest")] {
+        cluster.write_config("rule.yaml", &rule_yaml(&format!("{{loadBalancer: {{simple: {lb}}}}}")));
+        eventually(&format!("{want} reaches node 0"), Duration::from_secs(10), || {
+            node0.config_dump().is_ok_and(|d| d["xds"]["config"]["clusters"][WEB]["lb_policy"] == want)
+        });
+        let counts = hello_counts(node0, &clients[0], &to, 60);
+        assert_eq!(counts.len(), 3, "{want} must reach every endpoint: {counts:?}");
+    }
+    cluster.remove_config("rule.yaml").unwrap();
+
+    // An endpoint added in the config directory (a WorkloadEntry for an unmeshed host on node
+    // 1) reaches both nodes; removing the file takes it away again from both.
+    let vm_ip = node1.pod_ip4(200);
+    let added = Instant::now();
+    cluster.write_config(
+        "vm.yaml",
+        &format!(
+            "apiVersion: networking.istio.io/v1\nkind: WorkloadEntry\nmetadata: {{name: vm0, namespace: shop}}\n\
+             spec: {{address: {vm_ip}, labels: {{app: web}}}}\n"
+        ),
+    );
+    eventually("both nodes hold four endpoints", Duration::from_secs(10), || {
+        endpoint_count(node0, WEB) == 4 && endpoint_count(node1, WEB) == 4
+    });
+    eprintln!("endpoint added: on every node after {:?}", added.elapsed());
+    let removed = Instant::now();
+    cluster.remove_config("vm.yaml").unwrap();
+    eventually("both nodes back to three endpoints", Duration::from_secs(10), || {
+        endpoint_count(node0, WEB) == 3 && endpoint_count(node1, WEB) == 3
+    });
+    eprintln!("endpoint removed: on every node after {:?}", removed.elapsed());
+    let counts = hello_counts(node1, &clients[1], &to, 12);
+    assert_eq!(counts.values().sum::<usize>(), 12, "{counts:?}");
+}
+
+#[test]
+fn locality_prefers_the_clients_zone_and_fails_over_to_the_next() {
+    let Setup { mut cluster, clients, servers } = setup();
+    let to = format!("{VIP}:80");
+    // Istio: locality-aware balancing is on once outlier detection is configured.
+    cluster.write_config(
+        "rule.yaml",
+        &rule_yaml("{outlierDetection: {consecutive5xxErrors: 3, interval: 1s, baseEjectionTime: 30s}}"),
+    );
+    let node0 = &cluster.nodes[0];
+    eventually("node 0 runs web zone-aware with all three endpoints", Duration::from_secs(15), || {
+        answered(node0, &clients[0], &to)
+            && node0.config_dump().is_ok_and(|d| {
+                let c = &d["xds"]["config"]["clusters"][WEB];
+                c["locality_aware"] == true && c["endpoints"].as_array().is_some_and(|e| e.len() == 3)
+            })
+    });
+    // client0 is in zone-a with web0 only: every connection stays in the zone.
+    let counts = hello_counts(node0, &clients[0], &to, 12);
+    assert_eq!(counts.keys().collect::<Vec<_>>(), ["web0"], "zone-a client must stay in zone-a: {counts:?}");
+    // client1 is in zone-b with web1 and web2.
+    let node1 = &cluster.nodes[1];
+    let counts = hello_counts(node1, &clients[1], &to, 12);
+    assert!(!counts.contains_key("web0"), "zone-b client must stay in zone-b: {counts:?}");
+
+    // web0 goes down: zone-a has nothing left, so client0 fails over to zone-b, every
+    // connection still answered.
+    let (_, web0_pid) = servers.iter().find(|(n, _)| n == "web0").cloned().unwrap();
+    cluster.nodes[0].kill_process(web0_pid).unwrap();
+    let node0 = &cluster.nodes[0];
+    let counts = hello_counts(node0, &clients[0], &to, 12);
+    assert_eq!(counts.values().sum::<usize>(), 12, "{counts:?}");
+    assert!(!counts.contains_key("web0"), "{counts:?}");
+}
+
+/// One connection through the VIP is answered.
+fn answered(node: &SimNode, client: &Pod, to: &str) -> bool {
+    node.testapp(client, &["client", "--to", to, "--mode", "hello"])
+        .is_ok_and(|v| v["connections"][0]["reply"]["server"].is_string())
+}
