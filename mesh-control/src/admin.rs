@@ -2,7 +2,7 @@
 //!
 //! | path | what |
 //! |---|---|
-//! | `/healthz/ready` | 200 once the first config is loaded |
+//! | `/healthz/ready` | 200 once the first config is loaded (with Kubernetes: listed) |
 //! | `/debug/nodes` | JSON: every node, the generation it applied, NACK reasons |
 //! | `/debug/config` | JSON: the current generation, the objects in force, rejected input |
 
@@ -30,6 +30,8 @@ pub struct NodesReport {
     pub generation: u64,
     /// False during the resync grace after a start.
     pub warm: bool,
+    /// False until the Kubernetes API (if used) has been listed once.
+    pub synced: bool,
     pub nodes: Vec<crate::xds::nodes::NodeStatus>,
 }
 
@@ -52,7 +54,11 @@ impl Admin {
             return http::text(StatusCode::METHOD_NOT_ALLOWED, "admin endpoint is read-only\n");
         }
         match req.uri().path() {
-            "/healthz/ready" => http::text(StatusCode::OK, "ready\n"),
+            "/healthz/ready" if self.snapshots.borrow().synced => http::text(StatusCode::OK, "ready\n"),
+            "/healthz/ready" => http::text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "waiting for the first list of every Kubernetes resource\n",
+            ),
             "/debug/nodes" => {
                 let snapshot = Arc::clone(&self.snapshots.borrow());
                 http::json(
@@ -60,6 +66,7 @@ impl Admin {
                     &NodesReport {
                         generation: snapshot.generation,
                         warm: snapshot.warm,
+                        synced: snapshot.synced,
                         nodes: self.nodes.list(),
                     },
                 )

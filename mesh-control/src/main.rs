@@ -13,7 +13,7 @@ use mesh_control::{
     admin::NodesReport,
     model::store::SourceError,
     run::{self, DEFAULT_ADMIN_ADDR, DEFAULT_XDS_ADDR, Settings},
-    source::files,
+    source::{files, kube::Connection},
 };
 
 #[derive(Parser, Debug)]
@@ -25,7 +25,7 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Serve xDS to nodes from a watched config directory (and node reports).
+    /// Serve xDS to nodes from a watched config directory and/or Kubernetes (and node reports).
     Run {
         /// Directory of YAML (Kubernetes and Istio objects); watched for changes.
         #[arg(long, env = "NODEMESH_CONFIG_DIR")]
@@ -42,6 +42,14 @@ enum Command {
         /// the workloads of nodes not yet back. Nodes retry at most every ~7.5 s.
         #[arg(long, env = "NODEMESH_RESYNC_GRACE_MS", default_value_t = 8000)]
         resync_grace_ms: u64,
+        /// Also read objects from Kubernetes: in-cluster service account, else KUBECONFIG or
+        /// ~/.kube/config.
+        #[arg(long, env = "NODEMESH_KUBERNETES")]
+        kubernetes: bool,
+        /// Read objects from the Kubernetes API at this URL, without credentials (e.g. `kubectl
+        /// proxy` at http://127.0.0.1:8001).
+        #[arg(long, env = "NODEMESH_KUBE_API", conflicts_with = "kubernetes")]
+        kube_api: Option<String>,
     },
     /// Check files (or every file under a directory) without applying them; lists every error
     /// and exits non-zero if there is one.
@@ -60,7 +68,15 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     mesh_control::logging::init();
     match cli.command {
-        Command::Run { config_dir, xds_addr, admin_addr, debounce_ms, resync_grace_ms } => {
+        Command::Run {
+            config_dir,
+            xds_addr,
+            admin_addr,
+            debounce_ms,
+            resync_grace_ms,
+            kubernetes,
+            kube_api,
+        } => {
             let settings = Settings {
                 config_dir,
                 xds_addr,
@@ -68,6 +84,11 @@ fn main() -> ExitCode {
                 debounce: Duration::from_millis(debounce_ms),
                 max_delay: Duration::from_millis(debounce_ms.saturating_mul(10).max(100)),
                 resync_grace: Duration::from_millis(resync_grace_ms),
+                kubernetes: match (kubernetes, kube_api) {
+                    (_, Some(url)) => Some(Connection::Url(url)),
+                    (true, None) => Some(Connection::Infer),
+                    (false, None) => None,
+                },
             };
             let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
             match rt.block_on(run::run(settings)) {
@@ -148,6 +169,9 @@ fn status(admin: SocketAddr, json: bool) -> anyhow::Result<()> {
     }
     let report: NodesReport = serde_json::from_str(&body)?;
     println!("config generation: {}", report.generation);
+    if !report.synced {
+        println!("kubernetes: first list not complete; nothing is pushed yet");
+    }
     if !report.warm {
         println!("resync grace: nodes reconnecting with config keep it until every node has reported");
     }

@@ -22,7 +22,7 @@ use crate::{
         store::{Origin, Store},
     },
     proto::mesh::node_registration_server::NodeRegistrationServer,
-    source::files::DirectorySource,
+    source::{files::DirectorySource, kube},
     xds::{nodes::Nodes, registration::Registration, server::AdsServer, snapshot::Snapshot, translate},
 };
 
@@ -42,6 +42,8 @@ pub struct Settings {
     /// resynced, so that every node can report its workloads first (see [`Snapshot::warm`]).
     /// Ends early once every Node object in the config has reported.
     pub resync_grace: Duration,
+    /// Read objects from this Kubernetes API too.
+    pub kubernetes: Option<kube::Connection>,
 }
 
 pub async fn run(settings: Settings) -> anyhow::Result<()> {
@@ -55,9 +57,17 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         tokio::spawn(source.watch(Duration::from_millis(20), Duration::from_secs(5)));
     }
 
+    let synced = match &settings.kubernetes {
+        Some(connection) => {
+            let client = kube::client(connection).await.context("kubernetes client configuration")?;
+            Some(kube::start(client, Arc::clone(&store), Arc::clone(&changed)))
+        }
+        None => None,
+    };
+
     let grace_end = Instant::now() + settings.resync_grace;
-    let mut first = translate::snapshot(&store.lock().expect("store lock"));
-    first.warm = settings.resync_grace.is_zero();
+    let state = State { warm: settings.resync_grace.is_zero(), synced: is_synced(synced.as_ref()) };
+    let first = state.snapshot(&store.lock().expect("store lock"));
     tracing::info!(
         generation = first.generation,
         addresses = first.addresses.len(),
@@ -72,6 +82,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         snap_tx,
         settings.clone(),
         grace_end,
+        synced,
     ));
 
     let admin =
@@ -118,6 +129,7 @@ async fn publish_snapshots(
     tx: watch::Sender<Arc<Snapshot>>,
     settings: Settings,
     grace_end: Instant,
+    synced: Option<watch::Receiver<bool>>,
 ) {
     loop {
         if tx.borrow().warm {
@@ -136,18 +148,19 @@ async fn publish_snapshots(
             }
         }
         let started = Instant::now();
-        let was_warm = tx.borrow().warm;
+        let was = State { warm: tx.borrow().warm, synced: tx.borrow().synced };
         let snapshot = {
             let store = store.lock().expect("store lock");
-            let warm = was_warm || Instant::now() >= grace_end || every_node_reported(&store);
-            if store.generation() == tx.borrow().generation && warm == was_warm {
+            let state = State {
+                warm: was.warm || Instant::now() >= grace_end || every_node_reported(&store),
+                synced: is_synced(synced.as_ref()),
+            };
+            if store.generation() == tx.borrow().generation && state == was {
                 continue;
             }
-            let mut snapshot = translate::snapshot(&store);
-            snapshot.warm = warm;
-            snapshot
+            state.snapshot(&store)
         };
-        if snapshot.warm && !was_warm {
+        if snapshot.warm && !was.warm {
             tracing::info!("resync grace over: nodes that reconnected holding config are resynced now");
         }
         tracing::info!(
@@ -159,6 +172,26 @@ async fn publish_snapshots(
         );
         tx.send_replace(Arc::new(snapshot));
     }
+}
+
+/// Whether a snapshot may be served, and to whom.
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct State {
+    warm: bool,
+    synced: bool,
+}
+
+impl State {
+    fn snapshot(self, store: &Store) -> Snapshot {
+        let mut snapshot = translate::snapshot(store);
+        snapshot.warm = self.warm;
+        snapshot.synced = self.synced;
+        snapshot
+    }
+}
+
+fn is_synced(kube: Option<&watch::Receiver<bool>>) -> bool {
+    kube.is_none_or(|rx| *rx.borrow())
 }
 
 /// Whether the config lists its nodes and each has reported its workloads since the start.

@@ -12,6 +12,7 @@
 
 mod cluster;
 mod control;
+pub mod kube_api;
 pub mod mesh;
 pub mod metrics;
 pub mod netns;

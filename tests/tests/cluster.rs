@@ -3,12 +3,18 @@
 //! the config directory reaching every node, scoping per node, and locality preference with
 //! failover from Node topology labels.
 
-use std::time::{Duration, Instant};
+use std::{
+    net::TcpListener,
+    time::{Duration, Instant},
+};
 
 use nodemesh_tests::{
     Pod, Registration, SimCluster, SimNode,
+    kube_api::FakeApiServer,
     mesh::{endpoint_count, eventually, hello_counts, labelled, rule_yaml, service_yaml},
+    netns,
 };
+use serde_json::json;
 
 const VIP: &str = "10.96.0.10";
 const WEB: &str = "outbound|80||web.shop.svc.cluster.local";
@@ -28,13 +34,19 @@ fn node_yaml(name: &str, zone: &str) -> String {
 }
 
 fn setup() -> Setup {
-    let mut cluster = SimCluster::new(2).unwrap();
+    let cluster = SimCluster::new(2).unwrap();
+    cluster.write_config("web.yaml", &service_yaml("web", VIP, "web"));
+    setup_on(cluster, &[])
+}
+
+/// Node objects (zone-a, zone-b) in the config dir, mesh-control with `control_args`, then the
+/// pods of [`Setup`].
+fn setup_on(mut cluster: SimCluster, control_args: &[&str]) -> Setup {
     for (i, zone) in ["zone-a", "zone-b"].iter().enumerate() {
         let name = cluster.nodes[i].node_netns.clone();
         cluster.write_config(&format!("node{i}.yaml"), &node_yaml(&name, zone));
     }
-    cluster.write_config("web.yaml", &service_yaml("web", VIP, "web"));
-    cluster.start(&[], &[]).unwrap();
+    cluster.start(control_args, &[]).unwrap();
     let mut clients = Vec::new();
     let mut servers = Vec::new();
     for (i, node) in cluster.nodes.iter_mut().enumerate() {
@@ -163,4 +175,36 @@ fn locality_prefers_the_clients_zone_and_fails_over_to_the_next() {
 fn answered(node: &SimNode, client: &Pod, to: &str) -> bool {
     node.testapp(client, &["client", "--to", to, "--mode", "hello"])
         .is_ok_and(|v| v["connections"][0]["reply"]["server"].is_string())
+}
+
+#[test]
+fn a_service_from_the_kubernetes_api_is_served_to_every_node() {
+    // The API server listens inside the fabric, where mesh-control runs.
+    let cluster = SimCluster::new(2).unwrap();
+    let listener = netns::run_in(&cluster.fabric_netns, || Ok(TcpListener::bind("10.76.0.1:6443")?)).unwrap();
+    let api = FakeApiServer::start(listener).unwrap();
+    api.apply(
+        &json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "web", "namespace": "shop"},
+        "spec": {"clusterIP": VIP, "clusterIPs": [VIP], "selector": {"app": "web"},
+                 "ports": [{"name": "tcp-echo", "port": 80, "targetPort": 8080, "protocol": "TCP"}]}}),
+    )
+    .unwrap();
+    let url = api.url();
+    let Setup { cluster, clients, .. } = setup_on(cluster, &["--kube-api", &url]);
+    let status = cluster.control.status_json().unwrap();
+    assert_eq!(status["synced"], true, "{status}");
+
+    let to = format!("{VIP}:80");
+    for (node, client) in cluster.nodes.iter().zip(&clients) {
+        eventually("the VIP from the API reaches all three endpoints", Duration::from_secs(15), || {
+            answered(node, client, &to) && endpoint_count(node, WEB) == 3
+        });
+        let counts = hello_counts(node, client, &to, 30);
+        assert!(counts.len() == 3 && counts.values().all(|c| (9..=11).contains(c)), "{counts:?}");
+    }
+    // Deleted in the API: gone from every node that held it.
+    api.delete("v1", "Service", "shop", "web").unwrap();
+    eventually("web is gone from both nodes", Duration::from_secs(10), || {
+        cluster.nodes.iter().all(|n| endpoint_count(n, WEB) == 0)
+    });
 }

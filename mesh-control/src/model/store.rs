@@ -17,7 +17,8 @@ use super::{Kind, Object, ObjectKey, ParseError};
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
 pub enum Origin {
     File(PathBuf),
-    Kubernetes,
+    /// One watched resource of the Kubernetes API, by plural name (`pods`, `serviceentries`).
+    Kubernetes(String),
     Node(String),
 }
 
@@ -25,7 +26,7 @@ impl fmt::Display for Origin {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Origin::File(p) => write!(f, "{}", p.display()),
-            Origin::Kubernetes => write!(f, "kubernetes"),
+            Origin::Kubernetes(resource) => write!(f, "kubernetes {resource}"),
             Origin::Node(n) => write!(f, "node {n}"),
         }
     }
@@ -136,19 +137,10 @@ impl Store {
                 }
                 Err(e) => {
                     applied.rejected += 1;
-                    let kept = e
-                        .key
-                        .as_ref()
-                        .is_some_and(|k| self.objects.get(k).is_some_and(|entry| &entry.origin == origin));
                     if let Some(k) = &e.key {
                         keep.insert(k.clone());
                     }
-                    let suffix = if kept { " (the previous version stays in force)" } else { "" };
-                    errors.push(SourceError {
-                        origin: origin.clone(),
-                        location: doc.location,
-                        message: format!("{e}{suffix}"),
-                    });
+                    errors.push(self.rejection(origin, doc.location, &e));
                 }
             }
         }
@@ -176,6 +168,61 @@ impl Store {
         applied
     }
 
+    /// Adds or replaces one object of `origin` (a watch event). A document that fails keeps the
+    /// previous version of the object in force; its error replaces any earlier error reported
+    /// at the same location (an object's location must stay the same across updates).
+    pub fn upsert(&mut self, origin: &Origin, doc: Document) -> Applied {
+        let mut errors = self.errors.remove(origin).unwrap_or_default();
+        errors.retain(|e| e.location != doc.location);
+        let mut applied = Applied::default();
+        self.delivered.insert(origin.clone());
+        match doc.result {
+            Ok(object) => {
+                let key = object.key();
+                if let Some(owner) = self.owner_other_than(&key, origin) {
+                    applied.rejected += 1;
+                    let message = format!("{key}: already defined by {owner}; this copy is ignored");
+                    let error = SourceError { origin: origin.clone(), location: doc.location, message };
+                    tracing::warn!("rejected: {error}");
+                    errors.push(error);
+                } else if self.objects.get(&key).is_none_or(|e| e.object != object) {
+                    self.objects.insert(key, Entry { object, origin: origin.clone() });
+                    applied.changed += 1;
+                }
+            }
+            Err(e) => {
+                applied.rejected += 1;
+                let error = self.rejection(origin, doc.location, &e);
+                tracing::warn!("rejected: {error}");
+                errors.push(error);
+            }
+        }
+        if !errors.is_empty() {
+            self.errors.insert(origin.clone(), errors);
+        }
+        if applied.changed > 0 {
+            self.generation += 1;
+        }
+        applied
+    }
+
+    /// Removes one object of `origin` (a watch event), and any error reported at `location`.
+    pub fn delete(&mut self, origin: &Origin, key: &ObjectKey, location: &str) -> Applied {
+        let mut applied = Applied::default();
+        if let Some(errors) = self.errors.get_mut(origin) {
+            errors.retain(|e| e.location != location);
+            if errors.is_empty() {
+                self.errors.remove(origin);
+            }
+        }
+        if self.objects.get(key).is_some_and(|e| &e.origin == origin) {
+            self.objects.remove(key);
+            applied.changed += 1;
+            self.generation += 1;
+        }
+        applied
+    }
+
     /// A source that cannot be read at all (say, a YAML syntax error): keep all it supplied.
     pub fn source_failed(&mut self, origin: &Origin, error: SourceError) {
         self.set_errors(origin, vec![error]);
@@ -187,6 +234,15 @@ impl Store {
         self.errors.remove(origin);
         self.delivered.remove(origin);
         applied
+    }
+
+    /// The error for a document of `origin` that failed to parse, saying whether the object's
+    /// previous version (from the same origin) stays in force.
+    fn rejection(&self, origin: &Origin, location: String, e: &ParseError) -> SourceError {
+        let kept =
+            e.key.as_ref().is_some_and(|k| self.objects.get(k).is_some_and(|entry| &entry.origin == origin));
+        let suffix = if kept { " (the previous version stays in force)" } else { "" };
+        SourceError { origin: origin.clone(), location, message: format!("{e}{suffix}") }
     }
 
     fn owner_other_than(&self, key: &ObjectKey, origin: &Origin) -> Option<&Origin> {
@@ -251,5 +307,25 @@ mod tests {
         assert_eq!(applied.rejected, 1);
         store.remove_source(&a);
         assert_eq!(store.len(), 1);
+    }
+
+    #[test]
+    fn watch_events_upsert_and_delete_single_objects() {
+        let api = Origin::Kubernetes("destinationrules".into());
+        let mut store = Store::default();
+        let at = |loc: &str, v| Document { location: loc.into(), result: object_from_value(v) };
+        store.upsert(&api, at("shop/r", dr("r", "RANDOM")));
+        store.upsert(&api, at("shop/s", dr("s", "RANDOM")));
+        let applied = store.upsert(&api, at("shop/r", dr("r", "NOPE")));
+        assert_eq!(applied, Applied { changed: 0, rejected: 1 });
+        assert_eq!(store.len(), 2, "a bad update keeps the last good version");
+        assert_eq!(store.errors().count(), 1);
+        // Fixing one object clears its error only; deleting it removes it.
+        store.upsert(&api, at("shop/r", dr("r", "ROUND_ROBIN")));
+        assert_eq!(store.errors().count(), 0);
+        let key = object_from_value(dr("r", "RANDOM")).unwrap().key();
+        assert_eq!(store.delete(&api, &key, "shop/r").changed, 1);
+        assert_eq!(store.len(), 1);
+        assert!(store.has_delivered(&api));
     }
 }

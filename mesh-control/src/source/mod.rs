@@ -1,4 +1,5 @@
-//! Where the model's objects come from: a directory of YAML (the embedded default), and
-//! workloads that nodes report.
+//! Where the model's objects come from: a directory of YAML (the embedded default), the
+//! Kubernetes API, and workloads that nodes report.
 
 pub mod files;
+pub mod kube;

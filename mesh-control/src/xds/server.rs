@@ -249,7 +249,7 @@ impl Common {
     /// before it are acknowledged, so an address never reaches a node before the cluster and
     /// endpoints it points at (make-before-break).
     fn next_type(&self) -> Option<&'static str> {
-        if self.resyncing && !self.snapshot.warm {
+        if !self.snapshot.synced || (self.resyncing && !self.snapshot.warm) {
             return None;
         }
         for t in PUSH_ORDER {
@@ -453,6 +453,7 @@ mod tests {
     fn snapshot(generation: u64, warm: bool) -> Arc<Snapshot> {
         let mut snap = Snapshot::new(generation);
         snap.warm = warm;
+        snap.synced = true;
         let cluster = Cluster { name: CLUSTER.into(), ..Default::default() };
         snap.clusters.insert(CLUSTER.into(), Resource::new(CLUSTER, proto::CLUSTER_TYPE, &cluster));
         let service = mesh::Service {

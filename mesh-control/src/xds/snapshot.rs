@@ -57,6 +57,9 @@ pub struct Snapshot {
     /// (the resync grace): a node reconnecting with config keeps its last good config until
     /// then, instead of being handed a partial view that would drop other nodes' endpoints.
     pub warm: bool,
+    /// False until every source that must be read in full before serving (the Kubernetes
+    /// API's first list) has been: nothing is pushed from a partial model.
+    pub synced: bool,
 }
 
 /// The types, in the order a change is pushed: what is referenced before what references it

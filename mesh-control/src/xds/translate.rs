@@ -101,8 +101,15 @@ impl<'a> Translator<'a> {
             })
             .collect::<HashMap<_, _>>();
         let mut workloads = Vec::new();
-        for o in store.of_kind(crate::model::Kind::Pod).chain(store.of_kind(crate::model::Kind::NodeWorkload))
-        {
+        // With Kubernetes, a pod is also reported by its node: the API's copy wins.
+        let api_pods: BTreeSet<(&str, &str)> = store
+            .of_kind(crate::model::Kind::Pod)
+            .map(|o| (o.meta().namespace.as_str(), o.meta().name.as_str()))
+            .collect();
+        let reported = store
+            .of_kind(crate::model::Kind::NodeWorkload)
+            .filter(|o| !api_pods.contains(&(o.meta().namespace.as_str(), o.meta().name.as_str())));
+        for o in store.of_kind(crate::model::Kind::Pod).chain(reported) {
             if let Object::Pod(p) | Object::NodeWorkload(p) = o {
                 workloads.push(Wl {
                     namespace: &p.meta.namespace,

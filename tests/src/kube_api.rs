@@ -1,0 +1,375 @@
+//! A Kubernetes API server for tests: real Kubernetes JSON over HTTP/1.1 for the subset a
+//! watcher uses — `list` (with `limit`/`continue`) and `watch` (chunked stream of watch events
+//! from a `resourceVersion`, `BOOKMARK`s when asked, `ERROR` 410 Expired for a version older
+//! than the last compaction), `404 NotFound` for resources it is told not to serve.
+//!
+//! Objects are kept as JSON under one global resourceVersion counter, like etcd's revision.
+//! The test drives it: apply/delete objects, end every open watch (as the API server's watch
+//! timeout does), hold new watches, and compact the history so a resumed watch gets 410.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    io::{BufRead, BufReader, Write},
+    net::{SocketAddr, TcpListener, TcpStream},
+    sync::{Arc, Condvar, Mutex},
+    time::{Duration, Instant},
+};
+
+use anyhow::Context;
+use serde_json::{Value, json};
+
+/// How long an idle watch waits before sending a bookmark (the real server: about a minute).
+const BOOKMARK_EVERY: Duration = Duration::from_millis(200);
+
+#[derive(Default)]
+struct State {
+    revision: u64,
+    /// resource path (`/api/v1/pods`) → `namespace/name` → object (with kind and apiVersion).
+    objects: BTreeMap<String, BTreeMap<String, Value>>,
+    /// (revision, resource path, event type, object)
+    events: Vec<(u64, String, &'static str, Value)>,
+    /// Events up to here are forgotten.
+    compacted: u64,
+    /// Bumped to end every open watch.
+    watch_epoch: u64,
+    hold_watches: bool,
+    not_served: BTreeSet<String>,
+    /// resource path → revisions sent in bookmarks.
+    bookmarks: BTreeMap<String, BTreeSet<u64>>,
+    /// resource path → resourceVersion of each watch request, in order.
+    watches: BTreeMap<String, Vec<u64>>,
+    lists: BTreeMap<String, usize>,
+    expired_sent: usize,
+}
+
+struct Shared {
+    state: Mutex<State>,
+    changed: Condvar,
+}
+
+pub struct FakeApiServer {
+    pub addr: SocketAddr,
+    shared: Arc<Shared>,
+}
+
+/// `/api/v1/pods` or `/apis/networking.istio.io/v1/serviceentries` for an object's apiVersion
+/// and kind.
+pub fn resource_path(api_version: &str, kind: &str) -> String {
+    let lower = kind.to_ascii_lowercase();
+    let plural = match lower.strip_suffix('y') {
+        Some(stem) => format!("{stem}ies"),
+        None => format!("{lower}s"),
+    };
+    if api_version.contains('/') {
+        format!("/apis/{api_version}/{plural}")
+    } else {
+        format!("/api/{api_version}/{plural}")
+    }
+}
+
+impl FakeApiServer {
+    /// Listens on `listener` (bound wherever the test wants it: loopback, or inside a
+    /// simulated node's netns) and serves every connection on its own thread.
+    pub fn start(listener: TcpListener) -> anyhow::Result<FakeApiServer> {
+        let addr = listener.local_addr()?;
+        let shared = Arc::new(Shared { state: Mutex::new(State::default()), changed: Condvar::new() });
+        let s = Arc::clone(&shared);
+        std::thread::spawn(move || {
+            for stream in listener.incoming().flatten() {
+                let s = Arc::clone(&s);
+                std::thread::spawn(move || {
+                    let _ = serve_connection(&s, stream);
+                });
+            }
+        });
+        Ok(FakeApiServer { addr, shared })
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    fn with<R>(&self, f: impl FnOnce(&mut State) -> R) -> R {
+        let r = f(&mut self.shared.state.lock().expect("api state"));
+        self.shared.changed.notify_all();
+        r
+    }
+
+    /// Creates or replaces an object (ADDED or MODIFIED), as `kubectl apply` would.
+    pub fn apply(&self, object: &Value) -> anyhow::Result<()> {
+        let api_version = object["apiVersion"].as_str().context("apiVersion")?.to_string();
+        let kind = object["kind"].as_str().context("kind")?.to_string();
+        let name = object["metadata"]["name"].as_str().context("metadata.name")?.to_string();
+        let namespace = object["metadata"]["namespace"].as_str().unwrap_or_default().to_string();
+        let path = resource_path(&api_version, &kind);
+        self.with(|st| {
+            st.revision += 1;
+            let mut object = object.clone();
+            let meta = &mut object["metadata"];
+            meta["resourceVersion"] = st.revision.to_string().into();
+            meta["uid"] = format!("uid-{namespace}-{name}").into();
+            meta["creationTimestamp"] = "2026-11-21T00:00:00Z".into();
+            let key = format!("{namespace}/{name}");
+            let existed = st.objects.entry(path.clone()).or_default().insert(key, object.clone()).is_some();
+            let kind = if existed { "MODIFIED" } else { "ADDED" };
+            st.events.push((st.revision, path, kind, object));
+        });
+        Ok(())
+    }
+
+    /// Deletes an object (DELETED carries its last state).
+    pub fn delete(&self, api_version: &str, kind: &str, namespace: &str, name: &str) -> anyhow::Result<()> {
+        let path = resource_path(api_version, kind);
+        self.with(|st| {
+            let mut object = st
+                .objects
+                .get_mut(&path)
+                .and_then(|m| m.remove(&format!("{namespace}/{name}")))
+                .with_context(|| format!("no {kind} {namespace}/{name}"))?;
+            st.revision += 1;
+            object["metadata"]["resourceVersion"] = st.revision.to_string().into();
+            st.events.push((st.revision, path, "DELETED", object));
+            Ok(())
+        })
+    }
+
+    /// Answers 404 for this resource (say, a CRD that is not installed).
+    pub fn not_served(&self, api_version: &str, kind: &str) {
+        let path = resource_path(api_version, kind);
+        self.with(|st| st.not_served.insert(path));
+    }
+
+    /// Ends every open watch; clients resume from the last resourceVersion they saw.
+    pub fn end_watches(&self) {
+        self.with(|st| st.watch_epoch += 1);
+    }
+
+    /// New watches wait (as if the API server were unreachable) until released.
+    pub fn hold_watches(&self, hold: bool) {
+        self.with(|st| st.hold_watches = hold);
+    }
+
+    /// Forgets history up to now: a watch resuming from an older version gets 410 Expired.
+    pub fn compact(&self) {
+        self.with(|st| {
+            st.compacted = st.revision;
+            st.events.clear();
+        });
+    }
+
+    /// Watches of `resource` that resumed from a revision only a bookmark had told the client.
+    pub fn watches_resumed_from_bookmarks(&self, api_version: &str, kind: &str) -> usize {
+        let path = resource_path(api_version, kind);
+        self.with(|st| {
+            let sent = st.bookmarks.get(&path).cloned().unwrap_or_default();
+            let event_revisions: BTreeSet<u64> =
+                st.events.iter().filter(|e| e.1 == path).map(|e| e.0).collect();
+            st.watches
+                .get(&path)
+                .into_iter()
+                .flatten()
+                .filter(|rv| sent.contains(rv) && !event_revisions.contains(rv))
+                .count()
+        })
+    }
+
+    /// How many times `resource` was listed.
+    pub fn lists(&self, api_version: &str, kind: &str) -> usize {
+        let path = resource_path(api_version, kind);
+        self.with(|st| st.lists.get(&path).copied().unwrap_or(0))
+    }
+
+    /// How many watches were answered 410 Expired.
+    pub fn expired_sent(&self) -> usize {
+        self.with(|st| st.expired_sent)
+    }
+}
+
+struct Request {
+    path: String,
+    query: BTreeMap<String, String>,
+}
+
+fn read_request(reader: &mut BufReader<TcpStream>) -> anyhow::Result<Option<Request>> {
+    let mut line = String::new();
+    if reader.read_line(&mut line)? == 0 {
+        return Ok(None);
+    }
+    let target = line.split_whitespace().nth(1).context("request line")?.to_string();
+    loop {
+        let mut header = String::new();
+        reader.read_line(&mut header)?;
+        if header.trim().is_empty() {
+            break;
+        }
+    }
+    let (path, query) = target.split_once('?').unwrap_or((&target, ""));
+    let query = query
+        .split('&')
+        .filter_map(|kv| kv.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.replace("%2F", "/").replace("%3D", "=")))
+        .collect();
+    Ok(Some(Request { path: path.to_string(), query }))
+}
+
+fn serve_connection(shared: &Shared, stream: TcpStream) -> anyhow::Result<()> {
+    let mut reader = BufReader::new(stream.try_clone()?);
+    let mut out = stream;
+    while let Some(req) = read_request(&mut reader)? {
+        if shared.state.lock().expect("api state").not_served.contains(&req.path) {
+            let status = json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+                "message": "the server could not find the requested resource", "reason": "NotFound", "details": {}, "code": 404});
+            respond(&mut out, "404 Not Found", &status)?;
+        } else if req.query.get("watch").is_some_and(|w| w == "true" || w == "1") {
+            // A watch holds the connection until it ends; the client opens another one.
+            return watch(shared, &mut out, &req);
+        } else {
+            let list = list(shared, &req);
+            respond(&mut out, "200 OK", &list)?;
+        }
+    }
+    Ok(())
+}
+
+fn respond(out: &mut TcpStream, status: &str, body: &Value) -> std::io::Result<()> {
+    let body = body.to_string();
+    write!(
+        out,
+        "HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+}
+
+fn list(shared: &Shared, req: &Request) -> Value {
+    let mut st = shared.state.lock().expect("api state");
+    *st.lists.entry(req.path.clone()).or_default() += 1;
+    let limit: usize =
+        req.query.get("limit").and_then(|l| l.parse().ok()).filter(|l| *l > 0).unwrap_or(usize::MAX);
+    // continue = "<revision>/<offset>": later pages report the first page's revision.
+    let (revision, offset) = req
+        .query
+        .get("continue")
+        .and_then(|c| c.split_once('/'))
+        .and_then(|(r, o)| Some((r.parse().ok()?, o.parse().ok()?)))
+        .unwrap_or((st.revision, 0usize));
+    let all: Vec<Value> =
+        st.objects.get(&req.path).map(|m| m.values().cloned().collect()).unwrap_or_default();
+    let items: Vec<Value> = all
+        .iter()
+        .skip(offset)
+        .take(limit)
+        .map(|o| {
+            // List items carry no kind/apiVersion: the list does.
+            let mut o = o.clone();
+            if let Some(map) = o.as_object_mut() {
+                map.remove("kind");
+                map.remove("apiVersion");
+            }
+            o
+        })
+        .collect();
+    let next = offset + items.len();
+    let kind = format!("{}List", list_kind(&req.path));
+    let api_version = api_version_of(&req.path);
+    let mut metadata = json!({"resourceVersion": revision.to_string()});
+    if next < all.len() {
+        metadata["continue"] = format!("{revision}/{next}").into();
+    }
+    json!({"kind": kind, "apiVersion": api_version, "metadata": metadata, "items": items})
+}
+
+/// Kind of the objects under a resource path, from any object stored there (else guessed).
+fn list_kind(path: &str) -> String {
+    let plural = path.rsplit('/').next().unwrap_or_default();
+    let stem = plural
+        .strip_suffix("ies")
+        .map(|s| format!("{s}y"))
+        .unwrap_or_else(|| plural.trim_end_matches('s').to_string());
+    let mut c = stem.chars();
+    c.next().map(|f| f.to_ascii_uppercase().to_string() + c.as_str()).unwrap_or_default()
+}
+
+fn api_version_of(path: &str) -> String {
+    let parts: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    match parts.as_slice() {
+        ["api", v, _] => v.to_string(),
+        ["apis", g, v, _] => format!("{g}/{v}"),
+        _ => String::new(),
+    }
+}
+
+fn chunk(out: &mut TcpStream, event: &Value) -> std::io::Result<()> {
+    let line = format!("{event}\n");
+    write!(out, "{:x}\r\n{line}\r\n", line.len())?;
+    out.flush()
+}
+
+fn watch(shared: &Shared, out: &mut TcpStream, req: &Request) -> anyhow::Result<()> {
+    let from: u64 = req.query.get("resourceVersion").and_then(|v| v.parse().ok()).unwrap_or(0);
+    let bookmarks = req.query.get("allowWatchBookmarks").is_some_and(|b| b == "true");
+    let timeout = req
+        .query
+        .get("timeoutSeconds")
+        .and_then(|t| t.parse().ok())
+        .map_or(Duration::from_secs(290), Duration::from_secs);
+    let mut st = shared.state.lock().expect("api state");
+    while st.hold_watches {
+        st = shared.changed.wait(st).expect("api state");
+    }
+    st.watches.entry(req.path.clone()).or_default().push(from);
+    write!(out, "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n")?;
+    if from < st.compacted {
+        st.expired_sent += 1;
+        let status = json!({"type": "ERROR", "object": {"kind": "Status", "apiVersion": "v1", "metadata": {},
+            "status": "Failure", "message": format!("too old resource version: {from} ({})", st.compacted),
+            "reason": "Expired", "code": 410}});
+        drop(st);
+        chunk(out, &status)?;
+        write!(out, "0\r\n\r\n")?;
+        return Ok(());
+    }
+    let epoch = st.watch_epoch;
+    let deadline = Instant::now() + timeout;
+    let mut cursor = from;
+    let mut last_sent = Instant::now();
+    loop {
+        let pending: Vec<Value> = st
+            .events
+            .iter()
+            .filter(|(rv, path, _, _)| *rv > cursor && *path == req.path)
+            .map(|(_, _, kind, object)| json!({"type": kind, "object": object}))
+            .collect();
+        if let Some(rv) = st.events.iter().filter(|e| e.1 == req.path).map(|e| e.0).max() {
+            cursor = cursor.max(rv);
+        }
+        let bookmark = if pending.is_empty()
+            && bookmarks
+            && last_sent.elapsed() >= BOOKMARK_EVERY
+            && st.revision > cursor
+        {
+            cursor = st.revision;
+            st.bookmarks.entry(req.path.clone()).or_default().insert(cursor);
+            let kind = list_kind(&req.path);
+            Some(json!({"type": "BOOKMARK", "object": {"kind": kind, "apiVersion": api_version_of(&req.path),
+                "metadata": {"resourceVersion": cursor.to_string()}}}))
+        } else {
+            None
+        };
+        drop(st);
+        for event in pending.iter().chain(bookmark.iter()) {
+            chunk(out, event)?;
+            last_sent = Instant::now();
+        }
+        st = shared.state.lock().expect("api state");
+        if st.watch_epoch != epoch || Instant::now() > deadline {
+            break;
+        }
+        st = shared.changed.wait_timeout(st, Duration::from_millis(50)).expect("api state").0;
+        if st.watch_epoch != epoch {
+            break;
+        }
+    }
+    drop(st);
+    write!(out, "0\r\n\r\n")?;
+    Ok(())
+}
