@@ -173,7 +173,9 @@ fn status(admin: SocketAddr, json: bool) -> anyhow::Result<()> {
         println!("kubernetes: first list not complete; nothing is pushed yet");
     }
     if !report.warm {
-        println!("resync grace: nodes reconnecting with config keep it until every node has reported");
+        println!(
+            "resync grace (just started): a node that comes back holding config keeps it until every node has reported"
+        );
     }
     println!("{:<24} {:<10} {:<8} {:>8}  REJECTED", "NODE", "CONNECTED", "PROTOCOL", "APPLIED");
     for n in &report.nodes {

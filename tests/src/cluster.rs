@@ -134,6 +134,12 @@ impl SimCluster {
         Ok(())
     }
 
+    /// Makes mesh-control watch `dir` instead of the cluster's own config dir (call before
+    /// [`SimCluster::start`]). `dir` is not removed on drop.
+    pub fn use_config_dir(&mut self, dir: PathBuf) {
+        self.config_dir = dir;
+    }
+
     /// See [`crate::mesh::write_config`].
     pub fn write_config(&self, file: &str, text: &str) {
         crate::mesh::write_config(&self.config_dir, file, text);

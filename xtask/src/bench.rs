@@ -2,7 +2,7 @@
 //! same simulated node. Appends one dated row per run to bench/RESULTS.md. Numbers are a
 //! baseline, not gates.
 
-use std::{fs, io::Write, time::Instant};
+use std::{fs, time::Instant};
 
 use anyhow::Context;
 use nodemesh_tests::{Pod, Registration, SimNode};
@@ -46,10 +46,10 @@ pub fn run() -> anyhow::Result<()> {
     let opened = node.metrics()?.sum("istio_tcp_connections_opened_total", &[("source_workload", "meshed")]);
     anyhow::ensure!(opened > 3000.0, "meshed runs did not go through mesh-node ({opened} connections)");
 
+    // Both tables' rows start with when and at which commit.
+    let stamp = format!("| {} | {} |", util::output("date", &["-u", "+%Y-%m-%d %H:%M"])?, commit()?);
     let row = format!(
-        "| {date} | {commit} | {cd:.0} / {cm:.0} | {p50d:.0} / {p50m:.0} | {p99d:.0} / {p99m:.0} | {gd:.2} / {gm:.2} | {rss:.1} ({hwm:.1}) | {cpu:.0}% |",
-        date = util::output("date", &["-u", "+%Y-%m-%d %H:%M"])?,
-        commit = commit()?,
+        "{stamp} {cd:.0} / {cm:.0} | {p50d:.0} / {p50m:.0} | {p99d:.0} / {p99m:.0} | {gd:.2} / {gm:.2} | {rss:.1} ({hwm:.1}) | {cpu:.0}% |",
         cd = direct.connect_per_sec,
         cm = mesh.connect_per_sec,
         p50d = direct.p50_us,
@@ -62,23 +62,64 @@ pub fn run() -> anyhow::Result<()> {
         hwm = hwm_kib as f64 / 1024.0,
         cpu = cpu_pct,
     );
-    let path = util::workspace_root()?.join("bench/RESULTS.md");
-    if !path.exists() {
-        fs::create_dir_all(path.parent().context("bench dir")?)?;
-        fs::write(&path, HEADER)?;
-    }
-    fs::OpenOptions::new().append(true).open(&path)?.write_all(format!("{row}\n").as_bytes())?;
-    println!(
-        "\n{}",
-        HEADER.lines().rev().take(2).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n")
+    drop(node);
+    let c = crate::bench_control::run()?;
+    let control_row = format!(
+        "{stamp} {p50:.0} / {p99:.0} | {sp50:.0} / {sp99:.0} | {sync:.0} | {rss:.1} ({hwm:.1}) | {cpu:.2} |",
+        p50 = c.cluster_p50_ms,
+        p99 = c.cluster_p99_ms,
+        sp50 = c.scale_p50_ms,
+        sp99 = c.scale_p99_ms,
+        sync = c.sync_ms,
+        rss = c.rss_mib,
+        hwm = c.hwm_mib,
+        cpu = c.sync_cpu_s,
     );
-    println!("{row}\n\nappended to {}", path.display());
+    let path = util::workspace_root()?.join("bench/RESULTS.md");
+    let mut text = fs::read_to_string(&path).unwrap_or_else(|_| HEADER.to_string());
+    for (table, row) in [(DATA_PATH_TABLE, &row), (CONTROL_TABLE, &control_row)] {
+        text = insert_row(&text, table, row);
+        println!("\n{table}\n{row}");
+    }
+    fs::write(&path, text)?;
+    println!("\nwritten to {}", path.display());
     Ok(())
+}
+
+const DATA_PATH_TABLE: &str = "| date (UTC) | commit | connect/s | p50 µs | p99 µs | Gbit/s | mesh-node RSS MiB (peak) | mesh-node CPU |";
+const CONTROL_TABLE: &str = "| date (UTC) | commit | 2 nodes: p50 / p99 ms | 50 clients: p50 / p99 ms | sync 50 clients ms | mesh-control RSS MiB (peak) | mesh-control CPU s to sync |";
+
+/// `text` with `row` added at the end of the table whose header line is `header` (a new
+/// table at the end of the file if there is none).
+fn insert_row(text: &str, header: &str, row: &str) -> String {
+    let mut lines: Vec<&str> = text.lines().collect();
+    match lines.iter().position(|l| *l == header) {
+        Some(start) => {
+            let end =
+                lines[start..].iter().position(|l| !l.starts_with('|')).map_or(lines.len(), |i| start + i);
+            lines.insert(end, row);
+        }
+        None => {
+            let separator = header.split(" | ").map(|_| "---").collect::<Vec<_>>().join("|");
+            let separator = format!("|{separator}|");
+            lines.extend(["", header]);
+            let mut out = lines.join("\n");
+            out.push_str(&format!("\n{separator}\n{row}\n"));
+            return out;
+        }
+    }
+    let mut out = lines.join("\n");
+    out.push('\n');
+    out
 }
 
 const HEADER: &str = "# Benchmarks
 
-`cargo xtask bench` appends one row per run. One simulated node (2-core machine); a client pod
+`cargo xtask bench` adds one row to each table per run.
+
+## Data path
+
+One simulated node (2-core machine); a client pod
 talks to a server pod on the same node bridge, first directly (client opted out), then captured
 through mesh-node. Each cell is **direct / mesh-node**.
 
@@ -120,7 +161,7 @@ fn commit() -> anyhow::Result<String> {
 }
 
 /// utime + stime of a process, in seconds.
-fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
+pub fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
     let stat = fs::read_to_string(format!("/proc/{pid}/stat"))?;
     // Fields after the command name, which is in parentheses and may contain spaces.
     let rest = stat.rsplit_once(')').context("malformed stat")?.1;
@@ -131,7 +172,7 @@ fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
 }
 
 /// VmRSS and VmHWM in KiB.
-fn memory_kib(pid: u32) -> anyhow::Result<(u64, u64)> {
+pub fn memory_kib(pid: u32) -> anyhow::Result<(u64, u64)> {
     let status = fs::read_to_string(format!("/proc/{pid}/status"))?;
     let field = |name: &str| -> anyhow::Result<u64> {
         status

@@ -1,68 +1,113 @@
-//! `cargo xtask demo`: a simulated node with a few pods, traffic through the mesh, and a
-//! readable account of what the proxy saw.
+//! `cargo xtask demo`: a simulated cluster of two nodes and mesh-control on `examples/config`;
+//! Service VIP traffic balanced across pods on both nodes, and a readable account of what the
+//! proxies and the control plane saw.
 
-use std::{net::SocketAddr, time::Duration};
+use std::{collections::BTreeMap, time::Duration};
 
-use nodemesh_tests::{Pod, Registration, SimNode, metrics::Metrics};
+use nodemesh_tests::{Pod, Registration, SimCluster, SimNode, mesh, metrics::Metrics};
 
 use crate::{setup, util};
+
+const REVIEWS: &str = "10.96.0.20:9080";
+const RATINGS: &str = "10.96.0.30:9080";
 
 pub fn run(keep: bool) -> anyhow::Result<()> {
     setup::run()?;
     util::build_release()?;
-    util::step("creating a simulated node (netns + bridge, no route off this machine)");
-    let mut node = SimNode::new()?;
-    let pods = [
-        ("frontend", "shop", Registration::meshed()),
-        ("reviews", "shop", Registration::meshed()),
-        ("ratings", "shop", Registration::meshed()),
-        ("nightly-report", "shop", Registration::opted_out()),
-        ("postgres", "data", Registration::unmeshed_namespace()),
-    ];
-    let mut created: Vec<Pod> = Vec::new();
-    for (name, ns, _) in &pods {
-        created.push(node.add_pod(name, ns)?);
-    }
-    node.start_mesh_node(&[])?;
-    println!("\n  {:<16} {:<10} {:<14} {:<24}", "POD", "NAMESPACE", "IP", "MESH");
-    for (pod, (_, _, how)) in created.iter().zip(&pods) {
-        let status = node.register(pod, how)?;
-        let decision = status["decision"].as_str().unwrap_or("?").replace('_', " ");
-        println!("  {:<16} {:<10} {:<14} {decision}", pod.name, pod.namespace, pod.ip);
-    }
-    let [frontend, reviews, ratings, report, postgres] = &created[..] else { unreachable!() };
-    node.serve(reviews, &[reviews.addr(9080)])?;
-    node.serve(ratings, &[ratings.addr(9080)])?;
-    node.serve(postgres, &[postgres.addr(5432)])?;
+    let config = util::workspace_root()?.join("examples/config");
+    util::step("creating a simulated cluster: 2 nodes + a fabric netns, no route off this machine");
+    let mut cluster = SimCluster::new(2)?;
+    cluster.use_config_dir(config.clone());
+    cluster.start(&[], &[])?;
+    println!("  mesh-control watches {} (xDS at {})", config.display(), cluster.control.url());
 
-    println!("\nSending traffic:");
-    let send = |from: &Pod, to: SocketAddr, args: &[&str], what: &str| -> anyhow::Result<()> {
-        let to_s = to.to_string();
-        let mut all = vec!["client", "--to", to_s.as_str()];
-        all.extend_from_slice(args);
-        let r = node.testapp(from, &all)?;
-        anyhow::ensure!(r.get("error").is_none(), "{} -> {to}: {r}", from.name);
-        println!("  {:<16} -> {:<22} {what}", from.name, to_s);
-        Ok(())
-    };
-    send(frontend, reviews.addr(9080), &["--connections", "5"], "5 connections")?;
-    send(
-        frontend,
-        ratings.addr(9080),
-        &["--mode", "sink", "--bytes", "1048576"],
-        "1 MiB upload, checksum verified",
-    )?;
-    send(reviews, ratings.addr(9080), &["--connections", "3"], "3 connections")?;
-    send(frontend, postgres.addr(5432), &["--connections", "2"], "2 connections (server not meshed)")?;
-    send(report, postgres.addr(5432), &["--connections", "4"], "4 connections (client opted out: direct)")?;
+    // (node, pod, namespace, labels) — reviews runs on both nodes.
+    let layout: [(usize, &str, &str, Registration); 6] = [
+        (0, "frontend", "shop", Registration::meshed()),
+        (0, "reviews-v1", "shop", mesh::labelled("reviews")),
+        (1, "reviews-v2", "shop", mesh::labelled("reviews")),
+        (1, "reviews-v3", "shop", mesh::labelled("reviews")),
+        (1, "ratings", "shop", mesh::labelled("ratings")),
+        (1, "postgres", "data", Registration::unmeshed_namespace()),
+    ];
+    println!("\n  {:<8} {:<12} {:<10} {:<12} MESH", "NODE", "POD", "NAMESPACE", "IP");
+    let mut pods: BTreeMap<&str, (usize, Pod)> = BTreeMap::new();
+    for (n, name, ns, how) in &layout {
+        let node = &mut cluster.nodes[*n];
+        let pod = node.add_pod(name, ns)?;
+        let status = node.register(&pod, how)?;
+        let decision = status["decision"].as_str().unwrap_or("?").replace('_', " ");
+        println!("  node-{:<3} {:<12} {:<10} {:<12} {decision}", n + 1, pod.name, pod.namespace, pod.ip);
+        if *name != "frontend" {
+            let port = if *name == "postgres" { 5432 } else { 9080 };
+            node.serve(&pod, &[pod.addr(port)])?;
+        }
+        pods.insert(name, (*n, pod));
+    }
+    let (node0, frontend) = (&cluster.nodes[0], &pods["frontend"].1);
+    wait_for_endpoints(node0, frontend)?;
+
+    println!("\nSending traffic from shop/frontend (node-1):");
+    let counts = answered_by(node0, frontend, REVIEWS, 30)?;
+    println!("  -> reviews VIP {REVIEWS}, 30 connections, round robin across both nodes:");
+    for (server, count) in &counts {
+        let node = pods.get(server.as_str()).map_or(0, |p| p.0 + 1);
+        println!("       {server:<12} on node-{node}: {count}");
+    }
+    let counts = answered_by(node0, frontend, RATINGS, 10)?;
+    println!("  -> ratings VIP {RATINGS}, 10 connections, consistent hash on source IP: {counts:?}");
+    let postgres = pods["postgres"].1.addr(5432);
+    let counts = answered_by(node0, frontend, &postgres.to_string(), 2)?;
+    println!("  -> postgres {postgres} (not meshed, no Service): passed through, {counts:?}");
     std::thread::sleep(Duration::from_millis(300));
 
-    print_report(&node.metrics()?);
-    if keep {
-        keep_running(&node, &created)?;
+    print_report(&node0.metrics()?);
+    println!("\nWhat each node holds (scoping: only what its own pods dial):");
+    for (i, node) in cluster.nodes.iter().enumerate() {
+        let dump = node.config_dump()?;
+        let clusters: Vec<&String> =
+            dump["xds"]["config"]["clusters"].as_object().map(|m| m.keys().collect()).unwrap_or_default();
+        println!("  node-{}: {clusters:?}", i + 1);
     }
-    util::step("cleaning up the simulated node");
+    println!("\nmesh-control status:");
+    for line in cluster.control.status()?.lines() {
+        println!("  {line}");
+    }
+    if keep {
+        keep_running(&cluster, frontend)?;
+    }
+    util::step("cleaning up the simulated cluster");
     Ok(())
+}
+
+/// Registration → report → generation → push: wait until both VIPs answer from node 0.
+fn wait_for_endpoints(node: &SimNode, from: &Pod) -> anyhow::Result<()> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    // The first connect to each VIP subscribes the node to it (on demand).
+    while answered_by(node, from, REVIEWS, 1).is_err()
+        || answered_by(node, from, RATINGS, 1).is_err()
+        || mesh::endpoint_count(node, "outbound|9080||reviews.shop.svc.cluster.local") < 3
+    {
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "the VIPs never reached node-1:\n{}",
+            node.log_tail()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Ok(())
+}
+
+/// Which server answered each of `n` connections.
+fn answered_by(node: &SimNode, from: &Pod, to: &str, n: usize) -> anyhow::Result<BTreeMap<String, usize>> {
+    let v =
+        node.testapp(from, &["client", "--to", to, "--mode", "hello", "--connections", &n.to_string()])?;
+    let mut counts = BTreeMap::new();
+    for c in v["connections"].as_array().ok_or_else(|| anyhow::anyhow!("{to}: {v}"))? {
+        let server = c["reply"]["server"].as_str().ok_or_else(|| anyhow::anyhow!("{to}: {c}"))?;
+        *counts.entry(server.to_string()).or_default() += 1;
+    }
+    Ok(counts)
 }
 
 fn print_report(m: &Metrics) {
@@ -104,7 +149,6 @@ fn print_report(m: &Metrics) {
             human_bytes(m.sum("istio_tcp_received_bytes_total", &labels)),
         );
     }
-    println!("  (shop/nightly-report is opted out, so its 4 connections went direct and are not here)");
 }
 
 fn human_bytes(b: f64) -> String {
@@ -115,28 +159,32 @@ fn human_bytes(b: f64) -> String {
     }
 }
 
-fn keep_running(node: &SimNode, pods: &[Pod]) -> anyhow::Result<()> {
+fn keep_running(cluster: &SimCluster, frontend: &Pod) -> anyhow::Result<()> {
     let testapp = nodemesh_tests::bin("nm-testapp")?;
-    let frontend = &pods[0];
-    println!("\nThe node stays up until you press Ctrl-C (everything is removed then). Try:");
-    println!("  # metrics, config dump (admin endpoint inside the node netns)");
-    println!("  nsenter --net=/var/run/netns/{} curl -s 127.0.0.1:15000/metrics", node.node_netns);
+    let node = &cluster.nodes[0];
+    println!("\nThe cluster stays up until you press Ctrl-C (everything is removed then). Try:");
+    println!("  # edit examples/config/shop.yaml (say, drop the DestinationRule) and watch it apply");
+    println!("  # node-1's config dump and metrics (admin endpoint inside the node netns)");
     println!("  nsenter --net=/var/run/netns/{} curl -s 127.0.0.1:15000/config_dump", node.node_netns);
+    println!("  nsenter --net=/var/run/netns/{} curl -s 127.0.0.1:15000/metrics", node.node_netns);
+    println!("  # what every node applied");
+    println!(
+        "  nsenter --net=/var/run/netns/{} {} status",
+        cluster.fabric_netns,
+        nodemesh_tests::bin("mesh-control")?.display()
+    );
     println!("  # a connection from the meshed frontend pod (joins its cgroup, then its netns)");
     println!(
-        "  sh -c 'echo $$ > {}/cgroup.procs; exec nsenter --net=/var/run/netns/{} {} client --to {}'",
+        "  sh -c 'echo $$ > {}/cgroup.procs; exec nsenter --net=/var/run/netns/{} {} client --to {REVIEWS} --mode hello'",
         frontend.cgroup.display(),
         frontend.netns,
         testapp.display(),
-        pods[1].addr(9080)
     );
-    println!("  # workloads via the local API");
     println!(
-        "  {} workload --api-socket {} list",
-        nodemesh_tests::bin("mesh-node")?.display(),
-        node.api_socket().display()
+        "  # logs: {} and {}",
+        node.mesh_node_log().display(),
+        cluster.work_dir.join("mesh-control.log").display()
     );
-    println!("  # mesh-node's log: {}", node.mesh_node_log().display());
     let mut signals = nix::sys::signal::SigSet::empty();
     signals.add(nix::sys::signal::Signal::SIGINT);
     signals.add(nix::sys::signal::Signal::SIGTERM);
