@@ -88,6 +88,10 @@ struct Translator<'a> {
     store: &'a Store,
     nodes: HashMap<&'a str, Locality>,
     workloads: Vec<Wl<'a>>,
+    /// (namespace, label key, label value) → indexes into `workloads`, so matching a selector
+    /// costs the workloads carrying its first label, not every workload (1,000 Services over
+    /// 10,000 workloads would otherwise be 10 million matches per snapshot).
+    by_label: HashMap<(&'a str, &'a str, &'a str), Vec<usize>>,
     snap: Snapshot,
 }
 
@@ -141,7 +145,29 @@ impl<'a> Translator<'a> {
                 });
             }
         }
-        Translator { store, nodes, workloads, snap: Snapshot::new(store.generation()) }
+        let mut by_label: HashMap<(&str, &str, &str), Vec<usize>> = HashMap::new();
+        for (i, w) in workloads.iter().enumerate() {
+            for (k, v) in w.labels {
+                by_label.entry((w.namespace, k.as_str(), v.as_str())).or_default().push(i);
+            }
+        }
+        Translator { store, nodes, workloads, by_label, snap: Snapshot::new(store.generation()) }
+    }
+
+    /// The workloads in `namespace` that `selector` picks, in model order (an empty selector
+    /// picks all of them).
+    fn selected(&self, namespace: &str, selector: &Labels) -> Vec<&Wl<'a>> {
+        match selector.iter().next() {
+            None => self.workloads.iter().filter(|w| w.namespace == namespace).collect(),
+            Some((k, v)) => self
+                .by_label
+                .get(&(namespace, k.as_str(), v.as_str()))
+                .into_iter()
+                .flatten()
+                .map(|i| &self.workloads[*i])
+                .filter(|w| selector_matches(selector, w.labels))
+                .collect(),
+        }
     }
 
     fn services(&mut self) {
@@ -205,8 +231,8 @@ impl<'a> Translator<'a> {
             // workloads, there is no endpoints controller; WorkloadEntries join Services too).
             if let Some(selector) = &svc.selector {
                 let listed: BTreeSet<IpAddr> = eps.iter().map(|e| e.ip).collect();
-                for w in self.workloads.iter().filter(|w| w.namespace == svc.meta.namespace) {
-                    if !selector_matches(selector, w.labels) || w.ips.iter().any(|ip| listed.contains(ip)) {
+                for w in self.selected(&svc.meta.namespace, selector) {
+                    if w.ips.iter().any(|ip| listed.contains(ip)) {
                         continue;
                     }
                     let port = match (&sp.target_port, w.ports) {
@@ -267,9 +293,7 @@ impl<'a> Translator<'a> {
                             })
                             .collect();
                         if let Some(sel) = &spec.workload_selector {
-                            for w in self.workloads.iter().filter(|w| {
-                                w.namespace == se.meta.namespace && selector_matches(&sel.labels, w.labels)
-                            }) {
+                            for w in self.selected(&se.meta.namespace, &sel.labels) {
                                 let port = w
                                     .ports
                                     .and_then(|m| m.get(&p.name).copied())
