@@ -57,17 +57,17 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         tokio::spawn(source.watch(Duration::from_millis(20), Duration::from_secs(5)));
     }
 
-    let synced = match &settings.kubernetes {
-        Some(connection) => {
-            let client = kube::client(connection).await.context("kubernetes client configuration")?;
-            Some(kube::start(client, Arc::clone(&store), Arc::clone(&changed)))
-        }
-        None => None,
-    };
+    if let Some(connection) = &settings.kubernetes {
+        let client = kube::client(connection).await.context("kubernetes client configuration")?;
+        kube::start(client, Arc::clone(&store), Arc::clone(&changed));
+    }
 
     let grace_end = Instant::now() + settings.resync_grace;
-    let state = State { warm: settings.resync_grace.is_zero(), synced: is_synced(synced.as_ref()) };
-    let first = state.snapshot(&store.lock().expect("store lock"));
+    let first = {
+        let store = store.lock().expect("store lock");
+        let state = State { warm: settings.resync_grace.is_zero(), synced: is_synced(&settings, &store) };
+        state.snapshot(&store)
+    };
     tracing::info!(
         generation = first.generation,
         addresses = first.addresses.len(),
@@ -82,7 +82,6 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         snap_tx,
         settings.clone(),
         grace_end,
-        synced,
     ));
 
     let admin =
@@ -129,7 +128,6 @@ async fn publish_snapshots(
     tx: watch::Sender<Arc<Snapshot>>,
     settings: Settings,
     grace_end: Instant,
-    synced: Option<watch::Receiver<bool>>,
 ) {
     loop {
         if tx.borrow().warm {
@@ -153,7 +151,7 @@ async fn publish_snapshots(
             let store = store.lock().expect("store lock");
             let state = State {
                 warm: was.warm || Instant::now() >= grace_end || every_node_reported(&store),
-                synced: is_synced(synced.as_ref()),
+                synced: is_synced(&settings, &store),
             };
             if store.generation() == tx.borrow().generation && state == was {
                 continue;
@@ -190,8 +188,8 @@ impl State {
     }
 }
 
-fn is_synced(kube: Option<&watch::Receiver<bool>>) -> bool {
-    kube.is_none_or(|rx| *rx.borrow())
+fn is_synced(settings: &Settings, store: &Store) -> bool {
+    settings.kubernetes.is_none() || kube::synced(store)
 }
 
 /// Whether the config lists its nodes and each has reported its workloads since the start.

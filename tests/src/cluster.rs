@@ -17,7 +17,7 @@ use std::{
     process::Command,
 };
 
-use crate::{ControlPlane, NAME_PREFIX, SimNode, new_id, run_checked};
+use crate::{ControlPlane, SimNode, new_id, run_checked};
 
 const FABRIC_NET4: [u8; 3] = [10, 76, 0];
 const XDS_PORT: u16 = 15010;
@@ -46,7 +46,6 @@ impl SimCluster {
     pub fn new(node_count: usize) -> anyhow::Result<SimCluster> {
         anyhow::ensure!((1..=200).contains(&node_count), "1 to 200 nodes");
         let id = new_id()?;
-        debug_assert!(id.starts_with(NAME_PREFIX));
         let fabric_netns = format!("{id}-fabric");
         let work_dir = std::env::temp_dir().join(&id);
         let config_dir = work_dir.join("config");

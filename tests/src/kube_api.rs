@@ -34,6 +34,8 @@ struct State {
     watch_epoch: u64,
     hold_watches: bool,
     not_served: BTreeSet<String>,
+    /// resource path → the kind of its objects, as applied (`ServiceEntry`).
+    kinds: BTreeMap<String, String>,
     /// resource path → revisions sent in bookmarks.
     bookmarks: BTreeMap<String, BTreeSet<u64>>,
     /// resource path → resourceVersion of each watch request, in order.
@@ -109,6 +111,7 @@ impl FakeApiServer {
             meta["resourceVersion"] = st.revision.to_string().into();
             meta["uid"] = format!("uid-{namespace}-{name}").into();
             meta["creationTimestamp"] = "2026-11-21T00:00:00Z".into();
+            st.kinds.insert(path.clone(), kind.clone());
             let key = format!("{namespace}/{name}");
             let existed = st.objects.entry(path.clone()).or_default().insert(key, object.clone()).is_some();
             let kind = if existed { "MODIFIED" } else { "ADDED" };
@@ -269,7 +272,7 @@ fn list(shared: &Shared, req: &Request) -> Value {
         })
         .collect();
     let next = offset + items.len();
-    let kind = format!("{}List", list_kind(&req.path));
+    let kind = format!("{}List", kind_of(&st, &req.path));
     let api_version = api_version_of(&req.path);
     let mut metadata = json!({"resourceVersion": revision.to_string()});
     if next < all.len() {
@@ -278,8 +281,12 @@ fn list(shared: &Shared, req: &Request) -> Value {
     json!({"kind": kind, "apiVersion": api_version, "metadata": metadata, "items": items})
 }
 
-/// Kind of the objects under a resource path, from any object stored there (else guessed).
-fn list_kind(path: &str) -> String {
+/// Kind of the objects under a resource path: as applied, else guessed from the plural (for a
+/// resource never written to; watchers do not check list kinds).
+fn kind_of(st: &State, path: &str) -> String {
+    if let Some(kind) = st.kinds.get(path) {
+        return kind.clone();
+    }
     let plural = path.rsplit('/').next().unwrap_or_default();
     let stem = plural
         .strip_suffix("ies")
@@ -349,7 +356,7 @@ fn watch(shared: &Shared, out: &mut TcpStream, req: &Request) -> anyhow::Result<
         {
             cursor = st.revision;
             st.bookmarks.entry(req.path.clone()).or_default().insert(cursor);
-            let kind = list_kind(&req.path);
+            let kind = kind_of(&st, &req.path);
             Some(json!({"type": "BOOKMARK", "object": {"kind": kind, "apiVersion": api_version_of(&req.path),
                 "metadata": {"resourceVersion": cursor.to_string()}}}))
         } else {

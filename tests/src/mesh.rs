@@ -12,12 +12,20 @@ use serde_json::Value;
 
 use crate::{Pod, Registration, SimNode};
 
-/// Polls `check` every 50 ms; panics naming `what` after `timeout`.
-pub fn eventually(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) {
+/// Polls `check` every `every` until it holds; an error after `timeout`.
+pub fn wait_until(timeout: Duration, every: Duration, mut check: impl FnMut() -> bool) -> anyhow::Result<()> {
     let deadline = Instant::now() + timeout;
     while !check() {
-        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
-        std::thread::sleep(Duration::from_millis(50));
+        anyhow::ensure!(Instant::now() < deadline, "timed out after {timeout:?}");
+        std::thread::sleep(every);
+    }
+    Ok(())
+}
+
+/// Polls `check` every 50 ms; panics naming `what` after `timeout`.
+pub fn eventually(what: &str, timeout: Duration, check: impl FnMut() -> bool) {
+    if wait_until(timeout, Duration::from_millis(50), check).is_err() {
+        panic!("timed out waiting for: {what}");
     }
 }
 
@@ -50,25 +58,39 @@ pub fn rule_yaml(policy: &str) -> String {
     )
 }
 
-/// Which server answered each of `n` connections from `client` to `to`; on failure the panic
-/// carries both logs.
-pub fn hello_counts(node: &SimNode, client: &Pod, to: &str, n: usize) -> BTreeMap<String, usize> {
-    let v = node
-        .testapp(client, &["client", "--to", to, "--mode", "hello", "--connections", &n.to_string()])
-        .unwrap();
-    let Some(connections) = v["connections"].as_array() else {
-        panic!(
-            "{v}\n--- mesh-node log ---\n{}\n--- mesh-control log ---\n{}",
-            node.log_tail(),
-            node.control_log()
-        );
-    };
+/// Which server answered each of `n` connections from `client` to `to`; an error if any
+/// connection got no answer.
+pub fn answered_by(
+    node: &SimNode,
+    client: &Pod,
+    to: &str,
+    n: usize,
+) -> anyhow::Result<BTreeMap<String, usize>> {
+    let v =
+        node.testapp(client, &["client", "--to", to, "--mode", "hello", "--connections", &n.to_string()])?;
+    let connections = v["connections"].as_array().ok_or_else(|| anyhow::anyhow!("{to}: {v}"))?;
     let mut counts = BTreeMap::new();
     for c in connections {
-        let server = c["reply"]["server"].as_str().unwrap_or_else(|| panic!("no reply: {c}")).to_string();
-        *counts.entry(server).or_default() += 1;
+        let server = c["reply"]["server"].as_str().ok_or_else(|| anyhow::anyhow!("{to}: no reply: {c}"))?;
+        *counts.entry(server.to_string()).or_default() += 1;
     }
-    counts
+    Ok(counts)
+}
+
+/// Whether one connection from `client` to `to` is answered.
+pub fn answered(node: &SimNode, client: &Pod, to: &str) -> bool {
+    answered_by(node, client, to, 1).is_ok()
+}
+
+/// [`answered_by`] for tests: a failure panics with both logs.
+pub fn hello_counts(node: &SimNode, client: &Pod, to: &str, n: usize) -> BTreeMap<String, usize> {
+    answered_by(node, client, to, n).unwrap_or_else(|e| {
+        panic!(
+            "{e:#}\n--- mesh-node log ---\n{}\n--- mesh-control log ---\n{}",
+            node.log_tail(),
+            node.control_log()
+        )
+    })
 }
 
 /// A cluster in a node's `/config_dump`.

@@ -9,9 +9,9 @@ use std::{
 };
 
 use nodemesh_tests::{
-    Pod, Registration, SimCluster, SimNode,
+    Pod, Registration, SimCluster,
     kube_api::FakeApiServer,
-    mesh::{endpoint_count, eventually, hello_counts, labelled, rule_yaml, service_yaml},
+    mesh::{answered, endpoint_count, eventually, hello_counts, labelled, rule_yaml, service_yaml},
     netns,
 };
 use serde_json::json;
@@ -169,12 +169,6 @@ fn locality_prefers_the_clients_zone_and_fails_over_to_the_next() {
     let counts = hello_counts(node0, &clients[0], &to, 12);
     assert_eq!(counts.values().sum::<usize>(), 12, "{counts:?}");
     assert!(!counts.contains_key("web0"), "{counts:?}");
-}
-
-/// One connection through the VIP is answered.
-fn answered(node: &SimNode, client: &Pod, to: &str) -> bool {
-    node.testapp(client, &["client", "--to", to, "--mode", "hello"])
-        .is_ok_and(|v| v["connections"][0]["reply"]["server"].is_string())
 }
 
 #[test]

@@ -97,7 +97,7 @@ fn model(store: &Store) -> Model {
 
 /// The model of `objects` written as files into a fresh directory.
 fn directory_model(objects: &[Value]) -> Model {
-    let dir = std::env::temp_dir().join(format!("nm-kube-test-{}-{}", std::process::id(), fastrand_suffix()));
+    let dir = std::env::temp_dir().join(format!("nm-kube-test-{}-{}", std::process::id(), unique_suffix()));
     std::fs::create_dir_all(&dir).unwrap();
     for (i, o) in objects.iter().enumerate() {
         std::fs::write(dir.join(format!("{i:02}.json")), o.to_string()).unwrap();
@@ -109,7 +109,7 @@ fn directory_model(objects: &[Value]) -> Model {
     model(&store)
 }
 
-fn fastrand_suffix() -> u128 {
+fn unique_suffix() -> u128 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos()
 }
 
@@ -141,11 +141,12 @@ async fn kube_source_yields_the_directory_model_and_follows_watch_bookmarks_and_
 
     let store = Arc::new(Mutex::new(Store::default()));
     let client = kube::client(&Connection::Url(api.url())).await.unwrap();
-    let mut synced = kube::start(client, Arc::clone(&store), Arc::new(Notify::new()));
-    tokio::time::timeout(Duration::from_secs(15), synced.wait_for(|s| *s))
-        .await
-        .expect("first list")
-        .unwrap();
+    kube::start(client, Arc::clone(&store), Arc::new(Notify::new()));
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !kube::synced(&store.lock().unwrap()) {
+        assert!(Instant::now() < deadline, "first list");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let want = directory_model(&objects);
     assert!(want.objects.len() >= 10 && want.errors.len() == 1 && !want.resources.is_empty(), "{want:#?}");
     assert_eq!(model(&store.lock().unwrap()), want, "the same objects must give the same model");

@@ -11,7 +11,7 @@ use std::{
 use nodemesh_tests::{
     CONTROL_PLANE_URL, Pod, Registration, SimNode,
     mesh::{
-        dumped_cluster as cluster, eventually, hello_counts, labelled, rule_yaml, service_yaml,
+        answered_by, dumped_cluster as cluster, eventually, hello_counts, labelled, rule_yaml, service_yaml,
         write_config as write,
     },
 };
@@ -49,17 +49,7 @@ fn setup(extra_node_args: &[&str]) -> Setup {
     // Registration → report → generation → push: wait until all three serve through the VIP.
     let vip = format!("{VIP}:80");
     eventually("the VIP reaches all three endpoints", Duration::from_secs(10), || {
-        node.testapp(&client, &["client", "--to", &vip, "--mode", "hello", "--connections", "6"]).is_ok_and(
-            |v| {
-                let servers: std::collections::BTreeSet<String> = v["connections"]
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                    .filter_map(|c| c["reply"]["server"].as_str().map(String::from))
-                    .collect();
-                servers.len() == 3
-            },
-        )
+        answered_by(&node, &client, &vip, 6).is_ok_and(|counts| counts.len() == 3)
     });
     Setup { node, config, client, servers }
 }

@@ -66,14 +66,14 @@ pub fn run() -> anyhow::Result<()> {
     let c = crate::bench_control::run()?;
     let control_row = format!(
         "{stamp} {p50:.0} / {p99:.0} | {sp50:.0} / {sp99:.0} | {sync:.0} | {rss:.1} ({hwm:.1}) | {cpu:.2} |",
-        p50 = c.cluster_p50_ms,
-        p99 = c.cluster_p99_ms,
-        sp50 = c.scale_p50_ms,
-        sp99 = c.scale_p99_ms,
-        sync = c.sync_ms,
-        rss = c.rss_mib,
-        hwm = c.hwm_mib,
-        cpu = c.sync_cpu_s,
+        p50 = c.cluster.0,
+        p99 = c.cluster.1,
+        sp50 = c.scale.propagation.0,
+        sp99 = c.scale.propagation.1,
+        sync = c.scale.sync_ms,
+        rss = c.scale.rss_mib,
+        hwm = c.scale.hwm_mib,
+        cpu = c.scale.sync_cpu_s,
     );
     let path = util::workspace_root()?.join("bench/RESULTS.md");
     let mut text = fs::read_to_string(&path).unwrap_or_else(|_| HEADER.to_string());

@@ -18,16 +18,26 @@ use nodemesh_tests::{Registration, SimCluster, SimNode, mesh, netns};
 use serde_json::Value;
 
 const TOGGLES: usize = 30;
+/// How often the 2-node run polls the nodes' config dumps (its resolution).
+const POLL: Duration = Duration::from_millis(2);
 const SERVICES: usize = 1000;
 const ENDPOINTS_PER_SERVICE: usize = 10;
 const LOAD_NODES: usize = 50;
 const WATCHED: &str = "outbound|80||svc-0.bench.svc.cluster.local";
 
+/// (p50, p99) in milliseconds.
+pub type Percentiles = (f64, f64);
+
 pub struct ControlRun {
-    pub cluster_p50_ms: f64,
-    pub cluster_p99_ms: f64,
-    pub scale_p50_ms: f64,
-    pub scale_p99_ms: f64,
+    /// Endpoint change → both nodes of the simulated cluster.
+    pub cluster: Percentiles,
+    pub scale: Scale,
+}
+
+/// mesh-control at 1,000 services / 10,000 endpoints / 50 clients.
+pub struct Scale {
+    /// Endpoint change → all 50 clients.
+    pub propagation: Percentiles,
     pub sync_ms: f64,
     pub rss_mib: f64,
     pub hwm_mib: f64,
@@ -36,27 +46,25 @@ pub struct ControlRun {
 
 pub fn run() -> anyhow::Result<ControlRun> {
     crate::util::step("control plane: propagation on a 2-node simulated cluster");
-    let (cluster_p50_ms, cluster_p99_ms) = cluster_propagation()?;
+    let cluster = cluster_propagation()?;
     crate::util::step("control plane: 1,000 services / 10,000 endpoints / 50 xDS clients");
-    let scale = scale()?;
-    Ok(ControlRun { cluster_p50_ms, cluster_p99_ms, ..scale })
+    Ok(ControlRun { cluster, scale: scale()? })
 }
 
-fn percentiles(mut v: Vec<f64>) -> (f64, f64) {
+fn percentiles(mut v: Vec<f64>) -> Percentiles {
     v.sort_by(f64::total_cmp);
     let at = |q: f64| v[((v.len() as f64 * q).ceil() as usize).clamp(1, v.len()) - 1];
     (at(0.5), at(0.99))
 }
 
-fn workload_entry(name: &str, address: &str, app: &str) -> String {
+fn workload_entry(namespace: &str, name: &str, address: &str, app: &str) -> String {
     format!(
-        "apiVersion: networking.istio.io/v1\nkind: WorkloadEntry\nmetadata: {{name: {name}, namespace: {ns}}}\n\
-         spec: {{address: {address}, labels: {{app: {app}}}}}\n",
-        ns = if app == "web" { "shop" } else { "bench" }
+        "apiVersion: networking.istio.io/v1\nkind: WorkloadEntry\nmetadata: {{name: {name}, namespace: {namespace}}}\n\
+         spec: {{address: {address}, labels: {{app: {app}}}}}\n"
     )
 }
 
-fn cluster_propagation() -> anyhow::Result<(f64, f64)> {
+fn cluster_propagation() -> anyhow::Result<Percentiles> {
     let mut cluster = SimCluster::new(2)?;
     cluster.write_config("web.yaml", &mesh::service_yaml("web", "10.96.0.10", "web"));
     cluster.start(&[], &[])?;
@@ -72,14 +80,12 @@ fn cluster_propagation() -> anyhow::Result<(f64, f64)> {
     cluster.nodes[0].serve(&server, &[server.addr(8080)])?;
     // Each node dials the VIP once, so each holds web's cluster.
     for (node, client) in cluster.nodes.iter().zip(&clients) {
-        wait(Duration::from_secs(20), || {
-            node.testapp(client, &["client", "--to", "10.96.0.10:80", "--mode", "hello"])
-                .is_ok_and(|v| v["connections"][0]["reply"]["server"].is_string())
-                && mesh::endpoint_count(node, web) == 1
+        mesh::wait_until(Duration::from_secs(20), POLL, || {
+            mesh::answered(node, client, "10.96.0.10:80") && mesh::endpoint_count(node, web) == 1
         })
         .context("web never reached both nodes")?;
     }
-    let vm = workload_entry("vm0", &cluster.nodes[1].pod_ip4(200).to_string(), "web");
+    let vm = workload_entry("shop", "vm0", &cluster.nodes[1].pod_ip4(200).to_string(), "web");
     let mut samples = Vec::new();
     for k in 0..TOGGLES {
         let started = Instant::now();
@@ -90,21 +96,13 @@ fn cluster_propagation() -> anyhow::Result<(f64, f64)> {
             cluster.remove_config("vm.yaml")?;
             1
         };
-        wait(Duration::from_secs(10), || cluster.nodes.iter().all(|n| mesh::endpoint_count(n, web) == want))
-            .context("an endpoint change never reached both nodes")?;
+        mesh::wait_until(Duration::from_secs(10), POLL, || {
+            cluster.nodes.iter().all(|n| mesh::endpoint_count(n, web) == want)
+        })
+        .context("an endpoint change never reached both nodes")?;
         samples.push(started.elapsed().as_secs_f64() * 1000.0);
     }
     Ok(percentiles(samples))
-}
-
-/// Polls `check` every 2 ms.
-fn wait(timeout: Duration, mut check: impl FnMut() -> bool) -> anyhow::Result<()> {
-    let deadline = Instant::now() + timeout;
-    while !check() {
-        anyhow::ensure!(Instant::now() < deadline, "timed out after {timeout:?}");
-        std::thread::sleep(Duration::from_millis(2));
-    }
-    Ok(())
 }
 
 fn now_us() -> u128 {
@@ -125,7 +123,12 @@ fn write_scale_config(dir: &std::path::Path) -> anyhow::Result<()> {
             for j in 0..ENDPOINTS_PER_SERVICE {
                 let n = i * ENDPOINTS_PER_SERVICE + j;
                 let address = format!("10.80.{}.{}", n / 250, n % 250 + 1);
-                text.push_str(&workload_entry(&format!("svc-{i}-{j}"), &address, &format!("svc-{i}")));
+                text.push_str(&workload_entry(
+                    "bench",
+                    &format!("svc-{i}-{j}"),
+                    &address,
+                    &format!("svc-{i}"),
+                ));
                 text.push_str("---\n");
             }
         }
@@ -134,7 +137,7 @@ fn write_scale_config(dir: &std::path::Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn scale() -> anyhow::Result<ControlRun> {
+fn scale() -> anyhow::Result<Scale> {
     let mut node = SimNode::new()?;
     let config = node.work_dir.join("scale-config");
     write_scale_config(&config)?;
@@ -159,7 +162,7 @@ fn scale() -> anyhow::Result<ControlRun> {
             }
         }
     });
-    let result = (|| -> anyhow::Result<ControlRun> {
+    let result = (|| -> anyhow::Result<Scale> {
         let mut counts = vec![0u64; LOAD_NODES];
         let apply = |counts: &mut Vec<u64>, v: &Value| {
             if v["event"] == "endpoints"
@@ -186,7 +189,7 @@ fn scale() -> anyhow::Result<ControlRun> {
                 mesh::write_config(
                     &config,
                     "extra.yaml",
-                    &workload_entry("svc-0-extra", "10.81.0.1", "svc-0"),
+                    &workload_entry("bench", "svc-0-extra", "10.81.0.1", "svc-0"),
                 );
             } else {
                 fs::remove_file(config.join("extra.yaml"))?;
@@ -202,12 +205,8 @@ fn scale() -> anyhow::Result<ControlRun> {
             }
             samples.push((last - t0) as f64 / 1000.0);
         }
-        let (scale_p50_ms, scale_p99_ms) = percentiles(samples);
-        Ok(ControlRun {
-            cluster_p50_ms: 0.0,
-            cluster_p99_ms: 0.0,
-            scale_p50_ms,
-            scale_p99_ms,
+        Ok(Scale {
+            propagation: percentiles(samples),
             sync_ms,
             rss_mib: rss as f64 / 1024.0,
             hwm_mib: hwm as f64 / 1024.0,

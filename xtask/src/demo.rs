@@ -48,16 +48,16 @@ pub fn run(keep: bool) -> anyhow::Result<()> {
     wait_for_endpoints(node0, frontend)?;
 
     println!("\nSending traffic from shop/frontend (node-1):");
-    let counts = answered_by(node0, frontend, REVIEWS, 30)?;
+    let counts = mesh::answered_by(node0, frontend, REVIEWS, 30)?;
     println!("  -> reviews VIP {REVIEWS}, 30 connections, round robin across both nodes:");
     for (server, count) in &counts {
         let node = pods.get(server.as_str()).map_or(0, |p| p.0 + 1);
         println!("       {server:<12} on node-{node}: {count}");
     }
-    let counts = answered_by(node0, frontend, RATINGS, 10)?;
+    let counts = mesh::answered_by(node0, frontend, RATINGS, 10)?;
     println!("  -> ratings VIP {RATINGS}, 10 connections, consistent hash on source IP: {counts:?}");
     let postgres = pods["postgres"].1.addr(5432);
-    let counts = answered_by(node0, frontend, &postgres.to_string(), 2)?;
+    let counts = mesh::answered_by(node0, frontend, &postgres.to_string(), 2)?;
     println!("  -> postgres {postgres} (not meshed, no Service): passed through, {counts:?}");
     std::thread::sleep(Duration::from_millis(300));
 
@@ -82,32 +82,13 @@ pub fn run(keep: bool) -> anyhow::Result<()> {
 
 /// Registration → report → generation → push: wait until both VIPs answer from node 0.
 fn wait_for_endpoints(node: &SimNode, from: &Pod) -> anyhow::Result<()> {
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
     // The first connect to each VIP subscribes the node to it (on demand).
-    while answered_by(node, from, REVIEWS, 1).is_err()
-        || answered_by(node, from, RATINGS, 1).is_err()
-        || mesh::endpoint_count(node, "outbound|9080||reviews.shop.svc.cluster.local") < 3
-    {
-        anyhow::ensure!(
-            std::time::Instant::now() < deadline,
-            "the VIPs never reached node-1:\n{}",
-            node.log_tail()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    Ok(())
-}
-
-/// Which server answered each of `n` connections.
-fn answered_by(node: &SimNode, from: &Pod, to: &str, n: usize) -> anyhow::Result<BTreeMap<String, usize>> {
-    let v =
-        node.testapp(from, &["client", "--to", to, "--mode", "hello", "--connections", &n.to_string()])?;
-    let mut counts = BTreeMap::new();
-    for c in v["connections"].as_array().ok_or_else(|| anyhow::anyhow!("{to}: {v}"))? {
-        let server = c["reply"]["server"].as_str().ok_or_else(|| anyhow::anyhow!("{to}: {c}"))?;
-        *counts.entry(server.to_string()).or_default() += 1;
-    }
-    Ok(counts)
+    mesh::wait_until(Duration::from_secs(20), Duration::from_millis(100), || {
+        mesh::answered(node, from, REVIEWS)
+            && mesh::answered(node, from, RATINGS)
+            && mesh::endpoint_count(node, "outbound|9080||reviews.shop.svc.cluster.local") == 3
+    })
+    .map_err(|e| anyhow::anyhow!("the VIPs never reached node-1 ({e}):\n{}", node.log_tail()))
 }
 
 fn print_report(m: &Metrics) {

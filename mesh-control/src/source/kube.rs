@@ -15,7 +15,7 @@ use kube::{
     api::{ApiResource, DynamicObject, GroupVersionKind},
     runtime::{WatchStreamExt, watcher},
 };
-use tokio::sync::{Notify, watch};
+use tokio::sync::Notify;
 
 use crate::model::{
     Kind, ObjectKey, object_from_value,
@@ -100,36 +100,17 @@ pub async fn client(connection: &Connection) -> anyhow::Result<Client> {
     Ok(Client::try_from(config)?)
 }
 
-/// Starts a watcher per resource. The receiver turns true once every resource has been listed
-/// once (or found not served); until then the model lacks part of the cluster.
-pub fn start(client: Client, store: Arc<Mutex<Store>>, changed: Arc<Notify>) -> watch::Receiver<bool> {
-    let (synced_tx, synced_rx) = watch::channel(false);
-    let pending = Arc::new(Mutex::new(RESOURCES.len()));
-    let synced_tx = Arc::new(synced_tx);
+/// Starts a watcher per resource; each fills the store under `Origin::Kubernetes(<plural>)`.
+pub fn start(client: Client, store: Arc<Mutex<Store>>, changed: Arc<Notify>) {
     for resource in &RESOURCES {
-        let mark_synced = {
-            let (pending, synced_tx, changed) =
-                (Arc::clone(&pending), Arc::clone(&synced_tx), Arc::clone(&changed));
-            move || {
-                let mut left = pending.lock().expect("sync lock");
-                *left -= 1;
-                if *left == 0 {
-                    tracing::info!("kubernetes: every resource listed");
-                    synced_tx.send_replace(true);
-                    // Even if the last list changed nothing: the snapshot may now be served.
-                    changed.notify_one();
-                }
-            }
-        };
-        tokio::spawn(watch_resource(
-            client.clone(),
-            resource,
-            Arc::clone(&store),
-            Arc::clone(&changed),
-            Box::new(mark_synced),
-        ));
+        tokio::spawn(watch_resource(client.clone(), resource, Arc::clone(&store), Arc::clone(&changed)));
     }
-    synced_rx
+}
+
+/// Whether every resource has been listed once (or found not served): until then the model
+/// lacks part of the cluster.
+pub fn synced(store: &Store) -> bool {
+    RESOURCES.iter().all(|r| store.has_delivered(&Origin::Kubernetes(r.plural.to_string())))
 }
 
 /// Follows one resource for ever; the watcher re-lists and re-watches on its own, with backoff.
@@ -138,13 +119,11 @@ async fn watch_resource(
     resource: &'static Watched,
     store: Arc<Mutex<Store>>,
     changed: Arc<Notify>,
-    mark_synced: Box<dyn FnOnce() + Send>,
 ) {
     let gvk = GroupVersionKind::gvk(resource.group, resource.version, resource.kind);
     let ar = ApiResource::from_gvk_with_plural(&gvk, resource.plural);
     let api: Api<DynamicObject> = Api::all_with(client, &ar);
     let origin = Origin::Kubernetes(resource.plural.to_string());
-    let mut mark_synced = Some(mark_synced);
     let mut listing: Vec<Document> = Vec::new();
     let mut absent_logged = false;
     let mut events = std::pin::pin!(watcher(api, watcher::Config::default()).default_backoff());
@@ -169,9 +148,8 @@ async fn watch_resource(
                     "kubernetes: listed"
                 );
                 absent_logged = false;
-                if let Some(done) = mark_synced.take() {
-                    done();
-                }
+                // Even if this list changed nothing, it may complete the first sync.
+                changed.notify_one();
                 applied
             }
             Ok(watcher::Event::Apply(o)) => {
@@ -196,9 +174,7 @@ async fn watch_resource(
                     absent_logged = true;
                 }
                 let applied = store.lock().expect("store lock").replace_source(&origin, Vec::new());
-                if let Some(done) = mark_synced.take() {
-                    done();
-                }
+                changed.notify_one();
                 applied
             }
             Err(e) => {
