@@ -12,6 +12,7 @@
 
 mod cluster;
 mod control;
+mod held;
 pub mod kube_api;
 pub mod mesh;
 pub mod metrics;
@@ -30,6 +31,7 @@ use std::{
 use anyhow::{Context, bail};
 pub use cluster::SimCluster;
 pub use control::ControlPlane;
+pub use held::HeldConnection;
 pub use process::{run_checked, wait_with_timeout};
 
 /// Every name we create starts with this, so sweeping never touches anything else.

@@ -18,10 +18,30 @@ pub fn run_checked(program: &str, args: &[&str]) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Spawns `program` so that it is in `cgroup` and `netns` before its first instruction: a shell
+/// A command that runs `program` in `cgroup` and `netns` from its first instruction: a shell
 /// moves itself into the cgroup, then `nsenter` enters the netns and execs the program (same PID
-/// all the way, so the returned child is the program itself). Not `ip netns exec`: it remounts
-/// /sys, which hides the cgroup v2 mount from the program.
+/// all the way, so the spawned child is the program itself). Not `ip netns exec`: it remounts
+/// /sys, which hides the cgroup v2 mount from the program. Stdin is null unless the caller sets
+/// it; the caller also chooses stdout, stderr and environment, then spawns.
+pub fn command_in(netns: &str, cgroup: Option<&Path>, program: &Path, args: &[String]) -> Command {
+    let script = match cgroup {
+        Some(_) => r#"echo $$ > "$0/cgroup.procs" && ns="$1" && shift && exec nsenter --net="$ns" -- "$@""#,
+        None => r#"ns="$1" && shift && exec nsenter --net="$ns" -- "$@""#,
+    };
+    let cgroup_arg = cgroup.map(|c| c.as_os_str()).unwrap_or(OsStr::new("-"));
+    let mut command = Command::new("sh");
+    command
+        .arg("-c")
+        .arg(script)
+        .arg(cgroup_arg)
+        .arg(crate::netns::path(netns))
+        .arg(program)
+        .args(args)
+        .stdin(Stdio::null());
+    command
+}
+
+/// Spawns a [`command_in`] command with the given output streams.
 pub fn spawn_in(
     netns: &str,
     cgroup: Option<&Path>,
@@ -31,20 +51,8 @@ pub fn spawn_in(
     stdout: Stdio,
     stderr: Stdio,
 ) -> anyhow::Result<Child> {
-    let script = match cgroup {
-        Some(_) => r#"echo $$ > "$0/cgroup.procs" && ns="$1" && shift && exec nsenter --net="$ns" -- "$@""#,
-        None => r#"ns="$1" && shift && exec nsenter --net="$ns" -- "$@""#,
-    };
-    let cgroup_arg = cgroup.map(|c| c.as_os_str()).unwrap_or(OsStr::new("-"));
-    Command::new("sh")
-        .arg("-c")
-        .arg(script)
-        .arg(cgroup_arg)
-        .arg(crate::netns::path(netns))
-        .arg(program)
-        .args(args)
+    command_in(netns, cgroup, program, args)
         .envs(env.iter().copied())
-        .stdin(Stdio::null())
         .stdout(stdout)
         .stderr(stderr)
         .spawn()

@@ -1,7 +1,8 @@
 //! A simulated cluster of two nodes joined by a fabric, one mesh-control in the fabric: Service
 //! VIP traffic balanced across endpoints on both nodes under each policy, endpoint changes from
 //! the config directory reaching every node, scoping per node, and locality preference with
-//! failover from Node topology labels.
+//! failover from Node topology labels; established and new connections across a
+//! mesh-control crash and restart.
 
 use std::{
     net::TcpListener,
@@ -9,7 +10,7 @@ use std::{
 };
 
 use nodemesh_tests::{
-    Pod, Registration, SimCluster,
+    HeldConnection, Pod, Registration, SimCluster, SimNode,
     kube_api::FakeApiServer,
     mesh::{answered, endpoint_count, eventually, hello_counts, labelled, rule_yaml, service_yaml},
     netns,
@@ -169,6 +170,87 @@ fn locality_prefers_the_clients_zone_and_fails_over_to_the_next() {
     let counts = hello_counts(node0, &clients[0], &to, 12);
     assert_eq!(counts.values().sum::<usize>(), 12, "{counts:?}");
     assert!(!counts.contains_key("web0"), "{counts:?}");
+}
+
+/// Every node connected to the current mesh-control and past its resync grace.
+fn all_nodes_resynced(cluster: &SimCluster) -> bool {
+    cluster.control.status_json().is_ok_and(|s| {
+        s["warm"] == true
+            && s["nodes"].as_array().is_some_and(|nodes| {
+                nodes.len() == cluster.nodes.len() && nodes.iter().all(|n| n["connected"] == true)
+            })
+    })
+}
+
+/// Connections the node proxy has opened for its clients and not yet closed.
+fn proxied_open(node: &SimNode) -> f64 {
+    let m = node.metrics().unwrap();
+    let source = [("reporter", "source")];
+    m.sum("istio_tcp_connections_opened_total", &source)
+        - m.sum("istio_tcp_connections_closed_total", &source)
+}
+
+/// One round trip on every held connection; a broken one fails the test with both logs.
+fn round_trip_all(cluster: &SimCluster, held: &mut [HeldConnection], when: &str) {
+    for (i, conn) in held.iter_mut().enumerate() {
+        conn.round_trip(&format!("{when} #{i}")).unwrap_or_else(|e| {
+            let logs: Vec<String> = cluster.nodes.iter().map(|n| n.log_tail()).collect();
+            panic!(
+                "established connection {i} broke {when}: {e:#}\n{}\n{}",
+                logs.join("\n"),
+                cluster.control.log()
+            )
+        });
+    }
+}
+
+#[test]
+fn established_and_new_connections_survive_a_control_plane_crash_and_restart() {
+    let Setup { mut cluster, clients, .. } = setup();
+    let to = format!("{VIP}:80");
+    for (node, client) in cluster.nodes.iter().zip(&clients) {
+        eventually("each node reaches all three endpoints", Duration::from_secs(15), || {
+            answered(node, client, &to) && endpoint_count(node, WEB) == 3
+        });
+    }
+    // Six long-lived connections, three from each node: round robin puts them on local and
+    // remote endpoints alike.
+    let mut held: Vec<HeldConnection> = Vec::new();
+    for client in &clients {
+        for _ in 0..3 {
+            held.push(HeldConnection::open(client, &to).unwrap());
+        }
+    }
+    round_trip_all(&cluster, &mut held, "before the crash");
+    for node in &cluster.nodes {
+        assert!(proxied_open(node) >= 3.0, "the held connections go through the node proxy");
+    }
+
+    cluster.control.kill().unwrap();
+    round_trip_all(&cluster, &mut held, "with mesh-control down");
+    for (node, client) in cluster.nodes.iter().zip(&clients) {
+        let counts = hello_counts(node, client, &to, 6);
+        assert_eq!(counts.values().sum::<usize>(), 6, "new connections on the last config: {counts:?}");
+    }
+    // Long enough for the nodes' xDS clients to fail and back off a few times.
+    std::thread::sleep(Duration::from_secs(2));
+    round_trip_all(&cluster, &mut held, "while the nodes retry");
+
+    let config_dir = cluster.config_dir.clone();
+    cluster.control.start(&config_dir, &[]).unwrap();
+    eventually("both nodes reconnect and resync", Duration::from_secs(30), || all_nodes_resynced(&cluster));
+    round_trip_all(&cluster, &mut held, "after the resync");
+    for (node, client) in cluster.nodes.iter().zip(&clients) {
+        assert_eq!(endpoint_count(node, WEB), 3, "resynced to all three endpoints");
+        let counts = hello_counts(node, client, &to, 6);
+        assert_eq!(counts.len(), 3, "new connections use every endpoint again: {counts:?}");
+    }
+    for node in &cluster.nodes {
+        assert!(proxied_open(node) >= 3.0, "the node proxy still carries the held connections");
+    }
+    for conn in held {
+        assert_eq!(conn.close().unwrap(), 4, "every round on one connection, closed cleanly");
+    }
 }
 
 #[test]

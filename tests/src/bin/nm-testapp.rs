@@ -6,6 +6,10 @@
 //! * `SINK <n>`   → client sends n bytes then shuts down its write side; server answers
 //!   `{"server","peer","bytes","sha256"}` (so half-close must work end to end).
 //! * `ECHO`       → server echoes everything until EOF.
+//!
+//! Client mode `hold` keeps one ECHO connection open for as long as its stdin is: each stdin
+//! line is sent and must come back unchanged, one JSON line per round on stdout. Tests use it
+//! to check that an established connection outlives some event (a control-plane restart).
 #![forbid(unsafe_code)]
 
 use std::{
@@ -45,6 +49,7 @@ fn main() {
         "client" => match opt("--mode").as_deref().unwrap_or("hello") {
             "hello" => hello_many(to(), num("--connections", 1) as usize),
             "sink" => sink(to(), num("--bytes", 1024)),
+            "hold" => hold(to()),
             other => fail(&format!("unknown mode {other}")),
         },
         "bench-connect" => bench_connect(to(), num("--count", 1000)),
@@ -62,7 +67,7 @@ fn main() {
 
 fn usage() -> ! {
     fail(
-        "usage: nm-testapp serve --name N --listen ADDR... | client --to ADDR --mode hello|sink [--connections C] [--bytes N] | bench-connect|bench-latency|bench-bulk --to ADDR",
+        "usage: nm-testapp serve --name N --listen ADDR... | client --to ADDR --mode hello|sink|hold [--connections C] [--bytes N] | bench-connect|bench-latency|bench-bulk --to ADDR",
     )
 }
 
@@ -212,6 +217,41 @@ fn sink(to: SocketAddr, bytes: u64) -> io::Result<Value> {
         "reply": reply, "secs": secs,
         "mbit_per_s": bytes as f64 * 8.0 / secs / 1e6,
     }))
+}
+
+/// One ECHO connection driven by stdin; see the module docs. Prints `{"connected"}` first, then
+/// `{"echoed"}` per line, then `{"closed"}` once stdin ends and the server has closed its side.
+/// Any failure ends the process with the error, so a broken connection cannot go unnoticed.
+fn hold(to: SocketAddr) -> io::Result<Value> {
+    let mut s = connect(to)?;
+    let (local, peername) = (s.local_addr()?, s.peer_addr()?);
+    s.write_all(b"ECHO\n")?;
+    let mut out = io::stdout().lock();
+    writeln!(out, "{}", json!({"connected": {"local": local, "peername": peername}}))?;
+    out.flush()?;
+    let mut rounds = 0u64;
+    for line in io::stdin().lock().lines() {
+        let sent = format!("{}\n", line?);
+        s.write_all(sent.as_bytes())?;
+        let mut back = vec![0u8; sent.len()];
+        s.read_exact(&mut back)?;
+        if back != sent.as_bytes() {
+            return Err(io::Error::other(format!(
+                "echo mismatch: sent {sent:?}, got {:?}",
+                String::from_utf8_lossy(&back)
+            )));
+        }
+        rounds += 1;
+        writeln!(out, "{}", json!({"echoed": sent.trim_end(), "rounds": rounds}))?;
+        out.flush()?;
+    }
+    s.shutdown(Shutdown::Write)?;
+    let mut rest = Vec::new();
+    s.read_to_end(&mut rest)?;
+    if !rest.is_empty() {
+        return Err(io::Error::other(format!("{} unexpected bytes after close", rest.len())));
+    }
+    Ok(json!({"closed": true, "rounds": rounds, "local": local}))
 }
 
 fn bench_connect(to: SocketAddr, count: u64) -> io::Result<Value> {
