@@ -65,25 +65,36 @@ impl AggregatedDiscoveryService for AdsServer {
 }
 
 impl AdsServer {
-    /// Reads the first request (it names the node), then serves the stream on its own task.
+    /// Answers the call at once (a client may wait for the response headers before it sends
+    /// anything), then reads the first request, which names the node, and serves the stream
+    /// on its own task.
     async fn open<P: Protocol>(
         &self,
         request: Request<Streaming<P::Req>>,
-        make: impl FnOnce(Common) -> P,
+        make: impl FnOnce(Common) -> P + Send + 'static,
     ) -> Result<Response<BoxStream<P::Resp>>, Status> {
         let mut inbound = request.into_inner();
-        let first =
-            inbound.message().await?.ok_or_else(|| Status::cancelled("stream closed before a request"))?;
-        let node = P::node(&first).filter(|n| !n.id.is_empty()).ok_or_else(|| {
-            Status::invalid_argument("the first request must carry node.id (the node's name)")
-        })?;
-        let address_scoped = node.client_features.iter().any(|f| f == proto::ADDRESS_SCOPED);
-        let mut common =
-            Common::new(node.id.clone(), self.snapshots.clone(), Arc::clone(&self.nodes), P::NAME);
-        common.address_scoped = address_scoped;
         let (tx, rx) = mpsc::channel(16);
-        let protocol = make(common);
-        tokio::spawn(serve(protocol, first, inbound, tx));
+        let (snapshots, nodes) = (self.snapshots.clone(), Arc::clone(&self.nodes));
+        tokio::spawn(async move {
+            let first = match inbound.message().await {
+                Ok(Some(first)) => first,
+                Ok(None) => return,
+                Err(e) => {
+                    tracing::debug!("stream error before the first request: {e}");
+                    return;
+                }
+            };
+            let Some(node) = P::node(&first).filter(|n| !n.id.is_empty()) else {
+                let refusal =
+                    Status::invalid_argument("the first request must carry node.id (the node's name)");
+                let _ = tx.send(Err(refusal)).await;
+                return;
+            };
+            let mut common = Common::new(node.id.clone(), snapshots, nodes, P::NAME);
+            common.address_scoped = node.client_features.iter().any(|f| f == proto::ADDRESS_SCOPED);
+            serve(make(common), first, inbound, tx).await;
+        });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 }
