@@ -108,6 +108,11 @@ pub struct RunArgs {
     /// plane to say what it is.
     #[arg(long, env = "NODEMESH_LOOKUP_TIMEOUT_MS", default_value_t = 2_000)]
     pub lookup_timeout_ms: u64,
+    /// How long a connection to a Service port may stay silent before it is taken to speak a
+    /// server-first protocol and is relayed as TCP; 0 turns protocol detection off (all L4).
+    /// Ports declared tcp, tls, mysql, … are never sniffed.
+    #[arg(long, env = "NODEMESH_SNIFF_TIMEOUT_MS", default_value_t = 100)]
+    pub sniff_timeout_ms: u64,
 }
 
 /// A CIDR in its canonical form (host bits cleared).
@@ -164,6 +169,7 @@ pub struct Config {
     pub control_plane: Option<String>,
     pub max_endpoints_per_cluster: usize,
     pub lookup_timeout: Duration,
+    pub sniff_timeout: Duration,
 }
 
 impl Config {
@@ -246,6 +252,7 @@ impl Config {
             control_plane: args.control_plane,
             max_endpoints_per_cluster: args.max_endpoints_per_cluster,
             lookup_timeout: Duration::from_millis(args.lookup_timeout_ms),
+            sniff_timeout: Duration::from_millis(args.sniff_timeout_ms),
         })
     }
 }

@@ -44,6 +44,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         proxy_mark: config.proxy_mark,
         connect_timeout: config.connect_timeout,
         router,
+        sniff_timeout: config.sniff_timeout,
     });
     let registry = Arc::new(Registry::new(
         Arc::clone(&capture),

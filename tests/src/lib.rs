@@ -543,7 +543,16 @@ impl SimNode {
     /// accepts connections.
     /// Returns the server's PID.
     pub fn serve(&mut self, pod: &Pod, listen: &[SocketAddr]) -> anyhow::Result<u32> {
-        let mut args = vec!["serve".to_string(), "--name".into(), pod.name.clone()];
+        self.serve_as(pod, "serve", listen)
+    }
+
+    /// [`SimNode::serve`] for nm-testapp's HTTP server (HTTP/1.x and h2c on each address).
+    pub fn serve_http(&mut self, pod: &Pod, listen: &[SocketAddr]) -> anyhow::Result<u32> {
+        self.serve_as(pod, "http-serve", listen)
+    }
+
+    fn serve_as(&mut self, pod: &Pod, mode: &str, listen: &[SocketAddr]) -> anyhow::Result<u32> {
+        let mut args = vec![mode.to_string(), "--name".into(), pod.name.clone()];
         for a in listen {
             args.extend(["--listen".into(), a.to_string()]);
         }

@@ -1,6 +1,10 @@
-//! The L4 proxy: per-workload listeners inside each workload's netns, and the relay.
+//! The proxy: per-workload listeners inside each workload's netns, protocol detection, the
+//! L4 relay and the HTTP proxy.
 
+mod http;
 pub mod outbound;
+mod pool;
 mod relay;
+pub mod sniff;
 
 pub use outbound::{Outbound, Source};

@@ -16,14 +16,14 @@ use mesh_control::workload::WorkloadKey;
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 
-use super::relay;
+use super::{http, pool::Sender, relay, sniff};
 use crate::{
     capture::Capture,
     netns::NetnsThread,
     telemetry::metrics::{
         ConnectionLabels, EgressDeniedLabels, FailureLabels, FailureReason, Metrics, Reporter, UNKNOWN,
     },
-    xds::route::{Decision, Router},
+    xds::route::{Decision, Router, connection_hash},
 };
 
 /// Resolves a destination address to the workload that owns it, for telemetry.
@@ -40,6 +40,8 @@ pub struct Source {
     pub netns_cookie: u64,
     /// The workload's own addresses (consistent hashing on source IP uses the first).
     pub ips: Vec<IpAddr>,
+    /// Its upstream HTTP connections, reused across requests.
+    pub http_pool: super::pool::Pool,
 }
 
 /// Shared outbound state: capture lookups, metrics, settings.
@@ -52,10 +54,25 @@ pub struct Outbound {
     /// Service routing from the control plane; `None` (no `--control-plane`): every
     /// connection goes where it was dialled.
     pub router: Option<Router>,
+    /// How long a connection to a Service port may stay silent before it is taken to be a
+    /// server-first protocol and relayed as TCP. Zero: no protocol detection (all L4).
+    pub sniff_timeout: Duration,
 }
 
-/// Connect attempts per connection when a cluster endpoint refuses (each a different endpoint).
-const MAX_CONNECT_ATTEMPTS: usize = 3;
+/// Connect attempts per connection (or request) when a cluster endpoint refuses, each a
+/// different endpoint.
+pub const MAX_CONNECT_ATTEMPTS: usize = 3;
+
+/// Declared protocols that are never HTTP, or speak first from the server: not sniffed, so a
+/// server-first protocol does not wait out the sniff timeout. A wrong declaration costs L7
+/// features, never correctness: the connection still goes where it was dialled.
+const DECLARED_OPAQUE: [&str; 8] =
+    ["tcp", "tls", "https", "mysql", "mongo", "redis", "postgres", "postgresql"];
+
+fn declared_opaque(app_protocol: &str) -> bool {
+    let p = app_protocol.to_ascii_lowercase();
+    DECLARED_OPAQUE.iter().any(|o| p == *o || p.starts_with(&format!("{o}-")))
+}
 
 impl Outbound {
     /// Accepts on one workload listener until the task is aborted (workload removed).
@@ -65,7 +82,7 @@ impl Outbound {
                 Ok((client, peer)) => {
                     let this = Arc::clone(&self);
                     let source = Arc::clone(&source);
-                    tokio::spawn(async move { this.handle(client, peer, &source).await });
+                    tokio::spawn(async move { this.handle(client, peer, source).await });
                 }
                 Err(e) => {
                     // EMFILE and friends: back off instead of spinning; the listener stays.
@@ -76,7 +93,7 @@ impl Outbound {
         }
     }
 
-    async fn handle(&self, client: TcpStream, peer: SocketAddr, source: &Source) {
+    async fn handle(self: Arc<Self>, client: TcpStream, peer: SocketAddr, source: Arc<Source>) {
         let fail = |reason| FailureLabels {
             source_workload: source.key.name.clone(),
             source_workload_namespace: source.key.namespace.clone(),
@@ -94,13 +111,25 @@ impl Outbound {
         };
         let _ = client.set_nodelay(true);
         let decision = match &self.router {
-            Some(router) => router.decide(source, dst, &client).await,
+            Some(router) => router.decide(&source, dst).await,
             None => Decision::Direct,
         };
         let connected = match decision {
-            Decision::Direct => self.connect_upstream(source, dst).await.map(|s| (s, dst)),
-            Decision::Balance { balancer, hash, local, service } => {
-                self.connect_balanced(source, &balancer, hash, local.as_ref(), &service, dst).await
+            Decision::Direct => self.connect_upstream(&source, dst).await.map(|s| (s, dst)),
+            Decision::Balance { balancer, hash_policy, app_protocol, local, service } => {
+                let protocol = if self.sniff_timeout.is_zero() || declared_opaque(&app_protocol) {
+                    sniff::Protocol::Opaque
+                } else {
+                    sniff::detect(&client, self.sniff_timeout).await
+                };
+                if matches!(protocol, sniff::Protocol::Http1 | sniff::Protocol::H2c) {
+                    let h2 = protocol == sniff::Protocol::H2c;
+                    let target = Arc::new(http::Target { balancer, hash_policy, local, service, vip: dst });
+                    http::serve(Arc::clone(&self), client, h2, source, target).await;
+                    return;
+                }
+                let hash = connection_hash(hash_policy.as_ref(), &source, &client).await;
+                self.connect_balanced(&source, &balancer, hash, local.as_ref(), &service, dst).await
             }
             Decision::Deny(reason) => {
                 tracing::warn!(workload = %source.key, destination = %dst, "connection refused: {reason}");
@@ -194,6 +223,11 @@ impl Outbound {
                 format!("service {service} ({vip}): no endpoints in cluster {}", balancer.name),
             )
         }))
+    }
+
+    /// An HTTP connection to `addr` from the source workload, HTTP/2 if `h2`.
+    pub(super) async fn dial_http(&self, source: &Source, addr: SocketAddr, h2: bool) -> io::Result<Sender> {
+        http::handshake(self.connect_upstream(source, addr).await?, h2).await
     }
 
     /// Dials `dst` from inside the source workload's netns with the proxy mark set.

@@ -261,6 +261,7 @@ impl Registry {
             netns,
             netns_cookie: bound.netns_cookie,
             ips: spec.ips.clone(),
+            http_pool: Default::default(),
         });
         let tasks = std::iter::once(v4)
             .chain(v6)

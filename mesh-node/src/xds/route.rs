@@ -19,7 +19,10 @@ pub enum Decision {
     Direct,
     Balance {
         balancer: Arc<Balancer>,
-        hash: Option<u64>,
+        /// How a consistent-hash cluster keys a connection or request.
+        hash_policy: Option<mesh::HashPolicy>,
+        /// The port's declared protocol (a hint: see `proxy::sniff`).
+        app_protocol: String,
         /// The source workload's locality, for locality-aware clusters.
         local: Option<LocalityKey>,
         /// The service hostname, for logs.
@@ -36,7 +39,7 @@ pub struct Router {
 }
 
 impl Router {
-    pub async fn decide(&self, source: &Source, dst: SocketAddr, client: &TcpStream) -> Decision {
+    pub async fn decide(&self, source: &Source, dst: SocketAddr) -> Decision {
         let workload = self.cache.workload(&source.key.to_string());
         let policy = workload
             .as_ref()
@@ -59,12 +62,17 @@ impl Router {
                 match self.cache.cluster(&port.cluster) {
                     Some(b) if b.passthrough => Decision::Direct,
                     Some(balancer) => {
-                        let hash = hash_key(port.hash_policy.as_ref(), source, client).await;
                         let local = workload
                             .as_ref()
                             .and_then(|w| w.locality.as_ref())
                             .map(|l| (l.region.clone(), l.zone.clone(), l.subzone.clone()));
-                        Decision::Balance { balancer, hash, local, service: svc.hostname.clone() }
+                        Decision::Balance {
+                            balancer,
+                            hash_policy: port.hash_policy.clone(),
+                            app_protocol: port.app_protocol.clone(),
+                            local,
+                            service: svc.hostname.clone(),
+                        }
                     }
                     None => Decision::Deny(format!(
                         "cluster {} of service {} has not been received from the control plane",
@@ -86,9 +94,13 @@ impl Router {
     }
 }
 
-/// The consistent-hash key: the source workload's IP, or a request header / cookie read (not
-/// consumed) from the first bytes the client sent.
-async fn hash_key(policy: Option<&mesh::HashPolicy>, source: &Source, client: &TcpStream) -> Option<u64> {
+/// The consistent-hash key of a connection proxied at L4: the source workload's IP, or a
+/// request header / cookie read (not consumed) from the first bytes the client sent.
+pub async fn connection_hash(
+    policy: Option<&mesh::HashPolicy>,
+    source: &Source,
+    client: &TcpStream,
+) -> Option<u64> {
     match policy?.key.as_ref()? {
         Key::SourceIp(_) => source.ips.first().map(|ip| hash_bytes(ip.to_string().as_bytes())),
         Key::Header(name) => peek_header(client, name, false).await.map(|v| hash_bytes(v.as_bytes())),

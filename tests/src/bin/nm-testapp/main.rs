@@ -21,6 +21,8 @@ use std::{
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
+mod http;
+
 const IO_TIMEOUT: Duration = Duration::from_secs(30);
 
 fn main() {
@@ -46,6 +48,26 @@ fn main() {
             serve(&name, &opts("--listen"));
             return;
         }
+        "http-serve" => {
+            let name = opt("--name").unwrap_or_else(|| "server".into());
+            if let Err(e) = http::serve(&name, &opts("--listen")) {
+                fail(&format!("http-serve: {e}"));
+            }
+            return;
+        }
+        "http-client" => http::client(&http::Ask {
+            to: to(),
+            requests: num("--requests", 1) as usize,
+            path: opt("--path").unwrap_or_else(|| "/".into()),
+            host: opt("--host"),
+            headers: opts("--header")
+                .iter()
+                .filter_map(|h| h.split_once(':').map(|(k, v)| (k.trim().to_string(), v.trim().to_string())))
+                .collect(),
+            h2: args.iter().any(|a| a == "--h2"),
+            http10: args.iter().any(|a| a == "--http10"),
+            upgrade: args.iter().any(|a| a == "--upgrade"),
+        }),
         "client" => match opt("--mode").as_deref().unwrap_or("hello") {
             "hello" => hello_many(to(), num("--connections", 1) as usize),
             "sink" => sink(to(), num("--bytes", 1024)),
@@ -67,7 +89,7 @@ fn main() {
 
 fn usage() -> ! {
     fail(
-        "usage: nm-testapp serve --name N --listen ADDR... | client --to ADDR --mode hello|sink|hold [--connections C] [--bytes N] | bench-connect|bench-latency|bench-bulk --to ADDR",
+        "usage: nm-testapp serve|http-serve --name N --listen ADDR... | http-client --to ADDR [--requests N] [--path P] [--host H] [--header K:V]... [--h2|--http10|--upgrade] | client --to ADDR --mode hello|sink|hold [--connections C] [--bytes N] | bench-connect|bench-latency|bench-bulk --to ADDR",
     )
 }
 

@@ -1,0 +1,328 @@
+//! L7: HTTP/1.x and h2c (gRPC included) from a workload to a Service, proxied with hyper and
+//! balanced **per request** (LESSONS.md 2: balancing connections pins keep-alive clients).
+//!
+//! What the client sent is preserved: `Host` / `:authority` untouched (LESSONS.md 6), the
+//! path, headers and trailers as they were; only hop-by-hop headers are dropped. HTTP/1.0
+//! requests are accepted (LESSONS.md 7) and forwarded as HTTP/1.1 with a `Host` filled in when
+//! they carried none. Routing is keyed on the Service the client dialled, never on `Host`.
+//! An HTTP/1.1 upgrade (WebSocket) answered with 101 becomes a byte tunnel.
+
+use std::{convert::Infallible, net::SocketAddr, sync::Arc};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::{
+    HeaderMap, Request, Response, StatusCode, Uri, Version,
+    body::Incoming,
+    header::{self, HeaderName, HeaderValue},
+    server::conn::{http1, http2},
+    service::service_fn,
+};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use mesh_control::proto::mesh::{self, hash_policy::Key};
+use tokio::net::TcpStream;
+
+use super::{
+    Outbound, Source,
+    outbound::MAX_CONNECT_ATTEMPTS,
+    pool::{Body, Sender},
+};
+use crate::xds::lb::{Balancer, LocalityKey, hash_bytes};
+
+/// The Service port a connection's requests go to.
+pub struct Target {
+    pub balancer: Arc<Balancer>,
+    pub hash_policy: Option<mesh::HashPolicy>,
+    /// The source workload's locality, for locality-aware clusters.
+    pub local: Option<LocalityKey>,
+    /// The service hostname, for logs and error bodies.
+    pub service: String,
+    /// What the client dialled.
+    pub vip: SocketAddr,
+}
+
+/// Serves one client connection (`h2`: it opened with the HTTP/2 preface) until it closes.
+pub async fn serve(
+    outbound: Arc<Outbound>,
+    client: TcpStream,
+    h2: bool,
+    source: Arc<Source>,
+    target: Arc<Target>,
+) {
+    let io = TokioIo::new(client);
+    let (key, service_name) = (source.key.clone(), target.service.clone());
+    let service = service_fn(move |req| {
+        let (outbound, source, target) = (Arc::clone(&outbound), Arc::clone(&source), Arc::clone(&target));
+        async move { Ok::<_, Infallible>(forward(&outbound, &source, &target, req).await) }
+    });
+    let result = if h2 {
+        http2::Builder::new(TokioExecutor::new()).timer(TokioTimer::new()).serve_connection(io, service).await
+    } else {
+        http1::Builder::new().timer(TokioTimer::new()).serve_connection(io, service).with_upgrades().await
+    };
+    if let Err(e) = result {
+        tracing::debug!(workload = %key, service = service_name, "HTTP connection ended: {e}");
+    }
+}
+
+async fn forward(
+    outbound: &Outbound,
+    source: &Source,
+    target: &Target,
+    mut req: Request<Incoming>,
+) -> Response<Body> {
+    let h2 = req.version() == Version::HTTP_2;
+    let upgrade = if h2 { None } else { upgrade_protocol(req.headers()) };
+    let client_upgrade = upgrade.is_some().then(|| hyper::upgrade::on(&mut req));
+    let hash = request_hash(target.hash_policy.as_ref(), source, &req);
+
+    // An endpoint that takes the connection; a refused connect moves on to another one.
+    let mut tried = Vec::new();
+    let mut last_error = None;
+    let mut connected = None;
+    for _ in 0..MAX_CONNECT_ATTEMPTS {
+        let Some(pick) = target.balancer.pick(hash, target.local.as_ref(), &tried) else { break };
+        let addr = pick.endpoint.ep.addr;
+        if let Some(sender) = source.http_pool.get(addr, h2) {
+            connected = Some((pick, sender));
+            break;
+        }
+        match outbound.dial_http(source, addr, h2).await {
+            Ok(sender) => {
+                target.balancer.report(&pick.endpoint, true);
+                connected = Some((pick, sender));
+                break;
+            }
+            Err(e) => {
+                target.balancer.report(&pick.endpoint, false);
+                tracing::info!(workload = %source.key, service = target.service, endpoint = %addr, "connect failed ({e}); trying another endpoint");
+                tried.push(addr);
+                last_error = Some(e);
+            }
+        }
+    }
+    let Some((pick, mut sender)) = connected else {
+        let why = last_error.map_or_else(
+            || format!("no endpoints in cluster {}", target.balancer.name),
+            |e| format!("upstream connect error: {e}"),
+        );
+        return error_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &format!("{} ({}): {why}", target.service, target.vip),
+        );
+    };
+    let addr = pick.endpoint.ep.addr;
+
+    let (mut parts, body) = req.into_parts();
+    prepare_request(&mut parts, h2, target.vip, upgrade.as_ref());
+    let mut response = match sender.send(Request::from_parts(parts, body.boxed())).await {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::info!(workload = %source.key, service = target.service, endpoint = %addr, "request failed: {e}");
+            return error_response(
+                StatusCode::BAD_GATEWAY,
+                &format!("{} ({addr}): upstream request failed: {e}", target.service),
+            );
+        }
+    };
+    drop(pick);
+    if response.status() == StatusCode::SWITCHING_PROTOCOLS
+        && let Some(client_upgrade) = client_upgrade
+    {
+        // The connection now belongs to the tunnel; it does not go back to the pool.
+        let upstream_upgrade = hyper::upgrade::on(&mut response);
+        tokio::spawn(async move {
+            match tokio::try_join!(client_upgrade, upstream_upgrade) {
+                Ok((client, upstream)) => {
+                    let _ =
+                        tokio::io::copy_bidirectional(&mut TokioIo::new(client), &mut TokioIo::new(upstream))
+                            .await;
+                }
+                Err(e) => tracing::debug!("upgrade failed: {e}"),
+            }
+        });
+        return response.map(BodyExt::boxed);
+    }
+    source.http_pool.put(addr, sender);
+    strip_hop_by_hop(response.headers_mut());
+    response.map(BodyExt::boxed)
+}
+
+/// The request as the upstream connection needs it: hop-by-hop headers gone, HTTP/1.1 in
+/// origin form with a `Host`, or HTTP/2 with scheme and authority in the URI.
+fn prepare_request(
+    parts: &mut hyper::http::request::Parts,
+    h2: bool,
+    vip: SocketAddr,
+    upgrade: Option<&HeaderValue>,
+) {
+    strip_hop_by_hop(&mut parts.headers);
+    let authority = parts
+        .uri
+        .authority()
+        .map(|a| a.as_str().to_string())
+        .or_else(|| parts.headers.get(header::HOST).and_then(|h| h.to_str().ok()).map(str::to_string))
+        .unwrap_or_else(|| vip.to_string());
+    let path = parts.uri.path_and_query().map_or("/", |p| p.as_str()).to_string();
+    if h2 {
+        parts.version = Version::HTTP_2;
+        if let Ok(uri) = Uri::builder().scheme("http").authority(authority).path_and_query(path).build() {
+            parts.uri = uri;
+        }
+        return;
+    }
+    parts.version = Version::HTTP_11;
+    if let Ok(uri) = path.parse() {
+        parts.uri = uri;
+    }
+    if !parts.headers.contains_key(header::HOST)
+        && let Ok(host) = HeaderValue::from_str(&authority)
+    {
+        parts.headers.insert(header::HOST, host);
+    }
+    if let Some(protocol) = upgrade {
+        parts.headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        parts.headers.insert(header::UPGRADE, protocol.clone());
+    }
+}
+
+/// The protocol an HTTP/1.1 request asks to upgrade to (`Connection: upgrade` + `Upgrade`).
+fn upgrade_protocol(headers: &HeaderMap) -> Option<HeaderValue> {
+    let asks = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
+    asks.then(|| headers.get(header::UPGRADE).cloned()).flatten()
+}
+
+/// Removes the headers that describe one hop only (RFC 9110 §7.6.1), including any the
+/// `Connection` header names. `te: trailers` stays: gRPC needs it.
+fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .collect();
+    for name in named {
+        headers.remove(name);
+    }
+    for name in [header::CONNECTION, header::TRANSFER_ENCODING, header::UPGRADE, header::PROXY_AUTHENTICATE] {
+        headers.remove(name);
+    }
+    headers.remove("keep-alive");
+    headers.remove("proxy-connection");
+    if headers.get(header::TE).is_some_and(|v| v.as_bytes() != b"trailers") {
+        headers.remove(header::TE);
+    }
+}
+
+/// The consistent-hash key of one request, per the DestinationRule's hash policy.
+fn request_hash(policy: Option<&mesh::HashPolicy>, source: &Source, req: &Request<Incoming>) -> Option<u64> {
+    let value = match policy?.key.as_ref()? {
+        Key::SourceIp(_) => source.ips.first().map(ToString::to_string),
+        Key::Header(name) => {
+            req.headers().get(name.as_str()).and_then(|v| v.to_str().ok()).map(str::to_string)
+        }
+        Key::Cookie(name) => req
+            .headers()
+            .get_all(header::COOKIE)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(';'))
+            .filter_map(|c| c.trim().split_once('='))
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.to_string()),
+        Key::QueryParameter(name) => req.uri().query().and_then(|q| {
+            q.split('&')
+                .filter_map(|kv| kv.split_once('='))
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| v.to_string())
+        }),
+    }?;
+    Some(hash_bytes(value.as_bytes()))
+}
+
+fn error_response(status: StatusCode, reason: &str) -> Response<Body> {
+    let mut response = Response::new(
+        Full::new(Bytes::from(format!("nodemesh: {reason}\n"))).map_err(|e| match e {}).boxed(),
+    );
+    *response.status_mut() = status;
+    response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+    response
+}
+
+/// Opens an upstream HTTP connection to `addr` from the source workload.
+pub async fn handshake(stream: TcpStream, h2: bool) -> std::io::Result<Sender> {
+    let io = TokioIo::new(stream);
+    if h2 {
+        let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .handshake(io)
+            .await
+            .map_err(std::io::Error::other)?;
+        tokio::spawn(conn);
+        Ok(Sender::Http2(sender))
+    } else {
+        let (sender, conn) =
+            hyper::client::conn::http1::handshake(io).await.map_err(std::io::Error::other)?;
+        tokio::spawn(conn.with_upgrades());
+        Ok(Sender::Http1(sender))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_headers_go_and_trailers_te_stays() {
+        let mut h = HeaderMap::new();
+        h.insert(header::CONNECTION, HeaderValue::from_static("keep-alive, x-private"));
+        h.insert("x-private", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert(header::TE, HeaderValue::from_static("trailers"));
+        h.insert(header::HOST, HeaderValue::from_static("reviews:9080"));
+        strip_hop_by_hop(&mut h);
+        assert!(
+            h.get("x-private").is_none()
+                && h.get("keep-alive").is_none()
+                && h.get(header::CONNECTION).is_none()
+        );
+        assert_eq!(h.get(header::TE).unwrap(), "trailers");
+        assert_eq!(h.get(header::HOST).unwrap(), "reviews:9080");
+    }
+
+    fn parts(uri: &str, host: Option<&str>, version: Version) -> hyper::http::request::Parts {
+        let mut b = Request::builder().uri(uri).version(version);
+        if let Some(h) = host {
+            b = b.header(header::HOST, h);
+        }
+        b.body(()).unwrap().into_parts().0
+    }
+
+    #[test]
+    fn http10_without_host_is_sent_as_http11_with_the_dialled_address() {
+        let vip: SocketAddr = "10.96.0.10:80".parse().unwrap();
+        let mut p = parts("/health", None, Version::HTTP_10);
+        prepare_request(&mut p, false, vip, None);
+        assert_eq!(p.version, Version::HTTP_11);
+        assert_eq!(p.headers[header::HOST], "10.96.0.10:80");
+        // A Host the client sent is never replaced, whatever it names.
+        let mut p = parts("/x?y=1", Some("unknown.example"), Version::HTTP_11);
+        prepare_request(&mut p, false, vip, None);
+        assert_eq!(p.headers[header::HOST], "unknown.example");
+        assert_eq!(p.uri, "/x?y=1");
+    }
+
+    #[test]
+    fn h2_requests_keep_their_authority() {
+        let vip: SocketAddr = "10.96.0.10:80".parse().unwrap();
+        let mut p = parts("http://grpc.shop:80/pkg.Svc/Method", None, Version::HTTP_2);
+        prepare_request(&mut p, true, vip, None);
+        assert_eq!(p.uri, "http://grpc.shop:80/pkg.Svc/Method");
+    }
+}

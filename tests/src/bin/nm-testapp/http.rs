@@ -1,0 +1,243 @@
+//! HTTP for the tests: a server that reports what each request looked like on arrival, and a
+//! client that sends many requests over one connection (or raw HTTP/1.0, one per connection).
+//!
+//! Server (HTTP/1.x and h2c on the same port), per request, a JSON body:
+//! `{"server","method","path","host","version","peer","headers"}`. `/status/<code>` answers
+//! with that status. A request with `Upgrade: nm-echo` is switched (101) to an echo stream.
+
+use std::{
+    collections::BTreeMap,
+    convert::Infallible,
+    io::{self, Read, Write},
+    net::SocketAddr,
+    time::Duration,
+};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty, Full};
+use hyper::{Request, Response, StatusCode, Version, body::Incoming, header, service::service_fn};
+use hyper_util::{
+    rt::{TokioExecutor, TokioIo},
+    server::conn::auto,
+};
+use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("tokio runtime")
+}
+
+pub fn serve(name: &str, listen: &[String]) -> io::Result<()> {
+    runtime().block_on(async {
+        let mut tasks = Vec::new();
+        for addr in listen {
+            let listener = tokio::net::TcpListener::bind(addr).await?;
+            let name = name.to_string();
+            tasks.push(tokio::spawn(async move {
+                loop {
+                    let Ok((stream, peer)) = listener.accept().await else { continue };
+                    let name = name.clone();
+                    tokio::spawn(async move {
+                        let service = service_fn(move |req| {
+                            let name = name.clone();
+                            async move { Ok::<_, Infallible>(answer(&name, peer, req).await) }
+                        });
+                        let _ = auto::Builder::new(TokioExecutor::new())
+                            .serve_connection_with_upgrades(TokioIo::new(stream), service)
+                            .await;
+                    });
+                }
+            }));
+        }
+        eprintln!("nm-testapp: {name} serving HTTP on {listen:?}");
+        for t in tasks {
+            let _ = t.await;
+        }
+        Ok(())
+    })
+}
+
+type Body = http_body_util::combinators::BoxBody<Bytes, hyper::Error>;
+
+async fn answer(name: &str, peer: SocketAddr, mut req: Request<Incoming>) -> Response<Body> {
+    let host = req
+        .headers()
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .map(str::to_string)
+        .or_else(|| req.uri().authority().map(|a| a.to_string()));
+    let headers: BTreeMap<String, String> = req
+        .headers()
+        .iter()
+        .map(|(k, v)| (k.to_string(), String::from_utf8_lossy(v.as_bytes()).into_owned()))
+        .collect();
+    let report = json!({
+        "server": name, "method": req.method().as_str(), "path": req.uri().path(),
+        "query": req.uri().query(), "host": host, "version": format!("{:?}", req.version()),
+        "peer": peer, "headers": headers,
+    });
+    if req.headers().get(header::UPGRADE).is_some_and(|u| u == "nm-echo") {
+        let upgrade = hyper::upgrade::on(&mut req);
+        tokio::spawn(async move {
+            if let Ok(upgraded) = upgrade.await {
+                let mut io = TokioIo::new(upgraded);
+                let mut buf = vec![0u8; 16 * 1024];
+                while let Ok(n) = io.read(&mut buf).await {
+                    if n == 0 || io.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
+                }
+            }
+        });
+        let mut r = Response::new(Empty::new().map_err(|e| match e {}).boxed());
+        *r.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+        r.headers_mut().insert(header::UPGRADE, "nm-echo".parse().expect("header"));
+        r.headers_mut().insert(header::CONNECTION, "upgrade".parse().expect("header"));
+        return r;
+    }
+    let _ = req.into_body().collect().await;
+    let status = report["path"]
+        .as_str()
+        .and_then(|p| p.strip_prefix("/status/"))
+        .and_then(|c| c.parse::<u16>().ok())
+        .and_then(|c| StatusCode::from_u16(c).ok())
+        .unwrap_or(StatusCode::OK);
+    let mut r = Response::new(Full::new(Bytes::from(format!("{report}\n"))).map_err(|e| match e {}).boxed());
+    *r.status_mut() = status;
+    r.headers_mut().insert(header::CONTENT_TYPE, "application/json".parse().expect("header"));
+    r
+}
+
+/// What the client was asked to send.
+pub struct Ask {
+    pub to: SocketAddr,
+    pub requests: usize,
+    pub path: String,
+    pub host: Option<String>,
+    pub headers: Vec<(String, String)>,
+    pub h2: bool,
+    pub http10: bool,
+    pub upgrade: bool,
+}
+
+/// Tallies of what came back: replies by server and by status, the first reply in full.
+#[derive(Default)]
+struct Tally {
+    servers: BTreeMap<String, usize>,
+    statuses: BTreeMap<u16, usize>,
+    first: Option<Value>,
+}
+
+impl Tally {
+    fn add(&mut self, status: u16, body: &[u8]) {
+        *self.statuses.entry(status).or_default() += 1;
+        let reply: Value =
+            serde_json::from_slice(body).unwrap_or_else(|_| json!({"text": String::from_utf8_lossy(body)}));
+        if let Some(server) = reply["server"].as_str() {
+            *self.servers.entry(server.to_string()).or_default() += 1;
+        }
+        self.first.get_or_insert(reply);
+    }
+
+    fn into_json(self, connections: usize) -> Value {
+        json!({"servers": self.servers, "statuses": self.statuses, "first": self.first, "connections": connections})
+    }
+}
+
+pub fn client(ask: &Ask) -> io::Result<Value> {
+    if ask.http10 {
+        return http10(ask);
+    }
+    runtime().block_on(async {
+        let stream = tokio::time::timeout(Duration::from_secs(10), tokio::net::TcpStream::connect(ask.to))
+            .await
+            .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))??;
+        let io = TokioIo::new(stream);
+        let authority = ask.host.clone().unwrap_or_else(|| ask.to.to_string());
+        let build = |path: &str| {
+            let mut b = Request::builder().method("GET");
+            b = if ask.h2 {
+                b.uri(format!("http://{authority}{path}")).version(Version::HTTP_2)
+            } else {
+                b.uri(path).header(header::HOST, &authority)
+            };
+            for (k, v) in &ask.headers {
+                b = b.header(k, v);
+            }
+            b
+        };
+        let mut tally = Tally::default();
+        if ask.h2 {
+            let (mut sender, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), io)
+                .await
+                .map_err(io::Error::other)?;
+            tokio::spawn(conn);
+            for _ in 0..ask.requests {
+                let req = build(&ask.path).body(Empty::<Bytes>::new()).map_err(io::Error::other)?;
+                let resp = sender.send_request(req).await.map_err(io::Error::other)?;
+                let status = resp.status().as_u16();
+                let body = resp.into_body().collect().await.map_err(io::Error::other)?.to_bytes();
+                tally.add(status, &body);
+            }
+            return Ok(tally.into_json(1));
+        }
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(io).await.map_err(io::Error::other)?;
+        tokio::spawn(conn.with_upgrades());
+        if ask.upgrade {
+            let req = build(&ask.path)
+                .header(header::CONNECTION, "upgrade")
+                .header(header::UPGRADE, "nm-echo")
+                .body(Empty::<Bytes>::new())
+                .map_err(io::Error::other)?;
+            let resp = sender.send_request(req).await.map_err(io::Error::other)?;
+            let status = resp.status().as_u16();
+            let mut io = TokioIo::new(hyper::upgrade::on(resp).await.map_err(io::Error::other)?);
+            let msg = b"through the tunnel";
+            io.write_all(msg).await?;
+            let mut back = vec![0u8; msg.len()];
+            io.read_exact(&mut back).await?;
+            return Ok(json!({"status": status, "echoed": back == msg}));
+        }
+        for _ in 0..ask.requests {
+            sender.ready().await.map_err(io::Error::other)?;
+            let req = build(&ask.path).body(Empty::<Bytes>::new()).map_err(io::Error::other)?;
+            let resp = sender.send_request(req).await.map_err(io::Error::other)?;
+            let status = resp.status().as_u16();
+            let body = resp.into_body().collect().await.map_err(io::Error::other)?.to_bytes();
+            tally.add(status, &body);
+        }
+        Ok(tally.into_json(1))
+    })
+}
+
+/// HTTP/1.0 the way health checkers send it: one connection per request, no `Host` unless
+/// asked, the response read to EOF.
+fn http10(ask: &Ask) -> io::Result<Value> {
+    let mut tally = Tally::default();
+    for _ in 0..ask.requests {
+        let mut s = std::net::TcpStream::connect_timeout(&ask.to, Duration::from_secs(10))?;
+        s.set_read_timeout(Some(Duration::from_secs(30)))?;
+        let mut head = format!("GET {} HTTP/1.0\r\n", ask.path);
+        if let Some(h) = &ask.host {
+            head.push_str(&format!("Host: {h}\r\n"));
+        }
+        for (k, v) in &ask.headers {
+            head.push_str(&format!("{k}: {v}\r\n"));
+        }
+        head.push_str("\r\n");
+        s.write_all(head.as_bytes())?;
+        let mut raw = Vec::new();
+        s.read_to_end(&mut raw)?;
+        let split = raw.windows(4).position(|w| w == b"\r\n\r\n").ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("no response head in {:?}", String::from_utf8_lossy(&raw)),
+            )
+        })?;
+        let status_line =
+            String::from_utf8_lossy(&raw[..split]).lines().next().unwrap_or_default().to_string();
+        let status: u16 = status_line.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+        tally.add(status, &raw[split + 4..]);
+    }
+    Ok(tally.into_json(ask.requests))
+}

@@ -1,0 +1,176 @@
+//! HTTP through the node proxy, on one simulated node with mesh-control: protocol detection on
+//! ports that declare no protocol, per-request balancing over keep-alive and h2c connections,
+//! HTTP/1.0 without `Host`, an unknown `Host`, upgrades, per-request consistent hashing, and
+//! two HTTP services on the same port number told apart by the address dialled.
+
+use std::{fs, path::PathBuf, time::Duration};
+
+use nodemesh_tests::{
+    CONTROL_PLANE_URL, Pod, Registration, SimNode,
+    mesh::{eventually, labelled, write_config as write},
+};
+use serde_json::Value;
+
+const WEB_VIP: &str = "10.96.0.10";
+const SHOP_VIP: &str = "10.96.0.11";
+const TCP_VIP: &str = "10.96.0.12";
+
+/// A `shop` Service at `vip`, port 80 → 8080 on `app=<app>` pods, with a port name that
+/// declares no protocol: whatever is spoken is detected.
+fn undeclared_service(name: &str, vip: &str, app: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: shop}}\n\
+         spec:\n  clusterIP: {vip}\n  selector: {{app: {app}}}\n  ports: [{{name: web, port: 80, targetPort: 8080}}]\n"
+    )
+}
+
+struct Setup {
+    node: SimNode,
+    config: PathBuf,
+    client: Pod,
+}
+
+/// mesh-control and mesh-node, a meshed client, and for each `(app, count, http)` that many
+/// servers (HTTP or the TCP hello server) on 8080.
+fn setup(services: &[(&str, &str, usize, bool)]) -> Setup {
+    let mut node = SimNode::new().unwrap();
+    let config = node.work_dir.join("config");
+    fs::create_dir_all(&config).unwrap();
+    for (app, vip, _, _) in services {
+        write(&config, &format!("{app}.yaml"), &undeclared_service(app, vip, app));
+    }
+    node.start_control_plane(&config).unwrap();
+    node.start_mesh_node(&["--control-plane", CONTROL_PLANE_URL]).unwrap();
+    let client = node.add_pod("client", "shop").unwrap();
+    node.register(&client, &Registration::meshed()).unwrap();
+    for (app, _, count, http) in services {
+        for i in 0..*count {
+            let pod = node.add_pod(&format!("{app}{i}"), "shop").unwrap();
+            node.register(&pod, &labelled(app)).unwrap();
+            if *http {
+                node.serve_http(&pod, &[pod.addr(8080)]).unwrap();
+            } else {
+                node.serve(&pod, &[pod.addr(8080)]).unwrap();
+            }
+        }
+    }
+    Setup { node, config, client }
+}
+
+/// nm-testapp http-client from `client` to `<vip>:80` with `args`.
+fn get(node: &SimNode, client: &Pod, vip: &str, args: &[&str]) -> Value {
+    let to = format!("{vip}:80");
+    let mut all = vec!["http-client", "--to", to.as_str()];
+    all.extend_from_slice(args);
+    let r = node.testapp(client, &all).unwrap_or_else(|e| panic!("{e:#}\n{}", node.log_tail()));
+    assert!(r.get("error").is_none(), "{all:?}: {r}\n{}", node.log_tail());
+    r
+}
+
+fn counts(r: &Value) -> Vec<u64> {
+    r["servers"].as_object().map(|m| m.values().filter_map(Value::as_u64).collect()).unwrap_or_default()
+}
+
+#[test]
+fn http_on_an_undeclared_port_is_balanced_per_request_and_keeps_what_the_client_sent() {
+    let Setup { node, config, client } = setup(&[("web", WEB_VIP, 3, true)]);
+    eventually("web answers through its VIP from all three pods", Duration::from_secs(15), || {
+        node.testapp(&client, &["http-client", "--to", &format!("{WEB_VIP}:80"), "--requests", "6"])
+            .is_ok_and(|r| counts(&r).len() == 3)
+    });
+
+    // One keep-alive connection, 30 requests: round robin per request, not per connection.
+    let r = get(&node, &client, WEB_VIP, &["--requests", "30"]);
+    assert_eq!(r["statuses"]["200"], 30, "{r}");
+    let c = counts(&r);
+    assert!(c.len() == 3 && c.iter().all(|n| (9..=11).contains(n)), "per-request round robin: {r}");
+    assert_eq!(r["first"]["host"], format!("{WEB_VIP}:80"), "Host preserved: {r}");
+
+    // h2c prior knowledge: one connection, many streams, each balanced; HTTP/2 end to end.
+    let r = get(&node, &client, WEB_VIP, &["--requests", "30", "--h2"]);
+    let c = counts(&r);
+    assert!(c.len() == 3 && c.iter().all(|n| (9..=11).contains(n)), "h2c per-request round robin: {r}");
+    assert_eq!(r["first"]["version"], "HTTP/2.0", "{r}");
+
+    // HTTP/1.0 with no Host, as health checkers send it.
+    let r = get(&node, &client, WEB_VIP, &["--requests", "3", "--http10", "--path", "/healthz"]);
+    assert_eq!(r["statuses"]["200"], 3, "HTTP/1.0 must work: {r}");
+    assert_eq!(r["first"]["path"], "/healthz");
+
+    // A Host nobody registered: routed by the address dialled, Host passed through untouched.
+    let r = get(&node, &client, WEB_VIP, &["--requests", "3", "--host", "unknown.example:8000"]);
+    assert_eq!(r["statuses"]["200"], 3, "{r}");
+    assert_eq!(r["first"]["host"], "unknown.example:8000", "{r}");
+    assert_eq!(r["first"]["headers"]["x-custom"], Value::Null);
+    let r = get(&node, &client, WEB_VIP, &["--header", "x-custom: kept", "--path", "/a/b?c=d"]);
+    assert_eq!(r["first"]["headers"]["x-custom"], "kept", "{r}");
+    assert_eq!(r["first"]["query"], "c=d", "{r}");
+
+    // An upgrade (what WebSockets use) becomes a tunnel once the server agrees.
+    let r = get(&node, &client, WEB_VIP, &["--upgrade"]);
+    assert_eq!(r["status"], 101, "{r}");
+    assert_eq!(r["echoed"], true, "{r}");
+
+    // A status from the server reaches the client as it was.
+    let r = get(&node, &client, WEB_VIP, &["--requests", "3", "--path", "/status/503"]);
+    assert_eq!(r["statuses"]["503"], 3, "{r}");
+
+    // Consistent hash on a header, per request: each user sticks to one pod even when all
+    // share one connection.
+    write(
+        &config,
+        "rule.yaml",
+        "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: web, namespace: shop}\n\
+         spec:\n  host: web\n  trafficPolicy: {loadBalancer: {consistentHash: {httpHeaderName: x-user}}}\n",
+    );
+    eventually("ring hash reaches the node", Duration::from_secs(10), || {
+        node.config_dump().is_ok_and(|d| {
+            d["xds"]["config"]["clusters"]["outbound|80||web.shop.svc.cluster.local"]["lb_policy"]
+                .as_str()
+                .is_some_and(|p| p.starts_with("RingHash"))
+        })
+    });
+    let mut seen = std::collections::BTreeSet::new();
+    for user in ["ann", "bob", "cai", "dee", "eve", "fay"] {
+        let header = format!("x-user: {user}");
+        let r = get(&node, &client, WEB_VIP, &["--requests", "10", "--header", &header]);
+        assert_eq!(counts(&r), [10], "user {user} must stick to one pod: {r}");
+        seen.extend(r["servers"].as_object().unwrap().keys().cloned());
+    }
+    assert!(seen.len() >= 2, "six users should not all hash to one pod: {seen:?}");
+}
+
+#[test]
+fn two_http_services_on_one_port_number_each_receive_only_their_own_requests() {
+    let Setup { node, client, .. } =
+        setup(&[("web", WEB_VIP, 2, true), ("shop", SHOP_VIP, 2, true), ("tcp", TCP_VIP, 1, false)]);
+    for vip in [WEB_VIP, SHOP_VIP] {
+        eventually("both services answer", Duration::from_secs(15), || {
+            node.testapp(&client, &["http-client", "--to", &format!("{vip}:80"), "--requests", "4"])
+                .is_ok_and(|r| counts(&r).len() == 2)
+        });
+    }
+    // The same Host on both: only the address dialled decides.
+    for (vip, app) in [(WEB_VIP, "web"), (SHOP_VIP, "shop"), (WEB_VIP, "web")] {
+        for h2 in [false, true] {
+            let mut args = vec!["--requests", "20", "--host", "shared.example"];
+            if h2 {
+                args.push("--h2");
+            }
+            let r = get(&node, &client, vip, &args);
+            let servers: Vec<&String> = r["servers"].as_object().unwrap().keys().collect();
+            assert_eq!(servers.len(), 2, "{r}");
+            assert!(servers.iter().all(|s| s.starts_with(app)), "{vip} must reach only {app}: {r}");
+        }
+    }
+    // A protocol that is not HTTP on an undeclared port is relayed as TCP.
+    let to = format!("{TCP_VIP}:80");
+    let hello = node.testapp(&client, &["client", "--to", &to, "--connections", "3"]).unwrap();
+    let replies: Vec<&str> = hello["connections"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|c| c["reply"]["server"].as_str())
+        .collect();
+    assert_eq!(replies, ["tcp0", "tcp0", "tcp0"], "{hello}");
+}
