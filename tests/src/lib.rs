@@ -551,6 +551,11 @@ impl SimNode {
         self.serve_as(pod, "http-serve", listen)
     }
 
+    /// [`SimNode::serve`] for nm-testapp's gRPC server (the standard health service).
+    pub fn serve_grpc(&mut self, pod: &Pod, listen: &[SocketAddr]) -> anyhow::Result<u32> {
+        self.serve_as(pod, "grpc-serve", listen)
+    }
+
     fn serve_as(&mut self, pod: &Pod, mode: &str, listen: &[SocketAddr]) -> anyhow::Result<u32> {
         let mut args = vec![mode.to_string(), "--name".into(), pod.name.clone()];
         for a in listen {

@@ -1,7 +1,8 @@
 //! HTTP through the node proxy, on one simulated node with mesh-control: protocol detection on
 //! ports that declare no protocol, per-request balancing over keep-alive and h2c connections,
 //! HTTP/1.0 without `Host`, an unknown `Host`, upgrades, per-request consistent hashing, and
-//! two HTTP services on the same port number told apart by the address dialled.
+//! two HTTP services on the same port number told apart by the address dialled, and gRPC
+//! (unary and server streaming) over h2c.
 
 use std::{fs, path::PathBuf, time::Duration};
 
@@ -14,6 +15,7 @@ use serde_json::Value;
 const WEB_VIP: &str = "10.96.0.10";
 const SHOP_VIP: &str = "10.96.0.11";
 const TCP_VIP: &str = "10.96.0.12";
+const GRPC_VIP: &str = "10.96.0.13";
 
 /// A `shop` Service at `vip`, port 80 → 8080 on `app=<app>` pods, with a port name that
 /// declares no protocol: whatever is spoken is detected.
@@ -30,9 +32,16 @@ struct Setup {
     client: Pod,
 }
 
-/// mesh-control and mesh-node, a meshed client, and for each `(app, count, http)` that many
-/// servers (HTTP or the TCP hello server) on 8080.
-fn setup(services: &[(&str, &str, usize, bool)]) -> Setup {
+#[derive(Clone, Copy)]
+enum Server {
+    Http,
+    Grpc,
+    Tcp,
+}
+
+/// mesh-control and mesh-node, a meshed client, and for each `(app, vip, count, server)` that
+/// many servers of that kind on 8080.
+fn setup(services: &[(&str, &str, usize, Server)]) -> Setup {
     let mut node = SimNode::new().unwrap();
     let config = node.work_dir.join("config");
     fs::create_dir_all(&config).unwrap();
@@ -43,15 +52,17 @@ fn setup(services: &[(&str, &str, usize, bool)]) -> Setup {
     node.start_mesh_node(&["--control-plane", CONTROL_PLANE_URL]).unwrap();
     let client = node.add_pod("client", "shop").unwrap();
     node.register(&client, &Registration::meshed()).unwrap();
-    for (app, _, count, http) in services {
+    for (app, _, count, server) in services {
         for i in 0..*count {
             let pod = node.add_pod(&format!("{app}{i}"), "shop").unwrap();
             node.register(&pod, &labelled(app)).unwrap();
-            if *http {
-                node.serve_http(&pod, &[pod.addr(8080)]).unwrap();
-            } else {
-                node.serve(&pod, &[pod.addr(8080)]).unwrap();
+            let listen = [pod.addr(8080)];
+            match server {
+                Server::Http => node.serve_http(&pod, &listen),
+                Server::Grpc => node.serve_grpc(&pod, &listen),
+                Server::Tcp => node.serve(&pod, &listen),
             }
+            .unwrap();
         }
     }
     Setup { node, config, client }
@@ -73,7 +84,8 @@ fn counts(r: &Value) -> Vec<u64> {
 
 #[test]
 fn http_on_an_undeclared_port_is_balanced_per_request_and_keeps_what_the_client_sent() {
-    let Setup { node, config, client } = setup(&[("web", WEB_VIP, 3, true)]);
+    let Setup { node, config, client } =
+        setup(&[("web", WEB_VIP, 3, Server::Http), ("grpc", GRPC_VIP, 2, Server::Grpc)]);
     eventually("web answers through its VIP from all three pods", Duration::from_secs(15), || {
         node.testapp(&client, &["http-client", "--to", &format!("{WEB_VIP}:80"), "--requests", "6"])
             .is_ok_and(|r| counts(&r).len() == 3)
@@ -111,6 +123,14 @@ fn http_on_an_undeclared_port_is_balanced_per_request_and_keeps_what_the_client_
     assert_eq!(r["status"], 101, "{r}");
     assert_eq!(r["echoed"], true, "{r}");
 
+    // gRPC over h2c: unary calls (status in trailers) and a server stream, through the proxy.
+    let to = format!("{GRPC_VIP}:80");
+    let r = node
+        .testapp(&client, &["grpc-client", "--to", &to, "--calls", "10", "--messages", "4"])
+        .unwrap_or_else(|e| panic!("{e:#}\n{}", node.log_tail()));
+    assert_eq!(r["checks_serving"], 10, "{r}\n{}", node.log_tail());
+    assert_eq!(r["watch_statuses"].as_array().map(Vec::len), Some(4), "{r}");
+
     // A status from the server reaches the client as it was.
     let r = get(&node, &client, WEB_VIP, &["--requests", "3", "--path", "/status/503"]);
     assert_eq!(r["statuses"]["503"], 3, "{r}");
@@ -142,8 +162,11 @@ fn http_on_an_undeclared_port_is_balanced_per_request_and_keeps_what_the_client_
 
 #[test]
 fn two_http_services_on_one_port_number_each_receive_only_their_own_requests() {
-    let Setup { node, client, .. } =
-        setup(&[("web", WEB_VIP, 2, true), ("shop", SHOP_VIP, 2, true), ("tcp", TCP_VIP, 1, false)]);
+    let Setup { node, client, .. } = setup(&[
+        ("web", WEB_VIP, 2, Server::Http),
+        ("shop", SHOP_VIP, 2, Server::Http),
+        ("tcp", TCP_VIP, 1, Server::Tcp),
+    ]);
     for vip in [WEB_VIP, SHOP_VIP] {
         eventually("both services answer", Duration::from_secs(15), || {
             node.testapp(&client, &["http-client", "--to", &format!("{vip}:80"), "--requests", "4"])

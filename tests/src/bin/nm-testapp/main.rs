@@ -21,6 +21,7 @@ use std::{
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
+mod grpc;
 mod http;
 
 const IO_TIMEOUT: Duration = Duration::from_secs(30);
@@ -55,6 +56,14 @@ fn main() {
             }
             return;
         }
+        "grpc-serve" => {
+            let name = opt("--name").unwrap_or_else(|| "server".into());
+            if let Err(e) = grpc::serve(&name, &opts("--listen")) {
+                fail(&format!("grpc-serve: {e}"));
+            }
+            return;
+        }
+        "grpc-client" => grpc::client(to(), num("--calls", 1) as usize, num("--messages", 3) as usize),
         "http-client" => http::client(&http::Ask {
             to: to(),
             requests: num("--requests", 1) as usize,
@@ -89,7 +98,7 @@ fn main() {
 
 fn usage() -> ! {
     fail(
-        "usage: nm-testapp serve|http-serve --name N --listen ADDR... | http-client --to ADDR [--requests N] [--path P] [--host H] [--header K:V]... [--h2|--http10|--upgrade] | client --to ADDR --mode hello|sink|hold [--connections C] [--bytes N] | bench-connect|bench-latency|bench-bulk --to ADDR",
+        "usage: nm-testapp serve|http-serve --name N --listen ADDR... | grpc-serve --name N --listen ADDR... | grpc-client --to ADDR [--calls N] [--messages M] | http-client --to ADDR [--requests N] [--path P] [--host H] [--header K:V]... [--h2|--http10|--upgrade] | client --to ADDR --mode hello|sink|hold [--connections C] [--bytes N] | bench-connect|bench-latency|bench-bulk --to ADDR",
     )
 }
 
