@@ -10,6 +10,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         return Err("protoc not found: run `cargo xtask setup` (installs protobuf-compiler)".into());
     }
     tonic_prost_build::configure()
+        // Ordered maps: a resource's version is the hash of its encoding, which must not
+        // depend on hash-map iteration order.
+        .btree_map(".")
         .build_server(true)
         .build_client(true)
         .compile_protos(&["proto/nodemesh/mesh/v1/mesh.proto"], &["proto"])?;

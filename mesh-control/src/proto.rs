@@ -10,6 +10,11 @@ pub const ADDRESS_TYPE: &str = "type.googleapis.com/nodemesh.mesh.v1.Address";
 pub const WORKLOAD_TYPE: &str = "type.googleapis.com/nodemesh.mesh.v1.Workload";
 pub const CLUSTER_TYPE: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
 pub const ENDPOINT_TYPE: &str = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment";
+pub const ROUTE_TYPE: &str = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration";
+
+/// Route metadata namespace for what Envoy's RouteMatch cannot say (Istio's sourceLabels and
+/// sourceNamespace); mesh-node evaluates it against the source workload.
+pub const ROUTE_METADATA: &str = "nodemesh.io";
 
 /// `Node.client_features` entry of mesh-node: its clusters and endpoints are exactly those its
 /// Address resources use, so the server computes them only once it knows the Address

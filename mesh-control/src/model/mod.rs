@@ -7,6 +7,7 @@ pub mod duration;
 pub mod istio;
 pub mod parse;
 pub mod store;
+pub mod virtual_service;
 
 use std::{collections::BTreeMap, fmt, net::IpAddr};
 
@@ -24,13 +25,14 @@ pub enum Kind {
     WorkloadEntry,
     DestinationRule,
     Sidecar,
+    VirtualService,
     MeshConfig,
     /// A workload a node registered in local mode and reported to the control plane.
     NodeWorkload,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 11] = [
+    pub const ALL: [Kind; 12] = [
         Kind::Namespace,
         Kind::Node,
         Kind::Pod,
@@ -40,6 +42,7 @@ impl Kind {
         Kind::WorkloadEntry,
         Kind::DestinationRule,
         Kind::Sidecar,
+        Kind::VirtualService,
         Kind::MeshConfig,
         Kind::NodeWorkload,
     ];
@@ -97,6 +100,7 @@ pub enum Object {
     WorkloadEntry(istio::WorkloadEntry),
     DestinationRule(istio::DestinationRule),
     Sidecar(istio::Sidecar),
+    VirtualService(virtual_service::VirtualService),
     MeshConfig(istio::MeshConfig),
     NodeWorkload(core::Pod),
 }
@@ -113,6 +117,7 @@ impl Object {
             Object::WorkloadEntry(_) => Kind::WorkloadEntry,
             Object::DestinationRule(_) => Kind::DestinationRule,
             Object::Sidecar(_) => Kind::Sidecar,
+            Object::VirtualService(_) => Kind::VirtualService,
             Object::MeshConfig(_) => Kind::MeshConfig,
             Object::NodeWorkload(_) => Kind::NodeWorkload,
         }
@@ -129,6 +134,7 @@ impl Object {
             Object::WorkloadEntry(o) => &o.meta,
             Object::DestinationRule(o) => &o.meta,
             Object::Sidecar(o) => &o.meta,
+            Object::VirtualService(o) => &o.meta,
             Object::MeshConfig(o) => &o.meta,
         }
     }

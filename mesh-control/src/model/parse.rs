@@ -58,7 +58,6 @@ impl fmt::Display for ParseError {
 const ISTIO_NETWORKING: &[&str] =
     &["networking.istio.io/v1", "networking.istio.io/v1beta1", "networking.istio.io/v1alpha3"];
 const NOT_YET: &[&str] = &[
-    "VirtualService",
     "Gateway",
     "EnvoyFilter",
     "PeerAuthentication",
@@ -102,6 +101,7 @@ pub fn object_from_value(value: Value) -> Result<Object, ParseError> {
         (v, "WorkloadEntry") if ISTIO_NETWORKING.contains(&v) => Kind::WorkloadEntry,
         (v, "DestinationRule") if ISTIO_NETWORKING.contains(&v) => Kind::DestinationRule,
         (v, "Sidecar") if ISTIO_NETWORKING.contains(&v) => Kind::Sidecar,
+        (v, "VirtualService") if ISTIO_NETWORKING.contains(&v) => Kind::VirtualService,
         ("nodemesh.io/v1alpha1", "MeshConfig") => Kind::MeshConfig,
         (v, k) => {
             let reason = if NOT_YET.contains(&k) {
@@ -109,7 +109,7 @@ pub fn object_from_value(value: Value) -> Result<Object, ParseError> {
             } else {
                 format!(
                     "unknown kind {k} ({v}); supported: v1 Namespace/Node/Pod/Service, discovery.k8s.io/v1 \
-                     EndpointSlice, networking.istio.io ServiceEntry/WorkloadEntry/DestinationRule/Sidecar, \
+                     EndpointSlice, networking.istio.io ServiceEntry/WorkloadEntry/DestinationRule/Sidecar/VirtualService, \
                      nodemesh.io/v1alpha1 MeshConfig"
                 )
             };
@@ -151,6 +151,10 @@ pub fn object_from_value(value: Value) -> Result<Object, ParseError> {
         Kind::Sidecar => spec::<istio::SidecarSpec>(&value).and_then(|spec| {
             checked(|e| spec.check(e))?;
             Ok(Object::Sidecar(istio::Sidecar { meta: meta.clone(), spec }))
+        }),
+        Kind::VirtualService => spec::<super::virtual_service::VirtualServiceSpec>(&value).and_then(|spec| {
+            checked(|e| spec.check(e))?;
+            Ok(Object::VirtualService(super::virtual_service::VirtualService { meta: meta.clone(), spec }))
         }),
         Kind::MeshConfig => spec::<istio::MeshConfigSpec>(&value)
             .map(|spec| Object::MeshConfig(istio::MeshConfig { meta: meta.clone(), spec })),

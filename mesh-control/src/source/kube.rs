@@ -32,7 +32,7 @@ struct Watched {
 }
 
 /// Every resource the model reads from a cluster.
-const RESOURCES: [Watched; 10] = [
+const RESOURCES: [Watched; 11] = [
     Watched { group: "", version: "v1", kind: "Namespace", plural: "namespaces", model: Kind::Namespace },
     Watched { group: "", version: "v1", kind: "Node", plural: "nodes", model: Kind::Node },
     Watched { group: "", version: "v1", kind: "Pod", plural: "pods", model: Kind::Pod },
@@ -71,6 +71,13 @@ const RESOURCES: [Watched; 10] = [
         kind: "Sidecar",
         plural: "sidecars",
         model: Kind::Sidecar,
+    },
+    Watched {
+        group: "networking.istio.io",
+        version: "v1",
+        kind: "VirtualService",
+        plural: "virtualservices",
+        model: Kind::VirtualService,
     },
     Watched {
         group: "nodemesh.io",

@@ -4,6 +4,7 @@
 
 pub mod nodes;
 pub mod registration;
+pub mod routes;
 pub mod server;
 pub mod snapshot;
 pub mod translate;

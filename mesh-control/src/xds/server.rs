@@ -246,7 +246,8 @@ impl Common {
     /// node gets, so those are re-derived with them.
     fn changed(&mut self, type_url: String) {
         if type_url == proto::ADDRESS_TYPE {
-            self.dirty.extend([proto::CLUSTER_TYPE.to_string(), proto::ENDPOINT_TYPE.to_string()]);
+            self.dirty
+                .extend([proto::CLUSTER_TYPE, proto::ENDPOINT_TYPE, proto::ROUTE_TYPE].map(String::from));
         }
         self.dirty.insert(type_url);
     }
@@ -268,7 +269,7 @@ impl Common {
                 return None;
             }
             if self.dirty.contains(t) && self.subs.contains_key(t) {
-                let scoped = t == proto::CLUSTER_TYPE || t == proto::ENDPOINT_TYPE;
+                let scoped = t == proto::CLUSTER_TYPE || t == proto::ENDPOINT_TYPE || t == proto::ROUTE_TYPE;
                 if scoped && self.address_scoped && !self.subs.contains_key(proto::ADDRESS_TYPE) {
                     return None;
                 }

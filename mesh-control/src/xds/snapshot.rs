@@ -50,6 +50,8 @@ pub struct Snapshot {
     cidrs: Vec<(IpAddr, u8, Arc<mesh::Service>)>,
     pub clusters: BTreeMap<String, Resource>,
     pub endpoints: BTreeMap<String, Resource>,
+    /// HTTP routes (VirtualServices), by route name `<hostname>:<port>`.
+    pub routes: BTreeMap<String, Resource>,
     pub workloads_by_node: BTreeMap<String, Vec<Resource>>,
     /// Address names each node's Sidecars ask for up front.
     pub hints_by_node: BTreeMap<String, BTreeSet<String>>,
@@ -64,8 +66,8 @@ pub struct Snapshot {
 
 /// The types, in the order a change is pushed: what is referenced before what references it
 /// (a node never sees an address whose cluster it cannot resolve yet).
-pub const PUSH_ORDER: [&str; 4] =
-    [proto::CLUSTER_TYPE, proto::ENDPOINT_TYPE, proto::WORKLOAD_TYPE, proto::ADDRESS_TYPE];
+pub const PUSH_ORDER: [&str; 5] =
+    [proto::CLUSTER_TYPE, proto::ENDPOINT_TYPE, proto::ROUTE_TYPE, proto::WORKLOAD_TYPE, proto::ADDRESS_TYPE];
 
 impl Snapshot {
     pub fn new(generation: u64) -> Snapshot {
@@ -102,16 +104,30 @@ impl Snapshot {
         let sub = subs.get(type_url).cloned().unwrap_or_default();
         match type_url {
             proto::ADDRESS_TYPE => self.addresses_for(node, &sub),
-            proto::CLUSTER_TYPE | proto::ENDPOINT_TYPE => {
-                let all = if type_url == proto::CLUSTER_TYPE { &self.clusters } else { &self.endpoints };
+            proto::CLUSTER_TYPE | proto::ENDPOINT_TYPE | proto::ROUTE_TYPE => {
+                let all = match type_url {
+                    proto::CLUSTER_TYPE => &self.clusters,
+                    proto::ENDPOINT_TYPE => &self.endpoints,
+                    _ => &self.routes,
+                };
+                let routes = type_url == proto::ROUTE_TYPE;
                 let mut set = BTreeMap::new();
                 if sub.wildcard {
                     let address_sub = subs.get(proto::ADDRESS_TYPE).cloned().unwrap_or_default();
                     let addresses = self.addresses_for(node, &address_sub);
-                    let referenced = addresses
-                        .values()
-                        .filter_map(|r| r.service.as_ref())
-                        .flat_map(|s| s.ports.iter().map(|p| p.cluster.as_str()));
+                    // Clusters: each port's own and those its route can send to; routes: each
+                    // port's route.
+                    let referenced = addresses.values().filter_map(|r| r.service.as_ref()).flat_map(|s| {
+                        s.ports.iter().flat_map(move |p| -> Vec<&str> {
+                            if routes {
+                                vec![p.route.as_str()]
+                            } else {
+                                std::iter::once(p.cluster.as_str())
+                                    .chain(p.route_clusters.iter().map(String::as_str))
+                                    .collect()
+                            }
+                        })
+                    });
                     for name in referenced {
                         if let Some(r) = all.get(name) {
                             set.insert(name.to_string(), r.clone());

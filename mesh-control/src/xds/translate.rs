@@ -23,13 +23,17 @@ use envoy_types::pb::{
 };
 use prost::Message;
 
-use super::snapshot::{Resource, Snapshot};
+use super::{
+    routes,
+    snapshot::{Resource, Snapshot},
+};
 use crate::{
     model::{
         Labels, Locality, Object, core, istio,
         istio::{OutboundMode, Resolution},
         selector_matches,
         store::Store,
+        virtual_service::VirtualService,
     },
     proto::{self, mesh},
 };
@@ -45,6 +49,7 @@ pub fn snapshot(store: &Store) -> Snapshot {
 }
 
 /// An endpoint of one service port before grouping.
+#[derive(Clone)]
 struct Ep {
     ip: IpAddr,
     port: u16,
@@ -53,6 +58,8 @@ struct Ep {
     weight: u32,
     /// `namespace/name` of the workload, when known.
     workload: String,
+    /// The workload's labels, for DestinationRule subsets (empty when the workload is unknown).
+    labels: Labels,
 }
 
 /// A workload as endpoints selection sees it (pods, node-reported workloads, WorkloadEntries).
@@ -80,6 +87,7 @@ impl Wl<'_> {
             locality: self.locality.clone(),
             weight: self.weight,
             workload: format!("{}/{}", self.namespace, self.name),
+            labels: self.labels.clone(),
         })
     }
 }
@@ -92,6 +100,12 @@ struct Translator<'a> {
     /// costs the workloads carrying its first label, not every workload (1,000 Services over
     /// 10,000 workloads would otherwise be 10 million matches per snapshot).
     by_label: HashMap<(&'a str, &'a str, &'a str), Vec<usize>>,
+    /// `namespace/name` → index into `workloads`.
+    by_uid: HashMap<String, usize>,
+    /// Qualified hostname → the VirtualService that routes it.
+    virtual_services: HashMap<String, &'a VirtualService>,
+    /// Qualified hostname → the ports it serves (to resolve route destinations without one).
+    ports_by_host: HashMap<String, Vec<u16>>,
     snap: Snapshot,
 }
 
@@ -151,7 +165,22 @@ impl<'a> Translator<'a> {
                 by_label.entry((w.namespace, k.as_str(), v.as_str())).or_default().push(i);
             }
         }
-        Translator { store, nodes, workloads, by_label, snap: Snapshot::new(store.generation()) }
+        let by_uid =
+            workloads.iter().enumerate().map(|(i, w)| (format!("{}/{}", w.namespace, w.name), i)).collect();
+        Translator {
+            store,
+            nodes,
+            workloads,
+            by_label,
+            by_uid,
+            virtual_services: virtual_services_by_host(store),
+            ports_by_host: ports_by_host(store),
+            snap: Snapshot::new(store.generation()),
+        }
+    }
+
+    fn labels_of(&self, uid: &str) -> Labels {
+        self.by_uid.get(uid).map(|i| self.workloads[*i].labels.clone()).unwrap_or_default()
     }
 
     /// The workloads in `namespace` that `selector` picks, in model order (an empty selector
@@ -223,6 +252,7 @@ impl<'a> Translator<'a> {
                             locality: locality.clone(),
                             weight: 1,
                             workload: e.target.clone(),
+                            labels: self.labels_of(&e.target),
                         });
                     }
                 }
@@ -289,6 +319,7 @@ impl<'a> Translator<'a> {
                                     locality: Locality::parse(&e.locality),
                                     weight: e.weight.max(1),
                                     workload: String::new(),
+                                    labels: e.labels.clone(),
                                 })
                             })
                             .collect();
@@ -348,20 +379,56 @@ impl<'a> Translator<'a> {
         app_protocol: String,
         endpoints: Option<Vec<Ep>>,
     ) -> mesh::ServicePort {
-        let name = format!("outbound|{port}||{hostname}");
-        let policy = self.destination_rule(hostname, namespace).map(|dr| port_policy(dr, port));
-        let (cluster, hash_policy) = build_cluster(&name, policy.as_ref(), endpoints.is_none());
+        let name = routes::cluster_name(port, "", hostname);
+        let rule = self.destination_rule(hostname, namespace);
+        let policy = rule.map(|dr| port_policy(dr, port));
+        let passthrough = endpoints.is_none();
+        let (cluster, hash_policy) = build_cluster(&name, policy.as_ref(), passthrough);
         self.snap.clusters.insert(name.clone(), Resource::new(&name, proto::CLUSTER_TYPE, &cluster));
+        // One cluster per DestinationRule subset, holding the endpoints whose labels it selects.
+        for subset in rule.map(|dr| dr.spec.subsets.as_slice()).unwrap_or_default() {
+            let Some(dr) = rule else { break };
+            let subset_name = routes::cluster_name(port, &subset.name, hostname);
+            let subset_policy = port_policy(&subset_rule(dr, subset), port);
+            let (c, _) = build_cluster(&subset_name, Some(&subset_policy), passthrough);
+            self.snap
+                .clusters
+                .insert(subset_name.clone(), Resource::new(&subset_name, proto::CLUSTER_TYPE, &c));
+            if let Some(eps) = &endpoints {
+                let picked: Vec<Ep> = eps
+                    .iter()
+                    .filter(|e| selector_matches(&subset.labels, &e.labels))
+                    .map(Ep::clone)
+                    .collect();
+                let cla = build_load_assignment(&subset_name, picked);
+                self.snap
+                    .endpoints
+                    .insert(subset_name.clone(), Resource::new(&subset_name, proto::ENDPOINT_TYPE, &cla));
+            }
+        }
         if let Some(eps) = endpoints {
             let cla = build_load_assignment(&name, eps);
             self.snap.endpoints.insert(name.clone(), Resource::new(&name, proto::ENDPOINT_TYPE, &cla));
         }
+        let (route, route_clusters) = match self.virtual_services.get(hostname) {
+            Some(v) => {
+                let (config, clusters) = routes::build(v, hostname, port, self);
+                let route_name = config.name.clone();
+                self.snap
+                    .routes
+                    .insert(route_name.clone(), Resource::new(&route_name, proto::ROUTE_TYPE, &config));
+                (route_name, clusters.into_iter().filter(|c| *c != name).collect())
+            }
+            None => (String::new(), Vec::new()),
+        };
         mesh::ServicePort {
             port: u32::from(port),
             cluster: name,
             name: port_name.to_string(),
             app_protocol,
             hash_policy,
+            route,
+            route_clusters,
         }
     }
 
@@ -489,6 +556,67 @@ impl<'a> Translator<'a> {
         res.service = service;
         self.snap.addresses.entry(name).or_insert(res);
     }
+}
+
+impl routes::Ports for Translator<'_> {
+    fn ports_of(&self, hostname: &str) -> Vec<u16> {
+        self.ports_by_host.get(hostname).cloned().unwrap_or_default()
+    }
+}
+
+/// The VirtualService routing each host: per host, one in the host's own namespace first, then
+/// the first by namespace/name (layering several comes with the layered-policy work).
+fn virtual_services_by_host(store: &Store) -> HashMap<String, &VirtualService> {
+    let mut out: HashMap<String, &VirtualService> = HashMap::new();
+    for o in store.of_kind(crate::model::Kind::VirtualService) {
+        let Object::VirtualService(v) = o else { continue };
+        for host in &v.spec.hosts {
+            let host = qualify(host, &v.meta.namespace);
+            let own_namespace =
+                |v: &VirtualService| host.split('.').nth(1) == Some(v.meta.namespace.as_str());
+            match out.get(&host) {
+                Some(current) if own_namespace(current) || !own_namespace(v) => {}
+                _ => {
+                    out.insert(host, v);
+                }
+            }
+        }
+    }
+    out
+}
+
+fn ports_by_host(store: &Store) -> HashMap<String, Vec<u16>> {
+    let mut out: HashMap<String, Vec<u16>> = HashMap::new();
+    for o in store.of_kind(crate::model::Kind::Service) {
+        if let Object::Service(s) = o {
+            let host = format!("{}.{}.svc.{CLUSTER_DOMAIN}", s.meta.name, s.meta.namespace);
+            out.entry(host).or_default().extend(s.ports.iter().map(|p| p.port));
+        }
+    }
+    for o in store.of_kind(crate::model::Kind::ServiceEntry) {
+        if let Object::ServiceEntry(se) = o {
+            for host in &se.spec.hosts {
+                out.entry(host.clone()).or_default().extend(se.spec.ports.iter().map(|p| p.number));
+            }
+        }
+    }
+    out
+}
+
+/// A DestinationRule as one of its subsets sees it: the subset's traffic policy over the rule's.
+fn subset_rule(dr: &istio::DestinationRule, subset: &istio::Subset) -> istio::DestinationRule {
+    let mut merged = dr.clone();
+    if let Some(sp) = &subset.traffic_policy {
+        let mut tp = dr.spec.traffic_policy.clone().unwrap_or_default();
+        tp.load_balancer = sp.load_balancer.clone().or(tp.load_balancer);
+        tp.outlier_detection = sp.outlier_detection.clone().or(tp.outlier_detection);
+        tp.connection_pool = sp.connection_pool.clone().or(tp.connection_pool);
+        if !sp.port_level_settings.is_empty() {
+            tp.port_level_settings = sp.port_level_settings.clone();
+        }
+        merged.spec.traffic_policy = Some(tp);
+    }
+    merged
 }
 
 /// Istio's short-name rule: `reviews` in namespace `shop` means `reviews.shop.svc.cluster.local`.

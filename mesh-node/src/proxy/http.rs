@@ -27,7 +27,11 @@ use super::{
     outbound::MAX_CONNECT_ATTEMPTS,
     pool::{Body, Sender},
 };
-use crate::xds::lb::{Balancer, LocalityKey, hash_bytes};
+use crate::xds::{
+    cache::Cache,
+    http_route::{Action, Forward, Redirect, RequestSource, Route},
+    lb::{Balancer, LocalityKey, hash_bytes},
+};
 
 /// The Service port a connection's requests go to.
 pub struct Target {
@@ -39,6 +43,11 @@ pub struct Target {
     pub service: String,
     /// What the client dialled.
     pub vip: SocketAddr,
+    /// The port's RouteConfiguration (a VirtualService applies), looked up per request so a
+    /// route change applies to the next request on a live connection.
+    pub route: Option<String>,
+    /// Routes and clusters from the control plane.
+    pub cache: Option<Arc<Cache>>,
 }
 
 /// Serves one client connection (`h2`: it opened with the HTTP/2 preface) until it closes.
@@ -74,14 +83,56 @@ async fn forward(
     let h2 = req.version() == Version::HTTP_2;
     let upgrade = if h2 { None } else { upgrade_protocol(req.headers()) };
     let client_upgrade = upgrade.is_some().then(|| hyper::upgrade::on(&mut req));
-    let hash = request_hash(target.hash_policy.as_ref(), source, &req);
+    let (mut parts, body) = req.into_parts();
+
+    // A VirtualService route picks the cluster (and may redirect, rewrite, add headers).
+    let mut balancer = Arc::clone(&target.balancer);
+    let mut timeout = None;
+    let table = target.route.as_ref().zip(target.cache.as_ref()).and_then(|(name, cache)| cache.route(name));
+    let mut chosen: Option<(&Route, &crate::xds::http_route::Target)> = None;
+    if let (Some(table), Some(cache)) = (&table, &target.cache) {
+        let workload = cache.workload(&source.key.to_string());
+        let from =
+            RequestSource { namespace: &source.key.namespace, labels: workload.as_ref().map(|w| &w.labels) };
+        let Some(route) = table.select(&parts, &from) else {
+            return error_response(
+                StatusCode::NOT_FOUND,
+                &format!("{}: no route matches {} {}", target.service, parts.method, parts.uri),
+            );
+        };
+        match &route.action {
+            Action::Redirect(r) => return redirect_response(r, &parts),
+            Action::Forward(f) => {
+                let t = f.pick();
+                route.request_ops.apply(&mut parts.headers);
+                t.request_ops.apply(&mut parts.headers);
+                rewrite(&mut parts, f, route);
+                timeout = f.timeout;
+                balancer = match cache.cluster(&t.cluster) {
+                    Some(b) => b,
+                    None => {
+                        return error_response(
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            &format!(
+                                "{}: route {} sends to cluster {}, which this node does not have (is the DestinationRule subset defined?)",
+                                target.service, route.name, t.cluster
+                            ),
+                        );
+                    }
+                };
+                chosen = Some((route, t));
+            }
+        }
+    }
+    let target_balancer = &balancer;
+    let hash = request_hash(target.hash_policy.as_ref(), source, &parts);
 
     // An endpoint that takes the connection; a refused connect moves on to another one.
     let mut tried = Vec::new();
     let mut last_error = None;
     let mut connected = None;
     for _ in 0..MAX_CONNECT_ATTEMPTS {
-        let Some(pick) = target.balancer.pick(hash, target.local.as_ref(), &tried) else { break };
+        let Some(pick) = target_balancer.pick(hash, target.local.as_ref(), &tried) else { break };
         let addr = pick.endpoint.ep.addr;
         if let Some(sender) = source.http_pool.get(addr, h2) {
             connected = Some((pick, sender));
@@ -89,12 +140,12 @@ async fn forward(
         }
         match outbound.dial_http(source, addr, h2).await {
             Ok(sender) => {
-                target.balancer.report(&pick.endpoint, true);
+                target_balancer.report(&pick.endpoint, true);
                 connected = Some((pick, sender));
                 break;
             }
             Err(e) => {
-                target.balancer.report(&pick.endpoint, false);
+                target_balancer.report(&pick.endpoint, false);
                 tracing::info!(workload = %source.key, service = target.service, endpoint = %addr, "connect failed ({e}); trying another endpoint");
                 tried.push(addr);
                 last_error = Some(e);
@@ -103,7 +154,7 @@ async fn forward(
     }
     let Some((pick, mut sender)) = connected else {
         let why = last_error.map_or_else(
-            || format!("no endpoints in cluster {}", target.balancer.name),
+            || format!("no endpoints in cluster {}", target_balancer.name),
             |e| format!("upstream connect error: {e}"),
         );
         return error_response(
@@ -113,9 +164,21 @@ async fn forward(
     };
     let addr = pick.endpoint.ep.addr;
 
-    let (mut parts, body) = req.into_parts();
     prepare_request(&mut parts, h2, target.vip, upgrade.as_ref());
-    let mut response = match sender.send(Request::from_parts(parts, body.boxed())).await {
+    let exchange = sender.send(Request::from_parts(parts, body.boxed()));
+    let result = match timeout {
+        Some(limit) => match tokio::time::timeout(limit, exchange).await {
+            Ok(r) => r,
+            Err(_) => {
+                return error_response(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    &format!("{} ({addr}): upstream request timeout after {limit:?}", target.service),
+                );
+            }
+        },
+        None => exchange.await,
+    };
+    let mut response = match result {
         Ok(r) => r,
         Err(e) => {
             tracing::info!(workload = %source.key, service = target.service, endpoint = %addr, "request failed: {e}");
@@ -145,7 +208,83 @@ async fn forward(
     }
     source.http_pool.put(addr, sender);
     strip_hop_by_hop(response.headers_mut());
+    if let Some((route, t)) = chosen {
+        t.response_ops.apply(response.headers_mut());
+        route.response_ops.apply(response.headers_mut());
+    }
     response.map(BodyExt::boxed)
+}
+
+/// A route's rewrite: the matched prefix (or the whole path) replaced, or a regex substitution;
+/// the authority replaced. The query string stays.
+fn rewrite(parts: &mut hyper::http::request::Parts, f: &Forward, route: &Route) {
+    let path = parts.uri.path().to_string();
+    let new_path = if let Some(replacement) = &f.prefix_rewrite {
+        let matched = route.matched_prefix().filter(|p| path.starts_with(p)).unwrap_or(&path);
+        Some(format!("{replacement}{}", &path[matched.len()..]))
+    } else {
+        f.regex_rewrite.as_ref().map(|(re, with)| re.replace_all(&path, with.as_str()).into_owned())
+    };
+    if let Some(new_path) = new_path {
+        let with_query = match parts.uri.query() {
+            Some(q) => format!("{new_path}?{q}"),
+            None => new_path,
+        };
+        let mut uri = hyper::http::uri::Builder::new();
+        if let Some(scheme) = parts.uri.scheme() {
+            uri = uri.scheme(scheme.clone());
+        }
+        if let Some(authority) = parts.uri.authority() {
+            uri = uri.authority(authority.clone());
+        }
+        if let Ok(u) = uri.path_and_query(with_query).build() {
+            parts.uri = u;
+        }
+    }
+    if let Some(authority) = &f.authority_rewrite
+        && let Ok(value) = HeaderValue::from_str(authority)
+    {
+        parts.headers.insert(header::HOST, value);
+        if parts.uri.authority().is_some()
+            && let Ok(u) = Uri::builder()
+                .scheme(parts.uri.scheme_str().unwrap_or("http"))
+                .authority(authority.as_str())
+                .path_and_query(parts.uri.path_and_query().map_or("/", |p| p.as_str()))
+                .build()
+        {
+            parts.uri = u;
+        }
+    }
+}
+
+/// A redirect answered by the proxy: `Location` from the route's parts and the request's.
+fn redirect_response(r: &Redirect, parts: &hyper::http::request::Parts) -> Response<Body> {
+    let host = parts
+        .uri
+        .authority()
+        .map(|a| a.host().to_string())
+        .or_else(|| {
+            parts
+                .headers
+                .get(header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .map(|h| h.split(':').next().unwrap_or(h).to_string())
+        })
+        .unwrap_or_default();
+    let authority = r.authority.clone().unwrap_or(host);
+    let authority = match r.port {
+        Some(p) => format!("{}:{p}", authority.split(':').next().unwrap_or(&authority)),
+        None => authority,
+    };
+    let path =
+        r.path.clone().unwrap_or_else(|| parts.uri.path_and_query().map_or("/", |p| p.as_str()).to_string());
+    let location = format!("{}://{authority}{path}", r.scheme.as_deref().unwrap_or("http"));
+    let mut response = Response::new(Full::new(Bytes::new()).map_err(|e| match e {}).boxed());
+    *response.status_mut() = StatusCode::from_u16(r.status).unwrap_or(StatusCode::MOVED_PERMANENTLY);
+    if let Ok(v) = HeaderValue::from_str(&location) {
+        response.headers_mut().insert(header::LOCATION, v);
+    }
+    response
 }
 
 /// The request as the upstream connection needs it: hop-by-hop headers gone, HTTP/1.1 in
@@ -221,14 +360,16 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
 }
 
 /// The consistent-hash key of one request, per the DestinationRule's hash policy.
-fn request_hash(policy: Option<&mesh::HashPolicy>, source: &Source, req: &Request<Incoming>) -> Option<u64> {
+fn request_hash(
+    policy: Option<&mesh::HashPolicy>,
+    source: &Source,
+    req: &hyper::http::request::Parts,
+) -> Option<u64> {
     let value = match policy?.key.as_ref()? {
         Key::SourceIp(_) => source.ips.first().map(ToString::to_string),
-        Key::Header(name) => {
-            req.headers().get(name.as_str()).and_then(|v| v.to_str().ok()).map(str::to_string)
-        }
+        Key::Header(name) => req.headers.get(name.as_str()).and_then(|v| v.to_str().ok()).map(str::to_string),
         Key::Cookie(name) => req
-            .headers()
+            .headers
             .get_all(header::COOKIE)
             .iter()
             .filter_map(|v| v.to_str().ok())
@@ -236,7 +377,7 @@ fn request_hash(policy: Option<&mesh::HashPolicy>, source: &Source, req: &Reques
             .filter_map(|c| c.trim().split_once('='))
             .find(|(k, _)| k == name)
             .map(|(_, v)| v.to_string()),
-        Key::QueryParameter(name) => req.uri().query().and_then(|q| {
+        Key::QueryParameter(name) => req.uri.query().and_then(|q| {
             q.split('&')
                 .filter_map(|kv| kv.split_once('='))
                 .find(|(k, _)| k == name)

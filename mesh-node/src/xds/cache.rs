@@ -13,12 +13,16 @@ use envoy_types::pb::envoy::config::{
     cluster::v3::{Cluster, cluster},
     core::v3 as envoy_core,
     endpoint::v3::{ClusterLoadAssignment, lb_endpoint},
+    route::v3::RouteConfiguration,
 };
 use mesh_control::proto::{self, mesh};
 use prost::Message;
 use tokio::sync::Notify;
 
-use super::lb::{Balancer, Endpoint, LbPolicy, OutlierSettings};
+use super::{
+    http_route::RouteTable,
+    lb::{Balancer, Endpoint, LbPolicy, OutlierSettings},
+};
 
 /// What an IP is, as far as the node has been told.
 #[derive(Clone, Debug)]
@@ -33,6 +37,8 @@ pub enum AddressInfo {
 struct State {
     addresses: HashMap<IpAddr, AddressInfo>,
     clusters: HashMap<String, Arc<Balancer>>,
+    /// HTTP routes (from VirtualServices), compiled, by name.
+    routes: HashMap<String, Arc<RouteTable>>,
     /// Workloads of this node (egress policy, locality), by `namespace/name`.
     workloads: HashMap<String, Arc<mesh::Workload>>,
     /// Last `system_version_info` applied per type.
@@ -66,6 +72,10 @@ impl Cache {
 
     pub fn cluster(&self, name: &str) -> Option<Arc<Balancer>> {
         self.state.read().expect("cache lock").clusters.get(name).cloned()
+    }
+
+    pub fn route(&self, name: &str) -> Option<Arc<RouteTable>> {
+        self.state.read().expect("cache lock").routes.get(name).cloned()
     }
 
     pub fn workload(&self, uid: &str) -> Option<Arc<mesh::Workload>> {
@@ -150,6 +160,18 @@ impl Cache {
                     if let Some(b) = s.clusters.get(name) {
                         b.set_endpoints(Vec::new());
                     }
+                }
+                s.generation.insert(type_url.into(), generation);
+            }
+            proto::ROUTE_TYPE => {
+                let decoded = decode_all::<RouteConfiguration>(updated)?;
+                let tables = decoded.iter().map(RouteTable::compile).collect::<Result<Vec<_>, String>>()?;
+                let mut s = self.state.write().expect("cache lock");
+                for name in removed {
+                    s.routes.remove(name);
+                }
+                for t in tables {
+                    s.routes.insert(t.name.clone(), Arc::new(t));
                 }
                 s.generation.insert(type_url.into(), generation);
             }
@@ -239,6 +261,7 @@ impl Cache {
             "generation": s.generation.iter().map(|(t, g)| (t.rsplit('.').next().unwrap_or(t).to_string(), *g)).collect::<BTreeMap<_, _>>(),
             "addresses": addresses,
             "clusters": clusters,
+            "routes": s.routes.keys().collect::<std::collections::BTreeSet<_>>(),
             "workloads": workloads,
         })
     }

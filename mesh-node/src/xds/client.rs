@@ -87,8 +87,8 @@ pub struct Client {
     connected: Arc<AtomicBool>,
 }
 
-const SUBSCRIBE_ORDER: [&str; 4] =
-    [proto::CLUSTER_TYPE, proto::ENDPOINT_TYPE, proto::WORKLOAD_TYPE, proto::ADDRESS_TYPE];
+const SUBSCRIBE_ORDER: [&str; 5] =
+    [proto::CLUSTER_TYPE, proto::ENDPOINT_TYPE, proto::ROUTE_TYPE, proto::WORKLOAD_TYPE, proto::ADDRESS_TYPE];
 
 impl Client {
     pub fn new(endpoint: String, node: String, cache: Arc<Cache>) -> Client {

@@ -3,5 +3,6 @@
 
 pub mod cache;
 pub mod client;
+pub mod http_route;
 pub mod lb;
 pub mod route;

@@ -1,0 +1,354 @@
+//! Istio `VirtualService` (networking.istio.io), field for field.
+//!
+//! What Nodemesh enforces today: `hosts`; `http` routes with `match` (uri, method, authority,
+//! headers, withoutHeaders, queryParams: exact/prefix/regex; port; sourceLabels;
+//! sourceNamespace), weighted `route` destinations to DestinationRule subsets or other services,
+//! `redirect`, `rewrite` (uri, authority), `headers` (request/response set/add/remove, per route
+//! and per destination) and `timeout`. Fields that are not enforced yet (retries, fault,
+//! mirror, tcp/tls routes, …) make the object **rejected** with a reason that names them, so a
+//! VirtualService never half-applies: a chaos experiment's fault or a retry policy does not
+//! silently do nothing. The object's last good version (if any) stays in force.
+
+use std::{collections::BTreeMap, time::Duration};
+
+use serde::{Deserialize, Serialize};
+
+use super::{FieldError, Labels, Meta, duration, istio::PortSelector};
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct VirtualService {
+    pub meta: Meta,
+    pub spec: VirtualServiceSpec,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct VirtualServiceSpec {
+    #[serde(default)]
+    pub hosts: Vec<String>,
+    #[serde(default)]
+    pub gateways: Vec<String>,
+    #[serde(default)]
+    pub http: Vec<HttpRoute>,
+    pub tcp: Option<serde_json::Value>,
+    pub tls: Option<serde_json::Value>,
+    #[serde(default)]
+    pub export_to: Vec<String>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HttpRoute {
+    #[serde(default)]
+    pub name: String,
+    #[serde(default, rename = "match")]
+    pub matches: Vec<HttpMatch>,
+    #[serde(default)]
+    pub route: Vec<RouteDestination>,
+    pub redirect: Option<Redirect>,
+    pub rewrite: Option<Rewrite>,
+    #[serde(default, with = "duration::option")]
+    pub timeout: Option<Duration>,
+    pub headers: Option<Headers>,
+    // Not enforced yet: their presence rejects the object (see the module docs).
+    pub retries: Option<serde_json::Value>,
+    pub fault: Option<serde_json::Value>,
+    pub mirror: Option<serde_json::Value>,
+    pub mirrors: Option<serde_json::Value>,
+    pub mirror_percentage: Option<serde_json::Value>,
+    pub mirror_percent: Option<serde_json::Value>,
+    pub cors_policy: Option<serde_json::Value>,
+    pub direct_response: Option<serde_json::Value>,
+    pub delegate: Option<serde_json::Value>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HttpMatch {
+    #[serde(default)]
+    pub name: String,
+    pub uri: Option<StringMatch>,
+    pub scheme: Option<StringMatch>,
+    pub method: Option<StringMatch>,
+    pub authority: Option<StringMatch>,
+    #[serde(default)]
+    pub headers: BTreeMap<String, StringMatch>,
+    pub port: Option<u16>,
+    #[serde(default)]
+    pub source_labels: Labels,
+    #[serde(default)]
+    pub gateways: Vec<String>,
+    #[serde(default)]
+    pub query_params: BTreeMap<String, StringMatch>,
+    #[serde(default)]
+    pub ignore_uri_case: bool,
+    #[serde(default)]
+    pub without_headers: BTreeMap<String, StringMatch>,
+    #[serde(default)]
+    pub source_namespace: String,
+    #[serde(default)]
+    pub stat_prefix: String,
+}
+
+/// Exactly one of the three.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct StringMatch {
+    pub exact: Option<String>,
+    pub prefix: Option<String>,
+    /// RE2 syntax, matched against the whole value.
+    pub regex: Option<String>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RouteDestination {
+    pub destination: Destination,
+    /// Percent of the route's traffic; may be omitted when there is one destination.
+    pub weight: Option<u32>,
+    pub headers: Option<Headers>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Destination {
+    pub host: String,
+    #[serde(default)]
+    pub subset: String,
+    pub port: Option<PortSelector>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Headers {
+    pub request: Option<HeaderOperations>,
+    pub response: Option<HeaderOperations>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HeaderOperations {
+    #[serde(default)]
+    pub set: BTreeMap<String, String>,
+    #[serde(default)]
+    pub add: BTreeMap<String, String>,
+    #[serde(default)]
+    pub remove: Vec<String>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Redirect {
+    #[serde(default)]
+    pub uri: String,
+    #[serde(default)]
+    pub authority: String,
+    pub port: Option<u16>,
+    #[serde(default)]
+    pub scheme: String,
+    pub redirect_code: Option<u16>,
+    pub derive_port: Option<serde_json::Value>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Rewrite {
+    #[serde(default)]
+    pub uri: String,
+    #[serde(default)]
+    pub authority: String,
+    pub uri_regex_rewrite: Option<RegexRewrite>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RegexRewrite {
+    #[serde(rename = "match")]
+    pub pattern: String,
+    pub rewrite: String,
+}
+
+impl StringMatch {
+    fn check(&self, at: &str, errors: &mut Vec<FieldError>) {
+        let set = [self.exact.is_some(), self.prefix.is_some(), self.regex.is_some()];
+        if set.iter().filter(|s| **s).count() != 1 {
+            errors.push(FieldError::new(at, "set exactly one of exact, prefix, regex"));
+        }
+        if let Some(r) = &self.regex {
+            check_regex(&format!("{at}.regex"), r, errors);
+        }
+    }
+}
+
+fn check_regex(at: &str, pattern: &str, errors: &mut Vec<FieldError>) {
+    if let Err(e) = regex::Regex::new(pattern) {
+        errors.push(FieldError::new(at, format!("not a valid RE2 regular expression: {e}")));
+    }
+}
+
+impl VirtualServiceSpec {
+    pub fn check(&self, errors: &mut Vec<FieldError>) {
+        if self.hosts.is_empty() {
+            errors.push(FieldError::new("spec.hosts", "at least one host is required"));
+        }
+        for (i, h) in self.hosts.iter().enumerate() {
+            super::istio::check_host(format!("spec.hosts[{i}]"), h, errors);
+        }
+        for (i, g) in self.gateways.iter().enumerate() {
+            if g != "mesh" {
+                errors.push(FieldError::new(
+                    format!("spec.gateways[{i}]"),
+                    format!("gateway `{g}`: only `mesh` is supported (Nodemesh has no ingress gateway yet)"),
+                ));
+            }
+        }
+        for (field, present) in [("spec.tcp", self.tcp.is_some()), ("spec.tls", self.tls.is_some())] {
+            if present {
+                errors.push(not_enforced(field));
+            }
+        }
+        for (i, r) in self.http.iter().enumerate() {
+            r.check(&format!("spec.http[{i}]"), errors);
+        }
+    }
+}
+
+fn not_enforced(field: &str) -> FieldError {
+    FieldError::new(
+        field,
+        "not enforced by this version of Nodemesh; the VirtualService is rejected rather than applied without it",
+    )
+}
+
+impl HttpRoute {
+    fn check(&self, at: &str, errors: &mut Vec<FieldError>) {
+        let unenforced = [
+            ("retries", self.retries.is_some()),
+            ("fault", self.fault.is_some()),
+            ("mirror", self.mirror.is_some()),
+            ("mirrors", self.mirrors.is_some()),
+            ("mirrorPercentage", self.mirror_percentage.is_some()),
+            ("mirrorPercent", self.mirror_percent.is_some()),
+            ("corsPolicy", self.cors_policy.is_some()),
+            ("directResponse", self.direct_response.is_some()),
+            ("delegate", self.delegate.is_some()),
+        ];
+        for (name, present) in unenforced {
+            if present {
+                errors.push(not_enforced(&format!("{at}.{name}")));
+            }
+        }
+        match (self.route.is_empty(), self.redirect.is_some()) {
+            (true, false) => {
+                errors.push(FieldError::new(at, "a route needs `route` destinations or a `redirect`"))
+            }
+            (false, true) => errors.push(FieldError::new(at, "set either `route` or `redirect`, not both")),
+            _ => {}
+        }
+        if self.redirect.is_some() && self.rewrite.is_some() {
+            errors.push(FieldError::new(format!("{at}.rewrite"), "cannot be combined with `redirect`"));
+        }
+        for (j, m) in self.matches.iter().enumerate() {
+            let at = format!("{at}.match[{j}]");
+            for (name, sm) in
+                [("uri", &m.uri), ("scheme", &m.scheme), ("method", &m.method), ("authority", &m.authority)]
+            {
+                if let Some(sm) = sm {
+                    sm.check(&format!("{at}.{name}"), errors);
+                }
+            }
+            for (group, map) in [
+                ("headers", &m.headers),
+                ("withoutHeaders", &m.without_headers),
+                ("queryParams", &m.query_params),
+            ] {
+                for (k, sm) in map {
+                    sm.check(&format!("{at}.{group}.{k}"), errors);
+                }
+            }
+            if !m.gateways.is_empty() {
+                errors
+                    .push(FieldError::new(format!("{at}.gateways"), "only sidecar (mesh) traffic is routed"));
+            }
+            if m.scheme.is_some() {
+                errors.push(not_enforced(&format!("{at}.scheme")));
+            }
+        }
+        let weights: Vec<Option<u32>> = self.route.iter().map(|d| d.weight).collect();
+        if self.route.len() > 1 {
+            let total: u32 = weights.iter().map(|w| w.unwrap_or(0)).sum();
+            if total != 100 {
+                errors.push(FieldError::new(
+                    format!("{at}.route"),
+                    format!("weights add up to {total}, not 100"),
+                ));
+            }
+        }
+        for (j, d) in self.route.iter().enumerate() {
+            if d.destination.host.is_empty() {
+                errors.push(FieldError::new(format!("{at}.route[{j}].destination.host"), "missing"));
+            }
+            if d.weight.is_some_and(|w| w > 100) {
+                errors.push(FieldError::new(format!("{at}.route[{j}].weight"), "over 100"));
+            }
+        }
+        if let Some(r) = &self.redirect {
+            if r.derive_port.is_some() {
+                errors.push(not_enforced(&format!("{at}.redirect.derivePort")));
+            }
+            if let Some(code) = r.redirect_code
+                && !(300..=308).contains(&code)
+            {
+                errors.push(FieldError::new(
+                    format!("{at}.redirect.redirectCode"),
+                    format!("{code} is not a 3xx redirect"),
+                ));
+            }
+        }
+        if let Some(rw) = &self.rewrite
+            && let Some(rr) = &rw.uri_regex_rewrite
+        {
+            check_regex(&format!("{at}.rewrite.uriRegexRewrite.match"), &rr.pattern, errors);
+            if !rw.uri.is_empty() {
+                errors
+                    .push(FieldError::new(format!("{at}.rewrite"), "set either `uri` or `uriRegexRewrite`"));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    fn errors(spec: serde_json::Value) -> Vec<String> {
+        let spec: VirtualServiceSpec = serde_json::from_value(spec).unwrap();
+        let mut errors = Vec::new();
+        spec.check(&mut errors);
+        errors.iter().map(ToString::to_string).collect()
+    }
+
+    #[test]
+    fn a_canary_with_header_match_is_valid() {
+        let e = errors(json!({"hosts": ["reviews"], "http": [
+            {"match": [{"headers": {"end-user": {"exact": "jason"}}}], "route": [{"destination": {"host": "reviews", "subset": "v2"}}]},
+            {"route": [{"destination": {"host": "reviews", "subset": "v1"}, "weight": 90},
+                       {"destination": {"host": "reviews", "subset": "v2"}, "weight": 10}]}]}));
+        assert!(e.is_empty(), "{e:?}");
+    }
+
+    #[test]
+    fn each_problem_is_named_with_its_field() {
+        let e = errors(json!({"hosts": ["reviews"], "http": [
+            {"match": [{"uri": {"regex": "(unclosed"}, "headers": {"x": {"exact": "a", "prefix": "b"}}}],
+             "route": [{"destination": {"host": "reviews"}, "weight": 60}, {"destination": {"host": "reviews"}, "weight": 30}],
+             "retries": {"attempts": 3}}]}));
+        let text = e.join("\n");
+        assert!(text.contains("spec.http[0].match[0].uri.regex"), "{text}");
+        assert!(text.contains("spec.http[0].match[0].headers.x"), "{text}");
+        assert!(text.contains("add up to 90"), "{text}");
+        assert!(text.contains("spec.http[0].retries") && text.contains("not enforced"), "{text}");
+    }
+}

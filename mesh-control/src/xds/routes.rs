@@ -1,0 +1,390 @@
+//! VirtualService → Envoy `RouteConfiguration`, one per (service, port) that a VirtualService
+//! applies to, named `<hostname>:<port>`, with one virtual host matching every authority
+//! (routing is keyed on the service dialled, never on `Host`: LESSONS.md 6).
+//!
+//! Istio → Envoy, as Istio itself translates for sidecars: uri exact/prefix/regex → path /
+//! prefix / safe_regex; method and authority → `:method` / `:authority` header matchers;
+//! withoutHeaders → inverted header matchers; weighted destinations → weighted clusters named
+//! `outbound|<port>|<subset>|<host>`; headers set/add/remove → header options; no timeout →
+//! timeout 0 (disabled, where Envoy would default to 15 s). sourceLabels / sourceNamespace go
+//! into the route's typed metadata (`nodemesh.io`, a `RouteSource`).
+
+use std::collections::BTreeSet;
+
+use envoy_types::pb::{
+    envoy::{
+        config::{
+            core::v3::{HeaderValue, HeaderValueOption, Metadata, header_value_option::HeaderAppendAction},
+            route::v3::{
+                self as route, HeaderMatcher, QueryParameterMatcher, RedirectAction, RouteAction,
+                RouteConfiguration, RouteMatch, VirtualHost, WeightedCluster,
+                header_matcher::HeaderMatchSpecifier, query_parameter_matcher::QueryParameterMatchSpecifier,
+                redirect_action, route_action, route_match::PathSpecifier, weighted_cluster::ClusterWeight,
+            },
+        },
+        r#type::matcher::v3::{RegexMatcher, StringMatcher, string_matcher::MatchPattern},
+    },
+    google::protobuf as pbuf,
+};
+
+use super::translate::{qualify, to_any};
+use crate::{
+    model::virtual_service::{self as vs, VirtualService},
+    proto::{self, mesh},
+};
+
+/// What the route of one service port needs to know about other services: the ports a host
+/// serves (to resolve a destination without a port).
+pub trait Ports {
+    fn ports_of(&self, hostname: &str) -> Vec<u16>;
+}
+
+/// The route name for a service port.
+pub fn route_name(hostname: &str, port: u16) -> String {
+    format!("{hostname}:{port}")
+}
+
+pub fn cluster_name(port: u16, subset: &str, hostname: &str) -> String {
+    format!("outbound|{port}|{subset}|{hostname}")
+}
+
+/// The RouteConfiguration for `hostname:port` from `v`, and every cluster it can send to.
+pub fn build(
+    v: &VirtualService,
+    hostname: &str,
+    port: u16,
+    ports: &dyn Ports,
+) -> (RouteConfiguration, BTreeSet<String>) {
+    let mut clusters = BTreeSet::new();
+    let mut routes = Vec::new();
+    for (i, http) in v.spec.http.iter().enumerate() {
+        let name = if http.name.is_empty() {
+            format!("{}.{}.{i}", v.meta.namespace, v.meta.name)
+        } else {
+            http.name.clone()
+        };
+        let matches: Vec<Option<&vs::HttpMatch>> =
+            if http.matches.is_empty() { vec![None] } else { http.matches.iter().map(Some).collect() };
+        for m in matches {
+            if m.and_then(|m| m.port).is_some_and(|p| p != port) {
+                continue;
+            }
+            let action = match &http.redirect {
+                Some(r) => route::route::Action::Redirect(redirect(r)),
+                None => route::route::Action::Route(route_action(http, v, port, ports, &mut clusters)),
+            };
+            let (req_add, req_remove, resp_add, resp_remove) = header_ops(http.headers.as_ref());
+            routes.push(route::Route {
+                name: name.clone(),
+                r#match: Some(route_match(m)),
+                metadata: m.and_then(source_metadata),
+                request_headers_to_add: req_add,
+                request_headers_to_remove: req_remove,
+                response_headers_to_add: resp_add,
+                response_headers_to_remove: resp_remove,
+                action: Some(action),
+                ..Default::default()
+            });
+        }
+    }
+    let name = route_name(hostname, port);
+    let config = RouteConfiguration {
+        name: name.clone(),
+        virtual_hosts: vec![VirtualHost { name, domains: vec!["*".into()], routes, ..Default::default() }],
+        ..Default::default()
+    };
+    (config, clusters)
+}
+
+fn string_matcher(m: &vs::StringMatch) -> StringMatcher {
+    let pattern = match (&m.exact, &m.prefix, &m.regex) {
+        (Some(e), _, _) => MatchPattern::Exact(e.clone()),
+        (_, Some(p), _) => MatchPattern::Prefix(p.clone()),
+        (_, _, Some(r)) => MatchPattern::SafeRegex(regex(r)),
+        _ => MatchPattern::Prefix(String::new()),
+    };
+    StringMatcher { match_pattern: Some(pattern), ..Default::default() }
+}
+
+fn regex(r: &str) -> RegexMatcher {
+    RegexMatcher { regex: r.to_string(), ..Default::default() }
+}
+
+fn header(name: &str, m: &vs::StringMatch, invert: bool) -> HeaderMatcher {
+    HeaderMatcher {
+        name: name.to_string(),
+        header_match_specifier: Some(HeaderMatchSpecifier::StringMatch(string_matcher(m))),
+        invert_match: invert,
+        ..Default::default()
+    }
+}
+
+fn route_match(m: Option<&vs::HttpMatch>) -> RouteMatch {
+    let Some(m) = m else {
+        return RouteMatch { path_specifier: Some(PathSpecifier::Prefix("/".into())), ..Default::default() };
+    };
+    let path = match m.uri.as_ref().map(|u| (&u.exact, &u.prefix, &u.regex)) {
+        Some((Some(e), _, _)) => PathSpecifier::Path(e.clone()),
+        Some((_, Some(p), _)) => PathSpecifier::Prefix(p.clone()),
+        Some((_, _, Some(r))) => PathSpecifier::SafeRegex(regex(r)),
+        _ => PathSpecifier::Prefix("/".into()),
+    };
+    let mut headers = Vec::new();
+    if let Some(method) = &m.method {
+        headers.push(header(":method", method, false));
+    }
+    if let Some(authority) = &m.authority {
+        headers.push(header(":authority", authority, false));
+    }
+    headers.extend(m.headers.iter().map(|(k, v)| header(k, v, false)));
+    headers.extend(m.without_headers.iter().map(|(k, v)| header(k, v, true)));
+    let query_parameters = m
+        .query_params
+        .iter()
+        .map(|(k, v)| QueryParameterMatcher {
+            name: k.clone(),
+            query_parameter_match_specifier: Some(QueryParameterMatchSpecifier::StringMatch(string_matcher(
+                v,
+            ))),
+        })
+        .collect();
+    RouteMatch {
+        path_specifier: Some(path),
+        case_sensitive: Some(pbuf::BoolValue { value: !m.ignore_uri_case }),
+        headers,
+        query_parameters,
+        ..Default::default()
+    }
+}
+
+fn source_metadata(m: &vs::HttpMatch) -> Option<Metadata> {
+    if m.source_labels.is_empty() && m.source_namespace.is_empty() {
+        return None;
+    }
+    let source = mesh::RouteSource {
+        labels: m.source_labels.clone().into_iter().collect(),
+        namespace: m.source_namespace.clone(),
+    };
+    let any = to_any(&format!("type.googleapis.com/{}", "nodemesh.mesh.v1.RouteSource"), &source);
+    Some(Metadata {
+        typed_filter_metadata: [(proto::ROUTE_METADATA.to_string(), any)].into(),
+        ..Default::default()
+    })
+}
+
+fn route_action(
+    http: &vs::HttpRoute,
+    v: &VirtualService,
+    port: u16,
+    ports: &dyn Ports,
+    clusters: &mut BTreeSet<String>,
+) -> RouteAction {
+    let mut weighted = Vec::new();
+    for d in &http.route {
+        let host = qualify(&d.destination.host, &v.meta.namespace);
+        let dest_port = d.destination.port.as_ref().map(|p| p.number).unwrap_or_else(|| {
+            let served = ports.ports_of(&host);
+            if served.contains(&port) || served.len() != 1 { port } else { served[0] }
+        });
+        let cluster = cluster_name(dest_port, &d.destination.subset, &host);
+        clusters.insert(cluster.clone());
+        let (req_add, req_remove, resp_add, resp_remove) = header_ops(d.headers.as_ref());
+        weighted.push(ClusterWeight {
+            name: cluster,
+            weight: Some(pbuf::UInt32Value {
+                value: d.weight.unwrap_or(if http.route.len() == 1 { 100 } else { 0 }),
+            }),
+            request_headers_to_add: req_add,
+            request_headers_to_remove: req_remove,
+            response_headers_to_add: resp_add,
+            response_headers_to_remove: resp_remove,
+            ..Default::default()
+        });
+    }
+    let specifier = if weighted.len() == 1
+        && weighted[0].request_headers_to_add.is_empty()
+        && weighted[0].request_headers_to_remove.is_empty()
+        && weighted[0].response_headers_to_add.is_empty()
+        && weighted[0].response_headers_to_remove.is_empty()
+    {
+        route_action::ClusterSpecifier::Cluster(weighted.remove(0).name)
+    } else {
+        route_action::ClusterSpecifier::WeightedClusters(WeightedCluster {
+            clusters: weighted,
+            ..Default::default()
+        })
+    };
+    let timeout = http.timeout.unwrap_or_default();
+    let mut action = RouteAction {
+        cluster_specifier: Some(specifier),
+        timeout: Some(pbuf::Duration {
+            seconds: timeout.as_secs() as i64,
+            nanos: timeout.subsec_nanos() as i32,
+        }),
+        ..Default::default()
+    };
+    if let Some(rw) = &http.rewrite {
+        if !rw.uri.is_empty() {
+            action.prefix_rewrite = rw.uri.clone();
+        }
+        if let Some(rr) = &rw.uri_regex_rewrite {
+            action.regex_rewrite =
+                Some(envoy_types::pb::envoy::r#type::matcher::v3::RegexMatchAndSubstitute {
+                    pattern: Some(regex(&rr.pattern)),
+                    substitution: rr.rewrite.clone(),
+                });
+        }
+        if !rw.authority.is_empty() {
+            action.host_rewrite_specifier =
+                Some(route_action::HostRewriteSpecifier::HostRewriteLiteral(rw.authority.clone()));
+        }
+    }
+    action
+}
+
+fn redirect(r: &vs::Redirect) -> RedirectAction {
+    use redirect_action::RedirectResponseCode as Code;
+    let code = match r.redirect_code.unwrap_or(301) {
+        302 => Code::Found,
+        303 => Code::SeeOther,
+        307 => Code::TemporaryRedirect,
+        308 => Code::PermanentRedirect,
+        _ => Code::MovedPermanently,
+    };
+    RedirectAction {
+        host_redirect: r.authority.clone(),
+        port_redirect: r.port.map_or(0, u32::from),
+        response_code: code as i32,
+        scheme_rewrite_specifier: (!r.scheme.is_empty())
+            .then(|| redirect_action::SchemeRewriteSpecifier::SchemeRedirect(r.scheme.clone())),
+        path_rewrite_specifier: (!r.uri.is_empty())
+            .then(|| redirect_action::PathRewriteSpecifier::PathRedirect(r.uri.clone())),
+        ..Default::default()
+    }
+}
+
+type HeaderOps = (Vec<HeaderValueOption>, Vec<String>, Vec<HeaderValueOption>, Vec<String>);
+
+/// Istio `headers` → (request add, request remove, response add, response remove).
+fn header_ops(h: Option<&vs::Headers>) -> HeaderOps {
+    let ops = |o: Option<&vs::HeaderOperations>| {
+        let Some(o) = o else { return (Vec::new(), Vec::new()) };
+        let option = |(k, v): (&String, &String), action: HeaderAppendAction| HeaderValueOption {
+            header: Some(HeaderValue { key: k.clone(), value: v.clone(), ..Default::default() }),
+            append_action: action as i32,
+            ..Default::default()
+        };
+        let mut add: Vec<HeaderValueOption> =
+            o.set.iter().map(|kv| option(kv, HeaderAppendAction::OverwriteIfExistsOrAdd)).collect();
+        add.extend(o.add.iter().map(|kv| option(kv, HeaderAppendAction::AppendIfExistsOrAdd)));
+        (add, o.remove.clone())
+    };
+    let (req_add, req_remove) = ops(h.and_then(|h| h.request.as_ref()));
+    let (resp_add, resp_remove) = ops(h.and_then(|h| h.response.as_ref()));
+    (req_add, req_remove, resp_add, resp_remove)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
+    use prost::Message;
+    use serde_json::json;
+
+    use super::*;
+    use crate::{
+        model::{
+            object_from_value,
+            store::{Document, Origin, Store},
+        },
+        xds::{snapshot::Subscription, translate},
+    };
+
+    const HOST: &str = "reviews.shop.svc.cluster.local";
+
+    fn store(objects: Vec<serde_json::Value>) -> Store {
+        let mut store = Store::default();
+        let docs = objects
+            .into_iter()
+            .enumerate()
+            .map(|(i, v)| Document { location: format!("document {i}"), result: object_from_value(v) })
+            .collect();
+        store.replace_source(&Origin::File("test.yaml".into()), docs);
+        assert_eq!(
+            store.errors().count(),
+            0,
+            "{:?}",
+            store.errors().map(ToString::to_string).collect::<Vec<_>>()
+        );
+        store
+    }
+
+    fn entry(name: &str, ip: &str, version: &str) -> serde_json::Value {
+        json!({"apiVersion": "networking.istio.io/v1", "kind": "WorkloadEntry", "metadata": {"name": name, "namespace": "shop"},
+               "spec": {"address": ip, "labels": {"app": "reviews", "version": version}}})
+    }
+
+    #[test]
+    fn a_canary_becomes_a_route_with_weighted_subset_clusters_that_follow_the_address() {
+        let store = store(vec![
+            json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "reviews", "namespace": "shop"},
+                   "spec": {"clusterIP": "10.96.0.20", "selector": {"app": "reviews"}, "ports": [{"name": "http", "port": 80, "targetPort": 9080}]}}),
+            entry("r1", "192.0.2.1", "v1"),
+            entry("r2", "192.0.2.2", "v2"),
+            json!({"apiVersion": "networking.istio.io/v1", "kind": "DestinationRule", "metadata": {"name": "reviews", "namespace": "shop"},
+                   "spec": {"host": "reviews", "subsets": [{"name": "v1", "labels": {"version": "v1"}}, {"name": "v2", "labels": {"version": "v2"}}]}}),
+            json!({"apiVersion": "networking.istio.io/v1", "kind": "VirtualService", "metadata": {"name": "reviews", "namespace": "shop"},
+                   "spec": {"hosts": ["reviews"], "http": [
+                       {"match": [{"headers": {"end-user": {"exact": "jason"}}, "sourceLabels": {"app": "productpage"}}],
+                        "route": [{"destination": {"host": "reviews", "subset": "v2"}}]},
+                       {"route": [{"destination": {"host": "reviews", "subset": "v1"}, "weight": 90},
+                                  {"destination": {"host": "reviews", "subset": "v2"}, "weight": 10}]}]}}),
+        ]);
+        let snap = translate::snapshot(&store);
+        let route_name = route_name(HOST, 80);
+        let config = RouteConfiguration::decode(snap.routes[&route_name].any.value.as_slice()).unwrap();
+        let routes = &config.virtual_hosts[0].routes;
+        assert_eq!(routes.len(), 2);
+        assert!(
+            routes[0]
+                .metadata
+                .as_ref()
+                .is_some_and(|m| m.typed_filter_metadata.contains_key(proto::ROUTE_METADATA))
+        );
+        let Some(route::route::Action::Route(a)) = &routes[1].action else { panic!("{routes:?}") };
+        let Some(route_action::ClusterSpecifier::WeightedClusters(w)) = &a.cluster_specifier else {
+            panic!("{a:?}")
+        };
+        let split: Vec<(String, u32)> =
+            w.clusters.iter().map(|c| (c.name.clone(), c.weight.as_ref().unwrap().value)).collect();
+        assert_eq!(split, [(cluster_name(80, "v1", HOST), 90), (cluster_name(80, "v2", HOST), 10)]);
+        assert_eq!(a.timeout.as_ref().map(|d| d.seconds), Some(0), "no timeout unless the route sets one");
+
+        // Each subset cluster holds only its version's endpoints.
+        let cla =
+            ClusterLoadAssignment::decode(snap.endpoints[&cluster_name(80, "v2", HOST)].any.value.as_slice())
+                .unwrap();
+        assert_eq!(cla.endpoints.iter().map(|l| l.lb_endpoints.len()).sum::<usize>(), 1);
+
+        // A node that dials the VIP gets the route and every cluster behind it; one that does not, nothing.
+        let subs = |names: &[&str]| -> HashMap<String, Subscription> {
+            let wildcard = Subscription { wildcard: true, names: Default::default() };
+            let mut subs: HashMap<String, Subscription> =
+                [proto::CLUSTER_TYPE, proto::ENDPOINT_TYPE, proto::ROUTE_TYPE]
+                    .map(|t| (t.to_string(), wildcard.clone()))
+                    .into();
+            subs.insert(
+                proto::ADDRESS_TYPE.into(),
+                Subscription { wildcard: true, names: names.iter().map(ToString::to_string).collect() },
+            );
+            subs
+        };
+        let dialer = subs(&["10.96.0.20"]);
+        assert_eq!(snap.resources_for("n1", &dialer, proto::ROUTE_TYPE).len(), 1);
+        assert_eq!(snap.resources_for("n1", &dialer, proto::CLUSTER_TYPE).len(), 3, "default + v1 + v2");
+        let idle = subs(&[]);
+        assert!(snap.resources_for("n2", &idle, proto::ROUTE_TYPE).is_empty());
+        assert!(snap.resources_for("n2", &idle, proto::CLUSTER_TYPE).is_empty());
+    }
+}

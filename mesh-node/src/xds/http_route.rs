@@ -1,0 +1,470 @@
+//! Envoy `RouteConfiguration`s compiled for per-request use: the first route whose match holds
+//! wins (Envoy's and Istio's order), then a weighted pick among its clusters.
+//!
+//! Compiled once when the resource arrives — regexes included, so a bad one is a NACK naming the
+//! route, never a failure at request time. Weighted picks are smooth weighted round robin (the
+//! nginx algorithm): a 90/10 split is exactly 90/10 over every 100 requests and interleaved
+//! (at most 9 in a row to the larger side), not 90/10 on average.
+
+use std::{collections::BTreeMap, sync::Mutex, time::Duration};
+
+use envoy_types::pb::envoy::{
+    config::{
+        core::v3::{HeaderValueOption, header_value_option::HeaderAppendAction},
+        route::v3::{
+            self as route, RouteConfiguration, header_matcher::HeaderMatchSpecifier,
+            query_parameter_matcher::QueryParameterMatchSpecifier, redirect_action, route_action,
+            route_match::PathSpecifier,
+        },
+    },
+    r#type::matcher::v3::{StringMatcher, string_matcher::MatchPattern},
+};
+use hyper::{
+    HeaderMap,
+    header::{HeaderName, HeaderValue},
+    http::request::Parts,
+};
+use mesh_control::proto::{self, mesh};
+use prost::Message;
+use regex::Regex;
+
+pub struct RouteTable {
+    pub name: String,
+    routes: Vec<Route>,
+}
+
+pub struct Route {
+    pub name: String,
+    path: PathMatch,
+    headers: Vec<HeaderMatch>,
+    query: Vec<(String, StrMatch)>,
+    source: Option<mesh::RouteSource>,
+    pub action: Action,
+    pub request_ops: HeaderOps,
+    pub response_ops: HeaderOps,
+}
+
+pub enum Action {
+    Forward(Forward),
+    Redirect(Redirect),
+}
+
+pub struct Forward {
+    pub targets: Vec<Target>,
+    total_weight: u64,
+    /// Smooth weighted round robin: each target's current credit.
+    credit: Mutex<Vec<i64>>,
+    /// None: no timeout.
+    pub timeout: Option<Duration>,
+    pub prefix_rewrite: Option<String>,
+    pub regex_rewrite: Option<(Regex, String)>,
+    pub authority_rewrite: Option<String>,
+}
+
+pub struct Target {
+    pub cluster: String,
+    weight: u32,
+    pub request_ops: HeaderOps,
+    pub response_ops: HeaderOps,
+}
+
+pub struct Redirect {
+    pub status: u16,
+    pub authority: Option<String>,
+    pub port: Option<u16>,
+    pub scheme: Option<String>,
+    pub path: Option<String>,
+}
+
+#[derive(Default)]
+pub struct HeaderOps {
+    /// (name, value, overwrite)
+    add: Vec<(HeaderName, HeaderValue, bool)>,
+    remove: Vec<HeaderName>,
+}
+
+enum PathMatch {
+    Prefix(String),
+    Exact(String),
+    Regex(Regex),
+}
+
+enum StrMatch {
+    Exact(String),
+    Prefix(String),
+    Suffix(String),
+    Contains(String),
+    Regex(Regex),
+    Present,
+}
+
+struct HeaderMatch {
+    name: String,
+    m: StrMatch,
+    invert: bool,
+}
+
+/// The source of a request, for routes restricted by sourceLabels / sourceNamespace.
+pub struct RequestSource<'a> {
+    pub namespace: &'a str,
+    pub labels: Option<&'a BTreeMap<String, String>>,
+}
+
+impl RouteTable {
+    pub fn compile(config: &RouteConfiguration) -> Result<RouteTable, String> {
+        let mut routes = Vec::new();
+        for vh in &config.virtual_hosts {
+            for (i, r) in vh.routes.iter().enumerate() {
+                let at = format!("RouteConfiguration {} route {} ({i})", config.name, r.name);
+                routes.push(compile_route(r).map_err(|e| format!("{at}: {e}"))?);
+            }
+        }
+        Ok(RouteTable { name: config.name.clone(), routes })
+    }
+
+    /// The first route matching the request.
+    pub fn select(&self, req: &Parts, source: &RequestSource<'_>) -> Option<&Route> {
+        self.routes.iter().find(|r| r.matches(req, source))
+    }
+}
+
+impl Route {
+    fn matches(&self, req: &Parts, source: &RequestSource<'_>) -> bool {
+        let path = req.uri.path();
+        let path_ok = match &self.path {
+            PathMatch::Prefix(p) => path.starts_with(p.as_str()),
+            PathMatch::Exact(p) => path == p,
+            PathMatch::Regex(r) => r.is_match(path),
+        };
+        if !path_ok {
+            return false;
+        }
+        if !self.headers.iter().all(|h| h.matches(req)) {
+            return false;
+        }
+        let query = req.uri.query().unwrap_or_default();
+        let param = |name: &str| {
+            query
+                .split('&')
+                .filter_map(|kv| kv.split_once('=').or(Some((kv, ""))))
+                .find(|(k, _)| *k == name)
+                .map(|(_, v)| v)
+        };
+        if !self.query.iter().all(|(name, m)| param(name).is_some_and(|v| m.matches(v))) {
+            return false;
+        }
+        match &self.source {
+            None => true,
+            Some(s) => {
+                (s.namespace.is_empty() || s.namespace == source.namespace)
+                    && s.labels.iter().all(|(k, v)| source.labels.is_some_and(|l| l.get(k) == Some(v)))
+            }
+        }
+    }
+}
+
+impl HeaderMatch {
+    fn matches(&self, req: &Parts) -> bool {
+        let value = match self.name.as_str() {
+            ":method" => Some(req.method.as_str().to_string()),
+            ":authority" => req.uri.authority().map(|a| a.to_string()).or_else(|| {
+                req.headers.get(hyper::header::HOST).and_then(|h| h.to_str().ok()).map(str::to_string)
+            }),
+            ":path" => req.uri.path_and_query().map(|p| p.to_string()),
+            name => {
+                let values: Vec<&str> =
+                    req.headers.get_all(name).iter().filter_map(|v| v.to_str().ok()).collect();
+                (!values.is_empty()).then(|| values.join(","))
+            }
+        };
+        let matched = value.is_some_and(|v| self.m.matches(&v));
+        matched != self.invert
+    }
+}
+
+impl StrMatch {
+    fn matches(&self, v: &str) -> bool {
+        match self {
+            StrMatch::Exact(e) => v == e,
+            StrMatch::Prefix(p) => v.starts_with(p.as_str()),
+            StrMatch::Suffix(s) => v.ends_with(s.as_str()),
+            StrMatch::Contains(c) => v.contains(c.as_str()),
+            StrMatch::Regex(r) => r.is_match(v),
+            StrMatch::Present => true,
+        }
+    }
+}
+
+impl Forward {
+    /// The next target of a weighted split: every target gains its weight in credit, the
+    /// richest is picked and pays the total.
+    pub fn pick(&self) -> &Target {
+        if self.targets.len() == 1 || self.total_weight == 0 {
+            return &self.targets[0];
+        }
+        let mut credit = self.credit.lock().expect("weights lock");
+        let mut best = 0;
+        for (i, t) in self.targets.iter().enumerate() {
+            credit[i] += i64::from(t.weight);
+            if credit[i] > credit[best] {
+                best = i;
+            }
+        }
+        credit[best] -= self.total_weight as i64;
+        &self.targets[best]
+    }
+}
+
+impl HeaderOps {
+    fn compile(add: &[HeaderValueOption], remove: &[String]) -> Result<HeaderOps, String> {
+        let mut ops = HeaderOps::default();
+        for o in add {
+            let Some(h) = &o.header else { continue };
+            let name = HeaderName::from_bytes(h.key.as_bytes())
+                .map_err(|_| format!("header name `{}` is not valid", h.key))?;
+            let value = HeaderValue::from_str(&h.value)
+                .map_err(|_| format!("header `{}`: value is not valid", h.key))?;
+            let overwrite = o.append_action == HeaderAppendAction::OverwriteIfExistsOrAdd as i32
+                || o.append_action == HeaderAppendAction::OverwriteIfExists as i32;
+            ops.add.push((name, value, overwrite));
+        }
+        for r in remove {
+            ops.remove.push(
+                HeaderName::from_bytes(r.as_bytes())
+                    .map_err(|_| format!("header name `{r}` is not valid"))?,
+            );
+        }
+        Ok(ops)
+    }
+
+    pub fn apply(&self, headers: &mut HeaderMap) {
+        for name in &self.remove {
+            headers.remove(name);
+        }
+        for (name, value, overwrite) in &self.add {
+            if *overwrite {
+                headers.insert(name.clone(), value.clone());
+            } else {
+                headers.append(name.clone(), value.clone());
+            }
+        }
+    }
+}
+
+fn regex(r: &str) -> Result<Regex, String> {
+    // Envoy's safe_regex matches the whole value.
+    Regex::new(&format!("^(?:{r})$")).map_err(|e| format!("regex `{r}`: {e}"))
+}
+
+fn str_match(m: &StringMatcher) -> Result<StrMatch, String> {
+    let case = |s: &String| if m.ignore_case { s.to_lowercase() } else { s.clone() };
+    Ok(match &m.match_pattern {
+        Some(MatchPattern::Exact(e)) if !m.ignore_case => StrMatch::Exact(e.clone()),
+        Some(MatchPattern::Exact(e)) => StrMatch::Regex(regex(&format!("(?i){}", regex::escape(&case(e))))?),
+        Some(MatchPattern::Prefix(p)) if !m.ignore_case => StrMatch::Prefix(p.clone()),
+        Some(MatchPattern::Prefix(p)) => StrMatch::Regex(regex(&format!("(?i){}.*", regex::escape(p)))?),
+        Some(MatchPattern::Suffix(s)) => StrMatch::Suffix(s.clone()),
+        Some(MatchPattern::Contains(c)) => StrMatch::Contains(c.clone()),
+        Some(MatchPattern::SafeRegex(r)) => StrMatch::Regex(regex(&r.regex)?),
+        Some(other) => return Err(format!("string match {other:?} is not supported")),
+        None => StrMatch::Present,
+    })
+}
+
+fn compile_route(r: &route::Route) -> Result<Route, String> {
+    let m = r.r#match.clone().unwrap_or_default();
+    let case_sensitive = m.case_sensitive.as_ref().is_none_or(|b| b.value);
+    let path = match &m.path_specifier {
+        Some(PathSpecifier::Prefix(p)) if case_sensitive => PathMatch::Prefix(p.clone()),
+        Some(PathSpecifier::Prefix(p)) => PathMatch::Regex(regex(&format!("(?i){}.*", regex::escape(p)))?),
+        Some(PathSpecifier::Path(p)) if case_sensitive => PathMatch::Exact(p.clone()),
+        Some(PathSpecifier::Path(p)) => PathMatch::Regex(regex(&format!("(?i){}", regex::escape(p)))?),
+        Some(PathSpecifier::SafeRegex(r)) => PathMatch::Regex(regex(&r.regex)?),
+        None => PathMatch::Prefix("/".into()),
+        Some(other) => return Err(format!("path match {other:?} is not supported")),
+    };
+    let mut headers = Vec::new();
+    for h in &m.headers {
+        // The deprecated one-field forms are still what many control planes send.
+        #[allow(deprecated)]
+        let matcher = match &h.header_match_specifier {
+            Some(HeaderMatchSpecifier::StringMatch(s)) => str_match(s)?,
+            Some(HeaderMatchSpecifier::ExactMatch(e)) => StrMatch::Exact(e.clone()),
+            Some(HeaderMatchSpecifier::PrefixMatch(p)) => StrMatch::Prefix(p.clone()),
+            Some(HeaderMatchSpecifier::SuffixMatch(s)) => StrMatch::Suffix(s.clone()),
+            Some(HeaderMatchSpecifier::ContainsMatch(c)) => StrMatch::Contains(c.clone()),
+            Some(HeaderMatchSpecifier::SafeRegexMatch(r)) => StrMatch::Regex(regex(&r.regex)?),
+            Some(HeaderMatchSpecifier::PresentMatch(true)) | None => StrMatch::Present,
+            Some(other) => return Err(format!("header `{}`: match {other:?} is not supported", h.name)),
+        };
+        headers.push(HeaderMatch { name: h.name.to_ascii_lowercase(), m: matcher, invert: h.invert_match });
+    }
+    let mut query = Vec::new();
+    for q in &m.query_parameters {
+        let matcher = match &q.query_parameter_match_specifier {
+            Some(QueryParameterMatchSpecifier::StringMatch(s)) => str_match(s)?,
+            Some(QueryParameterMatchSpecifier::PresentMatch(_)) | None => StrMatch::Present,
+        };
+        query.push((q.name.clone(), matcher));
+    }
+    let source = match r.metadata.as_ref().and_then(|md| md.typed_filter_metadata.get(proto::ROUTE_METADATA))
+    {
+        Some(any) => Some(
+            mesh::RouteSource::decode(any.value.as_slice())
+                .map_err(|e| format!("route source metadata: {e}"))?,
+        ),
+        None => None,
+    };
+    let action = match &r.action {
+        Some(route::route::Action::Route(a)) => Action::Forward(forward(a)?),
+        Some(route::route::Action::Redirect(rd)) => Action::Redirect(redirect(rd)),
+        other => return Err(format!("action {other:?} is not supported")),
+    };
+    Ok(Route {
+        name: r.name.clone(),
+        path,
+        headers,
+        query,
+        source,
+        action,
+        request_ops: HeaderOps::compile(&r.request_headers_to_add, &r.request_headers_to_remove)?,
+        response_ops: HeaderOps::compile(&r.response_headers_to_add, &r.response_headers_to_remove)?,
+    })
+}
+
+fn forward(a: &route::RouteAction) -> Result<Forward, String> {
+    let targets = match &a.cluster_specifier {
+        Some(route_action::ClusterSpecifier::Cluster(c)) => {
+            vec![Target {
+                cluster: c.clone(),
+                weight: 1,
+                request_ops: HeaderOps::default(),
+                response_ops: HeaderOps::default(),
+            }]
+        }
+        Some(route_action::ClusterSpecifier::WeightedClusters(w)) => w
+            .clusters
+            .iter()
+            .map(|c| {
+                Ok(Target {
+                    cluster: c.name.clone(),
+                    weight: c.weight.as_ref().map_or(0, |w| w.value),
+                    request_ops: HeaderOps::compile(&c.request_headers_to_add, &c.request_headers_to_remove)?,
+                    response_ops: HeaderOps::compile(
+                        &c.response_headers_to_add,
+                        &c.response_headers_to_remove,
+                    )?,
+                })
+            })
+            .collect::<Result<Vec<_>, String>>()?,
+        other => return Err(format!("cluster specifier {other:?} is not supported")),
+    };
+    if targets.is_empty() {
+        return Err("a route with no clusters".into());
+    }
+    let total_weight: u64 = targets.iter().map(|t| u64::from(t.weight)).sum();
+    let targets_len = targets.len();
+    if targets.len() > 1 && total_weight == 0 {
+        return Err("weighted clusters whose weights are all 0".into());
+    }
+    let timeout = a
+        .timeout
+        .as_ref()
+        .map(|d| Duration::new(d.seconds.max(0) as u64, d.nanos.max(0) as u32))
+        .filter(|d| !d.is_zero());
+    let regex_rewrite = match &a.regex_rewrite {
+        Some(rr) => Some((
+            regex(&rr.pattern.as_ref().map(|p| p.regex.clone()).unwrap_or_default())?,
+            rr.substitution.clone(),
+        )),
+        None => None,
+    };
+    let authority_rewrite = match &a.host_rewrite_specifier {
+        Some(route_action::HostRewriteSpecifier::HostRewriteLiteral(h)) => Some(h.clone()),
+        _ => None,
+    };
+    Ok(Forward {
+        targets,
+        total_weight,
+        credit: Mutex::new(vec![0; targets_len]),
+        timeout,
+        prefix_rewrite: (!a.prefix_rewrite.is_empty()).then(|| a.prefix_rewrite.clone()),
+        regex_rewrite,
+        authority_rewrite,
+    })
+}
+
+fn redirect(r: &route::RedirectAction) -> Redirect {
+    use redirect_action::RedirectResponseCode as Code;
+    let status = match Code::try_from(r.response_code) {
+        Ok(Code::Found) => 302,
+        Ok(Code::SeeOther) => 303,
+        Ok(Code::TemporaryRedirect) => 307,
+        Ok(Code::PermanentRedirect) => 308,
+        _ => 301,
+    };
+    Redirect {
+        status,
+        authority: (!r.host_redirect.is_empty()).then(|| r.host_redirect.clone()),
+        port: u16::try_from(r.port_redirect).ok().filter(|p| *p != 0),
+        scheme: match &r.scheme_rewrite_specifier {
+            Some(redirect_action::SchemeRewriteSpecifier::SchemeRedirect(s)) => Some(s.clone()),
+            Some(redirect_action::SchemeRewriteSpecifier::HttpsRedirect(true)) => Some("https".into()),
+            _ => None,
+        },
+        path: match &r.path_rewrite_specifier {
+            Some(redirect_action::PathRewriteSpecifier::PathRedirect(p)) => Some(p.clone()),
+            _ => None,
+        },
+    }
+}
+
+impl Route {
+    /// For a prefix match: the prefix (what `prefix_rewrite` replaces).
+    pub fn matched_prefix(&self) -> Option<&str> {
+        match &self.path {
+            PathMatch::Prefix(p) => Some(p),
+            _ => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn forward_of(weights: &[u32]) -> Forward {
+        Forward {
+            targets: weights
+                .iter()
+                .enumerate()
+                .map(|(i, w)| Target {
+                    cluster: format!("c{i}"),
+                    weight: *w,
+                    request_ops: HeaderOps::default(),
+                    response_ops: HeaderOps::default(),
+                })
+                .collect(),
+            total_weight: weights.iter().map(|w| u64::from(*w)).sum(),
+            credit: Mutex::new(vec![0; weights.len()]),
+            timeout: None,
+            prefix_rewrite: None,
+            regex_rewrite: None,
+            authority_rewrite: None,
+        }
+    }
+
+    #[test]
+    fn weighted_picks_are_exact_per_cycle_and_interleaved() {
+        let f = forward_of(&[90, 10]);
+        let picks: Vec<String> = (0..1000).map(|_| f.pick().cluster.clone()).collect();
+        assert_eq!(picks.iter().filter(|c| *c == "c1").count(), 100);
+        // Interleaved: at most 9 in a row to the larger side.
+        let longest_run = picks.chunk_by(|a, b| a == b).map(<[String]>::len).max().unwrap();
+        assert!(longest_run <= 9, "longest run {longest_run}");
+        let f = forward_of(&[50, 50, 0]);
+        let picks: Vec<String> = (0..100).map(|_| f.pick().cluster.clone()).collect();
+        assert_eq!(picks.iter().filter(|c| *c == "c2").count(), 0);
+        assert_eq!(picks.iter().filter(|c| *c == "c0").count(), 50);
+    }
+}

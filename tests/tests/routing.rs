@@ -1,0 +1,180 @@
+//! VirtualService routing through the node proxy, on one simulated node with mesh-control:
+//! weighted canaries to DestinationRule subsets, header matches (`end-user: jason`), routing
+//! by source labels, rewrites with header changes, redirects, and a route change reaching a
+//! connection that is already open.
+
+use std::{fs, path::PathBuf, time::Duration};
+
+use nodemesh_tests::{
+    CONTROL_PLANE_URL, Pod, Registration, SimNode,
+    mesh::{eventually, write_config as write},
+};
+use serde_json::Value;
+
+const VIP: &str = "10.96.0.20";
+
+fn registration(labels: &[(&str, &str)]) -> Registration {
+    Registration {
+        namespace_enabled: true,
+        pod_labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+    }
+}
+
+const REVIEWS: &str = r#"apiVersion: v1
+kind: Service
+metadata: {name: reviews, namespace: shop}
+spec:
+  clusterIP: 10.96.0.20
+  selector: {app: reviews}
+  ports: [{name: web, port: 80, targetPort: 9080}]
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: reviews, namespace: shop}
+spec:
+  host: reviews
+  subsets:
+  - {name: v1, labels: {version: v1}}
+  - {name: v2, labels: {version: v2}}
+  - {name: v3, labels: {version: v3}}
+"#;
+
+struct Setup {
+    node: SimNode,
+    config: PathBuf,
+    client: Pod,
+    sandbox_client: Pod,
+}
+
+/// reviews v1, v2, v3 (one pod each, named after their version), a plain client and a client
+/// labelled `branch: box-123`.
+fn setup() -> Setup {
+    let mut node = SimNode::new().unwrap();
+    let config = node.work_dir.join("config");
+    fs::create_dir_all(&config).unwrap();
+    write(&config, "reviews.yaml", REVIEWS);
+    node.start_control_plane(&config).unwrap();
+    node.start_mesh_node(&["--control-plane", CONTROL_PLANE_URL]).unwrap();
+    let client = node.add_pod("client", "shop").unwrap();
+    node.register(&client, &Registration::meshed()).unwrap();
+    let sandbox_client = node.add_pod("sandbox", "shop").unwrap();
+    node.register(&sandbox_client, &registration(&[("branch", "box-123")])).unwrap();
+    for version in ["v1", "v2", "v3"] {
+        let pod = node.add_pod(version, "shop").unwrap();
+        node.register(&pod, &registration(&[("app", "reviews"), ("version", version)])).unwrap();
+        node.serve_http(&pod, &[pod.addr(9080)]).unwrap();
+    }
+    eventually("reviews answers from all three versions", Duration::from_secs(15), || {
+        node.testapp(&client, &["http-client", "--to", &format!("{VIP}:80"), "--requests", "6"])
+            .is_ok_and(|r| r["servers"].as_object().is_some_and(|s| s.len() == 3))
+    });
+    Setup { node, config, client, sandbox_client }
+}
+
+fn get(node: &SimNode, client: &Pod, args: &[&str]) -> Value {
+    let to = format!("{VIP}:80");
+    let mut all = vec!["http-client", "--to", to.as_str()];
+    all.extend_from_slice(args);
+    let r = node.testapp(client, &all).unwrap_or_else(|e| panic!("{e:#}\n{}", node.log_tail()));
+    assert!(r.get("error").is_none(), "{all:?}: {r}\n{}", node.log_tail());
+    r
+}
+
+fn served(r: &Value, server: &str) -> u64 {
+    r["servers"][server].as_u64().unwrap_or(0)
+}
+
+/// Writes the VirtualService and waits until the node routes by it (probe: `probe_args` from
+/// the plain client reach only `server`).
+fn apply_routes(s: &Setup, yaml: &str, probe_args: &[&str], server: &str) {
+    write(&s.config, "reviews-vs.yaml", yaml);
+    eventually("the node routes by the new VirtualService", Duration::from_secs(15), || {
+        let mut args = vec!["http-client", "--to", "10.96.0.20:80", "--requests", "10"];
+        args.extend_from_slice(probe_args);
+        s.node.testapp(&s.client, &args).is_ok_and(|r| served(&r, server) == 10)
+    });
+}
+
+const CANARY: &str = r#"apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: reviews, namespace: shop}
+spec:
+  hosts: [reviews]
+  http:
+  - match: [{headers: {end-user: {exact: jason}}}]
+    route: [{destination: {host: reviews, subset: v2}}]
+  - match: [{sourceLabels: {branch: box-123}}]
+    route: [{destination: {host: reviews, subset: v3}}]
+  - match: [{uri: {prefix: /old}}]
+    redirect: {uri: /new, redirectCode: 302}
+  - match: [{uri: {prefix: /api/}, method: {exact: GET}}]
+    rewrite: {uri: /v2/}
+    headers: {request: {set: {x-routed: api}}, response: {add: {x-served-by: nodemesh}}}
+    route: [{destination: {host: reviews, subset: v1}}]
+  - route:
+    - {destination: {host: reviews, subset: v1}, weight: 90}
+    - {destination: {host: reviews, subset: v3}, weight: 10}
+"#;
+
+#[test]
+fn a_virtual_service_splits_by_weight_and_routes_by_header_source_and_path() {
+    let s = setup();
+    let Setup { node, client, sandbox_client, .. } = &s;
+    apply_routes(&s, CANARY, &["--header", "end-user: jason"], "v2");
+
+    // 90/10 over 1,000 requests on one keep-alive connection, and none to v2.
+    let r = get(node, client, &["--requests", "1000"]);
+    let (v1, v3) = (served(&r, "v1"), served(&r, "v3"));
+    assert!((870..=930).contains(&v1) && (70..=130).contains(&v3), "90/10 within 3 points: {r}");
+    assert_eq!(served(&r, "v2"), 0, "only jason goes to v2: {r}");
+    eprintln!("90/10 split over 1000 requests: v1 {v1}, v3 {v3}");
+
+    // Every one of jason's requests goes to v2, over HTTP/1.1 and h2c alike.
+    for extra in [&[][..], &["--h2"][..]] {
+        let mut args = vec!["--requests", "100", "--header", "end-user: jason"];
+        args.extend_from_slice(extra);
+        let r = get(node, client, &args);
+        assert_eq!(served(&r, "v2"), 100, "jason → v2 always: {r}");
+    }
+    // A header that merely looks like jason's does not match an exact rule.
+    let r = get(node, client, &["--requests", "20", "--header", "end-user: jason2"]);
+    assert_eq!(served(&r, "v2"), 0, "{r}");
+
+    // Sandbox routing by the caller's labels: box-123 callers go to v3, everyone else not.
+    let r = get(node, sandbox_client, &["--requests", "20"]);
+    assert_eq!(served(&r, "v3"), 20, "branch=box-123 → v3: {r}");
+
+    // Redirect answered by the proxy.
+    let r = get(node, client, &["--path", "/old/page"]);
+    assert_eq!(r["statuses"]["302"], 1, "{r}");
+
+    // Prefix rewrite plus request and response header changes.
+    let r = get(node, client, &["--path", "/api/books?id=7"]);
+    assert_eq!(r["first"]["server"], "v1", "{r}");
+    assert_eq!(r["first"]["path"], "/v2/books", "{r}");
+    assert_eq!(r["first"]["query"], "id=7", "{r}");
+    assert_eq!(r["first"]["headers"]["x-routed"], "api", "{r}");
+}
+
+#[test]
+fn a_route_change_applies_to_the_next_request_on_an_open_connection() {
+    let s = setup();
+    let all_v1 = "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: reviews, namespace: shop}\n\
+spec:\n  hosts: [reviews]\n  http: [{route: [{destination: {host: reviews, subset: v1}}]}]\n";
+    apply_routes(&s, all_v1, &[], "v1");
+    let r = get(&s.node, &s.client, &["--requests", "50", "--h2"]);
+    assert_eq!(served(&r, "v1"), 50, "{r}");
+
+    // Moving everything to v2 reaches the node, and new requests follow it.
+    let all_v2 = all_v1.replace("subset: v1", "subset: v2");
+    apply_routes(&s, &all_v2, &[], "v2");
+    let r = get(&s.node, &s.client, &["--requests", "50"]);
+    assert_eq!(served(&r, "v2"), 50, "{r}");
+
+    // A VirtualService that cannot be enforced is rejected whole: the last good one stays.
+    let with_retries = all_v2.replace("subset: v2}}]}]", "subset: v3}}], retries: {attempts: 3}}]");
+    write(&s.config, "reviews-vs.yaml", &with_retries);
+    std::thread::sleep(Duration::from_secs(1));
+    let r = get(&s.node, &s.client, &["--requests", "20"]);
+    assert_eq!(served(&r, "v2"), 20, "the rejected change must not apply: {r}");
+}
