@@ -109,14 +109,21 @@ trait Protocol: Send + 'static {
     fn node(req: &Self::Req) -> Option<&Node>;
     fn on_request(&mut self, req: Self::Req);
     /// The response bringing the node to `want` for `type_url`; `None` if it has it already.
+    /// Without `removals`, what the node holds beyond `want` stays (make-before-break) and the
+    /// protocol reports that some removal is still owed through [`Common::deferred`].
     fn response(
         &mut self,
         type_url: &'static str,
         want: BTreeMap<String, Resource>,
         generation: u64,
         nonce: &str,
+        removals: bool,
     ) -> Option<Self::Resp>;
 }
+
+/// Types whose removals are deferred until everything else is pushed: what routes and
+/// addresses point at.
+const REMOVED_LAST: [&str; 2] = [proto::CLUSTER_TYPE, proto::ENDPOINT_TYPE];
 
 /// One stream: push what is ready, then wait for a request or a new snapshot.
 async fn serve<P: Protocol>(
@@ -156,12 +163,13 @@ async fn serve<P: Protocol>(
 fn next_response<P: Protocol>(p: &mut P) -> Option<P::Resp> {
     loop {
         let c = p.common();
-        let type_url = c.next_type()?;
+        let (type_url, removals) = c.next_type()?;
         c.dirty.remove(type_url);
+        c.deferred.remove(type_url);
         let want = c.snapshot.resources_for(&c.node, &c.subs, type_url);
         let generation = c.snapshot.generation;
         let nonce = c.nonce();
-        match p.response(type_url, want, generation, &nonce) {
+        match p.response(type_url, want, generation, &nonce, removals) {
             Some(response) => {
                 tracing::debug!(node = p.common().node, type_url, generation, "push");
                 p.common().pending.insert(type_url.to_string(), (nonce, generation));
@@ -186,6 +194,9 @@ struct Common {
     /// type → (nonce, generation) of the response awaiting ACK/NACK.
     pending: HashMap<String, (String, u64)>,
     dirty: HashSet<String>,
+    /// Types whose removals wait until every type that could still reference them has been
+    /// pushed and acknowledged (make-before-break).
+    deferred: HashSet<&'static str>,
     next_nonce: u64,
     /// The client declared [`proto::ADDRESS_SCOPED`].
     address_scoped: bool,
@@ -211,6 +222,7 @@ impl Common {
             subs: HashMap::new(),
             pending: HashMap::new(),
             dirty: HashSet::new(),
+            deferred: HashSet::new(),
             next_nonce: 0,
             address_scoped: false,
             resyncing: false,
@@ -257,10 +269,12 @@ impl Common {
         self.dirty.extend(self.subs.keys().cloned());
     }
 
-    /// The next type to push, if any: strictly in push order, each waiting until the types
-    /// before it are acknowledged, so an address never reaches a node before the cluster and
-    /// endpoints it points at (make-before-break).
-    fn next_type(&self) -> Option<&'static str> {
+    /// The next type to push, if any, and whether its removals may go too: strictly in push
+    /// order, each waiting until the types before it are acknowledged, so an address never
+    /// reaches a node before the cluster and endpoints it points at. Removals of clusters and
+    /// endpoints go last, once routes and addresses no longer point at them
+    /// (make-before-break): a canary moving off a subset never meets a missing cluster.
+    fn next_type(&self) -> Option<(&'static str, bool)> {
         if !self.snapshot.synced || (self.resyncing && !self.snapshot.warm) {
             return None;
         }
@@ -273,10 +287,10 @@ impl Common {
                 if scoped && self.address_scoped && !self.subs.contains_key(proto::ADDRESS_TYPE) {
                     return None;
                 }
-                return Some(t);
+                return Some((t, !REMOVED_LAST.contains(&t)));
             }
         }
-        None
+        PUSH_ORDER.into_iter().find(|t| self.deferred.contains(t)).map(|t| (t, true))
     }
 
     fn closed(&self) {
@@ -347,12 +361,17 @@ impl Protocol for Delta {
         want: BTreeMap<String, Resource>,
         generation: u64,
         nonce: &str,
+        removals: bool,
     ) -> Option<DeltaDiscoveryResponse> {
         let sent = self.sent.entry(t.to_string()).or_default();
         let told = self.told_absent.entry(t.to_string()).or_default();
         let resources: Vec<&Resource> =
             want.values().filter(|r| sent.get(&r.name) != Some(&r.version)).collect();
         let mut removed: Vec<String> = sent.keys().filter(|n| !want.contains_key(*n)).cloned().collect();
+        if !removals && !removed.is_empty() {
+            self.c.deferred.insert(t);
+            removed.clear();
+        }
         if let Some(sub) = self.c.subs.get(t) {
             for name in &sub.names {
                 if !want.contains_key(name) && !sent.contains_key(name) && told.insert(name.clone()) {
@@ -433,6 +452,9 @@ impl Protocol for Sotw {
         want: BTreeMap<String, Resource>,
         _generation: u64,
         nonce: &str,
+        // A state-of-the-world response is the whole set: what it leaves out is removed, so
+        // removals cannot be held back here (Envoy answers a missing cluster with 503 too).
+        _removals: bool,
     ) -> Option<DiscoveryResponse> {
         let digest: Vec<u8> =
             want.values().flat_map(|r| [r.name.as_bytes(), r.version.as_bytes(), b";"].concat()).collect();
@@ -524,5 +546,73 @@ mod tests {
         let (mut fresh, _tx) = stream(snapshot(1, false), false);
         fresh.on_request(request(proto::CLUSTER_TYPE, &["*", CLUSTER], &[]));
         assert!(next_response(&mut fresh).is_some());
+    }
+
+    /// Two generations of one service: its port's route sends to `subset`'s cluster.
+    fn canary_snapshot(generation: u64, subset: &str) -> Arc<Snapshot> {
+        let mut snap = Snapshot::new(generation);
+        snap.warm = true;
+        snap.synced = true;
+        let subset_cluster = format!("outbound|80|{subset}|web.shop.svc.cluster.local");
+        for name in [CLUSTER, subset_cluster.as_str()] {
+            let cluster = Cluster { name: name.into(), ..Default::default() };
+            snap.clusters.insert(name.into(), Resource::new(name, proto::CLUSTER_TYPE, &cluster));
+        }
+        let route = envoy_types::pb::envoy::config::route::v3::RouteConfiguration {
+            name: format!("web:80 via {subset}"),
+            ..Default::default()
+        };
+        snap.routes.insert("web:80".into(), Resource::new("web:80", proto::ROUTE_TYPE, &route));
+        let service = mesh::Service {
+            hostname: "web.shop.svc.cluster.local".into(),
+            ports: vec![mesh::ServicePort {
+                port: 80,
+                cluster: CLUSTER.into(),
+                route: "web:80".into(),
+                route_clusters: vec![subset_cluster],
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let address = mesh::Address { kind: Some(mesh::address::Kind::Service(service.clone())) };
+        let mut resource = Resource::new(VIP, proto::ADDRESS_TYPE, &address);
+        resource.service = Some(Arc::new(service));
+        snap.addresses.insert(VIP.into(), resource);
+        Arc::new(snap)
+    }
+
+    /// Sends `d`'s pending responses, ACKing each; returns (type, added, removed) per push.
+    fn drain(d: &mut Delta) -> Vec<(String, Vec<String>, Vec<String>)> {
+        let mut pushes = Vec::new();
+        while let Some(r) = next_response(d) {
+            let added = r.resources.iter().map(|x| x.name.clone()).collect();
+            pushes.push((r.type_url.clone(), added, r.removed_resources.clone()));
+            d.on_request(DeltaDiscoveryRequest {
+                type_url: r.type_url,
+                response_nonce: r.nonce,
+                ..Default::default()
+            });
+        }
+        pushes
+    }
+
+    #[test]
+    fn a_cluster_leaves_only_after_the_route_that_used_it() {
+        let (mut d, tx) = stream(canary_snapshot(1, "v1"), true);
+        for t in [proto::CLUSTER_TYPE, proto::ENDPOINT_TYPE, proto::ROUTE_TYPE] {
+            d.on_request(request(t, &["*"], &[]));
+        }
+        d.on_request(request(proto::ADDRESS_TYPE, &["*", VIP], &[]));
+        drain(&mut d);
+
+        tx.send_replace(canary_snapshot(2, "v2"));
+        d.c.new_snapshot();
+        let pushes = drain(&mut d);
+        let v1 = "outbound|80|v1|web.shop.svc.cluster.local".to_string();
+        let v2 = "outbound|80|v2|web.shop.svc.cluster.local".to_string();
+        let cluster = proto::CLUSTER_TYPE.to_string();
+        assert_eq!(pushes[0], (cluster.clone(), vec![v2], vec![]), "v2 arrives first, v1 stays: {pushes:?}");
+        assert_eq!(pushes[1].0, proto::ROUTE_TYPE, "then the route moves to v2: {pushes:?}");
+        assert_eq!(pushes.last(), Some(&(cluster, vec![], vec![v1])), "v1 leaves last: {pushes:?}");
     }
 }
