@@ -62,6 +62,17 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Wait until every connected node has applied a config generation (by default the newest
+    /// one now); exits non-zero naming the nodes that have not, when one rejected it or the
+    /// timeout passes. Use it between the steps of a rollout.
+    Wait {
+        #[arg(long, env = "NODEMESH_CONTROL_ADMIN_ADDR", default_value = DEFAULT_ADMIN_ADDR)]
+        admin_addr: SocketAddr,
+        #[arg(long)]
+        generation: Option<u64>,
+        #[arg(long, default_value_t = 60)]
+        timeout_secs: u64,
+    },
 }
 
 fn main() -> ExitCode {
@@ -100,6 +111,15 @@ fn main() -> ExitCode {
             }
         }
         Command::Validate { paths } => validate(&paths),
+        Command::Wait { admin_addr, generation, timeout_secs } => {
+            match wait(admin_addr, generation, Duration::from_secs(timeout_secs)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("mesh-control wait: {e:#}");
+                    ExitCode::from(1)
+                }
+            }
+        }
         Command::Status { admin_addr, json } => match status(admin_addr, json) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
@@ -194,6 +214,65 @@ fn status(admin: SocketAddr, json: bool) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+fn wait(admin: SocketAddr, generation: Option<u64>, timeout: Duration) -> anyhow::Result<()> {
+    let started = std::time::Instant::now();
+    let mut target = generation;
+    loop {
+        let report: NodesReport = serde_json::from_str(&http_get(admin, "/debug/nodes")?)?;
+        let want = *target.get_or_insert(report.generation);
+        if want > report.generation {
+            // The change that makes `want` may not have been read yet (debounce, watch delay).
+            anyhow::ensure!(
+                started.elapsed() < timeout,
+                "generation {want} was not built within {timeout:?} (the newest is {})",
+                report.generation
+            );
+            std::thread::sleep(Duration::from_millis(20));
+            continue;
+        }
+        let connected: Vec<_> = report.nodes.iter().filter(|n| n.connected).collect();
+        let rejected: Vec<String> = connected
+            .iter()
+            .flat_map(|n| {
+                n.nacks.iter().filter(|(_, nack)| nack.generation >= want).map(move |(t, nack)| {
+                    format!(
+                        "{} rejected {} of generation {}: {}",
+                        n.node,
+                        short_type(t),
+                        nack.generation,
+                        nack.reason
+                    )
+                })
+            })
+            .collect();
+        anyhow::ensure!(rejected.is_empty(), "{}", rejected.join("\n"));
+        let behind: Vec<String> = connected
+            .iter()
+            .filter(|n| n.applied_generation() < want)
+            .map(|n| format!("{} (at generation {})", n.node, n.applied_generation()))
+            .collect();
+        if behind.is_empty() {
+            println!(
+                "generation {want} applied by all {} connected node(s) after {:?}",
+                connected.len(),
+                started.elapsed()
+            );
+            let offline: Vec<&str> =
+                report.nodes.iter().filter(|n| !n.connected).map(|n| n.node.as_str()).collect();
+            if !offline.is_empty() {
+                println!("not connected (they resync when they return): {}", offline.join(", "));
+            }
+            return Ok(());
+        }
+        anyhow::ensure!(
+            started.elapsed() < timeout,
+            "generation {want} not applied within {timeout:?} by: {}",
+            behind.join(", ")
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 fn short_type(type_url: &str) -> &str {

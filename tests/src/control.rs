@@ -9,7 +9,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::bail;
+use anyhow::{Context, bail};
 
 use crate::{bin, netns, spawn_daemon};
 
@@ -95,6 +95,16 @@ impl ControlPlane {
     /// `mesh-control status --json`.
     pub fn status_json(&self) -> anyhow::Result<serde_json::Value> {
         Ok(serde_json::from_str(&self.cli(&["status", "--json"])?)?)
+    }
+
+    /// The newest config generation mesh-control has built.
+    pub fn generation(&self) -> anyhow::Result<u64> {
+        self.status_json()?["generation"].as_u64().context("status without a generation")
+    }
+
+    /// `mesh-control wait`: until every connected node has applied `generation`.
+    pub fn wait_applied(&self, generation: u64) -> anyhow::Result<String> {
+        self.cli(&["wait", "--generation", &generation.to_string(), "--timeout-secs", "30"])
     }
 
     fn cli(&self, args: &[&str]) -> anyhow::Result<String> {

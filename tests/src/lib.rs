@@ -598,6 +598,14 @@ impl SimNode {
         self.control.status()
     }
 
+    /// Runs `change`, then `mesh-control wait` for the generation it produced: returns once
+    /// every connected node applies config that includes the change.
+    pub fn apply_and_wait(&self, change: impl FnOnce()) -> anyhow::Result<String> {
+        let before = self.control.generation()?;
+        change();
+        self.control.wait_applied(before + 1)
+    }
+
     /// mesh-node's `/config_dump` as JSON.
     pub fn config_dump(&self) -> anyhow::Result<serde_json::Value> {
         Ok(serde_json::from_str(&self.admin_get("/config_dump")?)?)

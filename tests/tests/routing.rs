@@ -178,3 +178,76 @@ spec:\n  hosts: [reviews]\n  http: [{route: [{destination: {host: reviews, subse
     let r = get(&s.node, &s.client, &["--requests", "20"]);
     assert_eq!(served(&r, "v2"), 20, "the rejected change must not apply: {r}");
 }
+
+/// A rollout step: its name, the subsets defined, and the route's weights per subset.
+type Step<'a> = (&'a str, &'a [&'a str], &'a [(&'a str, u32)]);
+
+/// The Service, a DestinationRule with `subsets` and a VirtualService splitting `weights`
+/// (subset → percent) in one file, so each rollout step is one atomic change that the control
+/// plane itself must order.
+fn rollout_step(subsets: &[&str], weights: &[(&str, u32)]) -> String {
+    let service = REVIEWS.split("---").next().unwrap();
+    let subsets: Vec<String> =
+        subsets.iter().map(|s| format!("  - {{name: {s}, labels: {{version: {s}}}}}\n")).collect();
+    let routes: Vec<String> = weights
+        .iter()
+        .map(|(s, w)| format!("    - {{destination: {{host: reviews, subset: {s}}}, weight: {w}}}\n"))
+        .collect();
+    format!(
+        "{service}---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: reviews, namespace: shop}}\n\
+         spec:\n  host: reviews\n  subsets:\n{}---\napiVersion: networking.istio.io/v1\nkind: VirtualService\n\
+         metadata: {{name: reviews, namespace: shop}}\nspec:\n  hosts: [reviews]\n  http:\n  - route:\n{}",
+        subsets.concat(),
+        routes.concat()
+    )
+}
+
+#[test]
+fn a_canary_walk_under_continuous_load_answers_every_request() {
+    let s = setup();
+    // The walk of the issue, then an abrupt rollback in one change (v1 back, v2 gone at
+    // once), where only the control plane's ordering keeps requests off a removed subset.
+    let steps: [Step<'_>; 7] = [
+        ("v1 only", &["v1"], &[("v1", 100)]),
+        ("add v2", &["v1", "v2"], &[("v1", 100), ("v2", 0)]),
+        ("50/50", &["v1", "v2"], &[("v1", 50), ("v2", 50)]),
+        ("all to v2", &["v1", "v2"], &[("v1", 0), ("v2", 100)]),
+        ("remove v1", &["v2"], &[("v2", 100)]),
+        ("roll back to v1 at once", &["v1"], &[("v1", 100)]),
+        ("forward to v2 at once", &["v2"], &[("v2", 100)]),
+    ];
+    s.node
+        .apply_and_wait(|| write(&s.config, "reviews.yaml", &rollout_step(steps[0].1, steps[0].2)))
+        .unwrap();
+    std::thread::scope(|scope| {
+        // Two clients, HTTP/1.1 and h2c, each one connection sending back to back.
+        let loads: Vec<_> = [&[][..], &["--h2"][..]]
+            .into_iter()
+            .map(|extra| {
+                let (node, client) = (&s.node, &s.client);
+                scope.spawn(move || {
+                    let mut args = vec!["--duration-ms", "7000"];
+                    args.extend_from_slice(extra);
+                    get(node, client, &args)
+                })
+            })
+            .collect();
+        std::thread::sleep(Duration::from_millis(500));
+        for (name, subsets, weights) in &steps[1..] {
+            let waited = s
+                .node
+                .apply_and_wait(|| write(&s.config, "reviews.yaml", &rollout_step(subsets, weights)))
+                .unwrap_or_else(|e| panic!("step {name}: {e:#}"));
+            eprintln!("step {name}: {}", waited.trim());
+            std::thread::sleep(Duration::from_millis(300));
+        }
+        for load in loads {
+            let r = load.join().unwrap();
+            let statuses = r["statuses"].as_object().unwrap();
+            assert_eq!(statuses.keys().collect::<Vec<_>>(), ["200"], "every request answered 200: {r}");
+            assert!(served(&r, "v1") > 0 && served(&r, "v2") > 0, "{r}");
+            assert_eq!(served(&r, "v3"), 0, "{r}");
+            eprintln!("canary walk load: {}", r["servers"]);
+        }
+    });
+}

@@ -28,7 +28,7 @@ use super::{
     pool::{Body, Sender},
 };
 use crate::xds::{
-    cache::Cache,
+    cache::{AddressInfo, Cache},
     http_route::{Action, Forward, Redirect, RequestSource, Route},
     lb::{Balancer, LocalityKey, hash_bytes},
 };
@@ -43,11 +43,32 @@ pub struct Target {
     pub service: String,
     /// What the client dialled.
     pub vip: SocketAddr,
-    /// The port's RouteConfiguration (a VirtualService applies), looked up per request so a
-    /// route change applies to the next request on a live connection.
-    pub route: Option<String>,
-    /// Routes and clusters from the control plane.
+    /// Routes, clusters and addresses from the control plane. The service port is looked up
+    /// again for every request, so a VirtualService or DestinationRule that arrives while a
+    /// connection is open applies to its next request.
     pub cache: Option<Arc<Cache>>,
+}
+
+impl Target {
+    /// The port's current route name (if a VirtualService applies), default cluster and hash
+    /// policy.
+    fn current(&self) -> (Option<String>, Arc<Balancer>, Option<mesh::HashPolicy>) {
+        let fallback = || (None, Arc::clone(&self.balancer), self.hash_policy.clone());
+        let Some(cache) = &self.cache else { return fallback() };
+        let port = match cache.address(self.vip.ip()) {
+            Some(AddressInfo::Service(svc)) => {
+                svc.ports.iter().find(|p| p.port == u32::from(self.vip.port())).cloned()
+            }
+            _ => None,
+        };
+        match port {
+            Some(p) => {
+                let balancer = cache.cluster(&p.cluster).unwrap_or_else(|| Arc::clone(&self.balancer));
+                ((!p.route.is_empty()).then_some(p.route), balancer, p.hash_policy)
+            }
+            None => fallback(),
+        }
+    }
 }
 
 /// Serves one client connection (`h2`: it opened with the HTTP/2 preface) until it closes.
@@ -86,9 +107,9 @@ async fn forward(
     let (mut parts, body) = req.into_parts();
 
     // A VirtualService route picks the cluster (and may redirect, rewrite, add headers).
-    let mut balancer = Arc::clone(&target.balancer);
+    let (route_name, mut balancer, hash_policy) = target.current();
     let mut timeout = None;
-    let table = target.route.as_ref().zip(target.cache.as_ref()).and_then(|(name, cache)| cache.route(name));
+    let table = route_name.as_ref().zip(target.cache.as_ref()).and_then(|(name, cache)| cache.route(name));
     let mut chosen: Option<(&Route, &crate::xds::http_route::Target)> = None;
     if let (Some(table), Some(cache)) = (&table, &target.cache) {
         let workload = cache.workload(&source.key.to_string());
@@ -125,7 +146,7 @@ async fn forward(
         }
     }
     let target_balancer = &balancer;
-    let hash = request_hash(target.hash_policy.as_ref(), source, &parts);
+    let hash = request_hash(hash_policy.as_ref(), source, &parts);
 
     // An endpoint that takes the connection; a refused connect moves on to another one.
     let mut tried = Vec::new();
@@ -388,6 +409,7 @@ fn request_hash(
 }
 
 fn error_response(status: StatusCode, reason: &str) -> Response<Body> {
+    tracing::info!(status = status.as_u16(), "answered by the proxy: {reason}");
     let mut response = Response::new(
         Full::new(Bytes::from(format!("nodemesh: {reason}\n"))).map_err(|e| match e {}).boxed(),
     );

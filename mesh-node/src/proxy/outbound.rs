@@ -116,7 +116,7 @@ impl Outbound {
         };
         let connected = match decision {
             Decision::Direct => self.connect_upstream(&source, dst).await.map(|s| (s, dst)),
-            Decision::Balance { balancer, hash_policy, app_protocol, route, local, service } => {
+            Decision::Balance { balancer, hash_policy, app_protocol, local, service, .. } => {
                 let protocol = if self.sniff_timeout.is_zero() || declared_opaque(&app_protocol) {
                     sniff::Protocol::Opaque
                 } else {
@@ -125,16 +125,8 @@ impl Outbound {
                 if matches!(protocol, sniff::Protocol::Http1 | sniff::Protocol::H2c) {
                     let h2 = protocol == sniff::Protocol::H2c;
                     let cache = self.router.as_ref().map(|r| Arc::clone(&r.cache));
-                    let route = (!route.is_empty()).then_some(route);
-                    let target = Arc::new(http::Target {
-                        balancer,
-                        hash_policy,
-                        local,
-                        service,
-                        vip: dst,
-                        route,
-                        cache,
-                    });
+                    let target =
+                        Arc::new(http::Target { balancer, hash_policy, local, service, vip: dst, cache });
                     http::serve(Arc::clone(&self), client, h2, source, target).await;
                     return;
                 }

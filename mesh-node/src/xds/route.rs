@@ -23,8 +23,6 @@ pub enum Decision {
         hash_policy: Option<mesh::HashPolicy>,
         /// The port's declared protocol (a hint: see `proxy::sniff`).
         app_protocol: String,
-        /// The port's HTTP route (RouteConfiguration name), if a VirtualService applies.
-        route: String,
         /// The source workload's locality, for locality-aware clusters.
         local: Option<LocalityKey>,
         /// The service hostname, for logs.
@@ -72,7 +70,6 @@ impl Router {
                             balancer,
                             hash_policy: port.hash_policy.clone(),
                             app_protocol: port.app_protocol.clone(),
-                            route: port.route.clone(),
                             local,
                             service: svc.hostname.clone(),
                         }

@@ -118,6 +118,9 @@ pub struct Ask {
     pub h2: bool,
     pub http10: bool,
     pub upgrade: bool,
+    /// Keep sending (sequentially, on the one connection) until this much time has passed,
+    /// instead of a fixed number of requests.
+    pub duration: Option<Duration>,
 }
 
 /// Tallies of what came back: replies by server and by status, the first reply in full.
@@ -167,12 +170,19 @@ pub fn client(ask: &Ask) -> io::Result<Value> {
             b
         };
         let mut tally = Tally::default();
+        let started = std::time::Instant::now();
+        let more = |sent: usize| match ask.duration {
+            Some(d) => started.elapsed() < d,
+            None => sent < ask.requests,
+        };
         if ask.h2 {
             let (mut sender, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), io)
                 .await
                 .map_err(io::Error::other)?;
             tokio::spawn(conn);
-            for _ in 0..ask.requests {
+            let mut sent = 0;
+            while more(sent) {
+                sent += 1;
                 let req = build(&ask.path).body(Empty::<Bytes>::new()).map_err(io::Error::other)?;
                 let resp = sender.send_request(req).await.map_err(io::Error::other)?;
                 let status = resp.status().as_u16();
@@ -198,7 +208,9 @@ pub fn client(ask: &Ask) -> io::Result<Value> {
             io.read_exact(&mut back).await?;
             return Ok(json!({"status": status, "echoed": back == msg}));
         }
-        for _ in 0..ask.requests {
+        let mut sent = 0;
+        while more(sent) {
+            sent += 1;
             sender.ready().await.map_err(io::Error::other)?;
             let req = build(&ask.path).body(Empty::<Bytes>::new()).map_err(io::Error::other)?;
             let resp = sender.send_request(req).await.map_err(io::Error::other)?;

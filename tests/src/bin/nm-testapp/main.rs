@@ -76,6 +76,7 @@ fn main() {
             h2: args.iter().any(|a| a == "--h2"),
             http10: args.iter().any(|a| a == "--http10"),
             upgrade: args.iter().any(|a| a == "--upgrade"),
+            duration: opt("--duration-ms").map(|_| Duration::from_millis(num("--duration-ms", 0))),
         }),
         "client" => match opt("--mode").as_deref().unwrap_or("hello") {
             "hello" => hello_many(to(), num("--connections", 1) as usize),
@@ -98,7 +99,7 @@ fn main() {
 
 fn usage() -> ! {
     fail(
-        "usage: nm-testapp serve|http-serve --name N --listen ADDR... | grpc-serve --name N --listen ADDR... | grpc-client --to ADDR [--calls N] [--messages M] | http-client --to ADDR [--requests N] [--path P] [--host H] [--header K:V]... [--h2|--http10|--upgrade] | client --to ADDR --mode hello|sink|hold [--connections C] [--bytes N] | bench-connect|bench-latency|bench-bulk --to ADDR",
+        "usage: nm-testapp serve|http-serve --name N --listen ADDR... | grpc-serve --name N --listen ADDR... | grpc-client --to ADDR [--calls N] [--messages M] | http-client --to ADDR [--requests N] [--path P] [--host H] [--header K:V]... [--duration-ms D] [--h2|--http10|--upgrade] | client --to ADDR --mode hello|sink|hold [--connections C] [--bytes N] | bench-connect|bench-latency|bench-bulk --to ADDR",
     )
 }
 
