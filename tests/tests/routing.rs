@@ -172,8 +172,11 @@ spec:\n  hosts: [reviews]\n  http: [{route: [{destination: {host: reviews, subse
     assert_eq!(served(&r, "v2"), 50, "{r}");
 
     // A VirtualService that cannot be enforced is rejected whole: the last good one stays.
-    let with_retries = all_v2.replace("subset: v2}}]}]", "subset: v3}}], retries: {attempts: 3}}]");
-    write(&s.config, "reviews-vs.yaml", &with_retries);
+    let with_fault = all_v2.replace(
+        "subset: v2}}]}]",
+        "subset: v3}}], fault: {abort: {httpStatus: 500, percentage: {value: 100}}}}]",
+    );
+    write(&s.config, "reviews-vs.yaml", &with_fault);
     std::thread::sleep(Duration::from_secs(1));
     let r = get(&s.node, &s.client, &["--requests", "20"]);
     assert_eq!(served(&r, "v2"), 20, "the rejected change must not apply: {r}");
@@ -250,4 +253,37 @@ fn a_canary_walk_under_continuous_load_answers_every_request() {
             eprintln!("canary walk load: {}", r["servers"]);
         }
     });
+}
+
+#[test]
+fn retries_recover_occasional_failures_and_never_multiply_a_failing_upstream() {
+    let s = setup();
+    let retrying = r#"apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: reviews, namespace: shop}
+spec:
+  hosts: [reviews]
+  http:
+  - route: [{destination: {host: reviews, subset: v1}}]
+    retries: {attempts: 3, retryOn: 5xx}
+"#;
+    apply_routes(&s, retrying, &[], "v1");
+    let v1_served = || {
+        let r = get(&s.node, &s.client, &["--path", "/stats"]);
+        r["first"]["served"].as_u64().unwrap()
+    };
+
+    // v1 fails one request in ten: each failure is retried, the client sees only 200s.
+    let r = get(&s.node, &s.client, &["--requests", "500", "--path", "/flaky/10"]);
+    assert_eq!(r["statuses"]["200"], 500, "every occasional 503 retried away: {r}");
+
+    // v1 fails everything: the client gets the 503s, and v1 sees at most 1.25x the requests
+    // although the route asks for 3 retries each (the budget holds them to ~20%).
+    let before = v1_served();
+    let r = get(&s.node, &s.client, &["--requests", "1000", "--path", "/status/503"]);
+    assert_eq!(r["statuses"]["503"], 1000, "{r}");
+    let seen = v1_served() - before;
+    eprintln!("a failing upstream saw {seen} requests for the client's 1000");
+    assert!(seen <= 1250, "retries multiplied the load on a failing upstream: {seen} for 1000");
+    assert!(seen > 1000, "some retries must happen: {seen}");
 }

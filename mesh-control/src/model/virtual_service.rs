@@ -4,7 +4,7 @@
 //! headers, withoutHeaders, queryParams: exact/prefix/regex; port; sourceLabels;
 //! sourceNamespace), weighted `route` destinations to DestinationRule subsets or other services,
 //! `redirect`, `rewrite` (uri, authority), `headers` (request/response set/add/remove, per route
-//! and per destination) and `timeout`. Fields that are not enforced yet (retries, fault,
+//! and per destination), `timeout` and `retries` (under the node's retry budget). Fields that are not enforced yet (retries, fault,
 //! mirror, tcp/tls routes, …) make the object **rejected** with a reason that names them, so a
 //! VirtualService never half-applies: a chaos experiment's fault or a retry policy does not
 //! silently do nothing. The object's last good version (if any) stays in force.
@@ -50,8 +50,8 @@ pub struct HttpRoute {
     #[serde(default, with = "duration::option")]
     pub timeout: Option<Duration>,
     pub headers: Option<Headers>,
+    pub retries: Option<HttpRetry>,
     // Not enforced yet: their presence rejects the object (see the module docs).
-    pub retries: Option<serde_json::Value>,
     pub fault: Option<serde_json::Value>,
     pub mirror: Option<serde_json::Value>,
     pub mirrors: Option<serde_json::Value>,
@@ -88,6 +88,23 @@ pub struct HttpMatch {
     pub source_namespace: String,
     #[serde(default)]
     pub stat_prefix: String,
+}
+
+/// Istio `HTTPRetry`. Unset: Istio's default (2 attempts on connect-failure, refused-stream,
+/// unavailable, cancelled, 503); every retry is also bounded by the node's retry budget.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HttpRetry {
+    #[serde(default)]
+    pub attempts: u32,
+    #[serde(default, with = "duration::option")]
+    pub per_try_timeout: Option<Duration>,
+    #[serde(default)]
+    pub retry_on: String,
+    pub retry_remote_localities: Option<bool>,
+    pub retry_ignore_previous_hosts: Option<bool>,
+    #[serde(default, with = "duration::option")]
+    pub backoff: Option<Duration>,
 }
 
 /// Exactly one of the three.
@@ -213,6 +230,23 @@ impl VirtualServiceSpec {
     }
 }
 
+/// Retry conditions (Envoy's names, which Istio passes through).
+pub const RETRY_ON: [&str; 13] = [
+    "5xx",
+    "gateway-error",
+    "reset",
+    "connect-failure",
+    "refused-stream",
+    "retriable-4xx",
+    "retriable-status-codes",
+    "reset-before-request",
+    "cancelled",
+    "deadline-exceeded",
+    "internal",
+    "resource-exhausted",
+    "unavailable",
+];
+
 fn not_enforced(field: &str) -> FieldError {
     FieldError::new(
         field,
@@ -223,7 +257,6 @@ fn not_enforced(field: &str) -> FieldError {
 impl HttpRoute {
     fn check(&self, at: &str, errors: &mut Vec<FieldError>) {
         let unenforced = [
-            ("retries", self.retries.is_some()),
             ("fault", self.fault.is_some()),
             ("mirror", self.mirror.is_some()),
             ("mirrors", self.mirrors.is_some()),
@@ -292,6 +325,22 @@ impl HttpRoute {
                 errors.push(FieldError::new(format!("{at}.route[{j}].weight"), "over 100"));
             }
         }
+        if let Some(retry) = &self.retries {
+            for (j, cond) in retry.retry_on.split(',').map(str::trim).filter(|c| !c.is_empty()).enumerate() {
+                if cond.parse::<u16>().is_err() && !RETRY_ON.contains(&cond) {
+                    errors.push(FieldError::new(
+                        format!("{at}.retries.retryOn"),
+                        format!(
+                            "condition {j} `{cond}` is not one of {} or an HTTP status code",
+                            RETRY_ON.join(", ")
+                        ),
+                    ));
+                }
+            }
+            if retry.backoff.is_some() {
+                errors.push(not_enforced(&format!("{at}.retries.backoff")));
+            }
+        }
         if let Some(r) = &self.redirect {
             if r.derive_port.is_some() {
                 errors.push(not_enforced(&format!("{at}.redirect.derivePort")));
@@ -344,11 +393,11 @@ mod tests {
         let e = errors(json!({"hosts": ["reviews"], "http": [
             {"match": [{"uri": {"regex": "(unclosed"}, "headers": {"x": {"exact": "a", "prefix": "b"}}}],
              "route": [{"destination": {"host": "reviews"}, "weight": 60}, {"destination": {"host": "reviews"}, "weight": 30}],
-             "retries": {"attempts": 3}}]}));
+             "fault": {"abort": {"httpStatus": 500}}}]}));
         let text = e.join("\n");
         assert!(text.contains("spec.http[0].match[0].uri.regex"), "{text}");
         assert!(text.contains("spec.http[0].match[0].headers.x"), "{text}");
         assert!(text.contains("add up to 90"), "{text}");
-        assert!(text.contains("spec.http[0].retries") && text.contains("not enforced"), "{text}");
+        assert!(text.contains("spec.http[0].fault") && text.contains("not enforced"), "{text}");
     }
 }

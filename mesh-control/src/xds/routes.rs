@@ -216,6 +216,7 @@ fn route_action(
     };
     let timeout = http.timeout.unwrap_or_default();
     let mut action = RouteAction {
+        retry_policy: Some(retry_policy(http.retries.as_ref())),
         cluster_specifier: Some(specifier),
         timeout: Some(pbuf::Duration {
             seconds: timeout.as_secs() as i64,
@@ -240,6 +241,43 @@ fn route_action(
         }
     }
     action
+}
+
+/// Istio's retry semantics: unset → 2 attempts on its default conditions; `attempts: 0` → none;
+/// status codes in `retryOn` become retriable status codes.
+fn retry_policy(r: Option<&vs::HttpRetry>) -> route::RetryPolicy {
+    const ISTIO_DEFAULT_ON: &str =
+        "connect-failure,refused-stream,unavailable,cancelled,retriable-status-codes";
+    let (attempts, on, per_try) = match r {
+        None => (2, ISTIO_DEFAULT_ON.to_string(), None),
+        Some(r) => (
+            r.attempts,
+            if r.retry_on.is_empty() { ISTIO_DEFAULT_ON.to_string() } else { r.retry_on.clone() },
+            r.per_try_timeout,
+        ),
+    };
+    let mut conditions: Vec<String> = Vec::new();
+    let mut codes: Vec<u32> = Vec::new();
+    for c in on.split(',').map(str::trim).filter(|c| !c.is_empty()) {
+        match c.parse::<u32>() {
+            Ok(code) => codes.push(code),
+            Err(_) => conditions.push(c.to_string()),
+        }
+    }
+    if r.is_none() || r.is_some_and(|r| r.retry_on.is_empty()) {
+        codes.push(503);
+    }
+    if !codes.is_empty() && !conditions.iter().any(|c| c == "retriable-status-codes") {
+        conditions.push("retriable-status-codes".into());
+    }
+    route::RetryPolicy {
+        retry_on: conditions.join(","),
+        num_retries: Some(pbuf::UInt32Value { value: attempts }),
+        per_try_timeout: per_try
+            .map(|d| pbuf::Duration { seconds: d.as_secs() as i64, nanos: d.subsec_nanos() as i32 }),
+        retriable_status_codes: codes,
+        ..Default::default()
+    }
 }
 
 fn redirect(r: &vs::Redirect) -> RedirectAction {

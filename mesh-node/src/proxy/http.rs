@@ -30,7 +30,9 @@ use super::{
 use crate::xds::{
     cache::{AddressInfo, Cache},
     http_route::{Action, Forward, Redirect, RequestSource, Route},
+    lb::Pick,
     lb::{Balancer, LocalityKey, hash_bytes},
+    retry::RetryPolicy,
 };
 
 /// The Service port a connection's requests go to.
@@ -109,6 +111,7 @@ async fn forward(
     // A VirtualService route picks the cluster (and may redirect, rewrite, add headers).
     let (route_name, mut balancer, hash_policy) = target.current();
     let mut timeout = None;
+    let mut retry = RetryPolicy::istio_default();
     let table = route_name.as_ref().zip(target.cache.as_ref()).and_then(|(name, cache)| cache.route(name));
     let mut chosen: Option<(&Route, &crate::xds::http_route::Target)> = None;
     if let (Some(table), Some(cache)) = (&table, &target.cache) {
@@ -129,6 +132,7 @@ async fn forward(
                 t.request_ops.apply(&mut parts.headers);
                 rewrite(&mut parts, f, route);
                 timeout = f.timeout;
+                retry = f.retry.clone();
                 balancer = match cache.cluster(&t.cluster) {
                     Some(b) => b,
                     None => {
@@ -145,70 +149,97 @@ async fn forward(
             }
         }
     }
-    let target_balancer = &balancer;
     let hash = request_hash(hash_policy.as_ref(), source, &parts);
-
-    // An endpoint that takes the connection; a refused connect moves on to another one.
-    let mut tried = Vec::new();
-    let mut last_error = None;
-    let mut connected = None;
-    for _ in 0..MAX_CONNECT_ATTEMPTS {
-        let Some(pick) = target_balancer.pick(hash, target.local.as_ref(), &tried) else { break };
-        let addr = pick.endpoint.ep.addr;
-        if let Some(sender) = source.http_pool.get(addr, h2) {
-            connected = Some((pick, sender));
-            break;
-        }
-        match outbound.dial_http(source, addr, h2).await {
-            Ok(sender) => {
-                target_balancer.report(&pick.endpoint, true);
-                connected = Some((pick, sender));
-                break;
-            }
-            Err(e) => {
-                target_balancer.report(&pick.endpoint, false);
-                tracing::info!(workload = %source.key, service = target.service, endpoint = %addr, "connect failed ({e}); trying another endpoint");
-                tried.push(addr);
-                last_error = Some(e);
-            }
-        }
-    }
-    let Some((pick, mut sender)) = connected else {
-        let why = last_error.map_or_else(
-            || format!("no endpoints in cluster {}", target_balancer.name),
-            |e| format!("upstream connect error: {e}"),
-        );
-        return error_response(
-            StatusCode::SERVICE_UNAVAILABLE,
-            &format!("{} ({}): {why}", target.service, target.vip),
-        );
-    };
-    let addr = pick.endpoint.ep.addr;
-
     prepare_request(&mut parts, h2, target.vip, upgrade.as_ref());
-    let exchange = sender.send(Request::from_parts(parts, body.boxed()));
-    let result = match timeout {
-        Some(limit) => match tokio::time::timeout(limit, exchange).await {
-            Ok(r) => r,
-            Err(_) => {
+
+    // A request can be sent again only if its body is kept: small bodies are buffered when the
+    // route retries; upgrades and streams are sent once.
+    let (replay, mut stream) = if retry.attempts > 0 && upgrade.is_none() {
+        match buffer_small(body).await {
+            Ok(Buffered::Whole(bytes)) => (Some(bytes), None),
+            Ok(Buffered::Stream(body)) => (None, Some(body)),
+            Err(e) => {
+                return error_response(StatusCode::BAD_REQUEST, &format!("reading the request body: {e}"));
+            }
+        }
+    } else {
+        (None, Some(body.boxed()))
+    };
+    balancer.retry_budget.deposit();
+    let deadline = timeout.map(|t| tokio::time::Instant::now() + t);
+    let mut previous = Vec::new();
+    let mut retries = 0;
+    let (pick, sender, mut response) = loop {
+        let may_retry = |retries: u32| retries < retry.attempts && replay.is_some();
+        let (pick, mut sender) = match connect(outbound, source, target, &balancer, hash, h2, &previous).await
+        {
+            Ok(c) => c,
+            Err(why) => {
+                if may_retry(retries) && retry.retries_failure(false) && balancer.retry_budget.withdraw() {
+                    retries += 1;
+                    tokio::time::sleep(RetryPolicy::backoff(retries)).await;
+                    continue;
+                }
+                return error_response(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    &format!("{} ({}): {why}", target.service, target.vip),
+                );
+            }
+        };
+        let addr = pick.endpoint.ep.addr;
+        let body = match (&replay, stream.take()) {
+            (Some(bytes), _) => Full::new(bytes.clone()).map_err(|e| match e {}).boxed(),
+            (None, Some(body)) => body,
+            (None, None) => unreachable!("a streamed body is sent once: no retry without a replayable body"),
+        };
+        let limit = match (retry.per_try_timeout, deadline) {
+            (Some(t), Some(d)) => Some(t.min(d.saturating_duration_since(tokio::time::Instant::now()))),
+            (t, d) => t.or_else(|| d.map(|d| d.saturating_duration_since(tokio::time::Instant::now()))),
+        };
+        let exchange = sender.send(Request::from_parts(parts.clone(), body));
+        let result = match limit {
+            Some(limit) => tokio::time::timeout(limit, exchange).await.map_err(|_| limit),
+            None => Ok(exchange.await),
+        };
+        let overall_left = deadline.is_none_or(|d| d > tokio::time::Instant::now());
+        let retry_now = |retries: u32| may_retry(retries) && overall_left && balancer.retry_budget.withdraw();
+        match result {
+            Ok(Ok(response)) => {
+                if retry.retries_response(response.status(), response.headers()) && retry_now(retries) {
+                    tracing::debug!(service = target.service, endpoint = %addr, status = response.status().as_u16(), "retrying");
+                    retries += 1;
+                    previous.push(addr);
+                    tokio::time::sleep(RetryPolicy::backoff(retries)).await;
+                    continue;
+                }
+                break (pick, sender, response);
+            }
+            Ok(Err(e)) => {
+                tracing::info!(workload = %source.key, service = target.service, endpoint = %addr, "request failed: {e}");
+                if retry.retries_failure(true) && retry_now(retries) {
+                    retries += 1;
+                    previous.push(addr);
+                    continue;
+                }
+                return error_response(
+                    StatusCode::BAD_GATEWAY,
+                    &format!("{} ({addr}): upstream request failed: {e}", target.service),
+                );
+            }
+            Err(limit) => {
+                if retry.retries_failure(true) && retry_now(retries) {
+                    retries += 1;
+                    previous.push(addr);
+                    continue;
+                }
                 return error_response(
                     StatusCode::GATEWAY_TIMEOUT,
                     &format!("{} ({addr}): upstream request timeout after {limit:?}", target.service),
                 );
             }
-        },
-        None => exchange.await,
-    };
-    let mut response = match result {
-        Ok(r) => r,
-        Err(e) => {
-            tracing::info!(workload = %source.key, service = target.service, endpoint = %addr, "request failed: {e}");
-            return error_response(
-                StatusCode::BAD_GATEWAY,
-                &format!("{} ({addr}): upstream request failed: {e}", target.service),
-            );
         }
     };
+    let addr = pick.endpoint.ep.addr;
     drop(pick);
     if response.status() == StatusCode::SWITCHING_PROTOCOLS
         && let Some(client_upgrade) = client_upgrade
@@ -234,6 +265,73 @@ async fn forward(
         route.response_ops.apply(response.headers_mut());
     }
     response.map(BodyExt::boxed)
+}
+
+/// Picks an endpoint (preferring ones no earlier attempt used) and gets a connection to it; a
+/// refused connect moves on to another endpoint, up to [`MAX_CONNECT_ATTEMPTS`].
+async fn connect(
+    outbound: &Outbound,
+    source: &Source,
+    target: &Target,
+    balancer: &Balancer,
+    hash: Option<u64>,
+    h2: bool,
+    previous: &[SocketAddr],
+) -> Result<(Pick, Sender), String> {
+    let mut refused: Vec<SocketAddr> = Vec::new();
+    let mut last_error = None;
+    for _ in 0..MAX_CONNECT_ATTEMPTS {
+        let avoid: Vec<SocketAddr> = previous.iter().chain(&refused).copied().collect();
+        let Some(pick) = balancer
+            .pick(hash, target.local.as_ref(), &avoid)
+            .or_else(|| balancer.pick(hash, target.local.as_ref(), &refused))
+        else {
+            break;
+        };
+        let addr = pick.endpoint.ep.addr;
+        if let Some(sender) = source.http_pool.get(addr, h2) {
+            return Ok((pick, sender));
+        }
+        match outbound.dial_http(source, addr, h2).await {
+            Ok(sender) => {
+                balancer.report(&pick.endpoint, true);
+                return Ok((pick, sender));
+            }
+            Err(e) => {
+                balancer.report(&pick.endpoint, false);
+                tracing::info!(workload = %source.key, service = target.service, endpoint = %addr, "connect failed ({e}); trying another endpoint");
+                refused.push(addr);
+                last_error = Some(e);
+            }
+        }
+    }
+    Err(last_error.map_or_else(
+        || format!("no endpoints in cluster {}", balancer.name),
+        |e| format!("upstream connect error: {e}"),
+    ))
+}
+
+/// Bodies up to this size are kept so that a request can be retried.
+const MAX_REPLAY_BODY: u64 = 64 * 1024;
+
+/// A request body as the retry logic holds it.
+enum Buffered {
+    /// Small (or empty) and read in full: can be sent again.
+    Whole(Bytes),
+    /// Large or of unknown size: streamed once.
+    Stream(Body),
+}
+
+/// Reads the body in full if it is known to be small; otherwise leaves it to stream.
+async fn buffer_small(body: Incoming) -> Result<Buffered, hyper::Error> {
+    use hyper::body::Body as _;
+    if body.is_end_stream() {
+        return Ok(Buffered::Whole(Bytes::new()));
+    }
+    if body.size_hint().upper().is_some_and(|n| n <= MAX_REPLAY_BODY) {
+        return Ok(Buffered::Whole(body.collect().await?.to_bytes()));
+    }
+    Ok(Buffered::Stream(body.boxed()))
 }
 
 /// A route's rewrite: the matched prefix (or the whole path) replaced, or a regex substitution;

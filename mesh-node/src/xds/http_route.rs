@@ -28,6 +28,8 @@ use mesh_control::proto::{self, mesh};
 use prost::Message;
 use regex::Regex;
 
+use super::retry::RetryPolicy;
+
 pub struct RouteTable {
     pub name: String,
     routes: Vec<Route>,
@@ -59,6 +61,7 @@ pub struct Forward {
     pub prefix_rewrite: Option<String>,
     pub regex_rewrite: Option<(Regex, String)>,
     pub authority_rewrite: Option<String>,
+    pub retry: RetryPolicy,
 }
 
 pub struct Target {
@@ -383,7 +386,12 @@ fn forward(a: &route::RouteAction) -> Result<Forward, String> {
         Some(route_action::HostRewriteSpecifier::HostRewriteLiteral(h)) => Some(h.clone()),
         _ => None,
     };
+    let retry = match &a.retry_policy {
+        Some(p) => RetryPolicy::from_envoy(p)?,
+        None => RetryPolicy::default(),
+    };
     Ok(Forward {
+        retry,
         targets,
         total_weight,
         credit: Mutex::new(vec![0; targets_len]),
@@ -451,6 +459,7 @@ mod tests {
             prefix_rewrite: None,
             regex_rewrite: None,
             authority_rewrite: None,
+            retry: RetryPolicy::default(),
         }
     }
 

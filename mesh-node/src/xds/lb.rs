@@ -106,6 +106,8 @@ pub struct Balancer {
     pub passthrough: bool,
     members: RwLock<Arc<Members>>,
     next: AtomicUsize,
+    /// HTTP retries to this cluster, shared across settings changes.
+    pub retry_budget: Arc<super::retry::RetryBudget>,
 }
 
 impl Balancer {
@@ -124,6 +126,7 @@ impl Balancer {
             passthrough,
             members: RwLock::default(),
             next: AtomicUsize::new(0),
+            retry_budget: Arc::default(),
         }
     }
 
@@ -135,7 +138,8 @@ impl Balancer {
         locality_aware: bool,
         passthrough: bool,
     ) -> Balancer {
-        let b = Balancer::new(&self.name, policy, outlier, locality_aware, passthrough);
+        let mut b = Balancer::new(&self.name, policy, outlier, locality_aware, passthrough);
+        b.retry_budget = Arc::clone(&self.retry_budget);
         let eps: Vec<Endpoint> = self.members().endpoints.iter().map(|e| e.ep.clone()).collect();
         *b.members.write().expect("members lock") = Arc::clone(&self.members());
         b.set_endpoints(eps);

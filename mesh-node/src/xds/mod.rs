@@ -5,4 +5,5 @@ pub mod cache;
 pub mod client;
 pub mod http_route;
 pub mod lb;
+pub mod retry;
 pub mod route;

@@ -3,13 +3,16 @@
 //!
 //! Server (HTTP/1.x and h2c on the same port), per request, a JSON body:
 //! `{"server","method","path","host","version","peer","headers"}`. `/status/<code>` answers
-//! with that status. A request with `Upgrade: nm-echo` is switched (101) to an echo stream.
+//! with that status; `/flaky/<n>` answers 503 to every n-th request it gets and 200 otherwise;
+//! `/stats` answers `{"served": n}`, the requests this server answered before it. A request
+//! with `Upgrade: nm-echo` is switched (101) to an echo stream.
 
 use std::{
     collections::BTreeMap,
     convert::Infallible,
     io::{self, Read, Write},
     net::SocketAddr,
+    sync::atomic::{AtomicU64, Ordering},
     time::Duration,
 };
 
@@ -59,6 +62,10 @@ pub fn serve(name: &str, listen: &[String]) -> io::Result<()> {
 
 type Body = http_body_util::combinators::BoxBody<Bytes, hyper::Error>;
 
+/// Requests answered (except `/stats`), and `/flaky` requests seen.
+static SERVED: AtomicU64 = AtomicU64::new(0);
+static FLAKY: AtomicU64 = AtomicU64::new(0);
+
 async fn answer(name: &str, peer: SocketAddr, mut req: Request<Incoming>) -> Response<Body> {
     let host = req
         .headers()
@@ -96,12 +103,24 @@ async fn answer(name: &str, peer: SocketAddr, mut req: Request<Incoming>) -> Res
         return r;
     }
     let _ = req.into_body().collect().await;
-    let status = report["path"]
-        .as_str()
-        .and_then(|p| p.strip_prefix("/status/"))
-        .and_then(|c| c.parse::<u16>().ok())
-        .and_then(|c| StatusCode::from_u16(c).ok())
-        .unwrap_or(StatusCode::OK);
+    let path = report["path"].as_str().unwrap_or_default();
+    if path == "/stats" {
+        let stats = json!({"server": name, "served": SERVED.load(Ordering::Relaxed)});
+        return Response::new(Full::new(Bytes::from(format!("{stats}\n"))).map_err(|e| match e {}).boxed());
+    }
+    SERVED.fetch_add(1, Ordering::Relaxed);
+    let flaky = path.strip_prefix("/flaky/").and_then(|n| n.parse::<u64>().ok()).filter(|n| *n > 0);
+    let status = match flaky {
+        Some(n) if (FLAKY.fetch_add(1, Ordering::Relaxed) + 1).is_multiple_of(n) => {
+            StatusCode::SERVICE_UNAVAILABLE
+        }
+        Some(_) => StatusCode::OK,
+        None => path
+            .strip_prefix("/status/")
+            .and_then(|c| c.parse::<u16>().ok())
+            .and_then(|c| StatusCode::from_u16(c).ok())
+            .unwrap_or(StatusCode::OK),
+    };
     let mut r = Response::new(Full::new(Bytes::from(format!("{report}\n"))).map_err(|e| match e {}).boxed());
     *r.status_mut() = status;
     r.headers_mut().insert(header::CONTENT_TYPE, "application/json".parse().expect("header"));
