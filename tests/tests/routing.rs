@@ -44,6 +44,8 @@ struct Setup {
     config: PathBuf,
     client: Pod,
     sandbox_client: Pod,
+    /// The reviews pods, named v1, v2, v3.
+    versions: Vec<Pod>,
 }
 
 /// reviews v1, v2, v3 (one pod each, named after their version), a plain client and a client
@@ -59,16 +61,18 @@ fn setup() -> Setup {
     node.register(&client, &Registration::meshed()).unwrap();
     let sandbox_client = node.add_pod("sandbox", "shop").unwrap();
     node.register(&sandbox_client, &registration(&[("branch", "box-123")])).unwrap();
+    let mut versions = Vec::new();
     for version in ["v1", "v2", "v3"] {
         let pod = node.add_pod(version, "shop").unwrap();
         node.register(&pod, &registration(&[("app", "reviews"), ("version", version)])).unwrap();
         node.serve_http(&pod, &[pod.addr(9080)]).unwrap();
+        versions.push(pod);
     }
     eventually("reviews answers from all three versions", Duration::from_secs(15), || {
         node.testapp(&client, &["http-client", "--to", &format!("{VIP}:80"), "--requests", "6"])
             .is_ok_and(|r| r["servers"].as_object().is_some_and(|s| s.len() == 3))
     });
-    Setup { node, config, client, sandbox_client }
+    Setup { node, config, client, sandbox_client, versions }
 }
 
 fn get(node: &SimNode, client: &Pod, args: &[&str]) -> Value {
@@ -172,11 +176,9 @@ spec:\n  hosts: [reviews]\n  http: [{route: [{destination: {host: reviews, subse
     assert_eq!(served(&r, "v2"), 50, "{r}");
 
     // A VirtualService that cannot be enforced is rejected whole: the last good one stays.
-    let with_fault = all_v2.replace(
-        "subset: v2}}]}]",
-        "subset: v3}}], fault: {abort: {httpStatus: 500, percentage: {value: 100}}}}]",
-    );
-    write(&s.config, "reviews-vs.yaml", &with_fault);
+    let with_cors = all_v2
+        .replace("subset: v2}}]}]", "subset: v3}}], corsPolicy: {allowOrigins: [{exact: a.example}]}}]");
+    write(&s.config, "reviews-vs.yaml", &with_cors);
     std::thread::sleep(Duration::from_secs(1));
     let r = get(&s.node, &s.client, &["--requests", "20"]);
     assert_eq!(served(&r, "v2"), 20, "the rejected change must not apply: {r}");
@@ -286,4 +288,65 @@ spec:
     eprintln!("a failing upstream saw {seen} requests for the client's 1000");
     assert!(seen <= 1250, "retries multiplied the load on a failing upstream: {seen} for 1000");
     assert!(seen > 1000, "some retries must happen: {seen}");
+}
+
+#[test]
+fn faults_abort_and_delay_a_share_of_requests_and_mirrors_copy_them() {
+    let s = setup();
+    let chaos = r#"apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: reviews, namespace: shop}
+spec:
+  hosts: [reviews]
+  http:
+  - match: [{headers: {x-chaos: {exact: abort}}}]
+    fault: {abort: {httpStatus: 418, percentage: {value: 100}}}
+    route: [{destination: {host: reviews, subset: v1}}]
+  - match: [{headers: {x-chaos: {exact: half}}}]
+    fault: {abort: {httpStatus: 500, percentage: {value: 50}}}
+    route: [{destination: {host: reviews, subset: v1}}]
+    retries: {attempts: 0}
+  - match: [{headers: {x-chaos: {exact: slow}}}]
+    fault: {delay: {fixedDelay: 300ms}}
+    route: [{destination: {host: reviews, subset: v1}}]
+  - match: [{uri: {prefix: /mirrored}}]
+    route: [{destination: {host: reviews, subset: v1}}]
+    mirror: {host: reviews, subset: v2}
+    mirrorPercentage: {value: 100}
+  - route: [{destination: {host: reviews, subset: v1}}]
+"#;
+    apply_routes(&s, chaos, &[], "v1");
+    // A version's own counters, read from its pod directly (not through the VIP).
+    let stats = |version: &str| {
+        let pod = s.versions.iter().find(|p| p.name == version).unwrap();
+        let to = pod.addr(9080).to_string();
+        let r = s.node.testapp(&s.client, &["http-client", "--to", &to, "--path", "/stats"]).unwrap();
+        r["first"].clone()
+    };
+
+    // An abort for everyone with the header, answered by the proxy: the upstream never sees it.
+    let before = stats("v1")["served"].as_u64().unwrap();
+    let r = get(&s.node, &s.client, &["--requests", "20", "--header", "x-chaos: abort"]);
+    assert_eq!(r["statuses"]["418"], 20, "{r}");
+    assert_eq!(stats("v1")["served"].as_u64().unwrap(), before, "aborted requests must not reach v1");
+
+    // An abort for half: 1,000 requests, about 500 of them 500 (binomial, 6 sigma either way).
+    let r = get(&s.node, &s.client, &["--requests", "1000", "--header", "x-chaos: half"]);
+    let aborted = r["statuses"]["500"].as_u64().unwrap_or(0);
+    assert!((400..=600).contains(&aborted), "50% abort gave {aborted} of 1000: {r}");
+    assert_eq!(aborted + r["statuses"]["200"].as_u64().unwrap_or(0), 1000, "{r}");
+
+    // A delay for everyone with the header: three requests take at least three delays.
+    let r = get(&s.node, &s.client, &["--requests", "3", "--header", "x-chaos: slow"]);
+    assert_eq!(r["statuses"]["200"], 3, "{r}");
+    assert!(r["elapsed_ms"].as_u64().unwrap() >= 900, "each request delayed 300 ms: {r}");
+
+    // Mirroring: the client sees only v1; v2 gets a copy of each request, marked -shadow.
+    let v2_before = stats("v2")["served"].as_u64().unwrap();
+    let r = get(&s.node, &s.client, &["--requests", "50", "--path", "/mirrored/x"]);
+    assert_eq!(served(&r, "v1"), 50, "{r}");
+    eventually("v2 received all 50 copies", Duration::from_secs(10), || {
+        let v2 = stats("v2");
+        v2["served"].as_u64() == Some(v2_before + 50) && v2["last_host"] == "10.96.0.20-shadow:80"
+    });
 }

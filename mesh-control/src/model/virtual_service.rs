@@ -4,10 +4,11 @@
 //! headers, withoutHeaders, queryParams: exact/prefix/regex; port; sourceLabels;
 //! sourceNamespace), weighted `route` destinations to DestinationRule subsets or other services,
 //! `redirect`, `rewrite` (uri, authority), `headers` (request/response set/add/remove, per route
-//! and per destination), `timeout` and `retries` (under the node's retry budget). Fields that are not enforced yet (retries, fault,
-//! mirror, tcp/tls routes, …) make the object **rejected** with a reason that names them, so a
-//! VirtualService never half-applies: a chaos experiment's fault or a retry policy does not
-//! silently do nothing. The object's last good version (if any) stays in force.
+//! and per destination), `timeout`, `retries` (under the node's retry budget), `fault` (delay,
+//! abort) and `mirror`/`mirrors` with their percentages. Fields that are not enforced yet
+//! (corsPolicy, directResponse, delegate, tcp/tls routes, exponential delays, http2Error aborts)
+//! make the object **rejected** with a reason that names them, so a VirtualService never
+//! half-applies: a policy that was written down never silently does nothing. The object's last good version (if any) stays in force.
 
 use std::{collections::BTreeMap, time::Duration};
 
@@ -51,12 +52,14 @@ pub struct HttpRoute {
     pub timeout: Option<Duration>,
     pub headers: Option<Headers>,
     pub retries: Option<HttpRetry>,
+    pub fault: Option<HttpFault>,
+    pub mirror: Option<Destination>,
+    #[serde(default)]
+    pub mirrors: Vec<MirrorPolicy>,
+    pub mirror_percentage: Option<Percent>,
+    /// Deprecated integer form of `mirrorPercentage`.
+    pub mirror_percent: Option<u32>,
     // Not enforced yet: their presence rejects the object (see the module docs).
-    pub fault: Option<serde_json::Value>,
-    pub mirror: Option<serde_json::Value>,
-    pub mirrors: Option<serde_json::Value>,
-    pub mirror_percentage: Option<serde_json::Value>,
-    pub mirror_percent: Option<serde_json::Value>,
     pub cors_policy: Option<serde_json::Value>,
     pub direct_response: Option<serde_json::Value>,
     pub delegate: Option<serde_json::Value>,
@@ -106,6 +109,70 @@ pub struct HttpRetry {
     #[serde(default, with = "duration::option")]
     pub backoff: Option<Duration>,
 }
+
+/// Istio `HTTPFaultInjection`: delay and/or abort a share of requests, at the caller's node.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HttpFault {
+    pub delay: Option<FaultDelay>,
+    pub abort: Option<FaultAbort>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct FaultDelay {
+    #[serde(default, with = "duration::option")]
+    pub fixed_delay: Option<Duration>,
+    pub exponential_delay: Option<serde_json::Value>,
+    /// Unset: every request.
+    pub percentage: Option<Percent>,
+    /// Deprecated integer form of `percentage`.
+    pub percent: Option<u32>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct FaultAbort {
+    pub http_status: Option<u16>,
+    /// A gRPC status name, e.g. `UNAVAILABLE`.
+    pub grpc_status: Option<String>,
+    pub http2_error: Option<String>,
+    /// Unset: every request.
+    pub percentage: Option<Percent>,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Percent {
+    pub value: f64,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct MirrorPolicy {
+    pub destination: Destination,
+    pub percentage: Option<Percent>,
+}
+
+/// gRPC status names Istio accepts in `fault.abort.grpcStatus`, with their codes.
+pub const GRPC_STATUS: [(&str, u32); 16] = [
+    ("CANCELLED", 1),
+    ("UNKNOWN", 2),
+    ("INVALID_ARGUMENT", 3),
+    ("DEADLINE_EXCEEDED", 4),
+    ("NOT_FOUND", 5),
+    ("ALREADY_EXISTS", 6),
+    ("PERMISSION_DENIED", 7),
+    ("RESOURCE_EXHAUSTED", 8),
+    ("FAILED_PRECONDITION", 9),
+    ("ABORTED", 10),
+    ("OUT_OF_RANGE", 11),
+    ("UNIMPLEMENTED", 12),
+    ("INTERNAL", 13),
+    ("UNAVAILABLE", 14),
+    ("DATA_LOSS", 15),
+    ("UNAUTHENTICATED", 16),
+];
 
 /// Exactly one of the three.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -257,11 +324,6 @@ fn not_enforced(field: &str) -> FieldError {
 impl HttpRoute {
     fn check(&self, at: &str, errors: &mut Vec<FieldError>) {
         let unenforced = [
-            ("fault", self.fault.is_some()),
-            ("mirror", self.mirror.is_some()),
-            ("mirrors", self.mirrors.is_some()),
-            ("mirrorPercentage", self.mirror_percentage.is_some()),
-            ("mirrorPercent", self.mirror_percent.is_some()),
             ("corsPolicy", self.cors_policy.is_some()),
             ("directResponse", self.direct_response.is_some()),
             ("delegate", self.delegate.is_some()),
@@ -341,6 +403,25 @@ impl HttpRoute {
                 errors.push(not_enforced(&format!("{at}.retries.backoff")));
             }
         }
+        if let Some(f) = &self.fault {
+            check_fault(&format!("{at}.fault"), f, errors);
+        }
+        if self.mirror.is_some() && !self.mirrors.is_empty() {
+            errors.push(FieldError::new(format!("{at}.mirrors"), "set either `mirror` or `mirrors`"));
+        }
+        let percents = [
+            ("mirrorPercentage".to_string(), self.mirror_percentage),
+            ("mirrorPercent".to_string(), self.mirror_percent.map(|p| Percent { value: f64::from(p) })),
+        ]
+        .into_iter()
+        .chain(
+            self.mirrors.iter().enumerate().map(|(j, m)| (format!("mirrors[{j}].percentage"), m.percentage)),
+        );
+        for (name, p) in percents {
+            if let Some(p) = p {
+                check_percent(&format!("{at}.{name}"), p, errors);
+            }
+        }
         if let Some(r) = &self.redirect {
             if r.derive_port.is_some() {
                 errors.push(not_enforced(&format!("{at}.redirect.derivePort")));
@@ -362,6 +443,59 @@ impl HttpRoute {
                 errors
                     .push(FieldError::new(format!("{at}.rewrite"), "set either `uri` or `uriRegexRewrite`"));
             }
+        }
+    }
+}
+
+fn check_percent(at: &str, p: Percent, errors: &mut Vec<FieldError>) {
+    if !(0.0..=100.0).contains(&p.value) {
+        errors.push(FieldError::new(at, format!("{} is not a percentage (0 to 100)", p.value)));
+    }
+}
+
+fn check_fault(at: &str, f: &HttpFault, errors: &mut Vec<FieldError>) {
+    if f.delay.is_none() && f.abort.is_none() {
+        errors.push(FieldError::new(at, "needs a `delay` or an `abort`"));
+    }
+    if let Some(d) = &f.delay {
+        if d.exponential_delay.is_some() {
+            errors.push(not_enforced(&format!("{at}.delay.exponentialDelay")));
+        } else if d.fixed_delay.is_none() {
+            errors.push(FieldError::new(format!("{at}.delay.fixedDelay"), "required"));
+        }
+        if let Some(p) = d.percentage {
+            check_percent(&format!("{at}.delay.percentage"), p, errors);
+        }
+    }
+    if let Some(a) = &f.abort {
+        let kinds = [a.http_status.is_some(), a.grpc_status.is_some(), a.http2_error.is_some()];
+        if kinds.iter().filter(|k| **k).count() != 1 {
+            errors.push(FieldError::new(
+                format!("{at}.abort"),
+                "set exactly one of httpStatus, grpcStatus, http2Error",
+            ));
+        }
+        if a.http2_error.is_some() {
+            errors.push(not_enforced(&format!("{at}.abort.http2Error")));
+        }
+        if let Some(code) = a.http_status
+            && !(200..=599).contains(&code)
+        {
+            errors.push(FieldError::new(
+                format!("{at}.abort.httpStatus"),
+                format!("{code} is not an HTTP status"),
+            ));
+        }
+        if let Some(g) = &a.grpc_status
+            && !GRPC_STATUS.iter().any(|(name, _)| name == g)
+        {
+            errors.push(FieldError::new(
+                format!("{at}.abort.grpcStatus"),
+                format!("`{g}` is not a gRPC status name"),
+            ));
+        }
+        if let Some(p) = a.percentage {
+            check_percent(&format!("{at}.abort.percentage"), p, errors);
         }
     }
 }
@@ -393,11 +527,11 @@ mod tests {
         let e = errors(json!({"hosts": ["reviews"], "http": [
             {"match": [{"uri": {"regex": "(unclosed"}, "headers": {"x": {"exact": "a", "prefix": "b"}}}],
              "route": [{"destination": {"host": "reviews"}, "weight": 60}, {"destination": {"host": "reviews"}, "weight": 30}],
-             "fault": {"abort": {"httpStatus": 500}}}]}));
+             "corsPolicy": {"allowOrigins": [{"exact": "a"}]}}]}));
         let text = e.join("\n");
         assert!(text.contains("spec.http[0].match[0].uri.regex"), "{text}");
         assert!(text.contains("spec.http[0].match[0].headers.x"), "{text}");
         assert!(text.contains("add up to 90"), "{text}");
-        assert!(text.contains("spec.http[0].fault") && text.contains("not enforced"), "{text}");
+        assert!(text.contains("spec.http[0].corsPolicy") && text.contains("not enforced"), "{text}");
     }
 }

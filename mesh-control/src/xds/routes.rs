@@ -14,7 +14,10 @@ use std::collections::BTreeSet;
 use envoy_types::pb::{
     envoy::{
         config::{
-            core::v3::{HeaderValue, HeaderValueOption, Metadata, header_value_option::HeaderAppendAction},
+            core::v3::{
+                HeaderValue, HeaderValueOption, Metadata, RuntimeFractionalPercent,
+                header_value_option::HeaderAppendAction,
+            },
             route::v3::{
                 self as route, HeaderMatcher, QueryParameterMatcher, RedirectAction, RouteAction,
                 RouteConfiguration, RouteMatch, VirtualHost, WeightedCluster,
@@ -22,7 +25,12 @@ use envoy_types::pb::{
                 redirect_action, route_action, route_match::PathSpecifier, weighted_cluster::ClusterWeight,
             },
         },
+        extensions::filters::{
+            common::fault::v3 as common_fault,
+            http::fault::v3::{FaultAbort, HttpFault, fault_abort},
+        },
         r#type::matcher::v3::{RegexMatcher, StringMatcher, string_matcher::MatchPattern},
+        r#type::v3::{FractionalPercent, fractional_percent},
     },
     google::protobuf as pbuf,
 };
@@ -74,7 +82,13 @@ pub fn build(
                 None => route::route::Action::Route(route_action(http, v, port, ports, &mut clusters)),
             };
             let (req_add, req_remove, resp_add, resp_remove) = header_ops(http.headers.as_ref());
+            let typed_per_filter_config = http
+                .fault
+                .as_ref()
+                .map(|f| [(FAULT_FILTER.to_string(), to_any(FAULT_TYPE, &fault(f)))].into())
+                .unwrap_or_default();
             routes.push(route::Route {
+                typed_per_filter_config,
                 name: name.clone(),
                 r#match: Some(route_match(m)),
                 metadata: m.and_then(source_metadata),
@@ -94,6 +108,47 @@ pub fn build(
         ..Default::default()
     };
     (config, clusters)
+}
+
+/// Envoy's HTTP fault filter, configured per route.
+pub const FAULT_FILTER: &str = "envoy.filters.http.fault";
+pub const FAULT_TYPE: &str = "type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault";
+
+/// An Istio percentage as Envoy's fraction per million (so 0.1% survives).
+fn per_million(p: Option<vs::Percent>) -> FractionalPercent {
+    let value = p.map_or(100.0, |p| p.value);
+    FractionalPercent {
+        numerator: (value * 10_000.0).round() as u32,
+        denominator: fractional_percent::DenominatorType::Million as i32,
+    }
+}
+
+fn fault(f: &vs::HttpFault) -> HttpFault {
+    let delay = f.delay.as_ref().map(|d| {
+        let fixed = d.fixed_delay.unwrap_or_default();
+        let percent = d.percentage.or(d.percent.map(|p| vs::Percent { value: f64::from(p) }));
+        common_fault::FaultDelay {
+            percentage: Some(per_million(percent)),
+            fault_delay_secifier: Some(common_fault::fault_delay::FaultDelaySecifier::FixedDelay(
+                pbuf::Duration { seconds: fixed.as_secs() as i64, nanos: fixed.subsec_nanos() as i32 },
+            )),
+        }
+    });
+    let abort = f.abort.as_ref().map(|a| {
+        let error_type = match (&a.http_status, &a.grpc_status) {
+            (Some(code), _) => fault_abort::ErrorType::HttpStatus(u32::from(*code)),
+            (None, Some(name)) => fault_abort::ErrorType::GrpcStatus(
+                vs::GRPC_STATUS.iter().find(|(n, _)| n == name).map_or(2, |(_, c)| *c),
+            ),
+            (None, None) => fault_abort::ErrorType::HttpStatus(500),
+        };
+        FaultAbort {
+            percentage: Some(per_million(a.percentage)),
+            error_type: Some(error_type),
+            ..Default::default()
+        }
+    });
+    HttpFault { delay, abort, ..Default::default() }
 }
 
 fn string_matcher(m: &vs::StringMatch) -> StringMatcher {
@@ -181,12 +236,7 @@ fn route_action(
 ) -> RouteAction {
     let mut weighted = Vec::new();
     for d in &http.route {
-        let host = qualify(&d.destination.host, &v.meta.namespace);
-        let dest_port = d.destination.port.as_ref().map(|p| p.number).unwrap_or_else(|| {
-            let served = ports.ports_of(&host);
-            if served.contains(&port) || served.len() != 1 { port } else { served[0] }
-        });
-        let cluster = cluster_name(dest_port, &d.destination.subset, &host);
+        let cluster = destination_cluster(&d.destination, v, port, ports);
         clusters.insert(cluster.clone());
         let (req_add, req_remove, resp_add, resp_remove) = header_ops(d.headers.as_ref());
         weighted.push(ClusterWeight {
@@ -214,8 +264,31 @@ fn route_action(
             ..Default::default()
         })
     };
+    let mirrors: Vec<(&vs::Destination, Option<vs::Percent>)> = match &http.mirror {
+        Some(d) => {
+            let legacy = http.mirror_percent.map(|p| vs::Percent { value: f64::from(p) });
+            vec![(d, http.mirror_percentage.or(legacy))]
+        }
+        None => http.mirrors.iter().map(|m| (&m.destination, m.percentage)).collect(),
+    };
+    let request_mirror_policies = mirrors
+        .into_iter()
+        .map(|(d, percent)| {
+            let cluster = destination_cluster(d, v, port, ports);
+            clusters.insert(cluster.clone());
+            route_action::RequestMirrorPolicy {
+                cluster,
+                runtime_fraction: Some(RuntimeFractionalPercent {
+                    default_value: Some(per_million(percent)),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }
+        })
+        .collect();
     let timeout = http.timeout.unwrap_or_default();
     let mut action = RouteAction {
+        request_mirror_policies,
         retry_policy: Some(retry_policy(http.retries.as_ref())),
         cluster_specifier: Some(specifier),
         timeout: Some(pbuf::Duration {
@@ -278,6 +351,17 @@ fn retry_policy(r: Option<&vs::HttpRetry>) -> route::RetryPolicy {
         retriable_status_codes: codes,
         ..Default::default()
     }
+}
+
+/// The cluster of a destination: its host qualified in the VirtualService's namespace, its port
+/// (given, or this port, or the host's only port) and subset.
+fn destination_cluster(d: &vs::Destination, v: &VirtualService, port: u16, ports: &dyn Ports) -> String {
+    let host = qualify(&d.host, &v.meta.namespace);
+    let dest_port = d.port.as_ref().map(|p| p.number).unwrap_or_else(|| {
+        let served = ports.ports_of(&host);
+        if served.contains(&port) || served.len() != 1 { port } else { served[0] }
+    });
+    cluster_name(dest_port, &d.subset, &host)
 }
 
 fn redirect(r: &vs::Redirect) -> RedirectAction {

@@ -29,7 +29,7 @@ use super::{
 };
 use crate::xds::{
     cache::{AddressInfo, Cache},
-    http_route::{Action, Forward, Redirect, RequestSource, Route},
+    http_route::{Abort, Action, Fault, Forward, Redirect, RequestSource, Route},
     lb::Pick,
     lb::{Balancer, LocalityKey, hash_bytes},
     retry::RetryPolicy,
@@ -98,8 +98,8 @@ pub async fn serve(
 }
 
 async fn forward(
-    outbound: &Outbound,
-    source: &Source,
+    outbound: &Arc<Outbound>,
+    source: &Arc<Source>,
     target: &Target,
     mut req: Request<Incoming>,
 ) -> Response<Body> {
@@ -112,6 +112,7 @@ async fn forward(
     let (route_name, mut balancer, hash_policy) = target.current();
     let mut timeout = None;
     let mut retry = RetryPolicy::istio_default();
+    let mut mirrors: Vec<String> = Vec::new();
     let table = route_name.as_ref().zip(target.cache.as_ref()).and_then(|(name, cache)| cache.route(name));
     let mut chosen: Option<(&Route, &crate::xds::http_route::Target)> = None;
     if let (Some(table), Some(cache)) = (&table, &target.cache) {
@@ -131,8 +132,15 @@ async fn forward(
                 route.request_ops.apply(&mut parts.headers);
                 t.request_ops.apply(&mut parts.headers);
                 rewrite(&mut parts, f, route);
+                if let Some(fault) = &route.fault
+                    && let Some(abort) = inject(fault).await
+                {
+                    return fault_response(abort);
+                }
                 timeout = f.timeout;
                 retry = f.retry.clone();
+                mirrors =
+                    f.mirrors.iter().filter(|(_, chance)| chance.hit()).map(|(c, _)| c.clone()).collect();
                 balancer = match cache.cluster(&t.cluster) {
                     Some(b) => b,
                     None => {
@@ -154,7 +162,7 @@ async fn forward(
 
     // A request can be sent again only if its body is kept: small bodies are buffered when the
     // route retries; upgrades and streams are sent once.
-    let (replay, mut stream) = if retry.attempts > 0 && upgrade.is_none() {
+    let (replay, mut stream) = if (retry.attempts > 0 || !mirrors.is_empty()) && upgrade.is_none() {
         match buffer_small(body).await {
             Ok(Buffered::Whole(bytes)) => (Some(bytes), None),
             Ok(Buffered::Stream(body)) => (None, Some(body)),
@@ -165,6 +173,15 @@ async fn forward(
     } else {
         (None, Some(body.boxed()))
     };
+    if let (Some(bytes), Some(cache)) = (&replay, &target.cache) {
+        for cluster in mirrors {
+            let Some(balancer) = cache.cluster(&cluster) else { continue };
+            let (outbound, source) = (Arc::clone(outbound), Arc::clone(source));
+            let (mut parts, bytes, vip) = (parts.clone(), bytes.clone(), target.vip);
+            shadow_authority(&mut parts);
+            tokio::spawn(async move { mirror(&outbound, &source, &balancer, parts, bytes, h2, vip).await });
+        }
+    }
     balancer.retry_budget.deposit();
     let deadline = timeout.map(|t| tokio::time::Instant::now() + t);
     let mut previous = Vec::new();
@@ -265,6 +282,91 @@ async fn forward(
         route.response_ops.apply(response.headers_mut());
     }
     response.map(BodyExt::boxed)
+}
+
+/// Applies a route's fault: waits out a delay that hits; returns the abort that hits, if any.
+async fn inject(fault: &Fault) -> Option<Abort> {
+    if let Some((delay, chance)) = fault.delay
+        && chance.hit()
+    {
+        tokio::time::sleep(delay).await;
+    }
+    fault.abort.filter(|(_, chance)| chance.hit()).map(|(abort, _)| abort)
+}
+
+/// The answer to an injected abort: the HTTP status, or for gRPC a trailers-only response
+/// carrying the gRPC status (what a gRPC client reads as that error).
+fn fault_response(abort: Abort) -> Response<Body> {
+    tracing::debug!(?abort, "fault injected");
+    let mut response =
+        Response::new(Full::new(Bytes::from_static(b"fault filter abort")).map_err(|e| match e {}).boxed());
+    match abort {
+        Abort::Http(code) => {
+            *response.status_mut() = StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
+        }
+        Abort::Grpc(code) => {
+            *response.body_mut() = Full::new(Bytes::new()).map_err(|e| match e {}).boxed();
+            let headers = response.headers_mut();
+            headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+            headers.insert("grpc-status", HeaderValue::from(code));
+            headers.insert("grpc-message", HeaderValue::from_static("fault filter abort"));
+        }
+    }
+    response
+}
+
+/// Envoy's shadow convention: the mirrored copy's authority gets `-shadow` after the host, so
+/// the receiver can tell copies from live traffic.
+fn shadow_authority(parts: &mut hyper::http::request::Parts) {
+    let authority = parts
+        .uri
+        .authority()
+        .map(|a| a.as_str().to_string())
+        .or_else(|| parts.headers.get(header::HOST).and_then(|h| h.to_str().ok()).map(str::to_string));
+    let Some(authority) = authority else { return };
+    let shadow = match authority.rsplit_once(':') {
+        Some((host, port)) if port.parse::<u16>().is_ok() => format!("{host}-shadow:{port}"),
+        _ => format!("{authority}-shadow"),
+    };
+    if let Ok(v) = HeaderValue::from_str(&shadow) {
+        parts.headers.insert(header::HOST, v);
+    }
+    if parts.uri.authority().is_some()
+        && let Ok(u) = Uri::builder()
+            .scheme(parts.uri.scheme_str().unwrap_or("http"))
+            .authority(shadow.as_str())
+            .path_and_query(parts.uri.path_and_query().map_or("/", |p| p.as_str()))
+            .build()
+    {
+        parts.uri = u;
+    }
+}
+
+/// Sends a copy of a request to one endpoint of a mirror cluster and discards the answer.
+async fn mirror(
+    outbound: &Outbound,
+    source: &Source,
+    balancer: &Balancer,
+    parts: hyper::http::request::Parts,
+    body: Bytes,
+    h2: bool,
+    vip: SocketAddr,
+) {
+    let Some(pick) = balancer.pick(None, None, &[]) else { return };
+    let addr = pick.endpoint.ep.addr;
+    let sender = match source.http_pool.get(addr, h2) {
+        Some(s) => Ok(s),
+        None => outbound.dial_http(source, addr, h2).await,
+    };
+    let Ok(mut sender) = sender else { return };
+    let request = Request::from_parts(parts, Full::new(body).map_err(|e| match e {}).boxed());
+    match sender.send(request).await {
+        Ok(response) => {
+            let _ = response.into_body().collect().await;
+            source.http_pool.put(addr, sender);
+        }
+        Err(e) => tracing::debug!(%vip, endpoint = %addr, "mirrored request failed: {e}"),
+    }
 }
 
 /// Picks an endpoint (preferring ones no earlier attempt used) and gets a connection to it; a

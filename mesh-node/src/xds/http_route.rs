@@ -17,7 +17,12 @@ use envoy_types::pb::envoy::{
             route_match::PathSpecifier,
         },
     },
+    extensions::filters::{
+        common::fault::v3::fault_delay,
+        http::fault::v3::{HttpFault, fault_abort},
+    },
     r#type::matcher::v3::{StringMatcher, string_matcher::MatchPattern},
+    r#type::v3::{FractionalPercent, fractional_percent},
 };
 use hyper::{
     HeaderMap,
@@ -44,10 +49,44 @@ pub struct Route {
     pub action: Action,
     pub request_ops: HeaderOps,
     pub response_ops: HeaderOps,
+    /// Fault injection (Envoy's fault filter, configured on the route).
+    pub fault: Option<Fault>,
+}
+
+/// Per-million chances, so that Istio's fractional percentages survive.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Chance(pub u32);
+
+impl Chance {
+    pub fn hit(self) -> bool {
+        self.0 >= 1_000_000 || fastrand::u32(0..1_000_000) < self.0
+    }
+
+    fn from_fraction(f: Option<&FractionalPercent>) -> Chance {
+        let Some(f) = f else { return Chance(1_000_000) };
+        let scale = match fractional_percent::DenominatorType::try_from(f.denominator) {
+            Ok(fractional_percent::DenominatorType::Hundred) => 10_000,
+            Ok(fractional_percent::DenominatorType::TenThousand) => 100,
+            _ => 1,
+        };
+        Chance(f.numerator.saturating_mul(scale).min(1_000_000))
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Fault {
+    pub delay: Option<(Duration, Chance)>,
+    pub abort: Option<(Abort, Chance)>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Abort {
+    Http(u16),
+    Grpc(u32),
 }
 
 pub enum Action {
-    Forward(Forward),
+    Forward(Box<Forward>),
     Redirect(Redirect),
 }
 
@@ -62,6 +101,8 @@ pub struct Forward {
     pub regex_rewrite: Option<(Regex, String)>,
     pub authority_rewrite: Option<String>,
     pub retry: RetryPolicy,
+    /// Clusters that get a copy of each request (fire and forget), with their chance.
+    pub mirrors: Vec<(String, Chance)>,
 }
 
 pub struct Target {
@@ -319,11 +360,18 @@ fn compile_route(r: &route::Route) -> Result<Route, String> {
         None => None,
     };
     let action = match &r.action {
-        Some(route::route::Action::Route(a)) => Action::Forward(forward(a)?),
+        Some(route::route::Action::Route(a)) => Action::Forward(Box::new(forward(a)?)),
         Some(route::route::Action::Redirect(rd)) => Action::Redirect(redirect(rd)),
         other => return Err(format!("action {other:?} is not supported")),
     };
+    let fault = match r.typed_per_filter_config.get(FAULT_FILTER) {
+        Some(any) => Some(fault(
+            &HttpFault::decode(any.value.as_slice()).map_err(|e| format!("fault filter config: {e}"))?,
+        )?),
+        None => None,
+    };
     Ok(Route {
+        fault,
         name: r.name.clone(),
         path,
         headers,
@@ -333,6 +381,39 @@ fn compile_route(r: &route::Route) -> Result<Route, String> {
         request_ops: HeaderOps::compile(&r.request_headers_to_add, &r.request_headers_to_remove)?,
         response_ops: HeaderOps::compile(&r.response_headers_to_add, &r.response_headers_to_remove)?,
     })
+}
+
+/// The per-route name of Envoy's HTTP fault filter.
+const FAULT_FILTER: &str = "envoy.filters.http.fault";
+
+fn fault(f: &HttpFault) -> Result<Fault, String> {
+    let delay = match &f.delay {
+        Some(d) => match &d.fault_delay_secifier {
+            Some(fault_delay::FaultDelaySecifier::FixedDelay(fixed)) => Some((
+                Duration::new(fixed.seconds.max(0) as u64, fixed.nanos.max(0) as u32),
+                Chance::from_fraction(d.percentage.as_ref()),
+            )),
+            other => return Err(format!("fault delay {other:?} is not supported (fixed delays only)")),
+        },
+        None => None,
+    };
+    let abort = match &f.abort {
+        Some(a) => {
+            let kind = match &a.error_type {
+                Some(fault_abort::ErrorType::HttpStatus(c)) => Abort::Http(
+                    u16::try_from(*c)
+                        .ok()
+                        .filter(|c| (200..600).contains(c))
+                        .ok_or(format!("abort status {c}"))?,
+                ),
+                Some(fault_abort::ErrorType::GrpcStatus(c)) => Abort::Grpc(*c),
+                other => return Err(format!("fault abort {other:?} is not supported")),
+            };
+            Some((kind, Chance::from_fraction(a.percentage.as_ref())))
+        }
+        None => None,
+    };
+    Ok(Fault { delay, abort })
 }
 
 fn forward(a: &route::RouteAction) -> Result<Forward, String> {
@@ -390,7 +471,18 @@ fn forward(a: &route::RouteAction) -> Result<Forward, String> {
         Some(p) => RetryPolicy::from_envoy(p)?,
         None => RetryPolicy::default(),
     };
+    let mirrors = a
+        .request_mirror_policies
+        .iter()
+        .map(|m| {
+            (
+                m.cluster.clone(),
+                Chance::from_fraction(m.runtime_fraction.as_ref().and_then(|r| r.default_value.as_ref())),
+            )
+        })
+        .collect();
     Ok(Forward {
+        mirrors,
         retry,
         targets,
         total_weight,
@@ -460,6 +552,7 @@ mod tests {
             regex_rewrite: None,
             authority_rewrite: None,
             retry: RetryPolicy::default(),
+            mirrors: Vec::new(),
         }
     }
 

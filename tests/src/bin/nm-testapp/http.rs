@@ -4,7 +4,8 @@
 //! Server (HTTP/1.x and h2c on the same port), per request, a JSON body:
 //! `{"server","method","path","host","version","peer","headers"}`. `/status/<code>` answers
 //! with that status; `/flaky/<n>` answers 503 to every n-th request it gets and 200 otherwise;
-//! `/stats` answers `{"served": n}`, the requests this server answered before it. A request
+//! `/stats` answers `{"served": n, "last_host"}`: the requests this server answered before it,
+//! and the Host of the last one. A request
 //! with `Upgrade: nm-echo` is switched (101) to an echo stream.
 
 use std::{
@@ -64,6 +65,8 @@ type Body = http_body_util::combinators::BoxBody<Bytes, hyper::Error>;
 
 /// Requests answered (except `/stats`), and `/flaky` requests seen.
 static SERVED: AtomicU64 = AtomicU64::new(0);
+/// The Host (or authority) of the last request answered, for `/stats`.
+static LAST_HOST: std::sync::Mutex<String> = std::sync::Mutex::new(String::new());
 static FLAKY: AtomicU64 = AtomicU64::new(0);
 
 async fn answer(name: &str, peer: SocketAddr, mut req: Request<Incoming>) -> Response<Body> {
@@ -105,10 +108,14 @@ async fn answer(name: &str, peer: SocketAddr, mut req: Request<Incoming>) -> Res
     let _ = req.into_body().collect().await;
     let path = report["path"].as_str().unwrap_or_default();
     if path == "/stats" {
-        let stats = json!({"server": name, "served": SERVED.load(Ordering::Relaxed)});
+        let last_host = LAST_HOST.lock().map(|h| h.clone()).unwrap_or_default();
+        let stats = json!({"server": name, "served": SERVED.load(Ordering::Relaxed), "last_host": last_host});
         return Response::new(Full::new(Bytes::from(format!("{stats}\n"))).map_err(|e| match e {}).boxed());
     }
     SERVED.fetch_add(1, Ordering::Relaxed);
+    if let (Ok(mut last), Some(host)) = (LAST_HOST.lock(), report["host"].as_str()) {
+        *last = host.to_string();
+    }
     let flaky = path.strip_prefix("/flaky/").and_then(|n| n.parse::<u64>().ok()).filter(|n| *n > 0);
     let status = match flaky {
         Some(n) if (FLAKY.fetch_add(1, Ordering::Relaxed) + 1).is_multiple_of(n) => {
@@ -161,8 +168,9 @@ impl Tally {
         self.first.get_or_insert(reply);
     }
 
-    fn into_json(self, connections: usize) -> Value {
-        json!({"servers": self.servers, "statuses": self.statuses, "first": self.first, "connections": connections})
+    fn into_json(self, connections: usize, started: std::time::Instant) -> Value {
+        json!({"servers": self.servers, "statuses": self.statuses, "first": self.first, "connections": connections,
+               "elapsed_ms": started.elapsed().as_millis() as u64})
     }
 }
 
@@ -208,7 +216,7 @@ pub fn client(ask: &Ask) -> io::Result<Value> {
                 let body = resp.into_body().collect().await.map_err(io::Error::other)?.to_bytes();
                 tally.add(status, &body);
             }
-            return Ok(tally.into_json(1));
+            return Ok(tally.into_json(1, started));
         }
         let (mut sender, conn) = hyper::client::conn::http1::handshake(io).await.map_err(io::Error::other)?;
         tokio::spawn(conn.with_upgrades());
@@ -237,7 +245,7 @@ pub fn client(ask: &Ask) -> io::Result<Value> {
             let body = resp.into_body().collect().await.map_err(io::Error::other)?.to_bytes();
             tally.add(status, &body);
         }
-        Ok(tally.into_json(1))
+        Ok(tally.into_json(1, started))
     })
 }
 
@@ -245,6 +253,7 @@ pub fn client(ask: &Ask) -> io::Result<Value> {
 /// asked, the response read to EOF.
 fn http10(ask: &Ask) -> io::Result<Value> {
     let mut tally = Tally::default();
+    let started = std::time::Instant::now();
     for _ in 0..ask.requests {
         let mut s = std::net::TcpStream::connect_timeout(&ask.to, Duration::from_secs(10))?;
         s.set_read_timeout(Some(Duration::from_secs(30)))?;
@@ -270,5 +279,5 @@ fn http10(ask: &Ask) -> io::Result<Value> {
         let status: u16 = status_line.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
         tally.add(status, &raw[split + 4..]);
     }
-    Ok(tally.into_json(ask.requests))
+    Ok(tally.into_json(ask.requests, started))
 }
