@@ -492,6 +492,27 @@ impl SimNode {
         Ok(pid)
     }
 
+    /// Starts a program in the node netns (not in a pod; e.g. a reference proxy), output to
+    /// `<work_dir>/<log_name>.log`; killed on drop like pod processes.
+    pub fn spawn_in_node(&mut self, program: &Path, args: &[String], log_name: &str) -> anyhow::Result<u32> {
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.work_dir.join(format!("{log_name}.log")))?;
+        let child = process::spawn_in(
+            &self.node_netns,
+            None,
+            program,
+            args,
+            &[],
+            Stdio::from(log.try_clone()?),
+            Stdio::from(log),
+        )?;
+        let pid = child.id();
+        self.children.push(child);
+        Ok(pid)
+    }
+
     /// Kills a process this node started with [`SimNode::spawn_in`] or [`SimNode::serve`].
     pub fn kill_process(&mut self, pid: u32) -> anyhow::Result<()> {
         let i =

@@ -63,6 +63,22 @@ pub fn run() -> anyhow::Result<()> {
         cpu = cpu_pct,
     );
     drop(node);
+    let http = crate::bench_http::run()?;
+    let http_rows: Vec<String> = http
+        .iter()
+        .map(|r| {
+            let three = |f: fn(&crate::bench_http::Figures) -> f64, digits: usize| {
+                [&r.direct, &r.mesh, &r.envoy].map(|x| format!("{:.*}", digits, f(x))).join(" / ")
+            };
+            format!(
+                "{stamp} {} | {} | {} | {} |",
+                r.protocol,
+                three(|x| x.0, 0),
+                three(|x| x.1, 0),
+                three(|x| x.2, 0)
+            )
+        })
+        .collect();
     let c = crate::bench_control::run()?;
     let control_row = format!(
         "{stamp} {p50:.0} / {p99:.0} | {sp50:.0} / {sp99:.0} | {sync:.0} | {rss:.1} ({hwm:.1}) | {cpu:.2} |",
@@ -77,7 +93,9 @@ pub fn run() -> anyhow::Result<()> {
     );
     let path = util::workspace_root()?.join("bench/RESULTS.md");
     let mut text = fs::read_to_string(&path).unwrap_or_else(|_| HEADER.to_string());
-    for (table, row) in [(DATA_PATH_TABLE, &row), (CONTROL_TABLE, &control_row)] {
+    let mut rows = vec![(DATA_PATH_TABLE, &row), (CONTROL_TABLE, &control_row)];
+    rows.extend(http_rows.iter().map(|r| (HTTP_TABLE, r)));
+    for (table, row) in rows {
         text = insert_row(&text, table, row);
         println!("\n{table}\n{row}");
     }
@@ -87,6 +105,7 @@ pub fn run() -> anyhow::Result<()> {
 }
 
 const DATA_PATH_TABLE: &str = "| date (UTC) | commit | connect/s | p50 µs | p99 µs | Gbit/s | mesh-node RSS MiB (peak) | mesh-node CPU |";
+const HTTP_TABLE: &str = "| date (UTC) | commit | protocol | p50 µs direct / mesh-node / Envoy | p99 µs direct / mesh-node / Envoy | max req/s direct / mesh-node / Envoy |";
 const CONTROL_TABLE: &str = "| date (UTC) | commit | 2 nodes: p50 / p99 ms | 50 clients: p50 / p99 ms | sync 50 clients ms | mesh-control RSS MiB (peak) | mesh-control CPU s to sync |";
 
 /// `text` with `row` added at the end of the table whose header line is `header` (a new

