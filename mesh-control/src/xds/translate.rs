@@ -417,6 +417,7 @@ impl<'a> Translator<'a> {
                 self.snap
                     .routes
                     .insert(route_name.clone(), Resource::new(&route_name, proto::ROUTE_TYPE, &config));
+                self.snap.route_clusters.insert(route_name.clone(), clusters.iter().cloned().collect());
                 (route_name, clusters.into_iter().filter(|c| *c != name).collect())
             }
             None => (String::new(), Vec::new()),

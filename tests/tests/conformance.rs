@@ -1,0 +1,117 @@
+//! Conformance with a real xDS client: the routing config mesh-control serves for a service is
+//! consumed by a real Envoy 1.40 (state-of-the-world ADS: RDS by name, CDS wildcard, EDS), and
+//! Envoy routes a 90/10 split and a header match the same way mesh-node does.
+
+use std::{fs, net::SocketAddr, time::Duration};
+
+use nodemesh_tests::{
+    CONTROL_PLANE_URL, Pod, Registration, SimNode, envoy,
+    mesh::{eventually, write_config as write},
+};
+use serde_json::Value;
+
+const VIP: &str = "10.96.0.20";
+const ROUTE: &str = "reviews.shop.svc.cluster.local:80";
+const ENVOY_NODE: &str = "envoy-conformance";
+
+const REVIEWS: &str = r#"apiVersion: v1
+kind: Service
+metadata: {name: reviews, namespace: shop}
+spec:
+  clusterIP: 10.96.0.20
+  selector: {app: reviews}
+  ports: [{name: web, port: 80, targetPort: 9080}]
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: reviews, namespace: shop}
+spec:
+  host: reviews
+  subsets:
+  - {name: v1, labels: {version: v1}}
+  - {name: v2, labels: {version: v2}}
+  - {name: v3, labels: {version: v3}}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: reviews, namespace: shop}
+spec:
+  hosts: [reviews]
+  http:
+  - match: [{headers: {end-user: {exact: jason}}}]
+    route: [{destination: {host: reviews, subset: v2}}]
+  - route:
+    - {destination: {host: reviews, subset: v1}, weight: 90}
+    - {destination: {host: reviews, subset: v3}, weight: 10}
+"#;
+
+fn registration(labels: &[(&str, &str)]) -> Registration {
+    Registration {
+        namespace_enabled: true,
+        pod_labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+    }
+}
+
+fn get(node: &SimNode, client: &Pod, to: &str, args: &[&str]) -> Value {
+    let mut all = vec!["http-client", "--to", to];
+    all.extend_from_slice(args);
+    let r = node.testapp(client, &all).unwrap_or_else(|e| panic!("{e:#}"));
+    assert!(r.get("error").is_none(), "{all:?}: {r}");
+    r
+}
+
+fn served(r: &Value, server: &str) -> u64 {
+    r["servers"][server].as_u64().unwrap_or(0)
+}
+
+#[test]
+fn envoy_fed_by_mesh_control_routes_a_split_and_a_header_match_like_mesh_node() {
+    let mut node = SimNode::new().unwrap();
+    let config = node.work_dir.join("config");
+    fs::create_dir_all(&config).unwrap();
+    write(&config, "reviews.yaml", REVIEWS);
+    node.start_control_plane(&config).unwrap();
+    node.start_mesh_node(&["--control-plane", CONTROL_PLANE_URL]).unwrap();
+    let meshed = node.add_pod("meshed", "shop").unwrap();
+    node.register(&meshed, &Registration::meshed()).unwrap();
+    let plain = node.add_pod("plain", "shop").unwrap();
+    node.register(&plain, &Registration::opted_out()).unwrap();
+    for version in ["v1", "v2", "v3"] {
+        let pod = node.add_pod(version, "shop").unwrap();
+        node.register(&pod, &registration(&[("app", "reviews"), ("version", version)])).unwrap();
+        node.serve_http(&pod, &[pod.addr(9080)]).unwrap();
+    }
+    let listen = SocketAddr::from((node.pod_ip4(1), 15081));
+    envoy::start(&mut node, &envoy::ads_bootstrap(ENVOY_NODE, listen, ROUTE, 15098), listen, 11).unwrap();
+
+    let via_envoy = listen.to_string();
+    let via_mesh = format!("{VIP}:80");
+    let paths: [(&str, &Pod, &str); 2] = [("mesh-node", &meshed, &via_mesh), ("Envoy", &plain, &via_envoy)];
+    for (name, client, to) in paths {
+        eventually(&format!("{name} routes jason to v2"), Duration::from_secs(20), || {
+            node.testapp(
+                client,
+                &["http-client", "--to", to, "--requests", "10", "--header", "end-user: jason"],
+            )
+            .is_ok_and(|r| served(&r, "v2") == 10)
+        });
+    }
+    let status = node.control_status().unwrap();
+    let envoy_line = status.lines().find(|l| l.starts_with(ENVOY_NODE)).unwrap_or_else(|| panic!("{status}"));
+    assert!(envoy_line.contains(" yes ") && envoy_line.contains("sotw"), "{status}");
+    assert!(envoy_line.trim_end().ends_with('-'), "Envoy rejected config: {status}");
+
+    for (name, client, to) in paths {
+        // 2,000 requests: Envoy picks weighted clusters at random, so ±3 points is 4.5 sigma.
+        let r = get(&node, client, to, &["--requests", "2000"]);
+        let (v1, v3) = (served(&r, "v1"), served(&r, "v3"));
+        eprintln!("{name}: 90/10 over 2000 requests gave v1 {v1}, v3 {v3}");
+        assert!(
+            (1740..=1860).contains(&v1) && (140..=260).contains(&v3),
+            "{name}: 90/10 within 3 points: {r}"
+        );
+        assert_eq!(served(&r, "v2"), 0, "{name}: only jason goes to v2: {r}");
+        let r = get(&node, client, to, &["--requests", "100", "--header", "end-user: jason"]);
+        assert_eq!(served(&r, "v2"), 100, "{name}: jason always to v2: {r}");
+    }
+}
