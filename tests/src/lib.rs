@@ -19,6 +19,7 @@ pub mod mesh;
 pub mod metrics;
 pub mod netns;
 mod process;
+pub mod reviews;
 
 use std::{
     fs,
@@ -206,6 +207,14 @@ impl Registration {
     pub fn unmeshed_namespace() -> Registration {
         Registration::default()
     }
+    /// A meshed pod with these labels.
+    pub fn labelled(labels: &[(&str, &str)]) -> Registration {
+        Registration {
+            namespace_enabled: true,
+            pod_labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+        }
+    }
+
     pub fn opted_out() -> Registration {
         Registration {
             namespace_enabled: true,

@@ -105,3 +105,18 @@ pub fn endpoint_count(node: &SimNode, name: &str) -> usize {
         .and_then(|d| dumped_cluster(&d, name).and_then(|c| c["endpoints"].as_array()).map(Vec::len))
         .unwrap_or(0)
 }
+
+/// `nm-testapp http-client --to <to> <args>` from `client`; panics (with the node's log) if it
+/// fails or reports an error.
+pub fn http_get(node: &SimNode, client: &Pod, to: &str, args: &[&str]) -> Value {
+    let mut all = vec!["http-client", "--to", to];
+    all.extend_from_slice(args);
+    let r = node.testapp(client, &all).unwrap_or_else(|e| panic!("{e:#}\n{}", node.log_tail()));
+    assert!(r.get("error").is_none(), "{all:?}: {r}\n{}", node.log_tail());
+    r
+}
+
+/// How many of an http-client run's requests `server` answered.
+pub fn served(r: &Value, server: &str) -> u64 {
+    r["servers"][server].as_u64().unwrap_or(0)
+}

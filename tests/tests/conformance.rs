@@ -6,33 +6,14 @@ use std::{fs, net::SocketAddr, time::Duration};
 
 use nodemesh_tests::{
     CONTROL_PLANE_URL, Pod, Registration, SimNode, envoy,
-    mesh::{eventually, write_config as write},
+    mesh::{eventually, http_get as get, served, write_config as write},
+    reviews::{self, VIP},
 };
-use serde_json::Value;
 
-const VIP: &str = "10.96.0.20";
 const ROUTE: &str = "reviews.shop.svc.cluster.local:80";
 const ENVOY_NODE: &str = "envoy-conformance";
 
-const REVIEWS: &str = r#"apiVersion: v1
-kind: Service
-metadata: {name: reviews, namespace: shop}
-spec:
-  clusterIP: 10.96.0.20
-  selector: {app: reviews}
-  ports: [{name: web, port: 80, targetPort: 9080}]
----
-apiVersion: networking.istio.io/v1
-kind: DestinationRule
-metadata: {name: reviews, namespace: shop}
-spec:
-  host: reviews
-  subsets:
-  - {name: v1, labels: {version: v1}}
-  - {name: v2, labels: {version: v2}}
-  - {name: v3, labels: {version: v3}}
----
-apiVersion: networking.istio.io/v1
+const ROUTES: &str = r#"apiVersion: networking.istio.io/v1
 kind: VirtualService
 metadata: {name: reviews, namespace: shop}
 spec:
@@ -45,42 +26,20 @@ spec:
     - {destination: {host: reviews, subset: v3}, weight: 10}
 "#;
 
-fn registration(labels: &[(&str, &str)]) -> Registration {
-    Registration {
-        namespace_enabled: true,
-        pod_labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
-    }
-}
-
-fn get(node: &SimNode, client: &Pod, to: &str, args: &[&str]) -> Value {
-    let mut all = vec!["http-client", "--to", to];
-    all.extend_from_slice(args);
-    let r = node.testapp(client, &all).unwrap_or_else(|e| panic!("{e:#}"));
-    assert!(r.get("error").is_none(), "{all:?}: {r}");
-    r
-}
-
-fn served(r: &Value, server: &str) -> u64 {
-    r["servers"][server].as_u64().unwrap_or(0)
-}
-
 #[test]
 fn envoy_fed_by_mesh_control_routes_a_split_and_a_header_match_like_mesh_node() {
     let mut node = SimNode::new().unwrap();
     let config = node.work_dir.join("config");
     fs::create_dir_all(&config).unwrap();
-    write(&config, "reviews.yaml", REVIEWS);
+    write(&config, "reviews.yaml", reviews::SERVICE_AND_SUBSETS);
+    write(&config, "reviews-routes.yaml", ROUTES);
     node.start_control_plane(&config).unwrap();
     node.start_mesh_node(&["--control-plane", CONTROL_PLANE_URL]).unwrap();
     let meshed = node.add_pod("meshed", "shop").unwrap();
     node.register(&meshed, &Registration::meshed()).unwrap();
     let plain = node.add_pod("plain", "shop").unwrap();
     node.register(&plain, &Registration::opted_out()).unwrap();
-    for version in ["v1", "v2", "v3"] {
-        let pod = node.add_pod(version, "shop").unwrap();
-        node.register(&pod, &registration(&[("app", "reviews"), ("version", version)])).unwrap();
-        node.serve_http(&pod, &[pod.addr(9080)]).unwrap();
-    }
+    reviews::serve_versions(&mut node).unwrap();
     let listen = SocketAddr::from((node.pod_ip4(1), 15081));
     envoy::start(&mut node, &envoy::ads_bootstrap(ENVOY_NODE, listen, ROUTE, 15098), listen, 11).unwrap();
 

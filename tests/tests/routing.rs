@@ -7,37 +7,10 @@ use std::{fs, path::PathBuf, time::Duration};
 
 use nodemesh_tests::{
     CONTROL_PLANE_URL, Pod, Registration, SimNode,
-    mesh::{eventually, write_config as write},
+    mesh::{eventually, served, write_config as write},
+    reviews::{self, SERVICE_AND_SUBSETS as REVIEWS, VIP},
 };
 use serde_json::Value;
-
-const VIP: &str = "10.96.0.20";
-
-fn registration(labels: &[(&str, &str)]) -> Registration {
-    Registration {
-        namespace_enabled: true,
-        pod_labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
-    }
-}
-
-const REVIEWS: &str = r#"apiVersion: v1
-kind: Service
-metadata: {name: reviews, namespace: shop}
-spec:
-  clusterIP: 10.96.0.20
-  selector: {app: reviews}
-  ports: [{name: web, port: 80, targetPort: 9080}]
----
-apiVersion: networking.istio.io/v1
-kind: DestinationRule
-metadata: {name: reviews, namespace: shop}
-spec:
-  host: reviews
-  subsets:
-  - {name: v1, labels: {version: v1}}
-  - {name: v2, labels: {version: v2}}
-  - {name: v3, labels: {version: v3}}
-"#;
 
 struct Setup {
     node: SimNode,
@@ -60,14 +33,8 @@ fn setup() -> Setup {
     let client = node.add_pod("client", "shop").unwrap();
     node.register(&client, &Registration::meshed()).unwrap();
     let sandbox_client = node.add_pod("sandbox", "shop").unwrap();
-    node.register(&sandbox_client, &registration(&[("branch", "box-123")])).unwrap();
-    let mut versions = Vec::new();
-    for version in ["v1", "v2", "v3"] {
-        let pod = node.add_pod(version, "shop").unwrap();
-        node.register(&pod, &registration(&[("app", "reviews"), ("version", version)])).unwrap();
-        node.serve_http(&pod, &[pod.addr(9080)]).unwrap();
-        versions.push(pod);
-    }
+    node.register(&sandbox_client, &Registration::labelled(&[("branch", "box-123")])).unwrap();
+    let versions = reviews::serve_versions(&mut node).unwrap();
     eventually("reviews answers from all three versions", Duration::from_secs(15), || {
         node.testapp(&client, &["http-client", "--to", &format!("{VIP}:80"), "--requests", "6"])
             .is_ok_and(|r| r["servers"].as_object().is_some_and(|s| s.len() == 3))
@@ -76,16 +43,7 @@ fn setup() -> Setup {
 }
 
 fn get(node: &SimNode, client: &Pod, args: &[&str]) -> Value {
-    let to = format!("{VIP}:80");
-    let mut all = vec!["http-client", "--to", to.as_str()];
-    all.extend_from_slice(args);
-    let r = node.testapp(client, &all).unwrap_or_else(|e| panic!("{e:#}\n{}", node.log_tail()));
-    assert!(r.get("error").is_none(), "{all:?}: {r}\n{}", node.log_tail());
-    r
-}
-
-fn served(r: &Value, server: &str) -> u64 {
-    r["servers"][server].as_u64().unwrap_or(0)
+    nodemesh_tests::mesh::http_get(node, client, &format!("{VIP}:80"), args)
 }
 
 /// Writes the VirtualService and waits until the node routes by it (probe: `probe_args` from
