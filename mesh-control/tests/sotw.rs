@@ -196,7 +196,15 @@ async fn a_state_of_the_world_client_gets_full_state_and_its_acks_and_nacks_are_
     stream.request(ENDPOINT_TYPE, &eds.version_info, Some(&eds), None).await;
 
     let admin_task = move || tokio::task::spawn_blocking(move || node_status(admin));
-    let status = admin_task().await.unwrap();
+    // The ACK is on its way: wait for the server to have read it.
+    let mut status = Value::Null;
+    for _ in 0..100 {
+        status = admin_task().await.unwrap();
+        if status["acked"][ENDPOINT_TYPE].as_u64().is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     assert_eq!(status["protocol"], "sotw", "{status}");
     assert_eq!(status["connected"], true, "{status}");
     assert!(status["acked"][ENDPOINT_TYPE].as_u64().is_some(), "EDS acknowledged: {status}");
@@ -209,7 +217,6 @@ async fn a_state_of_the_world_client_gets_full_state_and_its_acks_and_nacks_are_
     assert_eq!(endpoints(&three), ["192.0.2.3", "192.0.2.4", "192.0.2.5"]);
     assert_ne!(three.version_info, eds.version_info);
     stream.request(ENDPOINT_TYPE, &eds.version_info, Some(&three), Some("sotw test refuses three")).await;
-    let mut status = Value::Null;
     for _ in 0..100 {
         status = admin_task().await.unwrap();
         if status["nacks"][ENDPOINT_TYPE]["reason"] == "sotw test refuses three" {
