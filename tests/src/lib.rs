@@ -582,13 +582,25 @@ impl SimNode {
         self.serve_as(pod, "http-serve", listen)
     }
 
+    /// An HTTP server that answers every request (but `/stats`) with `status`.
+    pub fn serve_http_failing(
+        &mut self,
+        pod: &Pod,
+        listen: &[SocketAddr],
+        status: u16,
+    ) -> anyhow::Result<u32> {
+        let mode = format!("http-serve --status {status}");
+        self.serve_as(pod, &mode, listen)
+    }
+
     /// [`SimNode::serve`] for nm-testapp's gRPC server (the standard health service).
     pub fn serve_grpc(&mut self, pod: &Pod, listen: &[SocketAddr]) -> anyhow::Result<u32> {
         self.serve_as(pod, "grpc-serve", listen)
     }
 
     fn serve_as(&mut self, pod: &Pod, mode: &str, listen: &[SocketAddr]) -> anyhow::Result<u32> {
-        let mut args = vec![mode.to_string(), "--name".into(), pod.name.clone()];
+        let mut args: Vec<String> = mode.split(' ').map(String::from).collect();
+        args.extend(["--name".into(), pod.name.clone()]);
         for a in listen {
             args.extend(["--listen".into(), a.to_string()]);
         }

@@ -197,3 +197,46 @@ fn two_http_services_on_one_port_number_each_receive_only_their_own_requests() {
         .collect();
     assert_eq!(replies, ["tcp0", "tcp0", "tcp0"], "{hello}");
 }
+
+#[test]
+fn an_endpoint_answering_5xx_is_ejected_when_the_destination_rule_asks() {
+    let Setup { mut node, config, client } = setup(&[("web", WEB_VIP, 2, Server::Http)]);
+    // A third `app=web` pod that fails everything.
+    let broken = node.add_pod("broken", "shop").unwrap();
+    node.register(&broken, &labelled("web")).unwrap();
+    node.serve_http_failing(&broken, &[broken.addr(8080)], 503).unwrap();
+    write(
+        &config,
+        "rule.yaml",
+        "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: web, namespace: shop}\n\
+         spec:\n  host: web\n  trafficPolicy:\n    outlierDetection: {consecutive5xxErrors: 2, interval: 1s, baseEjectionTime: 60s, maxEjectionPercent: 50}\n",
+    );
+    let cluster = "outbound|80||web.shop.svc.cluster.local";
+    eventually("three endpoints and 5xx outlier detection on the node", Duration::from_secs(15), || {
+        // Dial first: the node holds the cluster once a workload has used the VIP.
+        node.testapp(&client, &["http-client", "--to", &format!("{WEB_VIP}:80"), "--requests", "3"]).is_ok()
+            && node.config_dump().is_ok_and(|d| {
+                let c = &d["xds"]["config"]["clusters"][cluster];
+                c["endpoints"].as_array().is_some_and(|e| e.len() == 3)
+                    && c["outlier_detection"]["http_failures"] == "Any5xx"
+            })
+    });
+    // Round robin reaches the broken pod; its 503s are retried (Istio's default) and counted.
+    let r = get(&node, &client, WEB_VIP, &["--requests", "30"]);
+    assert_eq!(r["statuses"]["200"], 30, "the broken pod's 503s are retried away: {r}");
+    let dump = node.config_dump().unwrap();
+    let endpoints = dump["xds"]["config"]["clusters"][cluster]["endpoints"].as_array().unwrap().clone();
+    let ejected: Vec<&Value> = endpoints.iter().filter(|e| e["ejected"] == true).collect();
+    assert_eq!(ejected.len(), 1, "{endpoints:?}");
+    assert_eq!(ejected[0]["address"], broken.addr(8080).to_string(), "{endpoints:?}");
+    // Ejected: it gets no more requests.
+    let broken_served = || {
+        let to = broken.addr(8080).to_string();
+        let r = node.testapp(&client, &["http-client", "--to", &to, "--path", "/stats"]).unwrap();
+        r["first"]["served"].as_u64().unwrap()
+    };
+    let before = broken_served();
+    let r = get(&node, &client, WEB_VIP, &["--requests", "30"]);
+    assert_eq!(r["statuses"]["200"], 30, "{r}");
+    assert_eq!(broken_served(), before, "an ejected endpoint must get no requests");
+}

@@ -222,6 +222,17 @@ async fn forward(
         let retry_now = |retries: u32| may_retry(retries) && overall_left && balancer.retry_budget.withdraw();
         match result {
             Ok(Ok(response)) => {
+                {
+                    // Any answer is a success for connect-failure ejection; with the
+                    // DestinationRule's outlier detection, 5xx (or gateway errors) count as failures.
+                    let failed = balancer
+                        .outlier
+                        .http_failures
+                        .is_some_and(|kind| kind.counts(response.status().as_u16()));
+                    if let Some(ejected) = balancer.report(&pick.endpoint, !failed) {
+                        tracing::warn!(cluster = balancer.name, endpoint = %addr, "endpoint ejected for {ejected:?} after consecutive {} answers", response.status());
+                    }
+                }
                 if retry.retries_response(response.status(), response.headers()) && retry_now(retries) {
                     tracing::debug!(service = target.service, endpoint = %addr, status = response.status().as_u16(), "retrying");
                     retries += 1;
@@ -233,6 +244,7 @@ async fn forward(
             }
             Ok(Err(e)) => {
                 tracing::info!(workload = %source.key, service = target.service, endpoint = %addr, "request failed: {e}");
+                balancer.report(&pick.endpoint, false);
                 if retry.retries_failure(true) && retry_now(retries) {
                     retries += 1;
                     previous.push(addr);
@@ -244,6 +256,7 @@ async fn forward(
                 );
             }
             Err(limit) => {
+                balancer.report(&pick.endpoint, false);
                 if retry.retries_failure(true) && retry_now(retries) {
                     retries += 1;
                     previous.push(addr);
@@ -395,10 +408,9 @@ async fn connect(
             return Ok((pick, sender));
         }
         match outbound.dial_http(source, addr, h2).await {
-            Ok(sender) => {
-                balancer.report(&pick.endpoint, true);
-                return Ok((pick, sender));
-            }
+            // Success is reported with the answer: a connection that opens but answers 5xx
+            // must not reset the endpoint's failure streak.
+            Ok(sender) => return Ok((pick, sender)),
             Err(e) => {
                 balancer.report(&pick.endpoint, false);
                 tracing::info!(workload = %source.key, service = target.service, endpoint = %addr, "connect failed ({e}); trying another endpoint");

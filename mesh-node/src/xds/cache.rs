@@ -21,7 +21,7 @@ use tokio::sync::Notify;
 
 use super::{
     http_route::RouteTable,
-    lb::{Balancer, Endpoint, LbPolicy, OutlierSettings},
+    lb::{Balancer, Endpoint, HttpFailures, LbPolicy, OutlierSettings},
 };
 
 /// What an IP is, as far as the node has been told.
@@ -324,6 +324,13 @@ fn cluster_settings(c: &Cluster) -> Result<ClusterSettings, String> {
                 .map_or(5, |v| v.value.max(1)),
             base_ejection: d(&od.base_ejection_time, Duration::from_secs(30)),
             max_ejection_percent: od.max_ejection_percent.as_ref().map_or(10, |v| v.value.min(100)),
+            http_failures: if od.consecutive_5xx.is_some() {
+                Some(HttpFailures::Any5xx)
+            } else if od.consecutive_gateway_failure.is_some() {
+                Some(HttpFailures::Gateway)
+            } else {
+                None
+            },
         },
         None => OutlierSettings::default(),
     };

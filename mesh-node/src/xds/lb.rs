@@ -27,6 +27,26 @@ pub struct OutlierSettings {
     pub consecutive_failures: u32,
     pub base_ejection: Duration,
     pub max_ejection_percent: u32,
+    /// Which HTTP answers count as failures too (only when the DestinationRule configures
+    /// outlier detection; connect failures always count).
+    pub http_failures: Option<HttpFailures>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HttpFailures {
+    /// consecutive5xxErrors: any 5xx.
+    Any5xx,
+    /// consecutiveGatewayErrors: 502, 503, 504.
+    Gateway,
+}
+
+impl HttpFailures {
+    pub fn counts(self, status: u16) -> bool {
+        match self {
+            HttpFailures::Any5xx => (500..600).contains(&status),
+            HttpFailures::Gateway => (502..=504).contains(&status),
+        }
+    }
 }
 
 impl Default for OutlierSettings {
@@ -37,6 +57,7 @@ impl Default for OutlierSettings {
             consecutive_failures: 5,
             base_ejection: Duration::from_secs(30),
             max_ejection_percent: 10,
+            http_failures: None,
         }
     }
 }
@@ -260,6 +281,12 @@ impl Balancer {
         let members = self.members();
         serde_json::json!({
             "lb_policy": format!("{:?}", self.policy),
+            "outlier_detection": {
+                "consecutive_failures": self.outlier.consecutive_failures,
+                "base_ejection_ms": self.outlier.base_ejection.as_millis() as u64,
+                "max_ejection_percent": self.outlier.max_ejection_percent,
+                "http_failures": self.outlier.http_failures.map(|h| format!("{h:?}")),
+            },
             "locality_aware": self.locality_aware,
             "passthrough": self.passthrough,
             "endpoints": members.endpoints.iter().map(|e| serde_json::json!({
@@ -370,6 +397,7 @@ mod tests {
             consecutive_failures: 2,
             base_ejection: Duration::from_secs(60),
             max_ejection_percent: 100,
+            http_failures: None,
         };
         let b = Balancer::new("c", LbPolicy::RoundRobin, outlier, true, false);
         b.set_endpoints(vec![ep(1, "a"), ep(2, "b")]);

@@ -31,7 +31,9 @@ pub fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("tokio runtime")
 }
 
-pub fn serve(name: &str, listen: &[String]) -> io::Result<()> {
+/// Serves until killed; with `always`, every answer but `/stats` has that status (a broken
+/// backend for outlier detection).
+pub fn serve(name: &str, listen: &[String], always: Option<StatusCode>) -> io::Result<()> {
     runtime().block_on(async {
         let mut tasks = Vec::new();
         for addr in listen {
@@ -44,7 +46,7 @@ pub fn serve(name: &str, listen: &[String]) -> io::Result<()> {
                     tokio::spawn(async move {
                         let service = service_fn(move |req| {
                             let name = name.clone();
-                            async move { Ok::<_, Infallible>(answer(&name, peer, req).await) }
+                            async move { Ok::<_, Infallible>(answer(&name, peer, req, always).await) }
                         });
                         let _ = auto::Builder::new(TokioExecutor::new())
                             .serve_connection_with_upgrades(TokioIo::new(stream), service)
@@ -69,7 +71,12 @@ static SERVED: AtomicU64 = AtomicU64::new(0);
 static LAST_HOST: std::sync::Mutex<String> = std::sync::Mutex::new(String::new());
 static FLAKY: AtomicU64 = AtomicU64::new(0);
 
-async fn answer(name: &str, peer: SocketAddr, mut req: Request<Incoming>) -> Response<Body> {
+async fn answer(
+    name: &str,
+    peer: SocketAddr,
+    mut req: Request<Incoming>,
+    always: Option<StatusCode>,
+) -> Response<Body> {
     let host = req
         .headers()
         .get(header::HOST)
@@ -118,6 +125,7 @@ async fn answer(name: &str, peer: SocketAddr, mut req: Request<Incoming>) -> Res
     }
     let flaky = path.strip_prefix("/flaky/").and_then(|n| n.parse::<u64>().ok()).filter(|n| *n > 0);
     let status = match flaky {
+        _ if always.is_some() => always.unwrap_or(StatusCode::OK),
         Some(n) if (FLAKY.fetch_add(1, Ordering::Relaxed) + 1).is_multiple_of(n) => {
             StatusCode::SERVICE_UNAVAILABLE
         }

@@ -51,7 +51,13 @@ fn main() {
         }
         "http-serve" => {
             let name = opt("--name").unwrap_or_else(|| "server".into());
-            if let Err(e) = http::serve(&name, &opts("--listen")) {
+            let always = opt("--status").map(|c| {
+                c.parse::<u16>()
+                    .ok()
+                    .and_then(|c| hyper::StatusCode::from_u16(c).ok())
+                    .unwrap_or_else(|| fail("--status: not an HTTP status"))
+            });
+            if let Err(e) = http::serve(&name, &opts("--listen"), always) {
                 fail(&format!("http-serve: {e}"));
             }
             return;
@@ -107,7 +113,7 @@ fn main() {
 
 fn usage() -> ! {
     fail(
-        "usage: nm-testapp serve|http-serve --name N --listen ADDR... | grpc-serve --name N --listen ADDR... | grpc-client --to ADDR [--calls N] [--messages M] | http-client --to ADDR [--requests N] [--path P] [--host H] [--header K:V]... [--duration-ms D] [--h2|--http10|--upgrade] | client --to ADDR --mode hello|sink|hold [--connections C] [--bytes N] | bench-connect|bench-latency|bench-bulk|bench-http --to ADDR [--h2] [--rate R --count N --concurrency C --duration-ms D]",
+        "usage: nm-testapp serve|http-serve --name N --listen ADDR... [--status CODE] | grpc-serve --name N --listen ADDR... | grpc-client --to ADDR [--calls N] [--messages M] | http-client --to ADDR [--requests N] [--path P] [--host H] [--header K:V]... [--duration-ms D] [--h2|--http10|--upgrade] | client --to ADDR --mode hello|sink|hold [--connections C] [--bytes N] | bench-connect|bench-latency|bench-bulk|bench-http --to ADDR [--h2] [--rate R --count N --concurrency C --duration-ms D]",
     )
 }
 
