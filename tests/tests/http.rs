@@ -97,6 +97,18 @@ fn http_on_an_undeclared_port_is_balanced_per_request_and_keeps_what_the_client_
     let c = counts(&r);
     assert!(c.len() == 3 && c.iter().all(|n| (9..=11).contains(n)), "per-request round robin: {r}");
     assert_eq!(r["first"]["host"], format!("{WEB_VIP}:80"), "Host preserved: {r}");
+    // Istio's request metrics, per answering workload.
+    let m = node.metrics().unwrap();
+    for web in ["web0", "web1", "web2"] {
+        let labels = [
+            ("source_workload", "client"),
+            ("destination_service", "web.shop.svc.cluster.local"),
+            ("destination_workload", web),
+            ("response_code", "200"),
+        ];
+        assert!(m.sum("istio_requests_total", &labels) >= 9.0, "istio_requests_total for {web}");
+        assert!(m.sum("istio_request_duration_milliseconds_count", &labels) >= 9.0, "duration for {web}");
+    }
 
     // h2c prior knowledge: one connection, many streams, each balanced; HTTP/2 end to end.
     let r = get(&node, &client, WEB_VIP, &["--requests", "30", "--h2"]);

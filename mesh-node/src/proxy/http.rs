@@ -27,6 +27,7 @@ use super::{
     outbound::MAX_CONNECT_ATTEMPTS,
     pool::{Body, Sender},
 };
+use crate::telemetry::metrics::{Reporter, RequestLabels, UNKNOWN};
 use crate::xds::{
     cache::{AddressInfo, Cache},
     http_route::{Abort, Action, Fault, Forward, Redirect, RequestSource, Route},
@@ -85,7 +86,12 @@ pub async fn serve(
     let (key, service_name) = (source.key.clone(), target.service.clone());
     let service = service_fn(move |req| {
         let (outbound, source, target) = (Arc::clone(&outbound), Arc::clone(&source), Arc::clone(&target));
-        async move { Ok::<_, Infallible>(forward(&outbound, &source, &target, req).await) }
+        async move {
+            let started = std::time::Instant::now();
+            let response = forward(&outbound, &source, &target, req).await;
+            record(&outbound, &source, &target, &response, started);
+            Ok::<_, Infallible>(response)
+        }
     });
     let result = if h2 {
         http2::Builder::new(TokioExecutor::new()).timer(TokioTimer::new()).serve_connection(io, service).await
@@ -270,6 +276,7 @@ async fn forward(
         }
     };
     let addr = pick.endpoint.ep.addr;
+    let answered_by = pick.endpoint.ep.workload.clone();
     drop(pick);
     if response.status() == StatusCode::SWITCHING_PROTOCOLS
         && let Some(client_upgrade) = client_upgrade
@@ -290,6 +297,9 @@ async fn forward(
     }
     source.http_pool.put(addr, sender);
     strip_hop_by_hop(response.headers_mut());
+    if !answered_by.is_empty() {
+        response.extensions_mut().insert(AnsweredBy(answered_by));
+    }
     if let Some((route, t)) = chosen {
         t.response_ops.apply(response.headers_mut());
         route.response_ops.apply(response.headers_mut());
@@ -380,6 +390,32 @@ async fn mirror(
         }
         Err(e) => tracing::debug!(%vip, endpoint = %addr, "mirrored request failed: {e}"),
     }
+}
+
+/// The upstream workload that answered (`namespace/name`), kept on the response for metrics.
+#[derive(Clone)]
+struct AnsweredBy(String);
+
+/// `istio_requests_total` and `istio_request_duration_milliseconds` for one answered request.
+fn record(
+    outbound: &Outbound,
+    source: &Source,
+    target: &Target,
+    response: &Response<Body>,
+    started: std::time::Instant,
+) {
+    let answered = response.extensions().get::<AnsweredBy>().map(|a| a.0.as_str()).unwrap_or_default();
+    let (namespace, name) = answered.split_once('/').unwrap_or((UNKNOWN, UNKNOWN));
+    let labels = RequestLabels {
+        reporter: Reporter::source,
+        source_workload: source.key.name.clone(),
+        source_workload_namespace: source.key.namespace.clone(),
+        destination_service: target.service.clone(),
+        destination_workload: name.to_string(),
+        destination_workload_namespace: namespace.to_string(),
+        response_code: response.status().as_u16().to_string(),
+    };
+    outbound.metrics.request(&labels, started.elapsed().as_secs_f64() * 1000.0);
 }
 
 /// Picks an endpoint (preferring ones no earlier attempt used) and gets a connection to it; a

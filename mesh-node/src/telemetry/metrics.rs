@@ -3,9 +3,32 @@
 
 use prometheus_client::{
     encoding::{EncodeLabelSet, EncodeLabelValue},
-    metrics::{counter::Counter, family::Family, gauge::Gauge},
+    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
     registry::Registry,
 };
+
+/// Istio's buckets for `istio_request_duration_milliseconds`.
+const DURATION_BUCKETS_MS: [f64; 19] = [
+    0.5, 1.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0, 30000.0, 60000.0,
+    300000.0, 600000.0, 1800000.0, 3600000.0,
+];
+
+fn duration_histogram() -> Histogram {
+    Histogram::new(DURATION_BUCKETS_MS.into_iter())
+}
+
+/// Labels of one HTTP request, as Istio's `reporter="source"` series carry them.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    pub reporter: Reporter,
+    pub source_workload: String,
+    pub source_workload_namespace: String,
+    /// The Service's hostname.
+    pub destination_service: String,
+    pub destination_workload: String,
+    pub destination_workload_namespace: String,
+    pub response_code: String,
+}
 
 pub const UNKNOWN: &str = "unknown";
 
@@ -71,9 +94,11 @@ impl ConnectionCounters {
     }
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Metrics {
     opened: Family<ConnectionLabels, Counter>,
+    requests: Family<RequestLabels, Counter>,
+    durations: Family<RequestLabels, Histogram, fn() -> Histogram>,
     closed: Family<ConnectionLabels, Counter>,
     sent: Family<ConnectionLabels, Counter>,
     received: Family<ConnectionLabels, Counter>,
@@ -82,9 +107,35 @@ pub struct Metrics {
     pub meshed_workloads: Gauge,
 }
 
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics {
+            opened: Family::default(),
+            requests: Family::default(),
+            durations: Family::new_with_constructor(duration_histogram),
+            closed: Family::default(),
+            sent: Family::default(),
+            received: Family::default(),
+            failures: Family::default(),
+            egress_denied: Family::default(),
+            meshed_workloads: Gauge::default(),
+        }
+    }
+}
+
 impl Metrics {
     pub fn new(registry: &mut Registry) -> Metrics {
         let m = Metrics::default();
+        registry.register(
+            "istio_requests",
+            "HTTP requests proxied for the source workload",
+            m.requests.clone(),
+        );
+        registry.register(
+            "istio_request_duration_milliseconds",
+            "Time from a request's arrival at the proxy to its response head",
+            m.durations.clone(),
+        );
         registry.register(
             "istio_tcp_connections_opened",
             "TCP connections opened through the node proxy",
@@ -131,6 +182,12 @@ impl Metrics {
             received: self.received.get_or_create(labels).clone(),
             closed: self.closed.get_or_create(labels).clone(),
         }
+    }
+
+    /// One HTTP request answered (by the upstream or the proxy) after `ms` milliseconds.
+    pub fn request(&self, labels: &RequestLabels, ms: f64) {
+        self.requests.get_or_create(labels).inc();
+        self.durations.get_or_create(labels).observe(ms);
     }
 
     pub fn failure(&self, labels: &FailureLabels) {
