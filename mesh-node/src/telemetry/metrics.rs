@@ -14,7 +14,7 @@ const DURATION_BUCKETS_MS: [f64; 19] = [
 ];
 
 fn duration_histogram() -> Histogram {
-    Histogram::new(DURATION_BUCKETS_MS.into_iter())
+    Histogram::new(DURATION_BUCKETS_MS)
 }
 
 /// Labels of one HTTP request, as Istio's `reporter="source"` series carry them.
