@@ -252,3 +252,33 @@ fn an_endpoint_answering_5xx_is_ejected_when_the_destination_rule_asks() {
     assert_eq!(r["statuses"]["200"], 30, "{r}");
     assert_eq!(broken_served(), before, "an ejected endpoint must get no requests");
 }
+
+#[test]
+fn requests_beyond_the_connection_pool_limit_overflow_at_once() {
+    let Setup { node, config, client } = setup(&[("web", WEB_VIP, 1, Server::Http)]);
+    write(
+        &config,
+        "rule.yaml",
+        "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: web, namespace: shop}\n\
+         spec:\n  host: web\n  trafficPolicy:\n    connectionPool: {http: {http2MaxRequests: 2}}\n",
+    );
+    let cluster = "outbound|80||web.shop.svc.cluster.local";
+    eventually("the limit reaches the node", Duration::from_secs(15), || {
+        node.testapp(&client, &["http-client", "--to", &format!("{WEB_VIP}:80")]).is_ok()
+            && node.config_dump().is_ok_and(|d| d["xds"]["config"]["clusters"][cluster]["max_requests"] == 2)
+    });
+    // Eight slow requests at once on one h2 connection: two are served, the rest overflow.
+    let r = get(
+        &node,
+        &client,
+        WEB_VIP,
+        &["--h2", "--concurrency", "8", "--requests", "8", "--path", "/delay/500"],
+    );
+    let ok = r["statuses"]["200"].as_u64().unwrap_or(0);
+    let overflow = r["statuses"]["503"].as_u64().unwrap_or(0);
+    assert_eq!(ok + overflow, 8, "{r}");
+    assert!(ok >= 2 && overflow >= 4, "at most 2 in flight: {r}");
+    // One at a time, nothing overflows.
+    let r = get(&node, &client, WEB_VIP, &["--h2", "--requests", "8"]);
+    assert_eq!(r["statuses"]["200"], 8, "{r}");
+}

@@ -647,6 +647,9 @@ struct PortPolicy {
     lb: Option<istio::LoadBalancerSettings>,
     outlier: Option<istio::OutlierDetection>,
     connect_timeout: Option<Duration>,
+    /// connectionPool limits as Envoy circuit-breaker thresholds: (tcp.maxConnections,
+    /// http.http1MaxPendingRequests, http.http2MaxRequests).
+    limits: [Option<u32>; 3],
 }
 
 fn port_policy(dr: &istio::DestinationRule, port: u16) -> PortPolicy {
@@ -658,10 +661,21 @@ fn port_policy(dr: &istio::DestinationRule, port: u16) -> PortPolicy {
         .and_then(|v| v.pointer("/tcp/connectTimeout"))
         .and_then(|v| v.as_str())
         .and_then(|s| crate::model::duration::parse(s).ok());
+    let limit = |path: &str| {
+        pool.as_ref()
+            .and_then(|v| v.pointer(path))
+            .and_then(serde_json::Value::as_u64)
+            .map(|n| n.min(u64::from(u32::MAX)) as u32)
+    };
     PortPolicy {
         lb: pl.and_then(|p| p.load_balancer.clone()).or(tp.load_balancer),
         outlier: pl.and_then(|p| p.outlier_detection.clone()).or(tp.outlier_detection),
         connect_timeout,
+        limits: [
+            limit("/tcp/maxConnections"),
+            limit("/http/http1MaxPendingRequests"),
+            limit("/http/http2MaxRequests"),
+        ],
     }
 }
 
@@ -690,6 +704,20 @@ fn build_cluster(
         ));
         c.lb_policy = cluster::cluster::LbPolicy::ClusterProvided as i32;
         return (c, None);
+    }
+    if let Some([connections, pending, requests]) = policy.map(|p| p.limits)
+        && (connections.is_some() || pending.is_some() || requests.is_some())
+    {
+        let u32v = |v: Option<u32>| v.map(|value| pbuf::UInt32Value { value });
+        c.circuit_breakers = Some(cluster::CircuitBreakers {
+            thresholds: vec![cluster::circuit_breakers::Thresholds {
+                max_connections: u32v(connections),
+                max_pending_requests: u32v(pending),
+                max_requests: u32v(requests),
+                ..Default::default()
+            }],
+            ..Default::default()
+        });
     }
     c.cluster_discovery_type =
         Some(cluster::cluster::ClusterDiscoveryType::Type(cluster::cluster::DiscoveryType::Eds as i32));

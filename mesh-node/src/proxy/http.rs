@@ -164,6 +164,17 @@ async fn forward(
         }
     }
     let hash = request_hash(hash_policy.as_ref(), source, &parts);
+    let Some(_slot) = balancer.admit_request() else {
+        let mut response = error_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &format!(
+                "{}: cluster {} is at its connectionPool limit of requests in flight (overflow)",
+                target.service, balancer.name
+            ),
+        );
+        response.headers_mut().insert("x-envoy-overloaded", HeaderValue::from_static("true"));
+        return response;
+    };
     prepare_request(&mut parts, h2, target.vip, upgrade.as_ref());
 
     // A request can be sent again only if its body is kept: small bodies are buffered when the

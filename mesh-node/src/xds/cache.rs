@@ -114,19 +114,26 @@ impl Cache {
                 let decoded = decode_all::<Cluster>(updated)?;
                 let mut configs = Vec::new();
                 for c in decoded {
-                    configs.push((c.name.clone(), cluster_settings(&c)?));
+                    let max_requests = c
+                        .circuit_breakers
+                        .as_ref()
+                        .and_then(|cb| cb.thresholds.first())
+                        .and_then(|t| t.max_requests.as_ref())
+                        .map(|v| v.value);
+                    configs.push((c.name.clone(), cluster_settings(&c)?, max_requests));
                 }
                 let mut s = self.state.write().expect("cache lock");
                 for name in removed {
                     s.clusters.remove(name);
                 }
-                for (name, (policy, outlier, locality_aware, passthrough)) in configs {
+                for (name, (policy, outlier, locality_aware, passthrough), max_requests) in configs {
                     // Keep endpoints and their health across a settings change.
-                    let balancer = match s.clusters.get(&name) {
-                        Some(old) => Arc::new(old.reconfigured(policy, outlier, locality_aware, passthrough)),
-                        None => Arc::new(Balancer::new(&name, policy, outlier, locality_aware, passthrough)),
+                    let mut balancer = match s.clusters.get(&name) {
+                        Some(old) => old.reconfigured(policy, outlier, locality_aware, passthrough),
+                        None => Balancer::new(&name, policy, outlier, locality_aware, passthrough),
                     };
-                    s.clusters.insert(name, balancer);
+                    balancer.max_requests = max_requests;
+                    s.clusters.insert(name, Arc::new(balancer));
                 }
                 s.generation.insert(type_url.into(), generation);
             }

@@ -129,6 +129,19 @@ pub struct Balancer {
     next: AtomicUsize,
     /// HTTP retries to this cluster, shared across settings changes.
     pub retry_budget: Arc<super::retry::RetryBudget>,
+    /// Circuit breaking (DestinationRule connectionPool): most requests in flight at once.
+    pub max_requests: Option<u32>,
+    /// Requests in flight now, shared across settings changes.
+    in_flight: Arc<AtomicU32>,
+}
+
+/// One request admitted under a cluster's `max_requests`; leaves on drop.
+pub struct RequestSlot(Arc<AtomicU32>);
+
+impl Drop for RequestSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl Balancer {
@@ -148,7 +161,19 @@ impl Balancer {
             members: RwLock::default(),
             next: AtomicUsize::new(0),
             retry_budget: Arc::default(),
+            max_requests: None,
+            in_flight: Arc::default(),
         }
+    }
+
+    /// Admits one more request unless `max_requests` are in flight (Envoy's overflow).
+    pub fn admit_request(&self) -> Option<RequestSlot> {
+        let now = self.in_flight.fetch_add(1, Ordering::Relaxed);
+        let slot = RequestSlot(Arc::clone(&self.in_flight));
+        if self.max_requests.is_some_and(|max| now >= max) {
+            return None; // dropping the slot gives the count back
+        }
+        Some(slot)
     }
 
     /// Same endpoints (and their health), new settings.
@@ -161,6 +186,7 @@ impl Balancer {
     ) -> Balancer {
         let mut b = Balancer::new(&self.name, policy, outlier, locality_aware, passthrough);
         b.retry_budget = Arc::clone(&self.retry_budget);
+        b.in_flight = Arc::clone(&self.in_flight);
         let eps: Vec<Endpoint> = self.members().endpoints.iter().map(|e| e.ep.clone()).collect();
         *b.members.write().expect("members lock") = Arc::clone(&self.members());
         b.set_endpoints(eps);
@@ -281,6 +307,8 @@ impl Balancer {
         let members = self.members();
         serde_json::json!({
             "lb_policy": format!("{:?}", self.policy),
+            "max_requests": self.max_requests,
+            "requests_in_flight": self.in_flight.load(Ordering::Relaxed),
             "outlier_detection": {
                 "consecutive_failures": self.outlier.consecutive_failures,
                 "base_ejection_ms": self.outlier.base_ejection.as_millis() as u64,

@@ -4,6 +4,7 @@
 //! Server (HTTP/1.x and h2c on the same port), per request, a JSON body:
 //! `{"server","method","path","host","version","peer","headers"}`. `/status/<code>` answers
 //! with that status; `/flaky/<n>` answers 503 to every n-th request it gets and 200 otherwise;
+//! `/delay/<ms>` answers after that long;
 //! `/stats` answers `{"served": n, "last_host"}`: the requests this server answered before it,
 //! and the Host of the last one. A request
 //! with `Upgrade: nm-echo` is switched (101) to an echo stream.
@@ -123,6 +124,9 @@ async fn answer(
     if let (Ok(mut last), Some(host)) = (LAST_HOST.lock(), report["host"].as_str()) {
         *last = host.to_string();
     }
+    if let Some(ms) = path.strip_prefix("/delay/").and_then(|ms| ms.parse::<u64>().ok()) {
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+    }
     let flaky = path.strip_prefix("/flaky/").and_then(|n| n.parse::<u64>().ok()).filter(|n| *n > 0);
     let status = match flaky {
         _ if always.is_some() => always.unwrap_or(StatusCode::OK),
@@ -155,6 +159,8 @@ pub struct Ask {
     /// Keep sending (sequentially, on the one connection) until this much time has passed,
     /// instead of a fixed number of requests.
     pub duration: Option<Duration>,
+    /// With `h2`: streams in flight at once (the requests are spread over them).
+    pub concurrency: usize,
 }
 
 /// Tallies of what came back: replies by server and by status, the first reply in full.
@@ -215,6 +221,34 @@ pub fn client(ask: &Ask) -> io::Result<Value> {
                 .await
                 .map_err(io::Error::other)?;
             tokio::spawn(conn);
+            if ask.concurrency > 1 {
+                // `requests` spread over `concurrency` streams in flight at once.
+                let mut tasks = Vec::new();
+                for i in 0..ask.concurrency {
+                    let share =
+                        ask.requests / ask.concurrency + usize::from(i < ask.requests % ask.concurrency);
+                    let requests: Vec<_> = (0..share)
+                        .map(|_| build(&ask.path).body(Empty::<Bytes>::new()).map_err(io::Error::other))
+                        .collect::<io::Result<_>>()?;
+                    let mut sender = sender.clone();
+                    tasks.push(tokio::spawn(async move {
+                        let mut answers = Vec::new();
+                        for req in requests {
+                            let resp = sender.send_request(req).await.map_err(io::Error::other)?;
+                            let status = resp.status().as_u16();
+                            let body = resp.into_body().collect().await.map_err(io::Error::other)?.to_bytes();
+                            answers.push((status, body));
+                        }
+                        Ok::<_, io::Error>(answers)
+                    }));
+                }
+                for t in tasks {
+                    for (status, body) in t.await.map_err(io::Error::other)?? {
+                        tally.add(status, &body);
+                    }
+                }
+                return Ok(tally.into_json(1, started));
+            }
             let mut sent = 0;
             while more(sent) {
                 sent += 1;

@@ -83,6 +83,7 @@ fn main() {
             http10: args.iter().any(|a| a == "--http10"),
             upgrade: args.iter().any(|a| a == "--upgrade"),
             duration: opt("--duration-ms").map(|_| Duration::from_millis(num("--duration-ms", 0))),
+            concurrency: num("--concurrency", 1).max(1) as usize,
         }),
         "client" => match opt("--mode").as_deref().unwrap_or("hello") {
             "hello" => hello_many(to(), num("--connections", 1) as usize),
@@ -113,7 +114,7 @@ fn main() {
 
 fn usage() -> ! {
     fail(
-        "usage: nm-testapp serve|http-serve --name N --listen ADDR... [--status CODE] | grpc-serve --name N --listen ADDR... | grpc-client --to ADDR [--calls N] [--messages M] | http-client --to ADDR [--requests N] [--path P] [--host H] [--header K:V]... [--duration-ms D] [--h2|--http10|--upgrade] | client --to ADDR --mode hello|sink|hold [--connections C] [--bytes N] | bench-connect|bench-latency|bench-bulk|bench-http --to ADDR [--h2] [--rate R --count N --concurrency C --duration-ms D]",
+        "usage: nm-testapp serve|http-serve --name N --listen ADDR... [--status CODE] | grpc-serve --name N --listen ADDR... | grpc-client --to ADDR [--calls N] [--messages M] | http-client --to ADDR [--requests N] [--path P] [--host H] [--header K:V]... [--duration-ms D] [--h2 [--concurrency C]|--http10|--upgrade] | client --to ADDR --mode hello|sink|hold [--connections C] [--bytes N] | bench-connect|bench-latency|bench-bulk|bench-http --to ADDR [--h2] [--rate R --count N --concurrency C --duration-ms D]",
     )
 }
 
