@@ -4,7 +4,11 @@
 //! two HTTP services on the same port number told apart by the address dialled, and gRPC
 //! (unary and server streaming) over h2c.
 
-use std::{fs, path::PathBuf, time::Duration};
+use std::{
+    fs,
+    path::{Path, PathBuf},
+    time::Duration,
+};
 
 use nodemesh_tests::{
     CONTROL_PLANE_URL, Pod, Registration, SimNode,
@@ -15,6 +19,7 @@ use serde_json::Value;
 const WEB_VIP: &str = "10.96.0.10";
 const SHOP_VIP: &str = "10.96.0.11";
 const TCP_VIP: &str = "10.96.0.12";
+const WEB: &str = "outbound|80||web.shop.svc.cluster.local";
 const GRPC_VIP: &str = "10.96.0.13";
 
 /// A `shop` Service at `vip`, port 80 → 8080 on `app=<app>` pods, with a port name that
@@ -76,6 +81,26 @@ fn get(node: &SimNode, client: &Pod, vip: &str, args: &[&str]) -> Value {
     let r = node.testapp(client, &all).unwrap_or_else(|e| panic!("{e:#}\n{}", node.log_tail()));
     assert!(r.get("error").is_none(), "{all:?}: {r}\n{}", node.log_tail());
     r
+}
+
+/// Writes a DestinationRule for `web` with `policy` (flow YAML) as its traffic policy, then
+/// waits until the node's web cluster shows `value` at `pointer` in its config dump (dialling
+/// the VIP first: the node holds the cluster once a workload uses it).
+fn apply_web_rule(node: &SimNode, config: &Path, client: &Pod, policy: &str, pointer: &str, value: Value) {
+    write(
+        config,
+        "rule.yaml",
+        &format!(
+            "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: web, namespace: shop}}\n\
+             spec:\n  host: web\n  trafficPolicy: {policy}\n"
+        ),
+    );
+    eventually(&format!("{pointer} = {value} on the node"), Duration::from_secs(15), || {
+        node.testapp(client, &["http-client", "--to", &format!("{WEB_VIP}:80")]).is_ok()
+            && node
+                .config_dump()
+                .is_ok_and(|d| d["xds"]["config"]["clusters"][WEB].pointer(pointer) == Some(&value))
+    });
 }
 
 fn counts(r: &Value) -> Vec<u64> {
@@ -217,21 +242,19 @@ fn an_endpoint_answering_5xx_is_ejected_when_the_destination_rule_asks() {
     let broken = node.add_pod("broken", "shop").unwrap();
     node.register(&broken, &labelled("web")).unwrap();
     node.serve_http_failing(&broken, &[broken.addr(8080)], 503).unwrap();
-    write(
+    apply_web_rule(
+        &node,
         &config,
-        "rule.yaml",
-        "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: web, namespace: shop}\n\
-         spec:\n  host: web\n  trafficPolicy:\n    outlierDetection: {consecutive5xxErrors: 2, interval: 1s, baseEjectionTime: 60s, maxEjectionPercent: 50}\n",
+        &client,
+        "{outlierDetection: {consecutive5xxErrors: 2, interval: 1s, baseEjectionTime: 60s, maxEjectionPercent: 50}}",
+        "/outlier_detection/http_failures",
+        "Any5xx".into(),
     );
-    let cluster = "outbound|80||web.shop.svc.cluster.local";
-    eventually("three endpoints and 5xx outlier detection on the node", Duration::from_secs(15), || {
-        // Dial first: the node holds the cluster once a workload has used the VIP.
-        node.testapp(&client, &["http-client", "--to", &format!("{WEB_VIP}:80"), "--requests", "3"]).is_ok()
-            && node.config_dump().is_ok_and(|d| {
-                let c = &d["xds"]["config"]["clusters"][cluster];
-                c["endpoints"].as_array().is_some_and(|e| e.len() == 3)
-                    && c["outlier_detection"]["http_failures"] == "Any5xx"
-            })
+    let cluster = WEB;
+    eventually("three endpoints on the node", Duration::from_secs(15), || {
+        node.config_dump().is_ok_and(|d| {
+            d["xds"]["config"]["clusters"][cluster]["endpoints"].as_array().is_some_and(|e| e.len() == 3)
+        })
     });
     // Round robin reaches the broken pod; its 503s are retried (Istio's default) and counted.
     let r = get(&node, &client, WEB_VIP, &["--requests", "30"]);
@@ -256,17 +279,14 @@ fn an_endpoint_answering_5xx_is_ejected_when_the_destination_rule_asks() {
 #[test]
 fn requests_beyond_the_connection_pool_limit_overflow_at_once() {
     let Setup { node, config, client } = setup(&[("web", WEB_VIP, 1, Server::Http)]);
-    write(
+    apply_web_rule(
+        &node,
         &config,
-        "rule.yaml",
-        "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: web, namespace: shop}\n\
-         spec:\n  host: web\n  trafficPolicy:\n    connectionPool: {http: {http2MaxRequests: 2}}\n",
+        &client,
+        "{connectionPool: {http: {http2MaxRequests: 2}}}",
+        "/max_requests",
+        2.into(),
     );
-    let cluster = "outbound|80||web.shop.svc.cluster.local";
-    eventually("the limit reaches the node", Duration::from_secs(15), || {
-        node.testapp(&client, &["http-client", "--to", &format!("{WEB_VIP}:80")]).is_ok()
-            && node.config_dump().is_ok_and(|d| d["xds"]["config"]["clusters"][cluster]["max_requests"] == 2)
-    });
     // Eight slow requests at once on one h2 connection: two are served, the rest overflow.
     let r = get(
         &node,
@@ -281,4 +301,35 @@ fn requests_beyond_the_connection_pool_limit_overflow_at_once() {
     // One at a time, nothing overflows.
     let r = get(&node, &client, WEB_VIP, &["--h2", "--requests", "8"]);
     assert_eq!(r["statuses"]["200"], 8, "{r}");
+}
+
+#[test]
+fn max_requests_per_connection_retires_upstream_connections() {
+    let Setup { node, config, client } = setup(&[("web", WEB_VIP, 1, Server::Http)]);
+    let to = format!("{WEB_VIP}:80");
+    eventually("web answers", Duration::from_secs(15), || {
+        node.testapp(&client, &["http-client", "--to", &to]).is_ok_and(|r| r["statuses"]["200"] == 1)
+    });
+    // Pooled: ten requests over one client connection reuse one upstream connection.
+    let r = get(&node, &client, WEB_VIP, &["--requests", "10"]);
+    assert_eq!(r["upstream_connections"], 1, "{r}");
+    apply_web_rule(
+        &node,
+        &config,
+        &client,
+        "{connectionPool: {http: {maxRequestsPerConnection: 2}}}",
+        "/max_requests_per_connection",
+        2.into(),
+    );
+    // Two requests per upstream connection: ten requests need five, over HTTP/1.1 and h2c.
+    for extra in [&[][..], &["--h2"][..]] {
+        let mut args = vec!["--requests", "10"];
+        args.extend_from_slice(extra);
+        let r = get(&node, &client, WEB_VIP, &args);
+        assert_eq!(r["statuses"]["200"], 10, "{r}");
+        assert!(
+            r["upstream_connections"].as_u64().unwrap() >= 5,
+            "at most 2 requests per upstream connection: {r}"
+        );
+    }
 }

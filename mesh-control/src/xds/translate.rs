@@ -19,6 +19,7 @@ use envoy_types::pb::{
         core::v3 as envoy_core,
         endpoint::v3 as endpoint,
     },
+    envoy::extensions::upstreams::http::v3 as upstream_http,
     google::protobuf as pbuf,
 };
 use prost::Message;
@@ -650,6 +651,8 @@ struct PortPolicy {
     /// connectionPool limits as Envoy circuit-breaker thresholds: (tcp.maxConnections,
     /// http.http1MaxPendingRequests, http.http2MaxRequests).
     limits: [Option<u32>; 3],
+    /// http.maxRequestsPerConnection.
+    max_requests_per_connection: Option<u32>,
 }
 
 fn port_policy(dr: &istio::DestinationRule, port: u16) -> PortPolicy {
@@ -676,6 +679,32 @@ fn port_policy(dr: &istio::DestinationRule, port: u16) -> PortPolicy {
             limit("/http/http1MaxPendingRequests"),
             limit("/http/http2MaxRequests"),
         ],
+        max_requests_per_connection: limit("/http/maxRequestsPerConnection").filter(|n| *n > 0),
+    }
+}
+
+/// Where Envoy reads a cluster's upstream HTTP options.
+pub const HTTP_PROTOCOL_OPTIONS: &str = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions";
+const HTTP_PROTOCOL_OPTIONS_TYPE: &str =
+    "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions";
+
+/// Upstream HTTP options: at most `max` requests per connection, and the downstream's protocol
+/// upstream (what mesh-node does; Envoy needs one protocol choice whenever the options exist).
+fn http_options(max: u32) -> upstream_http::HttpProtocolOptions {
+    use upstream_http::http_protocol_options::{UpstreamProtocolOptions, UseDownstreamHttpConfig};
+    upstream_http::HttpProtocolOptions {
+        common_http_protocol_options: Some(envoy_core::HttpProtocolOptions {
+            max_requests_per_connection: Some(pbuf::UInt32Value { value: max }),
+            ..Default::default()
+        }),
+        upstream_protocol_options: Some(UpstreamProtocolOptions::UseDownstreamProtocolConfig(
+            UseDownstreamHttpConfig {
+                http_protocol_options: Some(envoy_core::Http1ProtocolOptions::default()),
+                http2_protocol_options: Some(envoy_core::Http2ProtocolOptions::default()),
+                ..Default::default()
+            },
+        )),
+        ..Default::default()
     }
 }
 
@@ -718,6 +747,10 @@ fn build_cluster(
             }],
             ..Default::default()
         });
+    }
+    if let Some(max) = policy.and_then(|p| p.max_requests_per_connection) {
+        c.typed_extension_protocol_options
+            .insert(HTTP_PROTOCOL_OPTIONS.into(), to_any(HTTP_PROTOCOL_OPTIONS_TYPE, &http_options(max)));
     }
     c.cluster_discovery_type =
         Some(cluster::cluster::ClusterDiscoveryType::Type(cluster::cluster::DiscoveryType::Eds as i32));

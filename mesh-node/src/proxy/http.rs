@@ -306,7 +306,7 @@ async fn forward(
         });
         return response.map(BodyExt::boxed);
     }
-    source.http_pool.put(addr, sender);
+    source.http_pool.put(addr, sender, balancer.max_requests_per_connection);
     strip_hop_by_hop(response.headers_mut());
     if !answered_by.is_empty() {
         response.extensions_mut().insert(AnsweredBy(answered_by));
@@ -388,7 +388,7 @@ async fn mirror(
 ) {
     let Some(pick) = balancer.pick(None, None, &[]) else { return };
     let addr = pick.endpoint.ep.addr;
-    let sender = match source.http_pool.get(addr, h2) {
+    let sender = match source.http_pool.get(addr, h2, balancer.max_requests_per_connection) {
         Some(s) => Ok(s),
         None => outbound.dial_http(source, addr, h2).await,
     };
@@ -397,7 +397,7 @@ async fn mirror(
     match sender.send(request).await {
         Ok(response) => {
             let _ = response.into_body().collect().await;
-            source.http_pool.put(addr, sender);
+            source.http_pool.put(addr, sender, balancer.max_requests_per_connection);
         }
         Err(e) => tracing::debug!(%vip, endpoint = %addr, "mirrored request failed: {e}"),
     }
@@ -451,7 +451,7 @@ async fn connect(
             break;
         };
         let addr = pick.endpoint.ep.addr;
-        if let Some(sender) = source.http_pool.get(addr, h2) {
+        if let Some(sender) = source.http_pool.get(addr, h2, balancer.max_requests_per_connection) {
             return Ok((pick, sender));
         }
         match outbound.dial_http(source, addr, h2).await {
@@ -687,12 +687,12 @@ pub async fn handshake(stream: TcpStream, h2: bool) -> std::io::Result<Sender> {
             .await
             .map_err(std::io::Error::other)?;
         tokio::spawn(conn);
-        Ok(Sender::Http2(sender))
+        Ok(Sender::Http2(sender, 0))
     } else {
         let (sender, conn) =
             hyper::client::conn::http1::handshake(io).await.map_err(std::io::Error::other)?;
         tokio::spawn(conn.with_upgrades());
-        Ok(Sender::Http1(sender))
+        Ok(Sender::Http1(sender, 0))
     }
 }
 

@@ -17,9 +17,11 @@ pub type Body = BoxBody<Bytes, hyper::Error>;
 /// HTTP/1 connections kept idle per endpoint beyond this are closed when returned.
 const MAX_IDLE_PER_ENDPOINT: usize = 64;
 
+/// One upstream connection's request handle, with how many requests it has carried (for
+/// DestinationRule `maxRequestsPerConnection`). A new connection has carried none.
 pub enum Sender {
-    Http1(http1::SendRequest<Body>),
-    Http2(http2::SendRequest<Body>),
+    Http1(http1::SendRequest<Body>, u32),
+    Http2(http2::SendRequest<Body>, u32),
 }
 
 impl Sender {
@@ -28,16 +30,20 @@ impl Sender {
         req: hyper::Request<Body>,
     ) -> hyper::Result<hyper::Response<hyper::body::Incoming>> {
         match self {
-            Sender::Http1(s) => s.send_request(req).await,
-            Sender::Http2(s) => s.send_request(req).await,
+            Sender::Http1(s, _) => s.send_request(req).await,
+            Sender::Http2(s, _) => s.send_request(req).await,
         }
     }
 }
 
+/// Idle HTTP/1 connections per endpoint, each with the requests it has carried.
+type Http1Idle = HashMap<SocketAddr, Vec<(http1::SendRequest<Body>, u32)>>;
+
 #[derive(Default)]
 pub struct Pool {
-    http1: Mutex<HashMap<SocketAddr, Vec<http1::SendRequest<Body>>>>,
-    http2: Mutex<HashMap<SocketAddr, http2::SendRequest<Body>>>,
+    http1: Mutex<Http1Idle>,
+    /// One multiplexed connection per endpoint, and the requests it has carried.
+    http2: Mutex<HashMap<SocketAddr, (http2::SendRequest<Body>, u32)>>,
 }
 
 impl std::fmt::Debug for Pool {
@@ -49,38 +55,51 @@ impl std::fmt::Debug for Pool {
 }
 
 impl Pool {
-    /// A connection to `addr` that can take a request now, if one is open.
-    pub fn get(&self, addr: SocketAddr, h2: bool) -> Option<Sender> {
+    /// A connection to `addr` that can take a request now, if one is open. `limit` is the
+    /// cluster's requests per connection: an HTTP/2 connection that reaches it with this
+    /// request leaves the pool (its streams finish; new requests open a new connection).
+    pub fn get(&self, addr: SocketAddr, h2: bool, limit: Option<u32>) -> Option<Sender> {
         if h2 {
             let mut conns = self.http2.lock().expect("pool lock");
-            match conns.get(&addr) {
-                Some(s) if !s.is_closed() && s.is_ready() => return Some(Sender::Http2(s.clone())),
-                Some(_) => {
-                    conns.remove(&addr);
-                }
-                None => {}
+            let (s, uses) = conns.get_mut(&addr)?;
+            if s.is_closed() || !s.is_ready() {
+                conns.remove(&addr);
+                return None;
             }
-            return None;
+            *uses += 1;
+            let sender = Sender::Http2(s.clone(), *uses);
+            if limit.is_some_and(|max| *uses >= max) {
+                conns.remove(&addr);
+            }
+            return Some(sender);
         }
         let mut conns = self.http1.lock().expect("pool lock");
         let idle = conns.get_mut(&addr)?;
-        idle.retain(|s| !s.is_closed());
-        let ready = idle.iter().position(http1::SendRequest::is_ready)?;
-        Some(Sender::Http1(idle.swap_remove(ready)))
+        idle.retain(|(s, _)| !s.is_closed());
+        let ready = idle.iter().position(|(s, _)| s.is_ready())?;
+        let (s, uses) = idle.swap_remove(ready);
+        Some(Sender::Http1(s, uses))
     }
 
-    /// Keeps `sender` for later requests. An HTTP/1 connection returned while it still streams
-    /// a response is skipped by [`Pool::get`] until it is done.
-    pub fn put(&self, addr: SocketAddr, sender: Sender) {
+    /// Keeps `sender`, which has just carried one more request, for later requests, unless it
+    /// has carried `limit`. An HTTP/1 connection returned while it still streams a response
+    /// is skipped by [`Pool::get`] until it is done.
+    pub fn put(&self, addr: SocketAddr, sender: Sender, limit: Option<u32>) {
         match sender {
-            Sender::Http2(s) => {
-                self.http2.lock().expect("pool lock").insert(addr, s);
+            // A pooled HTTP/2 connection was counted when it was taken; a new one enters here.
+            Sender::Http2(s, 0) if limit.is_none_or(|max| max > 1) => {
+                self.http2.lock().expect("pool lock").entry(addr).or_insert((s, 1));
             }
-            Sender::Http1(s) => {
+            Sender::Http2(..) => {}
+            Sender::Http1(s, uses) => {
+                let uses = uses + 1;
+                if limit.is_some_and(|max| uses >= max) {
+                    return; // dropped: the connection closes once idle
+                }
                 let mut conns = self.http1.lock().expect("pool lock");
                 let idle = conns.entry(addr).or_default();
                 if idle.len() < MAX_IDLE_PER_ENDPOINT {
-                    idle.push(s);
+                    idle.push((s, uses));
                 }
             }
         }

@@ -15,6 +15,7 @@ use envoy_types::pb::envoy::config::{
     endpoint::v3::{ClusterLoadAssignment, lb_endpoint},
     route::v3::RouteConfiguration,
 };
+use envoy_types::pb::envoy::extensions::upstreams::http::v3::HttpProtocolOptions as UpstreamHttpOptions;
 use mesh_control::proto::{self, mesh};
 use prost::Message;
 use tokio::sync::Notify;
@@ -120,19 +121,26 @@ impl Cache {
                         .and_then(|cb| cb.thresholds.first())
                         .and_then(|t| t.max_requests.as_ref())
                         .map(|v| v.value);
-                    configs.push((c.name.clone(), cluster_settings(&c)?, max_requests));
+                    configs.push((
+                        c.name.clone(),
+                        cluster_settings(&c)?,
+                        (max_requests, requests_per_connection(&c)?),
+                    ));
                 }
                 let mut s = self.state.write().expect("cache lock");
                 for name in removed {
                     s.clusters.remove(name);
                 }
-                for (name, (policy, outlier, locality_aware, passthrough), max_requests) in configs {
+                for (name, (policy, outlier, locality_aware, passthrough), (max_requests, per_connection)) in
+                    configs
+                {
                     // Keep endpoints and their health across a settings change.
                     let mut balancer = match s.clusters.get(&name) {
                         Some(old) => old.reconfigured(policy, outlier, locality_aware, passthrough),
                         None => Balancer::new(&name, policy, outlier, locality_aware, passthrough),
                     };
                     balancer.max_requests = max_requests;
+                    balancer.max_requests_per_connection = per_connection;
                     s.clusters.insert(name, Arc::new(balancer));
                 }
                 s.generation.insert(type_url.into(), generation);
@@ -343,6 +351,22 @@ fn cluster_settings(c: &Cluster) -> Result<ClusterSettings, String> {
     };
     let locality_aware = c.common_lb_config.as_ref().is_some_and(|l| l.locality_config_specifier.is_some());
     Ok((policy, outlier, locality_aware, passthrough))
+}
+
+/// `maxRequestsPerConnection` from the cluster's upstream HTTP options, if set.
+fn requests_per_connection(c: &Cluster) -> Result<Option<u32>, String> {
+    let Some(any) =
+        c.typed_extension_protocol_options.get("envoy.extensions.upstreams.http.v3.HttpProtocolOptions")
+    else {
+        return Ok(None);
+    };
+    let options = UpstreamHttpOptions::decode(any.value.as_slice())
+        .map_err(|e| format!("Cluster {}: upstream HTTP options: {e}", c.name))?;
+    Ok(options
+        .common_http_protocol_options
+        .and_then(|o| o.max_requests_per_connection)
+        .map(|v| v.value)
+        .filter(|v| *v > 0))
 }
 
 fn endpoints(cla: &ClusterLoadAssignment) -> Result<Vec<Endpoint>, String> {

@@ -131,6 +131,9 @@ pub struct Balancer {
     pub retry_budget: Arc<super::retry::RetryBudget>,
     /// Circuit breaking (DestinationRule connectionPool): most requests in flight at once.
     pub max_requests: Option<u32>,
+    /// connectionPool.http.maxRequestsPerConnection: an upstream connection is retired after
+    /// carrying this many requests.
+    pub max_requests_per_connection: Option<u32>,
     /// Requests in flight now, shared across settings changes.
     in_flight: Arc<AtomicU32>,
 }
@@ -162,6 +165,7 @@ impl Balancer {
             next: AtomicUsize::new(0),
             retry_budget: Arc::default(),
             max_requests: None,
+            max_requests_per_connection: None,
             in_flight: Arc::default(),
         }
     }
@@ -308,6 +312,7 @@ impl Balancer {
         serde_json::json!({
             "lb_policy": format!("{:?}", self.policy),
             "max_requests": self.max_requests,
+            "max_requests_per_connection": self.max_requests_per_connection,
             "requests_in_flight": self.in_flight.load(Ordering::Relaxed),
             "outlier_detection": {
                 "consecutive_failures": self.outlier.consecutive_failures,

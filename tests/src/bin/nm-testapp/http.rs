@@ -169,6 +169,8 @@ struct Tally {
     servers: BTreeMap<String, usize>,
     statuses: BTreeMap<u16, usize>,
     first: Option<Value>,
+    /// The client addresses the servers saw (the proxy's upstream connections).
+    peers: std::collections::BTreeSet<String>,
 }
 
 impl Tally {
@@ -179,11 +181,15 @@ impl Tally {
         if let Some(server) = reply["server"].as_str() {
             *self.servers.entry(server.to_string()).or_default() += 1;
         }
+        if let Some(peer) = reply["peer"].as_str() {
+            self.peers.insert(peer.to_string());
+        }
         self.first.get_or_insert(reply);
     }
 
     fn into_json(self, connections: usize, started: std::time::Instant) -> Value {
         json!({"servers": self.servers, "statuses": self.statuses, "first": self.first, "connections": connections,
+               "upstream_connections": self.peers.len(),
                "elapsed_ms": started.elapsed().as_millis() as u64})
     }
 }
