@@ -15,17 +15,33 @@ fn validate_lists_every_error_and_exits_non_zero() {
     )
     .unwrap();
     std::fs::write(dir.join("syntax.yaml"), "kind: [unclosed\n").unwrap();
+    std::fs::write(
+        dir.join("routes.yaml"),
+        "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: pool, namespace: shop}\n\
+         spec: {host: web, trafficPolicy: {connectionPool: {http: {http2MaxRequest: 2}}}}\n---\n\
+         apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: web, namespace: shop}\n\
+         spec: {hosts: [web], http: [{route: [{destination: {host: web}, weight: 60}, {destination: {host: web, subset: v2}, weight: 30}]}]}\n",
+    )
+    .unwrap();
     let bin = nodemesh_tests::bin("mesh-control").unwrap();
     let out = Command::new(&bin).arg("validate").arg(&dir).output().unwrap();
     let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(!out.status.success(), "broken files must fail validation:\n{text}");
-    for expected in
-        ["rules.yaml", "FASTEST", "spec.trafficPolicy.loadBalancer", "metadata.name", "syntax.yaml"]
-    {
+    for expected in [
+        "rules.yaml",
+        "FASTEST",
+        "spec.trafficPolicy.loadBalancer",
+        "metadata.name",
+        "syntax.yaml",
+        "spec.trafficPolicy.connectionPool.http.http2MaxRequest",
+        "spec.http[0].route",
+        "add up to 90",
+    ] {
         assert!(text.contains(expected), "missing `{expected}` in:\n{text}");
     }
 
     std::fs::remove_file(dir.join("syntax.yaml")).unwrap();
+    std::fs::remove_file(dir.join("routes.yaml")).unwrap();
     std::fs::write(dir.join("rules.yaml"), "apiVersion: v1\nkind: Namespace\nmetadata: {name: shop}\n")
         .unwrap();
     let out = Command::new(&bin).arg("validate").arg(&dir).output().unwrap();

@@ -130,8 +130,7 @@ pub struct Subset {
 pub struct TrafficPolicy {
     pub load_balancer: Option<LoadBalancerSettings>,
     pub outlier_detection: Option<OutlierDetection>,
-    /// Enforced from the L7 issue on; accepted (and kept) now so existing YAML loads.
-    pub connection_pool: Option<serde_json::Value>,
+    pub connection_pool: Option<ConnectionPoolSettings>,
     /// mTLS settings; enforced with the identity issue.
     pub tls: Option<serde_json::Value>,
     #[serde(default)]
@@ -146,8 +145,45 @@ pub struct PortTrafficPolicy {
     pub port: Option<PortSelector>,
     pub load_balancer: Option<LoadBalancerSettings>,
     pub outlier_detection: Option<OutlierDetection>,
-    pub connection_pool: Option<serde_json::Value>,
+    pub connection_pool: Option<ConnectionPoolSettings>,
     pub tls: Option<serde_json::Value>,
+}
+
+/// Istio `ConnectionPoolSettings`. Enforced by mesh-node: tcp.connectTimeout,
+/// http.http2MaxRequests, http.maxRequestsPerConnection; the rest is validated and served to
+/// xDS clients.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ConnectionPoolSettings {
+    pub tcp: Option<TcpSettings>,
+    pub http: Option<HttpSettings>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TcpSettings {
+    pub max_connections: Option<u32>,
+    #[serde(default, with = "duration::option")]
+    pub connect_timeout: Option<Duration>,
+    pub tcp_keepalive: Option<serde_json::Value>,
+    #[serde(default, with = "duration::option")]
+    pub max_connection_duration: Option<Duration>,
+    #[serde(default, with = "duration::option")]
+    pub idle_timeout: Option<Duration>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HttpSettings {
+    pub http1_max_pending_requests: Option<u32>,
+    pub http2_max_requests: Option<u32>,
+    pub max_requests_per_connection: Option<u32>,
+    pub max_retries: Option<u32>,
+    #[serde(default, with = "duration::option")]
+    pub idle_timeout: Option<Duration>,
+    pub h2_upgrade_policy: Option<String>,
+    pub use_client_protocol: Option<bool>,
+    pub max_concurrent_streams: Option<u32>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]

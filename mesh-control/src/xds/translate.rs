@@ -659,27 +659,18 @@ fn port_policy(dr: &istio::DestinationRule, port: u16) -> PortPolicy {
     let tp = dr.spec.traffic_policy.clone().unwrap_or_default();
     let pl = tp.port_level_settings.iter().find(|p| p.port.as_ref().is_some_and(|p| p.number == port));
     let pool = pl.and_then(|p| p.connection_pool.clone()).or(tp.connection_pool.clone());
-    let connect_timeout = pool
-        .as_ref()
-        .and_then(|v| v.pointer("/tcp/connectTimeout"))
-        .and_then(|v| v.as_str())
-        .and_then(|s| crate::model::duration::parse(s).ok());
-    let limit = |path: &str| {
-        pool.as_ref()
-            .and_then(|v| v.pointer(path))
-            .and_then(serde_json::Value::as_u64)
-            .map(|n| n.min(u64::from(u32::MAX)) as u32)
-    };
+    let tcp = pool.as_ref().and_then(|p| p.tcp.as_ref());
+    let http = pool.as_ref().and_then(|p| p.http.as_ref());
     PortPolicy {
         lb: pl.and_then(|p| p.load_balancer.clone()).or(tp.load_balancer),
         outlier: pl.and_then(|p| p.outlier_detection.clone()).or(tp.outlier_detection),
-        connect_timeout,
+        connect_timeout: tcp.and_then(|t| t.connect_timeout),
         limits: [
-            limit("/tcp/maxConnections"),
-            limit("/http/http1MaxPendingRequests"),
-            limit("/http/http2MaxRequests"),
+            tcp.and_then(|t| t.max_connections),
+            http.and_then(|h| h.http1_max_pending_requests),
+            http.and_then(|h| h.http2_max_requests),
         ],
-        max_requests_per_connection: limit("/http/maxRequestsPerConnection").filter(|n| *n > 0),
+        max_requests_per_connection: http.and_then(|h| h.max_requests_per_connection).filter(|n| *n > 0),
     }
 }
 
