@@ -116,6 +116,8 @@ struct Members {
     endpoints: Vec<Arc<EndpointState>>,
     /// Sorted (hash, index) for consistent hashing.
     ring: Vec<(u64, usize)>,
+    /// Smooth weighted round robin credit per endpoint, used when weights differ.
+    credits: Mutex<Vec<i64>>,
 }
 
 pub struct Balancer {
@@ -224,7 +226,8 @@ impl Balancer {
             }
             _ => Vec::new(),
         };
-        *self.members.write().expect("members lock") = Arc::new(Members { endpoints, ring });
+        let credits = Mutex::new(vec![0; endpoints.len()]);
+        *self.members.write().expect("members lock") = Arc::new(Members { endpoints, ring, credits });
     }
 
     /// Picks an endpoint not in `exclude`. `hash` is the consistent-hash key (ignored by other
@@ -258,7 +261,25 @@ impl Balancer {
         }
         let chosen = match (self.policy, hash) {
             (LbPolicy::RoundRobin, _) => {
-                candidates[self.next.fetch_add(1, Ordering::Relaxed) % candidates.len()]
+                let weight = |i: usize| i64::from(members.endpoints[i].ep.weight.max(1));
+                let first = weight(candidates[0]);
+                if candidates.iter().all(|i| weight(*i) == first) {
+                    candidates[self.next.fetch_add(1, Ordering::Relaxed) % candidates.len()]
+                } else {
+                    // Endpoint weights (WorkloadEntry / ServiceEntry `weight`): smooth weighted
+                    // round robin, exact per cycle and interleaved.
+                    let mut credits = members.credits.lock().expect("credits lock");
+                    let total: i64 = candidates.iter().map(|i| weight(*i)).sum();
+                    let mut best = candidates[0];
+                    for &i in &candidates {
+                        credits[i] += weight(i);
+                        if credits[i] > credits[best] {
+                            best = i;
+                        }
+                    }
+                    credits[best] -= total;
+                    best
+                }
             }
             (LbPolicy::Random, _) | (LbPolicy::RingHash { .. }, None) => {
                 candidates[fastrand::usize(..candidates.len())]
@@ -422,6 +443,22 @@ mod tests {
         let c = counts(&b, 3000, |i| Some(hash_bytes(&(i as u64).to_le_bytes())));
         assert_eq!(c.len(), 3, "{c:?}");
         assert!(c.values().all(|v| *v > 600), "{c:?}");
+    }
+
+    #[test]
+    fn round_robin_follows_endpoint_weights() {
+        let b = Balancer::new("c", LbPolicy::RoundRobin, OutlierSettings::default(), false, false);
+        let mut heavy = ep(1, "a");
+        heavy.weight = 3;
+        b.set_endpoints(vec![heavy, ep(2, "a")]);
+        let last_octet = |a: SocketAddr| match a.ip() {
+            std::net::IpAddr::V4(v4) => v4.octets()[3],
+            std::net::IpAddr::V6(_) => 0,
+        };
+        let picks: Vec<u8> =
+            (0..40).map(|_| last_octet(b.pick(None, None, &[]).unwrap().endpoint.ep.addr)).collect();
+        assert_eq!(picks.iter().filter(|p| **p == 1).count(), 30, "3:1 over 40 picks: {picks:?}");
+        assert!(picks.windows(4).all(|w| w.contains(&2) || w.iter().all(|p| *p == 1)), "{picks:?}");
     }
 
     #[test]
