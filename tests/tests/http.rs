@@ -333,3 +333,46 @@ fn max_requests_per_connection_retires_upstream_connections() {
         );
     }
 }
+
+#[test]
+fn a_subset_with_consistent_hash_keeps_each_user_on_one_pod() {
+    let Setup { node, config, client } = setup(&[("web", WEB_VIP, 3, Server::Http)]);
+    // The hash is set on the subset only; the route to it must carry it (Envoy hashes per route).
+    write(
+        &config,
+        "routes.yaml",
+        r#"apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: web, namespace: shop}
+spec:
+  host: web
+  subsets:
+  - name: sticky
+    labels: {app: web}
+    trafficPolicy: {loadBalancer: {consistentHash: {httpHeaderName: x-user}}}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: web, namespace: shop}
+spec:
+  hosts: [web]
+  http: [{route: [{destination: {host: web, subset: sticky}}]}]
+"#,
+    );
+    eventually("the route to the sticky subset is in force", Duration::from_secs(15), || {
+        node.testapp(&client, &["http-client", "--to", &format!("{WEB_VIP}:80")]).is_ok()
+            && node.config_dump().is_ok_and(|d| {
+                d["xds"]["config"]["clusters"]["outbound|80|sticky|web.shop.svc.cluster.local"]["endpoints"]
+                    .as_array()
+                    .is_some_and(|e| e.len() == 3)
+            })
+    });
+    let mut pods = std::collections::BTreeSet::new();
+    for user in ["ann", "bob", "cai", "dee", "eve", "fay"] {
+        let header = format!("x-user: {user}");
+        let r = get(&node, &client, WEB_VIP, &["--requests", "10", "--header", &header]);
+        assert_eq!(counts(&r), [10], "user {user} must stick to one pod: {r}");
+        pods.extend(r["servers"].as_object().unwrap().keys().cloned());
+    }
+    assert!(pods.len() >= 2, "six users should not all hash to one pod: {pods:?}");
+}

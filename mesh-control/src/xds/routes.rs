@@ -45,6 +45,8 @@ use crate::{
 /// serves (to resolve a destination without a port).
 pub trait Ports {
     fn ports_of(&self, hostname: &str) -> Vec<u16>;
+    /// The consistent-hash policy of a cluster's DestinationRule (or subset), if any.
+    fn hash_policy(&self, cluster: &str) -> Option<mesh::HashPolicy>;
 }
 
 /// The route name for a service port.
@@ -286,8 +288,17 @@ fn route_action(
             }
         })
         .collect();
+    // Envoy hashes per route: the first destination whose DestinationRule (or subset) asks
+    // for consistent hashing decides how.
+    let hash_policy = http
+        .route
+        .iter()
+        .find_map(|d| ports.hash_policy(&destination_cluster(&d.destination, v, port, ports)))
+        .map(|h| vec![envoy_hash_policy(&h)])
+        .unwrap_or_default();
     let timeout = http.timeout.unwrap_or_default();
     let mut action = RouteAction {
+        hash_policy,
         request_mirror_policies,
         retry_policy: Some(retry_policy(http.retries.as_ref())),
         cluster_specifier: Some(specifier),
@@ -351,6 +362,26 @@ fn retry_policy(r: Option<&vs::HttpRetry>) -> route::RetryPolicy {
         retriable_status_codes: codes,
         ..Default::default()
     }
+}
+
+fn envoy_hash_policy(h: &mesh::HashPolicy) -> route_action::HashPolicy {
+    use mesh::hash_policy::Key;
+    use route_action::hash_policy::{ConnectionProperties, Cookie, Header, PolicySpecifier, QueryParameter};
+    let specifier = match &h.key {
+        Some(Key::Header(name)) => {
+            PolicySpecifier::Header(Header { header_name: name.clone(), ..Default::default() })
+        }
+        Some(Key::Cookie(name)) => {
+            PolicySpecifier::Cookie(Cookie { name: name.clone(), ..Default::default() })
+        }
+        Some(Key::QueryParameter(name)) => {
+            PolicySpecifier::QueryParameter(QueryParameter { name: name.clone() })
+        }
+        Some(Key::SourceIp(_)) | None => {
+            PolicySpecifier::ConnectionProperties(ConnectionProperties { source_ip: true })
+        }
+    };
+    route_action::HashPolicy { policy_specifier: Some(specifier), ..Default::default() }
 }
 
 /// The cluster of a destination: its host qualified in the VirtualService's namespace, its port

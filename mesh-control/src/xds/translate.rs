@@ -107,6 +107,8 @@ struct Translator<'a> {
     virtual_services: HashMap<String, &'a VirtualService>,
     /// Qualified hostname → the ports it serves (to resolve route destinations without one).
     ports_by_host: HashMap<String, Vec<u16>>,
+    /// Cluster → its consistent-hash policy, for routes that send to it (built so far).
+    hash_by_cluster: HashMap<String, mesh::HashPolicy>,
     snap: Snapshot,
 }
 
@@ -176,6 +178,7 @@ impl<'a> Translator<'a> {
             by_uid,
             virtual_services: virtual_services_by_host(store),
             ports_by_host: ports_by_host(store),
+            hash_by_cluster: HashMap::new(),
             snap: Snapshot::new(store.generation()),
         }
     }
@@ -386,12 +389,18 @@ impl<'a> Translator<'a> {
         let passthrough = endpoints.is_none();
         let (cluster, hash_policy) = build_cluster(&name, policy.as_ref(), passthrough);
         self.snap.clusters.insert(name.clone(), Resource::new(&name, proto::CLUSTER_TYPE, &cluster));
+        if let Some(h) = &hash_policy {
+            self.hash_by_cluster.insert(name.clone(), h.clone());
+        }
         // One cluster per DestinationRule subset, holding the endpoints whose labels it selects.
         for subset in rule.map(|dr| dr.spec.subsets.as_slice()).unwrap_or_default() {
             let Some(dr) = rule else { break };
             let subset_name = routes::cluster_name(port, &subset.name, hostname);
             let subset_policy = port_policy(&subset_rule(dr, subset), port);
-            let (c, _) = build_cluster(&subset_name, Some(&subset_policy), passthrough);
+            let (c, subset_hash) = build_cluster(&subset_name, Some(&subset_policy), passthrough);
+            if let Some(h) = subset_hash {
+                self.hash_by_cluster.insert(subset_name.clone(), h);
+            }
             self.snap
                 .clusters
                 .insert(subset_name.clone(), Resource::new(&subset_name, proto::CLUSTER_TYPE, &c));
@@ -563,6 +572,10 @@ impl<'a> Translator<'a> {
 impl routes::Ports for Translator<'_> {
     fn ports_of(&self, hostname: &str) -> Vec<u16> {
         self.ports_by_host.get(hostname).cloned().unwrap_or_default()
+    }
+
+    fn hash_policy(&self, cluster: &str) -> Option<mesh::HashPolicy> {
+        self.hash_by_cluster.get(cluster).cloned()
     }
 }
 

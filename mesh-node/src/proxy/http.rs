@@ -115,7 +115,7 @@ async fn forward(
     let (mut parts, body) = req.into_parts();
 
     // A VirtualService route picks the cluster (and may redirect, rewrite, add headers).
-    let (route_name, mut balancer, hash_policy) = target.current();
+    let (route_name, mut balancer, mut hash_policy) = target.current();
     let mut timeout = None;
     let mut retry = RetryPolicy::istio_default();
     let mut mirrors: Vec<String> = Vec::new();
@@ -145,6 +145,9 @@ async fn forward(
                 }
                 timeout = f.timeout;
                 retry = f.retry.clone();
+                if f.hash_policy.is_some() {
+                    hash_policy = f.hash_policy.clone();
+                }
                 mirrors =
                     f.mirrors.iter().filter(|(_, chance)| chance.hit()).map(|(c, _)| c.clone()).collect();
                 balancer = match cache.cluster(&t.cluster) {

@@ -103,6 +103,8 @@ pub struct Forward {
     pub retry: RetryPolicy,
     /// Clusters that get a copy of each request (fire and forget), with their chance.
     pub mirrors: Vec<(String, Chance)>,
+    /// Consistent hashing for this route (Envoy hashes per route), replacing the port's.
+    pub hash_policy: Option<mesh::HashPolicy>,
 }
 
 pub struct Target {
@@ -481,7 +483,21 @@ fn forward(a: &route::RouteAction) -> Result<Forward, String> {
             )
         })
         .collect();
+    let hash_policy = a.hash_policy.iter().find_map(|h| {
+        use route_action::hash_policy::PolicySpecifier;
+        let key = match h.policy_specifier.as_ref()? {
+            PolicySpecifier::Header(hd) => {
+                mesh::hash_policy::Key::Header(hd.header_name.to_ascii_lowercase())
+            }
+            PolicySpecifier::Cookie(c) => mesh::hash_policy::Key::Cookie(c.name.clone()),
+            PolicySpecifier::QueryParameter(q) => mesh::hash_policy::Key::QueryParameter(q.name.clone()),
+            PolicySpecifier::ConnectionProperties(c) if c.source_ip => mesh::hash_policy::Key::SourceIp(true),
+            _ => return None,
+        };
+        Some(mesh::HashPolicy { key: Some(key) })
+    });
     Ok(Forward {
+        hash_policy,
         mirrors,
         retry,
         targets,
@@ -553,6 +569,7 @@ mod tests {
             authority_rewrite: None,
             retry: RetryPolicy::default(),
             mirrors: Vec::new(),
+            hash_policy: None,
         }
     }
 
