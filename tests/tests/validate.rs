@@ -20,7 +20,9 @@ fn validate_lists_every_error_and_exits_non_zero() {
         "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: pool, namespace: shop}\n\
          spec: {host: web, trafficPolicy: {connectionPool: {http: {http2MaxRequest: 2}}}}\n---\n\
          apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: web, namespace: shop}\n\
-         spec: {hosts: [web], http: [{route: [{destination: {host: web}, weight: 60}, {destination: {host: web, subset: v2}, weight: 30}]}]}\n",
+         spec: {hosts: [web], http: [{route: [{destination: {host: web}, weight: 60}, {destination: {host: web, subset: v2}, weight: 30}]}]}\n---\n\
+         apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: stray, namespace: shop}\n\
+         spec: {host: web}\ntrafficPolicy: {loadBalancer: {simple: RANDOM}}\n",
     )
     .unwrap();
     let bin = nodemesh_tests::bin("mesh-control").unwrap();
@@ -36,6 +38,7 @@ fn validate_lists_every_error_and_exits_non_zero() {
         "spec.trafficPolicy.connectionPool.http.http2MaxRequest",
         "spec.http[0].route",
         "add up to 90",
+        "trafficPolicy: unknown top-level field",
     ] {
         assert!(text.contains(expected), "missing `{expected}` in:\n{text}");
     }

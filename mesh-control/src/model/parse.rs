@@ -209,7 +209,20 @@ fn typed<T: DeserializeOwned>(value: Value) -> Result<T, Vec<FieldError>> {
 }
 
 /// `spec` into an Istio spec type, with the failing field's path (prefixed `spec.`).
+/// The `spec` of a kind whose whole content lives there (Istio kinds, MeshConfig). Any other
+/// top-level field is an error: a mis-indented `trafficPolicy` must not vanish silently.
 fn spec<T: DeserializeOwned>(value: &Value) -> Result<T, Vec<FieldError>> {
+    const TOP_LEVEL: [&str; 5] = ["apiVersion", "kind", "metadata", "spec", "status"];
+    if let Some(map) = value.as_object() {
+        let stray: Vec<FieldError> = map
+            .keys()
+            .filter(|k| !TOP_LEVEL.contains(&k.as_str()))
+            .map(|k| FieldError::new(k.clone(), "unknown top-level field (is it indented under `spec`?)"))
+            .collect();
+        if !stray.is_empty() {
+            return Err(stray);
+        }
+    }
     let Some(spec) = value.get("spec") else {
         return Err(vec![FieldError::new("spec", "missing")]);
     };
