@@ -10,7 +10,7 @@
 use std::{convert::Infallible, net::SocketAddr, sync::Arc};
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
+use http_body_util::BodyExt;
 use hyper::{
     HeaderMap, Request, Response, StatusCode, Uri, Version,
     body::Incoming,
@@ -24,13 +24,13 @@ use tokio::net::TcpStream;
 
 use super::{
     Outbound, Source,
-    outbound::MAX_CONNECT_ATTEMPTS,
-    pool::{Body, Sender},
+    outbound::Attempt,
+    pool::{Body, Sender, full},
 };
 use crate::telemetry::metrics::{Reporter, RequestLabels, UNKNOWN};
 use crate::xds::{
     cache::{AddressInfo, Cache},
-    http_route::{Abort, Action, Fault, Forward, Redirect, RequestSource, Route},
+    http_route::{Abort, Action, Fault, Forward, Redirect, RequestSource, Route, RouteTable},
     lb::Pick,
     lb::{Balancer, LocalityKey, hash_bytes},
     retry::RetryPolicy,
@@ -53,24 +53,18 @@ pub struct Target {
 }
 
 impl Target {
-    /// The port's current route name (if a VirtualService applies), default cluster and hash
+    /// The port's current routes (if a VirtualService applies), default cluster and hash
     /// policy.
-    fn current(&self) -> (Option<String>, Arc<Balancer>, Option<mesh::HashPolicy>) {
+    fn current(&self) -> (Option<Arc<RouteTable>>, Arc<Balancer>, Option<mesh::HashPolicy>) {
         let fallback = || (None, Arc::clone(&self.balancer), self.hash_policy.clone());
         let Some(cache) = &self.cache else { return fallback() };
-        let port = match cache.address(self.vip.ip()) {
-            Some(AddressInfo::Service(svc)) => {
-                svc.ports.iter().find(|p| p.port == u32::from(self.vip.port())).cloned()
-            }
-            _ => None,
+        let Some(AddressInfo::Service(svc)) = cache.address(self.vip.ip()) else { return fallback() };
+        let Some(port) = svc.ports.iter().find(|p| p.port == u32::from(self.vip.port())) else {
+            return fallback();
         };
-        match port {
-            Some(p) => {
-                let balancer = cache.cluster(&p.cluster).unwrap_or_else(|| Arc::clone(&self.balancer));
-                ((!p.route.is_empty()).then_some(p.route), balancer, p.hash_policy)
-            }
-            None => fallback(),
-        }
+        let balancer = cache.cluster(&port.cluster).unwrap_or_else(|| Arc::clone(&self.balancer));
+        let routes = if port.route.is_empty() { None } else { cache.route(&port.route) };
+        (routes, balancer, port.hash_policy.clone())
     }
 }
 
@@ -115,14 +109,14 @@ async fn forward(
     let (mut parts, body) = req.into_parts();
 
     // A VirtualService route picks the cluster (and may redirect, rewrite, add headers).
-    let (route_name, mut balancer, mut hash_policy) = target.current();
+    let (table, mut balancer, mut hash_policy) = target.current();
     let mut timeout = None;
     let mut retry = RetryPolicy::istio_default();
     let mut mirrors: Vec<String> = Vec::new();
-    let table = route_name.as_ref().zip(target.cache.as_ref()).and_then(|(name, cache)| cache.route(name));
     let mut chosen: Option<(&Route, &crate::xds::http_route::Target)> = None;
     if let (Some(table), Some(cache)) = (&table, &target.cache) {
-        let workload = cache.workload(&source.key.to_string());
+        // Only routes matched on the caller's labels need its workload record.
+        let workload = if table.matches_source() { cache.workload(&source.key.to_string()) } else { None };
         let from =
             RequestSource { namespace: &source.key.namespace, labels: workload.as_ref().map(|w| &w.labels) };
         let Some(route) = table.select(&parts, &from) else {
@@ -225,7 +219,7 @@ async fn forward(
         };
         let addr = pick.endpoint.ep.addr;
         let body = match (&replay, stream.take()) {
-            (Some(bytes), _) => Full::new(bytes.clone()).map_err(|e| match e {}).boxed(),
+            (Some(bytes), _) => full(bytes.clone()),
             (None, Some(body)) => body,
             (None, None) => unreachable!("a streamed body is sent once: no retry without a replayable body"),
         };
@@ -335,14 +329,13 @@ async fn inject(fault: &Fault) -> Option<Abort> {
 /// carrying the gRPC status (what a gRPC client reads as that error).
 fn fault_response(abort: Abort) -> Response<Body> {
     tracing::debug!(?abort, "fault injected");
-    let mut response =
-        Response::new(Full::new(Bytes::from_static(b"fault filter abort")).map_err(|e| match e {}).boxed());
+    let mut response = Response::new(full(Bytes::from_static(b"fault filter abort")));
     match abort {
         Abort::Http(code) => {
             *response.status_mut() = StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
         }
         Abort::Grpc(code) => {
-            *response.body_mut() = Full::new(Bytes::new()).map_err(|e| match e {}).boxed();
+            *response.body_mut() = full(Bytes::new());
             let headers = response.headers_mut();
             headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
             headers.insert("grpc-status", HeaderValue::from(code));
@@ -355,23 +348,31 @@ fn fault_response(abort: Abort) -> Response<Body> {
 /// Envoy's shadow convention: the mirrored copy's authority gets `-shadow` after the host, so
 /// the receiver can tell copies from live traffic.
 fn shadow_authority(parts: &mut hyper::http::request::Parts) {
-    let authority = parts
-        .uri
-        .authority()
-        .map(|a| a.as_str().to_string())
-        .or_else(|| parts.headers.get(header::HOST).and_then(|h| h.to_str().ok()).map(str::to_string));
-    let Some(authority) = authority else { return };
+    let Some(authority) = request_authority(parts) else { return };
     let shadow = match authority.rsplit_once(':') {
         Some((host, port)) if port.parse::<u16>().is_ok() => format!("{host}-shadow:{port}"),
         _ => format!("{authority}-shadow"),
     };
-    if let Ok(v) = HeaderValue::from_str(&shadow) {
-        parts.headers.insert(header::HOST, v);
-    }
+    set_authority(parts, &shadow);
+}
+
+/// The authority the client addressed: the URI's (HTTP/2, absolute form), else `Host`.
+fn request_authority(parts: &hyper::http::request::Parts) -> Option<String> {
+    parts
+        .uri
+        .authority()
+        .map(|a| a.as_str().to_string())
+        .or_else(|| parts.headers.get(header::HOST).and_then(|h| h.to_str().ok()).map(str::to_string))
+}
+
+/// Replaces the request's authority: `Host`, and the URI's when it carries one.
+fn set_authority(parts: &mut hyper::http::request::Parts, authority: &str) {
+    let Ok(value) = HeaderValue::from_str(authority) else { return };
+    parts.headers.insert(header::HOST, value);
     if parts.uri.authority().is_some()
         && let Ok(u) = Uri::builder()
             .scheme(parts.uri.scheme_str().unwrap_or("http"))
-            .authority(shadow.as_str())
+            .authority(authority)
             .path_and_query(parts.uri.path_and_query().map_or("/", |p| p.as_str()))
             .build()
     {
@@ -396,7 +397,7 @@ async fn mirror(
         None => outbound.dial_http(source, addr, h2).await,
     };
     let Ok(mut sender) = sender else { return };
-    let request = Request::from_parts(parts, Full::new(body).map_err(|e| match e {}).boxed());
+    let request = Request::from_parts(parts, full(body));
     match sender.send(request).await {
         Ok(response) => {
             let _ = response.into_body().collect().await;
@@ -432,8 +433,8 @@ fn record(
     outbound.metrics.request(&labels, started.elapsed().as_secs_f64() * 1000.0);
 }
 
-/// Picks an endpoint (preferring ones no earlier attempt used) and gets a connection to it; a
-/// refused connect moves on to another endpoint, up to [`MAX_CONNECT_ATTEMPTS`].
+/// A connection to an endpoint of `balancer` (preferring ones no earlier attempt used): a
+/// pooled one, or a new one; see [`Attempt::open`].
 async fn connect(
     outbound: &Outbound,
     source: &Source,
@@ -443,36 +444,20 @@ async fn connect(
     h2: bool,
     previous: &[SocketAddr],
 ) -> Result<(Pick, Sender), String> {
-    let mut refused: Vec<SocketAddr> = Vec::new();
-    let mut last_error = None;
-    for _ in 0..MAX_CONNECT_ATTEMPTS {
-        let avoid: Vec<SocketAddr> = previous.iter().chain(&refused).copied().collect();
-        let Some(pick) = balancer
-            .pick(hash, target.local.as_ref(), &avoid)
-            .or_else(|| balancer.pick(hash, target.local.as_ref(), &refused))
-        else {
-            break;
-        };
-        let addr = pick.endpoint.ep.addr;
-        if let Some(sender) = source.http_pool.get(addr, h2, balancer.max_requests_per_connection) {
-            return Ok((pick, sender));
-        }
-        match outbound.dial_http(source, addr, h2).await {
-            // Success is reported with the answer: a connection that opens but answers 5xx
-            // must not reset the endpoint's failure streak.
-            Ok(sender) => return Ok((pick, sender)),
-            Err(e) => {
-                balancer.report(&pick.endpoint, false);
-                tracing::info!(workload = %source.key, service = target.service, endpoint = %addr, "connect failed ({e}); trying another endpoint");
-                refused.push(addr);
-                last_error = Some(e);
+    let attempt = Attempt { source, balancer, hash, local: target.local.as_ref(), service: &target.service };
+    let limit = balancer.max_requests_per_connection;
+    attempt
+        .open(previous, false, |addr| async move {
+            match source.http_pool.get(addr, h2, limit) {
+                Some(sender) => Ok(sender),
+                None => outbound.dial_http(source, addr, h2).await,
             }
-        }
-    }
-    Err(last_error.map_or_else(
-        || format!("no endpoints in cluster {}", balancer.name),
-        |e| format!("upstream connect error: {e}"),
-    ))
+        })
+        .await
+        .map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => e.to_string(),
+            _ => format!("upstream connect error: {e}"),
+        })
 }
 
 /// Bodies up to this size are kept so that a request can be retried.
@@ -524,35 +509,16 @@ fn rewrite(parts: &mut hyper::http::request::Parts, f: &Forward, route: &Route) 
             parts.uri = u;
         }
     }
-    if let Some(authority) = &f.authority_rewrite
-        && let Ok(value) = HeaderValue::from_str(authority)
-    {
-        parts.headers.insert(header::HOST, value);
-        if parts.uri.authority().is_some()
-            && let Ok(u) = Uri::builder()
-                .scheme(parts.uri.scheme_str().unwrap_or("http"))
-                .authority(authority.as_str())
-                .path_and_query(parts.uri.path_and_query().map_or("/", |p| p.as_str()))
-                .build()
-        {
-            parts.uri = u;
-        }
+    if let Some(authority) = &f.authority_rewrite {
+        set_authority(parts, authority);
     }
 }
 
 /// A redirect answered by the proxy: `Location` from the route's parts and the request's.
 fn redirect_response(r: &Redirect, parts: &hyper::http::request::Parts) -> Response<Body> {
-    let host = parts
-        .uri
-        .authority()
+    let host = request_authority(parts)
+        .and_then(|a| a.parse::<hyper::http::uri::Authority>().ok())
         .map(|a| a.host().to_string())
-        .or_else(|| {
-            parts
-                .headers
-                .get(header::HOST)
-                .and_then(|h| h.to_str().ok())
-                .map(|h| h.split(':').next().unwrap_or(h).to_string())
-        })
         .unwrap_or_default();
     let authority = r.authority.clone().unwrap_or(host);
     let authority = match r.port {
@@ -562,7 +528,7 @@ fn redirect_response(r: &Redirect, parts: &hyper::http::request::Parts) -> Respo
     let path =
         r.path.clone().unwrap_or_else(|| parts.uri.path_and_query().map_or("/", |p| p.as_str()).to_string());
     let location = format!("{}://{authority}{path}", r.scheme.as_deref().unwrap_or("http"));
-    let mut response = Response::new(Full::new(Bytes::new()).map_err(|e| match e {}).boxed());
+    let mut response = Response::new(full(Bytes::new()));
     *response.status_mut() = StatusCode::from_u16(r.status).unwrap_or(StatusCode::MOVED_PERMANENTLY);
     if let Ok(v) = HeaderValue::from_str(&location) {
         response.headers_mut().insert(header::LOCATION, v);
@@ -579,12 +545,7 @@ fn prepare_request(
     upgrade: Option<&HeaderValue>,
 ) {
     strip_hop_by_hop(&mut parts.headers);
-    let authority = parts
-        .uri
-        .authority()
-        .map(|a| a.as_str().to_string())
-        .or_else(|| parts.headers.get(header::HOST).and_then(|h| h.to_str().ok()).map(str::to_string))
-        .unwrap_or_else(|| vip.to_string());
+    let authority = request_authority(parts).unwrap_or_else(|| vip.to_string());
     let path = parts.uri.path_and_query().map_or("/", |p| p.as_str()).to_string();
     if h2 {
         parts.version = Version::HTTP_2;
@@ -672,9 +633,7 @@ fn request_hash(
 
 fn error_response(status: StatusCode, reason: &str) -> Response<Body> {
     tracing::info!(status = status.as_u16(), "answered by the proxy: {reason}");
-    let mut response = Response::new(
-        Full::new(Bytes::from(format!("nodemesh: {reason}\n"))).map_err(|e| match e {}).boxed(),
-    );
+    let mut response = Response::new(full(format!("nodemesh: {reason}\n")));
     *response.status_mut() = status;
     response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
     response

@@ -6,6 +6,7 @@
 //! the mesh) and carries the proxy mark so capture never loops it back to us.
 
 use std::{
+    future::Future,
     io,
     net::{IpAddr, SocketAddr},
     sync::Arc,
@@ -23,7 +24,10 @@ use crate::{
     telemetry::metrics::{
         ConnectionLabels, EgressDeniedLabels, FailureLabels, FailureReason, Metrics, Reporter, UNKNOWN,
     },
-    xds::route::{Decision, Router, connection_hash},
+    xds::{
+        lb::{Balancer, LocalityKey, Pick},
+        route::{Decision, Router, connection_hash},
+    },
 };
 
 /// Resolves a destination address to the workload that owns it, for telemetry.
@@ -61,7 +65,71 @@ pub struct Outbound {
 
 /// Connect attempts per connection (or request) when a cluster endpoint refuses, each a
 /// different endpoint.
-pub const MAX_CONNECT_ATTEMPTS: usize = 3;
+const MAX_CONNECT_ATTEMPTS: usize = 3;
+
+/// Reaching one endpoint of a cluster for one connection (L4) or request (HTTP).
+pub(super) struct Attempt<'a> {
+    pub source: &'a Source,
+    pub balancer: &'a Balancer,
+    pub hash: Option<u64>,
+    pub local: Option<&'a LocalityKey>,
+    /// The service hostname, for logs.
+    pub service: &'a str,
+}
+
+impl Attempt<'_> {
+    /// Picks endpoints (those in `prefer_not` only when nothing else is left) and calls `open`
+    /// on each until one succeeds, up to [`MAX_CONNECT_ATTEMPTS`]: a failure counts against
+    /// that endpoint (outlier detection) and moves on to another. A success is reported only
+    /// if `report_success`: HTTP reports the answer instead, since a backend that accepts
+    /// connections and answers 5xx must not have its failure streak reset. No endpoint at all
+    /// is `NotFound`.
+    pub async fn open<T, Fut>(
+        &self,
+        prefer_not: &[SocketAddr],
+        report_success: bool,
+        mut open: impl FnMut(SocketAddr) -> Fut,
+    ) -> io::Result<(Pick, T)>
+    where
+        Fut: Future<Output = io::Result<T>>,
+    {
+        let b = self.balancer;
+        let mut refused: Vec<SocketAddr> = Vec::new();
+        let mut last_error = None;
+        for _ in 0..MAX_CONNECT_ATTEMPTS {
+            let avoid: Vec<SocketAddr> = prefer_not.iter().chain(&refused).copied().collect();
+            let Some(pick) =
+                b.pick(self.hash, self.local, &avoid).or_else(|| b.pick(self.hash, self.local, &refused))
+            else {
+                break;
+            };
+            let addr = pick.endpoint.ep.addr;
+            match open(addr).await {
+                Ok(opened) => {
+                    if report_success {
+                        b.report(&pick.endpoint, true);
+                    }
+                    return Ok((pick, opened));
+                }
+                Err(e) => {
+                    if let Some(d) = b.report(&pick.endpoint, false) {
+                        tracing::warn!(
+                            cluster = b.name, endpoint = %addr,
+                            "endpoint ejected for {d:?} after {} consecutive failures",
+                            b.outlier.consecutive_failures
+                        );
+                    }
+                    tracing::info!(workload = %self.source.key, service = self.service, endpoint = %addr, "connect failed ({e}); trying another endpoint");
+                    refused.push(addr);
+                    last_error = Some(e);
+                }
+            }
+        }
+        Err(last_error.unwrap_or_else(|| {
+            io::Error::new(io::ErrorKind::NotFound, format!("no endpoints in cluster {}", b.name))
+        }))
+    }
+}
 
 /// Declared protocols that are never HTTP, or speak first from the server: not sniffed, so a
 /// server-first protocol does not wait out the sniff timeout. A wrong declaration costs L7
@@ -188,43 +256,25 @@ impl Outbound {
     async fn connect_balanced(
         &self,
         source: &Source,
-        balancer: &crate::xds::lb::Balancer,
+        balancer: &Balancer,
         hash: Option<u64>,
-        local: Option<&crate::xds::lb::LocalityKey>,
+        local: Option<&LocalityKey>,
         service: &str,
         vip: SocketAddr,
     ) -> io::Result<(TcpStream, SocketAddr)> {
-        let mut tried = Vec::new();
-        let mut last_error = None;
-        for _ in 0..MAX_CONNECT_ATTEMPTS {
-            let Some(pick) = balancer.pick(hash, local, &tried) else { break };
-            let addr = pick.endpoint.ep.addr;
-            match self.connect_upstream(source, addr).await {
-                Ok(stream) => {
-                    balancer.report(&pick.endpoint, true);
-                    tracing::debug!(workload = %source.key, %vip, service, endpoint = %addr, "balanced");
-                    return Ok((stream, addr));
+        let attempt = Attempt { source, balancer, hash, local, service };
+        let (pick, stream) = attempt
+            .open(&[], true, |addr| self.connect_upstream(source, addr))
+            .await
+            .map_err(|e| match e.kind() {
+                io::ErrorKind::NotFound => {
+                    io::Error::new(e.kind(), format!("service {service} ({vip}): {e}"))
                 }
-                Err(e) => {
-                    if let Some(d) = balancer.report(&pick.endpoint, false) {
-                        tracing::warn!(
-                            cluster = balancer.name, endpoint = %addr,
-                            "endpoint ejected for {d:?} after {} consecutive connect failures",
-                            balancer.outlier.consecutive_failures
-                        );
-                    }
-                    tracing::info!(workload = %source.key, service, endpoint = %addr, "connect failed ({e}); trying another endpoint");
-                    tried.push(addr);
-                    last_error = Some(e);
-                }
-            }
-        }
-        Err(last_error.unwrap_or_else(|| {
-            io::Error::new(
-                io::ErrorKind::NotFound,
-                format!("service {service} ({vip}): no endpoints in cluster {}", balancer.name),
-            )
-        }))
+                _ => e,
+            })?;
+        let addr = pick.endpoint.ep.addr;
+        tracing::debug!(workload = %source.key, %vip, service, endpoint = %addr, "balanced");
+        Ok((stream, addr))
     }
 
     /// An HTTP connection to `addr` from the source workload, HTTP/2 if `h2`.

@@ -14,6 +14,12 @@ use hyper::client::conn::{http1, http2};
 
 pub type Body = BoxBody<Bytes, hyper::Error>;
 
+/// A body of bytes the proxy holds (a replayed request, an answer of its own).
+pub fn full(bytes: impl Into<Bytes>) -> Body {
+    use http_body_util::BodyExt;
+    http_body_util::Full::new(bytes.into()).map_err(|e| match e {}).boxed()
+}
+
 /// HTTP/1 connections kept idle per endpoint beyond this are closed when returned.
 const MAX_IDLE_PER_ENDPOINT: usize = 64;
 

@@ -168,6 +168,11 @@ impl RouteTable {
         Ok(RouteTable { name: config.name.clone(), routes })
     }
 
+    /// Whether any route matches on the caller's labels or namespace.
+    pub fn matches_source(&self) -> bool {
+        self.routes.iter().any(|r| r.source.is_some())
+    }
+
     /// The first route matching the request.
     pub fn select(&self, req: &Parts, source: &RequestSource<'_>) -> Option<&Route> {
         self.routes.iter().find(|r| r.matches(req, source))
