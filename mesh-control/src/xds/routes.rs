@@ -237,8 +237,16 @@ fn route_action(
     clusters: &mut BTreeSet<String>,
 ) -> RouteAction {
     let mut weighted = Vec::new();
+    // Envoy hashes per route: the first destination whose DestinationRule (or subset) asks
+    // for consistent hashing decides how.
+    let mut hash_policy = Vec::new();
     for d in &http.route {
         let cluster = destination_cluster(&d.destination, v, port, ports);
+        if hash_policy.is_empty()
+            && let Some(h) = ports.hash_policy(&cluster)
+        {
+            hash_policy.push(envoy_hash_policy(&h));
+        }
         clusters.insert(cluster.clone());
         let (req_add, req_remove, resp_add, resp_remove) = header_ops(d.headers.as_ref());
         weighted.push(ClusterWeight {
@@ -288,14 +296,6 @@ fn route_action(
             }
         })
         .collect();
-    // Envoy hashes per route: the first destination whose DestinationRule (or subset) asks
-    // for consistent hashing decides how.
-    let hash_policy = http
-        .route
-        .iter()
-        .find_map(|d| ports.hash_policy(&destination_cluster(&d.destination, v, port, ports)))
-        .map(|h| vec![envoy_hash_policy(&h)])
-        .unwrap_or_default();
     let timeout = http.timeout.unwrap_or_default();
     let mut action = RouteAction {
         hash_policy,
