@@ -103,6 +103,19 @@ fn apply_web_rule(node: &SimNode, config: &Path, client: &Pod, policy: &str, poi
     });
 }
 
+/// Ten requests each from six users (header `x-user`), all on one connection: each user's
+/// requests land on one pod, and the users do not all land on the same one.
+fn assert_each_user_sticks(node: &SimNode, client: &Pod) {
+    let mut pods = std::collections::BTreeSet::new();
+    for user in ["ann", "bob", "cai", "dee", "eve", "fay"] {
+        let header = format!("x-user: {user}");
+        let r = get(node, client, WEB_VIP, &["--requests", "10", "--header", &header]);
+        assert_eq!(counts(&r), [10], "user {user} must stick to one pod: {r}");
+        pods.extend(r["servers"].as_object().unwrap().keys().cloned());
+    }
+    assert!(pods.len() >= 2, "six users should not all hash to one pod: {pods:?}");
+}
+
 fn counts(r: &Value) -> Vec<u64> {
     r["servers"].as_object().map(|m| m.values().filter_map(Value::as_u64).collect()).unwrap_or_default()
 }
@@ -187,14 +200,7 @@ fn http_on_an_undeclared_port_is_balanced_per_request_and_keeps_what_the_client_
                 .is_some_and(|p| p.starts_with("RingHash"))
         })
     });
-    let mut seen = std::collections::BTreeSet::new();
-    for user in ["ann", "bob", "cai", "dee", "eve", "fay"] {
-        let header = format!("x-user: {user}");
-        let r = get(&node, &client, WEB_VIP, &["--requests", "10", "--header", &header]);
-        assert_eq!(counts(&r), [10], "user {user} must stick to one pod: {r}");
-        seen.extend(r["servers"].as_object().unwrap().keys().cloned());
-    }
-    assert!(seen.len() >= 2, "six users should not all hash to one pod: {seen:?}");
+    assert_each_user_sticks(&node, &client);
 }
 
 #[test]
@@ -367,12 +373,5 @@ spec:
                     .is_some_and(|e| e.len() == 3)
             })
     });
-    let mut pods = std::collections::BTreeSet::new();
-    for user in ["ann", "bob", "cai", "dee", "eve", "fay"] {
-        let header = format!("x-user: {user}");
-        let r = get(&node, &client, WEB_VIP, &["--requests", "10", "--header", &header]);
-        assert_eq!(counts(&r), [10], "user {user} must stick to one pod: {r}");
-        pods.extend(r["servers"].as_object().unwrap().keys().cloned());
-    }
-    assert!(pods.len() >= 2, "six users should not all hash to one pod: {pods:?}");
+    assert_each_user_sticks(&node, &client);
 }

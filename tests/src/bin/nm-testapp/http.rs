@@ -344,12 +344,12 @@ pub struct Bench {
     pub duration: Duration,
 }
 
-type Sender = hyper::client::conn::http2::SendRequest<Empty<Bytes>>;
-type Sender1 = hyper::client::conn::http1::SendRequest<Empty<Bytes>>;
+type H2Sender = hyper::client::conn::http2::SendRequest<Empty<Bytes>>;
+type H1Sender = hyper::client::conn::http1::SendRequest<Empty<Bytes>>;
 
 enum Conn {
-    H1(Sender1),
-    H2(Sender),
+    H1(H1Sender),
+    H2(H2Sender),
 }
 
 impl Conn {
