@@ -11,10 +11,17 @@ pub const WORKLOAD_TYPE: &str = "type.googleapis.com/nodemesh.mesh.v1.Workload";
 pub const CLUSTER_TYPE: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
 pub const ENDPOINT_TYPE: &str = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment";
 pub const ROUTE_TYPE: &str = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration";
+pub const LISTENER_TYPE: &str = "type.googleapis.com/envoy.config.listener.v3.Listener";
 
 /// Route metadata namespace for what Envoy's RouteMatch cannot say (Istio's sourceLabels and
 /// sourceNamespace); mesh-node evaluates it against the source workload.
 pub const ROUTE_METADATA: &str = "nodemesh.io";
+
+/// A header no request carries, required (present) by every route that also matches on its
+/// source: xDS clients other than mesh-node ignore route metadata, so without it Envoy or a
+/// gRPC proxyless client would send *every* caller down a route meant for, say, a sandbox.
+/// With it they skip such routes; mesh-node drops this matcher and checks the source itself.
+pub const SOURCE_SCOPED_HEADER: &str = "x-nodemesh-source-scoped";
 
 /// `Node.client_features` entry of mesh-node: its clusters and endpoints are exactly those its
 /// Address resources use, so the server computes them only once it knows the Address

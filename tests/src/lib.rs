@@ -13,6 +13,7 @@
 mod cluster;
 mod control;
 pub mod envoy;
+pub mod grpc_xds;
 mod held;
 pub mod kube_api;
 pub mod mesh;
@@ -541,7 +542,7 @@ impl SimNode {
         args: &[String],
         timeout: Duration,
     ) -> anyhow::Result<String> {
-        let mut child = process::spawn_in(
+        let child = process::spawn_in(
             &pod.netns,
             Some(&pod.cgroup),
             program,
@@ -550,17 +551,23 @@ impl SimNode {
             Stdio::piped(),
             Stdio::inherit(),
         )?;
-        let stdout = child.stdout.take().context("stdout")?;
-        let reader = std::thread::spawn(move || std::io::read_to_string(stdout));
-        let status = wait_with_timeout(&mut child, timeout)?;
-        let out = reader.join().map_err(|_| anyhow::anyhow!("reader panicked"))??;
-        anyhow::ensure!(
-            status.success(),
-            "{} {args:?} in pod {} exited with {status}",
-            program.display(),
-            pod.name
-        );
-        Ok(out)
+        run_to_end(child, timeout)
+            .with_context(|| format!("{} {args:?} in pod {}", program.display(), pod.name))
+    }
+
+    /// Runs a process in the node netns (outside every pod) to completion, with `env` added,
+    /// and returns its stdout.
+    pub fn run_in_node(
+        &self,
+        program: &Path,
+        args: &[String],
+        env: &[(&str, &str)],
+        timeout: Duration,
+    ) -> anyhow::Result<String> {
+        let child =
+            process::spawn_in(&self.node_netns, None, program, args, env, Stdio::piped(), Stdio::inherit())?;
+        run_to_end(child, timeout)
+            .with_context(|| format!("{} {args:?} in the node netns", program.display()))
     }
 
     /// Runs nm-testapp in a pod and parses its JSON result.
@@ -688,4 +695,15 @@ impl Drop for SimNode {
             let _ = fs::remove_dir_all(&self.work_dir);
         }
     }
+}
+
+/// Waits for `child` (stdout piped) and returns its stdout; an error, with that stdout, if it
+/// fails or runs past `timeout`.
+fn run_to_end(mut child: std::process::Child, timeout: Duration) -> anyhow::Result<String> {
+    let stdout = child.stdout.take().context("stdout")?;
+    let reader = std::thread::spawn(move || std::io::read_to_string(stdout));
+    let status = wait_with_timeout(&mut child, timeout)?;
+    let out = reader.join().map_err(|_| anyhow::anyhow!("reader panicked"))??;
+    anyhow::ensure!(status.success(), "exited with {status}; stdout: {out}");
+    Ok(out)
 }

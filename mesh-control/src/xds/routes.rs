@@ -195,6 +195,13 @@ fn route_match(m: Option<&vs::HttpMatch>) -> RouteMatch {
     }
     headers.extend(m.headers.iter().map(|(k, v)| header(k, v, false)));
     headers.extend(m.without_headers.iter().map(|(k, v)| header(k, v, true)));
+    if !m.source_labels.is_empty() || !m.source_namespace.is_empty() {
+        headers.push(HeaderMatcher {
+            name: proto::SOURCE_SCOPED_HEADER.into(),
+            header_match_specifier: Some(HeaderMatchSpecifier::PresentMatch(true)),
+            ..Default::default()
+        });
+    }
     let query_parameters = m
         .query_params
         .iter()

@@ -55,6 +55,8 @@ pub struct Snapshot {
     /// Route name → the clusters it can send to, for clients that subscribe to routes by name
     /// (Envoy, gRPC): their wildcard cluster subscription means "what my routes use".
     pub route_clusters: HashMap<String, Vec<String>>,
+    /// gRPC proxyless listeners, by `<hostname>:<port>`; served only by name.
+    pub listeners: BTreeMap<String, Resource>,
     pub workloads_by_node: BTreeMap<String, Vec<Resource>>,
     /// Address names each node's Sidecars ask for up front.
     pub hints_by_node: BTreeMap<String, BTreeSet<String>>,
@@ -69,8 +71,14 @@ pub struct Snapshot {
 
 /// The types, in the order a change is pushed: what is referenced before what references it
 /// (a node never sees an address whose cluster it cannot resolve yet).
-pub const PUSH_ORDER: [&str; 5] =
-    [proto::CLUSTER_TYPE, proto::ENDPOINT_TYPE, proto::ROUTE_TYPE, proto::WORKLOAD_TYPE, proto::ADDRESS_TYPE];
+pub const PUSH_ORDER: [&str; 6] = [
+    proto::CLUSTER_TYPE,
+    proto::ENDPOINT_TYPE,
+    proto::ROUTE_TYPE,
+    proto::LISTENER_TYPE,
+    proto::WORKLOAD_TYPE,
+    proto::ADDRESS_TYPE,
+];
 
 impl Snapshot {
     pub fn new(generation: u64) -> Snapshot {
@@ -154,6 +162,11 @@ impl Snapshot {
                 }
                 set
             }
+            proto::LISTENER_TYPE => sub
+                .names
+                .iter()
+                .filter_map(|name| Some((name.clone(), self.listeners.get(name)?.clone())))
+                .collect(),
             proto::WORKLOAD_TYPE => self
                 .workloads_by_node
                 .get(node)

@@ -25,7 +25,7 @@ use envoy_types::pb::{
 use prost::Message;
 
 use super::{
-    routes,
+    listeners, routes,
     snapshot::{Resource, Snapshot},
 };
 use crate::{
@@ -432,6 +432,16 @@ impl<'a> Translator<'a> {
             }
             None => (String::new(), Vec::new()),
         };
+        // gRPC's proxyless client can only dial endpoints it is told (no original destination).
+        if !passthrough {
+            let listener_name = routes::route_name(hostname, port);
+            let route_ref = (!route.is_empty()).then_some(route.as_str());
+            let listener = listeners::api_listener(&listener_name, route_ref, &name);
+            self.snap.listeners.insert(
+                listener_name.clone(),
+                Resource::new(&listener_name, proto::LISTENER_TYPE, &listener),
+            );
+        }
         mesh::ServicePort {
             port: u32::from(port),
             cluster: name,

@@ -335,7 +335,8 @@ fn compile_route(r: &route::Route) -> Result<Route, String> {
         Some(other) => return Err(format!("path match {other:?} is not supported")),
     };
     let mut headers = Vec::new();
-    for h in &m.headers {
+    // The source-scoped marker is for other xDS clients; this route's source is checked below.
+    for h in m.headers.iter().filter(|h| h.name != proto::SOURCE_SCOPED_HEADER) {
         // The deprecated one-field forms are still what many control planes send.
         #[allow(deprecated)]
         let matcher = match &h.header_match_specifier {
