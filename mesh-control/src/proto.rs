@@ -17,6 +17,10 @@ pub const LISTENER_TYPE: &str = "type.googleapis.com/envoy.config.listener.v3.Li
 /// sourceNamespace); mesh-node evaluates it against the source workload.
 pub const ROUTE_METADATA: &str = "nodemesh.io";
 
+/// Virtual-host `typed_per_filter_config` key of a port's [`mesh::RateLimits`].
+pub const RATE_LIMIT_FILTER: &str = "nodemesh.io/local_ratelimit";
+pub const RATE_LIMITS_TYPE: &str = "type.googleapis.com/nodemesh.mesh.v1.RateLimits";
+
 /// A header no request carries, required (present) by every route that also matches on its
 /// source: xDS clients other than mesh-node ignore route metadata, so without it Envoy or a
 /// gRPC proxyless client would send *every* caller down a route meant for, say, a sandbox.

@@ -16,6 +16,12 @@ fn validate_lists_every_error_and_exits_non_zero() {
     .unwrap();
     std::fs::write(dir.join("syntax.yaml"), "kind: [unclosed\n").unwrap();
     std::fs::write(
+        dir.join("limits.yaml"),
+        "apiVersion: nodemesh.io/v1alpha1\nkind: RateLimitPolicy\nmetadata: {name: pods, namespace: shop}\n\
+         spec: {host: web, side: Server, workloadSelector: {labels: {app: a}}, limits: [{maxTokens: 0}]}\n",
+    )
+    .unwrap();
+    std::fs::write(
         dir.join("routes.yaml"),
         "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: pool, namespace: shop}\n\
          spec: {host: web, trafficPolicy: {connectionPool: {http: {http2MaxRequest: 2}}}}\n---\n\
@@ -39,15 +45,36 @@ fn validate_lists_every_error_and_exits_non_zero() {
         "spec.http[0].route",
         "add up to 90",
         "trafficPolicy: unknown top-level field",
+        "limits.yaml",
+        "spec.workloadSelector",
+        "spec.limits[0].maxTokens",
+        "spec.limits[0].fillInterval",
     ] {
         assert!(text.contains(expected), "missing `{expected}` in:\n{text}");
     }
 
     std::fs::remove_file(dir.join("syntax.yaml")).unwrap();
     std::fs::remove_file(dir.join("routes.yaml")).unwrap();
+    std::fs::remove_file(dir.join("limits.yaml")).unwrap();
     std::fs::write(dir.join("rules.yaml"), "apiVersion: v1\nkind: Namespace\nmetadata: {name: shop}\n")
         .unwrap();
     let out = Command::new(&bin).arg("validate").arg(&dir).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// Every example a user might copy is valid.
+#[test]
+fn the_examples_validate() {
+    let bin = nodemesh_tests::bin("mesh-control").unwrap();
+    let examples = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
+    for dir in ["config", "policies"] {
+        let out = Command::new(&bin).arg("validate").arg(examples.join(dir)).output().unwrap();
+        assert!(
+            out.status.success(),
+            "examples/{dir}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
 }

@@ -6,6 +6,7 @@ pub mod core;
 pub mod duration;
 pub mod istio;
 pub mod parse;
+pub mod rate_limit;
 pub mod store;
 pub mod virtual_service;
 
@@ -26,13 +27,14 @@ pub enum Kind {
     DestinationRule,
     Sidecar,
     VirtualService,
+    RateLimitPolicy,
     MeshConfig,
     /// A workload a node registered in local mode and reported to the control plane.
     NodeWorkload,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 12] = [
+    pub const ALL: [Kind; 13] = [
         Kind::Namespace,
         Kind::Node,
         Kind::Pod,
@@ -43,6 +45,7 @@ impl Kind {
         Kind::DestinationRule,
         Kind::Sidecar,
         Kind::VirtualService,
+        Kind::RateLimitPolicy,
         Kind::MeshConfig,
         Kind::NodeWorkload,
     ];
@@ -101,6 +104,7 @@ pub enum Object {
     DestinationRule(istio::DestinationRule),
     Sidecar(istio::Sidecar),
     VirtualService(virtual_service::VirtualService),
+    RateLimitPolicy(rate_limit::RateLimitPolicy),
     MeshConfig(istio::MeshConfig),
     NodeWorkload(core::Pod),
 }
@@ -118,6 +122,7 @@ impl Object {
             Object::DestinationRule(_) => Kind::DestinationRule,
             Object::Sidecar(_) => Kind::Sidecar,
             Object::VirtualService(_) => Kind::VirtualService,
+            Object::RateLimitPolicy(_) => Kind::RateLimitPolicy,
             Object::MeshConfig(_) => Kind::MeshConfig,
             Object::NodeWorkload(_) => Kind::NodeWorkload,
         }
@@ -135,6 +140,7 @@ impl Object {
             Object::DestinationRule(o) => &o.meta,
             Object::Sidecar(o) => &o.meta,
             Object::VirtualService(o) => &o.meta,
+            Object::RateLimitPolicy(o) => &o.meta,
             Object::MeshConfig(o) => &o.meta,
         }
     }

@@ -103,6 +103,7 @@ pub fn object_from_value(value: Value) -> Result<Object, ParseError> {
         (v, "Sidecar") if ISTIO_NETWORKING.contains(&v) => Kind::Sidecar,
         (v, "VirtualService") if ISTIO_NETWORKING.contains(&v) => Kind::VirtualService,
         ("nodemesh.io/v1alpha1", "MeshConfig") => Kind::MeshConfig,
+        ("nodemesh.io/v1alpha1", "RateLimitPolicy") => Kind::RateLimitPolicy,
         (v, k) => {
             let reason = if NOT_YET.contains(&k) {
                 format!("{k} ({v}) is not supported yet by this version of Nodemesh; it is ignored")
@@ -110,7 +111,7 @@ pub fn object_from_value(value: Value) -> Result<Object, ParseError> {
                 format!(
                     "unknown kind {k} ({v}); supported: v1 Namespace/Node/Pod/Service, discovery.k8s.io/v1 \
                      EndpointSlice, networking.istio.io ServiceEntry/WorkloadEntry/DestinationRule/Sidecar/VirtualService, \
-                     nodemesh.io/v1alpha1 MeshConfig"
+                     nodemesh.io/v1alpha1 MeshConfig/RateLimitPolicy"
                 )
             };
             return Err(fail(None, &meta, vec![FieldError::new("kind", reason)]));
@@ -155,6 +156,10 @@ pub fn object_from_value(value: Value) -> Result<Object, ParseError> {
         Kind::VirtualService => spec::<super::virtual_service::VirtualServiceSpec>(&value).and_then(|spec| {
             checked(|e| spec.check(e))?;
             Ok(Object::VirtualService(super::virtual_service::VirtualService { meta: meta.clone(), spec }))
+        }),
+        Kind::RateLimitPolicy => spec::<super::rate_limit::RateLimitPolicySpec>(&value).and_then(|spec| {
+            checked(|e| spec.check(e))?;
+            Ok(Object::RateLimitPolicy(super::rate_limit::RateLimitPolicy { meta: meta.clone(), spec }))
         }),
         Kind::MeshConfig => spec::<istio::MeshConfigSpec>(&value)
             .map(|spec| Object::MeshConfig(istio::MeshConfig { meta: meta.clone(), spec })),

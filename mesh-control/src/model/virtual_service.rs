@@ -321,6 +321,35 @@ fn not_enforced(field: &str) -> FieldError {
     )
 }
 
+impl HttpMatch {
+    /// Checks one match condition at `at` (`spec.http[0].match[1]`).
+    pub fn check(&self, at: &str, errors: &mut Vec<FieldError>) {
+        let m = self;
+        for (name, sm) in
+            [("uri", &m.uri), ("scheme", &m.scheme), ("method", &m.method), ("authority", &m.authority)]
+        {
+            if let Some(sm) = sm {
+                sm.check(&format!("{at}.{name}"), errors);
+            }
+        }
+        for (group, map) in [
+            ("headers", &m.headers),
+            ("withoutHeaders", &m.without_headers),
+            ("queryParams", &m.query_params),
+        ] {
+            for (k, sm) in map {
+                sm.check(&format!("{at}.{group}.{k}"), errors);
+            }
+        }
+        if !m.gateways.is_empty() {
+            errors.push(FieldError::new(format!("{at}.gateways"), "only sidecar (mesh) traffic is routed"));
+        }
+        if m.scheme.is_some() {
+            errors.push(not_enforced(&format!("{at}.scheme")));
+        }
+    }
+}
+
 impl HttpRoute {
     fn check(&self, at: &str, errors: &mut Vec<FieldError>) {
         let unenforced = [
@@ -344,30 +373,7 @@ impl HttpRoute {
             errors.push(FieldError::new(format!("{at}.rewrite"), "cannot be combined with `redirect`"));
         }
         for (j, m) in self.matches.iter().enumerate() {
-            let at = format!("{at}.match[{j}]");
-            for (name, sm) in
-                [("uri", &m.uri), ("scheme", &m.scheme), ("method", &m.method), ("authority", &m.authority)]
-            {
-                if let Some(sm) = sm {
-                    sm.check(&format!("{at}.{name}"), errors);
-                }
-            }
-            for (group, map) in [
-                ("headers", &m.headers),
-                ("withoutHeaders", &m.without_headers),
-                ("queryParams", &m.query_params),
-            ] {
-                for (k, sm) in map {
-                    sm.check(&format!("{at}.{group}.{k}"), errors);
-                }
-            }
-            if !m.gateways.is_empty() {
-                errors
-                    .push(FieldError::new(format!("{at}.gateways"), "only sidecar (mesh) traffic is routed"));
-            }
-            if m.scheme.is_some() {
-                errors.push(not_enforced(&format!("{at}.scheme")));
-            }
+            m.check(&format!("{at}.match[{j}]"), errors);
         }
         let weights: Vec<Option<u32>> = self.route.iter().map(|d| d.weight).collect();
         if self.route.len() > 1 {

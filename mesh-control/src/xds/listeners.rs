@@ -14,10 +14,7 @@ use envoy_types::pb::{
                 AggregatedConfigSource, ApiVersion, ConfigSource, config_source::ConfigSourceSpecifier,
             },
             listener::v3::{ApiListener, Listener},
-            route::v3::{
-                Route, RouteAction, RouteConfiguration, RouteMatch, VirtualHost, route, route_action,
-                route_match::PathSpecifier,
-            },
+            route::v3::{RouteConfiguration, VirtualHost},
         },
         extensions::filters::{
             http::{fault::v3::HttpFault, router::v3::Router},
@@ -31,7 +28,7 @@ use envoy_types::pb::{
 };
 
 use super::{
-    routes::{FAULT_FILTER, FAULT_TYPE},
+    routes::{self, FAULT_FILTER, FAULT_TYPE},
     translate::to_any,
 };
 
@@ -76,25 +73,14 @@ pub fn api_listener(name: &str, route: Option<&str>, cluster: &str) -> Listener 
     }
 }
 
-/// Every request to `cluster`.
+/// A route table of one catch-all route to `cluster`.
 fn catch_all(name: &str, cluster: &str) -> RouteConfiguration {
-    let route = Route {
-        r#match: Some(RouteMatch {
-            path_specifier: Some(PathSpecifier::Prefix("/".into())),
-            ..Default::default()
-        }),
-        action: Some(route::Action::Route(RouteAction {
-            cluster_specifier: Some(route_action::ClusterSpecifier::Cluster(cluster.to_string())),
-            ..Default::default()
-        })),
-        ..Default::default()
-    };
     RouteConfiguration {
         name: name.to_string(),
         virtual_hosts: vec![VirtualHost {
             name: name.to_string(),
             domains: vec!["*".into()],
-            routes: vec![route],
+            routes: vec![routes::catch_all(cluster)],
             ..Default::default()
         }],
         ..Default::default()
@@ -103,6 +89,7 @@ fn catch_all(name: &str, cluster: &str) -> RouteConfiguration {
 
 #[cfg(test)]
 mod tests {
+    use envoy_types::pb::envoy::config::route::v3::{RouteAction, route, route_action};
     use prost::Message;
 
     use super::*;

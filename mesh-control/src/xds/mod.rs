@@ -4,6 +4,7 @@
 
 pub mod listeners;
 pub mod nodes;
+pub mod rate_limits;
 pub mod registration;
 pub mod routes;
 pub mod server;

@@ -58,16 +58,21 @@ pub fn cluster_name(port: u16, subset: &str, hostname: &str) -> String {
     format!("outbound|{port}|{subset}|{hostname}")
 }
 
-/// The RouteConfiguration for `hostname:port` from `v`, and every cluster it can send to.
+/// The RouteConfiguration for `hostname:port`: the routes of `v` (without one, a catch-all to
+/// `cluster`, the port's own) and the port's rate `limits`; and every cluster it can send to.
 pub fn build(
-    v: &VirtualService,
+    v: Option<&VirtualService>,
+    limits: Vec<mesh::RateLimit>,
     hostname: &str,
     port: u16,
+    cluster: &str,
     ports: &dyn Ports,
 ) -> (RouteConfiguration, BTreeSet<String>) {
     let mut clusters = BTreeSet::new();
     let mut routes = Vec::new();
-    for (i, http) in v.spec.http.iter().enumerate() {
+    let http_routes = v.map(|v| v.spec.http.as_slice()).unwrap_or_default();
+    for (i, http) in http_routes.iter().enumerate() {
+        let Some(v) = v else { break };
         let name = if http.name.is_empty() {
             format!("{}.{}.{i}", v.meta.namespace, v.meta.name)
         } else {
@@ -103,13 +108,51 @@ pub fn build(
             });
         }
     }
+    if v.is_none() {
+        routes.push(catch_all(cluster));
+        clusters.insert(cluster.to_string());
+    }
     let name = route_name(hostname, port);
+    let typed_per_filter_config = if limits.is_empty() {
+        Default::default()
+    } else {
+        // Optional: Envoy and gRPC, which do not know the type, skip it instead of rejecting.
+        let config = route::FilterConfig {
+            config: Some(to_any(proto::RATE_LIMITS_TYPE, &mesh::RateLimits { limits })),
+            is_optional: true,
+            ..Default::default()
+        };
+        [(proto::RATE_LIMIT_FILTER.to_string(), to_any(FILTER_CONFIG_TYPE, &config))].into()
+    };
     let config = RouteConfiguration {
         name: name.clone(),
-        virtual_hosts: vec![VirtualHost { name, domains: vec!["*".into()], routes, ..Default::default() }],
+        virtual_hosts: vec![VirtualHost {
+            name,
+            domains: vec!["*".into()],
+            routes,
+            typed_per_filter_config,
+            ..Default::default()
+        }],
         ..Default::default()
     };
     (config, clusters)
+}
+
+const FILTER_CONFIG_TYPE: &str = "type.googleapis.com/envoy.config.route.v3.FilterConfig";
+
+/// Every request to `cluster`.
+pub fn catch_all(cluster: &str) -> route::Route {
+    route::Route {
+        r#match: Some(route_match(None)),
+        action: Some(route::route::Action::Route(RouteAction {
+            cluster_specifier: Some(route_action::ClusterSpecifier::Cluster(cluster.to_string())),
+            // As for VirtualService routes: no timeout unless one is asked for.
+            timeout: Some(pbuf::Duration::default()),
+            retry_policy: Some(retry_policy(None)),
+            ..Default::default()
+        })),
+        ..Default::default()
+    }
 }
 
 /// Envoy's HTTP fault filter, configured per route.
@@ -176,7 +219,7 @@ fn header(name: &str, m: &vs::StringMatch, invert: bool) -> HeaderMatcher {
     }
 }
 
-fn route_match(m: Option<&vs::HttpMatch>) -> RouteMatch {
+pub fn route_match(m: Option<&vs::HttpMatch>) -> RouteMatch {
     let Some(m) = m else {
         return RouteMatch { path_specifier: Some(PathSpecifier::Prefix("/".into())), ..Default::default() };
     };

@@ -25,13 +25,14 @@ use envoy_types::pb::{
 use prost::Message;
 
 use super::{
-    listeners, routes,
+    listeners, rate_limits, routes,
     snapshot::{Resource, Snapshot},
 };
 use crate::{
     model::{
         Labels, Locality, Object, core, istio,
         istio::{OutboundMode, Resolution},
+        rate_limit::RateLimitPolicy,
         selector_matches,
         store::Store,
         virtual_service::VirtualService,
@@ -105,6 +106,8 @@ struct Translator<'a> {
     by_uid: HashMap<String, usize>,
     /// Qualified hostname → the VirtualService that routes it.
     virtual_services: HashMap<String, &'a VirtualService>,
+    /// Qualified hostname → the RateLimitPolicies limiting it.
+    rate_limits: HashMap<String, Vec<&'a RateLimitPolicy>>,
     /// Qualified hostname → the ports it serves (to resolve route destinations without one).
     ports_by_host: HashMap<String, Vec<u16>>,
     /// Cluster → its consistent-hash policy, for routes that send to it (built so far).
@@ -177,6 +180,7 @@ impl<'a> Translator<'a> {
             by_label,
             by_uid,
             virtual_services: virtual_services_by_host(store),
+            rate_limits: rate_limits::policies_by_host(store),
             ports_by_host: ports_by_host(store),
             hash_by_cluster: HashMap::new(),
             snap: Snapshot::new(store.generation()),
@@ -420,9 +424,13 @@ impl<'a> Translator<'a> {
             let cla = build_load_assignment(&name, eps);
             self.snap.endpoints.insert(name.clone(), Resource::new(&name, proto::ENDPOINT_TYPE, &cla));
         }
-        let (route, route_clusters) = match self.virtual_services.get(hostname) {
-            Some(v) => {
-                let (config, clusters) = routes::build(v, hostname, port, self);
+        let virtual_service = self.virtual_services.get(hostname).copied();
+        let limits =
+            self.rate_limits.get(hostname).map(|p| rate_limits::for_port(p, port)).unwrap_or_default();
+        let (route, route_clusters) = match (virtual_service, limits.is_empty()) {
+            (None, true) => (String::new(), Vec::new()),
+            (v, _) => {
+                let (config, clusters) = routes::build(v, limits, hostname, port, &name, self);
                 let route_name = config.name.clone();
                 self.snap
                     .routes
@@ -430,7 +438,6 @@ impl<'a> Translator<'a> {
                 self.snap.route_clusters.insert(route_name.clone(), clusters.iter().cloned().collect());
                 (route_name, clusters.into_iter().filter(|c| *c != name).collect())
             }
-            None => (String::new(), Vec::new()),
         };
         // gRPC's proxyless client can only dial endpoints it is told (no original destination).
         if !passthrough {

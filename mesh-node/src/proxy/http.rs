@@ -26,6 +26,7 @@ use super::{
     Outbound, Source,
     outbound::Attempt,
     pool::{Body, Sender, full},
+    rate_limits::Drawn,
 };
 use crate::telemetry::metrics::{Reporter, RequestLabels, UNKNOWN};
 use crate::xds::{
@@ -114,11 +115,25 @@ async fn forward(
     let mut retry = RetryPolicy::istio_default();
     let mut mirrors: Vec<String> = Vec::new();
     let mut chosen: Option<(&Route, &crate::xds::http_route::Target)> = None;
+    // Only routes and limits that depend on the caller need its workload record.
+    let workload = match (&table, &target.cache) {
+        (Some(table), Some(cache)) if table.matches_source() => cache.workload(&source.key.to_string()),
+        _ => None,
+    };
+    let from =
+        RequestSource { namespace: &source.key.namespace, labels: workload.as_ref().map(|w| &w.labels) };
+    // Local rate limits: the caller's buckets now, the serving pod's once one is picked.
+    let grpc = is_grpc(&parts.headers);
+    let mut drawn = Drawn::default();
+    let mut server_limits = Vec::new();
+    for limit in table.iter().flat_map(|t| &t.limits).filter(|l| l.applies(&parts, &from)) {
+        if limit.per_destination {
+            server_limits.push(limit);
+        } else if let Some(refused) = drawn.take(outbound, source, limit, &source.key.to_string(), grpc) {
+            return refused;
+        }
+    }
     if let (Some(table), Some(cache)) = (&table, &target.cache) {
-        // Only routes matched on the caller's labels need its workload record.
-        let workload = if table.matches_source() { cache.workload(&source.key.to_string()) } else { None };
-        let from =
-            RequestSource { namespace: &source.key.namespace, labels: workload.as_ref().map(|w| &w.labels) };
         let Some(route) = table.select(&parts, &from) else {
             return error_response(
                 StatusCode::NOT_FOUND,
@@ -218,6 +233,11 @@ async fn forward(
             }
         };
         let addr = pick.endpoint.ep.addr;
+        for limit in &server_limits {
+            if let Some(refused) = drawn.take(outbound, source, limit, &addr.ip().to_string(), grpc) {
+                return refused;
+            }
+        }
         let body = match (&replay, stream.take()) {
             (Some(bytes), _) => full(bytes.clone()),
             (None, Some(body)) => body,
@@ -312,6 +332,7 @@ async fn forward(
         t.response_ops.apply(response.headers_mut());
         route.response_ops.apply(response.headers_mut());
     }
+    drawn.annotate(response.headers_mut());
     response.map(BodyExt::boxed)
 }
 
@@ -629,6 +650,14 @@ fn request_hash(
         }),
     }?;
     Some(hash_bytes(value.as_bytes()))
+}
+
+/// A gRPC request (`content-type: application/grpc[+proto|;...]`).
+fn is_grpc(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/grpc"))
 }
 
 fn error_response(status: StatusCode, reason: &str) -> Response<Body> {

@@ -4,6 +4,7 @@
 mod http;
 pub mod outbound;
 mod pool;
+mod rate_limits;
 mod relay;
 pub mod sniff;
 

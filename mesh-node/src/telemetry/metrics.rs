@@ -80,6 +80,17 @@ pub struct EgressDeniedLabels {
     pub reason: String,
 }
 
+/// A request refused by a local rate limit.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RateLimitedLabels {
+    /// `<namespace>/<policy>/<limit>`.
+    pub limit: String,
+    /// `client` (the caller's bucket) or `server` (the serving pod's).
+    pub side: String,
+    pub source_workload: String,
+    pub source_workload_namespace: String,
+}
+
 /// Counters for one connection, resolved once at accept so the data path only does atomics.
 #[derive(Clone, Debug)]
 pub struct ConnectionCounters {
@@ -104,6 +115,7 @@ pub struct Metrics {
     received: Family<ConnectionLabels, Counter>,
     failures: Family<FailureLabels, Counter>,
     egress_denied: Family<EgressDeniedLabels, Counter>,
+    rate_limited: Family<RateLimitedLabels, Counter>,
     pub meshed_workloads: Gauge,
 }
 
@@ -118,6 +130,7 @@ impl Default for Metrics {
             received: Family::default(),
             failures: Family::default(),
             egress_denied: Family::default(),
+            rate_limited: Family::default(),
             meshed_workloads: Gauge::default(),
         }
     }
@@ -167,6 +180,11 @@ impl Metrics {
             m.egress_denied.clone(),
         );
         registry.register(
+            "nodemesh_rate_limited_requests",
+            "HTTP requests answered 429 by a RateLimitPolicy limit",
+            m.rate_limited.clone(),
+        );
+        registry.register(
             "nodemesh_meshed_workloads",
             "Workloads whose traffic this node currently captures",
             m.meshed_workloads.clone(),
@@ -196,6 +214,10 @@ impl Metrics {
 
     pub fn egress_denied(&self, labels: &EgressDeniedLabels) {
         self.egress_denied.get_or_create(labels).inc();
+    }
+
+    pub fn rate_limited(&self, labels: &RateLimitedLabels) {
+        self.rate_limited.get_or_create(labels).inc();
     }
 }
 

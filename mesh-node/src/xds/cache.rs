@@ -23,6 +23,7 @@ use tokio::sync::Notify;
 use super::{
     http_route::RouteTable,
     lb::{Balancer, Endpoint, HttpFailures, LbPolicy, OutlierSettings},
+    rate_limit::BucketRegistry,
 };
 
 /// What an IP is, as far as the node has been told.
@@ -53,6 +54,8 @@ pub struct Cache {
     /// Woken whenever addresses change (on-demand lookups wait on it).
     pub address_changed: Notify,
     max_endpoints_per_cluster: usize,
+    /// Rate-limit buckets, shared by the route tables that use them.
+    buckets: BucketRegistry,
 }
 
 /// A decoded resource from a response: name, version, payload.
@@ -64,7 +67,12 @@ pub struct Incoming {
 
 impl Cache {
     pub fn new(max_endpoints_per_cluster: usize) -> Cache {
-        Cache { state: RwLock::default(), address_changed: Notify::new(), max_endpoints_per_cluster }
+        Cache {
+            state: RwLock::default(),
+            address_changed: Notify::new(),
+            max_endpoints_per_cluster,
+            buckets: BucketRegistry::default(),
+        }
     }
 
     pub fn address(&self, ip: IpAddr) -> Option<AddressInfo> {
@@ -180,7 +188,11 @@ impl Cache {
             }
             proto::ROUTE_TYPE => {
                 let decoded = decode_all::<RouteConfiguration>(updated)?;
-                let tables = decoded.iter().map(RouteTable::compile).collect::<Result<Vec<_>, String>>()?;
+                let tables = decoded.iter().map(|c| RouteTable::compile(c, &self.buckets)).collect::<Result<
+                    Vec<_>,
+                    String,
+                >>(
+                )?;
                 let mut s = self.state.write().expect("cache lock");
                 for name in removed {
                     s.routes.remove(name);

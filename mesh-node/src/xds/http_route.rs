@@ -33,19 +33,29 @@ use mesh_control::proto::{self, mesh};
 use prost::Message;
 use regex::Regex;
 
-use super::retry::RetryPolicy;
+use super::{
+    rate_limit::{self, BucketRegistry, RateLimit},
+    retry::RetryPolicy,
+};
 
 pub struct RouteTable {
     pub name: String,
     routes: Vec<Route>,
+    /// The port's local rate limits (RateLimitPolicy), checked before any route.
+    pub limits: Vec<RateLimit>,
 }
 
-pub struct Route {
-    pub name: String,
+/// What a request must look like: an Envoy `RouteMatch` plus, from route metadata, the caller.
+pub struct RequestMatch {
     path: PathMatch,
     headers: Vec<HeaderMatch>,
     query: Vec<(String, StrMatch)>,
     source: Option<mesh::RouteSource>,
+}
+
+pub struct Route {
+    pub name: String,
+    matcher: RequestMatch,
     pub action: Action,
     pub request_ops: HeaderOps,
     pub response_ops: HeaderOps,
@@ -157,30 +167,38 @@ pub struct RequestSource<'a> {
 }
 
 impl RouteTable {
-    pub fn compile(config: &RouteConfiguration) -> Result<RouteTable, String> {
+    /// Compiles `config`; rate-limit buckets come from `buckets`, so a limit that survives a
+    /// config change keeps its state.
+    pub fn compile(config: &RouteConfiguration, buckets: &BucketRegistry) -> Result<RouteTable, String> {
         let mut routes = Vec::new();
+        let mut limits = Vec::new();
         for vh in &config.virtual_hosts {
             for (i, r) in vh.routes.iter().enumerate() {
                 let at = format!("RouteConfiguration {} route {} ({i})", config.name, r.name);
                 routes.push(compile_route(r).map_err(|e| format!("{at}: {e}"))?);
             }
+            if let Some(any) = vh.typed_per_filter_config.get(proto::RATE_LIMIT_FILTER) {
+                let at = format!("RouteConfiguration {} rate limits", config.name);
+                limits.extend(rate_limit::compile(any, buckets).map_err(|e| format!("{at}: {e}"))?);
+            }
         }
-        Ok(RouteTable { name: config.name.clone(), routes })
+        Ok(RouteTable { name: config.name.clone(), routes, limits })
     }
 
-    /// Whether any route matches on the caller's labels or namespace.
+    /// Whether any route or limit depends on the caller's labels or namespace.
     pub fn matches_source(&self) -> bool {
-        self.routes.iter().any(|r| r.source.is_some())
+        self.routes.iter().any(|r| r.matcher.source.is_some())
+            || self.limits.iter().any(RateLimit::matches_source)
     }
 
     /// The first route matching the request.
     pub fn select(&self, req: &Parts, source: &RequestSource<'_>) -> Option<&Route> {
-        self.routes.iter().find(|r| r.matches(req, source))
+        self.routes.iter().find(|r| r.matcher.matches(req, source))
     }
 }
 
-impl Route {
-    fn matches(&self, req: &Parts, source: &RequestSource<'_>) -> bool {
+impl RequestMatch {
+    pub fn matches(&self, req: &Parts, source: &RequestSource<'_>) -> bool {
         let path = req.uri.path();
         let path_ok = match &self.path {
             PathMatch::Prefix(p) => path.starts_with(p.as_str()),
@@ -323,7 +341,39 @@ fn str_match(m: &StringMatcher) -> Result<StrMatch, String> {
 }
 
 fn compile_route(r: &route::Route) -> Result<Route, String> {
-    let m = r.r#match.clone().unwrap_or_default();
+    let mut matcher = compile_match(&r.r#match.clone().unwrap_or_default())?;
+    matcher.source =
+        match r.metadata.as_ref().and_then(|md| md.typed_filter_metadata.get(proto::ROUTE_METADATA)) {
+            Some(any) => Some(
+                mesh::RouteSource::decode(any.value.as_slice())
+                    .map_err(|e| format!("route source metadata: {e}"))?,
+            ),
+            None => None,
+        };
+
+    let action = match &r.action {
+        Some(route::route::Action::Route(a)) => Action::Forward(Box::new(forward(a)?)),
+        Some(route::route::Action::Redirect(rd)) => Action::Redirect(redirect(rd)),
+        other => return Err(format!("action {other:?} is not supported")),
+    };
+    let fault = match r.typed_per_filter_config.get(FAULT_FILTER) {
+        Some(any) => Some(fault(
+            &HttpFault::decode(any.value.as_slice()).map_err(|e| format!("fault filter config: {e}"))?,
+        )?),
+        None => None,
+    };
+    Ok(Route {
+        fault,
+        name: r.name.clone(),
+        matcher,
+        action,
+        request_ops: HeaderOps::compile(&r.request_headers_to_add, &r.request_headers_to_remove)?,
+        response_ops: HeaderOps::compile(&r.response_headers_to_add, &r.response_headers_to_remove)?,
+    })
+}
+
+/// An Envoy `RouteMatch`, compiled (regexes included).
+pub fn compile_match(m: &route::RouteMatch) -> Result<RequestMatch, String> {
     let case_sensitive = m.case_sensitive.as_ref().is_none_or(|b| b.value);
     let path = match &m.path_specifier {
         Some(PathSpecifier::Prefix(p)) if case_sensitive => PathMatch::Prefix(p.clone()),
@@ -335,7 +385,7 @@ fn compile_route(r: &route::Route) -> Result<Route, String> {
         Some(other) => return Err(format!("path match {other:?} is not supported")),
     };
     let mut headers = Vec::new();
-    // The source-scoped marker is for other xDS clients; this route's source is checked below.
+    // The source-scoped marker is for other xDS clients; mesh-node checks the route metadata.
     for h in m.headers.iter().filter(|h| h.name != proto::SOURCE_SCOPED_HEADER) {
         // The deprecated one-field forms are still what many control planes send.
         #[allow(deprecated)]
@@ -359,36 +409,7 @@ fn compile_route(r: &route::Route) -> Result<Route, String> {
         };
         query.push((q.name.clone(), matcher));
     }
-    let source = match r.metadata.as_ref().and_then(|md| md.typed_filter_metadata.get(proto::ROUTE_METADATA))
-    {
-        Some(any) => Some(
-            mesh::RouteSource::decode(any.value.as_slice())
-                .map_err(|e| format!("route source metadata: {e}"))?,
-        ),
-        None => None,
-    };
-    let action = match &r.action {
-        Some(route::route::Action::Route(a)) => Action::Forward(Box::new(forward(a)?)),
-        Some(route::route::Action::Redirect(rd)) => Action::Redirect(redirect(rd)),
-        other => return Err(format!("action {other:?} is not supported")),
-    };
-    let fault = match r.typed_per_filter_config.get(FAULT_FILTER) {
-        Some(any) => Some(fault(
-            &HttpFault::decode(any.value.as_slice()).map_err(|e| format!("fault filter config: {e}"))?,
-        )?),
-        None => None,
-    };
-    Ok(Route {
-        fault,
-        name: r.name.clone(),
-        path,
-        headers,
-        query,
-        source,
-        action,
-        request_ops: HeaderOps::compile(&r.request_headers_to_add, &r.request_headers_to_remove)?,
-        response_ops: HeaderOps::compile(&r.response_headers_to_add, &r.response_headers_to_remove)?,
-    })
+    Ok(RequestMatch { path, headers, query, source: None })
 }
 
 /// The per-route name of Envoy's HTTP fault filter.
@@ -544,7 +565,7 @@ fn redirect(r: &route::RedirectAction) -> Redirect {
 impl Route {
     /// For a prefix match: the prefix (what `prefix_rewrite` replaces).
     pub fn matched_prefix(&self) -> Option<&str> {
-        match &self.path {
+        match &self.matcher.path {
             PathMatch::Prefix(p) => Some(p),
             _ => None,
         }

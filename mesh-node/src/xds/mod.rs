@@ -5,5 +5,6 @@ pub mod cache;
 pub mod client;
 pub mod http_route;
 pub mod lb;
+pub mod rate_limit;
 pub mod retry;
 pub mod route;

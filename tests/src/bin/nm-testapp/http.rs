@@ -149,6 +149,8 @@ async fn answer(
 /// What the client was asked to send.
 pub struct Ask {
     pub to: SocketAddr,
+    /// GET unless asked.
+    pub method: String,
     pub requests: usize,
     pub path: String,
     pub host: Option<String>,
@@ -171,6 +173,8 @@ struct Tally {
     first: Option<Value>,
     /// The client addresses the servers saw (the proxy's upstream connections).
     peers: std::collections::BTreeSet<String>,
+    /// The `x-ratelimit-*` headers of the last response that had them.
+    rate_limit: Option<Value>,
 }
 
 impl Tally {
@@ -187,9 +191,17 @@ impl Tally {
         self.first.get_or_insert(reply);
     }
 
+    fn note_headers(&mut self, headers: &hyper::HeaderMap) {
+        let get = |name: &str| headers.get(name).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+        if let Some(limit) = get("x-ratelimit-limit") {
+            self.rate_limit = Some(json!({"limit": limit, "remaining": get("x-ratelimit-remaining"),
+                                         "reset": get("x-ratelimit-reset")}));
+        }
+    }
+
     fn into_json(self, connections: usize, started: std::time::Instant) -> Value {
         json!({"servers": self.servers, "statuses": self.statuses, "first": self.first, "connections": connections,
-               "upstream_connections": self.peers.len(),
+               "upstream_connections": self.peers.len(), "rate_limit": self.rate_limit,
                "elapsed_ms": started.elapsed().as_millis() as u64})
     }
 }
@@ -205,7 +217,7 @@ pub fn client(ask: &Ask) -> io::Result<Value> {
         let io = TokioIo::new(stream);
         let authority = ask.host.clone().unwrap_or_else(|| ask.to.to_string());
         let build = |path: &str| {
-            let mut b = Request::builder().method("GET");
+            let mut b = Request::builder().method(ask.method.as_str());
             b = if ask.h2 {
                 b.uri(format!("http://{authority}{path}")).version(Version::HTTP_2)
             } else {
@@ -261,6 +273,7 @@ pub fn client(ask: &Ask) -> io::Result<Value> {
                 let req = build(&ask.path).body(Empty::<Bytes>::new()).map_err(io::Error::other)?;
                 let resp = sender.send_request(req).await.map_err(io::Error::other)?;
                 let status = resp.status().as_u16();
+                tally.note_headers(resp.headers());
                 let body = resp.into_body().collect().await.map_err(io::Error::other)?.to_bytes();
                 tally.add(status, &body);
             }
@@ -290,6 +303,7 @@ pub fn client(ask: &Ask) -> io::Result<Value> {
             let req = build(&ask.path).body(Empty::<Bytes>::new()).map_err(io::Error::other)?;
             let resp = sender.send_request(req).await.map_err(io::Error::other)?;
             let status = resp.status().as_u16();
+            tally.note_headers(resp.headers());
             let body = resp.into_body().collect().await.map_err(io::Error::other)?.to_bytes();
             tally.add(status, &body);
         }

@@ -72,6 +72,7 @@ fn main() {
         "grpc-client" => grpc::client(to(), num("--calls", 1) as usize, num("--messages", 3) as usize),
         "http-client" => http::client(&http::Ask {
             to: to(),
+            method: opt("--method").unwrap_or_else(|| "GET".into()),
             requests: num("--requests", 1) as usize,
             path: opt("--path").unwrap_or_else(|| "/".into()),
             host: opt("--host"),
@@ -114,7 +115,7 @@ fn main() {
 
 fn usage() -> ! {
     fail(
-        "usage: nm-testapp serve|http-serve --name N --listen ADDR... [--status CODE] | grpc-serve --name N --listen ADDR... | grpc-client --to ADDR [--calls N] [--messages M] | http-client --to ADDR [--requests N] [--path P] [--host H] [--header K:V]... [--duration-ms D] [--h2 [--concurrency C]|--http10|--upgrade] | client --to ADDR --mode hello|sink|hold [--connections C] [--bytes N] | bench-connect|bench-latency|bench-bulk|bench-http --to ADDR [--h2] [--rate R --count N --concurrency C --duration-ms D]",
+        "usage: nm-testapp serve|http-serve --name N --listen ADDR... [--status CODE] | grpc-serve --name N --listen ADDR... | grpc-client --to ADDR [--calls N] [--messages M] | http-client --to ADDR [--requests N] [--method M] [--path P] [--host H] [--header K:V]... [--duration-ms D] [--h2 [--concurrency C]|--http10|--upgrade] | client --to ADDR --mode hello|sink|hold [--connections C] [--bytes N] | bench-connect|bench-latency|bench-bulk|bench-http --to ADDR [--h2] [--rate R --count N --concurrency C --duration-ms D]",
     )
 }
 

@@ -1,0 +1,87 @@
+//! Local rate limits on the HTTP request path: the caller's buckets are checked before a route
+//! is taken, the serving pod's once an endpoint is picked. A refused request never reaches the
+//! upstream; it is answered 429 (gRPC: RESOURCE_EXHAUSTED), counted, and says which limit.
+//! Responses under a limit carry `x-ratelimit-limit`, `x-ratelimit-remaining` and
+//! `x-ratelimit-reset` (seconds to the next fill) of the tightest bucket they drew from.
+
+use bytes::Bytes;
+use hyper::{HeaderMap, Response, StatusCode, header, header::HeaderValue};
+
+use super::{
+    Outbound, Source,
+    pool::{Body, full},
+};
+use crate::{
+    telemetry::metrics::RateLimitedLabels,
+    xds::rate_limit::{RateLimit, Verdict},
+};
+
+/// The tightest bucket a request drew from so far (fewest tokens left).
+#[derive(Default)]
+pub struct Drawn(Option<Verdict>);
+
+impl Drawn {
+    /// Takes a token from `limit`'s bucket for `key`; if it was empty, the refusal to answer.
+    pub fn take(
+        &mut self,
+        outbound: &Outbound,
+        source: &Source,
+        limit: &RateLimit,
+        key: &str,
+        grpc: bool,
+    ) -> Option<Response<Body>> {
+        let verdict = limit.take(key);
+        if !verdict.allowed {
+            outbound.metrics.rate_limited(&RateLimitedLabels {
+                limit: limit.name.clone(),
+                side: if limit.per_destination { "server" } else { "client" }.into(),
+                source_workload: source.key.name.clone(),
+                source_workload_namespace: source.key.namespace.clone(),
+            });
+            return Some(refusal(limit, &verdict, key, grpc));
+        }
+        if self.0.as_ref().is_none_or(|v| verdict.remaining < v.remaining) {
+            self.0 = Some(verdict);
+        }
+        None
+    }
+
+    /// Adds the `x-ratelimit-*` headers to a response, if any limit applied.
+    pub fn annotate(&self, headers: &mut HeaderMap) {
+        if let Some(v) = &self.0 {
+            set_headers(headers, v);
+        }
+    }
+}
+
+fn set_headers(headers: &mut HeaderMap, v: &Verdict) {
+    headers.insert("x-ratelimit-limit", HeaderValue::from(v.limit));
+    headers.insert("x-ratelimit-remaining", HeaderValue::from(v.remaining));
+    headers.insert("x-ratelimit-reset", HeaderValue::from(v.reset.as_secs_f64().ceil() as u64));
+}
+
+fn refusal(limit: &RateLimit, v: &Verdict, key: &str, grpc: bool) -> Response<Body> {
+    let side = if limit.per_destination { "serving pod" } else { "caller" };
+    let reason = format!("rate limited by {} ({side} {key}: {} requests per bucket)", limit.name, v.limit);
+    tracing::debug!("{reason}");
+    let (status, body) = if grpc {
+        (StatusCode::OK, Bytes::new())
+    } else {
+        (StatusCode::TOO_MANY_REQUESTS, Bytes::from(format!("nodemesh: {reason}\n")))
+    };
+    let mut response = Response::new(full(body));
+    *response.status_mut() = status;
+    let headers = response.headers_mut();
+    set_headers(headers, v);
+    if grpc {
+        // Trailers-only: what a gRPC client reads as RESOURCE_EXHAUSTED.
+        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+        headers.insert("grpc-status", HeaderValue::from(8u32));
+        if let Ok(message) = HeaderValue::from_str(&reason) {
+            headers.insert("grpc-message", message);
+        }
+    } else {
+        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+    }
+    response
+}
