@@ -68,7 +68,7 @@ fn validate_lists_every_error_and_exits_non_zero() {
 fn the_examples_validate() {
     let bin = nodemesh_tests::bin("mesh-control").unwrap();
     let examples = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
-    for dir in ["config", "policies"] {
+    for dir in ["config", "policies", "bookshop"] {
         let out = Command::new(&bin).arg("validate").arg(examples.join(dir)).output().unwrap();
         assert!(
             out.status.success(),

@@ -1,12 +1,13 @@
 //! `cargo xtask demo`: a simulated cluster of two nodes and mesh-control on `examples/config`;
 //! Service VIP traffic balanced across pods on both nodes, and a readable account of what the
-//! proxies and the control plane saw.
+//! proxies and the control plane saw; then the bookshop sample and its route files, one at a
+//! time (`bookshop`).
 
 use std::{collections::BTreeMap, time::Duration};
 
 use nodemesh_tests::{Pod, Registration, SimCluster, SimNode, mesh, metrics::Metrics};
 
-use crate::{setup, util};
+use crate::{bookshop, setup, util};
 
 const REVIEWS: &str = "10.96.0.20:9080";
 const RATINGS: &str = "10.96.0.30:9080";
@@ -14,10 +15,15 @@ const RATINGS: &str = "10.96.0.30:9080";
 pub fn run(keep: bool) -> anyhow::Result<()> {
     setup::run()?;
     util::build_release()?;
-    let config = util::workspace_root()?.join("examples/config");
     util::step("creating a simulated cluster: 2 nodes + a fabric netns, no route off this machine");
     let mut cluster = SimCluster::new(2)?;
-    cluster.use_config_dir(config.clone());
+    // mesh-control watches the cluster's own config directory: examples/config now, the
+    // bookshop and its route files as the walk-through goes.
+    let config = cluster.config_dir.clone();
+    for entry in std::fs::read_dir(util::workspace_root()?.join("examples/config"))? {
+        let entry = entry?;
+        std::fs::copy(entry.path(), config.join(entry.file_name()))?;
+    }
     cluster.start(&[], &[])?;
     println!("  mesh-control watches {} (xDS at {})", config.display(), cluster.control.url());
 
@@ -69,6 +75,10 @@ pub fn run(keep: bool) -> anyhow::Result<()> {
             dump["xds"]["config"]["clusters"].as_object().map(|m| m.keys().collect()).unwrap_or_default();
         println!("  node-{}: {clusters:?}", i + 1);
     }
+    util::step("the bookshop sample (examples/bookshop): L7 routing, one route file at a time");
+    let shop = bookshop::start(&mut cluster, &config)?;
+    bookshop::walk(&cluster, &config, &shop)?;
+
     println!("\nmesh-control status:");
     for line in cluster.control.status()?.lines() {
         println!("  {line}");
@@ -144,7 +154,13 @@ fn keep_running(cluster: &SimCluster, frontend: &Pod) -> anyhow::Result<()> {
     let testapp = nodemesh_tests::bin("nm-testapp")?;
     let node = &cluster.nodes[0];
     println!("\nThe cluster stays up until you press Ctrl-C (everything is removed then). Try:");
-    println!("  # edit examples/config/shop.yaml (say, drop the DestinationRule) and watch it apply");
+    println!(
+        "  # mesh-control watches {}: edit shop.yaml there (say, drop the",
+        cluster.config_dir.display()
+    );
+    println!(
+        "  # DestinationRule), or copy in a route file from examples/bookshop/routes/, and watch it apply"
+    );
     println!("  # node-1's config dump and metrics (admin endpoint inside the node netns)");
     println!("  nsenter --net=/var/run/netns/{} curl -s 127.0.0.1:15000/config_dump", node.node_netns);
     println!("  nsenter --net=/var/run/netns/{} curl -s 127.0.0.1:15000/metrics", node.node_netns);

@@ -54,7 +54,7 @@ pub fn run(program: &str, args: &[&str], env: &[(&str, &str)]) -> anyhow::Result
 
 /// Builds release binaries and points the harness at them.
 pub fn build_release() -> anyhow::Result<()> {
-    step("building mesh-node and nm-testapp (release)");
+    step("building mesh-node, mesh-control, nm-testapp and the bookshop (release)");
     cargo(&[
         "build",
         "--release",
@@ -64,6 +64,8 @@ pub fn build_release() -> anyhow::Result<()> {
         "mesh-control",
         "-p",
         "nodemesh-tests",
+        "-p",
+        "bookshop",
         "--bins",
     ])?;
     nodemesh_tests::set_bin_dir(workspace_root()?.join("target/release"));

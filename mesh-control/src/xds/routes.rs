@@ -601,4 +601,29 @@ mod tests {
         let clusters = snap.resources_for("envoy", &by_route, proto::CLUSTER_TYPE);
         assert_eq!(clusters.len(), 2, "v1 and v2: {:?}", clusters.keys());
     }
+
+    #[test]
+    fn a_route_gets_the_hash_policy_of_a_subset_of_a_service_translated_after_it() {
+        // `aardvark` sorts (and is translated) before `zebra`, whose subset hashes on a header.
+        let svc = |name: &str, ip: &str| {
+            json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": name, "namespace": "shop"},
+                   "spec": {"clusterIP": ip, "selector": {"app": name}, "ports": [{"name": "http", "port": 80}]}})
+        };
+        let store = store(vec![
+            svc("aardvark", "10.96.0.21"),
+            svc("zebra", "10.96.0.22"),
+            json!({"apiVersion": "networking.istio.io/v1", "kind": "DestinationRule", "metadata": {"name": "zebra", "namespace": "shop"},
+                   "spec": {"host": "zebra", "subsets": [{"name": "sticky", "labels": {"version": "v1"},
+                            "trafficPolicy": {"loadBalancer": {"consistentHash": {"httpHeaderName": "x-user"}}}}]}}),
+            json!({"apiVersion": "networking.istio.io/v1", "kind": "VirtualService", "metadata": {"name": "aardvark", "namespace": "shop"},
+                   "spec": {"hosts": ["aardvark"], "http": [{"route": [{"destination": {"host": "zebra", "subset": "sticky"}}]}]}}),
+        ]);
+        let snap = translate::snapshot(&store);
+        let name = route_name("aardvark.shop.svc.cluster.local", 80);
+        let config = RouteConfiguration::decode(snap.routes[&name].any.value.as_slice()).unwrap();
+        let Some(route::route::Action::Route(a)) = &config.virtual_hosts[0].routes[0].action else {
+            panic!()
+        };
+        assert_eq!(a.hash_policy.len(), 1, "the subset's consistent hash travels with the route: {a:?}");
+    }
 }

@@ -46,6 +46,7 @@ pub const CLUSTER_DOMAIN: &str = "cluster.local";
 pub fn snapshot(store: &Store) -> Snapshot {
     let mut t = Translator::new(store);
     t.services();
+    t.finish_routes();
     t.workloads();
     t.snap
 }
@@ -110,8 +111,11 @@ struct Translator<'a> {
     rate_limits: HashMap<String, Vec<&'a RateLimitPolicy>>,
     /// Qualified hostname → the ports it serves (to resolve route destinations without one).
     ports_by_host: HashMap<String, Vec<u16>>,
-    /// Cluster → its consistent-hash policy, for routes that send to it (built so far).
+    /// Cluster → its consistent-hash policy, for routes that send to it.
     hash_by_cluster: HashMap<String, mesh::HashPolicy>,
+    /// (hostname, port, the port's cluster, its rate limits) of each route to build once
+    /// every service's clusters are known.
+    routes_to_finish: Vec<(String, u16, String, Vec<mesh::RateLimit>)>,
     snap: Snapshot,
 }
 
@@ -183,6 +187,7 @@ impl<'a> Translator<'a> {
             rate_limits: rate_limits::policies_by_host(store),
             ports_by_host: ports_by_host(store),
             hash_by_cluster: HashMap::new(),
+            routes_to_finish: Vec::new(),
             snap: Snapshot::new(store.generation()),
         }
     }
@@ -430,11 +435,11 @@ impl<'a> Translator<'a> {
         let (route, route_clusters) = match (virtual_service, limits.is_empty()) {
             (None, true) => (String::new(), Vec::new()),
             (v, _) => {
-                let (config, clusters) = routes::build(v, limits, hostname, port, &name, self);
+                // The clusters now (the Service resource lists them); the route itself once
+                // every cluster's hash policy is known (see `finish_routes`).
+                let (config, clusters) = routes::build(v, limits.clone(), hostname, port, &name, self);
                 let route_name = config.name.clone();
-                self.snap
-                    .routes
-                    .insert(route_name.clone(), Resource::new(&route_name, proto::ROUTE_TYPE, &config));
+                self.routes_to_finish.push((hostname.to_string(), port, name.clone(), limits));
                 self.snap.route_clusters.insert(route_name.clone(), clusters.iter().cloned().collect());
                 (route_name, clusters.into_iter().filter(|c| *c != name).collect())
             }
@@ -457,6 +462,17 @@ impl<'a> Translator<'a> {
             hash_policy,
             route,
             route_clusters,
+        }
+    }
+
+    /// Builds the routes of every service port that has one. Last, so that a route sending to
+    /// another service's subset gets that subset's hash policy whichever service came first.
+    fn finish_routes(&mut self) {
+        for (hostname, port, cluster, limits) in std::mem::take(&mut self.routes_to_finish) {
+            let v = self.virtual_services.get(&hostname).copied();
+            let (config, _) = routes::build(v, limits, &hostname, port, &cluster, self);
+            let name = config.name.clone();
+            self.snap.routes.insert(name.clone(), Resource::new(&name, proto::ROUTE_TYPE, &config));
         }
     }
 
