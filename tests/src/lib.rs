@@ -618,6 +618,20 @@ impl SimNode {
         Ok(pid)
     }
 
+    /// A node with mesh-control on `<work_dir>/config` holding `files` (name, YAML) and
+    /// mesh-node connected to it; returns the node and that config directory.
+    pub fn with_control_plane(files: &[(&str, &str)]) -> anyhow::Result<(SimNode, PathBuf)> {
+        let mut node = SimNode::new()?;
+        let config = node.work_dir.join("config");
+        fs::create_dir_all(&config)?;
+        for (name, yaml) in files {
+            fs::write(config.join(name), yaml)?;
+        }
+        node.start_control_plane(&config)?;
+        node.start_mesh_node(&["--control-plane", CONTROL_PLANE_URL])?;
+        Ok((node, config))
+    }
+
     /// Starts mesh-control in the node netns on `config_dir` (xDS at [`CONTROL_PLANE_URL`]) and
     /// waits until its admin endpoint answers.
     pub fn start_control_plane(&mut self, config_dir: &Path) -> anyhow::Result<()> {

@@ -8,8 +8,8 @@
 use std::{fs, net::SocketAddr, time::Duration};
 
 use nodemesh_tests::{
-    CONTROL_PLANE_URL, Pod, Registration, SimNode, envoy, grpc_xds,
-    mesh::{eventually, http_get as get, served, write_config as write},
+    Pod, Registration, SimNode, envoy, grpc_xds,
+    mesh::{eventually, http_get as get, served},
     reviews::{self, VIP},
 };
 
@@ -33,13 +33,11 @@ spec:
 
 #[test]
 fn envoy_fed_by_mesh_control_routes_a_split_and_a_header_match_like_mesh_node() {
-    let mut node = SimNode::new().unwrap();
-    let config = node.work_dir.join("config");
-    fs::create_dir_all(&config).unwrap();
-    write(&config, "reviews.yaml", reviews::SERVICE_AND_SUBSETS);
-    write(&config, "reviews-routes.yaml", ROUTES);
-    node.start_control_plane(&config).unwrap();
-    node.start_mesh_node(&["--control-plane", CONTROL_PLANE_URL]).unwrap();
+    let (mut node, _) = SimNode::with_control_plane(&[
+        ("reviews.yaml", reviews::SERVICE_AND_SUBSETS),
+        ("reviews-routes.yaml", ROUTES),
+    ])
+    .unwrap();
     let meshed = node.add_pod("meshed", "shop").unwrap();
     node.register(&meshed, &Registration::meshed()).unwrap();
     let plain = node.add_pod("plain", "shop").unwrap();
@@ -119,13 +117,8 @@ const GRPC_NODE: &str = "grpc-proxyless-conformance";
 
 #[test]
 fn grpc_proxyless_client_fed_by_mesh_control_routes_a_split_and_a_header_match_like_mesh_node() {
-    let mut node = SimNode::new().unwrap();
-    let config = node.work_dir.join("config");
-    fs::create_dir_all(&config).unwrap();
-    write(&config, "who.yaml", WHO);
-    write(&config, "who-routes.yaml", WHO_ROUTES);
-    node.start_control_plane(&config).unwrap();
-    node.start_mesh_node(&["--control-plane", CONTROL_PLANE_URL]).unwrap();
+    let (mut node, config) =
+        SimNode::with_control_plane(&[("who.yaml", WHO), ("who-routes.yaml", WHO_ROUTES)]).unwrap();
     let meshed = node.add_pod("meshed", "shop").unwrap();
     node.register(&meshed, &Registration::meshed()).unwrap();
     for version in ["v1", "v2", "v3"] {

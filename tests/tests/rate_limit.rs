@@ -6,7 +6,7 @@
 use std::{fs, time::Duration};
 
 use nodemesh_tests::{
-    CONTROL_PLANE_URL, Pod, Registration, SimNode,
+    Pod, Registration, SimNode,
     mesh::{eventually, http_get, write_config as write},
     reviews::{self, SERVICE_AND_SUBSETS as REVIEWS, VIP},
 };
@@ -51,12 +51,7 @@ fn get(node: &SimNode, client: &Pod, args: &[&str]) -> Value {
 
 #[test]
 fn rate_limits_answer_429_per_caller_or_per_serving_pod_and_refill() {
-    let mut node = SimNode::new().unwrap();
-    let config = node.work_dir.join("config");
-    fs::create_dir_all(&config).unwrap();
-    write(&config, "reviews.yaml", REVIEWS);
-    node.start_control_plane(&config).unwrap();
-    node.start_mesh_node(&["--control-plane", CONTROL_PLANE_URL]).unwrap();
+    let (mut node, config) = SimNode::with_control_plane(&[("reviews.yaml", REVIEWS)]).unwrap();
     let productpage = node.add_pod("productpage", "shop").unwrap();
     node.register(&productpage, &Registration::labelled(&[("app", "productpage")])).unwrap();
     let other = node.add_pod("other", "shop").unwrap();

@@ -3,10 +3,10 @@
 //! by source labels, rewrites with header changes, redirects, and a route change reaching a
 //! connection that is already open.
 
-use std::{fs, path::PathBuf, time::Duration};
+use std::{path::PathBuf, time::Duration};
 
 use nodemesh_tests::{
-    CONTROL_PLANE_URL, Pod, Registration, SimNode,
+    Pod, Registration, SimNode,
     mesh::{eventually, served, write_config as write},
     reviews::{self, SERVICE_AND_SUBSETS as REVIEWS, VIP},
 };
@@ -24,12 +24,7 @@ struct Setup {
 /// reviews v1, v2, v3 (one pod each, named after their version), a plain client and a client
 /// labelled `branch: box-123`.
 fn setup() -> Setup {
-    let mut node = SimNode::new().unwrap();
-    let config = node.work_dir.join("config");
-    fs::create_dir_all(&config).unwrap();
-    write(&config, "reviews.yaml", REVIEWS);
-    node.start_control_plane(&config).unwrap();
-    node.start_mesh_node(&["--control-plane", CONTROL_PLANE_URL]).unwrap();
+    let (mut node, config) = SimNode::with_control_plane(&[("reviews.yaml", REVIEWS)]).unwrap();
     let client = node.add_pod("client", "shop").unwrap();
     node.register(&client, &Registration::meshed()).unwrap();
     let sandbox_client = node.add_pod("sandbox", "shop").unwrap();
