@@ -1,8 +1,8 @@
 //! Listeners for gRPC's proxyless xDS client: a channel dialling `xds:///<hostname>:<port>`
 //! asks for the Listener of that name and expects an `api_listener` holding an
 //! HttpConnectionManager (with the router as its last filter) that names its routes. The route
-//! is the port's VirtualService route over RDS when it has one, else an inline catch-all route
-//! to the port's own cluster — every service port is dialable, as with Istio's proxyless mode.
+//! is the port's RouteConfiguration over RDS when it has one, else its catch-all route table
+//! inline — every service port is dialable, as with Istio's proxyless mode.
 //!
 //! These are served only to clients that name them: a wildcard Listener subscription (an Envoy
 //! with LDS) gets none, since an `api_listener` is meaningless to a proxy.
@@ -14,7 +14,7 @@ use envoy_types::pb::{
                 AggregatedConfigSource, ApiVersion, ConfigSource, config_source::ConfigSourceSpecifier,
             },
             listener::v3::{ApiListener, Listener},
-            route::v3::{RouteConfiguration, VirtualHost},
+            route::v3::RouteConfiguration,
         },
         extensions::filters::{
             http::{fault::v3::HttpFault, router::v3::Router},
@@ -28,7 +28,7 @@ use envoy_types::pb::{
 };
 
 use super::{
-    routes::{self, FAULT_FILTER, FAULT_TYPE},
+    routes::{FAULT_FILTER, FAULT_TYPE},
     translate::to_any,
 };
 
@@ -37,11 +37,18 @@ const HCM_TYPE: &str =
 const ROUTER_FILTER: &str = "envoy.filters.http.router";
 const ROUTER_TYPE: &str = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router";
 
-/// The Listener named `name` (`<hostname>:<port>`): RDS for `route` if the port has one, else
-/// an inline route to `cluster`.
-pub fn api_listener(name: &str, route: Option<&str>, cluster: &str) -> Listener {
-    let route_specifier = match route {
-        Some(route) => RouteSpecifier::Rds(Rds {
+/// Where a listener's routes come from.
+pub enum Routes<'a> {
+    /// The port's RouteConfiguration of this name, over RDS.
+    Rds(&'a str),
+    /// A port without one: its catch-all route table, inline.
+    Inline(Box<RouteConfiguration>),
+}
+
+/// The Listener named `name` (`<hostname>:<port>`).
+pub fn api_listener(name: &str, routes: Routes<'_>) -> Listener {
+    let route_specifier = match routes {
+        Routes::Rds(route) => RouteSpecifier::Rds(Rds {
             config_source: Some(ConfigSource {
                 resource_api_version: ApiVersion::V3 as i32,
                 config_source_specifier: Some(ConfigSourceSpecifier::Ads(AggregatedConfigSource::default())),
@@ -49,7 +56,7 @@ pub fn api_listener(name: &str, route: Option<&str>, cluster: &str) -> Listener 
             }),
             route_config_name: route.to_string(),
         }),
-        None => RouteSpecifier::RouteConfig(catch_all(name, cluster)),
+        Routes::Inline(config) => RouteSpecifier::RouteConfig(*config),
     };
     // The fault filter comes first so a VirtualService's per-route faults apply, as in Istio.
     let filter = |name: &str, config: Any| HttpFilter {
@@ -73,26 +80,13 @@ pub fn api_listener(name: &str, route: Option<&str>, cluster: &str) -> Listener 
     }
 }
 
-/// A route table of one catch-all route to `cluster`.
-fn catch_all(name: &str, cluster: &str) -> RouteConfiguration {
-    RouteConfiguration {
-        name: name.to_string(),
-        virtual_hosts: vec![VirtualHost {
-            name: name.to_string(),
-            domains: vec!["*".into()],
-            routes: vec![routes::catch_all(cluster)],
-            ..Default::default()
-        }],
-        ..Default::default()
-    }
-}
-
 #[cfg(test)]
 mod tests {
-    use envoy_types::pb::envoy::config::route::v3::{RouteAction, route, route_action};
+    use envoy_types::pb::envoy::config::route::v3::{RouteAction, VirtualHost, route, route_action};
     use prost::Message;
 
     use super::*;
+    use crate::xds::routes;
 
     fn hcm(l: &Listener) -> HttpConnectionManager {
         let any = l.api_listener.as_ref().and_then(|a| a.api_listener.as_ref()).expect("api_listener");
@@ -103,17 +97,21 @@ mod tests {
     #[test]
     fn a_port_with_routes_points_at_them_and_one_without_routes_to_its_cluster() {
         const CLUSTER: &str = "outbound|80||web.shop.svc.cluster.local";
-        let routed = hcm(&api_listener(
-            "web.shop.svc.cluster.local:80",
-            Some("web.shop.svc.cluster.local:80"),
-            CLUSTER,
-        ));
+        let routed =
+            hcm(&api_listener("web.shop.svc.cluster.local:80", Routes::Rds("web.shop.svc.cluster.local:80")));
         let Some(RouteSpecifier::Rds(rds)) = routed.route_specifier else { panic!("RDS expected") };
         assert_eq!(rds.route_config_name, "web.shop.svc.cluster.local:80");
         // gRPC NACKs a listener whose last filter is not the router.
         assert_eq!(routed.http_filters.last().unwrap().name, ROUTER_FILTER);
 
-        let plain = hcm(&api_listener("web.shop.svc.cluster.local:80", None, CLUSTER));
+        let catch_all = RouteConfiguration {
+            virtual_hosts: vec![VirtualHost {
+                routes: vec![routes::catch_all(CLUSTER)],
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let plain = hcm(&api_listener("web.shop.svc.cluster.local:80", Routes::Inline(Box::new(catch_all))));
         let Some(RouteSpecifier::RouteConfig(config)) = plain.route_specifier else {
             panic!("inline expected")
         };

@@ -16,15 +16,12 @@ use crate::{
     proto::mesh,
 };
 
-/// Qualified hostname → the policies limiting it, ordered by namespace/name.
+/// Qualified hostname → the policies limiting it, ordered by namespace/name (the store's order).
 pub fn policies_by_host(store: &Store) -> HashMap<String, Vec<&RateLimitPolicy>> {
     let mut out: HashMap<String, Vec<&RateLimitPolicy>> = HashMap::new();
     for o in store.of_kind(crate::model::Kind::RateLimitPolicy) {
         let Object::RateLimitPolicy(p) = o else { continue };
         out.entry(qualify(&p.spec.host, &p.meta.namespace)).or_default().push(p);
-    }
-    for policies in out.values_mut() {
-        policies.sort_by(|a, b| (&a.meta.namespace, &a.meta.name).cmp(&(&b.meta.namespace, &b.meta.name)));
     }
     out
 }

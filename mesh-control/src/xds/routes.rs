@@ -58,8 +58,34 @@ pub fn cluster_name(port: u16, subset: &str, hostname: &str) -> String {
     format!("outbound|{port}|{subset}|{hostname}")
 }
 
+/// Every cluster the route of `hostname:port` can send to: the destinations and mirrors of
+/// `v`'s routes on that port, or without a VirtualService the port's own `cluster`. Known
+/// before the route itself is built (the Service resource lists them).
+pub fn clusters(v: Option<&VirtualService>, port: u16, cluster: &str, ports: &dyn Ports) -> BTreeSet<String> {
+    let Some(v) = v else { return [cluster.to_string()].into() };
+    let forwarding = v.spec.http.iter().filter(|http| http.redirect.is_none() && on_port(http, port));
+    forwarding
+        .flat_map(|http| {
+            http.route.iter().map(|d| &d.destination).chain(mirrors(http).into_iter().map(|(d, _)| d))
+        })
+        .map(|d| destination_cluster(d, v, port, ports))
+        .collect()
+}
+
+/// The matches of `http` that apply on `port` (`None`: the route has no match, so every request).
+fn matches_on_port(http: &vs::HttpRoute, port: u16) -> Vec<Option<&vs::HttpMatch>> {
+    if http.matches.is_empty() {
+        return vec![None];
+    }
+    http.matches.iter().filter(|m| m.port.is_none_or(|p| p == port)).map(Some).collect()
+}
+
+fn on_port(http: &vs::HttpRoute, port: u16) -> bool {
+    !matches_on_port(http, port).is_empty()
+}
+
 /// The RouteConfiguration for `hostname:port`: the routes of `v` (without one, a catch-all to
-/// `cluster`, the port's own) and the port's rate `limits`; and every cluster it can send to.
+/// `cluster`, the port's own) and the port's rate `limits`.
 pub fn build(
     v: Option<&VirtualService>,
     limits: Vec<mesh::RateLimit>,
@@ -67,26 +93,49 @@ pub fn build(
     port: u16,
     cluster: &str,
     ports: &dyn Ports,
-) -> (RouteConfiguration, BTreeSet<String>) {
-    let mut clusters = BTreeSet::new();
+) -> RouteConfiguration {
+    let routes = match v {
+        Some(v) => virtual_service_routes(v, port, ports),
+        None => vec![catch_all(cluster)],
+    };
+    let name = route_name(hostname, port);
+    let typed_per_filter_config = if limits.is_empty() {
+        Default::default()
+    } else {
+        // Optional: Envoy and gRPC, which do not know the type, skip it instead of rejecting.
+        let config = route::FilterConfig {
+            config: Some(to_any(proto::RATE_LIMITS_TYPE, &mesh::RateLimits { limits })),
+            is_optional: true,
+            ..Default::default()
+        };
+        [(proto::RATE_LIMIT_FILTER.to_string(), to_any(FILTER_CONFIG_TYPE, &config))].into()
+    };
+    RouteConfiguration {
+        name: name.clone(),
+        virtual_hosts: vec![VirtualHost {
+            name,
+            domains: vec!["*".into()],
+            routes,
+            typed_per_filter_config,
+            ..Default::default()
+        }],
+        ..Default::default()
+    }
+}
+
+/// The Envoy routes of `v` on `port`: one per (route, match), in order.
+fn virtual_service_routes(v: &VirtualService, port: u16, ports: &dyn Ports) -> Vec<route::Route> {
     let mut routes = Vec::new();
-    let http_routes = v.map(|v| v.spec.http.as_slice()).unwrap_or_default();
-    for (i, http) in http_routes.iter().enumerate() {
-        let Some(v) = v else { break };
+    for (i, http) in v.spec.http.iter().enumerate() {
         let name = if http.name.is_empty() {
             format!("{}.{}.{i}", v.meta.namespace, v.meta.name)
         } else {
             http.name.clone()
         };
-        let matches: Vec<Option<&vs::HttpMatch>> =
-            if http.matches.is_empty() { vec![None] } else { http.matches.iter().map(Some).collect() };
-        for m in matches {
-            if m.and_then(|m| m.port).is_some_and(|p| p != port) {
-                continue;
-            }
+        for m in matches_on_port(http, port) {
             let action = match &http.redirect {
                 Some(r) => route::route::Action::Redirect(redirect(r)),
-                None => route::route::Action::Route(route_action(http, v, port, ports, &mut clusters)),
+                None => route::route::Action::Route(route_action(http, v, port, ports)),
             };
             let (req_add, req_remove, resp_add, resp_remove) = header_ops(http.headers.as_ref());
             let typed_per_filter_config = http
@@ -108,34 +157,7 @@ pub fn build(
             });
         }
     }
-    if v.is_none() {
-        routes.push(catch_all(cluster));
-        clusters.insert(cluster.to_string());
-    }
-    let name = route_name(hostname, port);
-    let typed_per_filter_config = if limits.is_empty() {
-        Default::default()
-    } else {
-        // Optional: Envoy and gRPC, which do not know the type, skip it instead of rejecting.
-        let config = route::FilterConfig {
-            config: Some(to_any(proto::RATE_LIMITS_TYPE, &mesh::RateLimits { limits })),
-            is_optional: true,
-            ..Default::default()
-        };
-        [(proto::RATE_LIMIT_FILTER.to_string(), to_any(FILTER_CONFIG_TYPE, &config))].into()
-    };
-    let config = RouteConfiguration {
-        name: name.clone(),
-        virtual_hosts: vec![VirtualHost {
-            name,
-            domains: vec!["*".into()],
-            routes,
-            typed_per_filter_config,
-            ..Default::default()
-        }],
-        ..Default::default()
-    };
-    (config, clusters)
+    routes
 }
 
 const FILTER_CONFIG_TYPE: &str = "type.googleapis.com/envoy.config.route.v3.FilterConfig";
@@ -279,13 +301,7 @@ fn source_metadata(m: &vs::HttpMatch) -> Option<Metadata> {
     })
 }
 
-fn route_action(
-    http: &vs::HttpRoute,
-    v: &VirtualService,
-    port: u16,
-    ports: &dyn Ports,
-    clusters: &mut BTreeSet<String>,
-) -> RouteAction {
+fn route_action(http: &vs::HttpRoute, v: &VirtualService, port: u16, ports: &dyn Ports) -> RouteAction {
     let mut weighted = Vec::new();
     // Envoy hashes per route: the first destination whose DestinationRule (or subset) asks
     // for consistent hashing decides how.
@@ -297,7 +313,6 @@ fn route_action(
         {
             hash_policy.push(envoy_hash_policy(&h));
         }
-        clusters.insert(cluster.clone());
         let (req_add, req_remove, resp_add, resp_remove) = header_ops(d.headers.as_ref());
         weighted.push(ClusterWeight {
             name: cluster,
@@ -324,18 +339,10 @@ fn route_action(
             ..Default::default()
         })
     };
-    let mirrors: Vec<(&vs::Destination, Option<vs::Percent>)> = match &http.mirror {
-        Some(d) => {
-            let legacy = http.mirror_percent.map(|p| vs::Percent { value: f64::from(p) });
-            vec![(d, http.mirror_percentage.or(legacy))]
-        }
-        None => http.mirrors.iter().map(|m| (&m.destination, m.percentage)).collect(),
-    };
-    let request_mirror_policies = mirrors
+    let request_mirror_policies = mirrors(http)
         .into_iter()
         .map(|(d, percent)| {
             let cluster = destination_cluster(d, v, port, ports);
-            clusters.insert(cluster.clone());
             route_action::RequestMirrorPolicy {
                 cluster,
                 runtime_fraction: Some(RuntimeFractionalPercent {
@@ -379,6 +386,18 @@ fn route_action(
 
 /// Istio's retry semantics: unset → 2 attempts on its default conditions; `attempts: 0` → none;
 /// status codes in `retryOn` become retriable status codes.
+/// Where `http` mirrors to, with what share: `mirror` (with `mirrorPercentage` or the legacy
+/// `mirrorPercent`) or `mirrors`.
+fn mirrors(http: &vs::HttpRoute) -> Vec<(&vs::Destination, Option<vs::Percent>)> {
+    match &http.mirror {
+        Some(d) => {
+            let legacy = http.mirror_percent.map(|p| vs::Percent { value: f64::from(p) });
+            vec![(d, http.mirror_percentage.or(legacy))]
+        }
+        None => http.mirrors.iter().map(|m| (&m.destination, m.percentage)).collect(),
+    }
+}
+
 fn retry_policy(r: Option<&vs::HttpRetry>) -> route::RetryPolicy {
     const ISTIO_DEFAULT_ON: &str =
         "connect-failure,refused-stream,unavailable,cancelled,retriable-status-codes";

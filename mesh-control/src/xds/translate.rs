@@ -437,8 +437,8 @@ impl<'a> Translator<'a> {
             (v, _) => {
                 // The clusters now (the Service resource lists them); the route itself once
                 // every cluster's hash policy is known (see `finish_routes`).
-                let (config, clusters) = routes::build(v, limits.clone(), hostname, port, &name, self);
-                let route_name = config.name.clone();
+                let clusters = routes::clusters(v, port, &name, self);
+                let route_name = routes::route_name(hostname, port);
                 self.routes_to_finish.push((hostname.to_string(), port, name.clone(), limits));
                 self.snap.route_clusters.insert(route_name.clone(), clusters.iter().cloned().collect());
                 (route_name, clusters.into_iter().filter(|c| *c != name).collect())
@@ -447,8 +447,19 @@ impl<'a> Translator<'a> {
         // gRPC's proxyless client can only dial endpoints it is told (no original destination).
         if !passthrough {
             let listener_name = routes::route_name(hostname, port);
-            let route_ref = (!route.is_empty()).then_some(route.as_str());
-            let listener = listeners::api_listener(&listener_name, route_ref, &name);
+            let routes = if route.is_empty() {
+                listeners::Routes::Inline(Box::new(routes::build(
+                    None,
+                    Vec::new(),
+                    hostname,
+                    port,
+                    &name,
+                    self,
+                )))
+            } else {
+                listeners::Routes::Rds(&route)
+            };
+            let listener = listeners::api_listener(&listener_name, routes);
             self.snap.listeners.insert(
                 listener_name.clone(),
                 Resource::new(&listener_name, proto::LISTENER_TYPE, &listener),
@@ -470,7 +481,7 @@ impl<'a> Translator<'a> {
     fn finish_routes(&mut self) {
         for (hostname, port, cluster, limits) in std::mem::take(&mut self.routes_to_finish) {
             let v = self.virtual_services.get(&hostname).copied();
-            let (config, _) = routes::build(v, limits, &hostname, port, &cluster, self);
+            let config = routes::build(v, limits, &hostname, port, &cluster, self);
             let name = config.name.clone();
             self.snap.routes.insert(name.clone(), Resource::new(&name, proto::ROUTE_TYPE, &config));
         }
