@@ -254,7 +254,7 @@ async fn forward(
         };
         let overall_left = deadline.is_none_or(|d| d > tokio::time::Instant::now());
         let retry_now = |retries: u32| may_retry(retries) && overall_left && balancer.retry_budget.withdraw();
-        match result {
+        let (status, why) = match result {
             Ok(Ok(response)) => {
                 {
                     // Any answer is a success for connect-failure ejection; with the
@@ -278,30 +278,18 @@ async fn forward(
             }
             Ok(Err(e)) => {
                 tracing::info!(workload = %source.key, service = target.service, endpoint = %addr, "request failed: {e}");
-                balancer.report(&pick.endpoint, false);
-                if retry.retries_failure(true) && retry_now(retries) {
-                    retries += 1;
-                    previous.push(addr);
-                    continue;
-                }
-                return error_response(
-                    StatusCode::BAD_GATEWAY,
-                    &format!("{} ({addr}): upstream request failed: {e}", target.service),
-                );
+                (StatusCode::BAD_GATEWAY, format!("upstream request failed: {e}"))
             }
-            Err(limit) => {
-                balancer.report(&pick.endpoint, false);
-                if retry.retries_failure(true) && retry_now(retries) {
-                    retries += 1;
-                    previous.push(addr);
-                    continue;
-                }
-                return error_response(
-                    StatusCode::GATEWAY_TIMEOUT,
-                    &format!("{} ({addr}): upstream request timeout after {limit:?}", target.service),
-                );
-            }
+            Err(limit) => (StatusCode::GATEWAY_TIMEOUT, format!("upstream request timeout after {limit:?}")),
+        };
+        // The request failed on this endpoint: another may take it, within the budget.
+        balancer.report(&pick.endpoint, false);
+        if retry.retries_failure(true) && retry_now(retries) {
+            retries += 1;
+            previous.push(addr);
+            continue;
         }
+        return error_response(status, &format!("{} ({addr}): {why}", target.service));
     };
     let addr = pick.endpoint.ep.addr;
     let answered_by = pick.endpoint.ep.workload.clone();
@@ -355,13 +343,19 @@ fn fault_response(abort: Abort) -> Response<Body> {
         Abort::Http(code) => {
             *response.status_mut() = StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
         }
-        Abort::Grpc(code) => {
-            *response.body_mut() = full(Bytes::new());
-            let headers = response.headers_mut();
-            headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
-            headers.insert("grpc-status", HeaderValue::from(code));
-            headers.insert("grpc-message", HeaderValue::from_static("fault filter abort"));
-        }
+        Abort::Grpc(code) => response = grpc_trailers_only(code, "fault filter abort"),
+    }
+    response
+}
+
+/// A gRPC answer with no messages: what a gRPC client reads as status `code`.
+pub(super) fn grpc_trailers_only(code: u32, message: &str) -> Response<Body> {
+    let mut response = Response::new(full(Bytes::new()));
+    let headers = response.headers_mut();
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+    headers.insert("grpc-status", HeaderValue::from(code));
+    if let Ok(message) = HeaderValue::from_str(message) {
+        headers.insert("grpc-message", message);
     }
     response
 }
@@ -662,6 +656,11 @@ fn is_grpc(headers: &HeaderMap) -> bool {
 
 fn error_response(status: StatusCode, reason: &str) -> Response<Body> {
     tracing::info!(status = status.as_u16(), "answered by the proxy: {reason}");
+    text_response(status, reason)
+}
+
+/// The proxy's own plain-text answer.
+pub(super) fn text_response(status: StatusCode, reason: &str) -> Response<Body> {
     let mut response = Response::new(full(format!("nodemesh: {reason}\n")));
     *response.status_mut() = status;
     response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));

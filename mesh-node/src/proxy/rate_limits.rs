@@ -4,12 +4,12 @@
 //! Responses under a limit carry `x-ratelimit-limit`, `x-ratelimit-remaining` and
 //! `x-ratelimit-reset` (seconds to the next fill) of the tightest bucket they drew from.
 
-use bytes::Bytes;
-use hyper::{HeaderMap, Response, StatusCode, header, header::HeaderValue};
+use hyper::{HeaderMap, Response, StatusCode, header::HeaderValue};
 
 use super::{
     Outbound, Source,
-    pool::{Body, full},
+    http::{grpc_trailers_only, text_response},
+    pool::Body,
 };
 use crate::{
     telemetry::metrics::RateLimitedLabels,
@@ -63,25 +63,15 @@ fn set_headers(headers: &mut HeaderMap, v: &Verdict) {
 fn refusal(limit: &RateLimit, v: &Verdict, key: &str, grpc: bool) -> Response<Body> {
     let side = if limit.per_destination { "serving pod" } else { "caller" };
     let reason = format!("rate limited by {} ({side} {key}: {} requests per bucket)", limit.name, v.limit);
+    // Debug, not info like other proxy answers: refusals can come thousands a second.
     tracing::debug!("{reason}");
-    let (status, body) = if grpc {
-        (StatusCode::OK, Bytes::new())
+    let mut response = if grpc {
+        grpc_trailers_only(RESOURCE_EXHAUSTED, &reason)
     } else {
-        (StatusCode::TOO_MANY_REQUESTS, Bytes::from(format!("nodemesh: {reason}\n")))
+        text_response(StatusCode::TOO_MANY_REQUESTS, &reason)
     };
-    let mut response = Response::new(full(body));
-    *response.status_mut() = status;
-    let headers = response.headers_mut();
-    set_headers(headers, v);
-    if grpc {
-        // Trailers-only: what a gRPC client reads as RESOURCE_EXHAUSTED.
-        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
-        headers.insert("grpc-status", HeaderValue::from(8u32));
-        if let Ok(message) = HeaderValue::from_str(&reason) {
-            headers.insert("grpc-message", message);
-        }
-    } else {
-        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
-    }
+    set_headers(response.headers_mut(), v);
     response
 }
+
+const RESOURCE_EXHAUSTED: u32 = 8;

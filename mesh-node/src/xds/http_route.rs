@@ -166,6 +166,14 @@ pub struct RequestSource<'a> {
     pub labels: Option<&'a BTreeMap<String, String>>,
 }
 
+impl RequestSource<'_> {
+    /// Is the caller in `s`'s namespace (if set) and does it carry every label of `s`?
+    pub fn is(&self, s: &mesh::RouteSource) -> bool {
+        (s.namespace.is_empty() || s.namespace == self.namespace)
+            && s.labels.iter().all(|(k, v)| self.labels.is_some_and(|l| l.get(k) == Some(v)))
+    }
+}
+
 impl RouteTable {
     /// Compiles `config`; rate-limit buckets come from `buckets`, so a limit that survives a
     /// config change keeps its state.
@@ -222,13 +230,7 @@ impl RequestMatch {
         if !self.query.iter().all(|(name, m)| param(name).is_some_and(|v| m.matches(v))) {
             return false;
         }
-        match &self.source {
-            None => true,
-            Some(s) => {
-                (s.namespace.is_empty() || s.namespace == source.namespace)
-                    && s.labels.iter().all(|(k, v)| source.labels.is_some_and(|l| l.get(k) == Some(v)))
-            }
-        }
+        self.source.as_ref().is_none_or(|s| source.is(s))
     }
 }
 

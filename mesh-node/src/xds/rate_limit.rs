@@ -124,11 +124,8 @@ impl RateLimit {
 
     /// Does this limit cover the request from `source`?
     pub fn applies(&self, req: &Parts, source: &RequestSource<'_>) -> bool {
-        let caller_ok = self.source.as_ref().is_none_or(|s| {
-            (s.namespace.is_empty() || s.namespace == source.namespace)
-                && s.labels.iter().all(|(k, v)| source.labels.is_some_and(|l| l.get(k) == Some(v)))
-        });
-        caller_ok && (self.matches.is_empty() || self.matches.iter().any(|m| m.matches(req, source)))
+        self.source.as_ref().is_none_or(|s| source.is(s))
+            && (self.matches.is_empty() || self.matches.iter().any(|m| m.matches(req, source)))
     }
 
     /// Takes a token from `key`'s bucket, if there is one.
