@@ -16,26 +16,31 @@ use nodemesh_tests::{
 const ROUTE: &str = "reviews.shop.svc.cluster.local:80";
 const ENVOY_NODE: &str = "envoy-conformance";
 
-const ROUTES: &str = r#"apiVersion: networking.istio.io/v1
+/// The routes both conformance tests give `host`: a sandbox route first (that clients other
+/// than mesh-node must skip), `end-user: jason` → v2, then 90/10 between v1 and v3.
+fn split_routes(host: &str) -> String {
+    r#"apiVersion: networking.istio.io/v1
 kind: VirtualService
-metadata: {name: reviews, namespace: shop}
+metadata: {name: HOST, namespace: shop}
 spec:
-  hosts: [reviews]
+  hosts: [HOST]
   http:
   - match: [{sourceLabels: {app: sandbox}}]
-    route: [{destination: {host: reviews, subset: v3}}]
+    route: [{destination: {host: HOST, subset: v3}}]
   - match: [{headers: {end-user: {exact: jason}}}]
-    route: [{destination: {host: reviews, subset: v2}}]
+    route: [{destination: {host: HOST, subset: v2}}]
   - route:
-    - {destination: {host: reviews, subset: v1}, weight: 90}
-    - {destination: {host: reviews, subset: v3}, weight: 10}
-"#;
+    - {destination: {host: HOST, subset: v1}, weight: 90}
+    - {destination: {host: HOST, subset: v3}, weight: 10}
+"#
+    .replace("HOST", host)
+}
 
 #[test]
 fn envoy_fed_by_mesh_control_routes_a_split_and_a_header_match_like_mesh_node() {
     let (mut node, _) = SimNode::with_control_plane(&[
         ("reviews.yaml", reviews::SERVICE_AND_SUBSETS),
-        ("reviews-routes.yaml", ROUTES),
+        ("reviews-routes.yaml", &split_routes("reviews")),
     ])
     .unwrap();
     let meshed = node.add_pod("meshed", "shop").unwrap();
@@ -97,28 +102,13 @@ spec:
   - {name: v3, labels: {version: v3}}
 "#;
 
-const WHO_ROUTES: &str = r#"apiVersion: networking.istio.io/v1
-kind: VirtualService
-metadata: {name: who, namespace: shop}
-spec:
-  hosts: [who]
-  http:
-  - match: [{sourceLabels: {app: sandbox}}]
-    route: [{destination: {host: who, subset: v3}}]
-  - match: [{headers: {end-user: {exact: jason}}}]
-    route: [{destination: {host: who, subset: v2}}]
-  - route:
-    - {destination: {host: who, subset: v1}, weight: 90}
-    - {destination: {host: who, subset: v3}, weight: 10}
-"#;
-
 const LISTENER: &str = "who.shop.svc.cluster.local:50051";
 const GRPC_NODE: &str = "grpc-proxyless-conformance";
 
 #[test]
 fn grpc_proxyless_client_fed_by_mesh_control_routes_a_split_and_a_header_match_like_mesh_node() {
     let (mut node, config) =
-        SimNode::with_control_plane(&[("who.yaml", WHO), ("who-routes.yaml", WHO_ROUTES)]).unwrap();
+        SimNode::with_control_plane(&[("who.yaml", WHO), ("who-routes.yaml", &split_routes("who"))]).unwrap();
     let meshed = node.add_pod("meshed", "shop").unwrap();
     node.register(&meshed, &Registration::meshed()).unwrap();
     for version in ["v1", "v2", "v3"] {

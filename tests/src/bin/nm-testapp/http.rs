@@ -191,12 +191,18 @@ impl Tally {
         self.first.get_or_insert(reply);
     }
 
-    fn note_headers(&mut self, headers: &hyper::HeaderMap) {
+    /// Reads a response to the end and tallies it, its `x-ratelimit-*` headers included.
+    async fn record(&mut self, resp: Response<hyper::body::Incoming>) -> io::Result<()> {
+        let status = resp.status().as_u16();
+        let headers = resp.headers();
         let get = |name: &str| headers.get(name).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
         if let Some(limit) = get("x-ratelimit-limit") {
             self.rate_limit = Some(json!({"limit": limit, "remaining": get("x-ratelimit-remaining"),
                                          "reset": get("x-ratelimit-reset")}));
         }
+        let body = resp.into_body().collect().await.map_err(io::Error::other)?.to_bytes();
+        self.add(status, &body);
+        Ok(())
     }
 
     fn into_json(self, connections: usize, started: std::time::Instant) -> Value {
@@ -271,11 +277,7 @@ pub fn client(ask: &Ask) -> io::Result<Value> {
             while more(sent) {
                 sent += 1;
                 let req = build(&ask.path).body(Empty::<Bytes>::new()).map_err(io::Error::other)?;
-                let resp = sender.send_request(req).await.map_err(io::Error::other)?;
-                let status = resp.status().as_u16();
-                tally.note_headers(resp.headers());
-                let body = resp.into_body().collect().await.map_err(io::Error::other)?.to_bytes();
-                tally.add(status, &body);
+                tally.record(sender.send_request(req).await.map_err(io::Error::other)?).await?;
             }
             return Ok(tally.into_json(1, started));
         }
@@ -301,11 +303,7 @@ pub fn client(ask: &Ask) -> io::Result<Value> {
             sent += 1;
             sender.ready().await.map_err(io::Error::other)?;
             let req = build(&ask.path).body(Empty::<Bytes>::new()).map_err(io::Error::other)?;
-            let resp = sender.send_request(req).await.map_err(io::Error::other)?;
-            let status = resp.status().as_u16();
-            tally.note_headers(resp.headers());
-            let body = resp.into_body().collect().await.map_err(io::Error::other)?.to_bytes();
-            tally.add(status, &body);
+            tally.record(sender.send_request(req).await.map_err(io::Error::other)?).await?;
         }
         Ok(tally.into_json(1, started))
     })
