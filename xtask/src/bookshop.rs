@@ -80,6 +80,15 @@ pub fn start(cluster: &mut SimCluster, config: &Path) -> anyhow::Result<Bookshop
 }
 
 impl Bookshop {
+    /// Runs the bookshop binary in the reader pod with `args` and parses its JSON report.
+    fn run_reader(&self, cluster: &SimCluster, args: &[&str]) -> anyhow::Result<Value> {
+        let (n, reader) = &self.pods["reader"];
+        let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+        let app = nodemesh_tests::bin("bookshop")?;
+        let out = cluster.nodes[*n].run_in(reader, &app, &args, Duration::from_secs(120))?;
+        Ok(serde_json::from_str(out.trim())?)
+    }
+
     /// `requests` product-page loads by the reader (as `user`), or from `via` instead of the
     /// productpage Service.
     fn browse(
@@ -89,34 +98,18 @@ impl Bookshop {
         user: Option<&str>,
         via: Option<&str>,
     ) -> anyhow::Result<Value> {
-        let (n, reader) = &self.pods["reader"];
-        let to = via.unwrap_or(PRODUCTPAGE);
-        let mut args: Vec<String> =
-            ["user", "--to", to, "--requests", &requests.to_string()].map(String::from).to_vec();
+        let requests = requests.to_string();
+        let mut args = vec!["user", "--to", via.unwrap_or(PRODUCTPAGE), "--requests", &requests];
         if let Some(u) = user {
-            args.extend(["--user".to_string(), u.to_string()]);
+            args.extend(["--user", u]);
         }
-        let out = cluster.nodes[*n].run_in(
-            reader,
-            &nodemesh_tests::bin("bookshop")?,
-            &args,
-            Duration::from_secs(120),
-        )?;
-        Ok(serde_json::from_str(out.trim())?)
+        self.run_reader(cluster, &args)
     }
 
     /// How many requests reviews v3 has served (mirrored copies included).
     fn v3_served(&self, cluster: &SimCluster) -> anyhow::Result<u64> {
-        let (n, reader) = &self.pods["reader"];
         let v3 = self.pods["reviews-3"].1.addr(9080).to_string();
-        let args: Vec<String> = ["fetch", "--to", &v3, "--path", "/stats"].map(String::from).to_vec();
-        let out = cluster.nodes[*n].run_in(
-            reader,
-            &nodemesh_tests::bin("bookshop")?,
-            &args,
-            Duration::from_secs(10),
-        )?;
-        let stats: Value = serde_json::from_str(out.trim())?;
+        let stats = self.run_reader(cluster, &["fetch", "--to", &v3, "--path", "/stats"])?;
         stats["served"].as_u64().context("v3 /stats without `served`")
     }
 }
