@@ -123,13 +123,14 @@ async fn forward(
     let from =
         RequestSource { namespace: &source.key.namespace, labels: workload.as_ref().map(|w| &w.labels) };
     // Local rate limits: the caller's buckets now, the serving pod's once one is picked.
-    let grpc = is_grpc(&parts.headers);
     let mut drawn = Drawn::default();
     let mut server_limits = Vec::new();
     for limit in table.iter().flat_map(|t| &t.limits).filter(|l| l.applies(&parts, &from)) {
         if limit.per_destination {
             server_limits.push(limit);
-        } else if let Some(refused) = drawn.take(outbound, source, limit, &source.key.to_string(), grpc) {
+        } else if let Some(refused) =
+            drawn.take(outbound, source, limit, &source.key.to_string(), &parts.headers)
+        {
             return refused;
         }
     }
@@ -234,7 +235,8 @@ async fn forward(
         };
         let addr = pick.endpoint.ep.addr;
         for limit in &server_limits {
-            if let Some(refused) = drawn.take(outbound, source, limit, &addr.ip().to_string(), grpc) {
+            if let Some(refused) = drawn.take(outbound, source, limit, &addr.ip().to_string(), &parts.headers)
+            {
                 return refused;
             }
         }
@@ -644,14 +646,6 @@ fn request_hash(
         }),
     }?;
     Some(hash_bytes(value.as_bytes()))
-}
-
-/// A gRPC request (`content-type: application/grpc[+proto|;...]`).
-fn is_grpc(headers: &HeaderMap) -> bool {
-    headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.starts_with("application/grpc"))
 }
 
 fn error_response(status: StatusCode, reason: &str) -> Response<Body> {

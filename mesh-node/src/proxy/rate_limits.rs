@@ -4,7 +4,7 @@
 //! Responses under a limit carry `x-ratelimit-limit`, `x-ratelimit-remaining` and
 //! `x-ratelimit-reset` (seconds to the next fill) of the tightest bucket they drew from.
 
-use hyper::{HeaderMap, Response, StatusCode, header::HeaderValue};
+use hyper::{HeaderMap, Response, StatusCode, header, header::HeaderValue};
 
 use super::{
     Outbound, Source,
@@ -21,14 +21,15 @@ use crate::{
 pub struct Drawn(Option<Verdict>);
 
 impl Drawn {
-    /// Takes a token from `limit`'s bucket for `key`; if it was empty, the refusal to answer.
+    /// Takes a token from `limit`'s bucket for `key`; if it was empty, the refusal to answer
+    /// `request` (whose headers say whether it is gRPC).
     pub fn take(
         &mut self,
         outbound: &Outbound,
         source: &Source,
         limit: &RateLimit,
         key: &str,
-        grpc: bool,
+        request: &HeaderMap,
     ) -> Option<Response<Body>> {
         let verdict = limit.take(key);
         if !verdict.allowed {
@@ -38,7 +39,7 @@ impl Drawn {
                 source_workload: source.key.name.clone(),
                 source_workload_namespace: source.key.namespace.clone(),
             });
-            return Some(refusal(limit, &verdict, key, grpc));
+            return Some(refusal(limit, &verdict, key, is_grpc(request)));
         }
         if self.0.as_ref().is_none_or(|v| verdict.remaining < v.remaining) {
             self.0 = Some(verdict);
@@ -75,3 +76,11 @@ fn refusal(limit: &RateLimit, v: &Verdict, key: &str, grpc: bool) -> Response<Bo
 }
 
 const RESOURCE_EXHAUSTED: u32 = 8;
+
+/// A gRPC request (`content-type: application/grpc[+proto|;...]`).
+fn is_grpc(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/grpc"))
+}
