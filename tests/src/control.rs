@@ -21,13 +21,24 @@ pub struct ControlPlane {
     work_dir: PathBuf,
     xds_addr: SocketAddr,
     child: Option<Child>,
+    /// The directory it watches, once started.
+    config_dir: Option<PathBuf>,
+    /// Barriers written so far (see [`ControlPlane::apply_and_wait`]).
+    barriers: std::sync::atomic::AtomicU64,
 }
 
 impl ControlPlane {
     /// A control plane that will run in `netns`, serving xDS on `xds_addr`, logging to
     /// `<work_dir>/mesh-control.log`.
     pub fn new(netns: &str, work_dir: &Path, xds_addr: SocketAddr) -> ControlPlane {
-        ControlPlane { netns: netns.into(), work_dir: work_dir.into(), xds_addr, child: None }
+        ControlPlane {
+            netns: netns.into(),
+            work_dir: work_dir.into(),
+            xds_addr,
+            child: None,
+            config_dir: None,
+            barriers: Default::default(),
+        }
     }
 
     /// What nodes pass as `--control-plane`.
@@ -55,6 +66,7 @@ impl ControlPlane {
             "info,mesh_control=debug",
         )?;
         self.child = Some(child);
+        self.config_dir = Some(config_dir.to_path_buf());
         let deadline = Instant::now() + Duration::from_secs(20);
         while self.get("/healthz/ready").is_err() {
             if Instant::now() > deadline {
@@ -97,9 +109,42 @@ impl ControlPlane {
         Ok(serde_json::from_str(&self.cli(&["status", "--json"])?)?)
     }
 
-    /// The newest config generation mesh-control has built.
-    pub fn generation(&self) -> anyhow::Result<u64> {
-        self.status_json()?["generation"].as_u64().context("status without a generation")
+    /// Runs `change` (to files in the watched directory), then waits until every connected node
+    /// applies config that includes it. "The next generation" would not do: an unrelated change
+    /// (a node reporting a workload) can take that number first. So after `change` a barrier —
+    /// a Namespace with a fresh name, in a file of its own — is written; once mesh-control's
+    /// model holds it, the directory was read after `change`, and that generation is awaited.
+    pub fn apply_and_wait(&self, change: impl FnOnce()) -> anyhow::Result<String> {
+        change();
+        self.wait_for_config()
+    }
+
+    /// Waits until every connected node applies config that includes every change made to the
+    /// watched directory so far (see [`ControlPlane::apply_and_wait`]).
+    pub fn wait_for_config(&self) -> anyhow::Result<String> {
+        let dir = self.config_dir.as_ref().context("mesh-control is not running")?;
+        let n = self.barriers.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let barrier = format!("nm-barrier-{n}");
+        fs::write(
+            dir.join("zz-nm-barrier.yaml"),
+            format!(
+                "# Written by the test harness to learn when mesh-control has read this directory.\n\
+                 apiVersion: v1\nkind: Namespace\nmetadata: {{name: {barrier}}}\n"
+            ),
+        )?;
+        let wanted = serde_json::Value::String(format!("Namespace {barrier}"));
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let generation = loop {
+            let config: serde_json::Value = serde_json::from_str(&self.get("/debug/config")?)?;
+            if config["objects"].as_array().is_some_and(|o| o.contains(&wanted)) {
+                break config["store_generation"].as_u64().context("no store_generation")?;
+            }
+            if Instant::now() > deadline {
+                bail!("mesh-control never read the barrier {barrier}; log:\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        self.wait_applied(generation)
     }
 
     /// `mesh-control wait`: until every connected node has applied `generation`.

@@ -662,12 +662,10 @@ impl SimNode {
         self.control.status()
     }
 
-    /// Runs `change`, then `mesh-control wait` for the generation it produced: returns once
-    /// every connected node applies config that includes the change.
+    /// Runs `change`, then returns once every connected node applies config that includes it
+    /// ([`ControlPlane::apply_and_wait`]).
     pub fn apply_and_wait(&self, change: impl FnOnce()) -> anyhow::Result<String> {
-        let before = self.control.generation()?;
-        change();
-        self.control.wait_applied(before + 1)
+        self.control.apply_and_wait(change)
     }
 
     /// mesh-node's `/config_dump` as JSON.

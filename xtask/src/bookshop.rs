@@ -141,7 +141,6 @@ fn show(label: &str, r: &Value) {
 /// Makes `file` (under examples/bookshop/routes) the routes in force, or none, and waits until
 /// every node has applied it.
 fn apply(cluster: &SimCluster, config: &Path, file: Option<&str>) -> anyhow::Result<()> {
-    let before = cluster.control.generation()?;
     let target = config.join("bookshop-routes.yaml");
     match file {
         Some(f) => {
@@ -158,7 +157,7 @@ fn apply(cluster: &SimCluster, config: &Path, file: Option<&str>) -> anyhow::Res
             println!("\n  $ rm <config>/bookshop-routes.yaml   (back to plain round robin)");
         }
     }
-    cluster.control.wait_applied(before + 1)?;
+    cluster.control.wait_for_config()?;
     Ok(())
 }
 
