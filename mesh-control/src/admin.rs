@@ -4,7 +4,7 @@
 //! |---|---|
 //! | `/healthz/ready` | 200 once the first config is loaded (with Kubernetes: listed) |
 //! | `/debug/nodes` | JSON: every node, the generation it applied, NACK reasons |
-//! | `/debug/config` | JSON: the current generation, the objects in force, rejected input |
+//! | `/debug/config` | JSON: the current generation, the objects in force, rejected input, conflicts |
 
 use std::sync::{Arc, Mutex};
 
@@ -85,6 +85,7 @@ impl Admin {
                         "pushed_generation": snapshot.generation,
                         "objects": objects,
                         "rejected": store.errors().map(ToString::to_string).collect::<Vec<_>>(),
+                        "conflicts": snapshot.conflicts,
                         "addresses": snapshot.addresses.len(),
                         "clusters": snapshot.clusters.keys().collect::<Vec<_>>(),
                     }),

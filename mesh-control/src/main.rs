@@ -3,7 +3,7 @@
 use std::{
     io::{Read, Write},
     net::SocketAddr,
-    path::{Path, PathBuf},
+    path::PathBuf,
     process::ExitCode,
     time::Duration,
 };
@@ -11,7 +11,7 @@ use std::{
 use clap::{Parser, Subcommand};
 use mesh_control::{
     admin::NodesReport,
-    model::store::SourceError,
+    model::store::{Origin, SourceError, Store},
     run::{self, DEFAULT_ADMIN_ADDR, DEFAULT_XDS_ADDR, Settings},
     source::{files, kube::Connection},
 };
@@ -51,8 +51,9 @@ enum Command {
         #[arg(long, env = "NODEMESH_KUBE_API", conflicts_with = "kubernetes")]
         kube_api: Option<String>,
     },
-    /// Check files (or every file under a directory) without applying them; lists every error
-    /// and exits non-zero if there is one.
+    /// Check files (or every file under a directory) together without applying them; lists
+    /// every error and every conflict between objects (shadowed routes, rival
+    /// DestinationRules) and exits non-zero if there is one.
     Validate { paths: Vec<PathBuf> },
     /// List nodes, the config generation each has applied, and why a node rejected config.
     Status {
@@ -77,7 +78,10 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    mesh_control::logging::init();
+    // `validate` prints its own report; the store's log lines would repeat it.
+    if !matches!(cli.command, Command::Validate { .. }) {
+        mesh_control::logging::init();
+    }
     match cli.command {
         Command::Run {
             config_dir,
@@ -136,8 +140,10 @@ fn validate(paths: &[PathBuf]) -> ExitCode {
         return ExitCode::from(2);
     }
     let mut files_checked = 0;
-    let mut objects = 0;
-    let mut errors: Vec<SourceError> = Vec::new();
+    // Every file into one store, as the control plane would load them: it also refuses an
+    // object defined in two files, and lets conflicts between files be found.
+    let mut store = Store::default();
+    let mut unreadable: Vec<SourceError> = Vec::new();
     for path in paths {
         let list = if path.is_dir() {
             match files::list_files(path) {
@@ -152,33 +158,30 @@ fn validate(paths: &[PathBuf]) -> ExitCode {
         };
         for file in list {
             files_checked += 1;
-            check_file(&file, &mut objects, &mut errors);
-        }
-    }
-    for e in &errors {
-        println!("error: {e}");
-    }
-    println!("{files_checked} file(s), {objects} valid object(s), {} error(s)", errors.len());
-    if errors.is_empty() { ExitCode::SUCCESS } else { ExitCode::from(1) }
-}
-
-fn check_file(file: &Path, objects: &mut usize, errors: &mut Vec<SourceError>) {
-    let origin = mesh_control::model::store::Origin::File(file.to_path_buf());
-    match files::load_file(file) {
-        Err(e) => errors.push(e),
-        Ok(docs) => {
-            for d in docs {
-                match d.result {
-                    Ok(_) => *objects += 1,
-                    Err(e) => errors.push(SourceError {
-                        origin: origin.clone(),
-                        location: d.location,
-                        message: e.to_string(),
-                    }),
+            match files::load_file(&file) {
+                Ok(docs) => {
+                    store.replace_source(&Origin::File(file), docs);
                 }
+                Err(e) => unreadable.push(e),
             }
         }
     }
+    let errors: Vec<String> =
+        unreadable.iter().map(ToString::to_string).chain(store.errors().map(ToString::to_string)).collect();
+    for e in &errors {
+        println!("error: {e}");
+    }
+    let conflicts = mesh_control::model::layering::compose(&store).conflicts;
+    for c in &conflicts {
+        println!("conflict: {c}");
+    }
+    println!(
+        "{files_checked} file(s), {} valid object(s), {} error(s), {} conflict(s)",
+        store.len(),
+        errors.len(),
+        conflicts.len()
+    );
+    if errors.is_empty() && conflicts.is_empty() { ExitCode::SUCCESS } else { ExitCode::from(1) }
 }
 
 fn status(admin: SocketAddr, json: bool) -> anyhow::Result<()> {

@@ -168,6 +168,9 @@ async fn publish_snapshots(
             took_ms = started.elapsed().as_millis() as u64,
             "config generation ready"
         );
+        for conflict in snapshot.conflicts.iter().filter(|c| !tx.borrow().conflicts.contains(c)) {
+            tracing::warn!(generation = snapshot.generation, "conflict: {conflict}");
+        }
         tx.send_replace(Arc::new(snapshot));
     }
 }

@@ -36,11 +36,24 @@ spec:
     .replace("HOST", host)
 }
 
+/// A chaos tool's fault layer over the routes above (`model::layering`): mesh-control serves it
+/// as plain Envoy routes, so any xDS client honours it.
+const CHAOS_LAYER: &str = r#"apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: chaos, namespace: chaos}
+spec:
+  hosts: [reviews.shop.svc.cluster.local]
+  http:
+  - match: [{headers: {x-chaos: {exact: abort}}}]
+    fault: {abort: {httpStatus: 418, percentage: {value: 100}}}
+"#;
+
 #[test]
 fn envoy_fed_by_mesh_control_routes_a_split_and_a_header_match_like_mesh_node() {
     let (mut node, _) = SimNode::with_control_plane(&[
         ("reviews.yaml", reviews::SERVICE_AND_SUBSETS),
         ("reviews-routes.yaml", &split_routes("reviews")),
+        ("chaos.yaml", CHAOS_LAYER),
     ])
     .unwrap();
     let meshed = node.add_pod("meshed", "shop").unwrap();
@@ -80,6 +93,11 @@ fn envoy_fed_by_mesh_control_routes_a_split_and_a_header_match_like_mesh_node() 
         assert_eq!(served(&r, "v2"), 0, "{name}: only jason goes to v2: {r}");
         let r = get(&node, client, to, &["--requests", "100", "--header", "end-user: jason"]);
         assert_eq!(served(&r, "v2"), 100, "{name}: jason always to v2: {r}");
+        for user in ["end-user: jason", "end-user: someone"] {
+            let r =
+                get(&node, client, to, &["--requests", "20", "--header", "x-chaos: abort", "--header", user]);
+            assert_eq!(r["statuses"]["418"], 20, "{name}: the fault layer over `{user}`'s route: {r}");
+        }
     }
 }
 

@@ -303,3 +303,85 @@ spec:
         v2["served"].as_u64() == Some(v2_before + 50) && v2["last_host"] == "10.96.0.20-shadow:80"
     });
 }
+
+/// Several VirtualServices for one host compose (module `layering`): the host's own namespace
+/// before others, `nodemesh.io/precedence` before that, and a chaos tool's fault-only routes
+/// laid over the owner's routes without replacing them. What cannot take effect is reported.
+#[test]
+fn virtual_services_for_one_host_compose_by_precedence_and_fault_layers() {
+    let s = setup();
+    let platform = r#"apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: reviews, namespace: shop}
+spec:
+  hosts: [reviews]
+  http:
+  - match: [{headers: {end-user: {exact: jason}}}]
+    route: [{destination: {host: reviews, subset: v2}}]
+  - route: [{destination: {host: reviews, subset: v1}}]
+"#;
+    apply_routes(&s, platform, &["--header", "end-user: jason"], "v2");
+    let team = |precedence: &str| {
+        format!(
+            "apiVersion: networking.istio.io/v1\nkind: VirtualService\n\
+             metadata: {{name: team-b, namespace: team{precedence}}}\n\
+             spec:\n  hosts: [reviews.shop.svc.cluster.local]\n  http:\n\
+             \x20 - match: [{{headers: {{x-team: {{exact: b}}}}}}]\n\
+             \x20   route: [{{destination: {{host: reviews.shop.svc.cluster.local, subset: v3}}}}]\n"
+        )
+    };
+    let conflicts = || -> Vec<String> {
+        let config: Value = serde_json::from_str(&s.node.control_get("/debug/config").unwrap()).unwrap();
+        serde_json::from_value(config["conflicts"].clone()).unwrap()
+    };
+
+    // Another namespace's route goes after the owner's catch-all: it never matches, and says so.
+    s.node.apply_and_wait(|| write(&s.config, "team-b.yaml", &team(""))).unwrap();
+    let r = get(&s.node, &s.client, &["--requests", "20", "--header", "x-team: b"]);
+    assert_eq!(served(&r, "v1"), 20, "the owner's catch-all comes first: {r}");
+    let reported = conflicts();
+    assert!(
+        reported.iter().any(|c| c.contains("VirtualService team/team-b spec.http[0] never matches")
+            && c.contains("VirtualService shop/reviews spec.http[1] comes first")),
+        "{reported:?}"
+    );
+
+    // With a higher precedence its route goes first; everyone else is routed as before.
+    let annotated = team(", annotations: {nodemesh.io/precedence: \"10\"}");
+    s.node.apply_and_wait(|| write(&s.config, "team-b.yaml", &annotated)).unwrap();
+    let r = get(&s.node, &s.client, &["--requests", "20", "--header", "x-team: b"]);
+    assert_eq!(served(&r, "v3"), 20, "precedence 10 goes first: {r}");
+    assert_eq!(served(&get(&s.node, &s.client, &["--requests", "20"]), "v1"), 20);
+    assert_eq!(
+        served(&get(&s.node, &s.client, &["--requests", "20", "--header", "end-user: jason"]), "v2"),
+        20
+    );
+    assert!(conflicts().is_empty(), "{:?}", conflicts());
+
+    // A chaos tool's fault layer: aborts what it matches whichever route takes it, and leaves the
+    // routing of everything else alone.
+    let chaos = r#"apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: chaos, namespace: chaos}
+spec:
+  hosts: [reviews.shop.svc.cluster.local]
+  http:
+  - match: [{headers: {x-chaos: {exact: abort}}}]
+    fault: {abort: {httpStatus: 418, percentage: {value: 100}}}
+"#;
+    s.node.apply_and_wait(|| write(&s.config, "chaos.yaml", chaos)).unwrap();
+    for header in ["end-user: jason", "x-team: b", "x-other: 1"] {
+        let r =
+            get(&s.node, &s.client, &["--requests", "10", "--header", "x-chaos: abort", "--header", header]);
+        assert_eq!(r["statuses"]["418"], 10, "the layer aborts over the route taking `{header}`: {r}");
+    }
+    let r = get(&s.node, &s.client, &["--requests", "20", "--header", "end-user: jason"]);
+    assert_eq!(served(&r, "v2"), 20, "without the chaos header, routing is unchanged: {r}");
+    let r = get(&s.node, &s.client, &["--requests", "20", "--header", "x-team: b", "--h2"]);
+    assert_eq!(served(&r, "v3"), 20, "{r}");
+
+    // The chaos tool withdraws: no more aborts.
+    s.node.apply_and_wait(|| std::fs::remove_file(s.config.join("chaos.yaml")).unwrap()).unwrap();
+    let r = get(&s.node, &s.client, &["--requests", "10", "--header", "x-chaos: abort"]);
+    assert_eq!(served(&r, "v1"), 10, "{r}");
+}

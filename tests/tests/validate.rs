@@ -63,18 +63,81 @@ fn validate_lists_every_error_and_exits_non_zero() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
-/// Every example a user might copy is valid.
+/// Every example a user might copy is valid. The bookshop's route files are alternatives (each
+/// defines `reviews`), applied one at a time over the app, each with the chaos layer over it.
 #[test]
 fn the_examples_validate() {
     let bin = nodemesh_tests::bin("mesh-control").unwrap();
     let examples = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
-    for dir in ["config", "policies", "bookshop"] {
-        let out = Command::new(&bin).arg("validate").arg(examples.join(dir)).output().unwrap();
+    let mut sets: Vec<Vec<std::path::PathBuf>> =
+        ["config", "policies"].iter().map(|d| vec![examples.join(d)]).collect();
+    let mut routes: Vec<_> =
+        std::fs::read_dir(examples.join("bookshop/routes")).unwrap().map(|e| e.unwrap().path()).collect();
+    routes.sort();
+    assert!(routes.len() >= 6, "{routes:?}");
+    let layer = examples.join("bookshop/layers/chaos-reviews.yaml");
+    sets.extend(routes.into_iter().map(|r| vec![examples.join("bookshop/bookshop.yaml"), r, layer.clone()]));
+    for set in sets {
+        let out = Command::new(&bin).arg("validate").args(&set).output().unwrap();
         assert!(
             out.status.success(),
-            "examples/{dir}: {}{}",
+            "{set:?}: {}{}",
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         );
     }
+}
+
+/// Objects that are each valid but compose badly: reported as conflicts (exit non-zero), with
+/// both objects named; an object defined in two files is an error.
+#[test]
+fn validate_reports_conflicts_between_objects() {
+    let dir = std::env::temp_dir().join(format!("nm-validate-conflicts-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let vs = |name: &str, ns: &str, body: &str| {
+        format!(
+            "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: {name}, namespace: {ns}}}\n\
+             spec: {{hosts: [reviews.shop.svc.cluster.local], http: [{body}]}}\n"
+        )
+    };
+    let to = |subset: &str| {
+        format!("{{route: [{{destination: {{host: reviews.shop.svc.cluster.local, subset: {subset}}}}}]}}")
+    };
+    std::fs::write(dir.join("platform.yaml"), vs("platform", "shop", &to("v1"))).unwrap();
+    std::fs::write(dir.join("team-b.yaml"), vs("team-b", "team-b", &to("v2"))).unwrap();
+    std::fs::write(
+        dir.join("chaos.yaml"),
+        vs(
+            "chaos",
+            "chaos",
+            "{match: [{uri: {regex: '/r.*'}}], fault: {abort: {httpStatus: 503}}}, \
+                             {match: [{uri: {regex: '/r.*'}}], fault: {delay: {fixedDelay: 1s}}}",
+        ),
+    )
+    .unwrap();
+    let dr = |name: &str| {
+        format!(
+            "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: {name}, namespace: shop}}\nspec: {{host: reviews}}\n"
+        )
+    };
+    std::fs::write(dir.join("rules.yaml"), format!("{}---\n{}", dr("a"), dr("b"))).unwrap();
+    std::fs::write(dir.join("zz-copy.yaml"), vs("platform", "shop", &to("v3"))).unwrap();
+    let bin = nodemesh_tests::bin("mesh-control").unwrap();
+    let out = Command::new(&bin).arg("validate").arg(&dir).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(!out.status.success(), "conflicts must fail validation:\n{text}");
+    for expected in [
+        // team-b's catch-all sits behind the host namespace's own.
+        "conflict: host reviews.shop.svc.cluster.local: VirtualService team-b/team-b spec.http[0] never matches: \
+         VirtualService shop/platform spec.http[0] comes first",
+        // The second layer matches what the first does: its fault would never apply.
+        "VirtualService chaos/chaos spec.http[1] never matches",
+        "its fault would never apply",
+        "DestinationRule shop/b is ignored: DestinationRule shop/a",
+        "zz-copy.yaml document 1 (line 1): VirtualService shop/platform: already defined by",
+        "3 conflict(s)",
+    ] {
+        assert!(text.contains(expected), "missing `{expected}` in:\n{text}");
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
 }

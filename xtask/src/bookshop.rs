@@ -245,6 +245,30 @@ pub fn walk(cluster: &SimCluster, config: &Path, shop: &Bookshop) -> anyhow::Res
     println!("      reviews v3 meanwhile served {mirrored} mirrored copies that no reader saw");
     ensure!(count(&r, "reviews", "v1") == 20 && mirrored >= 20, "mirror to v3 expected: {r}, v3 +{mirrored}");
 
+    // A second team's object for the same host composes with the routes in force.
+    let layer = config.join("chaos-reviews.yaml");
+    let text =
+        fs::read_to_string(util::workspace_root()?.join("examples/bookshop/layers/chaos-reviews.yaml"))?;
+    println!(
+        "\n  $ cp examples/bookshop/layers/chaos-reviews.yaml <config>/   (kept alongside the routes above)"
+    );
+    for line in text.lines().take_while(|l| l.starts_with('#')) {
+        println!("    {line}");
+    }
+    fs::write(&layer, text)?;
+    cluster.control.wait_for_config()?;
+    let jason = shop.browse(cluster, 10, Some("jason"), None)?;
+    show("10 pages as jason", &jason);
+    let anon = shop.browse(cluster, 10, None, None)?;
+    show("10 pages, anonymous", &anon);
+    ensure!(
+        count(&jason, "reviews", "unavailable") == 10 && count(&anon, "reviews", "v1") == 10,
+        "the chaos layer fails jason's reviews only, over the mirror routes: {jason} {anon}"
+    );
+    fs::remove_file(&layer)?;
+    println!("\n  $ rm <config>/chaos-reviews.yaml");
+    cluster.control.wait_for_config()?;
+
     apply(cluster, config, None)?;
     Ok(())
 }

@@ -5,6 +5,7 @@
 pub mod core;
 pub mod duration;
 pub mod istio;
+pub mod layering;
 pub mod parse;
 pub mod rate_limit;
 pub mod store;

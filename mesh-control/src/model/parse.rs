@@ -154,8 +154,16 @@ pub fn object_from_value(value: Value) -> Result<Object, ParseError> {
             Ok(Object::Sidecar(istio::Sidecar { meta: meta.clone(), spec }))
         }),
         Kind::VirtualService => spec::<super::virtual_service::VirtualServiceSpec>(&value).and_then(|spec| {
-            checked(|e| spec.check(e))?;
-            Ok(Object::VirtualService(super::virtual_service::VirtualService { meta: meta.clone(), spec }))
+            let precedence = super::virtual_service::precedence(&value);
+            checked(|e| {
+                spec.check(e);
+                e.extend(precedence.clone().err());
+            })?;
+            Ok(Object::VirtualService(super::virtual_service::VirtualService {
+                meta: meta.clone(),
+                precedence: precedence.unwrap_or_default(),
+                spec,
+            }))
         }),
         Kind::RateLimitPolicy => spec::<super::rate_limit::RateLimitPolicySpec>(&value).and_then(|spec| {
             checked(|e| spec.check(e))?;

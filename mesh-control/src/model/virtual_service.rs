@@ -9,6 +9,10 @@
 //! (corsPolicy, directResponse, delegate, tcp/tls routes, exponential delays, http2Error aborts)
 //! make the object **rejected** with a reason that names them, so a VirtualService never
 //! half-applies: a policy that was written down never silently does nothing. The object's last good version (if any) stays in force.
+//!
+//! Beyond Istio: several VirtualServices for one host compose by the `nodemesh.io/precedence`
+//! annotation, and a route with only `match` and `fault` is a fault layer over the host's other
+//! routes ([`super::layering`]).
 
 use std::{collections::BTreeMap, time::Duration};
 
@@ -19,7 +23,29 @@ use super::{FieldError, Labels, Meta, duration, istio::PortSelector};
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct VirtualService {
     pub meta: Meta,
+    /// The `nodemesh.io/precedence` annotation (default 0): where this object's routes go when
+    /// several VirtualServices route one host, highest first (see [`super::layering`]).
+    pub precedence: i32,
     pub spec: VirtualServiceSpec,
+}
+
+/// The annotation that orders VirtualServices sharing a host.
+pub const PRECEDENCE_ANNOTATION: &str = "nodemesh.io/precedence";
+
+/// Reads [`PRECEDENCE_ANNOTATION`] from an object's JSON (`metadata.annotations`).
+pub fn precedence(object: &serde_json::Value) -> Result<i32, FieldError> {
+    let field = format!("metadata.annotations.{PRECEDENCE_ANNOTATION}");
+    let Some(value) = object.pointer("/metadata/annotations").and_then(|a| a.get(PRECEDENCE_ANNOTATION))
+    else {
+        return Ok(0);
+    };
+    let text = match value {
+        serde_json::Value::String(s) => s.trim().to_string(),
+        other => other.to_string(),
+    };
+    text.parse::<i32>().map_err(|_| {
+        FieldError::new(field, format!("`{text}` is not an integer (higher goes first; default 0)"))
+    })
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -351,6 +377,30 @@ impl HttpMatch {
 }
 
 impl HttpRoute {
+    /// A route with a `fault` and no destination: it takes no request itself but adds its fault
+    /// to the host's routes where its match overlaps theirs (see [`super::layering`]).
+    pub fn is_fault_layer(&self) -> bool {
+        self.route.is_empty() && self.redirect.is_none() && self.fault.is_some()
+    }
+
+    fn check_fault_layer(&self, at: &str, errors: &mut Vec<FieldError>) {
+        let other_fields = [
+            ("rewrite", self.rewrite.is_some()),
+            ("timeout", self.timeout.is_some()),
+            ("headers", self.headers.is_some()),
+            ("retries", self.retries.is_some()),
+            ("mirror", self.mirror.is_some() || !self.mirrors.is_empty()),
+        ];
+        for (name, present) in other_fields {
+            if present {
+                errors.push(FieldError::new(
+                    format!("{at}.{name}"),
+                    "a fault layer (a route with `fault` and no `route`) carries only `match` and `fault`; the routes it overlaps decide the rest",
+                ));
+            }
+        }
+    }
+
     fn check(&self, at: &str, errors: &mut Vec<FieldError>) {
         let unenforced = [
             ("corsPolicy", self.cors_policy.is_some()),
@@ -363,9 +413,11 @@ impl HttpRoute {
             }
         }
         match (self.route.is_empty(), self.redirect.is_some()) {
-            (true, false) => {
-                errors.push(FieldError::new(at, "a route needs `route` destinations or a `redirect`"))
-            }
+            (true, false) if self.fault.is_some() => self.check_fault_layer(at, errors),
+            (true, false) => errors.push(FieldError::new(
+                at,
+                "a route needs `route` destinations or a `redirect` (or, as a fault layer over the host's other routes, only `match` and `fault`)",
+            )),
             (false, true) => errors.push(FieldError::new(at, "set either `route` or `redirect`, not both")),
             _ => {}
         }

@@ -58,6 +58,9 @@ pub struct Snapshot {
     /// gRPC proxyless listeners, by `<hostname>:<port>`; served only by name.
     pub listeners: BTreeMap<String, Resource>,
     pub workloads_by_node: BTreeMap<String, Vec<Resource>>,
+    /// Objects that compose badly (shadowed routes, fault layers that cannot apply, rival
+    /// DestinationRules): reported, never resolved by dropping one (`model::layering`).
+    pub conflicts: Vec<String>,
     /// Address names each node's Sidecars ask for up front.
     pub hints_by_node: BTreeMap<String, BTreeSet<String>>,
     /// False while a freshly started control plane may not yet know every node's workloads

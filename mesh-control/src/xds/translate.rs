@@ -106,7 +106,8 @@ struct Translator<'a> {
     /// `namespace/name` → index into `workloads`.
     by_uid: HashMap<String, usize>,
     /// Qualified hostname → the VirtualService that routes it.
-    virtual_services: HashMap<String, &'a VirtualService>,
+    /// The composed VirtualService of each host (every object routing it, by precedence).
+    virtual_services: HashMap<String, VirtualService>,
     /// Qualified hostname → the RateLimitPolicies limiting it.
     rate_limits: HashMap<String, Vec<&'a RateLimitPolicy>>,
     /// Qualified hostname → the ports it serves (to resolve route destinations without one).
@@ -177,18 +178,21 @@ impl<'a> Translator<'a> {
         }
         let by_uid =
             workloads.iter().enumerate().map(|(i, w)| (format!("{}/{}", w.namespace, w.name), i)).collect();
+        let composed = crate::model::layering::compose(store);
+        let mut snap = Snapshot::new(store.generation());
+        snap.conflicts = composed.conflicts;
         Translator {
             store,
             nodes,
             workloads,
             by_label,
             by_uid,
-            virtual_services: virtual_services_by_host(store),
+            virtual_services: composed.by_host,
             rate_limits: rate_limits::policies_by_host(store),
             ports_by_host: ports_by_host(store),
             hash_by_cluster: HashMap::new(),
             routes_to_finish: Vec::new(),
-            snap: Snapshot::new(store.generation()),
+            snap,
         }
     }
 
@@ -429,7 +433,7 @@ impl<'a> Translator<'a> {
             let cla = build_load_assignment(&name, eps);
             self.snap.endpoints.insert(name.clone(), Resource::new(&name, proto::ENDPOINT_TYPE, &cla));
         }
-        let virtual_service = self.virtual_services.get(hostname).copied();
+        let virtual_service = self.virtual_services.get(hostname);
         let limits =
             self.rate_limits.get(hostname).map(|p| rate_limits::for_port(p, port)).unwrap_or_default();
         let (route, route_clusters) = match (virtual_service, limits.is_empty()) {
@@ -480,7 +484,7 @@ impl<'a> Translator<'a> {
     /// another service's subset gets that subset's hash policy whichever service came first.
     fn finish_routes(&mut self) {
         for (hostname, port, cluster, limits) in std::mem::take(&mut self.routes_to_finish) {
-            let v = self.virtual_services.get(&hostname).copied();
+            let v = self.virtual_services.get(&hostname);
             let config = routes::build(v, limits, &hostname, port, &cluster, self);
             let name = config.name.clone();
             self.snap.routes.insert(name.clone(), Resource::new(&name, proto::ROUTE_TYPE, &config));
@@ -621,27 +625,6 @@ impl routes::Ports for Translator<'_> {
     fn hash_policy(&self, cluster: &str) -> Option<mesh::HashPolicy> {
         self.hash_by_cluster.get(cluster).cloned()
     }
-}
-
-/// The VirtualService routing each host: per host, one in the host's own namespace first, then
-/// the first by namespace/name (layering several comes with the layered-policy work).
-fn virtual_services_by_host(store: &Store) -> HashMap<String, &VirtualService> {
-    let mut out: HashMap<String, &VirtualService> = HashMap::new();
-    for o in store.of_kind(crate::model::Kind::VirtualService) {
-        let Object::VirtualService(v) = o else { continue };
-        for host in &v.spec.hosts {
-            let host = qualify(host, &v.meta.namespace);
-            let own_namespace =
-                |v: &VirtualService| host.split('.').nth(1) == Some(v.meta.namespace.as_str());
-            match out.get(&host) {
-                Some(current) if own_namespace(current) || !own_namespace(v) => {}
-                _ => {
-                    out.insert(host, v);
-                }
-            }
-        }
-    }
-    out
 }
 
 fn ports_by_host(store: &Store) -> HashMap<String, Vec<u16>> {
