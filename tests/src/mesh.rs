@@ -66,8 +66,31 @@ pub fn answered_by(
     to: &str,
     n: usize,
 ) -> anyhow::Result<BTreeMap<String, usize>> {
-    let v =
-        node.testapp(client, &["client", "--to", to, "--mode", "hello", "--connections", &n.to_string()])?;
+    hellos(node, client, to, n, &[])
+}
+
+/// [`hello_counts`] for connections that open with a TLS ClientHello naming `sni`.
+pub fn tls_hello_counts(
+    node: &SimNode,
+    client: &Pod,
+    to: &str,
+    n: usize,
+    sni: &str,
+) -> BTreeMap<String, usize> {
+    hellos(node, client, to, n, &["--sni", sni]).unwrap_or_else(|e| panic!("{e:#}\n{}", node.log_tail()))
+}
+
+fn hellos(
+    node: &SimNode,
+    client: &Pod,
+    to: &str,
+    n: usize,
+    extra: &[&str],
+) -> anyhow::Result<BTreeMap<String, usize>> {
+    let n = n.to_string();
+    let mut args = vec!["client", "--to", to, "--mode", "hello", "--connections", &n];
+    args.extend_from_slice(extra);
+    let v = node.testapp(client, &args)?;
     let connections = v["connections"].as_array().ok_or_else(|| anyhow::anyhow!("{to}: {v}"))?;
     let mut counts = BTreeMap::new();
     for c in connections {

@@ -29,7 +29,10 @@ use super::{
     Kind, Meta, Object,
     istio::DestinationRule,
     store::Store,
-    virtual_service::{Destination, HttpMatch, HttpRoute, RouteDestination, StringMatch, VirtualService},
+    virtual_service::{
+        Destination, HttpMatch, HttpRoute, L4RouteDestination, RouteDestination, StringMatch, TcpRoute,
+        TlsRoute, VirtualService,
+    },
 };
 use crate::xds::translate::qualify;
 
@@ -120,7 +123,31 @@ fn compose_host(
     });
     let (layers, routes): (Vec<Sourced<'_>>, Vec<Sourced<'_>>) =
         sourced.partition(|s| s.route.is_fault_layer());
-    if layers.is_empty() && routes.is_empty() {
+    // tcp and tls routes: concatenated in the same order, destinations qualified likewise.
+    let mut tcp = Vec::new();
+    let mut tls = Vec::new();
+    for v in objects {
+        let qualified = |d: &L4RouteDestination| L4RouteDestination {
+            destination: Destination {
+                host: qualify(&d.destination.host, &v.meta.namespace),
+                ..d.destination.clone()
+            },
+            weight: d.weight,
+        };
+        tcp.extend(
+            v.spec
+                .tcp
+                .iter()
+                .map(|r| TcpRoute { route: r.route.iter().map(qualified).collect(), ..r.clone() }),
+        );
+        tls.extend(
+            v.spec
+                .tls
+                .iter()
+                .map(|r| TlsRoute { route: r.route.iter().map(qualified).collect(), ..r.clone() }),
+        );
+    }
+    if layers.is_empty() && routes.is_empty() && tcp.is_empty() && tls.is_empty() {
         return None;
     }
     report_shadowed(host, &layers, conflicts);
@@ -133,8 +160,11 @@ fn compose_host(
         }],
         ..Default::default()
     };
-    let resolved: Vec<HttpRoute> =
-        if routes.is_empty() { vec![default_route] } else { routes.iter().map(Sourced::resolved).collect() };
+    let resolved: Vec<HttpRoute> = match (routes.is_empty(), layers.is_empty()) {
+        // Only a lone layer needs a route to lie over; without one, HTTP keeps its default.
+        (true, false) => vec![default_route],
+        _ => routes.iter().map(Sourced::resolved).collect(),
+    };
     let mut http = Vec::new();
     for layer in &layers {
         for (route, source) in resolved.iter().zip(routes.iter().map(Some).chain(std::iter::repeat(None))) {
@@ -161,6 +191,8 @@ fn compose_host(
         spec: super::virtual_service::VirtualServiceSpec {
             hosts: vec![host.to_string()],
             http,
+            tcp,
+            tls,
             ..Default::default()
         },
     })

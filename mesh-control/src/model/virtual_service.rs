@@ -5,8 +5,10 @@
 //! sourceNamespace), weighted `route` destinations to DestinationRule subsets or other services,
 //! `redirect`, `rewrite` (uri, authority), `headers` (request/response set/add/remove, per route
 //! and per destination), `timeout`, `retries` (under the node's retry budget), `fault` (delay,
-//! abort) and `mirror`/`mirrors` with their percentages. Fields that are not enforced yet
-//! (corsPolicy, directResponse, delegate, tcp/tls routes, exponential delays, http2Error aborts)
+//! abort) and `mirror`/`mirrors` with their percentages; `tcp` and `tls` routes (match port,
+//! sourceLabels, sourceNamespace, sniHosts; weighted destinations per connection). Fields that
+//! are not enforced yet (corsPolicy, directResponse, delegate, destinationSubnets,
+//! sourceSubnet, exponential delays, http2Error aborts)
 //! make the object **rejected** with a reason that names them, so a VirtualService never
 //! half-applies: a policy that was written down never silently does nothing. The object's last good version (if any) stays in force.
 //!
@@ -57,8 +59,10 @@ pub struct VirtualServiceSpec {
     pub gateways: Vec<String>,
     #[serde(default)]
     pub http: Vec<HttpRoute>,
-    pub tcp: Option<serde_json::Value>,
-    pub tls: Option<serde_json::Value>,
+    #[serde(default)]
+    pub tcp: Vec<TcpRoute>,
+    #[serde(default)]
+    pub tls: Vec<TlsRoute>,
     #[serde(default)]
     pub export_to: Vec<String>,
 }
@@ -312,13 +316,142 @@ impl VirtualServiceSpec {
                 ));
             }
         }
-        for (field, present) in [("spec.tcp", self.tcp.is_some()), ("spec.tls", self.tls.is_some())] {
-            if present {
-                errors.push(not_enforced(field));
+        for (i, r) in self.tcp.iter().enumerate() {
+            let at = format!("spec.tcp[{i}]");
+            for (j, m) in r.matches.iter().enumerate() {
+                let at = format!("{at}.match[{j}]");
+                if !m.sni_hosts.is_empty() {
+                    errors.push(FieldError::new(
+                        format!("{at}.sniHosts"),
+                        "only tls routes match on server names",
+                    ));
+                }
+                m.check(&at, errors);
             }
+            check_l4_destinations(&at, &r.route, errors);
+        }
+        for (i, r) in self.tls.iter().enumerate() {
+            let at = format!("spec.tls[{i}]");
+            if r.matches.is_empty() {
+                errors
+                    .push(FieldError::new(format!("{at}.match"), "a tls route needs a match with sniHosts"));
+            }
+            for (j, m) in r.matches.iter().enumerate() {
+                let at = format!("{at}.match[{j}]");
+                if m.sni_hosts.is_empty() {
+                    errors.push(FieldError::new(
+                        format!("{at}.sniHosts"),
+                        "required: the server names this route takes",
+                    ));
+                }
+                for (k, h) in m.sni_hosts.iter().enumerate() {
+                    let wildcard_ok = h.strip_prefix("*.").is_none_or(|rest| !rest.contains('*'));
+                    if h.is_empty() || (h.contains('*') && !h.starts_with("*.")) || !wildcard_ok {
+                        errors.push(FieldError::new(
+                            format!("{at}.sniHosts[{k}]"),
+                            format!("`{h}`: a server name, or `*.` and a domain"),
+                        ));
+                    }
+                }
+                m.check(&at, errors);
+            }
+            check_l4_destinations(&at, &r.route, errors);
         }
         for (i, r) in self.http.iter().enumerate() {
             r.check(&format!("spec.http[{i}]"), errors);
+        }
+    }
+}
+
+/// Istio `TCPRoute`: connections (not requests) that match go to one destination, picked by
+/// weight per connection.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TcpRoute {
+    #[serde(default, rename = "match")]
+    pub matches: Vec<L4Match>,
+    #[serde(default)]
+    pub route: Vec<L4RouteDestination>,
+}
+
+/// Istio `TLSRoute`: as a TCP route, for TLS connections whose ClientHello names a server in
+/// `sniHosts` (the TLS is passed through, never terminated).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TlsRoute {
+    #[serde(default, rename = "match")]
+    pub matches: Vec<L4Match>,
+    #[serde(default)]
+    pub route: Vec<L4RouteDestination>,
+}
+
+/// Istio `L4MatchAttributes` (tcp routes) and `TLSMatchAttributes` (tls routes, which add
+/// `sniHosts`).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct L4Match {
+    /// tls routes only: server names, exact or `*.` and a domain.
+    #[serde(default)]
+    pub sni_hosts: Vec<String>,
+    pub port: Option<u16>,
+    #[serde(default)]
+    pub source_labels: Labels,
+    #[serde(default)]
+    pub source_namespace: String,
+    #[serde(default)]
+    pub gateways: Vec<String>,
+    // Not enforced yet: their presence rejects the object.
+    #[serde(default)]
+    pub destination_subnets: Vec<String>,
+    #[serde(default)]
+    pub source_subnet: String,
+}
+
+/// Istio `RouteDestination` (tcp and tls routes: no header changes at L4).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct L4RouteDestination {
+    pub destination: Destination,
+    pub weight: Option<u32>,
+}
+
+impl L4Match {
+    fn check(&self, at: &str, errors: &mut Vec<FieldError>) {
+        if !self.destination_subnets.is_empty() {
+            errors.push(not_enforced(&format!("{at}.destinationSubnets")));
+        }
+        if !self.source_subnet.is_empty() {
+            errors.push(not_enforced(&format!("{at}.sourceSubnet")));
+        }
+        if self.gateways.iter().any(|g| g != "mesh") {
+            errors.push(FieldError::new(format!("{at}.gateways"), "only sidecar (mesh) traffic is routed"));
+        }
+    }
+}
+
+/// Whether a server name matches an Istio `sniHosts` entry (exact, or `*.` any subdomain).
+pub fn sni_matches(pattern: &str, name: &str) -> bool {
+    let name = name.to_ascii_lowercase();
+    match pattern.strip_prefix('*') {
+        Some(suffix) => name.len() > suffix.len() && name.ends_with(&suffix.to_ascii_lowercase()),
+        None => pattern.eq_ignore_ascii_case(&name),
+    }
+}
+
+fn check_l4_destinations(at: &str, route: &[L4RouteDestination], errors: &mut Vec<FieldError>) {
+    if route.is_empty() {
+        errors.push(FieldError::new(format!("{at}.route"), "at least one destination is required"));
+    }
+    if route.len() > 1 {
+        let total: u32 = route.iter().map(|d| d.weight.unwrap_or(0)).sum();
+        if total != 100 {
+            errors
+                .push(FieldError::new(format!("{at}.route"), format!("weights add up to {total}, not 100")));
+        }
+    }
+    for (j, d) in route.iter().enumerate() {
+        if d.destination.host.is_empty() {
+            errors.push(FieldError::new(format!("{at}.route[{j}].destination.host"), "missing"));
         }
     }
 }
@@ -578,6 +711,32 @@ mod tests {
             {"route": [{"destination": {"host": "reviews", "subset": "v1"}, "weight": 90},
                        {"destination": {"host": "reviews", "subset": "v2"}, "weight": 10}]}]}));
         assert!(e.is_empty(), "{e:?}");
+    }
+
+    #[test]
+    fn tcp_and_tls_routes_are_checked_field_by_field() {
+        let ok = errors(json!({"hosts": ["db"],
+            "tls": [{"match": [{"port": 443, "sniHosts": ["a.example", "*.b.example"]}], "route": [{"destination": {"host": "db"}}]}],
+            "tcp": [{"route": [{"destination": {"host": "db", "subset": "v1"}, "weight": 80},
+                               {"destination": {"host": "db", "subset": "v2"}, "weight": 20}]}]}));
+        assert!(ok.is_empty(), "{ok:?}");
+        let e = errors(json!({"hosts": ["db"],
+            "tls": [{"match": [{"port": 443}], "route": [{"destination": {"host": "db"}}]},
+                    {"match": [{"sniHosts": ["a.*.example"]}], "route": []}],
+            "tcp": [{"match": [{"destinationSubnets": ["10.0.0.0/8"], "sniHosts": ["x"]}],
+                     "route": [{"destination": {"host": "db"}, "weight": 50}, {"destination": {"host": "db"}, "weight": 20}]}]}))
+        .join("\n");
+        for expected in [
+            "spec.tls[0].match[0].sniHosts: required",
+            "spec.tls[1].match[0].sniHosts[0]: `a.*.example`",
+            "spec.tls[1].route: at least one destination",
+            "spec.tcp[0].match[0].destinationSubnets: not enforced",
+            "spec.tcp[0].match[0].sniHosts: only tls routes",
+            "spec.tcp[0].route: weights add up to 70",
+        ] {
+            assert!(e.contains(expected), "missing `{expected}` in:\n{e}");
+        }
+        assert!(sni_matches("*.b.example", "X.B.example") && !sni_matches("*.b.example", "b.example"));
     }
 
     #[test]

@@ -64,12 +64,18 @@ pub fn cluster_name(port: u16, subset: &str, hostname: &str) -> String {
 pub fn clusters(v: Option<&VirtualService>, port: u16, cluster: &str, ports: &dyn Ports) -> BTreeSet<String> {
     let Some(v) = v else { return [cluster.to_string()].into() };
     let forwarding = v.spec.http.iter().filter(|http| http.redirect.is_none() && on_port(http, port));
-    forwarding
+    let mut out: BTreeSet<String> = forwarding
         .flat_map(|http| {
             http.route.iter().map(|d| &d.destination).chain(mirrors(http).into_iter().map(|(d, _)| d))
         })
         .map(|d| destination_cluster(d, v, port, ports))
-        .collect()
+        .collect();
+    out.extend(super::l4_routes::clusters(v, port, ports));
+    if v.spec.http.is_empty() {
+        // HTTP (and any connection no L4 route takes) still goes to the port's own cluster.
+        out.insert(cluster.to_string());
+    }
+    out
 }
 
 /// The matches of `http` that apply on `port` (`None`: the route has no match, so every request).
@@ -95,8 +101,9 @@ pub fn build(
     ports: &dyn Ports,
 ) -> RouteConfiguration {
     let routes = match v {
-        Some(v) => virtual_service_routes(v, port, ports),
-        None => vec![catch_all(cluster)],
+        Some(v) if !v.spec.http.is_empty() => virtual_service_routes(v, port, ports),
+        // No VirtualService, or one with only tcp/tls routes: HTTP keeps its default.
+        _ => vec![catch_all(cluster)],
     };
     let name = route_name(hostname, port);
     let typed_per_filter_config = if limits.is_empty() {
@@ -455,7 +462,12 @@ fn envoy_hash_policy(h: &mesh::HashPolicy) -> route_action::HashPolicy {
 
 /// The cluster of a destination: its host qualified in the VirtualService's namespace, its port
 /// (given, or this port, or the host's only port) and subset.
-fn destination_cluster(d: &vs::Destination, v: &VirtualService, port: u16, ports: &dyn Ports) -> String {
+pub(super) fn destination_cluster(
+    d: &vs::Destination,
+    v: &VirtualService,
+    port: u16,
+    ports: &dyn Ports,
+) -> String {
     let host = qualify(&d.host, &v.meta.namespace);
     let dest_port = d.port.as_ref().map(|p| p.number).unwrap_or_else(|| {
         let served = ports.ports_of(&host);

@@ -25,7 +25,7 @@ use envoy_types::pb::{
 use prost::Message;
 
 use super::{
-    listeners, rate_limits, routes,
+    l4_routes, listeners, rate_limits, routes,
     snapshot::{Resource, Snapshot},
 };
 use crate::{
@@ -436,9 +436,17 @@ impl<'a> Translator<'a> {
         let virtual_service = self.virtual_services.get(hostname);
         let limits =
             self.rate_limits.get(hostname).map(|p| rate_limits::for_port(p, port)).unwrap_or_default();
-        let (route, route_clusters) = match (virtual_service, limits.is_empty()) {
-            (None, true) => (String::new(), Vec::new()),
-            (v, _) => {
+        let l4_routes = virtual_service.map(|v| l4_routes::for_port(v, port, self)).unwrap_or_default();
+        let has_http = virtual_service.is_some_and(|v| !v.spec.http.is_empty()) || !limits.is_empty();
+        let (route, route_clusters) = match (virtual_service, has_http) {
+            (None, false) => (String::new(), Vec::new()),
+            // tcp/tls routes only: no HTTP route (HTTP goes to the port's own cluster), but
+            // the clusters the L4 routes use still travel with the port.
+            (Some(v), false) => {
+                let clusters = routes::clusters(Some(v), port, &name, self);
+                (String::new(), clusters.into_iter().filter(|c| *c != name).collect())
+            }
+            (v, true) => {
                 // The clusters now (the Service resource lists them); the route itself once
                 // every cluster's hash policy is known (see `finish_routes`).
                 let clusters = routes::clusters(v, port, &name, self);
@@ -477,6 +485,7 @@ impl<'a> Translator<'a> {
             hash_policy,
             route,
             route_clusters,
+            l4_routes,
         }
     }
 

@@ -25,6 +25,8 @@ use crate::{
         ConnectionLabels, EgressDeniedLabels, FailureLabels, FailureReason, Metrics, Reporter, UNKNOWN,
     },
     xds::{
+        http_route::RequestSource,
+        l4_route::{Connection, L4Routes},
         lb::{Balancer, LocalityKey, Pick},
         route::{Decision, Router, connection_hash},
     },
@@ -62,6 +64,10 @@ pub struct Outbound {
     /// server-first protocol and relayed as TCP. Zero: no protocol detection (all L4).
     pub sniff_timeout: Duration,
 }
+
+/// How long a connection to a port with tls routes may take to send its ClientHello when
+/// protocol detection is otherwise off (TLS is client-first: a client sends it at once).
+const TLS_SNIFF_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Connect attempts per connection (or request) when a cluster endpoint refuses, each a
 /// different endpoint.
@@ -184,13 +190,30 @@ impl Outbound {
         };
         let connected = match decision {
             Decision::Direct => self.connect_upstream(&source, dst).await.map(|s| (s, dst)),
-            Decision::Balance { balancer, hash_policy, app_protocol, local, service, .. } => {
-                let protocol = if self.sniff_timeout.is_zero() || declared_opaque(&app_protocol) {
+            Decision::Balance {
+                balancer,
+                hash_policy,
+                app_protocol,
+                local,
+                service,
+                l4_routes,
+                http_routed,
+            } => {
+                // A tls route needs the ClientHello's server name, whatever the declaration.
+                let read_tls = l4_routes.as_ref().is_some_and(|t| t.has_tls());
+                let opaque = declared_opaque(&app_protocol);
+                let protocol = if read_tls {
+                    sniff::detect(&client, self.sniff_timeout.max(TLS_SNIFF_TIMEOUT)).await
+                } else if self.sniff_timeout.is_zero() || opaque {
                     sniff::Protocol::Opaque
                 } else {
                     sniff::detect(&client, self.sniff_timeout).await
                 };
-                if matches!(protocol, sniff::Protocol::Http1 | sniff::Protocol::H2c) {
+                // HTTP is proxied per request unless the port has tcp routes and no HTTP
+                // route: then the tcp routes the user wrote take the connection as a whole.
+                let tcp_routes_take_it = !http_routed && l4_routes.as_ref().is_some_and(|t| t.has_tcp());
+                let http = matches!(protocol, sniff::Protocol::Http1 | sniff::Protocol::H2c);
+                if http && !opaque && !tcp_routes_take_it {
                     let h2 = protocol == sniff::Protocol::H2c;
                     let cache = self.router.as_ref().map(|r| Arc::clone(&r.cache));
                     let target =
@@ -198,8 +221,23 @@ impl Outbound {
                     http::serve(Arc::clone(&self), client, h2, source, target).await;
                     return;
                 }
-                let hash = connection_hash(hash_policy.as_ref(), &source, &client).await;
-                self.connect_balanced(&source, &balancer, hash, local.as_ref(), &service, dst).await
+                let sni = match &protocol {
+                    sniff::Protocol::Tls { sni } => sni.clone(),
+                    _ => None,
+                };
+                match self.l4_route(&source, l4_routes.as_deref(), sni.as_deref(), &service) {
+                    Err(e) => Err(e),
+                    Ok(Some(b)) if b.passthrough => {
+                        self.connect_upstream(&source, dst).await.map(|s| (s, dst))
+                    }
+                    Ok(Some(b)) => {
+                        self.connect_balanced(&source, &b, None, local.as_ref(), &service, dst).await
+                    }
+                    Ok(None) => {
+                        let hash = connection_hash(hash_policy.as_ref(), &source, &client).await;
+                        self.connect_balanced(&source, &balancer, hash, local.as_ref(), &service, dst).await
+                    }
+                }
             }
             Decision::Deny(reason) => {
                 tracing::warn!(workload = %source.key, destination = %dst, "connection refused: {reason}");
@@ -249,6 +287,32 @@ impl Outbound {
             Err(e) => tracing::debug!(workload = %source.key, %dst, "relay ended with error: {e}"),
         }
         counters.closed();
+    }
+
+    /// The cluster of the tcp/tls route that takes this connection (`None`: no route does,
+    /// the port's own cluster).
+    fn l4_route(
+        &self,
+        source: &Source,
+        routes: Option<&L4Routes>,
+        sni: Option<&str>,
+        service: &str,
+    ) -> io::Result<Option<Arc<Balancer>>> {
+        let (Some(routes), Some(router)) = (routes, &self.router) else { return Ok(None) };
+        let workload = router.cache.workload(&source.key.to_string());
+        let from =
+            RequestSource { namespace: &source.key.namespace, labels: workload.as_ref().map(|w| &w.labels) };
+        let Some((route, cluster)) = routes.pick(&Connection { sni, source: &from }) else { return Ok(None) };
+        tracing::debug!(workload = %source.key, service, route, cluster, "L4 route");
+        match router.cache.cluster(cluster) {
+            Some(b) => Ok(Some(b)),
+            None => Err(io::Error::new(
+                io::ErrorKind::NotFound,
+                format!(
+                    "service {service}: route {route}: cluster {cluster} has not been received from the control plane"
+                ),
+            )),
+        }
     }
 
     /// Picks an endpoint and connects; a refused or timed-out connect counts against that

@@ -22,6 +22,7 @@ use tokio::sync::Notify;
 
 use super::{
     http_route::RouteTable,
+    l4_route::L4Routes,
     lb::{Balancer, Endpoint, HttpFailures, LbPolicy, OutlierSettings},
     rate_limit::BucketRegistry,
 };
@@ -41,6 +42,8 @@ struct State {
     clusters: HashMap<String, Arc<Balancer>>,
     /// HTTP routes (from VirtualServices), compiled, by name.
     routes: HashMap<String, Arc<RouteTable>>,
+    /// Service ports' tcp/tls routes, compiled, by `<hostname>:<port>`.
+    l4_routes: HashMap<String, Arc<L4Routes>>,
     /// Workloads of this node (egress policy, locality), by `namespace/name`.
     workloads: HashMap<String, Arc<mesh::Workload>>,
     /// Last `system_version_info` applied per type.
@@ -85,6 +88,11 @@ impl Cache {
 
     pub fn route(&self, name: &str) -> Option<Arc<RouteTable>> {
         self.state.read().expect("cache lock").routes.get(name).cloned()
+    }
+
+    /// The tcp/tls routes of a service port, if it has any.
+    pub fn l4_routes(&self, hostname: &str, port: u32) -> Option<Arc<L4Routes>> {
+        self.state.read().expect("cache lock").l4_routes.get(&format!("{hostname}:{port}")).cloned()
     }
 
     pub fn workload(&self, uid: &str) -> Option<Arc<mesh::Workload>> {
@@ -228,6 +236,11 @@ impl Cache {
                                     r.name, p.port
                                 ));
                             }
+                            for p in svc.ports.iter().filter(|p| !p.l4_routes.is_empty()) {
+                                L4Routes::compile(&p.l4_routes).map_err(|e| {
+                                    format!("Address {} ({} port {}): {e}", r.name, svc.hostname, p.port)
+                                })?;
+                            }
                             AddressInfo::Service(Arc::new(svc))
                         }
                         Some(mesh::address::Kind::Workload(w)) => AddressInfo::Workload(Arc::new(w)),
@@ -237,11 +250,18 @@ impl Cache {
                 }
                 let mut s = self.state.write().expect("cache lock");
                 for name in removed {
-                    if let Ok(ip) = name.parse::<IpAddr>() {
-                        s.addresses.insert(ip, AddressInfo::Unknown);
+                    if let Ok(ip) = name.parse::<IpAddr>()
+                        && let Some(AddressInfo::Service(old)) = s.addresses.insert(ip, AddressInfo::Unknown)
+                    {
+                        for p in &old.ports {
+                            s.l4_routes.remove(&format!("{}:{}", old.hostname, p.port));
+                        }
                     }
                 }
                 for (ip, info) in entries {
+                    if let AddressInfo::Service(svc) = &info {
+                        update_l4_routes(&mut s.l4_routes, svc);
+                    }
                     s.addresses.insert(ip, info);
                 }
                 s.generation.insert(type_url.into(), generation);
@@ -412,6 +432,21 @@ fn endpoints(cla: &ClusterLoadAssignment) -> Result<Vec<Endpoint>, String> {
         }
     }
     Ok(out)
+}
+
+/// Compiles the tcp/tls routes of `svc`'s ports (checked already), keeping a port's table when
+/// its routes did not change.
+fn update_l4_routes(tables: &mut HashMap<String, Arc<L4Routes>>, svc: &mesh::Service) {
+    for p in &svc.ports {
+        let key = format!("{}:{}", svc.hostname, p.port);
+        if p.l4_routes.is_empty() {
+            tables.remove(&key);
+        } else if tables.get(&key).is_none_or(|t| t.source != p.l4_routes)
+            && let Ok(table) = L4Routes::compile(&p.l4_routes)
+        {
+            tables.insert(key, Arc::new(table));
+        }
+    }
 }
 
 fn socket_addr(a: Option<&envoy_core::Address>) -> Option<SocketAddr> {

@@ -2,11 +2,10 @@
 //! wins (Envoy's and Istio's order), then a weighted pick among its clusters.
 //!
 //! Compiled once when the resource arrives — regexes included, so a bad one is a NACK naming the
-//! route, never a failure at request time. Weighted picks are smooth weighted round robin (the
-//! nginx algorithm): a 90/10 split is exactly 90/10 over every 100 requests and interleaved
-//! (at most 9 in a row to the larger side), not 90/10 on average.
+//! route, never a failure at request time. Weighted picks are smooth weighted round robin
+//! ([`super::weights`]).
 
-use std::{collections::BTreeMap, sync::Mutex, time::Duration};
+use std::{collections::BTreeMap, time::Duration};
 
 use envoy_types::pb::envoy::{
     config::{
@@ -36,6 +35,7 @@ use regex::Regex;
 use super::{
     rate_limit::{self, BucketRegistry, RateLimit},
     retry::RetryPolicy,
+    weights::SmoothWeights,
 };
 
 pub struct RouteTable {
@@ -102,9 +102,8 @@ pub enum Action {
 
 pub struct Forward {
     pub targets: Vec<Target>,
-    total_weight: u64,
-    /// Smooth weighted round robin: each target's current credit.
-    credit: Mutex<Vec<i64>>,
+    /// Over `targets`, by their weights.
+    weights: SmoothWeights,
     /// None: no timeout.
     pub timeout: Option<Duration>,
     pub prefix_rewrite: Option<String>,
@@ -267,22 +266,9 @@ impl StrMatch {
 }
 
 impl Forward {
-    /// The next target of a weighted split: every target gains its weight in credit, the
-    /// richest is picked and pays the total.
+    /// The next target of a weighted split.
     pub fn pick(&self) -> &Target {
-        if self.targets.len() == 1 || self.total_weight == 0 {
-            return &self.targets[0];
-        }
-        let mut credit = self.credit.lock().expect("weights lock");
-        let mut best = 0;
-        for (i, t) in self.targets.iter().enumerate() {
-            credit[i] += i64::from(t.weight);
-            if credit[i] > credit[best] {
-                best = i;
-            }
-        }
-        credit[best] -= self.total_weight as i64;
-        &self.targets[best]
+        &self.targets[self.weights.pick()]
     }
 }
 
@@ -477,11 +463,7 @@ fn forward(a: &route::RouteAction) -> Result<Forward, String> {
     if targets.is_empty() {
         return Err("a route with no clusters".into());
     }
-    let total_weight: u64 = targets.iter().map(|t| u64::from(t.weight)).sum();
-    let targets_len = targets.len();
-    if targets.len() > 1 && total_weight == 0 {
-        return Err("weighted clusters whose weights are all 0".into());
-    }
+    let weights = SmoothWeights::new(targets.iter().map(|t| t.weight).collect())?;
     let timeout = a
         .timeout
         .as_ref()
@@ -530,8 +512,7 @@ fn forward(a: &route::RouteAction) -> Result<Forward, String> {
         mirrors,
         retry,
         targets,
-        total_weight,
-        credit: Mutex::new(vec![0; targets_len]),
+        weights,
         timeout,
         prefix_rewrite: (!a.prefix_rewrite.is_empty()).then(|| a.prefix_rewrite.clone()),
         regex_rewrite,
@@ -590,8 +571,7 @@ mod tests {
                     response_ops: HeaderOps::default(),
                 })
                 .collect(),
-            total_weight: weights.iter().map(|w| u64::from(*w)).sum(),
-            credit: Mutex::new(vec![0; weights.len()]),
+            weights: SmoothWeights::new(weights.to_vec()).unwrap(),
             timeout: None,
             prefix_rewrite: None,
             regex_rewrite: None,

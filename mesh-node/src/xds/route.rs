@@ -10,6 +10,7 @@ use tokio::net::TcpStream;
 use super::{
     cache::{AddressInfo, Cache},
     client::OnDemand,
+    l4_route::L4Routes,
     lb::{Balancer, LocalityKey, hash_bytes},
 };
 use crate::proxy::Source;
@@ -27,6 +28,10 @@ pub enum Decision {
         local: Option<LocalityKey>,
         /// The service hostname, for logs.
         service: String,
+        /// The port's tcp/tls routes, for a connection not proxied as HTTP.
+        l4_routes: Option<Arc<L4Routes>>,
+        /// Whether the port has an HTTP route (a VirtualService's http routes or rate limits).
+        http_routed: bool,
     },
     Deny(String),
 }
@@ -72,6 +77,8 @@ impl Router {
                             app_protocol: port.app_protocol.clone(),
                             local,
                             service: svc.hostname.clone(),
+                            l4_routes: self.cache.l4_routes(&svc.hostname, port.port),
+                            http_routed: !port.route.is_empty(),
                         }
                     }
                     None => Decision::Deny(format!(

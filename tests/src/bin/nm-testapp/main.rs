@@ -23,6 +23,7 @@ use sha2::{Digest, Sha256};
 
 mod grpc;
 mod http;
+mod tls;
 
 const IO_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -87,7 +88,7 @@ fn main() {
             concurrency: num("--concurrency", 1).max(1) as usize,
         }),
         "client" => match opt("--mode").as_deref().unwrap_or("hello") {
-            "hello" => hello_many(to(), num("--connections", 1) as usize),
+            "hello" => hello_many(to(), num("--connections", 1) as usize, opt("--sni").as_deref()),
             "sink" => sink(to(), num("--bytes", 1024)),
             "hold" => hold(to()),
             other => fail(&format!("unknown mode {other}")),
@@ -115,7 +116,7 @@ fn main() {
 
 fn usage() -> ! {
     fail(
-        "usage: nm-testapp serve|http-serve --name N --listen ADDR... [--status CODE] | grpc-serve --name N --listen ADDR... | grpc-client --to ADDR [--calls N] [--messages M] | http-client --to ADDR [--requests N] [--method M] [--path P] [--host H] [--header K:V]... [--duration-ms D] [--h2 [--concurrency C]|--http10|--upgrade] | client --to ADDR --mode hello|sink|hold [--connections C] [--bytes N] | bench-connect|bench-latency|bench-bulk|bench-http --to ADDR [--h2] [--rate R --count N --concurrency C --duration-ms D]",
+        "usage: nm-testapp serve|http-serve --name N --listen ADDR... [--status CODE] | grpc-serve --name N --listen ADDR... | grpc-client --to ADDR [--calls N] [--messages M] | http-client --to ADDR [--requests N] [--method M] [--path P] [--host H] [--header K:V]... [--duration-ms D] [--h2 [--concurrency C]|--http10|--upgrade] | client --to ADDR --mode hello|sink|hold [--connections C] [--sni NAME] [--bytes N] | bench-connect|bench-latency|bench-bulk|bench-http --to ADDR [--h2] [--rate R --count N --concurrency C --duration-ms D]",
     )
 }
 
@@ -154,12 +155,18 @@ fn handle(name: &str, stream: TcpStream) -> io::Result<()> {
     let peer = stream.peer_addr()?;
     let local = stream.local_addr()?;
     let mut reader = BufReader::new(stream.try_clone()?);
+    // A client may open with a TLS ClientHello (`client --sni`): noted, then skipped.
+    let tls = reader.fill_buf()?.first() == Some(&tls::HANDSHAKE);
+    if tls {
+        reader.consume(1);
+        tls::skip_record(&mut reader)?;
+    }
     let mut line = String::new();
     reader.read_line(&mut line)?;
     let mut out = stream;
     let words: Vec<&str> = line.split_whitespace().collect();
     match words.as_slice() {
-        ["HELLO"] => writeln!(out, "{}", json!({"server": name, "local": local, "peer": peer}))?,
+        ["HELLO"] => writeln!(out, "{}", json!({"server": name, "local": local, "peer": peer, "tls": tls}))?,
         ["SINK", n] => {
             let expected: u64 = n.parse().map_err(io::Error::other)?;
             let mut hasher = Sha256::new();
@@ -214,7 +221,12 @@ fn read_json_line(s: &TcpStream) -> io::Result<Value> {
 }
 
 /// Opens all connections first (so they are concurrent), then talks on each.
-fn hello_many(to: SocketAddr, n: usize) -> io::Result<Value> {
+/// `n` connections at once, each saying HELLO (after a TLS ClientHello for `sni`, if given).
+fn hello_many(to: SocketAddr, n: usize, sni: Option<&str>) -> io::Result<Value> {
+    let hello = match sni {
+        Some(name) => tls::client_hello(name)?,
+        None => Vec::new(),
+    };
     let started = Instant::now();
     let mut conns = Vec::with_capacity(n);
     for _ in 0..n {
@@ -223,6 +235,7 @@ fn hello_many(to: SocketAddr, n: usize) -> io::Result<Value> {
     }
     let mut results = Vec::with_capacity(n);
     for (local, peername, mut s) in conns.iter().map(|(l, p, s)| (l, p, s)) {
+        s.write_all(&hello)?;
         s.write_all(b"HELLO\n")?;
         s.shutdown(Shutdown::Write)?;
         let reply = read_json_line(s)?;
