@@ -31,6 +31,7 @@ use super::{
 use crate::telemetry::metrics::{Reporter, RequestLabels, UNKNOWN};
 use crate::xds::{
     cache::{AddressInfo, Cache},
+    conn_limits::{ConnectionSlot, Refused},
     http_route::{Abort, Action, Fault, Forward, Redirect, RequestSource, Route, RouteTable},
     lb::Pick,
     lb::{Balancer, LocalityKey, hash_bytes},
@@ -178,15 +179,10 @@ async fn forward(
     }
     let hash = request_hash(hash_policy.as_ref(), source, &parts);
     let Some(_slot) = balancer.admit_request() else {
-        let mut response = error_response(
-            StatusCode::SERVICE_UNAVAILABLE,
-            &format!(
-                "{}: cluster {} is at its connectionPool limit of requests in flight (overflow)",
-                target.service, balancer.name
-            ),
-        );
-        response.headers_mut().insert("x-envoy-overloaded", HeaderValue::from_static("true"));
-        return response;
+        return overloaded(&format!(
+            "{}: cluster {} is at its connectionPool limit of requests in flight (overflow)",
+            target.service, balancer.name
+        ));
     };
     prepare_request(&mut parts, h2, target.vip, upgrade.as_ref());
 
@@ -221,7 +217,10 @@ async fn forward(
         let (pick, mut sender) = match connect(outbound, source, target, &balancer, hash, h2, &previous).await
         {
             Ok(c) => c,
-            Err(why) => {
+            Err(ConnectFailed { why, overflow: true }) => {
+                return overloaded(&format!("{} ({}): {why}", target.service, target.vip));
+            }
+            Err(ConnectFailed { why, .. }) => {
                 if may_retry(retries) && retry.retries_failure(false) && balancer.retry_budget.withdraw() {
                     retries += 1;
                     tokio::time::sleep(RetryPolicy::backoff(retries)).await;
@@ -313,7 +312,7 @@ async fn forward(
         });
         return response.map(BodyExt::boxed);
     }
-    source.http_pool.put(addr, sender, balancer.max_requests_per_connection);
+    source.http_pool.put(addr, sender, &balancer);
     strip_hop_by_hop(response.headers_mut());
     if !answered_by.is_empty() {
         response.extensions_mut().insert(AnsweredBy(answered_by));
@@ -409,16 +408,20 @@ async fn mirror(
 ) {
     let Some(pick) = balancer.pick(None, None, &[]) else { return };
     let addr = pick.endpoint.ep.addr;
-    let sender = match source.http_pool.get(addr, h2, balancer.max_requests_per_connection) {
+    let sender = match source.http_pool.get(addr, h2, balancer) {
         Some(s) => Ok(s),
-        None => outbound.dial_http(source, addr, h2).await,
+        // A copy never waits for a connection: under maxConnections it is skipped.
+        None => match balancer.admit_connection() {
+            Some(slot) => outbound.dial_http(source, addr, h2, slot).await,
+            None => return,
+        },
     };
     let Ok(mut sender) = sender else { return };
     let request = Request::from_parts(parts, full(body));
     match sender.send(request).await {
         Ok(response) => {
             let _ = response.into_body().collect().await;
-            source.http_pool.put(addr, sender, balancer.max_requests_per_connection);
+            source.http_pool.put(addr, sender, balancer);
         }
         Err(e) => tracing::debug!(%vip, endpoint = %addr, "mirrored request failed: {e}"),
     }
@@ -460,21 +463,55 @@ async fn connect(
     hash: Option<u64>,
     h2: bool,
     previous: &[SocketAddr],
-) -> Result<(Pick, Sender), String> {
+) -> Result<(Pick, Sender), ConnectFailed> {
     let attempt = Attempt { source, balancer, hash, local: target.local.as_ref(), service: &target.service };
-    let limit = balancer.max_requests_per_connection;
     attempt
         .open(previous, false, |addr| async move {
-            match source.http_pool.get(addr, h2, limit) {
+            match source.http_pool.get(addr, h2, balancer) {
                 Some(sender) => Ok(sender),
-                None => outbound.dial_http(source, addr, h2).await,
+                None => {
+                    let slot = balancer
+                        .admit_http_connection(outbound.connect_timeout)
+                        .await
+                        .map_err(std::io::Error::other)?;
+                    outbound.dial_http(source, addr, h2, slot).await
+                }
             }
         })
         .await
-        .map_err(|e| match e.kind() {
-            std::io::ErrorKind::NotFound => e.to_string(),
-            _ => format!("upstream connect error: {e}"),
+        .map_err(|e| {
+            let overflow = overflowed(&e);
+            let why = match e.kind() {
+                _ if overflow => format!(
+                    "cluster {} is at its connectionPool limit of connections ({}): {e}",
+                    balancer.name,
+                    balancer.limits.max_connections.unwrap_or_default()
+                ),
+                std::io::ErrorKind::NotFound => e.to_string(),
+                _ => format!("upstream connect error: {e}"),
+            };
+            ConnectFailed { why, overflow }
         })
+}
+
+/// Why a request got no upstream connection.
+struct ConnectFailed {
+    why: String,
+    /// Refused by the cluster's connectionPool limits (not the endpoint's fault).
+    overflow: bool,
+}
+
+/// Whether a connect error is the cluster's connectionPool refusing (see [`Refused`]).
+pub(super) fn overflowed(e: &std::io::Error) -> bool {
+    e.get_ref().is_some_and(|inner| inner.is::<Refused>())
+}
+
+/// 503 with Envoy's overflow marker, so callers (and Envoy-aware clients) can tell a
+/// circuit breaker from a failing upstream.
+fn overloaded(reason: &str) -> Response<Body> {
+    let mut response = error_response(StatusCode::SERVICE_UNAVAILABLE, reason);
+    response.headers_mut().insert("x-envoy-overloaded", HeaderValue::from_static("true"));
+    response
 }
 
 /// Bodies up to this size are kept so that a request can be retried.
@@ -662,7 +699,9 @@ pub(super) fn text_response(status: StatusCode, reason: &str) -> Response<Body> 
 }
 
 /// Opens an upstream HTTP connection to `addr` from the source workload.
-pub async fn handshake(stream: TcpStream, h2: bool) -> std::io::Result<Sender> {
+/// An HTTP connection over `stream`; it holds `slot` (its place under the cluster's
+/// `maxConnections`) until it closes.
+pub async fn handshake(stream: TcpStream, h2: bool, slot: ConnectionSlot) -> std::io::Result<Sender> {
     let io = TokioIo::new(stream);
     if h2 {
         let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
@@ -670,12 +709,18 @@ pub async fn handshake(stream: TcpStream, h2: bool) -> std::io::Result<Sender> {
             .handshake(io)
             .await
             .map_err(std::io::Error::other)?;
-        tokio::spawn(conn);
+        tokio::spawn(async move {
+            let _ = conn.await;
+            drop(slot);
+        });
         Ok(Sender::Http2(sender, 0))
     } else {
         let (sender, conn) =
             hyper::client::conn::http1::handshake(io).await.map_err(std::io::Error::other)?;
-        tokio::spawn(conn.with_upgrades());
+        tokio::spawn(async move {
+            let _ = conn.with_upgrades().await;
+            drop(slot);
+        });
         Ok(Sender::Http1(sender, 0))
     }
 }

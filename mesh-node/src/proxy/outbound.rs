@@ -25,6 +25,7 @@ use crate::{
         ConnectionLabels, EgressDeniedLabels, FailureLabels, FailureReason, Metrics, Reporter, UNKNOWN,
     },
     xds::{
+        conn_limits::{ConnectionSlot, Refused},
         http_route::RequestSource,
         l4_route::{Connection, L4Routes},
         lb::{Balancer, LocalityKey, Pick},
@@ -111,6 +112,9 @@ impl Attempt<'_> {
             };
             let addr = pick.endpoint.ep.addr;
             match open(addr).await {
+                // The cluster's connectionPool refused: not this endpoint's fault, and no
+                // other endpoint would be let in either.
+                Err(e) if http::overflowed(&e) => return Err(e),
                 Ok(opened) => {
                     if report_success {
                         b.report(&pick.endpoint, true);
@@ -189,7 +193,7 @@ impl Outbound {
             None => Decision::Direct,
         };
         let connected = match decision {
-            Decision::Direct => self.connect_upstream(&source, dst).await.map(|s| (s, dst)),
+            Decision::Direct => self.connect_upstream(&source, dst).await.map(|s| (s, dst, None)),
             Decision::Balance {
                 balancer,
                 hash_policy,
@@ -228,7 +232,7 @@ impl Outbound {
                 match self.l4_route(&source, l4_routes.as_deref(), sni.as_deref(), &service) {
                     Err(e) => Err(e),
                     Ok(Some(b)) if b.passthrough => {
-                        self.connect_upstream(&source, dst).await.map(|s| (s, dst))
+                        self.connect_upstream(&source, dst).await.map(|s| (s, dst, None))
                     }
                     Ok(Some(b)) => {
                         self.connect_balanced(&source, &b, None, local.as_ref(), &service, dst).await
@@ -252,10 +256,13 @@ impl Outbound {
                 return;
             }
         };
-        let (upstream, dst) = match connected {
+        // `_slot`: this connection's place under the cluster's maxConnections, held while it
+        // is relayed.
+        let (upstream, dst, _slot) = match connected {
             Ok(s) => s,
             Err(e) => {
                 let reason = match e.kind() {
+                    _ if http::overflowed(&e) => FailureReason::upstream_overflow,
                     io::ErrorKind::ConnectionRefused => FailureReason::upstream_connect_refused,
                     io::ErrorKind::TimedOut => FailureReason::upstream_connect_timeout,
                     io::ErrorKind::NotFound => FailureReason::no_healthy_endpoint,
@@ -325,7 +332,10 @@ impl Outbound {
         local: Option<&LocalityKey>,
         service: &str,
         vip: SocketAddr,
-    ) -> io::Result<(TcpStream, SocketAddr)> {
+    ) -> io::Result<(TcpStream, SocketAddr, Option<ConnectionSlot>)> {
+        let slot = balancer.admit_connection().ok_or_else(|| {
+            io::Error::other(Refused::AtLimit(balancer.limits.max_connections.unwrap_or_default()))
+        })?;
         let attempt = Attempt { source, balancer, hash, local, service };
         let (pick, stream) = attempt
             .open(&[], true, |addr| self.connect_upstream(source, addr))
@@ -338,12 +348,18 @@ impl Outbound {
             })?;
         let addr = pick.endpoint.ep.addr;
         tracing::debug!(workload = %source.key, %vip, service, endpoint = %addr, "balanced");
-        Ok((stream, addr))
+        Ok((stream, addr, Some(slot)))
     }
 
-    /// An HTTP connection to `addr` from the source workload, HTTP/2 if `h2`.
-    pub(super) async fn dial_http(&self, source: &Source, addr: SocketAddr, h2: bool) -> io::Result<Sender> {
-        http::handshake(self.connect_upstream(source, addr).await?, h2).await
+    /// An HTTP connection to `addr` from the source workload, HTTP/2 if `h2`, holding `slot`.
+    pub(super) async fn dial_http(
+        &self,
+        source: &Source,
+        addr: SocketAddr,
+        h2: bool,
+        slot: ConnectionSlot,
+    ) -> io::Result<Sender> {
+        http::handshake(self.connect_upstream(source, addr).await?, h2, slot).await
     }
 
     /// Dials `dst` from inside the source workload's netns with the proxy mark set.

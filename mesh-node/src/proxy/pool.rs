@@ -6,11 +6,17 @@
 //! from the URI it dials, and we must dial an endpoint address while keeping the client's
 //! `Host`/`:authority` unchanged (LESSONS.md 6).
 
-use std::{collections::HashMap, net::SocketAddr, sync::Mutex};
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+};
 
 use bytes::Bytes;
 use http_body_util::combinators::BoxBody;
 use hyper::client::conn::{http1, http2};
+
+use crate::xds::{conn_limits::Evictable, lb::Balancer};
 
 pub type Body = BoxBody<Bytes, hyper::Error>;
 
@@ -42,8 +48,34 @@ impl Sender {
     }
 }
 
-/// Idle HTTP/1 connections per endpoint, each with the requests it has carried.
-type Http1Idle = HashMap<SocketAddr, Vec<(http1::SendRequest<Body>, u32)>>;
+/// Idle HTTP/1 connections per endpoint.
+type Http1Idle = HashMap<SocketAddr, Vec<Arc<IdleHttp1>>>;
+
+/// An idle HTTP/1 connection in a pool, with the requests it has carried. Shared with the
+/// cluster's connection limits, which may close it (drop its handle) for a request waiting
+/// under `maxConnections`: hyper then closes the connection once any response still
+/// streaming on it is done.
+struct IdleHttp1 {
+    sender: Mutex<Option<http1::SendRequest<Body>>>,
+    uses: u32,
+}
+
+impl IdleHttp1 {
+    /// The handle, if nobody took it (the pool for a request, or an eviction).
+    fn take(&self) -> Option<http1::SendRequest<Body>> {
+        self.sender.lock().expect("idle lock").take()
+    }
+}
+
+impl Evictable for IdleHttp1 {
+    fn is_idle(&self) -> bool {
+        self.sender.lock().expect("idle lock").is_some()
+    }
+
+    fn evict(&self) -> bool {
+        self.take().is_some()
+    }
+}
 
 #[derive(Default)]
 pub struct Pool {
@@ -61,10 +93,11 @@ impl std::fmt::Debug for Pool {
 }
 
 impl Pool {
-    /// A connection to `addr` that can take a request now, if one is open. `limit` is the
-    /// cluster's requests per connection: an HTTP/2 connection that reaches it with this
+    /// A connection to `addr` (of `cluster`) that can take a request now, if one is open. At
+    /// the cluster's requests per connection, an HTTP/2 connection that reaches it with this
     /// request leaves the pool (its streams finish; new requests open a new connection).
-    pub fn get(&self, addr: SocketAddr, h2: bool, limit: Option<u32>) -> Option<Sender> {
+    pub fn get(&self, addr: SocketAddr, h2: bool, cluster: &Balancer) -> Option<Sender> {
+        let limit = cluster.limits.max_requests_per_connection;
         if h2 {
             let mut conns = self.http2.lock().expect("pool lock");
             let (s, uses) = conns.get_mut(&addr)?;
@@ -81,16 +114,21 @@ impl Pool {
         }
         let mut conns = self.http1.lock().expect("pool lock");
         let idle = conns.get_mut(&addr)?;
-        idle.retain(|(s, _)| !s.is_closed());
-        let ready = idle.iter().position(|(s, _)| s.is_ready())?;
-        let (s, uses) = idle.swap_remove(ready);
-        Some(Sender::Http1(s, uses))
+        // Gone: closed by the server, or by a request that needed its place.
+        let usable = |c: &IdleHttp1| {
+            c.sender.lock().expect("idle lock").as_ref().map(|s| (!s.is_closed(), s.is_ready()))
+        };
+        idle.retain(|c| usable(c).is_some_and(|(open, _)| open));
+        let ready = idle.iter().position(|c| usable(c).is_some_and(|(_, ready)| ready))?;
+        let conn = idle.swap_remove(ready);
+        conn.take().map(|s| Sender::Http1(s, conn.uses))
     }
 
     /// Keeps `sender`, which has just carried one more request, for later requests, unless it
-    /// has carried `limit`. An HTTP/1 connection returned while it still streams a response
-    /// is skipped by [`Pool::get`] until it is done.
-    pub fn put(&self, addr: SocketAddr, sender: Sender, limit: Option<u32>) {
+    /// has carried the cluster's requests per connection. An HTTP/1 connection returned while
+    /// it still streams a response is skipped by [`Pool::get`] until it is done.
+    pub fn put(&self, addr: SocketAddr, sender: Sender, cluster: &Balancer) {
+        let limit = cluster.limits.max_requests_per_connection;
         match sender {
             // A pooled HTTP/2 connection was counted when it was taken; a new one enters here.
             Sender::Http2(s, 0) if limit.is_none_or(|max| max > 1) => {
@@ -102,10 +140,17 @@ impl Pool {
                 if limit.is_some_and(|max| uses >= max) {
                     return; // dropped: the connection closes once idle
                 }
-                let mut conns = self.http1.lock().expect("pool lock");
-                let idle = conns.entry(addr).or_default();
-                if idle.len() < MAX_IDLE_PER_ENDPOINT {
-                    idle.push((s, uses));
+                let conn = Arc::new(IdleHttp1 { sender: Mutex::new(Some(s)), uses });
+                {
+                    let mut conns = self.http1.lock().expect("pool lock");
+                    let idle = conns.entry(addr).or_default();
+                    if idle.len() >= MAX_IDLE_PER_ENDPOINT {
+                        return;
+                    }
+                    idle.push(Arc::clone(&conn));
+                }
+                if cluster.limits.max_connections.is_some() {
+                    cluster.connections.track_idle(conn);
                 }
             }
         }

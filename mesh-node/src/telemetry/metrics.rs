@@ -68,6 +68,8 @@ pub enum FailureReason {
     egress_not_in_registry,
     /// A Service port whose cluster has no endpoints (or none that accepted).
     no_healthy_endpoint,
+    /// The cluster's connectionPool `tcp.maxConnections` are open.
+    upstream_overflow,
 }
 
 /// One denied egress destination (REGISTRY_ONLY): the metric names what was blocked.

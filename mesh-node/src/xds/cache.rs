@@ -10,12 +10,13 @@ use std::{
 };
 
 use envoy_types::pb::envoy::config::{
-    cluster::v3::{Cluster, cluster},
+    cluster::v3::{Cluster, circuit_breakers::Thresholds, cluster},
     core::v3 as envoy_core,
     endpoint::v3::{ClusterLoadAssignment, lb_endpoint},
     route::v3::RouteConfiguration,
 };
 use envoy_types::pb::envoy::extensions::upstreams::http::v3::HttpProtocolOptions as UpstreamHttpOptions;
+use envoy_types::pb::google::protobuf as pbuf;
 use mesh_control::proto::{self, mesh};
 use prost::Message;
 use tokio::sync::Notify;
@@ -23,7 +24,7 @@ use tokio::sync::Notify;
 use super::{
     http_route::RouteTable,
     l4_route::L4Routes,
-    lb::{Balancer, Endpoint, HttpFailures, LbPolicy, OutlierSettings},
+    lb::{Balancer, Endpoint, HttpFailures, LbPolicy, OutlierSettings, PoolLimits},
     rate_limit::BucketRegistry,
 };
 
@@ -131,32 +132,29 @@ impl Cache {
                 let decoded = decode_all::<Cluster>(updated)?;
                 let mut configs = Vec::new();
                 for c in decoded {
-                    let max_requests = c
-                        .circuit_breakers
-                        .as_ref()
-                        .and_then(|cb| cb.thresholds.first())
-                        .and_then(|t| t.max_requests.as_ref())
-                        .map(|v| v.value);
-                    configs.push((
-                        c.name.clone(),
-                        cluster_settings(&c)?,
-                        (max_requests, requests_per_connection(&c)?),
-                    ));
+                    let thresholds = c.circuit_breakers.as_ref().and_then(|cb| cb.thresholds.first());
+                    let limit = |f: fn(&Thresholds) -> Option<&pbuf::UInt32Value>| {
+                        thresholds.and_then(f).map(|v| v.value)
+                    };
+                    let limits = PoolLimits {
+                        max_requests: limit(|t| t.max_requests.as_ref()),
+                        max_connections: limit(|t| t.max_connections.as_ref()),
+                        max_pending_requests: limit(|t| t.max_pending_requests.as_ref()),
+                        max_requests_per_connection: requests_per_connection(&c)?,
+                    };
+                    configs.push((c.name.clone(), cluster_settings(&c)?, limits));
                 }
                 let mut s = self.state.write().expect("cache lock");
                 for name in removed {
                     s.clusters.remove(name);
                 }
-                for (name, (policy, outlier, locality_aware, passthrough), (max_requests, per_connection)) in
-                    configs
-                {
+                for (name, (policy, outlier, locality_aware, passthrough), limits) in configs {
                     // Keep endpoints and their health across a settings change.
                     let mut balancer = match s.clusters.get(&name) {
                         Some(old) => old.reconfigured(policy, outlier, locality_aware, passthrough),
                         None => Balancer::new(&name, policy, outlier, locality_aware, passthrough),
                     };
-                    balancer.max_requests = max_requests;
-                    balancer.max_requests_per_connection = per_connection;
+                    balancer.limits = limits;
                     s.clusters.insert(name, Arc::new(balancer));
                 }
                 s.generation.insert(type_url.into(), generation);

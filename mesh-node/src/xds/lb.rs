@@ -11,6 +11,8 @@ use std::{
     time::{Duration, Instant},
 };
 
+use super::conn_limits::{ConnectionLimits, ConnectionSlot, Refused};
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum LbPolicy {
     RoundRobin,
@@ -131,13 +133,26 @@ pub struct Balancer {
     next: AtomicUsize,
     /// HTTP retries to this cluster, shared across settings changes.
     pub retry_budget: Arc<super::retry::RetryBudget>,
-    /// Circuit breaking (DestinationRule connectionPool): most requests in flight at once.
-    pub max_requests: Option<u32>,
-    /// connectionPool.http.maxRequestsPerConnection: an upstream connection is retired after
-    /// carrying this many requests.
-    pub max_requests_per_connection: Option<u32>,
+    /// Circuit breaking (DestinationRule connectionPool).
+    pub limits: PoolLimits,
     /// Requests in flight now, shared across settings changes.
     in_flight: Arc<AtomicU32>,
+    /// Upstream connections open now (and requests waiting for one), shared likewise.
+    pub connections: Arc<ConnectionLimits>,
+}
+
+/// A cluster's connectionPool limits on this node (Envoy circuit-breaker thresholds).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PoolLimits {
+    /// http.http2MaxRequests: most requests in flight at once.
+    pub max_requests: Option<u32>,
+    /// tcp.maxConnections: most upstream connections open at once, idle pooled ones included.
+    pub max_connections: Option<u32>,
+    /// http.http1MaxPendingRequests: most requests waiting for a connection.
+    pub max_pending_requests: Option<u32>,
+    /// http.maxRequestsPerConnection: an upstream connection is retired after carrying this
+    /// many requests.
+    pub max_requests_per_connection: Option<u32>,
 }
 
 /// One request admitted under a cluster's `max_requests`; leaves on drop.
@@ -166,9 +181,9 @@ impl Balancer {
             members: RwLock::default(),
             next: AtomicUsize::new(0),
             retry_budget: Arc::default(),
-            max_requests: None,
-            max_requests_per_connection: None,
+            limits: PoolLimits::default(),
             in_flight: Arc::default(),
+            connections: Arc::default(),
         }
     }
 
@@ -176,10 +191,22 @@ impl Balancer {
     pub fn admit_request(&self) -> Option<RequestSlot> {
         let now = self.in_flight.fetch_add(1, Ordering::Relaxed);
         let slot = RequestSlot(Arc::clone(&self.in_flight));
-        if self.max_requests.is_some_and(|max| now >= max) {
+        if self.limits.max_requests.is_some_and(|max| now >= max) {
             return None; // dropping the slot gives the count back
         }
         Some(slot)
+    }
+
+    /// A place for one more upstream connection (L4), unless `max_connections` are open.
+    pub fn admit_connection(&self) -> Option<ConnectionSlot> {
+        self.connections.try_admit(self.limits.max_connections)
+    }
+
+    /// A place for one more upstream connection for an HTTP request, waiting as a pending
+    /// request (see [`ConnectionLimits::admit_waiting`]).
+    pub async fn admit_http_connection(&self, wait: Duration) -> Result<ConnectionSlot, Refused> {
+        let limits = self.limits;
+        self.connections.admit_waiting(limits.max_connections, limits.max_pending_requests, wait).await
     }
 
     /// Same endpoints (and their health), new settings.
@@ -193,6 +220,7 @@ impl Balancer {
         let mut b = Balancer::new(&self.name, policy, outlier, locality_aware, passthrough);
         b.retry_budget = Arc::clone(&self.retry_budget);
         b.in_flight = Arc::clone(&self.in_flight);
+        b.connections = Arc::clone(&self.connections);
         let eps: Vec<Endpoint> = self.members().endpoints.iter().map(|e| e.ep.clone()).collect();
         *b.members.write().expect("members lock") = Arc::clone(&self.members());
         b.set_endpoints(eps);
@@ -332,9 +360,13 @@ impl Balancer {
         let members = self.members();
         serde_json::json!({
             "lb_policy": format!("{:?}", self.policy),
-            "max_requests": self.max_requests,
-            "max_requests_per_connection": self.max_requests_per_connection,
+            "max_requests": self.limits.max_requests,
+            "max_connections": self.limits.max_connections,
+            "max_pending_requests": self.limits.max_pending_requests,
+            "max_requests_per_connection": self.limits.max_requests_per_connection,
             "requests_in_flight": self.in_flight.load(Ordering::Relaxed),
+            "connections_open": self.connections.open(),
+            "requests_pending": self.connections.pending(),
             "outlier_detection": {
                 "consecutive_failures": self.outlier.consecutive_failures,
                 "base_ejection_ms": self.outlier.base_ejection.as_millis() as u64,

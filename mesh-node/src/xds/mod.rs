@@ -5,6 +5,7 @@
 
 pub mod cache;
 pub mod client;
+pub mod conn_limits;
 pub mod http_route;
 pub mod l4_route;
 pub mod lb;
