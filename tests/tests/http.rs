@@ -433,3 +433,27 @@ fn max_connections_hold_pending_requests_and_overflow_beyond_them() {
     let metrics = node.admin_get("/metrics").unwrap();
     assert!(metrics.contains("reason=\"upstream_overflow\""), "{metrics}");
 }
+
+/// DestinationRule `tcp.connectTimeout` bounds each connect to the cluster's endpoints (here
+/// one that never answers: an unassigned address on the node's pod network).
+#[test]
+fn connect_timeout_comes_from_the_destination_rule() {
+    let Setup { node, config, client } = setup(&[]);
+    node.apply_and_wait(|| {
+        write(
+            &config,
+            "ghost.yaml",
+            "apiVersion: v1\nkind: Service\nmetadata: {name: ghost, namespace: shop}\n\
+             spec:\n  clusterIP: 10.96.0.15\n  selector: {app: ghost}\n  ports: [{name: http, port: 80, targetPort: 8080}]\n\
+             ---\napiVersion: networking.istio.io/v1\nkind: WorkloadEntry\nmetadata: {name: ghost, namespace: shop}\n\
+             spec: {address: 10.77.0.250, labels: {app: ghost}}\n\
+             ---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: ghost, namespace: shop}\n\
+             spec: {host: ghost, trafficPolicy: {connectionPool: {tcp: {connectTimeout: 300ms}}}}\n",
+        )
+    })
+    .unwrap();
+    let r = get(&node, &client, "10.96.0.15", &[]);
+    assert_eq!(r["statuses"]["503"], 1, "{r}");
+    let text = r["first"]["text"].as_str().unwrap_or_default();
+    assert!(text.contains("within 300ms"), "the DestinationRule's timeout applies: {r}");
+}

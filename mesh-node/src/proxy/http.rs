@@ -412,7 +412,7 @@ async fn mirror(
         Some(s) => Ok(s),
         // A copy never waits for a connection: under maxConnections it is skipped.
         None => match balancer.admit_connection() {
-            Some(slot) => outbound.dial_http(source, addr, h2, slot).await,
+            Some(slot) => outbound.dial_http(source, balancer, addr, h2, slot).await,
             None => return,
         },
     };
@@ -471,10 +471,10 @@ async fn connect(
                 Some(sender) => Ok(sender),
                 None => {
                     let slot = balancer
-                        .admit_http_connection(outbound.connect_timeout)
+                        .admit_http_connection(outbound.connect_timeout_to(balancer))
                         .await
                         .map_err(std::io::Error::other)?;
-                    outbound.dial_http(source, addr, h2, slot).await
+                    outbound.dial_http(source, balancer, addr, h2, slot).await
                 }
             }
         })

@@ -193,7 +193,9 @@ impl Outbound {
             None => Decision::Direct,
         };
         let connected = match decision {
-            Decision::Direct => self.connect_upstream(&source, dst).await.map(|s| (s, dst, None)),
+            Decision::Direct => {
+                self.connect_upstream(&source, dst, self.connect_timeout).await.map(|s| (s, dst, None))
+            }
             Decision::Balance {
                 balancer,
                 hash_policy,
@@ -232,7 +234,8 @@ impl Outbound {
                 match self.l4_route(&source, l4_routes.as_deref(), sni.as_deref(), &service) {
                     Err(e) => Err(e),
                     Ok(Some(b)) if b.passthrough => {
-                        self.connect_upstream(&source, dst).await.map(|s| (s, dst, None))
+                        let timeout = self.connect_timeout_to(&b);
+                        self.connect_upstream(&source, dst, timeout).await.map(|s| (s, dst, None))
                     }
                     Ok(Some(b)) => {
                         self.connect_balanced(&source, &b, None, local.as_ref(), &service, dst).await
@@ -338,7 +341,7 @@ impl Outbound {
         })?;
         let attempt = Attempt { source, balancer, hash, local, service };
         let (pick, stream) = attempt
-            .open(&[], true, |addr| self.connect_upstream(source, addr))
+            .open(&[], true, |addr| self.connect_upstream(source, addr, self.connect_timeout_to(balancer)))
             .await
             .map_err(|e| match e.kind() {
                 io::ErrorKind::NotFound => {
@@ -355,15 +358,27 @@ impl Outbound {
     pub(super) async fn dial_http(
         &self,
         source: &Source,
+        cluster: &Balancer,
         addr: SocketAddr,
         h2: bool,
         slot: ConnectionSlot,
     ) -> io::Result<Sender> {
-        http::handshake(self.connect_upstream(source, addr).await?, h2, slot).await
+        let stream = self.connect_upstream(source, addr, self.connect_timeout_to(cluster)).await?;
+        http::handshake(stream, h2, slot).await
+    }
+
+    /// The cluster's connect timeout (DestinationRule `tcp.connectTimeout`), else the node's.
+    pub(super) fn connect_timeout_to(&self, cluster: &Balancer) -> Duration {
+        cluster.limits.connect_timeout.unwrap_or(self.connect_timeout)
     }
 
     /// Dials `dst` from inside the source workload's netns with the proxy mark set.
-    async fn connect_upstream(&self, source: &Source, dst: SocketAddr) -> io::Result<TcpStream> {
+    async fn connect_upstream(
+        &self,
+        source: &Source,
+        dst: SocketAddr,
+        timeout: Duration,
+    ) -> io::Result<TcpStream> {
         let mark = self.proxy_mark;
         let socket = source
             .netns
@@ -377,11 +392,11 @@ impl Outbound {
             .await
             .map_err(io::Error::other)??;
         let socket = TcpSocket::from_std_stream(std::net::TcpStream::from(socket));
-        match tokio::time::timeout(self.connect_timeout, socket.connect(dst)).await {
+        match tokio::time::timeout(timeout, socket.connect(dst)).await {
             Ok(result) => result,
             Err(_) => Err(io::Error::new(
                 io::ErrorKind::TimedOut,
-                format!("no answer from {dst} within {:?}", self.connect_timeout),
+                format!("no answer from {dst} within {timeout:?}"),
             )),
         }
     }

@@ -141,6 +141,11 @@ impl Cache {
                         max_connections: limit(|t| t.max_connections.as_ref()),
                         max_pending_requests: limit(|t| t.max_pending_requests.as_ref()),
                         max_requests_per_connection: requests_per_connection(&c)?,
+                        connect_timeout: c
+                            .connect_timeout
+                            .as_ref()
+                            .map(|d| Duration::new(d.seconds.max(0) as u64, d.nanos.max(0) as u32))
+                            .filter(|d| !d.is_zero()),
                     };
                     configs.push((c.name.clone(), cluster_settings(&c)?, limits));
                 }

@@ -153,6 +153,8 @@ pub struct PoolLimits {
     /// http.maxRequestsPerConnection: an upstream connection is retired after carrying this
     /// many requests.
     pub max_requests_per_connection: Option<u32>,
+    /// tcp.connectTimeout (Envoy's `connect_timeout`; Istio's default is 10 s).
+    pub connect_timeout: Option<Duration>,
 }
 
 /// One request admitted under a cluster's `max_requests`; leaves on drop.
