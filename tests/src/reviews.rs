@@ -36,3 +36,16 @@ pub fn serve_versions(node: &mut SimNode) -> anyhow::Result<Vec<Pod>> {
     }
     Ok(versions)
 }
+
+/// A chaos tool's VirtualService for reviews, in its own namespace: a fault layer (a route with
+/// only `match` and `fault`) aborting with 418 every request that carries `x-chaos: abort`,
+/// whichever of the owner's routes takes it.
+pub const CHAOS_LAYER: &str = r#"apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: chaos, namespace: chaos}
+spec:
+  hosts: [reviews.shop.svc.cluster.local]
+  http:
+  - match: [{headers: {x-chaos: {exact: abort}}}]
+    fault: {abort: {httpStatus: 418, percentage: {value: 100}}}
+"#;

@@ -36,24 +36,12 @@ spec:
     .replace("HOST", host)
 }
 
-/// A chaos tool's fault layer over the routes above (`model::layering`): mesh-control serves it
-/// as plain Envoy routes, so any xDS client honours it.
-const CHAOS_LAYER: &str = r#"apiVersion: networking.istio.io/v1
-kind: VirtualService
-metadata: {name: chaos, namespace: chaos}
-spec:
-  hosts: [reviews.shop.svc.cluster.local]
-  http:
-  - match: [{headers: {x-chaos: {exact: abort}}}]
-    fault: {abort: {httpStatus: 418, percentage: {value: 100}}}
-"#;
-
 #[test]
 fn envoy_fed_by_mesh_control_routes_a_split_and_a_header_match_like_mesh_node() {
     let (mut node, _) = SimNode::with_control_plane(&[
         ("reviews.yaml", reviews::SERVICE_AND_SUBSETS),
         ("reviews-routes.yaml", &split_routes("reviews")),
-        ("chaos.yaml", CHAOS_LAYER),
+        ("chaos.yaml", reviews::CHAOS_LAYER),
     ])
     .unwrap();
     let meshed = node.add_pod("meshed", "shop").unwrap();

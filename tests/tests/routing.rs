@@ -360,16 +360,7 @@ spec:
 
     // A chaos tool's fault layer: aborts what it matches whichever route takes it, and leaves the
     // routing of everything else alone.
-    let chaos = r#"apiVersion: networking.istio.io/v1
-kind: VirtualService
-metadata: {name: chaos, namespace: chaos}
-spec:
-  hosts: [reviews.shop.svc.cluster.local]
-  http:
-  - match: [{headers: {x-chaos: {exact: abort}}}]
-    fault: {abort: {httpStatus: 418, percentage: {value: 100}}}
-"#;
-    s.node.apply_and_wait(|| write(&s.config, "chaos.yaml", chaos)).unwrap();
+    s.node.apply_and_wait(|| write(&s.config, "chaos.yaml", reviews::CHAOS_LAYER)).unwrap();
     for header in ["end-user: jason", "x-team: b", "x-other: 1"] {
         let r =
             get(&s.node, &s.client, &["--requests", "10", "--header", "x-chaos: abort", "--header", header]);

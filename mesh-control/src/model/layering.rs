@@ -30,8 +30,8 @@ use super::{
     istio::DestinationRule,
     store::Store,
     virtual_service::{
-        Destination, HttpMatch, HttpRoute, L4RouteDestination, RouteDestination, StringMatch, TcpRoute,
-        TlsRoute, VirtualService,
+        Destination, HttpMatch, HttpRoute, L4Route, L4RouteDestination, RouteDestination, StringMatch,
+        VirtualService,
     },
 };
 use crate::xds::translate::qualify;
@@ -138,13 +138,13 @@ fn compose_host(
             v.spec
                 .tcp
                 .iter()
-                .map(|r| TcpRoute { route: r.route.iter().map(qualified).collect(), ..r.clone() }),
+                .map(|r| L4Route { route: r.route.iter().map(qualified).collect(), ..r.clone() }),
         );
         tls.extend(
             v.spec
                 .tls
                 .iter()
-                .map(|r| TlsRoute { route: r.route.iter().map(qualified).collect(), ..r.clone() }),
+                .map(|r| L4Route { route: r.route.iter().map(qualified).collect(), ..r.clone() }),
         );
     }
     if layers.is_empty() && routes.is_empty() && tcp.is_empty() && tls.is_empty() {

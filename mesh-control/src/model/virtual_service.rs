@@ -60,9 +60,9 @@ pub struct VirtualServiceSpec {
     #[serde(default)]
     pub http: Vec<HttpRoute>,
     #[serde(default)]
-    pub tcp: Vec<TcpRoute>,
+    pub tcp: Vec<L4Route>,
     #[serde(default)]
-    pub tls: Vec<TlsRoute>,
+    pub tls: Vec<L4Route>,
     #[serde(default)]
     pub export_to: Vec<String>,
 }
@@ -363,22 +363,13 @@ impl VirtualServiceSpec {
     }
 }
 
-/// Istio `TCPRoute`: connections (not requests) that match go to one destination, picked by
-/// weight per connection.
+/// Istio `TCPRoute` and `TLSRoute` (one shape: their matches differ only by `sniHosts`):
+/// connections (not requests) that match go to one destination, picked by weight per
+/// connection. A TLS route takes TLS connections whose ClientHello names a server in
+/// `sniHosts`; the TLS is passed through, never terminated.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct TcpRoute {
-    #[serde(default, rename = "match")]
-    pub matches: Vec<L4Match>,
-    #[serde(default)]
-    pub route: Vec<L4RouteDestination>,
-}
-
-/// Istio `TLSRoute`: as a TCP route, for TLS connections whose ClientHello names a server in
-/// `sniHosts` (the TLS is passed through, never terminated).
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct TlsRoute {
+pub struct L4Route {
     #[serde(default, rename = "match")]
     pub matches: Vec<L4Match>,
     #[serde(default)]
