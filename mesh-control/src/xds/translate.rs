@@ -931,3 +931,53 @@ pub fn content_version(bytes: &[u8]) -> String {
 pub fn to_any(type_url: &str, msg: &impl Message) -> pbuf::Any {
     pbuf::Any { type_url: type_url.to_string(), value: msg.encode_to_vec() }
 }
+
+#[cfg(test)]
+mod tests {
+    use envoy_types::pb::envoy::config::cluster::v3::Cluster;
+    use prost::Message;
+
+    use super::*;
+    use crate::{model::store::Origin, source::files::parse_documents};
+
+    /// A DestinationRule's traffic policy per port (`portLevelSettings` over the rule's own) and
+    /// per subset (the subset's over the rule's), as each cluster's circuit breakers carry it.
+    #[test]
+    fn connection_pool_limits_apply_per_port_and_per_subset() {
+        let yaml = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: shop}
+spec: {clusterIP: 10.96.0.10, ports: [{name: a, port: 80}, {name: b, port: 81}]}
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: web, namespace: shop}
+spec:
+  host: web
+  trafficPolicy:
+    connectionPool: {tcp: {maxConnections: 9, connectTimeout: 2s}}
+    portLevelSettings:
+    - port: {number: 81}
+      connectionPool: {tcp: {maxConnections: 5}, http: {http1MaxPendingRequests: 3}}
+  subsets:
+  - name: v2
+    labels: {version: v2}
+    trafficPolicy: {connectionPool: {tcp: {maxConnections: 1}}}
+"#;
+        let mut store = Store::default();
+        store.replace_source(&Origin::File("t.yaml".into()), parse_documents(yaml));
+        assert_eq!(store.errors().count(), 0);
+        let snap = snapshot(&store);
+        let limits = |name: &str| {
+            let c = Cluster::decode(snap.clusters[name].any.value.as_slice()).unwrap();
+            let t = c.circuit_breakers.unwrap().thresholds.remove(0);
+            let v = |x: Option<pbuf::UInt32Value>| x.map(|v| v.value);
+            (v(t.max_connections), v(t.max_pending_requests), c.connect_timeout.map(|d| d.seconds))
+        };
+        let host = "web.shop.svc.cluster.local";
+        assert_eq!(limits(&format!("outbound|80||{host}")), (Some(9), None, Some(2)));
+        assert_eq!(limits(&format!("outbound|81||{host}")), (Some(5), Some(3), Some(10)));
+        assert_eq!(limits(&format!("outbound|80|v2|{host}")), (Some(1), None, Some(10)));
+    }
+}
