@@ -1,0 +1,9 @@
+//! Workload identity: the certificate authority ([`authority`]) that signs SPIFFE certificates
+//! ([`identity`]) from CSRs that node proxies send for the workloads on their node.
+
+pub mod authority;
+pub mod identity;
+pub mod node_tokens;
+
+pub use authority::{CertificateAuthority, SignError};
+pub use identity::SpiffeId;
