@@ -1,5 +1,6 @@
 //! Generates Rust for Nodemesh's own protos (the compact mesh resources and the node
-//! registration service). Envoy's types come pre-generated from the envoy-types crate.
+//! registration service) and for Istio's certificate-signing API. Envoy's types come
+//! pre-generated from the envoy-types crate.
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rerun-if-changed=proto");
     if std::process::Command::new(std::env::var("PROTOC").unwrap_or_else(|_| "protoc".into()))
@@ -15,6 +16,6 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .btree_map(".")
         .build_server(true)
         .build_client(true)
-        .compile_protos(&["proto/nodemesh/mesh/v1/mesh.proto"], &["proto"])?;
+        .compile_protos(&["proto/nodemesh/mesh/v1/mesh.proto", "proto/istio/v1/auth/ca.proto"], &["proto"])?;
     Ok(())
 }

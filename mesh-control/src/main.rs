@@ -11,8 +11,9 @@ use std::{
 use clap::{Parser, Subcommand};
 use mesh_control::{
     admin::NodesReport,
+    ca::node_tokens::NodeTokens,
     model::store::{Origin, SourceError, Store},
-    run::{self, DEFAULT_ADMIN_ADDR, DEFAULT_XDS_ADDR, Settings},
+    run::{self, CaSettings, DEFAULT_ADMIN_ADDR, DEFAULT_XDS_ADDR, Settings},
     source::{files, kube::Connection},
 };
 
@@ -50,6 +51,15 @@ enum Command {
         /// proxy` at http://127.0.0.1:8001).
         #[arg(long, env = "NODEMESH_KUBE_API", conflicts_with = "kubernetes")]
         kube_api: Option<String>,
+        #[command(flatten)]
+        ca: CaArgs,
+    },
+    /// Print the bootstrap token of a node (local mode): mesh-node presents it to obtain its
+    /// workloads' certificates. Needs the CA directory the control plane uses.
+    NodeToken {
+        node: String,
+        #[arg(long, env = "NODEMESH_CA_DIR")]
+        ca_dir: PathBuf,
     },
     /// Check files (or every file under a directory) together without applying them; lists
     /// every error and every conflict between objects (shadowed routes, rival
@@ -76,6 +86,24 @@ enum Command {
     },
 }
 
+/// The workload CA (issue certificates only when `--ca-dir` is given).
+#[derive(clap::Args, Debug)]
+struct CaArgs {
+    /// The CA's directory, in Istio's `cacerts` layout (ca-cert.pem, ca-key.pem, cert-chain.pem,
+    /// root-cert.pem): a user-supplied bundle is used as is; an empty directory gets a new
+    /// self-signed root and an intermediate for this cluster.
+    #[arg(long, env = "NODEMESH_CA_DIR")]
+    ca_dir: Option<PathBuf>,
+    #[arg(long, env = "NODEMESH_TRUST_DOMAIN", default_value = "cluster.local")]
+    trust_domain: String,
+    /// Names this cluster's intermediate CA.
+    #[arg(long, env = "NODEMESH_CLUSTER_NAME", default_value = "cluster1")]
+    cluster_name: String,
+    /// The longest workload certificate lifetime (nodes renew at half of it).
+    #[arg(long, env = "NODEMESH_CERT_TTL_SECS", default_value_t = 24 * 3600)]
+    cert_ttl_secs: u64,
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     // `validate` prints its own report; the store's log lines would repeat it.
@@ -91,6 +119,7 @@ fn main() -> ExitCode {
             resync_grace_ms,
             kubernetes,
             kube_api,
+            ca,
         } => {
             let settings = Settings {
                 config_dir,
@@ -104,6 +133,12 @@ fn main() -> ExitCode {
                     (true, None) => Some(Connection::Infer),
                     (false, None) => None,
                 },
+                ca: ca.ca_dir.map(|dir| CaSettings {
+                    dir,
+                    trust_domain: ca.trust_domain,
+                    cluster: ca.cluster_name,
+                    max_ttl: Duration::from_secs(ca.cert_ttl_secs.max(60)),
+                }),
             };
             let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
             match rt.block_on(run::run(settings)) {
@@ -115,6 +150,16 @@ fn main() -> ExitCode {
             }
         }
         Command::Validate { paths } => validate(&paths),
+        Command::NodeToken { node, ca_dir } => match NodeTokens::load_or_create(&ca_dir) {
+            Ok(tokens) => {
+                println!("{}", tokens.mint(&node));
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("mesh-control node-token: {}: {e}", ca_dir.display());
+                ExitCode::from(1)
+            }
+        },
         Command::Wait { admin_addr, generation, timeout_secs } => {
             match wait(admin_addr, generation, Duration::from_secs(timeout_secs)) {
                 Ok(()) => ExitCode::SUCCESS,

@@ -1,9 +1,15 @@
-//! Generated code for `proto/nodemesh/mesh/v1/mesh.proto`, and the type URLs of every resource
+//! Generated code for `proto/nodemesh/mesh/v1/mesh.proto` and Istio's CA API, and the type URLs of every resource
 //! Nodemesh serves over xDS.
 
 #[allow(clippy::all, rust_2018_idioms)]
 pub mod mesh {
     tonic::include_proto!("nodemesh.mesh.v1");
+}
+
+/// Istio's `IstioCertificateService` (`proto/istio/v1/auth/ca.proto`).
+#[allow(clippy::all, rust_2018_idioms)]
+pub mod istio_ca {
+    tonic::include_proto!("istio.v1.auth");
 }
 
 pub const ADDRESS_TYPE: &str = "type.googleapis.com/nodemesh.mesh.v1.Address";

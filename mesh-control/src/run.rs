@@ -17,11 +17,15 @@ use tokio::{
 
 use crate::{
     admin::Admin,
+    ca::{CertificateAuthority, node_tokens::NodeTokens, service::CertificateService},
     model::{
         Kind,
         store::{Origin, Store},
     },
-    proto::mesh::node_registration_server::NodeRegistrationServer,
+    proto::{
+        istio_ca::istio_certificate_service_server::IstioCertificateServiceServer,
+        mesh::node_registration_server::NodeRegistrationServer,
+    },
     source::{files::DirectorySource, kube},
     xds::{nodes::Nodes, registration::Registration, server::AdsServer, snapshot::Snapshot, translate},
 };
@@ -44,6 +48,20 @@ pub struct Settings {
     pub resync_grace: Duration,
     /// Read objects from this Kubernetes API too.
     pub kubernetes: Option<kube::Connection>,
+    /// The workload CA; `None`: no certificates are issued.
+    pub ca: Option<CaSettings>,
+}
+
+/// Where the CA keeps its state, and what it issues.
+#[derive(Clone, Debug)]
+pub struct CaSettings {
+    /// A `cacerts` directory (see [`crate::ca::authority`]); created if empty.
+    pub dir: PathBuf,
+    pub trust_domain: String,
+    /// Names this cluster's intermediate.
+    pub cluster: String,
+    /// The longest workload certificate lifetime.
+    pub max_ttl: Duration,
 }
 
 pub async fn run(settings: Settings) -> anyhow::Result<()> {
@@ -94,6 +112,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     let xds_listener = TcpListener::bind(settings.xds_addr)
         .await
         .with_context(|| format!("xDS: cannot listen on {}", settings.xds_addr))?;
+    let certificates = certificate_service(settings.ca.as_ref(), Arc::clone(&store))?;
     let ads = AdsServer { snapshots: snap_rx, nodes };
     let registration = Registration { store, changed };
     tracing::info!(xds = %settings.xds_addr, admin = %settings.admin_addr, "mesh-control ready");
@@ -102,6 +121,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
         .add_service(AggregatedDiscoveryServiceServer::new(ads).max_decoding_message_size(16 << 20))
         .add_service(NodeRegistrationServer::new(registration))
+        .add_service(IstioCertificateServiceServer::new(certificates))
         .serve_with_incoming_shutdown(
             tokio_stream::wrappers::TcpListenerStream::new(xds_listener),
             shutdown(),
@@ -109,6 +129,26 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     server.await.context("xDS server")?;
     tracing::info!("mesh-control stopped");
     Ok(())
+}
+
+/// The CSR API, with the CA of `settings` (loaded, or created in an empty directory).
+fn certificate_service(
+    settings: Option<&CaSettings>,
+    store: Arc<Mutex<Store>>,
+) -> anyhow::Result<CertificateService> {
+    let Some(s) = settings else {
+        return Ok(CertificateService { ca: None, tokens: None, store, max_ttl: Duration::ZERO });
+    };
+    let ca = CertificateAuthority::load_or_create(&s.dir, &s.trust_domain, &s.cluster)?;
+    let tokens = NodeTokens::load_or_create(&s.dir)
+        .with_context(|| format!("node token key in {}", s.dir.display()))?;
+    tracing::info!(dir = %s.dir.display(), trust_domain = s.trust_domain, roots = ca.roots().len(), "CA ready");
+    Ok(CertificateService {
+        ca: Some(Arc::new(ca)),
+        tokens: Some(Arc::new(tokens)),
+        store,
+        max_ttl: s.max_ttl,
+    })
 }
 
 async fn shutdown() {

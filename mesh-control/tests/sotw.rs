@@ -181,6 +181,7 @@ async fn a_state_of_the_world_client_gets_full_state_and_its_acks_and_nacks_are_
         max_delay: Duration::from_millis(200),
         resync_grace: Duration::ZERO,
         kubernetes: None,
+        ca: None,
     };
     let server = tokio::spawn(run(settings));
 

@@ -41,6 +41,17 @@ impl ControlPlane {
         }
     }
 
+    /// The CA directory of this control plane (created on its first start).
+    pub fn ca_dir(&self) -> std::path::PathBuf {
+        self.work_dir.join("ca")
+    }
+
+    /// The bootstrap token of `node`, from `mesh-control node-token`.
+    pub fn node_token(&self, node: &str) -> anyhow::Result<String> {
+        let ca_dir = self.ca_dir().display().to_string();
+        Ok(self.cli(&["node-token", node, "--ca-dir", &ca_dir])?.trim().to_string())
+    }
+
     /// What nodes pass as `--control-plane`.
     pub fn url(&self) -> String {
         format!("http://{}", self.xds_addr)
@@ -55,6 +66,9 @@ impl ControlPlane {
             config_dir.display().to_string(),
             "--xds-addr".into(),
             self.xds_addr.to_string(),
+            // Every test control plane runs the workload CA (a fresh root in its work dir).
+            "--ca-dir".into(),
+            self.ca_dir().display().to_string(),
         ];
         args.extend(extra_args.iter().map(ToString::to_string));
         let child = spawn_daemon(

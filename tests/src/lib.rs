@@ -199,11 +199,13 @@ pub struct Registration {
     /// Label the pod's namespace `nodemesh.io/enabled=true`.
     pub namespace_enabled: bool,
     pub pod_labels: Vec<(String, String)>,
+    /// The pod's ServiceAccount (mesh-node's default: `default`).
+    pub service_account: Option<String>,
 }
 
 impl Registration {
     pub fn meshed() -> Registration {
-        Registration { namespace_enabled: true, pod_labels: Vec::new() }
+        Registration { namespace_enabled: true, ..Registration::default() }
     }
     pub fn unmeshed_namespace() -> Registration {
         Registration::default()
@@ -213,13 +215,20 @@ impl Registration {
         Registration {
             namespace_enabled: true,
             pod_labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            service_account: None,
         }
+    }
+
+    /// The same, running as ServiceAccount `account`.
+    pub fn as_account(self, account: &str) -> Registration {
+        Registration { service_account: Some(account.to_string()), ..self }
     }
 
     pub fn opted_out() -> Registration {
         Registration {
             namespace_enabled: true,
             pod_labels: vec![("nodemesh.io/enabled".into(), "false".into())],
+            service_account: None,
         }
     }
 }
@@ -444,6 +453,9 @@ impl SimNode {
         }
         for (k, v) in &how.pod_labels {
             extra.extend(["--label".into(), format!("{k}={v}")]);
+        }
+        if let Some(account) = &how.service_account {
+            extra.extend(["--service-account".into(), account.clone()]);
         }
         let out = self.workload_add(&pod.name, &pod.namespace, &pod.cgroup, &pod.netns_path(), &extra)?;
         Ok(serde_json::from_str(&out)?)

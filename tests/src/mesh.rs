@@ -39,7 +39,7 @@ pub fn write_config(dir: &Path, file: &str, text: &str) {
 
 /// A meshed pod labelled `app=<app>`.
 pub fn labelled(app: &str) -> Registration {
-    Registration { namespace_enabled: true, pod_labels: vec![("app".into(), app.into())] }
+    Registration::labelled(&[("app", app)])
 }
 
 /// A `shop` Service named `name` at `vip`, port 80 → 8080 on pods labelled `app=<app>`.

@@ -169,6 +169,27 @@ impl CertificateAuthority {
     }
 }
 
+/// The identity a CSR asks for: its one URI SAN.
+pub fn csr_identity(csr_pem: &str) -> Result<String, SignError> {
+    let csr =
+        CertificateSigningRequestParams::from_pem(csr_pem).map_err(|e| SignError::BadCsr(e.to_string()))?;
+    let uris: Vec<&str> = csr
+        .params
+        .subject_alt_names
+        .iter()
+        .filter_map(|san| match san {
+            SanType::URI(uri) => Some(uri.as_str()),
+            _ => None,
+        })
+        .collect();
+    match uris.as_slice() {
+        [one] => Ok(one.to_string()),
+        _ => {
+            Err(SignError::BadCsr(format!("it names {} URI SANs; one SPIFFE identity is needed", uris.len())))
+        }
+    }
+}
+
 /// Writes a new self-signed root and an intermediate for `cluster` into `dir`.
 fn create(dir: &Path, trust_domain: &str, cluster: &str) -> Result<(), LoadError> {
     let fail =

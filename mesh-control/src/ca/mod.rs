@@ -1,9 +1,11 @@
 //! Workload identity: the certificate authority ([`authority`]) that signs SPIFFE certificates
-//! ([`identity`]) from CSRs that node proxies send for the workloads on their node.
+//! ([`identity`]) from CSRs that node proxies send for the workloads on their node, over Istio's
+//! CSR API ([`service`]), each node authenticated by its token ([`node_tokens`]).
 
 pub mod authority;
 pub mod identity;
 pub mod node_tokens;
+pub mod service;
 
 pub use authority::{CertificateAuthority, SignError};
 pub use identity::SpiffeId;

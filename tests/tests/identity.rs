@@ -1,0 +1,114 @@
+//! The workload CA over Istio's CSR API (`IstioCertificateService/CreateCertificate`), on a
+//! simulated node with mesh-control: a node obtains certificates only for workloads scheduled
+//! on it, only with its own token, and only for the identity its CSR names; keys are made by the
+//! caller and never sent.
+
+use std::time::Duration;
+
+use mesh_control::proto::istio_ca::{
+    IstioCertificateRequest, istio_certificate_service_client::IstioCertificateServiceClient,
+};
+use nodemesh_tests::{CONTROL_PLANE_URL, Registration, SimNode, netns};
+use rcgen::{CertificateParams, KeyPair, SanType};
+
+/// A CSR for `uri` with a fresh key (the key stays here, as it stays on a node).
+fn csr(uri: &str) -> String {
+    let key = KeyPair::generate().unwrap();
+    let mut params = CertificateParams::default();
+    params.subject_alt_names = vec![SanType::URI(uri.try_into().unwrap())];
+    params.serialize_request(&key).unwrap().pem().unwrap()
+}
+
+/// Asks mesh-control (from inside the node netns) to sign `csr` for `identity`, with `token`.
+fn create(
+    node: &SimNode,
+    token: Option<&str>,
+    csr: String,
+    identity: Option<&str>,
+    ttl_secs: i64,
+) -> Result<Vec<String>, tonic::Status> {
+    let token = token.map(str::to_string);
+    let identity = identity.map(str::to_string);
+    netns::run_in(&node.node_netns, move || {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        Ok(rt.block_on(async move {
+            let mut client = IstioCertificateServiceClient::connect(CONTROL_PLANE_URL).await.unwrap();
+            let metadata = identity.map(|id| prost_types::Struct {
+                fields: [(
+                    "ImpersonatedIdentity".to_string(),
+                    prost_types::Value { kind: Some(prost_types::value::Kind::StringValue(id)) },
+                )]
+                .into(),
+            });
+            let mut request =
+                tonic::Request::new(IstioCertificateRequest { csr, validity_duration: ttl_secs, metadata });
+            if let Some(t) = token {
+                request.metadata_mut().insert("authorization", format!("Bearer {t}").parse().unwrap());
+            }
+            client.create_certificate(request).await.map(|r| r.into_inner().cert_chain)
+        }))
+    })
+    .unwrap()
+}
+
+fn leaf_facts(pem: &str) -> (Vec<String>, i64) {
+    let (_, der) = x509_parser::pem::parse_x509_pem(pem.as_bytes()).unwrap();
+    let cert = der.parse_x509().unwrap();
+    let sans = cert
+        .subject_alternative_name()
+        .unwrap()
+        .map(|s| s.value.general_names.iter().map(|n| n.to_string()).collect())
+        .unwrap_or_default();
+    (sans, cert.validity().not_after.timestamp() - cert.validity().not_before.timestamp())
+}
+
+#[test]
+fn a_node_gets_certificates_only_for_its_own_workloads() {
+    let (mut node, _config) = SimNode::with_control_plane(&[]).unwrap();
+    let reviews = node.add_pod("reviews", "shop").unwrap();
+    node.register(&reviews, &Registration::meshed().as_account("reviews")).unwrap();
+    let name = node.node_netns.clone();
+    let token = node.control_plane().node_token(&name).unwrap();
+    let id = "spiffe://cluster.local/ns/shop/sa/reviews";
+    // The workload report reaches mesh-control asynchronously.
+    let mut issued = Err(tonic::Status::unknown("not asked yet"));
+    for _ in 0..100 {
+        issued = create(&node, Some(&token), csr(id), Some(id), 600);
+        if issued.is_ok() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let chain = issued.unwrap_or_else(|e| panic!("{e:?}\n{}", node.control_log()));
+    assert_eq!(chain.len(), 3, "leaf, intermediate, root");
+    let (sans, lifetime) = leaf_facts(&chain[0]);
+    assert_eq!(sans, [format!("URI({id})")]);
+    assert_eq!(lifetime, 600 + 60, "the TTL asked for (plus a minute of clock skew)");
+    // The identity from the CSR alone, and the CA's ceiling (24 h) on a longer request.
+    let chain = create(&node, Some(&token), csr(id), None, 10 * 24 * 3600).unwrap();
+    assert_eq!(leaf_facts(&chain[0]).1, 24 * 3600 + 60);
+
+    // An identity no workload on this node has: refused, saying why.
+    let admin = "spiffe://cluster.local/ns/shop/sa/admin";
+    let e = create(&node, Some(&token), csr(admin), Some(admin), 600).unwrap_err();
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
+    assert!(e.message().contains(&format!("node {name} may not obtain {admin}")), "{e:?}");
+    // Another node's token does not speak for this node's workloads.
+    let other = node.control_plane().node_token("some-other-node").unwrap();
+    let e = create(&node, Some(&other), csr(id), Some(id), 600).unwrap_err();
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
+    assert!(e.message().contains("node some-other-node may not obtain"), "{e:?}");
+    // A CSR naming another identity than the one asked for.
+    let e = create(&node, Some(&token), csr(admin), Some(id), 600).unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
+    assert!(e.message().contains("the CSR asks for spiffe://cluster.local/ns/shop/sa/admin"), "{e:?}");
+    // No token, a forged token, another trust domain.
+    let e = create(&node, None, csr(id), Some(id), 600).unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Unauthenticated, "{e:?}");
+    let forged = format!("{name}.{}", "0".repeat(64));
+    let e = create(&node, Some(&forged), csr(id), Some(id), 600).unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Unauthenticated, "{e:?}");
+    let foreign = "spiffe://other.org/ns/shop/sa/reviews";
+    let e = create(&node, Some(&token), csr(foreign), Some(foreign), 600).unwrap_err();
+    assert!(e.message().contains("outside this CA's trust domain cluster.local"), "{e:?}");
+}
