@@ -99,7 +99,7 @@ struct CaArgs {
     /// Names this cluster's intermediate CA.
     #[arg(long, env = "NODEMESH_CLUSTER_NAME", default_value = "cluster1")]
     cluster_name: String,
-    /// The longest workload certificate lifetime (nodes renew at half of it).
+    /// The longest workload certificate lifetime (nodes renew at half of it); at least 5.
     #[arg(long, env = "NODEMESH_CERT_TTL_SECS", default_value_t = 24 * 3600)]
     cert_ttl_secs: u64,
 }
@@ -137,7 +137,7 @@ fn main() -> ExitCode {
                     dir,
                     trust_domain: ca.trust_domain,
                     cluster: ca.cluster_name,
-                    max_ttl: Duration::from_secs(ca.cert_ttl_secs.max(60)),
+                    max_ttl: Duration::from_secs(ca.cert_ttl_secs.max(5)),
                 }),
             };
             let rt = tokio::runtime::Runtime::new().expect("tokio runtime");

@@ -28,6 +28,8 @@ pub struct Admin {
     pub workloads: Arc<Registry>,
     pub config: Config,
     pub xds: Option<Arc<crate::xds::client::Client>>,
+    /// Workload certificates (with `--token-file`).
+    pub identities: Option<Arc<crate::identity::Identities>>,
 }
 
 impl Admin {
@@ -82,6 +84,7 @@ impl Admin {
                             "connected": x.is_connected(),
                             "config": x.cache.dump(),
                         })),
+                        "identity": self.identities.as_ref().map(|i| i.dump()),
                     }),
                 )
             }

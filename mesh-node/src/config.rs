@@ -113,6 +113,12 @@ pub struct RunArgs {
     /// Ports declared tcp, tls, mysql, … are never sniffed.
     #[arg(long, env = "NODEMESH_SNIFF_TIMEOUT_MS", default_value_t = 100)]
     pub sniff_timeout_ms: u64,
+    /// This node's bootstrap token (`mesh-control node-token <node>`): with it, the node
+    /// obtains certificates for its workloads' identities from mesh-control's CA.
+    #[arg(long, env = "NODEMESH_TOKEN_FILE", requires = "control_plane")]
+    pub token_file: Option<PathBuf>,
+    #[arg(long, env = "NODEMESH_TRUST_DOMAIN", default_value = "cluster.local")]
+    pub trust_domain: String,
 }
 
 /// A CIDR in its canonical form (host bits cleared).
@@ -170,6 +176,9 @@ pub struct Config {
     pub max_endpoints_per_cluster: usize,
     pub lookup_timeout: Duration,
     pub sniff_timeout: Duration,
+    /// The node token (read from `--token-file`); `None`: no workload certificates.
+    pub token: Option<String>,
+    pub trust_domain: String,
 }
 
 impl Config {
@@ -236,6 +245,17 @@ impl Config {
         if args.connect_timeout_ms == 0 {
             errors.push("--connect-timeout-ms: must be greater than 0".to_string());
         }
+        let token = args.token_file.as_ref().and_then(|path| match std::fs::read_to_string(path) {
+            Ok(t) if !t.trim().is_empty() => Some(t.trim().to_string()),
+            Ok(_) => {
+                errors.push(format!("--token-file {}: empty", path.display()));
+                None
+            }
+            Err(e) => {
+                errors.push(format!("--token-file {}: {e}", path.display()));
+                None
+            }
+        });
         if !errors.is_empty() {
             return Err(errors);
         }
@@ -253,6 +273,8 @@ impl Config {
             max_endpoints_per_cluster: args.max_endpoints_per_cluster,
             lookup_timeout: Duration::from_millis(args.lookup_timeout_ms),
             sniff_timeout: Duration::from_millis(args.sniff_timeout_ms),
+            token,
+            trust_domain: args.trust_domain,
         })
     }
 }

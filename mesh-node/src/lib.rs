@@ -10,6 +10,7 @@ pub mod admin;
 pub mod api;
 pub mod capture;
 pub mod config;
+pub mod identity;
 /// HTTP plumbing shared with mesh-control's admin endpoint.
 pub use mesh_control::http;
 pub mod netns;

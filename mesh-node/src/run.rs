@@ -9,6 +9,7 @@ use crate::{
     admin::Admin,
     api, capture,
     config::Config,
+    identity::Identities,
     proxy::Outbound,
     telemetry::metrics::Metrics,
     workload::{IpIndex, Registry},
@@ -60,7 +61,14 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         .with_context(|| format!("admin endpoint: cannot listen on {}", config.admin_addr))?;
     let api_listener = api::server::bind(&config.api_socket)
         .with_context(|| format!("local API: cannot listen on {}", config.api_socket.display()))?;
+    let identities = match (&config.control_plane, &config.token) {
+        (Some(cp), Some(token)) => {
+            Some(Arc::new(Identities::new(cp, token.clone(), config.trust_domain.clone())?))
+        }
+        _ => None,
+    };
     let admin = Arc::new(Admin {
+        identities: identities.clone(),
         ready: false.into(),
         metrics: metrics_registry,
         workloads: Arc::clone(&registry),
@@ -69,6 +77,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     });
     if let Some(client) = &xds_client {
         tokio::spawn(Arc::clone(client).run(registry.watch_specs()));
+    }
+    if let Some(identities) = &identities {
+        tokio::spawn(Arc::clone(identities).run(registry.watch_specs()));
     }
     tokio::spawn(Arc::clone(&admin).serve(admin_listener));
 

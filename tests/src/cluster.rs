@@ -126,7 +126,8 @@ impl SimCluster {
         self.control.start(&config_dir, control_args)?;
         let url = self.control.url();
         for node in &mut self.nodes {
-            let mut args = vec!["--control-plane", url.as_str()];
+            let token = node.write_node_token(&self.control)?;
+            let mut args = vec!["--control-plane", url.as_str(), "--token-file", token.as_str()];
             args.extend_from_slice(node_args);
             node.start_mesh_node(&args)?;
         }

@@ -640,8 +640,22 @@ impl SimNode {
             fs::write(config.join(name), yaml)?;
         }
         node.start_control_plane(&config)?;
-        node.start_mesh_node(&["--control-plane", CONTROL_PLANE_URL])?;
+        let token = node.write_own_node_token()?;
+        node.start_mesh_node(&["--control-plane", CONTROL_PLANE_URL, "--token-file", &token])?;
         Ok((node, config))
+    }
+
+    /// [`SimNode::write_node_token`] with the node's own control plane.
+    pub fn write_own_node_token(&self) -> anyhow::Result<String> {
+        self.write_node_token(&self.control)
+    }
+
+    /// Mints this node's bootstrap token with `control`'s CA and writes it to a file in the
+    /// node's work dir; returns the path (for mesh-node `--token-file`).
+    pub fn write_node_token(&self, control: &ControlPlane) -> anyhow::Result<String> {
+        let path = self.work_dir.join("node-token");
+        fs::write(&path, control.node_token(&self.node_netns)?)?;
+        Ok(path.display().to_string())
     }
 
     /// Starts mesh-control in the node netns on `config_dir` (xDS at [`CONTROL_PLANE_URL`]) and

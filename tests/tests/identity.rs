@@ -112,3 +112,73 @@ fn a_node_gets_certificates_only_for_its_own_workloads() {
     let e = create(&node, Some(&token), csr(foreign), Some(foreign), 600).unwrap_err();
     assert!(e.message().contains("outside this CA's trust domain cluster.local"), "{e:?}");
 }
+
+/// The identities mesh-node holds certificates for, with when each arrived, from `/config_dump`.
+fn held(node: &SimNode) -> Vec<(String, u64, u64)> {
+    let dump = node.config_dump().unwrap();
+    dump["identity"]["certificates"]
+        .as_array()
+        .map(|certs| {
+            certs
+                .iter()
+                .map(|c| {
+                    let n = |k: &str| c[k].as_u64().unwrap_or(0);
+                    (c["identity"].as_str().unwrap_or_default().to_string(), n("received"), n("not_after"))
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[test]
+fn mesh_node_keeps_a_renewed_certificate_for_each_identity_of_its_workloads() {
+    let mut node = SimNode::new().unwrap();
+    let config = node.work_dir.join("config");
+    std::fs::create_dir_all(&config).unwrap();
+    // Six-second certificates: renewed every three.
+    node.control_plane().start(&config, &["--cert-ttl-secs", "6"]).unwrap();
+    let token = node.write_own_node_token().unwrap();
+    node.start_mesh_node(&["--control-plane", CONTROL_PLANE_URL, "--token-file", &token]).unwrap();
+    let pod = node.add_pod("reviews", "shop").unwrap();
+    node.register(&pod, &Registration::meshed().as_account("reviews")).unwrap();
+    let id = "spiffe://cluster.local/ns/shop/sa/reviews";
+
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let first = loop {
+        if let Some(c) = held(&node).into_iter().find(|c| c.0 == id) {
+            break c;
+        }
+        assert!(std::time::Instant::now() < deadline, "no certificate for {id}:\n{}", node.log_tail());
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(first.2 > first.1 && first.2 <= first.1 + 7, "about six seconds of life: {first:?}");
+    let dump = node.config_dump().unwrap().to_string();
+    assert!(!dump.contains("PRIVATE KEY"), "keys never leave mesh-node, not even to its admin endpoint");
+
+    // Renewed at half-life, before it expires.
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let now = held(&node).into_iter().find(|c| c.0 == id);
+        if let Some(c) = now.as_ref().filter(|c| c.1 > first.1) {
+            assert!(c.1 < first.2, "renewed before the old one expired: {first:?} → {c:?}");
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "not renewed: {now:?}\n{}", node.log_tail());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+
+    // The workload leaves: its identity's certificate (and key) go with it.
+    node.mesh_node_cli(&[
+        "workload",
+        "--api-socket",
+        &node.api_socket().display().to_string(),
+        "remove",
+        "shop/reviews",
+    ])
+    .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while held(&node).iter().any(|c| c.0 == id) {
+        assert!(std::time::Instant::now() < deadline, "certificate kept after the workload left");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}

@@ -1,0 +1,216 @@
+//! Certificates for the identities of this node's workloads, from mesh-control's CA.
+//!
+//! For every identity a registered workload has (`spiffe://<trust-domain>/ns/<ns>/sa/<sa>`),
+//! the node makes a key pair (it never leaves this process), sends a CSR over Istio's
+//! `CreateCertificate` with its node token and the identity as `ImpersonatedIdentity`, and
+//! keeps the chain. A certificate is renewed at half of its remaining life when it arrived; a
+//! failed request is retried with back-off while the old certificate stays in use. Identities
+//! no workload has any more are dropped with their keys.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    sync::{Arc, RwLock},
+    time::{Duration, SystemTime},
+};
+
+use mesh_control::{
+    ca::SpiffeId,
+    proto::istio_ca::{
+        IstioCertificateRequest, istio_certificate_service_client::IstioCertificateServiceClient,
+    },
+};
+use rcgen::{CertificateParams, KeyPair, SanType};
+use tokio::sync::watch;
+use tonic::transport::Channel;
+
+use mesh_control::workload::WorkloadSpec;
+
+/// A workload certificate and its key.
+pub struct WorkloadCert {
+    pub identity: SpiffeId,
+    /// PKCS#8 PEM; only ever used by this process (TLS on the workload's behalf).
+    key_pem: String,
+    /// Leaf first, then the chain to the root.
+    pub chain: Vec<String>,
+    pub not_after: SystemTime,
+    pub received: SystemTime,
+}
+
+impl WorkloadCert {
+    /// Half of the life it had left when it arrived.
+    pub fn renew_at(&self) -> SystemTime {
+        let left = self.not_after.duration_since(self.received).unwrap_or_default();
+        self.received + left / 2
+    }
+
+    pub fn key_pem(&self) -> &str {
+        &self.key_pem
+    }
+}
+
+pub struct Identities {
+    channel: Channel,
+    token: String,
+    trust_domain: String,
+    certs: RwLock<BTreeMap<SpiffeId, Arc<WorkloadCert>>>,
+    /// The last failure per identity, until it succeeds.
+    failures: RwLock<BTreeMap<SpiffeId, String>>,
+}
+
+/// First retry after a failed request; doubles up to [`MAX_RETRY`].
+const FIRST_RETRY: Duration = Duration::from_millis(500);
+const MAX_RETRY: Duration = Duration::from_secs(30);
+
+impl Identities {
+    pub fn new(control_plane: &str, token: String, trust_domain: String) -> anyhow::Result<Identities> {
+        let channel = tonic::transport::Endpoint::from_shared(control_plane.to_string())?
+            .connect_timeout(Duration::from_secs(2))
+            .timeout(Duration::from_secs(10))
+            .connect_lazy();
+        Ok(Identities { channel, token, trust_domain, certs: RwLock::default(), failures: RwLock::default() })
+    }
+
+    /// The certificate of `identity`, if the node holds one.
+    pub fn get(&self, identity: &SpiffeId) -> Option<Arc<WorkloadCert>> {
+        self.certs.read().expect("certs lock").get(identity).cloned()
+    }
+
+    fn identity_of(&self, spec: &WorkloadSpec) -> SpiffeId {
+        let account = if spec.service_account.is_empty() { "default" } else { spec.service_account.as_str() };
+        SpiffeId {
+            trust_domain: self.trust_domain.clone(),
+            namespace: spec.namespace.clone(),
+            service_account: account.to_string(),
+        }
+    }
+
+    /// Keeps a valid certificate for every identity of the registered workloads, forever.
+    pub async fn run(self: Arc<Self>, mut specs: watch::Receiver<Vec<WorkloadSpec>>) {
+        let mut retry: BTreeMap<SpiffeId, Duration> = BTreeMap::new();
+        loop {
+            let wanted: BTreeSet<SpiffeId> = specs.borrow().iter().map(|s| self.identity_of(s)).collect();
+            self.certs.write().expect("certs lock").retain(|id, _| wanted.contains(id));
+            self.failures.write().expect("failures lock").retain(|id, _| wanted.contains(id));
+            retry.retain(|id, _| wanted.contains(id));
+            let mut wake = SystemTime::now() + MAX_RETRY;
+            for id in &wanted {
+                let now = SystemTime::now();
+                let due = self.get(id).is_none_or(|c| c.renew_at() <= now);
+                if !due {
+                    wake = wake.min(self.get(id).map_or(wake, |c| c.renew_at()));
+                    continue;
+                }
+                match self.fetch(id).await {
+                    Ok(cert) => {
+                        tracing::info!(identity = %id, valid_s = cert.not_after.duration_since(now).unwrap_or_default().as_secs(), "workload certificate obtained");
+                        wake = wake.min(cert.renew_at());
+                        self.certs.write().expect("certs lock").insert(id.clone(), Arc::new(cert));
+                        self.failures.write().expect("failures lock").remove(id);
+                        retry.remove(id);
+                    }
+                    Err(e) => {
+                        let delay = retry.get(id).map_or(FIRST_RETRY, |d| (*d * 2).min(MAX_RETRY));
+                        tracing::warn!(identity = %id, retry_ms = delay.as_millis() as u64, "workload certificate not obtained: {e}");
+                        self.failures.write().expect("failures lock").insert(id.clone(), e);
+                        retry.insert(id.clone(), delay);
+                        wake = wake.min(SystemTime::now() + delay);
+                    }
+                }
+            }
+            let sleep = wake.duration_since(SystemTime::now()).unwrap_or_default();
+            tokio::select! {
+                changed = specs.changed() => if changed.is_err() { return },
+                () = tokio::time::sleep(sleep) => {}
+            }
+        }
+    }
+
+    /// A new key and a certificate for it.
+    async fn fetch(&self, id: &SpiffeId) -> Result<WorkloadCert, String> {
+        let key = KeyPair::generate().map_err(|e| format!("key generation: {e}"))?;
+        let mut params = CertificateParams::default();
+        let uri = id.to_string();
+        params.subject_alt_names = vec![SanType::URI(uri.clone().try_into().map_err(|e| format!("{e}"))?)];
+        let csr = params.serialize_request(&key).and_then(|c| c.pem()).map_err(|e| format!("CSR: {e}"))?;
+        let metadata = prost_types::Struct {
+            fields: [(
+                mesh_control::ca::service::IMPERSONATED_IDENTITY.to_string(),
+                prost_types::Value { kind: Some(prost_types::value::Kind::StringValue(uri.clone())) },
+            )]
+            .into(),
+        };
+        let mut request = tonic::Request::new(IstioCertificateRequest {
+            csr,
+            validity_duration: 0,
+            metadata: Some(metadata),
+        });
+        let bearer = format!("Bearer {}", self.token)
+            .parse()
+            .map_err(|_| "the node token is not a valid header value")?;
+        request.metadata_mut().insert("authorization", bearer);
+        let received = SystemTime::now();
+        let chain = IstioCertificateServiceClient::new(self.channel.clone())
+            .create_certificate(request)
+            .await
+            .map_err(|s| format!("{:?}: {}", s.code(), s.message()))?
+            .into_inner()
+            .cert_chain;
+        let not_after = leaf_checked(&chain, &uri)?;
+        Ok(WorkloadCert { identity: id.clone(), key_pem: key.serialize_pem(), chain, not_after, received })
+    }
+
+    /// What `/config_dump` shows: identities, validity, failures; never keys.
+    pub fn dump(&self) -> serde_json::Value {
+        let unix = |t: SystemTime| t.duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        let certs: Vec<serde_json::Value> = self
+            .certs
+            .read()
+            .expect("certs lock")
+            .values()
+            .map(|c| {
+                serde_json::json!({
+                    "identity": c.identity.to_string(),
+                    "not_after": unix(c.not_after),
+                    "renew_at": unix(c.renew_at()),
+                    "received": unix(c.received),
+                    "chain_length": c.chain.len(),
+                })
+            })
+            .collect();
+        let failures: BTreeMap<String, String> = self
+            .failures
+            .read()
+            .expect("failures lock")
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.clone()))
+            .collect();
+        serde_json::json!({ "certificates": certs, "failures": failures })
+    }
+}
+
+/// Checks that the leaf names exactly `uri`; returns when it expires.
+fn leaf_checked(chain: &[String], uri: &str) -> Result<SystemTime, String> {
+    let leaf = chain.first().ok_or("the CA answered with an empty chain")?;
+    let (_, pem) = x509_parser::pem::parse_x509_pem(leaf.as_bytes()).map_err(|e| format!("leaf PEM: {e}"))?;
+    let cert = pem.parse_x509().map_err(|e| format!("leaf certificate: {e}"))?;
+    let sans: Vec<String> = cert
+        .subject_alternative_name()
+        .ok()
+        .flatten()
+        .map(|s| {
+            s.value
+                .general_names
+                .iter()
+                .map(|n| match n {
+                    x509_parser::extensions::GeneralName::URI(u) => u.to_string(),
+                    other => other.to_string(),
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    if sans != [uri] {
+        return Err(format!("the CA's certificate names {sans:?}, not {uri}"));
+    }
+    let not_after = cert.validity().not_after.timestamp();
+    Ok(SystemTime::UNIX_EPOCH + Duration::from_secs(u64::try_from(not_after).unwrap_or(0)))
+}
