@@ -17,7 +17,11 @@ use tokio::{
 
 use crate::{
     admin::Admin,
-    ca::{CertificateAuthority, node_tokens::NodeTokens, service::CertificateService},
+    ca::{
+        CertificateAuthority,
+        node_tokens::{NodeCredentials, NodeTokens},
+        service::CertificateService,
+    },
     model::{
         Kind,
         store::{Origin, Store},
@@ -112,9 +116,9 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     let xds_listener = TcpListener::bind(settings.xds_addr)
         .await
         .with_context(|| format!("xDS: cannot listen on {}", settings.xds_addr))?;
-    let certificates = certificate_service(settings.ca.as_ref(), Arc::clone(&store))?;
+    let (certificates, node_credentials) = certificate_service(settings.ca.as_ref(), Arc::clone(&store))?;
     let ads = AdsServer { snapshots: snap_rx, nodes };
-    let registration = Registration { store, changed };
+    let registration = Registration { store, changed, nodes: node_credentials };
     tracing::info!(xds = %settings.xds_addr, admin = %settings.admin_addr, "mesh-control ready");
     let server = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
@@ -131,24 +135,26 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The CSR API, with the CA of `settings` (loaded, or created in an empty directory).
+/// The CSR API, with the CA of `settings` (loaded, or created in an empty directory), and the
+/// node credentials it shares with workload reports.
 fn certificate_service(
     settings: Option<&CaSettings>,
     store: Arc<Mutex<Store>>,
-) -> anyhow::Result<CertificateService> {
+) -> anyhow::Result<(CertificateService, Arc<NodeCredentials>)> {
     let Some(s) = settings else {
-        return Ok(CertificateService { ca: None, tokens: None, store, max_ttl: Duration::ZERO });
+        let nodes = Arc::new(NodeCredentials::new(None));
+        let service =
+            CertificateService { ca: None, nodes: Arc::clone(&nodes), store, max_ttl: Duration::ZERO };
+        return Ok((service, nodes));
     };
     let ca = CertificateAuthority::load_or_create(&s.dir, &s.trust_domain, &s.cluster)?;
     let tokens = NodeTokens::load_or_create(&s.dir)
         .with_context(|| format!("node token key in {}", s.dir.display()))?;
     tracing::info!(dir = %s.dir.display(), trust_domain = s.trust_domain, roots = ca.roots().len(), "CA ready");
-    Ok(CertificateService {
-        ca: Some(Arc::new(ca)),
-        tokens: Some(Arc::new(tokens)),
-        store,
-        max_ttl: s.max_ttl,
-    })
+    let nodes = Arc::new(NodeCredentials::new(Some(tokens)));
+    let service =
+        CertificateService { ca: Some(Arc::new(ca)), nodes: Arc::clone(&nodes), store, max_ttl: s.max_ttl };
+    Ok((service, nodes))
 }
 
 async fn shutdown() {

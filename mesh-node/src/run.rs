@@ -29,10 +29,11 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::new(&mut metrics_registry));
     let index = Arc::new(IpIndex::default());
     let cache = Arc::new(Cache::new(config.max_endpoints_per_cluster));
-    let xds_client = config
-        .control_plane
-        .as_ref()
-        .map(|cp| Arc::new(XdsClient::new(cp.clone(), config.node_name.clone(), Arc::clone(&cache))));
+    let xds_client = config.control_plane.as_ref().map(|cp| {
+        let mut client = XdsClient::new(cp.clone(), config.node_name.clone(), Arc::clone(&cache));
+        client.token = config.token.clone();
+        Arc::new(client)
+    });
     let router = xds_client.as_ref().map(|c| Router {
         cache: Arc::clone(&cache),
         on_demand: c.on_demand(),

@@ -51,6 +51,41 @@ fn create(
     .unwrap()
 }
 
+/// Reports one workload (`namespace/name` running as `account`) for `node_name`, as a node does.
+fn report(
+    node: &SimNode,
+    token: Option<&str>,
+    node_name: &str,
+    workload: (&str, &str, &str),
+) -> Result<(), tonic::Status> {
+    use mesh_control::proto::mesh::{
+        ReportedWorkload, WorkloadReport, node_registration_client::NodeRegistrationClient,
+    };
+    let token = token.map(str::to_string);
+    let report = WorkloadReport {
+        node: node_name.to_string(),
+        workloads: vec![ReportedWorkload {
+            namespace: workload.0.into(),
+            name: workload.1.into(),
+            service_account: workload.2.into(),
+            addresses: vec!["10.77.0.200".into()],
+            ..Default::default()
+        }],
+    };
+    netns::run_in(&node.node_netns, move || {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        Ok(rt.block_on(async move {
+            let mut client = NodeRegistrationClient::connect(CONTROL_PLANE_URL).await.unwrap();
+            let mut request = tonic::Request::new(report);
+            if let Some(t) = token {
+                request.metadata_mut().insert("authorization", format!("Bearer {t}").parse().unwrap());
+            }
+            client.report_workloads(request).await.map(|_| ())
+        }))
+    })
+    .unwrap()
+}
+
 fn leaf_facts(pem: &str) -> (Vec<String>, i64) {
     let (_, der) = x509_parser::pem::parse_x509_pem(pem.as_bytes()).unwrap();
     let cert = der.parse_x509().unwrap();
@@ -111,6 +146,22 @@ fn a_node_gets_certificates_only_for_its_own_workloads() {
     let foreign = "spiffe://other.org/ns/shop/sa/reviews";
     let e = create(&node, Some(&token), csr(foreign), Some(foreign), 600).unwrap_err();
     assert!(e.message().contains("outside this CA's trust domain cluster.local"), "{e:?}");
+
+    // Workload reports: this node reported with its token, so nobody may replace its workloads
+    // without it, nor with another node's token.
+    let e = report(&node, None, &name, ("shop", "fake", "admin")).unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Unauthenticated, "{e:?}");
+    let e = report(&node, Some(&other), &name, ("shop", "fake", "admin")).unwrap_err();
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
+    assert!(e.message().contains("the token of node some-other-node cannot report workloads"), "{e:?}");
+    // A node that never proved itself may report (local mode without identity), but its
+    // workloads give it no identity.
+    report(&node, None, "some-other-node", ("shop", "claimed", "admin")).unwrap();
+    let e = create(&node, Some(&other), csr(admin), Some(admin), 600).unwrap_err();
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
+    // Once it reports with its token, they do.
+    report(&node, Some(&other), "some-other-node", ("shop", "claimed", "admin")).unwrap();
+    create(&node, Some(&other), csr(admin), Some(admin), 600).unwrap();
 }
 
 /// The identities mesh-node holds certificates for, with when each arrived, from `/config_dump`.

@@ -51,6 +51,73 @@ impl NodeTokens {
     }
 }
 
+/// Which nodes have proven who they are. A node's workload report with its token makes it
+/// *verified*: only verified nodes' reported workloads count when the CA decides which
+/// identities a node may obtain, and a verified node's name no longer accepts reports without
+/// its token (so nobody can replace its workloads). Without a CA there are no tokens and every
+/// report is taken as before (local mode without identity).
+#[derive(Default)]
+pub struct NodeCredentials {
+    tokens: Option<NodeTokens>,
+    verified: std::sync::Mutex<std::collections::BTreeSet<String>>,
+}
+
+impl NodeCredentials {
+    pub fn new(tokens: Option<NodeTokens>) -> NodeCredentials {
+        NodeCredentials { tokens, verified: Default::default() }
+    }
+
+    pub fn enabled(&self) -> bool {
+        self.tokens.is_some()
+    }
+
+    /// The node whose token a request carries (`authorization: Bearer <token>`); `Ok(None)`
+    /// when it carries none.
+    pub fn presented(
+        &self,
+        metadata: &tonic::metadata::MetadataMap,
+    ) -> Result<Option<String>, tonic::Status> {
+        let Some(tokens) = &self.tokens else { return Ok(None) };
+        let Some(header) = metadata.get("authorization") else { return Ok(None) };
+        let token = header.to_str().ok().and_then(|h| h.strip_prefix("Bearer ")).ok_or_else(|| {
+            tonic::Status::unauthenticated("the authorization header is not `Bearer <node token>`")
+        })?;
+        tokens.verify(token).map(Some).ok_or_else(|| {
+            tonic::Status::unauthenticated(
+                "the node token is not valid (mint one with `mesh-control node-token <node>`)",
+            )
+        })
+    }
+
+    /// Whether `node` may report its workloads with this request's credential; records a
+    /// node that proved itself.
+    pub fn admit_report(
+        &self,
+        node: &str,
+        metadata: &tonic::metadata::MetadataMap,
+    ) -> Result<(), tonic::Status> {
+        let mut verified = self.verified.lock().expect("verified lock");
+        match self.presented(metadata)? {
+            Some(owner) if owner == node => {
+                verified.insert(owner);
+                Ok(())
+            }
+            Some(owner) => Err(tonic::Status::permission_denied(format!(
+                "the token of node {owner} cannot report workloads for node {node}"
+            ))),
+            None if verified.contains(node) => Err(tonic::Status::unauthenticated(format!(
+                "node {node} has reported with its token before; a report without it is refused"
+            ))),
+            None => Ok(()),
+        }
+    }
+
+    /// Whether `node` has reported with its token.
+    pub fn is_verified(&self, node: &str) -> bool {
+        self.verified.lock().expect("verified lock").contains(node)
+    }
+}
+
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }

@@ -4,7 +4,8 @@
 //! The caller proves which node it is with its node token (`authorization: Bearer <token>`); it
 //! names the identity it asks for in the request metadata `ImpersonatedIdentity` (as ztunnel
 //! does), or else by the CSR's own SAN. A node obtains only identities of workloads scheduled
-//! on it: a Pod (or a workload the node reported) there with that namespace and service account.
+//! on it: a Pod there with that namespace and service account, or such a workload the node
+//! reported with its token (see [`NodeCredentials`]).
 
 use std::{
     str::FromStr,
@@ -14,7 +15,7 @@ use std::{
 
 use tonic::{Request, Response, Status};
 
-use super::{CertificateAuthority, SpiffeId, node_tokens::NodeTokens};
+use super::{CertificateAuthority, SpiffeId, node_tokens::NodeCredentials};
 use crate::{
     model::{Kind, Object, store::Store},
     proto::istio_ca::{IstioCertificateRequest, IstioCertificateResponse, istio_certificate_service_server},
@@ -26,7 +27,7 @@ pub const IMPERSONATED_IDENTITY: &str = "ImpersonatedIdentity";
 pub struct CertificateService {
     /// `None`: mesh-control runs without a CA; every request is refused saying so.
     pub ca: Option<Arc<CertificateAuthority>>,
-    pub tokens: Option<Arc<NodeTokens>>,
+    pub nodes: Arc<NodeCredentials>,
     pub store: Arc<Mutex<Store>>,
     /// The longest certificate lifetime handed out (a request may ask for less).
     pub max_ttl: Duration,
@@ -38,13 +39,16 @@ impl istio_certificate_service_server::IstioCertificateService for CertificateSe
         &self,
         request: Request<IstioCertificateRequest>,
     ) -> Result<Response<IstioCertificateResponse>, Status> {
-        let (Some(ca), Some(tokens)) = (&self.ca, &self.tokens) else {
+        let Some(ca) = &self.ca else {
             return Err(Status::unavailable("this mesh-control runs without a CA (start it with --ca-dir)"));
         };
-        let node = authenticate(tokens, request.metadata())?;
+        let node = self.nodes.presented(request.metadata())?.ok_or_else(|| {
+            Status::unauthenticated("no node credential: send `authorization: Bearer <node token>`")
+        })?;
         let request = request.into_inner();
         let identity = requested_identity(&request, &ca.trust_domain)?;
-        if let Err(why) = authorize(&self.store.lock().expect("store lock"), &node, &identity) {
+        let verdict = authorize(&self.store.lock().expect("store lock"), &self.nodes, &node, &identity);
+        if let Err(why) = verdict {
             tracing::warn!(node, %identity, "certificate refused: {why}");
             return Err(Status::permission_denied(why));
         }
@@ -61,22 +65,6 @@ impl istio_certificate_service_server::IstioCertificateService for CertificateSe
             }
         }
     }
-}
-
-/// The node a request comes from, by its token.
-fn authenticate(tokens: &NodeTokens, metadata: &tonic::metadata::MetadataMap) -> Result<String, Status> {
-    let header = metadata.get("authorization").ok_or_else(|| {
-        Status::unauthenticated("no node credential: send `authorization: Bearer <node token>`")
-    })?;
-    let token =
-        header.to_str().ok().and_then(|h| h.strip_prefix("Bearer ")).ok_or_else(|| {
-            Status::unauthenticated("the authorization header is not `Bearer <node token>`")
-        })?;
-    tokens.verify(token).ok_or_else(|| {
-        Status::unauthenticated(
-            "the node token is not valid (mint one with `mesh-control node-token <node>`)",
-        )
-    })
 }
 
 /// The identity asked for: `ImpersonatedIdentity`, else the CSR's own.
@@ -101,17 +89,17 @@ fn requested_identity(request: &IstioCertificateRequest, trust_domain: &str) -> 
     Ok(id)
 }
 
-/// Whether `node` runs a workload that has `identity`.
-fn authorize(store: &Store, node: &str, identity: &SpiffeId) -> Result<(), String> {
+/// Whether `node` runs a workload that has `identity`: a Pod scheduled there (the API says
+/// so), or a workload the node reported with its token.
+fn authorize(store: &Store, nodes: &NodeCredentials, node: &str, identity: &SpiffeId) -> Result<(), String> {
+    let has = |p: &crate::model::core::Pod| {
+        let account = if p.service_account.is_empty() { "default" } else { p.service_account.as_str() };
+        p.node == node && p.meta.namespace == identity.namespace && account == identity.service_account
+    };
     let runs_it =
         [Kind::Pod, Kind::NodeWorkload].into_iter().flat_map(|k| store.of_kind(k)).any(|o| match o {
-            Object::Pod(p) | Object::NodeWorkload(p) => {
-                let account =
-                    if p.service_account.is_empty() { "default" } else { p.service_account.as_str() };
-                p.node == node
-                    && p.meta.namespace == identity.namespace
-                    && account == identity.service_account
-            }
+            Object::Pod(p) => has(p),
+            Object::NodeWorkload(p) => has(p) && nodes.is_verified(node),
             _ => false,
         });
     if runs_it {

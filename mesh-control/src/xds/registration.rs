@@ -9,6 +9,7 @@ use tokio::sync::Notify;
 use tonic::{Request, Response, Status};
 
 use crate::{
+    ca::node_tokens::NodeCredentials,
     model::{
         FieldError, Labels, Meta, Object, ParseError,
         core::Pod,
@@ -21,6 +22,8 @@ use crate::{
 pub struct Registration {
     pub store: Arc<Mutex<Store>>,
     pub changed: Arc<Notify>,
+    /// Node tokens: a report with one proves the node (see [`NodeCredentials`]).
+    pub nodes: Arc<NodeCredentials>,
 }
 
 #[tonic::async_trait]
@@ -29,9 +32,14 @@ impl NodeRegistration for Registration {
         &self,
         request: Request<mesh::WorkloadReport>,
     ) -> Result<Response<mesh::WorkloadReportReply>, Status> {
+        let metadata = request.metadata().clone();
         let report = request.into_inner();
         if report.node.is_empty() {
             return Err(Status::invalid_argument("report.node: the reporting node's name is required"));
+        }
+        if let Err(refused) = self.nodes.admit_report(&report.node, &metadata) {
+            tracing::warn!(node = report.node, "workload report refused: {}", refused.message());
+            return Err(refused);
         }
         let origin = Origin::Node(report.node.clone());
         let docs = report

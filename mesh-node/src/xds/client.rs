@@ -85,6 +85,8 @@ pub struct Client {
     requests: Mutex<Option<mpsc::UnboundedReceiver<String>>>,
     on_demand: Arc<OnDemand>,
     connected: Arc<AtomicBool>,
+    /// The node token, sent with workload reports so they count for identity.
+    pub token: Option<String>,
 }
 
 const SUBSCRIBE_ORDER: [&str; 5] =
@@ -100,7 +102,7 @@ impl Client {
             requests: tx,
             connected: Arc::clone(&connected),
         });
-        Client { endpoint, node, cache, requests: Mutex::new(Some(rx)), on_demand, connected }
+        Client { endpoint, node, cache, requests: Mutex::new(Some(rx)), on_demand, connected, token: None }
     }
 
     pub fn on_demand(&self) -> Arc<OnDemand> {
@@ -151,7 +153,12 @@ impl Client {
             .await
             .context("cannot connect")?;
         // Workloads first, so the control plane can answer for them right away.
-        let reporter = tokio::spawn(report_workloads(channel.clone(), self.node.clone(), specs.clone()));
+        let reporter = tokio::spawn(report_workloads(
+            channel.clone(),
+            self.node.clone(),
+            self.token.clone(),
+            specs.clone(),
+        ));
         let _reporter = AbortOnDrop(reporter);
 
         let (tx, rx) = mpsc::channel::<DeltaDiscoveryRequest>(64);
@@ -250,12 +257,16 @@ impl Drop for AbortOnDrop {
     }
 }
 
-/// Reports the registered workloads now and after every change, for as long as the session.
+/// Reports the registered workloads now and after every change, for as long as the session,
+/// with the node token if there is one.
 async fn report_workloads(
     channel: tonic::transport::Channel,
     node: String,
+    token: Option<String>,
     mut specs: watch::Receiver<Vec<WorkloadSpec>>,
 ) {
+    let bearer: Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>> =
+        token.and_then(|t| format!("Bearer {t}").parse().ok());
     let mut client = mesh::node_registration_client::NodeRegistrationClient::new(channel);
     loop {
         let workloads = specs
@@ -270,7 +281,11 @@ async fn report_workloads(
                 namespace_labels: s.namespace_labels.clone().into_iter().collect(),
             })
             .collect();
-        match client.report_workloads(mesh::WorkloadReport { node: node.clone(), workloads }).await {
+        let mut request = tonic::Request::new(mesh::WorkloadReport { node: node.clone(), workloads });
+        if let Some(b) = &bearer {
+            request.metadata_mut().insert("authorization", b.clone());
+        }
+        match client.report_workloads(request).await {
             Ok(reply) => tracing::debug!(generation = reply.get_ref().generation, "workloads reported"),
             Err(e) => tracing::warn!("workload report refused: {}", e.message()),
         }
