@@ -212,7 +212,11 @@ fn create(dir: &Path, trust_domain: &str, cluster: &str) -> Result<(), LoadError
     };
     let gen_key = || KeyPair::generate().map_err(|e| fail("ca-key.pem", e.to_string()));
     let root_key = gen_key()?;
-    let root_params = ca_params("Nodemesh root CA".into(), ROOT_VALIDITY, None);
+    // A name of its own, so that another mesh's root (or this mesh's next one) is never taken
+    // for it when a chain is built.
+    let tag = rcgen::SerialNumber::from_slice(&gen_key()?.public_key_raw()[1..9]);
+    let tag: String = tag.to_bytes().iter().map(|b| format!("{b:02x}")).collect();
+    let root_params = ca_params(format!("Nodemesh root CA {tag}"), ROOT_VALIDITY, None);
     let root = root_params.self_signed(&root_key).map_err(|e| fail("root-cert.pem", e.to_string()))?;
     let root_issuer = Issuer::new(root_params, &root_key);
     let key = gen_key()?;

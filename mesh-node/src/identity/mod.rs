@@ -23,6 +23,8 @@ use rcgen::{CertificateParams, KeyPair, SanType};
 use tokio::sync::watch;
 use tonic::transport::Channel;
 
+pub mod tls;
+
 use mesh_control::workload::WorkloadSpec;
 
 /// A workload certificate and its key.
@@ -37,6 +39,16 @@ pub struct WorkloadCert {
 }
 
 impl WorkloadCert {
+    pub fn new(
+        identity: SpiffeId,
+        key_pem: String,
+        chain: Vec<String>,
+        not_after: SystemTime,
+        received: SystemTime,
+    ) -> WorkloadCert {
+        WorkloadCert { identity, key_pem, chain, not_after, received }
+    }
+
     /// Half of the life it had left when it arrived.
     pub fn renew_at(&self) -> SystemTime {
         let left = self.not_after.duration_since(self.received).unwrap_or_default();
