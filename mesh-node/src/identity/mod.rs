@@ -167,7 +167,7 @@ impl Identities {
             .map_err(|s| format!("{:?}: {}", s.code(), s.message()))?
             .into_inner()
             .cert_chain;
-        let not_after = leaf_checked(&chain, &uri)?;
+        let not_after = leaf_checked(&chain, id)?;
         Ok(WorkloadCert { identity: id.clone(), key_pem: key.serialize_pem(), chain, not_after, received })
     }
 
@@ -200,29 +200,15 @@ impl Identities {
     }
 }
 
-/// Checks that the leaf names exactly `uri`; returns when it expires.
-fn leaf_checked(chain: &[String], uri: &str) -> Result<SystemTime, String> {
+/// Checks that the leaf proves exactly `id`; returns when it expires.
+fn leaf_checked(chain: &[String], id: &SpiffeId) -> Result<SystemTime, String> {
     let leaf = chain.first().ok_or("the CA answered with an empty chain")?;
     let (_, pem) = x509_parser::pem::parse_x509_pem(leaf.as_bytes()).map_err(|e| format!("leaf PEM: {e}"))?;
-    let cert = pem.parse_x509().map_err(|e| format!("leaf certificate: {e}"))?;
-    let sans: Vec<String> = cert
-        .subject_alternative_name()
-        .ok()
-        .flatten()
-        .map(|s| {
-            s.value
-                .general_names
-                .iter()
-                .map(|n| match n {
-                    x509_parser::extensions::GeneralName::URI(u) => u.to_string(),
-                    other => other.to_string(),
-                })
-                .collect()
-        })
-        .unwrap_or_default();
-    if sans != [uri] {
-        return Err(format!("the CA's certificate names {sans:?}, not {uri}"));
+    let proven = tls::peer_identity(&pem.contents.as_slice().into())?;
+    if proven != *id {
+        return Err(format!("the CA's certificate is for {proven}, not {id}"));
     }
+    let cert = pem.parse_x509().map_err(|e| format!("leaf certificate: {e}"))?;
     let not_after = cert.validity().not_after.timestamp();
     Ok(SystemTime::UNIX_EPOCH + Duration::from_secs(u64::try_from(not_after).unwrap_or(0)))
 }
