@@ -102,6 +102,10 @@ struct CaArgs {
     /// The longest workload certificate lifetime (nodes renew at half of it); at least 5.
     #[arg(long, env = "NODEMESH_CERT_TTL_SECS", default_value_t = 24 * 3600)]
     cert_ttl_secs: u64,
+    /// With Kubernetes: the ServiceAccount (`namespace/name`) of the mesh-node DaemonSet, whose
+    /// tokens (checked by TokenReview) prove which node a request comes from.
+    #[arg(long, env = "NODEMESH_NODE_SERVICE_ACCOUNT", default_value = "nodemesh-system/mesh-node")]
+    node_service_account: String,
 }
 
 fn main() -> ExitCode {
@@ -138,6 +142,7 @@ fn main() -> ExitCode {
                     trust_domain: ca.trust_domain,
                     cluster: ca.cluster_name,
                     max_ttl: Duration::from_secs(ca.cert_ttl_secs.max(5)),
+                    node_account: ca.node_service_account,
                 }),
             };
             let rt = tokio::runtime::Runtime::new().expect("tokio runtime");

@@ -19,7 +19,7 @@ use crate::{
     admin::Admin,
     ca::{
         CertificateAuthority,
-        node_tokens::{NodeCredentials, NodeTokens},
+        node_tokens::{NodeCredentials, NodeTokens, TokenReviewer},
         service::CertificateService,
     },
     model::{
@@ -66,6 +66,8 @@ pub struct CaSettings {
     pub cluster: String,
     /// The longest workload certificate lifetime.
     pub max_ttl: Duration,
+    /// `namespace/name` of the node proxies' ServiceAccount (Kubernetes: TokenReview).
+    pub node_account: String,
 }
 
 pub async fn run(settings: Settings) -> anyhow::Result<()> {
@@ -79,9 +81,11 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         tokio::spawn(source.watch(Duration::from_millis(20), Duration::from_secs(5)));
     }
 
+    let mut kube_client = None;
     if let Some(connection) = &settings.kubernetes {
         let client = kube::client(connection).await.context("kubernetes client configuration")?;
-        kube::start(client, Arc::clone(&store), Arc::clone(&changed));
+        kube::start(client.clone(), Arc::clone(&store), Arc::clone(&changed));
+        kube_client = Some(client);
     }
 
     let grace_end = Instant::now() + settings.resync_grace;
@@ -116,7 +120,8 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     let xds_listener = TcpListener::bind(settings.xds_addr)
         .await
         .with_context(|| format!("xDS: cannot listen on {}", settings.xds_addr))?;
-    let (certificates, node_credentials) = certificate_service(settings.ca.as_ref(), Arc::clone(&store))?;
+    let (certificates, node_credentials) =
+        certificate_service(settings.ca.as_ref(), kube_client, Arc::clone(&store))?;
     let ads = AdsServer { snapshots: snap_rx, nodes };
     let registration = Registration { store, changed, nodes: node_credentials };
     tracing::info!(xds = %settings.xds_addr, admin = %settings.admin_addr, "mesh-control ready");
@@ -139,10 +144,11 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
 /// node credentials it shares with workload reports.
 fn certificate_service(
     settings: Option<&CaSettings>,
+    kube_client: Option<::kube::Client>,
     store: Arc<Mutex<Store>>,
 ) -> anyhow::Result<(CertificateService, Arc<NodeCredentials>)> {
     let Some(s) = settings else {
-        let nodes = Arc::new(NodeCredentials::new(None));
+        let nodes = Arc::new(NodeCredentials::new(None, None));
         let service =
             CertificateService { ca: None, nodes: Arc::clone(&nodes), store, max_ttl: Duration::ZERO };
         return Ok((service, nodes));
@@ -151,7 +157,9 @@ fn certificate_service(
     let tokens = NodeTokens::load_or_create(&s.dir)
         .with_context(|| format!("node token key in {}", s.dir.display()))?;
     tracing::info!(dir = %s.dir.display(), trust_domain = s.trust_domain, roots = ca.roots().len(), "CA ready");
-    let nodes = Arc::new(NodeCredentials::new(Some(tokens)));
+    // On Kubernetes, node proxies may also prove their node with their ServiceAccount token.
+    let reviewer = kube_client.map(|client| TokenReviewer { client, account: s.node_account.clone() });
+    let nodes = Arc::new(NodeCredentials::new(Some(tokens), reviewer));
     let service =
         CertificateService { ca: Some(Arc::new(ca)), nodes: Arc::clone(&nodes), store, max_ttl: s.max_ttl };
     Ok((service, nodes))

@@ -1,7 +1,8 @@
 //! A Kubernetes API server for tests: real Kubernetes JSON over HTTP/1.1 for the subset a
 //! watcher uses — `list` (with `limit`/`continue`) and `watch` (chunked stream of watch events
 //! from a `resourceVersion`, `BOOKMARK`s when asked, `ERROR` 410 Expired for a version older
-//! than the last compaction), `404 NotFound` for resources it is told not to serve.
+//! than the last compaction), `404 NotFound` for resources it is told not to serve, and
+//! `TokenReview` for ServiceAccount tokens the test registers.
 //!
 //! Objects are kept as JSON under one global resourceVersion counter, like etcd's revision.
 //! The test drives it: apply/delete objects, end every open watch (as the API server's watch
@@ -42,6 +43,8 @@ struct State {
     watches: BTreeMap<String, Vec<u64>>,
     lists: BTreeMap<String, usize>,
     expired_sent: usize,
+    /// ServiceAccount tokens TokenReview knows: token → (username, node the pod runs on).
+    tokens: BTreeMap<String, (String, String)>,
 }
 
 struct Shared {
@@ -95,6 +98,13 @@ impl FakeApiServer {
         let r = f(&mut self.shared.state.lock().expect("api state"));
         self.shared.changed.notify_all();
         r
+    }
+
+    /// Makes TokenReview authenticate `token` as ServiceAccount `namespace/account` of a pod on
+    /// `node`.
+    pub fn add_token(&self, token: &str, namespace: &str, account: &str, node: &str) {
+        let username = format!("system:serviceaccount:{namespace}:{account}");
+        self.with(|st| st.tokens.insert(token.to_string(), (username, node.to_string())));
     }
 
     /// Creates or replaces an object (ADDED or MODIFIED), as `kubectl apply` would.
@@ -189,8 +199,10 @@ impl FakeApiServer {
 }
 
 struct Request {
+    method: String,
     path: String,
     query: BTreeMap<String, String>,
+    body: Vec<u8>,
 }
 
 fn read_request(reader: &mut BufReader<TcpStream>) -> anyhow::Result<Option<Request>> {
@@ -198,21 +210,30 @@ fn read_request(reader: &mut BufReader<TcpStream>) -> anyhow::Result<Option<Requ
     if reader.read_line(&mut line)? == 0 {
         return Ok(None);
     }
+    let method = line.split_whitespace().next().context("request line")?.to_string();
     let target = line.split_whitespace().nth(1).context("request line")?.to_string();
+    let mut length = 0usize;
     loop {
         let mut header = String::new();
         reader.read_line(&mut header)?;
         if header.trim().is_empty() {
             break;
         }
+        if let Some((name, value)) = header.split_once(':')
+            && name.trim().eq_ignore_ascii_case("content-length")
+        {
+            length = value.trim().parse().unwrap_or(0);
+        }
     }
+    let mut body = vec![0u8; length];
+    std::io::Read::read_exact(reader, &mut body)?;
     let (path, query) = target.split_once('?').unwrap_or((&target, ""));
     let query = query
         .split('&')
         .filter_map(|kv| kv.split_once('='))
         .map(|(k, v)| (k.to_string(), v.replace("%2F", "/").replace("%3D", "=")))
         .collect();
-    Ok(Some(Request { path: path.to_string(), query }))
+    Ok(Some(Request { method, path: path.to_string(), query, body }))
 }
 
 fn serve_connection(shared: &Shared, stream: TcpStream) -> anyhow::Result<()> {
@@ -223,6 +244,9 @@ fn serve_connection(shared: &Shared, stream: TcpStream) -> anyhow::Result<()> {
             let status = json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
                 "message": "the server could not find the requested resource", "reason": "NotFound", "details": {}, "code": 404});
             respond(&mut out, "404 Not Found", &status)?;
+        } else if req.method == "POST" && req.path == TOKEN_REVIEWS {
+            let review = token_review(shared, &req.body);
+            respond(&mut out, "201 Created", &review)?;
         } else if req.query.get("watch").is_some_and(|w| w == "true" || w == "1") {
             // A watch holds the connection until it ends; the client opens another one.
             return watch(shared, &mut out, &req);
@@ -232,6 +256,23 @@ fn serve_connection(shared: &Shared, stream: TcpStream) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+const TOKEN_REVIEWS: &str = "/apis/authentication.k8s.io/v1/tokenreviews";
+
+/// TokenReview: a token the test registered is authenticated as its ServiceAccount, with the
+/// node of its (bound) pod in `extra`, as the API server does for projected tokens.
+fn token_review(shared: &Shared, body: &[u8]) -> Value {
+    let review: Value = serde_json::from_slice(body).unwrap_or_default();
+    let token = review["spec"]["token"].as_str().unwrap_or_default();
+    let known = shared.state.lock().expect("api state").tokens.get(token).cloned();
+    let status = match known {
+        Some((username, node)) => json!({"authenticated": true, "user": {"username": username,
+            "extra": {"authentication.kubernetes.io/node-name": [node]}}}),
+        None => json!({"authenticated": false, "error": "invalid bearer token"}),
+    };
+    json!({"apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview", "metadata": {},
+        "spec": review["spec"], "status": status})
 }
 
 fn respond(out: &mut TcpStream, status: &str, body: &Value) -> std::io::Result<()> {

@@ -195,3 +195,87 @@ async fn kube_source_yields_the_directory_model_and_follows_watch_bookmarks_and_
     assert!(api.expired_sent() > 0, "the server must have answered a resumed watch with 410");
     assert!(api.lists("v1", "Pod") > lists_before, "410 must lead to a fresh list");
 }
+
+/// On Kubernetes a node proxy proves its node with its ServiceAccount token: mesh-control asks
+/// TokenReview, accepts only the node proxies' ServiceAccount, and takes the node from the
+/// token's pod binding. Identities then follow the Pods the API schedules on that node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubernetes_nodes_prove_themselves_with_service_account_tokens() {
+    use mesh_control::{
+        proto::istio_ca::{
+            IstioCertificateRequest, istio_certificate_service_client::IstioCertificateServiceClient,
+        },
+        run::{CaSettings, Settings, run},
+    };
+    let api = FakeApiServer::start(TcpListener::bind("127.0.0.1:0").unwrap()).unwrap();
+    for o in objects() {
+        api.apply(&o).unwrap();
+    }
+    api.add_token("node-a-proxy", "nodemesh-system", "mesh-node", "node-a");
+    api.add_token("node-b-proxy", "nodemesh-system", "mesh-node", "node-b");
+    api.add_token("some-app", "shop", "web", "node-a");
+    let free = || TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let (xds, admin) = (free(), free());
+    let ca_dir = std::env::temp_dir().join(format!("nm-kube-ca-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&ca_dir);
+    let settings = Settings {
+        config_dir: None,
+        xds_addr: xds,
+        admin_addr: admin,
+        debounce: Duration::from_millis(20),
+        max_delay: Duration::from_millis(200),
+        resync_grace: Duration::ZERO,
+        kubernetes: Some(Connection::Url(api.url())),
+        ca: Some(CaSettings {
+            dir: ca_dir.clone(),
+            trust_domain: "cluster.local".into(),
+            cluster: "c1".into(),
+            max_ttl: Duration::from_secs(3600),
+            node_account: "nodemesh-system/mesh-node".into(),
+        }),
+    };
+    let server = tokio::spawn(run(settings));
+    let ask = |token: &'static str, identity: &'static str| async move {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::default();
+        params.subject_alt_names = vec![rcgen::SanType::URI(identity.try_into().unwrap())];
+        let csr = params.serialize_request(&key).unwrap().pem().unwrap();
+        let mut client = loop {
+            match IstioCertificateServiceClient::connect(format!("http://{xds}")).await {
+                Ok(c) => break c,
+                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        };
+        let mut request =
+            tonic::Request::new(IstioCertificateRequest { csr, validity_duration: 0, metadata: None });
+        request.metadata_mut().insert("authorization", format!("Bearer {token}").parse().unwrap());
+        client.create_certificate(request).await
+    };
+    let web = "spiffe://cluster.local/ns/shop/sa/web";
+    // Pods web-0/web-1 (ServiceAccount web) run on node-a: node-a's proxy gets the identity
+    // once the first list is in.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let chain = loop {
+        match ask("node-a-proxy", web).await {
+            Ok(r) => break r.into_inner().cert_chain,
+            Err(e) => {
+                assert!(Instant::now() < deadline, "{e:?}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+    assert_eq!(chain.len(), 3);
+    // node-b's proxy does not run web.
+    let e = ask("node-b-proxy", web).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
+    assert!(e.message().contains("node node-b may not obtain"), "{e:?}");
+    // An application's own token is not a node credential.
+    let e = ask("some-app", web).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
+    assert!(e.message().contains("belongs to system:serviceaccount:shop:web, not the node proxy's"), "{e:?}");
+    // A token TokenReview does not know.
+    let e = ask("forged", web).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Unauthenticated, "{e:?}");
+    server.abort();
+    std::fs::remove_dir_all(&ca_dir).unwrap();
+}

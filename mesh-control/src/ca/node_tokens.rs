@@ -2,7 +2,8 @@
 //! the CA for its workloads' certificates. A token is `<node>.<HMAC-SHA256(secret, node)>`;
 //! the secret lives in the CA directory (`node-token.key`, owner-only), so mesh-control checks
 //! a token without keeping a list, and `mesh-control node-token <node>` mints one.
-//! (On Kubernetes the node's ServiceAccount token, checked by TokenReview, takes this role.)
+//! (On Kubernetes the node proxy's ServiceAccount token, checked by TokenReview, can take this
+//! role: see [`TokenReviewer`].)
 
 use std::{fs, path::Path};
 
@@ -51,53 +52,109 @@ impl NodeTokens {
     }
 }
 
-/// Which nodes have proven who they are. A node's workload report with its token makes it
-/// *verified*: only verified nodes' reported workloads count when the CA decides which
+/// Which nodes have proven who they are. A node proves itself with a bearer token: a node
+/// token of this CA, or (on Kubernetes) the node proxy's ServiceAccount token, which
+/// TokenReview maps to the node its pod runs on. A node's workload report with its token makes
+/// it *verified*: only verified nodes' reported workloads count when the CA decides which
 /// identities a node may obtain, and a verified node's name no longer accepts reports without
 /// its token (so nobody can replace its workloads). Without a CA there are no tokens and every
 /// report is taken as before (local mode without identity).
 #[derive(Default)]
 pub struct NodeCredentials {
     tokens: Option<NodeTokens>,
+    kube: Option<TokenReviewer>,
     verified: std::sync::Mutex<std::collections::BTreeSet<String>>,
 }
 
+/// Kubernetes: a token is the node proxy's if TokenReview authenticates it as `account`; the
+/// node is the one its (bound) pod runs on.
+pub struct TokenReviewer {
+    pub client: kube::Client,
+    /// `namespace/name` of the node proxy's ServiceAccount.
+    pub account: String,
+}
+
+/// The username TokenReview gives a ServiceAccount token, and the `extra` key of its pod's node.
+const NODE_NAME_EXTRA: &str = "authentication.kubernetes.io/node-name";
+
+impl TokenReviewer {
+    async fn node_of(&self, token: &str) -> Result<Option<String>, tonic::Status> {
+        use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec};
+        let review = TokenReview {
+            spec: TokenReviewSpec { token: Some(token.to_string()), ..Default::default() },
+            ..Default::default()
+        };
+        let api: kube::Api<TokenReview> = kube::Api::all(self.client.clone());
+        let answer = api
+            .create(&kube::api::PostParams::default(), &review)
+            .await
+            .map_err(|e| tonic::Status::unavailable(format!("TokenReview failed: {e}")))?;
+        let Some(status) = answer.status.filter(|s| s.authenticated == Some(true)) else { return Ok(None) };
+        let user = status.user.unwrap_or_default();
+        let (namespace, name) = self.account.split_once('/').unwrap_or(("", &self.account));
+        let wanted = format!("system:serviceaccount:{namespace}:{name}");
+        if user.username.as_deref() != Some(wanted.as_str()) {
+            return Err(tonic::Status::permission_denied(format!(
+                "the token belongs to {}, not the node proxy's ServiceAccount {}",
+                user.username.unwrap_or_default(),
+                self.account
+            )));
+        }
+        let node = user.extra.unwrap_or_default().remove(NODE_NAME_EXTRA).and_then(|v| v.into_iter().next());
+        node.map(Some).ok_or_else(|| {
+            tonic::Status::permission_denied(
+                "the token is not bound to a pod on a node (use a projected token)",
+            )
+        })
+    }
+}
+
 impl NodeCredentials {
-    pub fn new(tokens: Option<NodeTokens>) -> NodeCredentials {
-        NodeCredentials { tokens, verified: Default::default() }
+    pub fn new(tokens: Option<NodeTokens>, kube: Option<TokenReviewer>) -> NodeCredentials {
+        NodeCredentials { tokens, kube, verified: Default::default() }
     }
 
     pub fn enabled(&self) -> bool {
-        self.tokens.is_some()
+        self.tokens.is_some() || self.kube.is_some()
     }
 
     /// The node whose token a request carries (`authorization: Bearer <token>`); `Ok(None)`
-    /// when it carries none.
-    pub fn presented(
+    /// when it carries none (or no credentials are configured).
+    pub async fn presented(
         &self,
         metadata: &tonic::metadata::MetadataMap,
     ) -> Result<Option<String>, tonic::Status> {
-        let Some(tokens) = &self.tokens else { return Ok(None) };
+        if !self.enabled() {
+            return Ok(None);
+        }
         let Some(header) = metadata.get("authorization") else { return Ok(None) };
         let token = header.to_str().ok().and_then(|h| h.strip_prefix("Bearer ")).ok_or_else(|| {
             tonic::Status::unauthenticated("the authorization header is not `Bearer <node token>`")
         })?;
-        tokens.verify(token).map(Some).ok_or_else(|| {
-            tonic::Status::unauthenticated(
-                "the node token is not valid (mint one with `mesh-control node-token <node>`)",
-            )
-        })
+        if let Some(node) = self.tokens.as_ref().and_then(|t| t.verify(token)) {
+            return Ok(Some(node));
+        }
+        if let Some(kube) = &self.kube
+            && let Some(node) = kube.node_of(token).await?
+        {
+            return Ok(Some(node));
+        }
+        Err(tonic::Status::unauthenticated(
+            "the node token is not valid (mint one with `mesh-control node-token <node>`, or on Kubernetes send the \
+             node proxy's ServiceAccount token)",
+        ))
     }
 
     /// Whether `node` may report its workloads with this request's credential; records a
     /// node that proved itself.
-    pub fn admit_report(
+    pub async fn admit_report(
         &self,
         node: &str,
         metadata: &tonic::metadata::MetadataMap,
     ) -> Result<(), tonic::Status> {
+        let presented = self.presented(metadata).await?;
         let mut verified = self.verified.lock().expect("verified lock");
-        match self.presented(metadata)? {
+        match presented {
             Some(owner) if owner == node => {
                 verified.insert(owner);
                 Ok(())

@@ -42,7 +42,7 @@ impl istio_certificate_service_server::IstioCertificateService for CertificateSe
         let Some(ca) = &self.ca else {
             return Err(Status::unavailable("this mesh-control runs without a CA (start it with --ca-dir)"));
         };
-        let node = self.nodes.presented(request.metadata())?.ok_or_else(|| {
+        let node = self.nodes.presented(request.metadata()).await?.ok_or_else(|| {
             Status::unauthenticated("no node credential: send `authorization: Bearer <node token>`")
         })?;
         let request = request.into_inner();
