@@ -78,6 +78,19 @@ fn vip_traffic_is_balanced_across_two_nodes_and_endpoint_changes_reach_every_nod
     let counts = hello_counts(node0, &clients[0], &to, 30);
     assert_eq!(counts.len(), 3, "{counts:?}");
     assert!(counts.values().all(|c| (9..=11).contains(c)), "round robin not even within ±1: {counts:?}");
+    // TCP metrics name the destination workload, also for endpoints on the other node.
+    let m = node0.metrics().unwrap();
+    for web in ["web0", "web1", "web2"] {
+        let series = [
+            ("source_workload", "client0"),
+            ("destination_workload", web),
+            ("destination_workload_namespace", "shop"),
+        ];
+        assert!(
+            m.sum("istio_tcp_connections_opened_total", &series) >= 9.0,
+            "no connections to {web} counted"
+        );
+    }
 
     // Scoping: node 1 runs two of web's endpoints but none of its workloads has dialled web,
     // so it holds nothing of it.

@@ -66,6 +66,13 @@ pub struct Outbound {
     pub sniff_timeout: Duration,
 }
 
+/// A connection to a cluster endpoint: its place under the cluster's maxConnections, and the
+/// endpoint's workload (`namespace/name`, empty when unknown) for telemetry.
+pub(super) struct Balanced {
+    _slot: ConnectionSlot,
+    workload: String,
+}
+
 /// How long a connection to a port with tls routes may take to send its ClientHello when
 /// protocol detection is otherwise off (TLS is client-first: a client sends it at once).
 const TLS_SNIFF_TIMEOUT: Duration = Duration::from_secs(1);
@@ -259,9 +266,9 @@ impl Outbound {
                 return;
             }
         };
-        // `_slot`: this connection's place under the cluster's maxConnections, held while it
-        // is relayed.
-        let (upstream, dst, _slot) = match connected {
+        // `balanced`: this connection's place under the cluster's maxConnections (held while it
+        // is relayed) and the endpoint's workload.
+        let (upstream, dst, balanced) = match connected {
             Ok(s) => s,
             Err(e) => {
                 let reason = match e.kind() {
@@ -277,7 +284,13 @@ impl Outbound {
                 return;
             }
         };
-        let dst_workload = self.destinations.workload_for(dst.ip());
+        // The endpoint's own workload (it may run on another node), else whatever runs locally
+        // at that address.
+        let dst_workload = balanced
+            .as_ref()
+            .and_then(|b| b.workload.split_once('/'))
+            .map(|(namespace, name)| WorkloadKey { namespace: namespace.into(), name: name.into() })
+            .or_else(|| self.destinations.workload_for(dst.ip()));
         let labels = ConnectionLabels {
             reporter: Reporter::source,
             source_workload: source.key.name.clone(),
@@ -335,7 +348,7 @@ impl Outbound {
         local: Option<&LocalityKey>,
         service: &str,
         vip: SocketAddr,
-    ) -> io::Result<(TcpStream, SocketAddr, Option<ConnectionSlot>)> {
+    ) -> io::Result<(TcpStream, SocketAddr, Option<Balanced>)> {
         let slot = balancer.admit_connection().ok_or_else(|| {
             io::Error::other(Refused::AtLimit(balancer.limits.max_connections.unwrap_or_default()))
         })?;
@@ -351,7 +364,7 @@ impl Outbound {
             })?;
         let addr = pick.endpoint.ep.addr;
         tracing::debug!(workload = %source.key, %vip, service, endpoint = %addr, "balanced");
-        Ok((stream, addr, Some(slot)))
+        Ok((stream, addr, Some(Balanced { _slot: slot, workload: pick.endpoint.ep.workload.clone() })))
     }
 
     /// An HTTP connection to `addr` from the source workload, HTTP/2 if `h2`, holding `slot`.
