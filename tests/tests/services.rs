@@ -160,6 +160,29 @@ fn registry_only_egress_is_refused_at_once_with_the_reason_and_allow_any_passes(
     assert!(node.log().contains("no ServiceEntry"), "the log says why");
     // Registered services still work.
     assert_eq!(hello_counts(&node, &client, &format!("{VIP}:80"), 3).values().sum::<usize>(), 3);
+
+    // A Sidecar's egress hosts narrow that further: a service outside them is refused, naming
+    // the hosts; listing its namespace lets it through again.
+    let sidecar = |hosts: &str| {
+        format!(
+            "apiVersion: networking.istio.io/v1\nkind: Sidecar\nmetadata: {{name: default, namespace: shop}}\n\
+             spec: {{egress: [{{hosts: [{hosts}]}}]}}\n"
+        )
+    };
+    node.apply_and_wait(|| write(&config, "sidecar.yaml", &sidecar("\"istio-system/*\""))).unwrap();
+    let to = format!("{VIP}:80");
+    let v = node.testapp(&client, &["client", "--to", &to, "--mode", "hello"]).unwrap();
+    assert!(v["connections"][0]["reply"].get("server").is_none(), "outside the egress hosts: {v}");
+    assert!(node.log().contains("is not among the egress hosts of the workload's Sidecar (istio-system/*)"));
+    let metrics = node.admin_get("/metrics").unwrap();
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("nodemesh_egress_denied_total") && l.contains("not_in_sidecar_egress")),
+        "{metrics}"
+    );
+    node.apply_and_wait(|| write(&config, "sidecar.yaml", &sidecar("\"istio-system/*\", \"./*\""))).unwrap();
+    assert_eq!(hello_counts(&node, &client, &to, 3).values().sum::<usize>(), 3);
 }
 
 #[test]

@@ -319,6 +319,38 @@ pub struct OutboundTrafficPolicySpec {
     pub egress_proxy: Option<serde_json::Value>,
 }
 
+impl Sidecar {
+    /// Its egress hosts as (namespace, host) patterns: `.` made this Sidecar's namespace, short
+    /// hosts qualified in the namespace they name.
+    pub fn egress_patterns(&self) -> Vec<(String, String)> {
+        self.spec
+            .egress
+            .iter()
+            .flat_map(|e| e.hosts.iter())
+            .filter_map(|h| h.split_once('/'))
+            .map(|(ns, host)| {
+                let ns = if ns == "." { self.meta.namespace.as_str() } else { ns };
+                let host = if host.starts_with('*') || ns == "*" {
+                    host.to_string()
+                } else {
+                    crate::xds::translate::qualify(host, ns)
+                };
+                (ns.to_string(), host)
+            })
+            .collect()
+    }
+}
+
+/// Whether the egress host pattern `namespace/host` (see [`Sidecar::egress_patterns`]) names
+/// the service `hostname` of `service_namespace`.
+pub fn egress_allows(namespace: &str, host: &str, service_namespace: &str, hostname: &str) -> bool {
+    (namespace == "*" || namespace == service_namespace)
+        && (host == "*"
+            || host == hostname
+            || hostname.split('.').next() == Some(host)
+            || host.strip_prefix('*').is_some_and(|suffix| hostname.ends_with(suffix)))
+}
+
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum OutboundMode {
@@ -549,5 +581,36 @@ impl SidecarSpec {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod egress_tests {
+    use super::*;
+
+    #[test]
+    fn egress_hosts_resolve_and_match_like_istio() {
+        let sidecar = Sidecar {
+            meta: Meta { name: "default".into(), namespace: "shop".into(), ..Default::default() },
+            spec: SidecarSpec {
+                egress: vec![SidecarEgress {
+                    hosts: vec![
+                        "./reviews".into(),
+                        "*/api.example.com".into(),
+                        "data/*.svc.cluster.local".into(),
+                    ],
+                    ..Default::default()
+                }],
+                ..Default::default()
+            },
+        };
+        let p = sidecar.egress_patterns();
+        assert_eq!(p[0], ("shop".to_string(), "reviews.shop.svc.cluster.local".to_string()));
+        let allowed = |ns: &str, host: &str| p.iter().any(|(n, h)| egress_allows(n, h, ns, host));
+        assert!(allowed("shop", "reviews.shop.svc.cluster.local"));
+        assert!(!allowed("shop", "ratings.shop.svc.cluster.local"));
+        assert!(allowed("ext", "api.example.com"));
+        assert!(allowed("data", "db.data.svc.cluster.local"));
+        assert!(!allowed("other", "db.other.svc.cluster.local"));
     }
 }

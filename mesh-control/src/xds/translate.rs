@@ -561,6 +561,12 @@ impl<'a> Translator<'a> {
                     OutboundMode::AllowAny => mesh::OutboundTrafficPolicy::AllowAny,
                     OutboundMode::RegistryOnly => mesh::OutboundTrafficPolicy::RegistryOnly,
                 } as i32,
+                egress_hosts: sidecar
+                    .map(|s| s.egress_patterns())
+                    .unwrap_or_default()
+                    .into_iter()
+                    .map(|(namespace, host)| mesh::EgressHost { namespace, host })
+                    .collect(),
             };
             if !w.node.is_empty() {
                 let uid = workload.uid.clone();
@@ -590,22 +596,11 @@ impl<'a> Translator<'a> {
     /// Address names of the services a Sidecar's egress hosts name (`ns/host`, `*/host`, `./*`).
     fn hinted_addresses(&self, sidecar: &istio::Sidecar) -> BTreeSet<String> {
         let mut out = BTreeSet::new();
-        let hosts: Vec<(&str, &str)> = sidecar
-            .spec
-            .egress
-            .iter()
-            .flat_map(|e| e.hosts.iter())
-            .filter_map(|h| h.split_once('/'))
-            .map(|(ns, host)| (if ns == "." { sidecar.meta.namespace.as_str() } else { ns }, host))
-            .collect();
+        let hosts = sidecar.egress_patterns();
         for (name, res) in &self.snap.addresses {
             let Some(svc) = &res.service else { continue };
-            let wanted = hosts.iter().any(|(ns, host)| {
-                (*ns == "*" || *ns == svc.namespace)
-                    && (*host == "*"
-                        || qualify(host, ns) == svc.hostname
-                        || host.strip_prefix('*').is_some_and(|s| svc.hostname.ends_with(s)))
-            });
+            let wanted =
+                hosts.iter().any(|(ns, host)| istio::egress_allows(ns, host, &svc.namespace, &svc.hostname));
             if wanted {
                 out.insert(name.clone());
             }

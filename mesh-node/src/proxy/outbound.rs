@@ -253,14 +253,14 @@ impl Outbound {
                     }
                 }
             }
-            Decision::Deny(reason) => {
+            Decision::Deny(code, reason) => {
                 tracing::warn!(workload = %source.key, destination = %dst, "connection refused: {reason}");
                 self.metrics.failure(&fail(FailureReason::egress_not_in_registry));
                 self.metrics.egress_denied(&EgressDeniedLabels {
                     source_workload: source.key.name.clone(),
                     source_workload_namespace: source.key.namespace.clone(),
                     destination: dst.to_string(),
-                    reason: "no_service_entry".into(),
+                    reason: code.label().into(),
                 });
                 relay::reset(&client);
                 return;

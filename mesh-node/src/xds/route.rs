@@ -4,7 +4,10 @@
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
-use mesh_control::proto::mesh::{self, OutboundTrafficPolicy, hash_policy::Key};
+use mesh_control::{
+    model::istio::egress_allows,
+    proto::mesh::{self, OutboundTrafficPolicy, hash_policy::Key},
+};
 use tokio::net::TcpStream;
 
 use super::{
@@ -33,7 +36,28 @@ pub enum Decision {
         /// Whether the port has an HTTP route (a VirtualService's http routes or rate limits).
         http_routed: bool,
     },
-    Deny(String),
+    Deny(DenyReason, String),
+}
+
+/// Why a connection is refused, as the `reason` label of `nodemesh_egress_denied_total`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DenyReason {
+    /// REGISTRY_ONLY and nothing in the registry owns the destination (or that port).
+    NoServiceEntry,
+    /// REGISTRY_ONLY and the service is outside the workload's Sidecar egress hosts.
+    NotInSidecarEgress,
+    /// The service's cluster has not arrived from the control plane yet.
+    NotReceived,
+}
+
+impl DenyReason {
+    pub fn label(self) -> &'static str {
+        match self {
+            DenyReason::NoServiceEntry => "no_service_entry",
+            DenyReason::NotInSidecarEgress => "not_in_sidecar_egress",
+            DenyReason::NotReceived => "cluster_not_received",
+        }
+    }
 }
 
 pub struct Router {
@@ -53,13 +77,39 @@ impl Router {
         let registry_only = policy == OutboundTrafficPolicy::RegistryOnly;
         match self.on_demand.resolve(dst.ip(), self.lookup_timeout).await {
             Some(AddressInfo::Service(svc)) => {
+                // A Sidecar's egress hosts narrow what a REGISTRY_ONLY workload may reach.
+                if registry_only
+                    && let Some(w) = &workload
+                    && !w.egress_hosts.is_empty()
+                    && !w
+                        .egress_hosts
+                        .iter()
+                        .any(|h| egress_allows(&h.namespace, &h.host, &svc.namespace, &svc.hostname))
+                {
+                    return Decision::Deny(
+                        DenyReason::NotInSidecarEgress,
+                        format!(
+                            "service {} is not among the egress hosts of the workload's Sidecar ({}); \
+                             outboundTrafficPolicy is REGISTRY_ONLY",
+                            svc.hostname,
+                            w.egress_hosts
+                                .iter()
+                                .map(|h| format!("{}/{}", h.namespace, h.host))
+                                .collect::<Vec<_>>()
+                                .join(", ")
+                        ),
+                    );
+                }
                 let Some(port) = svc.ports.iter().find(|p| p.port == u32::from(dst.port())) else {
                     return if registry_only {
-                        Decision::Deny(format!(
-                            "service {} does not declare port {} (outboundTrafficPolicy REGISTRY_ONLY)",
-                            svc.hostname,
-                            dst.port()
-                        ))
+                        Decision::Deny(
+                            DenyReason::NoServiceEntry,
+                            format!(
+                                "service {} does not declare port {} (outboundTrafficPolicy REGISTRY_ONLY)",
+                                svc.hostname,
+                                dst.port()
+                            ),
+                        )
                     } else {
                         Decision::Direct
                     };
@@ -81,21 +131,30 @@ impl Router {
                             http_routed: !port.route.is_empty(),
                         }
                     }
-                    None => Decision::Deny(format!(
-                        "cluster {} of service {} has not been received from the control plane",
-                        port.cluster, svc.hostname
-                    )),
+                    None => Decision::Deny(
+                        DenyReason::NotReceived,
+                        format!(
+                            "cluster {} of service {} has not been received from the control plane",
+                            port.cluster, svc.hostname
+                        ),
+                    ),
                 }
             }
             Some(AddressInfo::Workload(_)) => Decision::Direct,
-            Some(AddressInfo::Unknown) if registry_only => Decision::Deny(format!(
-                "no ServiceEntry (or Service) matches {dst}; outboundTrafficPolicy is REGISTRY_ONLY — add a \
+            Some(AddressInfo::Unknown) if registry_only => Decision::Deny(
+                DenyReason::NoServiceEntry,
+                format!(
+                    "no ServiceEntry (or Service) matches {dst}; outboundTrafficPolicy is REGISTRY_ONLY — add a \
                  ServiceEntry for this host to allow it"
-            )),
-            None if registry_only => Decision::Deny(format!(
-                "{dst} is not in the registry this node holds and the control plane did not answer; \
+                ),
+            ),
+            None if registry_only => Decision::Deny(
+                DenyReason::NoServiceEntry,
+                format!(
+                    "{dst} is not in the registry this node holds and the control plane did not answer; \
                  outboundTrafficPolicy is REGISTRY_ONLY, so unknown destinations are refused"
-            )),
+                ),
+            ),
             Some(AddressInfo::Unknown) | None => Decision::Direct,
         }
     }
