@@ -333,7 +333,7 @@ impl Sidecar {
                 let host = if host.starts_with('*') || ns == "*" {
                     host.to_string()
                 } else {
-                    crate::xds::translate::qualify(host, ns)
+                    super::qualify(host, ns)
                 };
                 (ns.to_string(), host)
             })

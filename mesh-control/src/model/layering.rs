@@ -25,16 +25,15 @@
 
 use std::collections::{BTreeMap, HashMap};
 
+use super::qualify;
 use super::{
     Kind, Meta, Object,
     istio::DestinationRule,
     store::Store,
     virtual_service::{
-        Destination, HttpMatch, HttpRoute, L4Route, L4RouteDestination, RouteDestination, StringMatch,
-        VirtualService,
+        Destination, HttpMatch, HttpRoute, L4Route, RouteDestination, StringMatch, VirtualService,
     },
 };
-use crate::xds::translate::qualify;
 
 /// The composed routes of each host, and what in them conflicts.
 pub struct Composed {
@@ -71,12 +70,11 @@ impl Sourced<'_> {
     /// the namespace of the object that wrote them.
     fn resolved(&self) -> HttpRoute {
         let namespace = &self.object.meta.namespace;
-        let qualified = |d: &mut Destination| d.host = qualify(&d.host, namespace);
         let mut r = self.route.clone();
         r.name = self.name();
-        r.route.iter_mut().for_each(|d| qualified(&mut d.destination));
-        r.mirror.iter_mut().for_each(qualified);
-        r.mirrors.iter_mut().for_each(|m| qualified(&mut m.destination));
+        r.route.iter_mut().for_each(|d| d.destination.qualify(namespace));
+        r.mirror.iter_mut().for_each(|d| d.qualify(namespace));
+        r.mirrors.iter_mut().for_each(|m| m.destination.qualify(namespace));
         r
     }
 }
@@ -127,25 +125,13 @@ fn compose_host(
     let mut tcp = Vec::new();
     let mut tls = Vec::new();
     for v in objects {
-        let qualified = |d: &L4RouteDestination| L4RouteDestination {
-            destination: Destination {
-                host: qualify(&d.destination.host, &v.meta.namespace),
-                ..d.destination.clone()
-            },
-            weight: d.weight,
+        let qualified = |r: &L4Route| {
+            let mut r = r.clone();
+            r.route.iter_mut().for_each(|d| d.destination.qualify(&v.meta.namespace));
+            r
         };
-        tcp.extend(
-            v.spec
-                .tcp
-                .iter()
-                .map(|r| L4Route { route: r.route.iter().map(qualified).collect(), ..r.clone() }),
-        );
-        tls.extend(
-            v.spec
-                .tls
-                .iter()
-                .map(|r| L4Route { route: r.route.iter().map(qualified).collect(), ..r.clone() }),
-        );
+        tcp.extend(v.spec.tcp.iter().map(qualified));
+        tls.extend(v.spec.tls.iter().map(qualified));
     }
     if layers.is_empty() && routes.is_empty() && tcp.is_empty() && tls.is_empty() {
         return None;

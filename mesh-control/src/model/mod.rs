@@ -15,6 +15,18 @@ use std::{collections::BTreeMap, fmt, net::IpAddr};
 
 pub use parse::{FieldError, ParseError, object_from_value};
 
+/// The DNS domain of Kubernetes Services (`<name>.<namespace>.svc.<domain>`).
+pub const CLUSTER_DOMAIN: &str = "cluster.local";
+
+/// Istio's short-name rule: `reviews` in namespace `shop` means `reviews.shop.svc.cluster.local`.
+pub fn qualify(host: &str, namespace: &str) -> String {
+    if host.contains('.') || host.starts_with('*') {
+        host.to_string()
+    } else {
+        format!("{host}.{namespace}.svc.{CLUSTER_DOMAIN}")
+    }
+}
+
 /// The kinds the model understands.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
 pub enum Kind {

@@ -232,6 +232,13 @@ pub struct Destination {
     pub port: Option<PortSelector>,
 }
 
+impl Destination {
+    /// Its host under Istio's short-name rule, in the namespace of the object that wrote it.
+    pub fn qualify(&mut self, namespace: &str) {
+        self.host = super::qualify(&self.host, namespace);
+    }
+}
+
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Headers {

@@ -6,7 +6,8 @@ use std::collections::HashMap;
 
 use prost::Message;
 
-use super::{routes, translate::qualify};
+use super::routes;
+use crate::model::qualify;
 use crate::{
     model::{
         Object,

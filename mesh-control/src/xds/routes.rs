@@ -35,7 +35,8 @@ use envoy_types::pb::{
     google::protobuf as pbuf,
 };
 
-use super::translate::{qualify, to_any};
+use super::translate::to_any;
+use crate::model::qualify;
 use crate::{
     model::virtual_service::{self as vs, VirtualService},
     proto::{self, mesh},

@@ -30,8 +30,9 @@ use super::{
 };
 use crate::{
     model::{
-        Labels, Locality, Object, core, istio,
+        CLUSTER_DOMAIN, Labels, Locality, Object, core, istio,
         istio::{OutboundMode, Resolution},
+        qualify,
         rate_limit::RateLimitPolicy,
         selector_matches,
         store::Store,
@@ -39,8 +40,6 @@ use crate::{
     },
     proto::{self, mesh},
 };
-
-pub const CLUSTER_DOMAIN: &str = "cluster.local";
 
 /// Builds the snapshot for the store's current generation.
 pub fn snapshot(store: &Store) -> Snapshot {
@@ -663,15 +662,6 @@ fn subset_rule(dr: &istio::DestinationRule, subset: &istio::Subset) -> istio::De
         merged.spec.traffic_policy = Some(tp);
     }
     merged
-}
-
-/// Istio's short-name rule: `reviews` in namespace `shop` means `reviews.shop.svc.cluster.local`.
-pub fn qualify(host: &str, namespace: &str) -> String {
-    if host.contains('.') || host.starts_with('*') {
-        host.to_string()
-    } else {
-        format!("{host}.{namespace}.svc.{CLUSTER_DOMAIN}")
-    }
 }
 
 fn sidecar_for<'s>(
