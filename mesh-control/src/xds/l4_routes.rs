@@ -29,11 +29,6 @@ pub fn for_port(v: &VirtualService, port: u16, ports: &dyn Ports) -> Vec<mesh::L
     out
 }
 
-/// Every cluster the L4 routes of `v` can send to on `port`.
-pub fn clusters(v: &VirtualService, port: u16, ports: &dyn Ports) -> Vec<String> {
-    for_port(v, port, ports).into_iter().flat_map(|r| r.destinations).map(|d| d.cluster).collect()
-}
-
 fn l4_match(m: &L4Match) -> mesh::L4Match {
     let scoped = !m.source_labels.is_empty() || !m.source_namespace.is_empty();
     mesh::L4Match {

@@ -59,9 +59,9 @@ pub fn cluster_name(port: u16, subset: &str, hostname: &str) -> String {
     format!("outbound|{port}|{subset}|{hostname}")
 }
 
-/// Every cluster the route of `hostname:port` can send to: the destinations and mirrors of
-/// `v`'s routes on that port, or without a VirtualService the port's own `cluster`. Known
-/// before the route itself is built (the Service resource lists them).
+/// Every cluster the HTTP route of `hostname:port` can send to: the destinations and mirrors
+/// of `v`'s http routes on that port, or without them the port's own `cluster`. Known before
+/// the route itself is built.
 pub fn clusters(v: Option<&VirtualService>, port: u16, cluster: &str, ports: &dyn Ports) -> BTreeSet<String> {
     let Some(v) = v else { return [cluster.to_string()].into() };
     let forwarding = v.spec.http.iter().filter(|http| http.redirect.is_none() && on_port(http, port));
@@ -71,7 +71,6 @@ pub fn clusters(v: Option<&VirtualService>, port: u16, cluster: &str, ports: &dy
         })
         .map(|d| destination_cluster(d, v, port, ports))
         .collect();
-    out.extend(super::l4_routes::clusters(v, port, ports));
     if v.spec.http.is_empty() {
         // HTTP (and any connection no L4 route takes) still goes to the port's own cluster.
         out.insert(cluster.to_string());

@@ -437,24 +437,22 @@ impl<'a> Translator<'a> {
             self.rate_limits.get(hostname).map(|p| rate_limits::for_port(p, port)).unwrap_or_default();
         let l4_routes = virtual_service.map(|v| l4_routes::for_port(v, port, self)).unwrap_or_default();
         let has_http = virtual_service.is_some_and(|v| !v.spec.http.is_empty()) || !limits.is_empty();
-        let (route, route_clusters) = match (virtual_service, has_http) {
-            (None, false) => (String::new(), Vec::new()),
-            // tcp/tls routes only: no HTTP route (HTTP goes to the port's own cluster), but
-            // the clusters the L4 routes use still travel with the port.
-            (Some(v), false) => {
-                let clusters = routes::clusters(Some(v), port, &name, self);
-                (String::new(), clusters.into_iter().filter(|c| *c != name).collect())
-            }
-            (v, true) => {
-                // The clusters now (the Service resource lists them); the route itself once
-                // every cluster's hash policy is known (see `finish_routes`).
-                let clusters = routes::clusters(v, port, &name, self);
-                let route_name = routes::route_name(hostname, port);
-                self.routes_to_finish.push((hostname.to_string(), port, name.clone(), limits));
-                self.snap.route_clusters.insert(route_name.clone(), clusters.iter().cloned().collect());
-                (route_name, clusters.into_iter().filter(|c| *c != name).collect())
-            }
+        // Every cluster the port's routes can send to, HTTP and L4 (the Service resource lists
+        // them); the HTTP route itself is built once every cluster's hash policy is known
+        // (see `finish_routes`).
+        let mut clusters = routes::clusters(virtual_service, port, &name, self);
+        clusters.extend(l4_routes.iter().flat_map(|r| &r.destinations).map(|d| d.cluster.clone()));
+        let route = if has_http {
+            let route_name = routes::route_name(hostname, port);
+            self.routes_to_finish.push((hostname.to_string(), port, name.clone(), limits));
+            self.snap.route_clusters.insert(route_name.clone(), clusters.iter().cloned().collect());
+            route_name
+        } else {
+            // No HTTP route (HTTP goes to the port's own cluster); tcp/tls routes' clusters
+            // still travel with the port.
+            String::new()
         };
+        let route_clusters = clusters.into_iter().filter(|c| *c != name).collect();
         // gRPC's proxyless client can only dial endpoints it is told (no original destination).
         if !passthrough {
             let listener_name = routes::route_name(hostname, port);
