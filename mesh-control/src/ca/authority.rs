@@ -214,8 +214,10 @@ fn create(dir: &Path, trust_domain: &str, cluster: &str) -> Result<(), LoadError
     let root_key = gen_key()?;
     // A name of its own, so that another mesh's root (or this mesh's next one) is never taken
     // for it when a chain is built.
-    let tag = rcgen::SerialNumber::from_slice(&gen_key()?.public_key_raw()[1..9]);
-    let tag: String = tag.to_bytes().iter().map(|b| format!("{b:02x}")).collect();
+    let mut tag = [0u8; 8];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut tag)
+        .map_err(|_| fail("root-cert.pem", "no randomness for the root's name".into()))?;
+    let tag = super::node_tokens::hex(&tag);
     let root_params = ca_params(format!("Nodemesh root CA {tag}"), ROOT_VALIDITY, None);
     let root = root_params.self_signed(&root_key).map_err(|e| fail("root-cert.pem", e.to_string()))?;
     let root_issuer = Issuer::new(root_params, &root_key);
