@@ -226,6 +226,7 @@ impl Cache {
             }
             proto::ADDRESS_TYPE => {
                 let mut entries = Vec::new();
+                let mut l4_tables: Vec<(String, Option<L4Routes>)> = Vec::new();
                 for r in updated {
                     let ip: IpAddr =
                         r.name.parse().map_err(|_| format!("Address `{}`: name is not an IP", r.name))?;
@@ -239,10 +240,17 @@ impl Cache {
                                     r.name, p.port
                                 ));
                             }
-                            for p in svc.ports.iter().filter(|p| !p.l4_routes.is_empty()) {
-                                L4Routes::compile(&p.l4_routes).map_err(|e| {
-                                    format!("Address {} ({} port {}): {e}", r.name, svc.hostname, p.port)
-                                })?;
+                            // Compiled (and so checked) once; kept below unless unchanged.
+                            for p in &svc.ports {
+                                let key = format!("{}:{}", svc.hostname, p.port);
+                                let table = if p.l4_routes.is_empty() {
+                                    None
+                                } else {
+                                    Some(L4Routes::compile(&p.l4_routes).map_err(|e| {
+                                        format!("Address {} ({} port {}): {e}", r.name, svc.hostname, p.port)
+                                    })?)
+                                };
+                                l4_tables.push((key, table));
                             }
                             AddressInfo::Service(Arc::new(svc))
                         }
@@ -261,10 +269,19 @@ impl Cache {
                         }
                     }
                 }
-                for (ip, info) in entries {
-                    if let AddressInfo::Service(svc) = &info {
-                        update_l4_routes(&mut s.l4_routes, svc);
+                for (key, table) in l4_tables {
+                    match table {
+                        None => {
+                            s.l4_routes.remove(&key);
+                        }
+                        // An unchanged port keeps its table, and with it its weighted picks.
+                        Some(t) if s.l4_routes.get(&key).is_some_and(|old| old.source == t.source) => {}
+                        Some(t) => {
+                            s.l4_routes.insert(key, Arc::new(t));
+                        }
                     }
+                }
+                for (ip, info) in entries {
                     s.addresses.insert(ip, info);
                 }
                 s.generation.insert(type_url.into(), generation);
@@ -435,21 +452,6 @@ fn endpoints(cla: &ClusterLoadAssignment) -> Result<Vec<Endpoint>, String> {
         }
     }
     Ok(out)
-}
-
-/// Compiles the tcp/tls routes of `svc`'s ports (checked already), keeping a port's table when
-/// its routes did not change.
-fn update_l4_routes(tables: &mut HashMap<String, Arc<L4Routes>>, svc: &mesh::Service) {
-    for p in &svc.ports {
-        let key = format!("{}:{}", svc.hostname, p.port);
-        if p.l4_routes.is_empty() {
-            tables.remove(&key);
-        } else if tables.get(&key).is_none_or(|t| t.source != p.l4_routes)
-            && let Ok(table) = L4Routes::compile(&p.l4_routes)
-        {
-            tables.insert(key, Arc::new(table));
-        }
-    }
 }
 
 fn socket_addr(a: Option<&envoy_core::Address>) -> Option<SocketAddr> {
