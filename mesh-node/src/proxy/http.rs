@@ -480,7 +480,7 @@ async fn connect(
         })
         .await
         .map_err(|e| {
-            let overflow = overflowed(&e);
+            let overflow = Refused::caused(&e);
             let why = match e.kind() {
                 _ if overflow => format!(
                     "cluster {} is at its connectionPool limit of connections ({}): {e}",
@@ -499,11 +499,6 @@ struct ConnectFailed {
     why: String,
     /// Refused by the cluster's connectionPool limits (not the endpoint's fault).
     overflow: bool,
-}
-
-/// Whether a connect error is the cluster's connectionPool refusing (see [`Refused`]).
-pub(super) fn overflowed(e: &std::io::Error) -> bool {
-    e.get_ref().is_some_and(|inner| inner.is::<Refused>())
 }
 
 /// 503 with Envoy's overflow marker, so callers (and Envoy-aware clients) can tell a

@@ -121,7 +121,7 @@ impl Attempt<'_> {
             match open(addr).await {
                 // The cluster's connectionPool refused: not this endpoint's fault, and no
                 // other endpoint would be let in either.
-                Err(e) if http::overflowed(&e) => return Err(e),
+                Err(e) if Refused::caused(&e) => return Err(e),
                 Ok(opened) => {
                     if report_success {
                         b.report(&pick.endpoint, true);
@@ -272,7 +272,7 @@ impl Outbound {
             Ok(s) => s,
             Err(e) => {
                 let reason = match e.kind() {
-                    _ if http::overflowed(&e) => FailureReason::upstream_overflow,
+                    _ if Refused::caused(&e) => FailureReason::upstream_overflow,
                     io::ErrorKind::ConnectionRefused => FailureReason::upstream_connect_refused,
                     io::ErrorKind::TimedOut => FailureReason::upstream_connect_timeout,
                     io::ErrorKind::NotFound => FailureReason::no_healthy_endpoint,

@@ -64,6 +64,14 @@ impl std::fmt::Display for Refused {
 
 impl std::error::Error for Refused {}
 
+impl Refused {
+    /// Whether a connect error is the cluster's connectionPool refusing (not the endpoint's
+    /// fault: no other endpoint would be let in either).
+    pub fn caused(e: &std::io::Error) -> bool {
+        e.get_ref().is_some_and(|inner| inner.is::<Refused>())
+    }
+}
+
 impl ConnectionLimits {
     pub fn open(&self) -> u32 {
         self.open.load(Ordering::Acquire)
