@@ -298,17 +298,8 @@ impl Balancer {
                 } else {
                     // Endpoint weights (WorkloadEntry / ServiceEntry `weight`): smooth weighted
                     // round robin, exact per cycle and interleaved.
-                    let mut credits = members.credits.lock().expect("credits lock");
-                    let total: i64 = candidates.iter().map(|i| weight(*i)).sum();
-                    let mut best = candidates[0];
-                    for &i in &candidates {
-                        credits[i] += weight(i);
-                        if credits[i] > credits[best] {
-                            best = i;
-                        }
-                    }
-                    credits[best] -= total;
-                    best
+                    let choices = candidates.iter().map(|&i| (i, weight(i)));
+                    super::weights::step(&mut members.credits.lock().expect("credits lock"), choices)
                 }
             }
             (LbPolicy::Random, _) | (LbPolicy::RingHash { .. }, None) => {

@@ -6,6 +6,7 @@ use std::sync::Mutex;
 
 pub struct SmoothWeights {
     weights: Vec<u32>,
+    /// All weights together (0: always the first choice).
     total: u64,
     /// Each choice's current credit.
     credit: Mutex<Vec<i64>>,
@@ -28,15 +29,24 @@ impl SmoothWeights {
         if self.weights.len() <= 1 || self.total == 0 {
             return 0;
         }
-        let mut credit = self.credit.lock().expect("weights lock");
-        let mut best = 0;
-        for (i, w) in self.weights.iter().enumerate() {
-            credit[i] += i64::from(*w);
-            if credit[i] > credit[best] {
-                best = i;
-            }
-        }
-        credit[best] -= self.total as i64;
-        best
+        let choices = self.weights.iter().map(|w| i64::from(*w)).enumerate();
+        step(&mut self.credit.lock().expect("weights lock"), choices)
     }
+}
+
+/// One step over `choices` (an index into `credit`, and its weight): every choice gains its
+/// weight in credit, the richest is picked and pays the total. Choices may be a subset of
+/// the credited items (endpoints left after ejections, say).
+pub fn step(credit: &mut [i64], choices: impl Iterator<Item = (usize, i64)> + Clone) -> usize {
+    let total: i64 = choices.clone().map(|(_, w)| w).sum();
+    let mut best = None;
+    for (i, w) in choices {
+        credit[i] += w;
+        if best.is_none_or(|b: usize| credit[i] > credit[b]) {
+            best = Some(i);
+        }
+    }
+    let best = best.expect("at least one choice");
+    credit[best] -= total;
+    best
 }
