@@ -107,9 +107,8 @@ impl Identities {
             let mut wake = SystemTime::now() + MAX_RETRY;
             for id in &wanted {
                 let now = SystemTime::now();
-                let due = self.get(id).is_none_or(|c| c.renew_at() <= now);
-                if !due {
-                    wake = wake.min(self.get(id).map_or(wake, |c| c.renew_at()));
+                if let Some(renew_at) = self.get(id).map(|c| c.renew_at()).filter(|at| *at > now) {
+                    wake = wake.min(renew_at);
                     continue;
                 }
                 match self.fetch(id).await {
