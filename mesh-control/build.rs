@@ -16,6 +16,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .btree_map(".")
         .build_server(true)
         .build_client(true)
-        .compile_protos(&["proto/nodemesh/mesh/v1/mesh.proto", "proto/istio/v1/auth/ca.proto"], &["proto"])?;
+        .compile_protos(&["proto/nodemesh/mesh/v1/mesh.proto", "proto/istio/v1/auth/ca.proto"], &["proto"])
+        .map_err(|e| {
+            format!("{e}\n(google/protobuf/*.proto come with libprotobuf-dev: run `cargo xtask setup`)")
+        })?;
     Ok(())
 }
