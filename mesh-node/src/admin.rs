@@ -30,6 +30,8 @@ pub struct Admin {
     pub xds: Option<Arc<crate::xds::client::Client>>,
     /// Workload certificates (with `--token-file`).
     pub identities: Option<Arc<crate::identity::Identities>>,
+    /// Tunnel connections to other nodes (with identities).
+    pub tunnels: Option<Arc<crate::tunnel::client::TunnelPool>>,
 }
 
 impl Admin {
@@ -85,6 +87,7 @@ impl Admin {
                             "config": x.cache.dump(),
                         })),
                         "identity": self.identities.as_ref().map(|i| i.dump()),
+                        "tunnels": self.tunnels.as_ref().map(|t| t.dump()),
                     }),
                 )
             }

@@ -119,6 +119,18 @@ pub struct RunArgs {
     pub token_file: Option<PathBuf>,
     #[arg(long, env = "NODEMESH_TRUST_DOMAIN", default_value = "cluster.local")]
     pub trust_domain: String,
+    /// Where the HBONE tunnel listens (with `--token-file`: the node has workload identities).
+    #[arg(long, env = "NODEMESH_TUNNEL_LISTEN", default_value = "[::]:15008")]
+    pub tunnel_listen: SocketAddr,
+    /// The address other nodes reach this node at; its tunnel is advertised as
+    /// `<node-ip>:<tunnel port>`. Without it, meshed pods elsewhere reach this node's pods in
+    /// plaintext. Kubernetes: the pod's `status.hostIP`.
+    #[arg(long, env = "NODEMESH_NODE_IP")]
+    pub node_ip: Option<std::net::IpAddr>,
+    /// SO_MARK on sockets that deliver inbound connections into pods (decimal or 0x hex);
+    /// pods route answers to marked sockets back to mesh-node. Must differ from the proxy mark.
+    #[arg(long, env = "NODEMESH_DELIVERY_MARK", default_value_t = format!("{:#x}", crate::inbound::DEFAULT_DELIVERY_MARK))]
+    pub delivery_mark: String,
 }
 
 /// A CIDR in its canonical form (host bits cleared).
@@ -179,6 +191,10 @@ pub struct Config {
     /// The node token (read from `--token-file`); `None`: no workload certificates.
     pub token: Option<String>,
     pub trust_domain: String,
+    pub tunnel_listen: SocketAddr,
+    /// Advertised to the control plane: `--node-ip` with the tunnel's port.
+    pub tunnel_address: Option<SocketAddr>,
+    pub delivery_mark: u32,
 }
 
 impl Config {
@@ -207,17 +223,11 @@ impl Config {
                 c.trim().parse::<Cidr>().map_err(|e| errors.push(format!("--exclude-cidr {e}"))).ok()
             })
             .collect();
-        let mark = args.proxy_mark.trim();
-        let proxy_mark = match mark.strip_prefix("0x") {
-            Some(hex) => u32::from_str_radix(hex, 16),
-            None => mark.parse(),
+        let proxy_mark = parse_mark("--proxy-mark", &args.proxy_mark, &mut errors);
+        let delivery_mark = parse_mark("--delivery-mark", &args.delivery_mark, &mut errors);
+        if proxy_mark != 0 && proxy_mark == delivery_mark {
+            errors.push(format!("--delivery-mark {delivery_mark:#x}: must differ from --proxy-mark"));
         }
-        .ok()
-        .filter(|m| *m != 0)
-        .unwrap_or_else(|| {
-            errors.push(format!("--proxy-mark `{mark}`: must be a non-zero 32-bit number"));
-            0
-        });
         let cgroup_root = match args.cgroup_root {
             Some(p) if p.is_dir() => p,
             Some(p) => {
@@ -275,8 +285,26 @@ impl Config {
             sniff_timeout: Duration::from_millis(args.sniff_timeout_ms),
             token,
             trust_domain: args.trust_domain,
+            tunnel_listen: args.tunnel_listen,
+            tunnel_address: args.node_ip.map(|ip| SocketAddr::new(ip, args.tunnel_listen.port())),
+            delivery_mark,
         })
     }
+}
+
+/// A non-zero socket mark, decimal or `0x` hex.
+fn parse_mark(flag: &str, text: &str, errors: &mut Vec<String>) -> u32 {
+    let mark = text.trim();
+    match mark.strip_prefix("0x") {
+        Some(hex) => u32::from_str_radix(hex, 16),
+        None => mark.parse(),
+    }
+    .ok()
+    .filter(|m| *m != 0)
+    .unwrap_or_else(|| {
+        errors.push(format!("{flag} `{mark}`: must be a non-zero 32-bit number"));
+        0
+    })
 }
 
 #[cfg(test)]

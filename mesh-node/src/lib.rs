@@ -11,6 +11,7 @@ pub mod api;
 pub mod capture;
 pub mod config;
 pub mod identity;
+pub mod inbound;
 /// HTTP plumbing shared with mesh-control's admin endpoint.
 pub use mesh_control::http;
 pub mod netns;
@@ -18,6 +19,7 @@ pub mod proxy;
 pub mod run;
 pub mod sys;
 pub mod telemetry;
+pub mod tunnel;
 pub mod workload;
 pub mod xds;
 

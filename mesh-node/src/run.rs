@@ -12,6 +12,7 @@ use crate::{
     identity::Identities,
     proxy::Outbound,
     telemetry::metrics::Metrics,
+    tunnel::{client::TunnelPool, credentials::Credentials, server::TunnelServer},
     workload::{IpIndex, Registry},
     xds::{cache::Cache, client::Client as XdsClient, route::Router},
 };
@@ -29,9 +30,19 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::new(&mut metrics_registry));
     let index = Arc::new(IpIndex::default());
     let cache = Arc::new(Cache::new(config.max_endpoints_per_cluster));
+    let identities = match (&config.control_plane, &config.token) {
+        (Some(cp), Some(token)) => {
+            Some(Arc::new(Identities::new(cp, token.clone(), config.trust_domain.clone())?))
+        }
+        _ => None,
+    };
+    // The tunnel needs workload identities: without them there is no TLS to speak.
+    let credentials =
+        identities.as_ref().map(|i| Arc::new(Credentials::new(Arc::clone(i), config.connect_timeout)));
     let xds_client = config.control_plane.as_ref().map(|cp| {
         let mut client = XdsClient::new(cp.clone(), config.node_name.clone(), Arc::clone(&cache));
         client.token = config.token.clone();
+        client.tunnel_address = credentials.as_ref().and(config.tunnel_address);
         Arc::new(client)
     });
     let router = xds_client.as_ref().map(|c| Router {
@@ -39,11 +50,14 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         on_demand: c.on_demand(),
         lookup_timeout: config.lookup_timeout,
     });
+    let tunnels = credentials.as_ref().map(|c| Arc::new(TunnelPool::new(Arc::clone(c), config.proxy_mark)));
     let outbound = Arc::new(Outbound {
         capture: Arc::clone(&capture),
         metrics: Arc::clone(&metrics),
-        destinations: index.clone(),
+        locals: Arc::clone(&index),
+        tunnels: tunnels.clone(),
         proxy_mark: config.proxy_mark,
+        delivery_mark: config.delivery_mark,
         connect_timeout: config.connect_timeout,
         router,
         sniff_timeout: config.sniff_timeout,
@@ -51,25 +65,34 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let registry = Arc::new(Registry::new(
         Arc::clone(&capture),
         outbound,
-        index,
-        metrics,
+        Arc::clone(&index),
+        Arc::clone(&metrics),
         &config.state_dir,
         &config.cgroup_root,
+        config.delivery_mark,
     ));
+    if let Some(credentials) = &credentials {
+        let listener = TcpListener::bind(config.tunnel_listen)
+            .await
+            .with_context(|| format!("tunnel: cannot listen on {}", config.tunnel_listen))?;
+        let server = Arc::new(TunnelServer {
+            credentials: Arc::clone(credentials),
+            locals: Arc::clone(&index),
+            delivery_mark: config.delivery_mark,
+            connect_timeout: config.connect_timeout,
+            metrics: Arc::clone(&metrics),
+        });
+        tokio::spawn(server.serve(listener));
+    }
 
     let admin_listener = TcpListener::bind(config.admin_addr)
         .await
         .with_context(|| format!("admin endpoint: cannot listen on {}", config.admin_addr))?;
     let api_listener = api::server::bind(&config.api_socket)
         .with_context(|| format!("local API: cannot listen on {}", config.api_socket.display()))?;
-    let identities = match (&config.control_plane, &config.token) {
-        (Some(cp), Some(token)) => {
-            Some(Arc::new(Identities::new(cp, token.clone(), config.trust_domain.clone())?))
-        }
-        _ => None,
-    };
     let admin = Arc::new(Admin {
         identities: identities.clone(),
+        tunnels,
         ready: false.into(),
         metrics: metrics_registry,
         workloads: Arc::clone(&registry),

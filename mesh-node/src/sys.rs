@@ -22,3 +22,21 @@ pub fn netns_cookie(socket: &impl AsRawFd) -> io::Result<u64> {
     };
     if rc == 0 { Ok(cookie) } else { Err(io::Error::last_os_error()) }
 }
+
+/// `IP_BIND_ADDRESS_NO_PORT`: a socket bound to (address, 0) gets its port at connect time,
+/// unique per 4-tuple rather than per address, so one source address can carry as many
+/// connections as there are distinct destinations × ports.
+pub fn set_bind_address_no_port(socket: &impl AsRawFd) -> io::Result<()> {
+    let on: libc::c_int = 1;
+    // SAFETY: `on` is valid for reads of the size passed.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::IPPROTO_IP,
+            libc::IP_BIND_ADDRESS_NO_PORT,
+            (&raw const on).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
+}

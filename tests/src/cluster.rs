@@ -127,7 +127,16 @@ impl SimCluster {
         let url = self.control.url();
         for node in &mut self.nodes {
             let token = node.write_node_token(&self.control)?;
-            let mut args = vec!["--control-plane", url.as_str(), "--token-file", token.as_str()];
+            // Other nodes open tunnels to this node's fabric address.
+            let node_ip = fabric_ip4(node.index + 1).to_string();
+            let mut args = vec![
+                "--control-plane",
+                url.as_str(),
+                "--token-file",
+                token.as_str(),
+                "--node-ip",
+                node_ip.as_str(),
+            ];
             args.extend_from_slice(node_args);
             node.start_mesh_node(&args)?;
         }

@@ -71,6 +71,7 @@ fn report(
             addresses: vec!["10.77.0.200".into()],
             ..Default::default()
         }],
+        ..Default::default()
     };
     netns::run_in(&node.node_netns, move || {
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;

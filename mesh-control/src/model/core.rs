@@ -26,6 +26,14 @@ impl Node {
     }
 }
 
+/// A node's proxy, as it reports itself (`meta.name` is the node).
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct NodeProxy {
+    pub meta: Meta,
+    /// Where other nodes open HBONE tunnels to this node's workloads; `None`: no tunnel.
+    pub tunnel: Option<std::net::SocketAddr>,
+}
+
 /// A pod, or a workload a node registered locally (same shape).
 #[derive(Clone, Debug, PartialEq, serde::Serialize)]
 pub struct Pod {

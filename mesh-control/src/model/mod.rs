@@ -44,10 +44,12 @@ pub enum Kind {
     MeshConfig,
     /// A workload a node registered in local mode and reported to the control plane.
     NodeWorkload,
+    /// A node's proxy as it reported itself (its tunnel address).
+    NodeProxy,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 13] = [
+    pub const ALL: [Kind; 14] = [
         Kind::Namespace,
         Kind::Node,
         Kind::Pod,
@@ -61,10 +63,11 @@ impl Kind {
         Kind::RateLimitPolicy,
         Kind::MeshConfig,
         Kind::NodeWorkload,
+        Kind::NodeProxy,
     ];
 
     pub fn is_namespaced(self) -> bool {
-        !matches!(self, Kind::Namespace | Kind::Node | Kind::MeshConfig)
+        !matches!(self, Kind::Namespace | Kind::Node | Kind::MeshConfig | Kind::NodeProxy)
     }
 }
 
@@ -120,6 +123,7 @@ pub enum Object {
     RateLimitPolicy(rate_limit::RateLimitPolicy),
     MeshConfig(istio::MeshConfig),
     NodeWorkload(core::Pod),
+    NodeProxy(core::NodeProxy),
 }
 
 impl Object {
@@ -138,6 +142,7 @@ impl Object {
             Object::RateLimitPolicy(_) => Kind::RateLimitPolicy,
             Object::MeshConfig(_) => Kind::MeshConfig,
             Object::NodeWorkload(_) => Kind::NodeWorkload,
+            Object::NodeProxy(_) => Kind::NodeProxy,
         }
     }
 
@@ -155,6 +160,7 @@ impl Object {
             Object::VirtualService(o) => &o.meta,
             Object::RateLimitPolicy(o) => &o.meta,
             Object::MeshConfig(o) => &o.meta,
+            Object::NodeProxy(o) => &o.meta,
         }
     }
 

@@ -171,7 +171,9 @@ pub fn object_from_value(value: Value) -> Result<Object, ParseError> {
         }),
         Kind::MeshConfig => spec::<istio::MeshConfigSpec>(&value)
             .map(|spec| Object::MeshConfig(istio::MeshConfig { meta: meta.clone(), spec })),
-        Kind::NodeWorkload => unreachable!("node workloads are not parsed from documents"),
+        Kind::NodeWorkload | Kind::NodeProxy => {
+            unreachable!("node reports are not parsed from documents")
+        }
     };
     result.map_err(|errors| fail(Some(kind), &meta, errors))
 }

@@ -12,7 +12,7 @@ use crate::{
     ca::node_tokens::NodeCredentials,
     model::{
         FieldError, Labels, Meta, Object, ParseError,
-        core::Pod,
+        core::{NodeProxy, Pod},
         parse_ips,
         store::{Document, Origin, Store},
     },
@@ -42,11 +42,12 @@ impl NodeRegistration for Registration {
             return Err(refused);
         }
         let origin = Origin::Node(report.node.clone());
-        let docs = report
-            .workloads
-            .into_iter()
-            .enumerate()
-            .map(|(i, w)| Document { location: format!("workloads[{i}]"), result: workload(&report.node, w) })
+        let proxy = Document { location: "tunnel_address".into(), result: node_proxy(&report) };
+        let docs = std::iter::once(proxy)
+            .chain(report.workloads.into_iter().enumerate().map(|(i, w)| Document {
+                location: format!("workloads[{i}]"),
+                result: workload(&report.node, w),
+            }))
             .collect();
         let mut store = self.store.lock().expect("store lock");
         let applied = store.replace_source(&origin, docs);
@@ -68,6 +69,20 @@ impl NodeRegistration for Registration {
         }
         Ok(Response::new(mesh::WorkloadReportReply { generation }))
     }
+}
+
+/// The reporting node itself: where its tunnel listens.
+fn node_proxy(report: &mesh::WorkloadReport) -> Result<Object, ParseError> {
+    let meta = Meta { name: report.node.clone(), ..Meta::default() };
+    let tunnel = match report.tunnel_address.as_str() {
+        "" => None,
+        a => Some(a.parse::<std::net::SocketAddr>().map_err(|e| ParseError {
+            key: None,
+            object: format!("node {}", report.node),
+            errors: vec![FieldError::new("tunnel_address", format!("`{a}` is not ip:port: {e}"))],
+        })?),
+    };
+    Ok(Object::NodeProxy(NodeProxy { meta, tunnel }))
 }
 
 fn workload(node: &str, w: mesh::ReportedWorkload) -> Result<Object, ParseError> {

@@ -62,7 +62,21 @@ struct Ep {
     workload: String,
     /// The workload's labels, for DestinationRule subsets (empty when the workload is unknown).
     labels: Labels,
+    /// How a meshed peer reaches it through its node's tunnel; `None`: in plaintext.
+    tunnel: Option<EpTunnel>,
 }
+
+/// A meshed workload's tunnel, as endpoint metadata carries it (`nodemesh.io` in the
+/// LbEndpoint's filter metadata): its node's HBONE address and the workload's service account,
+/// whose identity the tunnel's server must prove.
+#[derive(Clone)]
+struct EpTunnel {
+    address: std::net::SocketAddr,
+    service_account: String,
+}
+
+/// Filter-metadata key of [`EpTunnel`] on endpoints.
+pub const TUNNEL_METADATA: &str = "nodemesh.io";
 
 /// A workload as endpoints selection sees it (pods, node-reported workloads, WorkloadEntries).
 struct Wl<'a> {
@@ -77,6 +91,8 @@ struct Wl<'a> {
     /// WorkloadEntry port map (name → port).
     ports: Option<&'a BTreeMap<String, u16>>,
     weight: u32,
+    /// Meshed, on a node with a tunnel: its node's tunnel address.
+    tunnel: Option<std::net::SocketAddr>,
 }
 
 impl Wl<'_> {
@@ -90,6 +106,9 @@ impl Wl<'_> {
             weight: self.weight,
             workload: format!("{}/{}", self.namespace, self.name),
             labels: self.labels.clone(),
+            tunnel: self
+                .tunnel
+                .map(|address| EpTunnel { address, service_account: self.service_account.to_string() }),
         })
     }
 }
@@ -128,6 +147,18 @@ impl<'a> Translator<'a> {
                 _ => None,
             })
             .collect::<HashMap<_, _>>();
+        let tunnels: HashMap<&str, std::net::SocketAddr> = store
+            .of_kind(crate::model::Kind::NodeProxy)
+            .filter_map(|o| match o {
+                Object::NodeProxy(p) => p.tunnel.map(|t| (p.meta.name.as_str(), t)),
+                _ => None,
+            })
+            .collect();
+        let namespace_labels: HashMap<&str, &Labels> = store
+            .of_kind(crate::model::Kind::Namespace)
+            .map(|o| (o.meta().name.as_str(), &o.meta().labels))
+            .collect();
+        let no_labels = Labels::new();
         let mut workloads = Vec::new();
         // With Kubernetes, a pod is also reported by its node: the API's copy wins.
         let api_pods: BTreeSet<(&str, &str)> = store
@@ -139,6 +170,14 @@ impl<'a> Translator<'a> {
             .filter(|o| !api_pods.contains(&(o.meta().namespace.as_str(), o.meta().name.as_str())));
         for o in store.of_kind(crate::model::Kind::Pod).chain(reported) {
             if let Object::Pod(p) | Object::NodeWorkload(p) = o {
+                // A node reports the labels its workload's namespace had; the API has them.
+                let ns_labels = match o {
+                    Object::Pod(_) => {
+                        namespace_labels.get(p.meta.namespace.as_str()).copied().unwrap_or(&no_labels)
+                    }
+                    _ => &p.namespace_labels,
+                };
+                let meshed = crate::meshing::decide(ns_labels, &p.meta.labels).is_meshed();
                 workloads.push(Wl {
                     namespace: &p.meta.namespace,
                     name: &p.meta.name,
@@ -150,6 +189,7 @@ impl<'a> Translator<'a> {
                     service_account: &p.service_account,
                     ports: None,
                     weight: 1,
+                    tunnel: if meshed { tunnels.get(p.node.as_str()).copied() } else { None },
                 });
             }
         }
@@ -166,6 +206,7 @@ impl<'a> Translator<'a> {
                     service_account: &we.spec.service_account,
                     ports: Some(&we.spec.ports),
                     weight: we.spec.weight.max(1),
+                    tunnel: None,
                 });
             }
         }
@@ -197,6 +238,11 @@ impl<'a> Translator<'a> {
 
     fn labels_of(&self, uid: &str) -> Labels {
         self.by_uid.get(uid).map(|i| self.workloads[*i].labels.clone()).unwrap_or_default()
+    }
+
+    fn tunnel_of(&self, uid: &str) -> Option<EpTunnel> {
+        let w = &self.workloads[*self.by_uid.get(uid)?];
+        Some(EpTunnel { address: w.tunnel?, service_account: w.service_account.to_string() })
     }
 
     /// The workloads in `namespace` that `selector` picks, in model order (an empty selector
@@ -269,6 +315,7 @@ impl<'a> Translator<'a> {
                             weight: 1,
                             workload: e.target.clone(),
                             labels: self.labels_of(&e.target),
+                            tunnel: self.tunnel_of(&e.target),
                         });
                     }
                 }
@@ -336,6 +383,7 @@ impl<'a> Translator<'a> {
                                     weight: e.weight.max(1),
                                     workload: String::new(),
                                     labels: e.labels.clone(),
+                                    tunnel: None,
                                 })
                             })
                             .collect();
@@ -564,6 +612,7 @@ impl<'a> Translator<'a> {
                     .into_iter()
                     .map(|(namespace, host)| mesh::EgressHost { namespace, host })
                     .collect(),
+                tunnel_address: w.tunnel.map(|t| t.to_string()).unwrap_or_default(),
             };
             if !w.node.is_empty() {
                 let uid = workload.uid.clone();
@@ -870,7 +919,7 @@ fn build_load_assignment(name: &str, eps: Vec<Ep>) -> endpoint::ClusterLoadAssig
                 hostname: e.workload,
                 ..Default::default()
             })),
-            ..Default::default()
+            metadata: e.tunnel.map(tunnel_metadata),
         };
         groups.entry(e.locality).or_default().push(lb);
     }
@@ -890,6 +939,24 @@ fn build_load_assignment(name: &str, eps: Vec<Ep>) -> endpoint::ClusterLoadAssig
                 ..Default::default()
             })
             .collect(),
+        ..Default::default()
+    }
+}
+
+/// `filter_metadata["nodemesh.io"] = {tunnel, service_account}`.
+fn tunnel_metadata(t: EpTunnel) -> envoy_core::Metadata {
+    let string = |s: String| pbuf::Value { kind: Some(pbuf::value::Kind::StringValue(s)) };
+    let fields = [
+        ("tunnel".to_string(), string(t.address.to_string())),
+        ("service_account".to_string(), string(t.service_account)),
+    ];
+    envoy_core::Metadata {
+        filter_metadata: [(
+            TUNNEL_METADATA.to_string(),
+            pbuf::Struct { fields: fields.into_iter().collect() },
+        )]
+        .into_iter()
+        .collect(),
         ..Default::default()
     }
 }

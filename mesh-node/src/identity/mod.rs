@@ -9,7 +9,7 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    sync::{Arc, RwLock},
+    sync::{Arc, OnceLock, RwLock},
     time::{Duration, SystemTime},
 };
 
@@ -36,6 +36,19 @@ pub struct WorkloadCert {
     pub chain: Vec<String>,
     pub not_after: SystemTime,
     pub received: SystemTime,
+    /// [`server_name`] of `identity`.
+    pub server_name: String,
+    /// The chain and key as rustls presents them, parsed on first use.
+    certified: OnceLock<Result<Arc<rustls::sign::CertifiedKey>, String>>,
+}
+
+/// The TLS server name a tunnel client sends to reach `identity`: a hash of it (TLS 1.3 hides
+/// certificates but not the server name, so the link never shows which workloads talk).
+pub fn server_name(identity: &SpiffeId) -> String {
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(identity.to_string().as_bytes());
+    let hex: String = digest.iter().take(16).map(|b| format!("{b:02x}")).collect();
+    format!("{hex}.hbone.nodemesh")
 }
 
 impl WorkloadCert {
@@ -46,7 +59,26 @@ impl WorkloadCert {
         not_after: SystemTime,
         received: SystemTime,
     ) -> WorkloadCert {
-        WorkloadCert { identity, key_pem, chain, not_after, received }
+        let server_name = server_name(&identity);
+        WorkloadCert {
+            identity,
+            key_pem,
+            chain,
+            not_after,
+            received,
+            server_name,
+            certified: OnceLock::new(),
+        }
+    }
+
+    /// The chain (without the root) and key for rustls.
+    pub fn certified(&self) -> Result<Arc<rustls::sign::CertifiedKey>, String> {
+        self.certified.get_or_init(|| tls::certified_key(self).map(Arc::new)).clone()
+    }
+
+    /// The root this certificate chains to (last in the chain).
+    pub fn root(&self) -> Option<&str> {
+        self.chain.last().map(String::as_str)
     }
 
     /// Half of the life it had left when it arrived.
@@ -67,6 +99,8 @@ pub struct Identities {
     certs: RwLock<BTreeMap<SpiffeId, Arc<WorkloadCert>>>,
     /// The last failure per identity, until it succeeds.
     failures: RwLock<BTreeMap<SpiffeId, String>>,
+    /// Bumped whenever a certificate comes or goes: TLS configs built from older ones rebuild.
+    version: watch::Sender<u64>,
 }
 
 /// First retry after a failed request; doubles up to [`MAX_RETRY`].
@@ -79,7 +113,14 @@ impl Identities {
             .connect_timeout(Duration::from_secs(2))
             .timeout(Duration::from_secs(10))
             .connect_lazy();
-        Ok(Identities { channel, token, trust_domain, certs: RwLock::default(), failures: RwLock::default() })
+        Ok(Identities {
+            channel,
+            token,
+            trust_domain,
+            certs: RwLock::default(),
+            failures: RwLock::default(),
+            version: watch::Sender::new(0),
+        })
     }
 
     /// The certificate of `identity`, if the node holds one.
@@ -87,13 +128,59 @@ impl Identities {
         self.certs.read().expect("certs lock").get(identity).cloned()
     }
 
-    fn identity_of(&self, spec: &WorkloadSpec) -> SpiffeId {
-        let account = if spec.service_account.is_empty() { "default" } else { spec.service_account.as_str() };
+    /// The certificate of `identity`, waiting up to `timeout` for it to arrive (a workload
+    /// may connect before its first certificate is signed).
+    pub async fn wait_for(&self, identity: &SpiffeId, timeout: Duration) -> Option<Arc<WorkloadCert>> {
+        let mut version = self.version.subscribe();
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            if let Some(cert) = self.get(identity) {
+                return Some(cert);
+            }
+            if tokio::time::timeout_at(deadline, version.changed()).await.is_err() {
+                return None;
+            }
+        }
+    }
+
+    /// The certificate whose [`server_name`] is `name`.
+    pub fn by_server_name(&self, name: &str) -> Option<Arc<WorkloadCert>> {
+        self.certs.read().expect("certs lock").values().find(|c| c.server_name == name).cloned()
+    }
+
+    /// Why the last request for `identity` failed, until one succeeds.
+    pub fn failure(&self, identity: &SpiffeId) -> Option<String> {
+        self.failures.read().expect("failures lock").get(identity).cloned()
+    }
+
+    /// Changes with every certificate that comes or goes.
+    pub fn version(&self) -> u64 {
+        *self.version.borrow()
+    }
+
+    /// The distinct roots of the certificates held: what a peer's chain must end in.
+    pub fn roots(&self) -> Vec<String> {
+        let certs = self.certs.read().expect("certs lock");
+        let roots: BTreeSet<&str> = certs.values().filter_map(|c| c.root()).collect();
+        roots.into_iter().map(str::to_string).collect()
+    }
+
+    pub fn trust_domain(&self) -> &str {
+        &self.trust_domain
+    }
+
+    /// `spiffe://<trust domain>/ns/<namespace>/sa/<account>` (`default` for an empty account).
+    pub fn identity(&self, namespace: &str, service_account: &str) -> SpiffeId {
+        let account = if service_account.is_empty() { "default" } else { service_account };
         SpiffeId {
             trust_domain: self.trust_domain.clone(),
-            namespace: spec.namespace.clone(),
+            namespace: namespace.to_string(),
             service_account: account.to_string(),
         }
+    }
+
+    fn identity_of(&self, spec: &WorkloadSpec) -> SpiffeId {
+        self.identity(&spec.namespace, &spec.service_account)
     }
 
     /// Keeps a valid certificate for every identity of the registered workloads, forever.
@@ -101,7 +188,11 @@ impl Identities {
         let mut retry: BTreeMap<SpiffeId, Duration> = BTreeMap::new();
         loop {
             let wanted: BTreeSet<SpiffeId> = specs.borrow().iter().map(|s| self.identity_of(s)).collect();
+            let before = self.certs.read().expect("certs lock").len();
             self.certs.write().expect("certs lock").retain(|id, _| wanted.contains(id));
+            if self.certs.read().expect("certs lock").len() != before {
+                self.version.send_modify(|v| *v += 1);
+            }
             self.failures.write().expect("failures lock").retain(|id, _| wanted.contains(id));
             retry.retain(|id, _| wanted.contains(id));
             let mut wake = SystemTime::now() + MAX_RETRY;
@@ -116,6 +207,7 @@ impl Identities {
                         tracing::info!(identity = %id, valid_s = cert.not_after.duration_since(now).unwrap_or_default().as_secs(), "workload certificate obtained");
                         wake = wake.min(cert.renew_at());
                         self.certs.write().expect("certs lock").insert(id.clone(), Arc::new(cert));
+                        self.version.send_modify(|v| *v += 1);
                         self.failures.write().expect("failures lock").remove(id);
                         retry.remove(id);
                     }
@@ -167,7 +259,7 @@ impl Identities {
             .into_inner()
             .cert_chain;
         let not_after = leaf_checked(&chain, id)?;
-        Ok(WorkloadCert { identity: id.clone(), key_pem: key.serialize_pem(), chain, not_after, received })
+        Ok(WorkloadCert::new(id.clone(), key.serialize_pem(), chain, not_after, received))
     }
 
     /// What `/config_dump` shows: identities, validity, failures; never keys.

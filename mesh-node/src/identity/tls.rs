@@ -15,7 +15,8 @@ use rustls::{
     client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier},
     crypto::CryptoProvider,
     pki_types::{CertificateDer, PrivateKeyDer, ServerName, TrustAnchor, UnixTime, pem::PemObject},
-    server::WebPkiClientVerifier,
+    server::{ResolvesServerCert, WebPkiClientVerifier},
+    sign::CertifiedKey,
 };
 
 use super::WorkloadCert;
@@ -61,19 +62,33 @@ fn own(cert: &WorkloadCert) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyD
     Ok((chain, key))
 }
 
+/// `cert` as rustls presents it: chain (root left out) and signing key.
+pub fn certified_key(cert: &WorkloadCert) -> Result<CertifiedKey, String> {
+    let (chain, key) = own(cert)?;
+    CertifiedKey::from_der(chain, key, &provider()).map_err(|e| format!("{}: {e}", cert.identity))
+}
+
 /// A server presenting `cert`, requiring a client certificate that chains to `roots`; the
 /// client's identity is read after the handshake ([`peer_identity`]).
 pub fn server_config(cert: &WorkloadCert, roots: &TrustRoots) -> Result<ServerConfig, String> {
+    let key = Arc::new(certified_key(cert)?);
+    server_config_resolving(Arc::new(rustls::sign::SingleCertAndKey::from(key)), roots)
+}
+
+/// A server presenting whichever certificate `certs` picks for the client's server name
+/// (the tunnel: one listener for every workload identity on the node).
+pub fn server_config_resolving(
+    certs: Arc<dyn ResolvesServerCert>,
+    roots: &TrustRoots,
+) -> Result<ServerConfig, String> {
     let verifier = WebPkiClientVerifier::builder_with_provider(Arc::clone(&roots.store), provider())
         .build()
         .map_err(|e| e.to_string())?;
-    let (chain, key) = own(cert)?;
-    ServerConfig::builder_with_provider(provider())
+    Ok(ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| e.to_string())?
         .with_client_cert_verifier(verifier)
-        .with_single_cert(chain, key)
-        .map_err(|e| e.to_string())
+        .with_cert_resolver(certs))
 }
 
 /// A client presenting `cert` that accepts only a server proving `expected`.

@@ -412,7 +412,7 @@ async fn mirror(
         Some(s) => Ok(s),
         // A copy never waits for a connection: under maxConnections it is skipped.
         None => match balancer.admit_connection() {
-            Some(slot) => outbound.dial_http(source, balancer, addr, h2, slot).await,
+            Some(slot) => outbound.dial_http(source, balancer, &pick.endpoint.ep, h2, slot).await,
             None => return,
         },
     };
@@ -466,15 +466,15 @@ async fn connect(
 ) -> Result<(Pick, Sender), ConnectFailed> {
     let attempt = Attempt { source, balancer, hash, local: target.local.as_ref(), service: &target.service };
     attempt
-        .open(previous, false, |addr| async move {
-            match source.http_pool.get(addr, h2, balancer) {
+        .open(previous, false, |endpoint| async move {
+            match source.http_pool.get(endpoint.ep.addr, h2, balancer) {
                 Some(sender) => Ok(sender),
                 None => {
                     let slot = balancer
                         .admit_http_connection(outbound.connect_timeout_to(balancer))
                         .await
                         .map_err(std::io::Error::other)?;
-                    outbound.dial_http(source, balancer, addr, h2, slot).await
+                    outbound.dial_http(source, balancer, &endpoint.ep, h2, slot).await
                 }
             }
         })
@@ -696,7 +696,11 @@ pub(super) fn text_response(status: StatusCode, reason: &str) -> Response<Body> 
 /// Opens an upstream HTTP connection to `addr` from the source workload.
 /// An HTTP connection over `stream`; it holds `slot` (its place under the cluster's
 /// `maxConnections`) until it closes.
-pub async fn handshake(stream: TcpStream, h2: bool, slot: ConnectionSlot) -> std::io::Result<Sender> {
+pub async fn handshake(
+    stream: super::upstream::Upstream,
+    h2: bool,
+    slot: ConnectionSlot,
+) -> std::io::Result<Sender> {
     let io = TokioIo::new(stream);
     if h2 {
         let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())

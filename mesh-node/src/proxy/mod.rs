@@ -5,7 +5,8 @@ mod http;
 pub mod outbound;
 mod pool;
 mod rate_limits;
-mod relay;
+pub mod relay;
 pub mod sniff;
+pub mod upstream;
 
 pub use outbound::{Outbound, Source};

@@ -17,26 +17,24 @@ use mesh_control::workload::WorkloadKey;
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 
-use super::{http, pool::Sender, relay, sniff};
+use super::{http, pool::Sender, relay, sniff, upstream::Upstream};
 use crate::{
     capture::Capture,
+    inbound::deliver::deliver,
     netns::NetnsThread,
     telemetry::metrics::{
         ConnectionLabels, EgressDeniedLabels, FailureLabels, FailureReason, Metrics, Reporter, UNKNOWN,
     },
+    tunnel::{TunnelTarget, client::TunnelPool},
+    workload::IpIndex,
     xds::{
         conn_limits::{ConnectionSlot, Refused},
         http_route::RequestSource,
         l4_route::{Connection, L4Routes},
-        lb::{Balancer, LocalityKey, Pick},
+        lb::{Balancer, Endpoint, EndpointState, LocalityKey, Pick},
         route::{Decision, Router, connection_hash},
     },
 };
-
-/// Resolves a destination address to the workload that owns it, for telemetry.
-pub trait DestinationIndex: Send + Sync {
-    fn workload_for(&self, ip: IpAddr) -> Option<WorkloadKey>;
-}
 
 /// What the proxy needs to know about the workload a listener serves — and nothing more: no
 /// registry access, no keys.
@@ -47,6 +45,8 @@ pub struct Source {
     pub netns_cookie: u64,
     /// The workload's own addresses (consistent hashing on source IP uses the first).
     pub ips: Vec<IpAddr>,
+    /// Its identity's service account (the namespace is the key's).
+    pub service_account: String,
     /// Its upstream HTTP connections, reused across requests.
     pub http_pool: super::pool::Pool,
 }
@@ -55,8 +55,15 @@ pub struct Source {
 pub struct Outbound {
     pub capture: Arc<Capture>,
     pub metrics: Arc<Metrics>,
-    pub destinations: Arc<dyn DestinationIndex>,
+    /// This node's workloads by address: same-node destinations are delivered into their
+    /// netns directly, and telemetry names them.
+    pub locals: Arc<IpIndex>,
+    /// Tunnels to other nodes (the node has workload identities); `None`: meshed peers on
+    /// other nodes are reached in plaintext.
+    pub tunnels: Option<Arc<TunnelPool>>,
     pub proxy_mark: u32,
+    /// `SO_MARK` of sockets delivering into a pod (see `inbound::routing`).
+    pub delivery_mark: u32,
     pub connect_timeout: Duration,
     /// Service routing from the control plane; `None` (no `--control-plane`): every
     /// connection goes where it was dialled.
@@ -102,7 +109,7 @@ impl Attempt<'_> {
         &self,
         prefer_not: &[SocketAddr],
         report_success: bool,
-        mut open: impl FnMut(SocketAddr) -> Fut,
+        mut open: impl FnMut(Arc<EndpointState>) -> Fut,
     ) -> io::Result<(Pick, T)>
     where
         Fut: Future<Output = io::Result<T>>,
@@ -118,7 +125,7 @@ impl Attempt<'_> {
                 break;
             };
             let addr = pick.endpoint.ep.addr;
-            match open(addr).await {
+            match open(Arc::clone(&pick.endpoint)).await {
                 // The cluster's connectionPool refused: not this endpoint's fault, and no
                 // other endpoint would be let in either.
                 Err(e) if Refused::caused(&e) => return Err(e),
@@ -197,12 +204,13 @@ impl Outbound {
         let _ = client.set_nodelay(true);
         let decision = match &self.router {
             Some(router) => router.decide(&source, dst).await,
-            None => Decision::Direct,
+            None => Decision::Direct(None),
         };
         let connected = match decision {
-            Decision::Direct => {
-                self.connect_upstream(&source, dst, self.connect_timeout).await.map(|s| (s, dst, None))
-            }
+            Decision::Direct(tunnel) => self
+                .connect_upstream(&source, dst, tunnel.as_ref(), self.connect_timeout)
+                .await
+                .map(|s| (s, dst, None)),
             Decision::Balance {
                 balancer,
                 hash_policy,
@@ -242,7 +250,7 @@ impl Outbound {
                     Err(e) => Err(e),
                     Ok(Some(b)) if b.passthrough => {
                         let timeout = self.connect_timeout_to(&b);
-                        self.connect_upstream(&source, dst, timeout).await.map(|s| (s, dst, None))
+                        self.connect_upstream(&source, dst, None, timeout).await.map(|s| (s, dst, None))
                     }
                     Ok(Some(b)) => {
                         self.connect_balanced(&source, &b, None, local.as_ref(), &service, dst).await
@@ -290,7 +298,7 @@ impl Outbound {
             .as_ref()
             .and_then(|b| b.workload.split_once('/'))
             .map(|(namespace, name)| WorkloadKey { namespace: namespace.into(), name: name.into() })
-            .or_else(|| self.destinations.workload_for(dst.ip()));
+            .or_else(|| self.locals.local(dst.ip()).map(|w| w.key.clone()));
         let labels = ConnectionLabels {
             reporter: Reporter::source,
             source_workload: source.key.name.clone(),
@@ -348,13 +356,17 @@ impl Outbound {
         local: Option<&LocalityKey>,
         service: &str,
         vip: SocketAddr,
-    ) -> io::Result<(TcpStream, SocketAddr, Option<Balanced>)> {
+    ) -> io::Result<(Upstream, SocketAddr, Option<Balanced>)> {
         let slot = balancer.admit_connection().ok_or_else(|| {
             io::Error::other(Refused::AtLimit(balancer.limits.max_connections.unwrap_or_default()))
         })?;
         let attempt = Attempt { source, balancer, hash, local, service };
         let (pick, stream) = attempt
-            .open(&[], true, |addr| self.connect_upstream(source, addr, self.connect_timeout_to(balancer)))
+            .open(&[], true, |endpoint| async move {
+                let ep = &endpoint.ep;
+                self.connect_upstream(source, ep.addr, ep.tunnel.as_ref(), self.connect_timeout_to(balancer))
+                    .await
+            })
             .await
             .map_err(|e| match e.kind() {
                 io::ErrorKind::NotFound => {
@@ -367,16 +379,18 @@ impl Outbound {
         Ok((stream, addr, Some(Balanced { _slot: slot, workload: pick.endpoint.ep.workload.clone() })))
     }
 
-    /// An HTTP connection to `addr` from the source workload, HTTP/2 if `h2`, holding `slot`.
+    /// An HTTP connection to `endpoint` from the source workload, HTTP/2 if `h2`, holding
+    /// `slot`.
     pub(super) async fn dial_http(
         &self,
         source: &Source,
         cluster: &Balancer,
-        addr: SocketAddr,
+        endpoint: &Endpoint,
         h2: bool,
         slot: ConnectionSlot,
     ) -> io::Result<Sender> {
-        let stream = self.connect_upstream(source, addr, self.connect_timeout_to(cluster)).await?;
+        let timeout = self.connect_timeout_to(cluster);
+        let stream = self.connect_upstream(source, endpoint.addr, endpoint.tunnel.as_ref(), timeout).await?;
         http::handshake(stream, h2, slot).await
     }
 
@@ -385,8 +399,32 @@ impl Outbound {
         cluster.limits.connect_timeout.unwrap_or(self.connect_timeout)
     }
 
-    /// Dials `dst` from inside the source workload's netns with the proxy mark set.
+    /// Reaches `dst` for the source workload: a meshed pod of this node by delivery into its
+    /// netns, a meshed pod elsewhere through its node's tunnel, anything else directly.
     async fn connect_upstream(
+        &self,
+        source: &Source,
+        dst: SocketAddr,
+        tunnel: Option<&TunnelTarget>,
+        timeout: Duration,
+    ) -> io::Result<Upstream> {
+        let from = source.ips.iter().find(|ip| ip.is_ipv4() == dst.is_ipv4()).copied();
+        if let Some(pod) = self.locals.local(dst.ip()).and_then(|w| w.delivery.clone()) {
+            return deliver(&pod.netns, from, dst, self.delivery_mark, timeout).await.map(Upstream::Tcp);
+        }
+        if let (Some(target), Some(tunnels)) = (tunnel, &self.tunnels) {
+            let identity =
+                tunnels.credentials().identities.identity(&source.key.namespace, &source.service_account);
+            return tunnels
+                .connect(&identity, target, dst, from, &source.key.name, timeout)
+                .await
+                .map(Upstream::Tunnel);
+        }
+        self.connect_direct(source, dst, timeout).await.map(Upstream::Tcp)
+    }
+
+    /// Dials `dst` from inside the source workload's netns with the proxy mark set.
+    async fn connect_direct(
         &self,
         source: &Source,
         dst: SocketAddr,

@@ -15,6 +15,8 @@ use tokio::{
     net::TcpStream,
 };
 
+use super::upstream::Upstream;
+
 /// Big enough for bulk throughput, small enough for 50k+ concurrent connections.
 const CHUNK: usize = 32 * 1024;
 
@@ -23,26 +25,57 @@ pub struct Totals {
     pub received: u64,
 }
 
-/// Relays until both directions have finished; on error resets both sockets.
+/// Relays until both directions have finished; on error resets both sides.
 pub async fn relay(
     mut client: TcpStream,
-    mut upstream: TcpStream,
+    upstream: Upstream,
     sent: &Counter,
     received: &Counter,
 ) -> io::Result<Totals> {
+    match upstream {
+        Upstream::Tcp(mut upstream) => {
+            let result = {
+                let (mut client_read, mut client_write) = client.split();
+                let (mut upstream_read, mut upstream_write) = upstream.split();
+                tokio::try_join!(
+                    copy_half(&mut client_read, &mut upstream_write, sent),
+                    copy_half(&mut upstream_read, &mut client_write, received),
+                )
+            };
+            if result.is_err() {
+                reset(&upstream);
+            }
+            finish(&client, result)
+        }
+        // Dropping a tunnel stream that did not finish resets it (RST_STREAM).
+        Upstream::Tunnel(stream) => relay_stream(client, stream, sent, received).await,
+    }
+}
+
+/// Relays between a TCP connection and any other byte stream (a tunnel stream: split with
+/// a lock, which plain TCP pairs avoid).
+pub async fn relay_stream<S: AsyncRead + AsyncWrite + Unpin>(
+    mut client: TcpStream,
+    other: S,
+    sent: &Counter,
+    received: &Counter,
+) -> io::Result<Totals> {
+    let (mut other_read, mut other_write) = tokio::io::split(other);
     let result = {
         let (mut client_read, mut client_write) = client.split();
-        let (mut upstream_read, mut upstream_write) = upstream.split();
         tokio::try_join!(
-            copy_half(&mut client_read, &mut upstream_write, sent),
-            copy_half(&mut upstream_read, &mut client_write, received),
+            copy_half(&mut client_read, &mut other_write, sent),
+            copy_half(&mut other_read, &mut client_write, received),
         )
     };
+    finish(&client, result)
+}
+
+fn finish(client: &TcpStream, result: io::Result<(u64, u64)>) -> io::Result<Totals> {
     match result {
         Ok((sent, received)) => Ok(Totals { sent, received }),
         Err(e) => {
-            reset(&client);
-            reset(&upstream);
+            reset(client);
             Err(e)
         }
     }

@@ -46,6 +46,7 @@ pub struct ConnectionLabels {
 #[allow(non_camel_case_types, reason = "label values are Istio's lowercase words")]
 pub enum Reporter {
     source,
+    destination,
 }
 
 /// Why a captured connection could not be proxied.

@@ -24,8 +24,9 @@ use tokio::{net::TcpListener, sync::Mutex, task::AbortHandle};
 use super::{listeners, state::StateFile};
 use crate::{
     capture::{Capture, CaptureError, CaptureTarget},
+    inbound::{LocalWorkload, routing},
     netns::{NetnsError, NetnsThread},
-    proxy::{Outbound, Source, outbound::DestinationIndex},
+    proxy::{Outbound, Source},
     telemetry::metrics::Metrics,
 };
 
@@ -43,6 +44,11 @@ pub enum WorkloadError {
     Listen { key: WorkloadKey, source: io::Error },
     #[error("workload {key}: {source}")]
     Capture { key: WorkloadKey, source: Box<CaptureError> },
+    #[error(
+        "workload {key}: cannot set up inbound delivery in its network namespace: {reason} \
+         (mesh-node needs CAP_NET_ADMIN there)"
+    )]
+    Routing { key: WorkloadKey, reason: String },
     #[error("no workload {0} on this node")]
     NotFound(WorkloadKey),
     #[error("saving workload state to {path}: {source}")]
@@ -52,7 +58,10 @@ pub enum WorkloadError {
 impl WorkloadError {
     /// Whether the caller sent something wrong (vs. the node failing).
     pub fn is_client_error(&self) -> bool {
-        !matches!(self, WorkloadError::State { .. } | WorkloadError::Capture { .. })
+        !matches!(
+            self,
+            WorkloadError::State { .. } | WorkloadError::Capture { .. } | WorkloadError::Routing { .. }
+        )
     }
 }
 
@@ -69,12 +78,18 @@ pub struct WorkloadStatus {
     pub ips: Vec<IpAddr>,
     /// Present when the workload's traffic is captured.
     pub capture: Option<CaptureTarget>,
+    /// How inbound connections reach it: `transparent` (delivered inside its netns as the
+    /// client's own address), or why not.
+    pub inbound: String,
 }
 
 struct Entry {
     spec: WorkloadSpec,
     status: WorkloadStatus,
     listener_tasks: Vec<AbortHandle>,
+    local: Arc<LocalWorkload>,
+    /// The delivery routing installed in its netns, to remove with it.
+    routing: Option<routing::Installed>,
 }
 
 impl Entry {
@@ -84,14 +99,22 @@ impl Entry {
         }
         if self.status.capture.is_some() { capture.unmesh(self.status.cgroup_id) } else { Ok(()) }
     }
+
+    /// Takes the delivery routing out of the workload's netns (in the background: the netns
+    /// may already be going away).
+    fn remove_routing(&self, mark: u32) {
+        if let (Some(installed), Some(pod)) = (self.routing, self.local.delivery.clone()) {
+            tokio::spawn(async move { routing::remove(&pod.netns, mark, installed).await });
+        }
+    }
 }
 
-/// Addresses of registered workloads, for destination telemetry.
+/// Registered workloads by address: for inbound delivery and destination telemetry.
 #[derive(Default)]
-pub struct IpIndex(RwLock<HashMap<IpAddr, WorkloadKey>>);
+pub struct IpIndex(RwLock<HashMap<IpAddr, Arc<LocalWorkload>>>);
 
-impl DestinationIndex for IpIndex {
-    fn workload_for(&self, ip: IpAddr) -> Option<WorkloadKey> {
+impl IpIndex {
+    pub fn local(&self, ip: IpAddr) -> Option<Arc<LocalWorkload>> {
         self.0.read().expect("ip index lock").get(&ip).cloned()
     }
 }
@@ -104,6 +127,9 @@ pub struct Registry {
     metrics: Arc<Metrics>,
     state: StateFile,
     cgroup_root: PathBuf,
+    delivery_mark: u32,
+    /// mesh-node's own netns: a workload sharing it gets no delivery routing.
+    own_netns_cookie: Option<u64>,
     /// Every registered spec, republished on each change (the xDS client reports them).
     specs: tokio::sync::watch::Sender<Vec<WorkloadSpec>>,
 }
@@ -116,8 +142,13 @@ impl Registry {
         metrics: Arc<Metrics>,
         state_dir: &Path,
         cgroup_root: &Path,
+        delivery_mark: u32,
     ) -> Registry {
+        let own_netns_cookie =
+            std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| crate::sys::netns_cookie(&l)).ok();
         Registry {
+            delivery_mark,
+            own_netns_cookie,
             workloads: Mutex::new(BTreeMap::new()),
             capture,
             outbound,
@@ -185,10 +216,29 @@ impl Registry {
             netns: spec.netns.clone(),
             ips: spec.ips.clone(),
             capture: None,
+            inbound: String::new(),
         };
         let mut listener_tasks = Vec::new();
+        let mut delivery = None;
+        let mut installed = None;
+        status.inbound = decision_text(decision);
         if decision.is_meshed() {
-            let (target, tasks) = self.start_capture(&key, &spec).await?;
+            let (target, tasks, source) = self.start_capture(&key, &spec).await?;
+            if Some(target.netns_cookie) == self.own_netns_cookie {
+                status.inbound = "direct: shares mesh-node's network namespace".into();
+            } else {
+                match routing::install(&source.netns, self.delivery_mark).await {
+                    Ok(done) => {
+                        installed = Some(done);
+                        delivery = Some(Arc::clone(&source));
+                        status.inbound = "transparent".into();
+                    }
+                    Err(e) => {
+                        tasks.iter().for_each(AbortHandle::abort);
+                        return Err(WorkloadError::Routing { key, reason: e });
+                    }
+                }
+            }
             if let Err(source) = self.capture.mesh(cgroup_id, target) {
                 tasks.iter().for_each(AbortHandle::abort);
                 return Err(WorkloadError::Capture { key, source: Box::new(source) });
@@ -196,10 +246,26 @@ impl Registry {
             status.capture = Some(target);
             listener_tasks = tasks;
         }
-        let entry = Entry { spec, status: status.clone(), listener_tasks };
+        let local = Arc::new(LocalWorkload {
+            key: key.clone(),
+            service_account: spec.service_account.clone(),
+            delivery,
+        });
+        let netns = spec.netns.clone();
+        let entry = Entry {
+            spec,
+            status: status.clone(),
+            listener_tasks,
+            local: Arc::clone(&local),
+            routing: installed,
+        };
         if let Some(old) = workloads.insert(key.clone(), entry) {
             self.forget_ips(&old.status.ips);
             old.listener_tasks.iter().for_each(AbortHandle::abort);
+            // The same netns keeps the routing the new entry just (re)installed.
+            if old.spec.netns != netns {
+                old.remove_routing(self.delivery_mark);
+            }
             // Same cgroup: the new MESHED_CGROUPS value already replaced the old one.
             if old.status.capture.is_some() && old.status.cgroup_id != cgroup_id {
                 let _ = self.capture.unmesh(old.status.cgroup_id);
@@ -208,7 +274,7 @@ impl Registry {
         {
             let mut index = self.index.0.write().expect("ip index lock");
             for ip in &status.ips {
-                index.insert(*ip, key.clone());
+                index.insert(*ip, Arc::clone(&local));
             }
         }
         self.update_gauge(workloads);
@@ -220,6 +286,7 @@ impl Registry {
         let mut workloads = self.workloads.lock().await;
         let entry = workloads.remove(key).ok_or_else(|| WorkloadError::NotFound(key.clone()))?;
         let stopped = entry.stop(&self.capture);
+        entry.remove_routing(self.delivery_mark);
         self.forget_ips(&entry.status.ips);
         self.update_gauge(&workloads);
         self.persist(&workloads)
@@ -238,7 +305,7 @@ impl Registry {
         &self,
         key: &WorkloadKey,
         spec: &WorkloadSpec,
-    ) -> Result<(CaptureTarget, Vec<AbortHandle>), WorkloadError> {
+    ) -> Result<(CaptureTarget, Vec<AbortHandle>, Arc<Source>), WorkloadError> {
         let netns = NetnsThread::spawn(&spec.netns)
             .map_err(|source| WorkloadError::Netns { key: key.clone(), source })?;
         let bound = listeners::bind_in(&netns)
@@ -261,6 +328,7 @@ impl Registry {
             netns,
             netns_cookie: bound.netns_cookie,
             ips: spec.ips.clone(),
+            service_account: spec.service_account.clone(),
             http_pool: Default::default(),
         });
         let tasks = std::iter::once(v4)
@@ -270,7 +338,7 @@ impl Registry {
                 tokio::spawn(serve).abort_handle()
             })
             .collect();
-        Ok((target, tasks))
+        Ok((target, tasks, source))
     }
 
     fn check_cgroup(&self, key: &WorkloadKey, path: &Path) -> Result<(PathBuf, u64), WorkloadError> {
@@ -309,5 +377,14 @@ impl Registry {
         let specs: Vec<WorkloadSpec> = workloads.values().map(|e| e.spec.clone()).collect();
         self.specs.send_replace(specs.clone());
         self.state.save(&specs)
+    }
+}
+
+/// What `inbound` says of a workload that is not meshed.
+fn decision_text(decision: MeshDecision) -> String {
+    match decision {
+        MeshDecision::Meshed => "transparent".into(),
+        MeshDecision::NamespaceNotEnabled => "direct: namespace not in the mesh".into(),
+        MeshDecision::PodOptedOut => "direct: opted out of the mesh".into(),
     }
 }

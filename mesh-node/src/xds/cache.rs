@@ -12,14 +12,19 @@ use std::{
 use envoy_types::pb::envoy::config::{
     cluster::v3::{Cluster, circuit_breakers::Thresholds, cluster},
     core::v3 as envoy_core,
-    endpoint::v3::{ClusterLoadAssignment, lb_endpoint},
+    endpoint::v3::{ClusterLoadAssignment, LbEndpoint, lb_endpoint},
     route::v3::RouteConfiguration,
 };
 use envoy_types::pb::envoy::extensions::upstreams::http::v3::HttpProtocolOptions as UpstreamHttpOptions;
 use envoy_types::pb::google::protobuf as pbuf;
-use mesh_control::proto::{self, mesh};
+use mesh_control::{
+    proto::{self, mesh},
+    xds::translate::TUNNEL_METADATA,
+};
 use prost::Message;
 use tokio::sync::Notify;
+
+use crate::tunnel::TunnelTarget;
 
 use super::{
     http_route::RouteTable,
@@ -447,11 +452,36 @@ fn endpoints(cla: &ClusterLoadAssignment) -> Result<Vec<Endpoint>, String> {
                 ),
                 weight: lb.load_balancing_weight.as_ref().map_or(1, |w| w.value.max(1)),
                 locality: (locality.region.clone(), locality.zone.clone(), locality.sub_zone.clone()),
+                tunnel: endpoint_tunnel(lb, &ep.hostname).map_err(|e| {
+                    format!("ClusterLoadAssignment {}: endpoint {addr}: {e}", cla.cluster_name)
+                })?,
                 workload: ep.hostname.clone(),
             });
         }
     }
     Ok(out)
+}
+
+/// The endpoint's tunnel, from its `nodemesh.io` metadata (`tunnel`, `service_account`); the
+/// namespace is the workload's (`namespace/name`).
+fn endpoint_tunnel(lb: &LbEndpoint, workload: &str) -> Result<Option<TunnelTarget>, String> {
+    let Some(fields) =
+        lb.metadata.as_ref().and_then(|m| m.filter_metadata.get(TUNNEL_METADATA)).map(|s| &s.fields)
+    else {
+        return Ok(None);
+    };
+    let text = |key: &str| match fields.get(key).and_then(|v| v.kind.as_ref()) {
+        Some(pbuf::value::Kind::StringValue(s)) => Ok(s.clone()),
+        _ => Err(format!("metadata {TUNNEL_METADATA}.{key} is missing or not a string")),
+    };
+    let address = text("tunnel")?;
+    let address = address
+        .parse()
+        .map_err(|_| format!("metadata {TUNNEL_METADATA}.tunnel `{address}` is not ip:port"))?;
+    let namespace = workload.split_once('/').map(|(ns, _)| ns.to_string()).ok_or_else(|| {
+        format!("a tunnelled endpoint must name its workload as namespace/name, not `{workload}`")
+    })?;
+    Ok(Some(TunnelTarget { address, namespace, service_account: text("service_account")? }))
 }
 
 fn socket_addr(a: Option<&envoy_core::Address>) -> Option<SocketAddr> {

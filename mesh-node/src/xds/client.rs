@@ -87,6 +87,8 @@ pub struct Client {
     connected: Arc<AtomicBool>,
     /// The node token, sent with workload reports so they count for identity.
     pub token: Option<String>,
+    /// Where other nodes reach this node's tunnel, reported with the workloads.
+    pub tunnel_address: Option<std::net::SocketAddr>,
 }
 
 const SUBSCRIBE_ORDER: [&str; 5] =
@@ -102,7 +104,16 @@ impl Client {
             requests: tx,
             connected: Arc::clone(&connected),
         });
-        Client { endpoint, node, cache, requests: Mutex::new(Some(rx)), on_demand, connected, token: None }
+        Client {
+            endpoint,
+            node,
+            cache,
+            requests: Mutex::new(Some(rx)),
+            on_demand,
+            connected,
+            token: None,
+            tunnel_address: None,
+        }
     }
 
     pub fn on_demand(&self) -> Arc<OnDemand> {
@@ -155,8 +166,11 @@ impl Client {
         // Workloads first, so the control plane can answer for them right away.
         let reporter = tokio::spawn(report_workloads(
             channel.clone(),
-            self.node.clone(),
-            self.token.clone(),
+            Reporter {
+                node: self.node.clone(),
+                token: self.token.clone(),
+                tunnel_address: self.tunnel_address,
+            },
             specs.clone(),
         ));
         let _reporter = AbortOnDrop(reporter);
@@ -257,14 +271,21 @@ impl Drop for AbortOnDrop {
     }
 }
 
+/// Who reports: the node, its token, its tunnel.
+struct Reporter {
+    node: String,
+    token: Option<String>,
+    tunnel_address: Option<std::net::SocketAddr>,
+}
+
 /// Reports the registered workloads now and after every change, for as long as the session,
 /// with the node token if there is one.
 async fn report_workloads(
     channel: tonic::transport::Channel,
-    node: String,
-    token: Option<String>,
+    Reporter { node, token, tunnel_address }: Reporter,
     mut specs: watch::Receiver<Vec<WorkloadSpec>>,
 ) {
+    let tunnel_address = tunnel_address.map(|a| a.to_string()).unwrap_or_default();
     let bearer: Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>> =
         token.and_then(|t| format!("Bearer {t}").parse().ok());
     let mut client = mesh::node_registration_client::NodeRegistrationClient::new(channel);
@@ -281,7 +302,11 @@ async fn report_workloads(
                 namespace_labels: s.namespace_labels.clone().into_iter().collect(),
             })
             .collect();
-        let mut request = tonic::Request::new(mesh::WorkloadReport { node: node.clone(), workloads });
+        let mut request = tonic::Request::new(mesh::WorkloadReport {
+            node: node.clone(),
+            workloads,
+            tunnel_address: tunnel_address.clone(),
+        });
         if let Some(b) = &bearer {
             request.metadata_mut().insert("authorization", b.clone());
         }

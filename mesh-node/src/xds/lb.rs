@@ -75,6 +75,8 @@ pub struct Endpoint {
     pub locality: LocalityKey,
     /// `namespace/name` of the workload behind it, when known.
     pub workload: String,
+    /// A meshed workload on a node with a tunnel: how the mesh reaches it.
+    pub tunnel: Option<crate::tunnel::TunnelTarget>,
 }
 
 #[derive(Debug)]
@@ -429,6 +431,7 @@ mod tests {
             weight: 1,
             locality: ("r".into(), zone.into(), String::new()),
             workload: String::new(),
+            tunnel: None,
         }
     }
 

@@ -16,11 +16,12 @@ use super::{
     l4_route::L4Routes,
     lb::{Balancer, LocalityKey, hash_bytes},
 };
-use crate::proxy::Source;
+use crate::{proxy::Source, tunnel::TunnelTarget};
 
 pub enum Decision {
-    /// Connect to the dialled address.
-    Direct,
+    /// Connect to the dialled address (through its node's tunnel when it is a meshed workload
+    /// on a node that has one).
+    Direct(Option<TunnelTarget>),
     Balance {
         balancer: Arc<Balancer>,
         /// How a consistent-hash cluster keys a connection or request.
@@ -111,11 +112,11 @@ impl Router {
                             ),
                         )
                     } else {
-                        Decision::Direct
+                        Decision::Direct(None)
                     };
                 };
                 match self.cache.cluster(&port.cluster) {
-                    Some(b) if b.passthrough => Decision::Direct,
+                    Some(b) if b.passthrough => Decision::Direct(None),
                     Some(balancer) => {
                         let local = workload
                             .as_ref()
@@ -140,7 +141,13 @@ impl Router {
                     ),
                 }
             }
-            Some(AddressInfo::Workload(_)) => Decision::Direct,
+            Some(AddressInfo::Workload(w)) => {
+                Decision::Direct(w.tunnel_address.parse().ok().map(|address| TunnelTarget {
+                    address,
+                    namespace: w.namespace.clone(),
+                    service_account: w.service_account.clone(),
+                }))
+            }
             Some(AddressInfo::Unknown) if registry_only => Decision::Deny(
                 DenyReason::NoServiceEntry,
                 format!(
@@ -155,7 +162,7 @@ impl Router {
                  outboundTrafficPolicy is REGISTRY_ONLY, so unknown destinations are refused"
                 ),
             ),
-            Some(AddressInfo::Unknown) | None => Decision::Direct,
+            Some(AddressInfo::Unknown) | None => Decision::Direct(None),
         }
     }
 }

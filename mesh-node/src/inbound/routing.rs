@@ -1,0 +1,144 @@
+//! Policy routing inside a meshed pod's network namespace, so that the connections mesh-node
+//! opens *to* the pod on a client's behalf can carry that client's own address.
+//!
+//! mesh-node delivers an inbound connection from inside the pod's netns with a socket bound
+//! (IP_TRANSPARENT) to the client pod's address and marked with the delivery mark. The
+//! application's answers are addressed to that client, which is not in this netns: left to
+//! the main table they would leave through the pod's interface. Two things bring them back:
+//!
+//! - `net.ipv4.tcp_fwmark_accept=1`: a socket the application accepts takes the mark of the
+//!   SYN that created it (the delivery mark), so everything it sends is marked;
+//! - a rule `fwmark <delivery mark> lookup 15008` before the main table, and in table 15008 a
+//!   `local` default route: marked packets are delivered locally, to mesh-node's socket.
+//!
+//! Only sockets mesh-node marks, and the connections they open, are affected; the pod's own
+//! traffic and connections from anywhere else route as before. No iptables.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use rtnetlink::{
+    Handle, RouteMessageBuilder,
+    packet_route::{
+        route::{RouteScope, RouteType},
+        rule::RuleAction,
+    },
+};
+
+use crate::netns::NetnsThread;
+
+/// The routing table holding the local default routes (named after the HBONE port).
+pub const TABLE: u32 = 15008;
+/// Before the main table's rule (32766), after the local table's (0).
+const PRIORITY: u32 = 100;
+/// The loopback interface: index 1 in every network namespace.
+const LOOPBACK: u32 = 1;
+const FWMARK_ACCEPT: &str = "/proc/sys/net/ipv4/tcp_fwmark_accept";
+
+/// What [`install`] changed, so [`remove`] can put it back.
+#[derive(Debug, Clone, Copy)]
+pub struct Installed {
+    /// `tcp_fwmark_accept` was already on before mesh-node set it.
+    fwmark_accept_was_on: bool,
+}
+
+/// Sets up the rule, the routes and `tcp_fwmark_accept` in `netns`; idempotent.
+pub async fn install(netns: &NetnsThread, mark: u32) -> Result<Installed, String> {
+    let was = netns
+        .run(|| -> Result<bool, String> {
+            let was = std::fs::read_to_string(FWMARK_ACCEPT)
+                .map_err(|e| format!("reading {FWMARK_ACCEPT}: {e}"))?
+                .trim()
+                == "1";
+            if !was {
+                std::fs::write(FWMARK_ACCEPT, "1").map_err(|e| format!("writing {FWMARK_ACCEPT}: {e}"))?;
+            }
+            Ok(was)
+        })
+        .await
+        .map_err(|e| e.to_string())??;
+    let handle = connect(netns).await?;
+    for v6 in [false, true] {
+        let family = if v6 { "IPv6" } else { "IPv4" };
+        match add(&handle, v6, mark).await {
+            Ok(()) => {}
+            // A netns with IPv6 disabled has nothing to route back over IPv6.
+            Err(e) if v6 && (e.contains("Address family not supported") || e.contains("EAFNOSUPPORT")) => {
+                tracing::debug!(netns = %netns.path().display(), "no IPv6 delivery routing: {e}");
+            }
+            Err(e) => return Err(format!("{family} delivery routing: {e}")),
+        }
+    }
+    Ok(Installed { fwmark_accept_was_on: was })
+}
+
+/// Undoes [`install`] (best effort: the netns may be going away).
+pub async fn remove(netns: &NetnsThread, mark: u32, installed: Installed) {
+    if let Ok(handle) = connect(netns).await {
+        for v6 in [false, true] {
+            let rule = rule(&handle, v6, mark).message_mut().clone();
+            let _ = handle.rule().del(rule).execute().await;
+            let _ = handle.route().del(local_default(v6)).execute().await;
+        }
+    }
+    if !installed.fwmark_accept_was_on {
+        let _ = netns.run(|| std::fs::write(FWMARK_ACCEPT, "0")).await;
+    }
+}
+
+/// A netlink connection whose socket lives in `netns` (created on its helper thread; the
+/// runtime is entered there so the socket registers with tokio's reactor).
+async fn connect(netns: &NetnsThread) -> Result<Handle, String> {
+    let runtime = tokio::runtime::Handle::current();
+    let (connection, handle, _) = netns
+        .run(move || {
+            let _entered = runtime.enter();
+            rtnetlink::new_connection()
+        })
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| format!("netlink socket: {e}"))?;
+    // Ends when the last handle is dropped.
+    tokio::spawn(connection);
+    Ok(handle)
+}
+
+fn rule(handle: &Handle, v6: bool, mark: u32) -> rtnetlink::RuleAddRequest {
+    let base =
+        handle.rule().add().fw_mark(mark).table_id(TABLE).priority(PRIORITY).action(RuleAction::ToTable);
+    let mut request = base.clone();
+    // v4()/v6() only set the family; keep the untyped request so both share one shape.
+    *request.message_mut() =
+        if v6 { base.v6().message_mut().clone() } else { base.v4().message_mut().clone() };
+    request
+}
+
+fn local_default(v6: bool) -> rtnetlink::packet_route::route::RouteMessage {
+    let any = if v6 { IpAddr::V6(Ipv6Addr::UNSPECIFIED) } else { IpAddr::V4(Ipv4Addr::UNSPECIFIED) };
+    RouteMessageBuilder::<IpAddr>::new()
+        .destination_prefix(any, 0)
+        .expect("an unspecified address with prefix 0 is a valid destination")
+        .kind(RouteType::Local)
+        .scope(RouteScope::Host)
+        .table_id(TABLE)
+        .output_interface(LOOPBACK)
+        .build()
+}
+
+async fn add(handle: &Handle, v6: bool, mark: u32) -> Result<(), String> {
+    match rule(handle, v6, mark).execute().await {
+        Ok(()) => {}
+        Err(e) if exists(&e) => {}
+        Err(e) => return Err(format!("ip rule add fwmark {mark:#x} lookup {TABLE}: {e}")),
+    }
+    handle
+        .route()
+        .add(local_default(v6))
+        .replace()
+        .execute()
+        .await
+        .map_err(|e| format!("ip route add local default dev lo table {TABLE}: {e}"))
+}
+
+fn exists(e: &rtnetlink::Error) -> bool {
+    matches!(e, rtnetlink::Error::NetlinkError(m) if m.raw_code() == -libc::EEXIST)
+}

@@ -1,0 +1,276 @@
+//! The client side of HBONE: pooled mTLS HTTP/2 connections to other nodes' tunnels, one
+//! CONNECT stream per proxied connection.
+//!
+//! Connections are pooled per (source identity, tunnel address, destination identity): the
+//! certificate a connection presents and the one it accepted are fixed at its handshake, so
+//! only streams of the same identity pair may share it. A connection carries up to
+//! [`STREAMS_PER_CONNECTION`] streams (below the server's limit, so a stream never queues);
+//! beyond that another is opened. Dials for one key are serialised, so a burst of thousands of
+//! connects opens a handful of connections, not thousands.
+
+use std::{
+    collections::HashMap,
+    io,
+    net::{IpAddr, SocketAddr},
+    pin::Pin,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicUsize, Ordering},
+    },
+    task::{Context, Poll},
+    time::Duration,
+};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty};
+use hyper::{Method, Request, StatusCode, client::conn::http2::SendRequest, upgrade::Upgraded};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use mesh_control::ca::SpiffeId;
+use rustls::pki_types::ServerName;
+use tokio::{
+    io::{AsyncRead, AsyncWrite, ReadBuf},
+    net::{TcpSocket, TcpStream},
+};
+
+use super::{BAGGAGE, FORWARDED, POD_NAME_KEY, TunnelTarget, credentials::Credentials, forwarded_for};
+use crate::identity::server_name;
+
+/// Streams one pooled connection carries before another is opened.
+pub const STREAMS_PER_CONNECTION: usize = 1000;
+/// HTTP/2 flow-control windows: a stream may have this much in flight before the receiver
+/// reads, a connection its multiple — big enough for full-speed bulk transfer between nodes.
+pub const STREAM_WINDOW: u32 = 4 * 1024 * 1024;
+pub const CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
+
+#[derive(Clone, PartialEq, Eq, Hash, Debug)]
+struct PoolKey {
+    source: SpiffeId,
+    tunnel: SocketAddr,
+    destination: SpiffeId,
+}
+
+struct Connection {
+    sender: SendRequest<Empty<Bytes>>,
+    streams: AtomicUsize,
+}
+
+#[derive(Default)]
+struct KeyPool {
+    connections: Mutex<Vec<Arc<Connection>>>,
+    /// Held while dialling, so concurrent connects wait for one new connection.
+    dialling: tokio::sync::Mutex<()>,
+}
+
+impl KeyPool {
+    /// A live connection with room for one more stream, counted as taken.
+    fn take(&self) -> Option<StreamSlot> {
+        let mut connections = self.connections.lock().expect("tunnel pool lock");
+        connections.retain(|c| !c.sender.is_closed());
+        connections.iter().find_map(|c| {
+            let taken = c.streams.fetch_add(1, Ordering::AcqRel);
+            if taken < STREAMS_PER_CONNECTION {
+                Some(StreamSlot(Arc::clone(c)))
+            } else {
+                c.streams.fetch_sub(1, Ordering::AcqRel);
+                None
+            }
+        })
+    }
+}
+
+/// One stream's place on a connection, given back when the stream ends.
+struct StreamSlot(Arc<Connection>);
+
+impl Drop for StreamSlot {
+    fn drop(&mut self) {
+        self.0.streams.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+pub struct TunnelPool {
+    credentials: Arc<Credentials>,
+    proxy_mark: u32,
+    pools: Mutex<HashMap<PoolKey, Arc<KeyPool>>>,
+}
+
+impl TunnelPool {
+    pub fn new(credentials: Arc<Credentials>, proxy_mark: u32) -> TunnelPool {
+        TunnelPool { credentials, proxy_mark, pools: Mutex::default() }
+    }
+
+    pub fn credentials(&self) -> &Credentials {
+        &self.credentials
+    }
+
+    /// A stream to `destination` (a pod address) on the target's node, opened as `source`
+    /// for a client at `from`. A refusal by the far node comes back as an error naming its
+    /// answer: `ConnectionRefused` when the pod refused or is gone, `PermissionDenied` when
+    /// policy said no.
+    pub async fn connect(
+        &self,
+        source: &SpiffeId,
+        target: &TunnelTarget,
+        destination: SocketAddr,
+        from: Option<IpAddr>,
+        source_workload: &str,
+        timeout: Duration,
+    ) -> io::Result<TunnelStream> {
+        let identities = &self.credentials.identities;
+        let key = PoolKey {
+            source: source.clone(),
+            tunnel: target.address,
+            destination: identities.identity(&target.namespace, &target.service_account),
+        };
+        let work = async {
+            let slot = self.slot(&key).await?;
+            let mut request = Request::builder().method(Method::CONNECT).uri(destination.to_string());
+            if let Some(ip) = from {
+                request = request.header(FORWARDED, forwarded_for(ip));
+            }
+            if !source_workload.is_empty() {
+                request = request.header(BAGGAGE, format!("{POD_NAME_KEY}={source_workload}"));
+            }
+            let request = request.body(Empty::new()).map_err(io::Error::other)?;
+            let mut sender = slot.0.sender.clone();
+            let response = sender.send_request(request).await.map_err(|e| {
+                io::Error::new(io::ErrorKind::ConnectionReset, format!("tunnel {}: {e}", key.tunnel))
+            })?;
+            let status = response.status();
+            if status != StatusCode::OK {
+                let body = response.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+                let kind = match status {
+                    StatusCode::FORBIDDEN => io::ErrorKind::PermissionDenied,
+                    StatusCode::GATEWAY_TIMEOUT => io::ErrorKind::TimedOut,
+                    _ => io::ErrorKind::ConnectionRefused,
+                };
+                return Err(io::Error::new(
+                    kind,
+                    format!(
+                        "tunnel {} refused {destination}: {status} {}",
+                        key.tunnel,
+                        String::from_utf8_lossy(&body).trim()
+                    ),
+                ));
+            }
+            let upgraded = hyper::upgrade::on(response).await.map_err(|e| {
+                io::Error::new(io::ErrorKind::ConnectionReset, format!("tunnel {}: {e}", key.tunnel))
+            })?;
+            Ok(TunnelStream { io: TokioIo::new(upgraded), _slot: slot })
+        };
+        match tokio::time::timeout(timeout, work).await {
+            Ok(result) => result,
+            Err(_) => Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("tunnel {}: no answer for {destination} within {timeout:?}", key.tunnel),
+            )),
+        }
+    }
+
+    async fn slot(&self, key: &PoolKey) -> io::Result<StreamSlot> {
+        let pool = Arc::clone(self.pools.lock().expect("tunnel pools lock").entry(key.clone()).or_default());
+        if let Some(slot) = pool.take() {
+            return Ok(slot);
+        }
+        let _dialling = pool.dialling.lock().await;
+        // Someone else's dial may have made room meanwhile.
+        if let Some(slot) = pool.take() {
+            return Ok(slot);
+        }
+        let sender = self.dial(key).await?;
+        let connection = Arc::new(Connection { sender, streams: AtomicUsize::new(1) });
+        pool.connections.lock().expect("tunnel pool lock").push(Arc::clone(&connection));
+        Ok(StreamSlot(connection))
+    }
+
+    async fn dial(&self, key: &PoolKey) -> io::Result<SendRequest<Empty<Bytes>>> {
+        let fail = |what: &str, e: &dyn std::fmt::Display| {
+            io::Error::new(
+                io::ErrorKind::ConnectionRefused,
+                format!("tunnel {} as {} to {}: {what}: {e}", key.tunnel, key.source, key.destination),
+            )
+        };
+        let config = self
+            .credentials
+            .client_config(&key.source, &key.destination)
+            .await
+            .map_err(|e| fail("TLS", &e))?;
+        let socket = if key.tunnel.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
+        // Never captured, even if this netns were meshed.
+        socket2::SockRef::from(&socket).set_mark(self.proxy_mark)?;
+        socket.set_nodelay(true)?;
+        let tcp: TcpStream = socket.connect(key.tunnel).await.map_err(|e| fail("connect", &e))?;
+        let name =
+            ServerName::try_from(server_name(&key.destination)).map_err(|e| fail("server name", &e))?;
+        let tls = tokio_rustls::TlsConnector::from(config)
+            .connect(name, tcp)
+            .await
+            .map_err(|e| fail("TLS handshake", &e))?;
+        let (sender, connection) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .initial_stream_window_size(STREAM_WINDOW)
+            .initial_connection_window_size(CONNECTION_WINDOW)
+            .keep_alive_interval(Duration::from_secs(30))
+            .keep_alive_while_idle(true)
+            .handshake(TokioIo::new(tls))
+            .await
+            .map_err(|e| fail("HTTP/2", &e))?;
+        let tunnel = key.tunnel;
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!(%tunnel, "tunnel connection ended: {e}");
+            }
+        });
+        tracing::debug!(tunnel = %key.tunnel, source = %key.source, destination = %key.destination, "tunnel connection opened");
+        Ok(sender)
+    }
+
+    /// What `/config_dump` shows: open tunnel connections and their streams per key.
+    pub fn dump(&self) -> serde_json::Value {
+        let pools = self.pools.lock().expect("tunnel pools lock");
+        let rows: Vec<serde_json::Value> = pools
+            .iter()
+            .map(|(k, p)| {
+                let connections = p.connections.lock().expect("tunnel pool lock");
+                let live: Vec<usize> = connections
+                    .iter()
+                    .filter(|c| !c.sender.is_closed())
+                    .map(|c| c.streams.load(Ordering::Relaxed))
+                    .collect();
+                serde_json::json!({
+                    "tunnel": k.tunnel.to_string(),
+                    "source": k.source.to_string(),
+                    "destination": k.destination.to_string(),
+                    "connections": live.len(),
+                    "streams": live.iter().sum::<usize>(),
+                })
+            })
+            .collect();
+        serde_json::Value::Array(rows)
+    }
+}
+
+/// One proxied connection's stream through a tunnel.
+pub struct TunnelStream {
+    io: TokioIo<Upgraded>,
+    _slot: StreamSlot,
+}
+
+impl AsyncRead for TunnelStream {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for TunnelStream {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
+}

@@ -1,0 +1,222 @@
+//! The server side of HBONE: the node's tunnel listener (port 15008).
+//!
+//! A client must present a workload certificate chaining to a trusted root (TLS 1.3); the
+//! server presents the certificate of the identity the client named by server name. Each
+//! CONNECT stream names a pod address; it is accepted only if that pod runs on this node
+//! under exactly the identity the server proved (so a client that verified identity A can
+//! never be handed to a pod of identity B), and is then delivered into the pod as the client
+//! pod's own address.
+
+use std::{convert::Infallible, net::SocketAddr, sync::Arc, time::Duration};
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::{Method, Request, Response, StatusCode, body::Incoming, service::service_fn};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use mesh_control::ca::SpiffeId;
+use tokio::net::{TcpListener, TcpStream};
+
+use super::{
+    BAGGAGE, FORWARDED, POD_NAME_KEY, baggage_value,
+    client::{CONNECTION_WINDOW, STREAM_WINDOW, STREAMS_PER_CONNECTION},
+    credentials::Credentials,
+    parse_forwarded_for,
+};
+use crate::{
+    identity::tls::peer_identity,
+    inbound::deliver::deliver,
+    proxy::relay,
+    telemetry::metrics::{ConnectionLabels, Metrics, Reporter, UNKNOWN},
+    workload::IpIndex,
+};
+
+/// A TLS handshake must finish within this, or the connection is dropped.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Streams a client may open on one connection; clients stay below it
+/// ([`STREAMS_PER_CONNECTION`]) so that none of their streams ever waits.
+const MAX_STREAMS: u32 = STREAMS_PER_CONNECTION as u32 + 24;
+
+pub struct TunnelServer {
+    pub credentials: Arc<Credentials>,
+    pub locals: Arc<IpIndex>,
+    pub delivery_mark: u32,
+    pub connect_timeout: Duration,
+    pub metrics: Arc<Metrics>,
+}
+
+/// Who is at each end of one tunnel connection.
+struct Peers {
+    client: SpiffeId,
+    server: SpiffeId,
+    addr: SocketAddr,
+}
+
+impl TunnelServer {
+    pub async fn serve(self: Arc<Self>, listener: TcpListener) {
+        loop {
+            match listener.accept().await {
+                Ok((tcp, addr)) => {
+                    let this = Arc::clone(&self);
+                    tokio::spawn(async move { this.connection(tcp, addr).await });
+                }
+                Err(e) => {
+                    tracing::warn!("tunnel accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+    }
+
+    async fn connection(self: Arc<Self>, tcp: TcpStream, addr: SocketAddr) {
+        let _ = tcp.set_nodelay(true);
+        let config = match self.credentials.server_config() {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(peer = %addr, "tunnel connection refused: {e}");
+                return;
+            }
+        };
+        let accept = tokio_rustls::TlsAcceptor::from(config).accept(tcp);
+        let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, accept).await {
+            Ok(Ok(tls)) => tls,
+            Ok(Err(e)) => {
+                tracing::warn!(peer = %addr, "tunnel TLS handshake failed: {e}");
+                return;
+            }
+            Err(_) => {
+                tracing::warn!(peer = %addr, "tunnel TLS handshake did not finish within {HANDSHAKE_TIMEOUT:?}");
+                return;
+            }
+        };
+        let peers = {
+            let (_, session) = tls.get_ref();
+            let client = session
+                .peer_certificates()
+                .and_then(|c| c.first())
+                .ok_or_else(|| "no client certificate".to_string())
+                .and_then(peer_identity);
+            let server = session
+                .server_name()
+                .and_then(|n| self.credentials.identities.by_server_name(n))
+                .map(|c| c.identity.clone());
+            match (client, server) {
+                (Ok(client), Some(server)) => Arc::new(Peers { client, server, addr }),
+                (Err(e), _) => {
+                    tracing::warn!(peer = %addr, "tunnel refused: client identity: {e}");
+                    return;
+                }
+                (_, None) => {
+                    tracing::warn!(peer = %addr, "tunnel refused: the server identity asked for is not on this node");
+                    return;
+                }
+            }
+        };
+        tracing::debug!(peer = %addr, client = %peers.client, server = %peers.server, "tunnel connection accepted");
+        let service = service_fn(move |request| {
+            let this = Arc::clone(&self);
+            let peers = Arc::clone(&peers);
+            async move { Ok::<_, Infallible>(this.stream(request, &peers).await) }
+        });
+        let served = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .max_concurrent_streams(MAX_STREAMS)
+            .initial_stream_window_size(STREAM_WINDOW)
+            .initial_connection_window_size(CONNECTION_WINDOW)
+            .serve_connection(TokioIo::new(tls), service)
+            .await;
+        if let Err(e) = served {
+            tracing::debug!(peer = %addr, "tunnel connection ended: {e}");
+        }
+    }
+
+    /// One CONNECT stream: checks, delivers, and relays once the client has its 200.
+    async fn stream(&self, mut request: Request<Incoming>, peers: &Peers) -> Response<Full<Bytes>> {
+        if request.method() != Method::CONNECT {
+            return answer(StatusCode::METHOD_NOT_ALLOWED, "only CONNECT is served here".into());
+        }
+        let Some(target) = request.uri().authority().and_then(|a| a.as_str().parse::<SocketAddr>().ok())
+        else {
+            return answer(
+                StatusCode::BAD_REQUEST,
+                format!("CONNECT target {} is not ip:port", request.uri()),
+            );
+        };
+        let Some(local) = self.locals.local(target.ip()) else {
+            return answer(StatusCode::NOT_FOUND, format!("no workload at {} on this node", target.ip()));
+        };
+        let identity = self.credentials.identities.identity(&local.key.namespace, &local.service_account);
+        if identity != peers.server {
+            // The client verified `peers.server`; handing it to another identity would
+            // defeat that check.
+            return answer(
+                StatusCode::MISDIRECTED_REQUEST,
+                format!("{target} is {identity}, not {}", peers.server),
+            );
+        }
+        let Some(pod) = local.delivery.clone() else {
+            return answer(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("workload {} is not set up for inbound delivery", local.key),
+            );
+        };
+        let from =
+            request.headers().get(FORWARDED).and_then(|v| v.to_str().ok()).and_then(parse_forwarded_for);
+        let delivered =
+            match deliver(&pod.netns, from, target, self.delivery_mark, self.connect_timeout).await {
+                Ok(s) => s,
+                Err(e) => {
+                    let status = if e.kind() == std::io::ErrorKind::TimedOut {
+                        StatusCode::GATEWAY_TIMEOUT
+                    } else {
+                        StatusCode::SERVICE_UNAVAILABLE
+                    };
+                    tracing::info!(client = %peers.client, %target, "tunnel delivery failed: {e}");
+                    return answer(status, format!("{target}: {e}"));
+                }
+            };
+        // The client's workload name is its own say (baggage); its namespace is proven.
+        let source_workload = request
+            .headers()
+            .get(BAGGAGE)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|b| baggage_value(b, POD_NAME_KEY))
+            .unwrap_or(UNKNOWN)
+            .to_string();
+        let labels = ConnectionLabels {
+            reporter: Reporter::destination,
+            source_workload,
+            source_workload_namespace: peers.client.namespace.clone(),
+            destination_workload: local.key.name.clone(),
+            destination_workload_namespace: local.key.namespace.clone(),
+        };
+        let metrics = Arc::clone(&self.metrics);
+        let client = peers.client.clone();
+        let peer = peers.addr;
+        tokio::spawn(async move {
+            let upgraded = match hyper::upgrade::on(&mut request).await {
+                Ok(u) => u,
+                Err(e) => {
+                    tracing::debug!(%client, %target, "tunnel stream not upgraded: {e}");
+                    relay::reset(&delivered);
+                    return;
+                }
+            };
+            let counters = metrics.connection_opened(&labels);
+            // Bytes the client sent are what the pod receives.
+            let relayed =
+                relay::relay_stream(delivered, TokioIo::new(upgraded), &counters.received, &counters.sent)
+                    .await;
+            if let Err(e) = relayed {
+                tracing::debug!(%client, %peer, %target, "tunnel stream ended with error: {e}");
+            }
+            counters.closed();
+        });
+        Response::new(Full::new(Bytes::new()))
+    }
+}
+
+fn answer(status: StatusCode, reason: String) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from(reason)));
+    *response.status_mut() = status;
+    response
+}
