@@ -92,7 +92,14 @@ impl fmt::Debug for ByServerName {
 
 impl ResolvesServerCert for ByServerName {
     fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        let cert = self.0.by_server_name(hello.server_name()?)?;
+        let name = hello.server_name()?;
+        let Some(cert) = self.0.by_server_name(name) else {
+            tracing::warn!(
+                server_name = name,
+                "tunnel client asked for an identity no workload of this node has"
+            );
+            return None;
+        };
         match cert.certified() {
             Ok(key) => Some(key),
             Err(e) => {
