@@ -6,7 +6,7 @@
 use nodemesh_tests::{
     Pod, Registration, SimCluster, SimNode,
     link_capture::{LinkCapture, contains},
-    mesh::{endpoint_count, eventually, http_get, labelled, service_yaml},
+    mesh::{answered_by, endpoint_count, eventually, http_get, labelled, service_yaml},
 };
 use serde_json::Value;
 use std::time::Duration;
@@ -121,4 +121,63 @@ fn same_node_traffic_is_delivered_as_the_client_pod() {
     let reply = http_get(&s.cluster.nodes[1], &neighbour, &format!("{VIP}:80"), &["--requests", "3"]);
     assert_eq!(reply["statuses"]["200"], 3, "{reply}");
     assert_eq!(peer_ip(&reply), neighbour.ip.to_string(), "{reply}");
+}
+
+/// The client's and the server's certificates, as `(identity, not_after)` pairs their nodes hold.
+fn held_certificates(node: &SimNode) -> Vec<(String, u64)> {
+    let dump = node.config_dump().unwrap();
+    dump["identity"]["certificates"]
+        .as_array()
+        .map(|certs| {
+            certs
+                .iter()
+                .map(|c| {
+                    (
+                        c["identity"].as_str().unwrap_or_default().to_string(),
+                        c["not_after"].as_u64().unwrap_or(0),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[test]
+fn certificates_rotate_under_continuous_traffic_without_a_failed_connection() {
+    let mut cluster = SimCluster::new(2).unwrap();
+    cluster.write_config("web.yaml", &service_yaml("web", VIP, "web"));
+    // 5 s certificates: each side renews every 2.5 s.
+    cluster.start(&["--cert-ttl-secs", "5"], &[]).unwrap();
+    let client = cluster.nodes[0].add_pod("client", "shop").unwrap();
+    cluster.nodes[0].register(&client, &Registration::meshed().as_account("client")).unwrap();
+    let node1 = &mut cluster.nodes[1];
+    let web = node1.add_pod("web", "shop").unwrap();
+    node1.register(&web, &labelled("web").as_account("web")).unwrap();
+    node1.serve(&web, &[web.addr(8080)]).unwrap();
+    let (node0, node1) = (&cluster.nodes[0], &cluster.nodes[1]);
+    let to = format!("{VIP}:80");
+    eventually("web answers", Duration::from_secs(10), || answered_by(node0, &client, &to, 1).is_ok());
+
+    let mut seen: std::collections::BTreeSet<(String, u64)> = Default::default();
+    let (mut connections, mut failures) = (0, Vec::new());
+    let until = std::time::Instant::now() + Duration::from_secs(12);
+    while std::time::Instant::now() < until {
+        match answered_by(node0, &client, &to, 20) {
+            Ok(counts) => connections += counts.values().sum::<usize>(),
+            Err(e) => failures.push(e.to_string()),
+        }
+        seen.extend(held_certificates(node0));
+        seen.extend(held_certificates(node1));
+    }
+    assert!(failures.is_empty(), "{} rounds failed: {failures:?}\n{}", failures.len(), node0.log_tail());
+    let generations = |id: &str| {
+        seen.iter().filter(|(i, _)| i == &format!("spiffe://cluster.local/ns/shop/sa/{id}")).count()
+    };
+    assert!(
+        generations("client") >= 4 && generations("web") >= 4,
+        "certificates did not rotate during the run: {seen:?}"
+    );
+    // Renewed certificates retire pooled tunnel connections: new ones were opened.
+    let accepted = node1.log().matches("tunnel connection accepted").count();
+    assert!(accepted >= 3, "{accepted} tunnel connections over {connections} connections");
 }

@@ -18,7 +18,7 @@ use std::{
         atomic::{AtomicUsize, Ordering},
     },
     task::{Context, Poll},
-    time::Duration,
+    time::{Duration, SystemTime},
 };
 
 use bytes::Bytes;
@@ -52,6 +52,9 @@ struct PoolKey {
 struct Connection {
     sender: SendRequest<Empty<Bytes>>,
     streams: AtomicUsize,
+    /// After this no new stream goes on the connection: our certificate has been renewed by
+    /// then, or the peer's has expired. Streams already on it run to their end.
+    retire_at: SystemTime,
 }
 
 #[derive(Default)]
@@ -65,7 +68,9 @@ impl KeyPool {
     /// A live connection with room for one more stream, counted as taken.
     fn take(&self) -> Option<StreamSlot> {
         let mut connections = self.connections.lock().expect("tunnel pool lock");
-        connections.retain(|c| !c.sender.is_closed());
+        let now = SystemTime::now();
+        // Retired connections leave the pool; hyper closes each when its last stream ends.
+        connections.retain(|c| !c.sender.is_closed() && c.retire_at > now);
         connections.iter().find_map(|c| {
             let taken = c.streams.fetch_add(1, Ordering::AcqRel);
             if taken < STREAMS_PER_CONNECTION {
@@ -176,20 +181,21 @@ impl TunnelPool {
         if let Some(slot) = pool.take() {
             return Ok(slot);
         }
-        let sender = self.dial(key).await?;
-        let connection = Arc::new(Connection { sender, streams: AtomicUsize::new(1) });
+        let (sender, retire_at) = self.dial(key).await?;
+        let connection = Arc::new(Connection { sender, streams: AtomicUsize::new(1), retire_at });
         pool.connections.lock().expect("tunnel pool lock").push(Arc::clone(&connection));
         Ok(StreamSlot(connection))
     }
 
-    async fn dial(&self, key: &PoolKey) -> io::Result<SendRequest<Empty<Bytes>>> {
+    /// A new connection for `key`, and when it retires (see [`Connection::retire_at`]).
+    async fn dial(&self, key: &PoolKey) -> io::Result<(SendRequest<Empty<Bytes>>, SystemTime)> {
         let fail = |what: &str, e: &dyn std::fmt::Display| {
             io::Error::new(
                 io::ErrorKind::ConnectionRefused,
                 format!("tunnel {} as {} to {}: {what}: {e}", key.tunnel, key.source, key.destination),
             )
         };
-        let config = self
+        let (config, own_renewal) = self
             .credentials
             .client_config(&key.source, &key.destination)
             .await
@@ -205,6 +211,8 @@ impl TunnelPool {
             .connect(name, tcp)
             .await
             .map_err(|e| fail("TLS handshake", &e))?;
+        let peer_expiry = tls.get_ref().1.peer_certificates().and_then(|c| c.first()).and_then(not_after);
+        let retire_at = peer_expiry.map_or(own_renewal, |p| p.min(own_renewal));
         let (sender, connection) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
             .initial_stream_window_size(STREAM_WINDOW)
@@ -221,7 +229,7 @@ impl TunnelPool {
             }
         });
         tracing::debug!(tunnel = %key.tunnel, source = %key.source, destination = %key.destination, "tunnel connection opened");
-        Ok(sender)
+        Ok((sender, retire_at))
     }
 
     /// What `/config_dump` shows: open tunnel connections and their streams per key.
@@ -247,6 +255,13 @@ impl TunnelPool {
             .collect();
         serde_json::Value::Array(rows)
     }
+}
+
+/// When a certificate expires.
+fn not_after(der: &rustls::pki_types::CertificateDer<'_>) -> Option<SystemTime> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+    let secs = u64::try_from(cert.validity().not_after.timestamp()).ok()?;
+    Some(SystemTime::UNIX_EPOCH + Duration::from_secs(secs))
 }
 
 /// One proxied connection's stream through a tunnel.

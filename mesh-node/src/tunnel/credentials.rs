@@ -5,7 +5,7 @@ use std::{
     collections::HashMap,
     fmt,
     sync::{Arc, Mutex},
-    time::Duration,
+    time::{Duration, SystemTime},
 };
 
 use mesh_control::ca::SpiffeId;
@@ -28,7 +28,7 @@ pub struct Credentials {
     /// How long a connection waits for its workload's first certificate.
     cert_wait: Duration,
     server: Mutex<Option<(u64, Arc<ServerConfig>)>>,
-    clients: Mutex<HashMap<IdentityPair, (u64, Arc<ClientConfig>)>>,
+    clients: Mutex<HashMap<IdentityPair, (u64, Arc<ClientConfig>, SystemTime)>>,
 }
 
 impl Credentials {
@@ -58,26 +58,30 @@ impl Credentials {
     }
 
     /// The client side: presents `source`'s certificate and accepts only a server proving
-    /// `destination`.
+    /// `destination`; with the time that certificate is due for renewal.
     pub async fn client_config(
         &self,
         source: &SpiffeId,
         destination: &SpiffeId,
-    ) -> Result<Arc<ClientConfig>, String> {
+    ) -> Result<(Arc<ClientConfig>, SystemTime), String> {
         let Some(cert) = self.identities.wait_for(source, self.cert_wait).await else {
             let why = self.identities.failure(source).unwrap_or_else(|| "not issued yet".into());
             return Err(format!("no certificate for {source} ({why})"));
         };
         let version = self.identities.version();
         let key = (source.clone(), destination.clone());
-        if let Some((v, config)) = self.clients.lock().expect("client configs lock").get(&key)
+        if let Some((v, config, renew_at)) = self.clients.lock().expect("client configs lock").get(&key)
             && *v == version
         {
-            return Ok(Arc::clone(config));
+            return Ok((Arc::clone(config), *renew_at));
         }
         let config = Arc::new(tls::client_config(&cert, &self.roots()?, destination.clone())?);
-        self.clients.lock().expect("client configs lock").insert(key, (version, Arc::clone(&config)));
-        Ok(config)
+        let renew_at = cert.renew_at();
+        self.clients
+            .lock()
+            .expect("client configs lock")
+            .insert(key, (version, Arc::clone(&config), renew_at));
+        Ok((config, renew_at))
     }
 }
 
