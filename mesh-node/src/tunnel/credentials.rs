@@ -23,12 +23,20 @@ use crate::identity::{
 /// (source, destination): what a client configuration presents and what it accepts.
 type IdentityPair = (SpiffeId, SpiffeId);
 
+/// A client configuration, the certificate version it was built from, and when that
+/// certificate is due for renewal.
+struct CachedClient {
+    version: u64,
+    config: Arc<ClientConfig>,
+    renew_at: SystemTime,
+}
+
 pub struct Credentials {
     pub identities: Arc<Identities>,
     /// How long a connection waits for its workload's first certificate.
     cert_wait: Duration,
     server: Mutex<Option<(u64, Arc<ServerConfig>)>>,
-    clients: Mutex<HashMap<IdentityPair, (u64, Arc<ClientConfig>, SystemTime)>>,
+    clients: Mutex<HashMap<IdentityPair, CachedClient>>,
 }
 
 impl Credentials {
@@ -70,17 +78,15 @@ impl Credentials {
         };
         let version = self.identities.version();
         let key = (source.clone(), destination.clone());
-        if let Some((v, config, renew_at)) = self.clients.lock().expect("client configs lock").get(&key)
-            && *v == version
+        if let Some(c) = self.clients.lock().expect("client configs lock").get(&key)
+            && c.version == version
         {
-            return Ok((Arc::clone(config), *renew_at));
+            return Ok((Arc::clone(&c.config), c.renew_at));
         }
         let config = Arc::new(tls::client_config(&cert, &self.roots()?, destination.clone())?);
         let renew_at = cert.renew_at();
-        self.clients
-            .lock()
-            .expect("client configs lock")
-            .insert(key, (version, Arc::clone(&config), renew_at));
+        let cached = CachedClient { version, config: Arc::clone(&config), renew_at };
+        self.clients.lock().expect("client configs lock").insert(key, cached);
         Ok((config, renew_at))
     }
 }
