@@ -18,6 +18,10 @@ use crate::{
 };
 
 pub async fn run(config: Config) -> anyhow::Result<()> {
+    match crate::sys::raise_open_files_limit() {
+        Ok(limit) => tracing::debug!(limit, "open files limit"),
+        Err(e) => tracing::warn!("cannot raise the open files limit: {e}"),
+    }
     let ebpf_level =
         if tracing::enabled!(tracing::Level::DEBUG) { aya_log::Level::Debug } else { aya_log::Level::Info };
     let (capture, logger) = capture::load_and_attach(&config, ebpf_level)?;

@@ -40,3 +40,15 @@ pub fn set_bind_address_no_port(socket: &impl AsRawFd) -> io::Result<()> {
     };
     if rc == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
 }
+
+/// Raises the soft limit on open files to the hard limit: every proxied connection holds two
+/// sockets, and the default soft limit (often 1024) would cap a node at a few hundred
+/// connections. Returns the limit now in force.
+pub fn raise_open_files_limit() -> io::Result<u64> {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).map_err(io::Error::from)?;
+    if soft < hard {
+        setrlimit(Resource::RLIMIT_NOFILE, hard, hard).map_err(io::Error::from)?;
+    }
+    Ok(hard)
+}

@@ -35,7 +35,7 @@ use std::{
 use anyhow::{Context, bail};
 pub use cluster::SimCluster;
 pub use control::ControlPlane;
-pub use held::HeldConnection;
+pub use held::{HeldConnection, ManyConnections};
 pub use process::{run_checked, wait_with_timeout};
 
 /// Every name we create starts with this, so sweeping never touches anything else.

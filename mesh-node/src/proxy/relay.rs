@@ -17,7 +17,9 @@ use tokio::{
 
 use super::upstream::Upstream;
 
-/// Big enough for bulk throughput, small enough for 50k+ concurrent connections.
+/// Each direction starts with a small buffer, so 50k+ mostly idle connections cost little,
+/// and grows to the big one the first time a read fills it (bulk transfer).
+const FIRST_CHUNK: usize = 2 * 1024;
 const CHUNK: usize = 32 * 1024;
 
 pub struct Totals {
@@ -86,7 +88,7 @@ where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    let mut buf = vec![0u8; CHUNK];
+    let mut buf = vec![0u8; FIRST_CHUNK];
     let mut total = 0u64;
     loop {
         let n = reader.read(&mut buf).await?;
@@ -99,6 +101,9 @@ where
         writer.write_all(&buf[..n]).await?;
         total += n as u64;
         counter.inc_by(n as u64);
+        if n == buf.len() && buf.len() < CHUNK {
+            buf = vec![0u8; CHUNK];
+        }
     }
 }
 
