@@ -22,6 +22,7 @@ pub mod metrics;
 pub mod netns;
 mod process;
 pub mod reviews;
+pub mod tunnel_client;
 
 use std::{
     fs,

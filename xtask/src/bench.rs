@@ -15,7 +15,7 @@ const LATENCY_RATE: &str = "1000";
 const LATENCY_COUNT: &str = "10000";
 const BULK_BYTES: &str = "1073741824";
 
-struct Run {
+pub struct Run {
     connect_per_sec: f64,
     p50_us: f64,
     p99_us: f64,
@@ -79,6 +79,18 @@ pub fn run() -> anyhow::Result<()> {
             )
         })
         .collect();
+    let x = crate::bench_mtls::run()?;
+    let cross = |f: fn(&Run) -> f64, digits: usize| {
+        [&x.direct, &x.plaintext, &x.mtls].map(|r| format!("{:.*}", digits, f(r))).join(" / ")
+    };
+    let mtls_row = format!(
+        "{stamp} {} | {} | {} | {} | {:.0} |",
+        cross(|r| r.connect_per_sec, 0),
+        cross(|r| r.p50_us, 0),
+        cross(|r| r.p99_us, 0),
+        cross(|r| r.gbit_per_s, 2),
+        x.handshakes_per_sec
+    );
     let c = crate::bench_control::run()?;
     let control_row = format!(
         "{stamp} {p50:.0} / {p99:.0} | {sp50:.0} / {sp99:.0} | {sync:.0} | {rss:.1} ({hwm:.1}) | {cpu:.2} |",
@@ -93,7 +105,7 @@ pub fn run() -> anyhow::Result<()> {
     );
     let path = util::workspace_root()?.join("bench/RESULTS.md");
     let mut text = fs::read_to_string(&path).unwrap_or_else(|_| HEADER.to_string());
-    let mut rows = vec![(DATA_PATH_TABLE, &row), (CONTROL_TABLE, &control_row)];
+    let mut rows = vec![(DATA_PATH_TABLE, &row), (MTLS_TABLE, &mtls_row), (CONTROL_TABLE, &control_row)];
     rows.extend(http_rows.iter().map(|r| (HTTP_TABLE, r)));
     for (table, row) in rows {
         text = insert_row(&text, table, row);
@@ -105,6 +117,7 @@ pub fn run() -> anyhow::Result<()> {
 }
 
 const DATA_PATH_TABLE: &str = "| date (UTC) | commit | connect/s | p50 µs | p99 µs | Gbit/s | mesh-node RSS MiB (peak) | mesh-node CPU |";
+const MTLS_TABLE: &str = "| date (UTC) | commit | connect/s direct / mesh plaintext / mesh mTLS | p50 µs | p99 µs | Gbit/s | mTLS handshakes/s |";
 const HTTP_TABLE: &str = "| date (UTC) | commit | protocol | p50 µs direct / mesh-node / Envoy | p99 µs direct / mesh-node / Envoy | max req/s direct / mesh-node / Envoy |";
 const CONTROL_TABLE: &str = "| date (UTC) | commit | 2 nodes: p50 / p99 ms | 50 clients: p50 / p99 ms | sync 50 clients ms | mesh-control RSS MiB (peak) | mesh-control CPU s to sync |";
 
@@ -153,7 +166,7 @@ through mesh-node. Each cell is **direct / mesh-node**.
 |---|---|---|---|---|---|---|---|
 ";
 
-fn measure(node: &SimNode, client: &Pod, server: &Pod) -> anyhow::Result<Run> {
+pub fn measure(node: &SimNode, client: &Pod, server: &Pod) -> anyhow::Result<Run> {
     let to = server.addr(9000).to_string();
     let get = |v: &Value, k: &str| -> anyhow::Result<f64> {
         v[k].as_f64().with_context(|| format!("nm-testapp result has no {k}: {v}"))

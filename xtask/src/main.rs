@@ -4,6 +4,7 @@
 mod bench;
 mod bench_control;
 mod bench_http;
+mod bench_mtls;
 mod bookshop;
 mod demo;
 mod setup;
