@@ -10,6 +10,12 @@
 //!   time, however many pods connect at once and however ports are reused.
 //! * `sock4_getpeername` / `sock6_getpeername`: the application sees the address it dialled, not
 //!   the proxy's.
+//! * `inbound_lookup` (sk_lookup, attached to each meshed pod's netns): a TCP connection
+//!   arriving at a meshed pod from outside it (not over loopback) is handed to mesh-node's
+//!   inbound listener in that netns instead of the application's, so plaintext that did not
+//!   come through the tunnel still meets the pod's policy. mesh-node's own connections into
+//!   the pod (deliveries) are filed in `DELIVERIES` by their 4-tuple just before they connect,
+//!   and pass.
 //!
 //! The proxy's own sockets carry `SO_MARK == PROXY_MARK` and are never captured, even when the
 //! proxy runs inside a cgroup that is itself meshed.
@@ -25,14 +31,15 @@ use aya_ebpf::{
         bpf_sock_addr,
     },
     helpers::{bpf_get_current_cgroup_id, bpf_get_netns_cookie, bpf_get_socket_cookie},
-    macros::{cgroup_sock_addr, map, sock_ops},
-    maps::{HashMap, LpmTrie, LruHashMap, lpm_trie::Key},
-    programs::{SockAddrContext, SockOpsContext},
+    macros::{cgroup_sock_addr, map, sk_lookup, sock_ops},
+    maps::{HashMap, LpmTrie, LruHashMap, SockHash, lpm_trie::Key},
+    programs::{SkLookupContext, SockAddrContext, SockOpsContext},
 };
 use aya_log_ebpf::{debug, warn};
 use mesh_ebpf_common::{
-    Cidr4, Cidr6, ClientTupleKey, EXCLUDED_CIDRS_MAX, EXCLUDED_PORTS_MAX, FAMILY_INET, FAMILY_INET6,
-    MESHED_CGROUPS_MAX, MeshedCgroup, ORIG_DST_BY_COOKIE_MAX, ORIG_DST_BY_TUPLE_MAX, OrigDst,
+    Cidr4, Cidr6, ClientTupleKey, DELIVERIES_MAX, DeliveryKey, EXCLUDED_CIDRS_MAX, EXCLUDED_PORTS_MAX,
+    FAMILY_INET, FAMILY_INET6, INBOUND_LISTENERS_MAX, MESHED_CGROUPS_MAX, MeshedCgroup,
+    ORIG_DST_BY_COOKIE_MAX, ORIG_DST_BY_TUPLE_MAX, OrigDst, PodAddrKey,
 };
 
 /// sock_addr verdicts.
@@ -63,6 +70,64 @@ static EXCLUDED_CIDRS4: LpmTrie<Cidr4, u8> = LpmTrie::with_max_entries(EXCLUDED_
 
 #[map]
 static EXCLUDED_CIDRS6: LpmTrie<Cidr6, u8> = LpmTrie::with_max_entries(EXCLUDED_CIDRS_MAX, 0);
+
+/// mesh-node's inbound listener in each meshed pod's netns, by the pod's address.
+#[map]
+static INBOUND_LISTENERS: SockHash<PodAddrKey> = SockHash::with_max_entries(INBOUND_LISTENERS_MAX, 0);
+
+/// mesh-node's own connections into meshed pods, while they connect.
+#[map]
+static DELIVERIES: LruHashMap<DeliveryKey, u8> = LruHashMap::with_max_entries(DELIVERIES_MAX, 0);
+
+/// sk_lookup verdict: carry on (with the socket selected, if one was).
+const SK_PASS: u32 = 1;
+const IPPROTO_TCP: u32 = 6;
+
+#[sk_lookup]
+pub fn inbound_lookup(ctx: SkLookupContext) -> u32 {
+    let l = ctx.lookup;
+    // SAFETY: `lookup` is the kernel's context pointer, valid and readable for the program's run.
+    let (protocol, family) = unsafe { ((*l).protocol, (*l).family) };
+    if protocol != IPPROTO_TCP {
+        return SK_PASS;
+    }
+    // SAFETY: as above. The verifier wants each context word read on its own (no copy of an
+    // array through a moved context pointer).
+    let (family, local, remote) = unsafe {
+        if family == u32::from(FAMILY_INET) {
+            (FAMILY_INET, [(*l).local_ip4, 0, 0, 0], [(*l).remote_ip4, 0, 0, 0])
+        } else {
+            let local = [
+                core::ptr::read_volatile(&raw const (*l).local_ip6[0]),
+                core::ptr::read_volatile(&raw const (*l).local_ip6[1]),
+                core::ptr::read_volatile(&raw const (*l).local_ip6[2]),
+                core::ptr::read_volatile(&raw const (*l).local_ip6[3]),
+            ];
+            let remote = [
+                core::ptr::read_volatile(&raw const (*l).remote_ip6[0]),
+                core::ptr::read_volatile(&raw const (*l).remote_ip6[1]),
+                core::ptr::read_volatile(&raw const (*l).remote_ip6[2]),
+                core::ptr::read_volatile(&raw const (*l).remote_ip6[3]),
+            ];
+            (FAMILY_INET6, local, remote)
+        }
+    };
+    // The pod talking to itself through its own address (a spoofed outside SYN with that
+    // source could never complete: the answer stays in the pod).
+    if remote == local {
+        return SK_PASS;
+    }
+    // SAFETY: as above.
+    let (remote_port, local_port) = unsafe { ((*l).remote_port, (*l).local_port) };
+    let delivery = DeliveryKey { remote, local, remote_port, local_port: local_port as u16, family, _pad: 0 };
+    if DELIVERIES.get_ptr(&delivery).is_some() {
+        return SK_PASS;
+    }
+    let key = PodAddrKey { addr: local, family, _pad: 0 };
+    // No listener for the address (not a meshed pod's): the application's socket, as always.
+    let _ = INBOUND_LISTENERS.redirect_sk_lookup(&ctx, key, 0);
+    SK_PASS
+}
 
 #[cgroup_sock_addr(connect4)]
 pub fn sock4_connect(ctx: SockAddrContext) -> i32 {

@@ -10,6 +10,7 @@ use crate::{
     api, capture,
     config::Config,
     identity::Identities,
+    inbound::{deliver::Delivery, plaintext::PlaintextInbound},
     proxy::Outbound,
     telemetry::metrics::Metrics,
     tunnel::{client::TunnelPool, credentials::Credentials, server::TunnelServer},
@@ -55,13 +56,14 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         lookup_timeout: config.lookup_timeout,
     });
     let tunnels = credentials.as_ref().map(|c| Arc::new(TunnelPool::new(Arc::clone(c), config.proxy_mark)));
+    let delivery = Arc::new(Delivery { capture: Arc::clone(&capture), mark: config.delivery_mark });
     let outbound = Arc::new(Outbound {
         capture: Arc::clone(&capture),
         metrics: Arc::clone(&metrics),
         locals: Arc::clone(&index),
         tunnels: tunnels.clone(),
         proxy_mark: config.proxy_mark,
-        delivery_mark: config.delivery_mark,
+        delivery: Arc::clone(&delivery),
         connect_timeout: config.connect_timeout,
         router,
         sniff_timeout: config.sniff_timeout,
@@ -73,7 +75,12 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         Arc::clone(&metrics),
         &config.state_dir,
         &config.cgroup_root,
-        config.delivery_mark,
+        Arc::new(PlaintextInbound {
+            cache: xds_client.as_ref().map(|c| Arc::clone(&c.cache)),
+            metrics: Arc::clone(&metrics),
+            delivery: Arc::clone(&delivery),
+            connect_timeout: config.connect_timeout,
+        }),
     ));
     if let Some(credentials) = &credentials {
         let listener = TcpListener::bind(config.tunnel_listen)
@@ -82,7 +89,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         let server = Arc::new(TunnelServer {
             credentials: Arc::clone(credentials),
             locals: Arc::clone(&index),
-            delivery_mark: config.delivery_mark,
+            delivery: Arc::clone(&delivery),
             connect_timeout: config.connect_timeout,
             metrics: Arc::clone(&metrics),
         });

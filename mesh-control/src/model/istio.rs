@@ -374,6 +374,8 @@ pub struct MeshConfigSpec {
     pub outbound_traffic_policy: OutboundTrafficPolicySpec,
     /// Default `cluster.local`.
     pub trust_domain: Option<String>,
+    /// Where selector-less security policies apply mesh-wide; default `istio-system`.
+    pub root_namespace: Option<String>,
 }
 
 /// Checks an Istio host name: a DNS name, optionally with a leading `*.` wildcard.

@@ -7,6 +7,7 @@ pub mod duration;
 pub mod istio;
 pub mod layering;
 pub mod parse;
+pub mod peer_authentication;
 pub mod rate_limit;
 pub mod store;
 pub mod virtual_service;
@@ -46,10 +47,11 @@ pub enum Kind {
     NodeWorkload,
     /// A node's proxy as it reported itself (its tunnel address).
     NodeProxy,
+    PeerAuthentication,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 14] = [
+    pub const ALL: [Kind; 15] = [
         Kind::Namespace,
         Kind::Node,
         Kind::Pod,
@@ -64,6 +66,7 @@ impl Kind {
         Kind::MeshConfig,
         Kind::NodeWorkload,
         Kind::NodeProxy,
+        Kind::PeerAuthentication,
     ];
 
     pub fn is_namespaced(self) -> bool {
@@ -124,6 +127,7 @@ pub enum Object {
     MeshConfig(istio::MeshConfig),
     NodeWorkload(core::Pod),
     NodeProxy(core::NodeProxy),
+    PeerAuthentication(peer_authentication::PeerAuthentication),
 }
 
 impl Object {
@@ -143,6 +147,7 @@ impl Object {
             Object::MeshConfig(_) => Kind::MeshConfig,
             Object::NodeWorkload(_) => Kind::NodeWorkload,
             Object::NodeProxy(_) => Kind::NodeProxy,
+            Object::PeerAuthentication(_) => Kind::PeerAuthentication,
         }
     }
 
@@ -161,6 +166,7 @@ impl Object {
             Object::RateLimitPolicy(o) => &o.meta,
             Object::MeshConfig(o) => &o.meta,
             Object::NodeProxy(o) => &o.meta,
+            Object::PeerAuthentication(o) => &o.meta,
         }
     }
 

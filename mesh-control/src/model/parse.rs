@@ -57,10 +57,10 @@ impl fmt::Display for ParseError {
 
 const ISTIO_NETWORKING: &[&str] =
     &["networking.istio.io/v1", "networking.istio.io/v1beta1", "networking.istio.io/v1alpha3"];
+const ISTIO_SECURITY: &[&str] = &["security.istio.io/v1", "security.istio.io/v1beta1"];
 const NOT_YET: &[&str] = &[
     "Gateway",
     "EnvoyFilter",
-    "PeerAuthentication",
     "AuthorizationPolicy",
     "RequestAuthentication",
     "Telemetry",
@@ -102,6 +102,7 @@ pub fn object_from_value(value: Value) -> Result<Object, ParseError> {
         (v, "DestinationRule") if ISTIO_NETWORKING.contains(&v) => Kind::DestinationRule,
         (v, "Sidecar") if ISTIO_NETWORKING.contains(&v) => Kind::Sidecar,
         (v, "VirtualService") if ISTIO_NETWORKING.contains(&v) => Kind::VirtualService,
+        (v, "PeerAuthentication") if ISTIO_SECURITY.contains(&v) => Kind::PeerAuthentication,
         ("nodemesh.io/v1alpha1", "MeshConfig") => Kind::MeshConfig,
         ("nodemesh.io/v1alpha1", "RateLimitPolicy") => Kind::RateLimitPolicy,
         (v, k) => {
@@ -111,6 +112,7 @@ pub fn object_from_value(value: Value) -> Result<Object, ParseError> {
                 format!(
                     "unknown kind {k} ({v}); supported: v1 Namespace/Node/Pod/Service, discovery.k8s.io/v1 \
                      EndpointSlice, networking.istio.io ServiceEntry/WorkloadEntry/DestinationRule/Sidecar/VirtualService, \
+                     security.istio.io PeerAuthentication, \
                      nodemesh.io/v1alpha1 MeshConfig/RateLimitPolicy"
                 )
             };
@@ -149,6 +151,14 @@ pub fn object_from_value(value: Value) -> Result<Object, ParseError> {
             checked(|e| spec.check(e))?;
             Ok(Object::DestinationRule(istio::DestinationRule { meta: meta.clone(), spec }))
         }),
+        Kind::PeerAuthentication => spec::<super::peer_authentication::PeerAuthenticationSpec>(&value)
+            .and_then(|spec| {
+                checked(|e| spec.check(e))?;
+                Ok(Object::PeerAuthentication(super::peer_authentication::PeerAuthentication {
+                    meta: meta.clone(),
+                    spec,
+                }))
+            }),
         Kind::Sidecar => spec::<istio::SidecarSpec>(&value).and_then(|spec| {
             checked(|e| spec.check(e))?;
             Ok(Object::Sidecar(istio::Sidecar { meta: meta.clone(), spec }))

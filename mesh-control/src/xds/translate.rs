@@ -32,6 +32,7 @@ use crate::{
     model::{
         CLUSTER_DOMAIN, Labels, Locality, Object, core, istio,
         istio::{OutboundMode, Resolution},
+        peer_authentication::{MtlsMode, PeerAuthentications},
         qualify,
         rate_limit::RateLimitPolicy,
         selector_matches,
@@ -582,6 +583,7 @@ impl<'a> Translator<'a> {
                 _ => None,
             })
             .collect();
+        let peer_authentications = PeerAuthentications::new(store);
         let mut by_node: BTreeMap<String, Vec<Resource>> = BTreeMap::new();
         let mut hints: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
         let mut addresses = Vec::new();
@@ -589,6 +591,7 @@ impl<'a> Translator<'a> {
             let sidecar = sidecar_for(&sidecars, w.namespace, w.labels);
             let mode =
                 sidecar.and_then(|s| s.spec.outbound_traffic_policy.as_ref()).map_or(mesh_mode, |p| p.mode);
+            let mtls = peer_authentications.resolve(w.namespace, w.labels);
             let workload = mesh::Workload {
                 uid: format!("{}/{}", w.namespace, w.name),
                 name: w.name.to_string(),
@@ -613,6 +616,8 @@ impl<'a> Translator<'a> {
                     .map(|(namespace, host)| mesh::EgressHost { namespace, host })
                     .collect(),
                 tunnel_address: w.tunnel.map(|t| t.to_string()).unwrap_or_default(),
+                mtls_mode: mtls_mode(mtls.mode) as i32,
+                port_mtls: mtls.ports.iter().map(|(p, m)| (u32::from(*p), mtls_mode(*m) as i32)).collect(),
             };
             if !w.node.is_empty() {
                 let uid = workload.uid.clone();
@@ -940,6 +945,14 @@ fn build_load_assignment(name: &str, eps: Vec<Ep>) -> endpoint::ClusterLoadAssig
             })
             .collect(),
         ..Default::default()
+    }
+}
+
+fn mtls_mode(mode: MtlsMode) -> mesh::MtlsMode {
+    match mode {
+        MtlsMode::Strict => mesh::MtlsMode::Strict,
+        MtlsMode::Disable => mesh::MtlsMode::Disable,
+        MtlsMode::Permissive | MtlsMode::Unset => mesh::MtlsMode::Permissive,
     }
 }
 

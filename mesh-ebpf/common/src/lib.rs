@@ -70,6 +70,41 @@ pub struct ClientTupleKey {
     pub _pad: u32,
 }
 
+/// Inbound listeners: one per meshed pod address (a few per pod).
+pub const INBOUND_LISTENERS_MAX: u32 = 65_536;
+
+/// Key of `INBOUND_LISTENERS`: a meshed pod's own address, to which inbound connections are
+/// addressed; the value is mesh-node's inbound listener inside that pod's netns.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct PodAddrKey {
+    /// Network byte order; IPv4 in word 0.
+    pub addr: [u32; 4],
+    pub family: u16,
+    pub _pad: u16,
+}
+
+/// Deliveries being connected right now (entries live for one connect).
+pub const DELIVERIES_MAX: u32 = 65_536;
+
+/// A connection mesh-node is opening *into* a meshed pod on a client's behalf (the 4-tuple
+/// as the pod's netns sees its SYN), filed just before the connect so the pod's inbound
+/// capture lets it through instead of taking it back to mesh-node.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct DeliveryKey {
+    /// The client's address (network byte order; IPv4 in word 0).
+    pub remote: [u32; 4],
+    /// The pod's address.
+    pub local: [u32; 4],
+    /// Network byte order, as sk_lookup reports it.
+    pub remote_port: u16,
+    /// Host byte order, as sk_lookup reports it.
+    pub local_port: u16,
+    pub family: u16,
+    pub _pad: u16,
+}
+
 /// LPM trie key data for an excluded IPv4 CIDR (network byte order).
 pub type Cidr4 = [u8; 4];
 /// LPM trie key data for an excluded IPv6 CIDR (network byte order).
@@ -78,12 +113,14 @@ pub type Cidr6 = [u8; 16];
 #[cfg(feature = "user")]
 mod pod_impls {
     #![expect(unsafe_code, reason = "aya::Pod is an unsafe marker trait")]
-    use super::{ClientTupleKey, MeshedCgroup, OrigDst};
-    // SAFETY: all three are repr(C), contain only integers and have explicit padding fields,
+    use super::{ClientTupleKey, DeliveryKey, MeshedCgroup, OrigDst, PodAddrKey};
+    // SAFETY: all five are repr(C), contain only integers and have explicit padding fields,
     // so every byte pattern is a valid value.
     unsafe impl aya::Pod for MeshedCgroup {}
     unsafe impl aya::Pod for OrigDst {}
     unsafe impl aya::Pod for ClientTupleKey {}
+    unsafe impl aya::Pod for PodAddrKey {}
+    unsafe impl aya::Pod for DeliveryKey {}
 }
 
 #[cfg(test)]
@@ -96,5 +133,7 @@ mod tests {
         assert_eq!(size_of::<MeshedCgroup>(), 16);
         assert_eq!(size_of::<OrigDst>(), 24);
         assert_eq!(size_of::<ClientTupleKey>(), 32);
+        assert_eq!(size_of::<PodAddrKey>(), 20);
+        assert_eq!(size_of::<DeliveryKey>(), 40);
     }
 }

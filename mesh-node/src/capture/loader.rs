@@ -4,8 +4,9 @@ use std::{fs::File, net::IpAddr, path::Path, sync::Mutex};
 
 use aya::{
     EbpfLoader,
+    maps::SockHash,
     maps::{HashMap, LpmTrie, MapData, MapError, lpm_trie::Key},
-    programs::{CgroupAttachMode, CgroupSockAddr, ProgramError, SockOps},
+    programs::{CgroupAttachMode, CgroupSockAddr, ProgramError, SkLookup, SockOps},
 };
 use mesh_ebpf_common::{Cidr4, Cidr6};
 use tokio::io::{Interest, unix::AsyncFd};
@@ -27,6 +28,8 @@ const SOCK_ADDR_PROGRAMS: [(&str, &str); 4] = [
     ("sock6_getpeername", "cgroup/getpeername6"),
 ];
 const SOCK_OPS_PROGRAM: &str = "sock_ops_established";
+/// Loaded at start, attached to each meshed pod's netns as it registers.
+pub(super) const SK_LOOKUP_PROGRAM: &str = "inbound_lookup";
 
 #[derive(Debug, thiserror::Error)]
 pub enum CaptureError {
@@ -96,7 +99,19 @@ pub fn load_and_attach(
         source,
     })?;
 
+    let (name, hook) = (SK_LOOKUP_PROGRAM, "sk_lookup");
+    let sk_lookup: &mut SkLookup = ebpf
+        .program_mut(name)
+        .ok_or(CaptureError::Missing(name))?
+        .try_into()
+        .map_err(|source| CaptureError::Program { name, hook, source })?;
+    sk_lookup.load().map_err(|source| CaptureError::Program { name, hook, source })?;
+
     fill_exclusions(&mut ebpf, config)?;
+    let inbound = SockHash::try_from(take_map(&mut ebpf, "INBOUND_LISTENERS")?)
+        .map_err(|source| CaptureError::Map { map: "INBOUND_LISTENERS", source })?;
+    let deliveries = HashMap::try_from(take_map(&mut ebpf, "DELIVERIES")?)
+        .map_err(|source| CaptureError::Map { map: "DELIVERIES", source })?;
     let meshed = HashMap::try_from(take_map(&mut ebpf, "MESHED_CGROUPS")?)
         .map_err(|source| CaptureError::Map { map: "MESHED_CGROUPS", source })?;
     let by_tuple = HashMap::try_from(take_map(&mut ebpf, "ORIG_DST_BY_TUPLE")?)
@@ -105,7 +120,14 @@ pub fn load_and_attach(
         cgroup_root = %config.cgroup_root.display(),
         "capture attached: connect4/6, getpeername4/6, sockops"
     );
-    Ok((Capture { _ebpf: ebpf, meshed: Mutex::new(meshed), by_tuple: Mutex::new(by_tuple) }, logger))
+    let capture = Capture {
+        ebpf: Mutex::new(ebpf),
+        meshed: Mutex::new(meshed),
+        by_tuple: Mutex::new(by_tuple),
+        inbound: Mutex::new(inbound),
+        deliveries: Mutex::new(deliveries),
+    };
+    Ok((capture, logger))
 }
 
 fn open_cgroup(path: &Path) -> Result<File, CaptureError> {

@@ -12,8 +12,15 @@ use std::{
     sync::Mutex,
 };
 
-use aya::maps::{HashMap, MapData};
-use mesh_ebpf_common::{ClientTupleKey, FAMILY_INET, FAMILY_INET6, MeshedCgroup, OrigDst};
+use std::os::fd::AsRawFd;
+
+use aya::{
+    maps::{HashMap, MapData, SockHash},
+    programs::{SkLookup, sk_lookup::SkLookupLinkId},
+};
+use mesh_ebpf_common::{
+    ClientTupleKey, DeliveryKey, FAMILY_INET, FAMILY_INET6, MeshedCgroup, OrigDst, PodAddrKey,
+};
 
 pub use loader::{CaptureError, EbpfLogger, forward_ebpf_logs, load_and_attach};
 
@@ -27,10 +34,19 @@ pub struct CaptureTarget {
 
 /// The loaded, attached programs and their maps. Dropping it detaches everything.
 pub struct Capture {
-    // Owns the programs and their cgroup links; kept alive for as long as capture runs.
-    _ebpf: aya::Ebpf,
+    // Owns the programs and their links (cgroup root; each meshed pod's netns).
+    ebpf: Mutex<aya::Ebpf>,
     meshed: Mutex<HashMap<MapData, u64, MeshedCgroup>>,
     by_tuple: Mutex<HashMap<MapData, ClientTupleKey, OrigDst>>,
+    inbound: Mutex<SockHash<MapData, PodAddrKey>>,
+    deliveries: Mutex<HashMap<MapData, DeliveryKey, u8>>,
+}
+
+/// The inbound capture of one pod netns, to undo with [`Capture::release_inbound`].
+#[derive(Debug)]
+pub struct InboundCapture {
+    link: SkLookupLinkId,
+    keys: Vec<PodAddrKey>,
 }
 
 impl Capture {
@@ -52,6 +68,81 @@ impl Capture {
         match self.meshed.lock().expect("capture map lock").remove(&cgroup_id) {
             Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
             Err(source) => Err(CaptureError::Map { map: "MESHED_CGROUPS", source }),
+        }
+    }
+
+    /// Steers TCP connections arriving at `ips` from outside their netns (`netns`, a file of
+    /// the pod's network namespace) to `listeners` — the IPv4 and the IPv6 one — instead of the
+    /// application's sockets.
+    pub fn capture_inbound(
+        &self,
+        netns: &std::fs::File,
+        ips: &[IpAddr],
+        listener4: &impl AsRawFd,
+        listener6: Option<&impl AsRawFd>,
+    ) -> Result<InboundCapture, CaptureError> {
+        let mut keys = Vec::new();
+        {
+            let mut map = self.inbound.lock().expect("capture map lock");
+            for ip in ips {
+                let (family, addr) = ip_words(*ip);
+                let key = PodAddrKey { addr, family, _pad: 0 };
+                let inserted = match (family, listener6) {
+                    (FAMILY_INET, _) => map.insert(key, listener4.as_raw_fd(), 0),
+                    (_, Some(l6)) => map.insert(key, l6.as_raw_fd(), 0),
+                    (_, None) => continue,
+                };
+                inserted.map_err(|source| CaptureError::Map { map: "INBOUND_LISTENERS", source })?;
+                keys.push(key);
+            }
+        }
+        let (name, hook) = (loader::SK_LOOKUP_PROGRAM, "sk_lookup");
+        let mut ebpf = self.ebpf.lock().expect("capture program lock");
+        let program: &mut SkLookup = ebpf
+            .program_mut(name)
+            .ok_or(CaptureError::Missing(name))?
+            .try_into()
+            .map_err(|source| CaptureError::Program { name, hook, source })?;
+        let link = program.attach(netns).map_err(|source| CaptureError::Program { name, hook, source })?;
+        Ok(InboundCapture { link, keys })
+    }
+
+    /// Lets the connection `from` → `to` through `to`'s inbound capture (a delivery by
+    /// mesh-node); withdraw it once connected.
+    pub fn file_delivery(&self, from: SocketAddr, to: SocketAddr) -> Result<DeliveryKey, CaptureError> {
+        let (family, remote) = ip_words(from.ip());
+        let (_, local) = ip_words(to.ip());
+        let key = DeliveryKey {
+            remote,
+            local,
+            remote_port: from.port().to_be(),
+            local_port: to.port(),
+            family,
+            _pad: 0,
+        };
+        self.deliveries
+            .lock()
+            .expect("capture map lock")
+            .insert(key, 1, 0)
+            .map_err(|source| CaptureError::Map { map: "DELIVERIES", source })?;
+        Ok(key)
+    }
+
+    pub fn withdraw_delivery(&self, key: DeliveryKey) {
+        let _ = self.deliveries.lock().expect("capture map lock").remove(&key);
+    }
+
+    /// Undoes [`Capture::capture_inbound`]: the pod's own sockets get its connections again.
+    pub fn release_inbound(&self, capture: InboundCapture) {
+        let mut map = self.inbound.lock().expect("capture map lock");
+        for key in &capture.keys {
+            let _ = map.remove(key);
+        }
+        drop(map);
+        let mut ebpf = self.ebpf.lock().expect("capture program lock");
+        if let Some(Ok(program)) = ebpf.program_mut(loader::SK_LOOKUP_PROGRAM).map(<&mut SkLookup>::try_from)
+        {
+            let _ = program.detach(capture.link);
         }
     }
 

@@ -2,6 +2,7 @@
 //! workload on the same node — delivered into the pod as their real client.
 
 pub mod deliver;
+pub mod plaintext;
 pub mod routing;
 
 use std::sync::Arc;

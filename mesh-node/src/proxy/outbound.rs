@@ -20,7 +20,7 @@ use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use super::{http, pool::Sender, relay, sniff, upstream::Upstream};
 use crate::{
     capture::Capture,
-    inbound::deliver::deliver,
+    inbound::deliver::Delivery,
     netns::NetnsThread,
     telemetry::metrics::{
         ConnectionLabels, EgressDeniedLabels, FailureLabels, FailureReason, Metrics, Reporter, UNKNOWN,
@@ -62,8 +62,8 @@ pub struct Outbound {
     /// other nodes are reached in plaintext.
     pub tunnels: Option<Arc<TunnelPool>>,
     pub proxy_mark: u32,
-    /// `SO_MARK` of sockets delivering into a pod (see `inbound::routing`).
-    pub delivery_mark: u32,
+    /// Connections into this node's meshed pods (see `inbound::deliver`).
+    pub delivery: Arc<Delivery>,
     pub connect_timeout: Duration,
     /// Service routing from the control plane; `None` (no `--control-plane`): every
     /// connection goes where it was dialled.
@@ -410,7 +410,7 @@ impl Outbound {
     ) -> io::Result<Upstream> {
         let from = source.ips.iter().find(|ip| ip.is_ipv4() == dst.is_ipv4()).copied();
         if let Some(pod) = self.locals.local(dst.ip()).and_then(|w| w.delivery.clone()) {
-            return deliver(&pod.netns, from, dst, self.delivery_mark, timeout).await.map(Upstream::Tcp);
+            return self.delivery.connect(&pod.netns, from, dst, timeout).await.map(Upstream::Tcp);
         }
         if let (Some(target), Some(tunnels)) = (tunnel, &self.tunnels) {
             let identity =

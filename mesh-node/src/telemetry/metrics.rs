@@ -83,6 +83,17 @@ pub struct EgressDeniedLabels {
     pub reason: String,
 }
 
+/// A connection (or request) to a workload of this node that its policy refused.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct InboundDeniedLabels {
+    pub destination_workload: String,
+    pub destination_workload_namespace: String,
+    /// `mtls_required` (plaintext under PeerAuthentication STRICT), …
+    pub reason: String,
+    /// The policy that decided, `namespace/name`, when one did.
+    pub policy: String,
+}
+
 /// A request refused by a local rate limit.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RateLimitedLabels {
@@ -119,6 +130,7 @@ pub struct Metrics {
     failures: Family<FailureLabels, Counter>,
     egress_denied: Family<EgressDeniedLabels, Counter>,
     rate_limited: Family<RateLimitedLabels, Counter>,
+    inbound_denied: Family<InboundDeniedLabels, Counter>,
     pub meshed_workloads: Gauge,
 }
 
@@ -134,6 +146,7 @@ impl Default for Metrics {
             failures: Family::default(),
             egress_denied: Family::default(),
             rate_limited: Family::default(),
+            inbound_denied: Family::default(),
             meshed_workloads: Gauge::default(),
         }
     }
@@ -188,6 +201,11 @@ impl Metrics {
             m.rate_limited.clone(),
         );
         registry.register(
+            "nodemesh_inbound_denied",
+            "Connections and requests to this node's workloads refused by their policy",
+            m.inbound_denied.clone(),
+        );
+        registry.register(
             "nodemesh_meshed_workloads",
             "Workloads whose traffic this node currently captures",
             m.meshed_workloads.clone(),
@@ -221,6 +239,10 @@ impl Metrics {
 
     pub fn rate_limited(&self, labels: &RateLimitedLabels) {
         self.rate_limited.get_or_create(labels).inc();
+    }
+
+    pub fn inbound_denied(&self, labels: &InboundDeniedLabels) {
+        self.inbound_denied.get_or_create(labels).inc();
     }
 }
 

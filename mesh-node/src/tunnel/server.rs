@@ -24,7 +24,7 @@ use super::{
 };
 use crate::{
     identity::tls::peer_identity,
-    inbound::deliver::deliver,
+    inbound::deliver::Delivery,
     proxy::relay,
     telemetry::metrics::{ConnectionLabels, Metrics, Reporter, UNKNOWN},
     workload::IpIndex,
@@ -39,7 +39,7 @@ const MAX_STREAMS: u32 = STREAMS_PER_CONNECTION as u32 + 24;
 pub struct TunnelServer {
     pub credentials: Arc<Credentials>,
     pub locals: Arc<IpIndex>,
-    pub delivery_mark: u32,
+    pub delivery: Arc<Delivery>,
     pub connect_timeout: Duration,
     pub metrics: Arc<Metrics>,
 }
@@ -161,19 +161,18 @@ impl TunnelServer {
         };
         let from =
             request.headers().get(FORWARDED).and_then(|v| v.to_str().ok()).and_then(parse_forwarded_for);
-        let delivered =
-            match deliver(&pod.netns, from, target, self.delivery_mark, self.connect_timeout).await {
-                Ok(s) => s,
-                Err(e) => {
-                    let status = if e.kind() == std::io::ErrorKind::TimedOut {
-                        StatusCode::GATEWAY_TIMEOUT
-                    } else {
-                        StatusCode::SERVICE_UNAVAILABLE
-                    };
-                    tracing::info!(client = %peers.client, %target, "tunnel delivery failed: {e}");
-                    return answer(status, format!("{target}: {e}"));
-                }
-            };
+        let delivered = match self.delivery.connect(&pod.netns, from, target, self.connect_timeout).await {
+            Ok(s) => s,
+            Err(e) => {
+                let status = if e.kind() == std::io::ErrorKind::TimedOut {
+                    StatusCode::GATEWAY_TIMEOUT
+                } else {
+                    StatusCode::SERVICE_UNAVAILABLE
+                };
+                tracing::info!(client = %peers.client, %target, "tunnel delivery failed: {e}");
+                return answer(status, format!("{target}: {e}"));
+            }
+        };
         // The client's workload name is its own say (baggage); its namespace is proven.
         let source_workload = request
             .headers()

@@ -12,6 +12,9 @@ use crate::{netns::NetnsThread, sys};
 /// The port the proxy prefers inside a pod, as Istio's outbound capture port. In a shared netns
 /// (plain host processes) the second workload gets an ephemeral port instead.
 pub const OUTBOUND_PORT: u16 = 15001;
+/// Where the pod's inbound capture (sk_lookup) hands connections, as Istio's inbound port.
+/// The address is loopback, but sk_lookup may steer any destination to it.
+pub const INBOUND_PORT: u16 = 15006;
 /// Deep enough for bursts of thousands of connects per pod.
 const BACKLOG: i32 = 4096;
 
@@ -23,11 +26,26 @@ pub struct WorkloadListeners {
 }
 
 pub async fn bind_in(netns: &NetnsThread) -> Result<io::Result<WorkloadListeners>, crate::netns::NetnsError> {
+    bind_pair(netns, OUTBOUND_PORT).await
+}
+
+/// The inbound listeners, for [`crate::capture::Capture::capture_inbound`].
+pub async fn bind_inbound(
+    netns: &NetnsThread,
+) -> Result<io::Result<WorkloadListeners>, crate::netns::NetnsError> {
+    bind_pair(netns, INBOUND_PORT).await
+}
+
+/// Listeners on 127.0.0.1 and ::1 (`port`, or an ephemeral one if it is taken) in `netns`.
+async fn bind_pair(
+    netns: &NetnsThread,
+    port: u16,
+) -> Result<io::Result<WorkloadListeners>, crate::netns::NetnsError> {
     netns
-        .run(|| {
-            let v4 = bind_loopback(SocketAddr::from((Ipv4Addr::LOCALHOST, OUTBOUND_PORT)))?;
+        .run(move || {
+            let v4 = bind_loopback(SocketAddr::from((Ipv4Addr::LOCALHOST, port)))?;
             let netns_cookie = sys::netns_cookie(&v4)?;
-            let v6 = match bind_loopback(SocketAddr::from((Ipv6Addr::LOCALHOST, OUTBOUND_PORT))) {
+            let v6 = match bind_loopback(SocketAddr::from((Ipv6Addr::LOCALHOST, port))) {
                 Ok(l) => Some(l),
                 Err(e) if e.kind() == io::ErrorKind::AddrNotAvailable => None,
                 Err(e) if e.raw_os_error() == Some(libc::EAFNOSUPPORT) => None,

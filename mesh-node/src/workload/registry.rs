@@ -23,8 +23,8 @@ use tokio::{net::TcpListener, sync::Mutex, task::AbortHandle};
 
 use super::{listeners, state::StateFile};
 use crate::{
-    capture::{Capture, CaptureError, CaptureTarget},
-    inbound::{LocalWorkload, routing},
+    capture::{Capture, CaptureError, CaptureTarget, InboundCapture},
+    inbound::{LocalWorkload, plaintext::PlaintextInbound, routing},
     netns::{NetnsError, NetnsThread},
     proxy::{Outbound, Source},
     telemetry::metrics::Metrics,
@@ -90,12 +90,17 @@ struct Entry {
     local: Arc<LocalWorkload>,
     /// The delivery routing installed in its netns, to remove with it.
     routing: Option<routing::Installed>,
+    /// Its inbound capture (sk_lookup link, listener map entries), released with it.
+    inbound: std::sync::Mutex<Option<InboundCapture>>,
 }
 
 impl Entry {
     fn stop(&self, capture: &Capture) -> Result<(), CaptureError> {
         for task in &self.listener_tasks {
             task.abort();
+        }
+        if let Some(inbound) = self.inbound.lock().expect("inbound lock").take() {
+            capture.release_inbound(inbound);
         }
         if self.status.capture.is_some() { capture.unmesh(self.status.cgroup_id) } else { Ok(()) }
     }
@@ -128,6 +133,8 @@ pub struct Registry {
     state: StateFile,
     cgroup_root: PathBuf,
     delivery_mark: u32,
+    /// Serves what each meshed pod's inbound capture hands over.
+    plaintext: Arc<PlaintextInbound>,
     /// mesh-node's own netns: a workload sharing it gets no delivery routing.
     own_netns_cookie: Option<u64>,
     /// Every registered spec, republished on each change (the xDS client reports them).
@@ -142,12 +149,14 @@ impl Registry {
         metrics: Arc<Metrics>,
         state_dir: &Path,
         cgroup_root: &Path,
-        delivery_mark: u32,
+        plaintext: Arc<PlaintextInbound>,
     ) -> Registry {
+        let delivery_mark = plaintext.delivery.mark;
         let own_netns_cookie =
             std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| crate::sys::netns_cookie(&l)).ok();
         Registry {
             delivery_mark,
+            plaintext,
             own_netns_cookie,
             workloads: Mutex::new(BTreeMap::new()),
             capture,
@@ -221,9 +230,10 @@ impl Registry {
         let mut listener_tasks = Vec::new();
         let mut delivery = None;
         let mut installed = None;
+        let mut inbound = None;
         status.inbound = decision_text(decision);
         if decision.is_meshed() {
-            let (target, tasks, source) = self.start_capture(&key, &spec).await?;
+            let (target, mut tasks, source) = self.start_capture(&key, &spec).await?;
             if Some(target.netns_cookie) == self.own_netns_cookie {
                 status.inbound = "direct: shares mesh-node's network namespace".into();
             } else {
@@ -236,6 +246,23 @@ impl Registry {
                     Err(e) => {
                         tasks.iter().for_each(AbortHandle::abort);
                         return Err(WorkloadError::Routing { key, reason: e });
+                    }
+                }
+                // The old registration's capture goes first: both would key on the same
+                // addresses.
+                if let Some(old) = workloads.get(&key)
+                    && let Some(old_inbound) = old.inbound.lock().expect("inbound lock").take()
+                {
+                    self.capture.release_inbound(old_inbound);
+                }
+                match self.start_inbound(&key, &spec, &source).await {
+                    Ok((capture, accept_tasks)) => {
+                        inbound = Some(capture);
+                        tasks.extend(accept_tasks);
+                    }
+                    Err(e) => {
+                        tasks.iter().for_each(AbortHandle::abort);
+                        return Err(e);
                     }
                 }
             }
@@ -258,6 +285,7 @@ impl Registry {
             listener_tasks,
             local: Arc::clone(&local),
             routing: installed,
+            inbound: std::sync::Mutex::new(inbound),
         };
         if let Some(old) = workloads.insert(key.clone(), entry) {
             self.forget_ips(&old.status.ips);
@@ -339,6 +367,32 @@ impl Registry {
             })
             .collect();
         Ok((target, tasks, source))
+    }
+
+    /// Inbound listeners in the pod's netns, its sk_lookup capture, and their accept tasks.
+    async fn start_inbound(
+        &self,
+        key: &WorkloadKey,
+        spec: &WorkloadSpec,
+        source: &Arc<Source>,
+    ) -> Result<(InboundCapture, Vec<AbortHandle>), WorkloadError> {
+        let listen_err = |source| WorkloadError::Listen { key: key.clone(), source };
+        let bound = listeners::bind_inbound(&source.netns)
+            .await
+            .map_err(|source| WorkloadError::Netns { key: key.clone(), source })?
+            .map_err(listen_err)?;
+        let netns = std::fs::File::open(&spec.netns).map_err(listen_err)?;
+        let capture = self
+            .capture
+            .capture_inbound(&netns, &spec.ips, &bound.v4, bound.v6.as_ref())
+            .map_err(|source| WorkloadError::Capture { key: key.clone(), source: Box::new(source) })?;
+        let v4 = TcpListener::from_std(bound.v4).map_err(listen_err)?;
+        let v6 = bound.v6.map(TcpListener::from_std).transpose().map_err(listen_err)?;
+        let tasks = std::iter::once(v4)
+            .chain(v6)
+            .map(|l| tokio::spawn(Arc::clone(&self.plaintext).serve(l, Arc::clone(source))).abort_handle())
+            .collect();
+        Ok((capture, tasks))
     }
 
     fn check_cgroup(&self, key: &WorkloadKey, path: &Path) -> Result<(PathBuf, u64), WorkloadError> {

@@ -1,0 +1,98 @@
+//! Plaintext arriving at a meshed pod without the tunnel — from a pod outside the mesh, or
+//! from anything that dialled the pod directly — captured by the pod's sk_lookup program into
+//! mesh-node's inbound listener in the pod's netns. It meets the pod's PeerAuthentication:
+//! STRICT refuses it (a reset, logged and counted); PERMISSIVE and DISABLE deliver it to the
+//! application as its real client.
+
+use std::{net::SocketAddr, sync::Arc, time::Duration};
+
+use mesh_control::proto::mesh::{self, MtlsMode};
+use tokio::net::{TcpListener, TcpStream};
+
+use super::deliver::Delivery;
+use crate::{
+    proxy::{Source, relay, upstream::Upstream},
+    telemetry::metrics::{ConnectionLabels, InboundDeniedLabels, Metrics, Reporter, UNKNOWN},
+    xds::cache::Cache,
+};
+
+pub struct PlaintextInbound {
+    /// Where the pod's Workload (its PeerAuthentication) comes from; `None` (no control
+    /// plane): PERMISSIVE.
+    pub cache: Option<Arc<Cache>>,
+    pub metrics: Arc<Metrics>,
+    pub delivery: Arc<Delivery>,
+    pub connect_timeout: Duration,
+}
+
+/// The mode a plaintext connection to `port` of `workload` meets.
+pub fn mode_for(workload: Option<&mesh::Workload>, port: u16) -> MtlsMode {
+    let Some(w) = workload else { return MtlsMode::Permissive };
+    let mode = w.port_mtls.get(&u32::from(port)).copied().unwrap_or(w.mtls_mode);
+    MtlsMode::try_from(mode).unwrap_or(MtlsMode::Permissive)
+}
+
+impl PlaintextInbound {
+    /// Accepts on one pod's inbound listener until the task is aborted (workload removed).
+    pub async fn serve(self: Arc<Self>, listener: TcpListener, pod: Arc<Source>) {
+        loop {
+            match listener.accept().await {
+                Ok((conn, peer)) => {
+                    let (this, pod) = (Arc::clone(&self), Arc::clone(&pod));
+                    tokio::spawn(async move { this.handle(conn, peer, &pod).await });
+                }
+                Err(e) => {
+                    tracing::warn!(workload = %pod.key, "inbound accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+    }
+
+    async fn handle(&self, conn: TcpStream, peer: SocketAddr, pod: &Source) {
+        // sk_lookup keeps the destination: the accepted socket's own address is what the
+        // client dialled.
+        let Ok(dst) = conn.local_addr() else { return };
+        let _ = conn.set_nodelay(true);
+        let workload = self.cache.as_ref().and_then(|c| c.workload(&pod.key.to_string()));
+        if mode_for(workload.as_deref(), dst.port()) == MtlsMode::Strict {
+            tracing::warn!(
+                workload = %pod.key, client = %peer, destination = %dst,
+                "plaintext connection refused: PeerAuthentication is STRICT (only mTLS through the mesh)"
+            );
+            self.metrics.inbound_denied(&InboundDeniedLabels {
+                destination_workload: pod.key.name.clone(),
+                destination_workload_namespace: pod.key.namespace.clone(),
+                reason: "mtls_required".into(),
+                policy: String::new(),
+            });
+            relay::reset(&conn);
+            return;
+        }
+        let delivered = match self
+            .delivery
+            .connect(&pod.netns, Some(peer.ip()), dst, self.connect_timeout)
+            .await
+        {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::info!(workload = %pod.key, client = %peer, destination = %dst, "inbound delivery failed: {e}");
+                relay::reset(&conn);
+                return;
+            }
+        };
+        let counters = self.metrics.connection_opened(&ConnectionLabels {
+            reporter: Reporter::destination,
+            source_workload: UNKNOWN.into(),
+            source_workload_namespace: UNKNOWN.into(),
+            destination_workload: pod.key.name.clone(),
+            destination_workload_namespace: pod.key.namespace.clone(),
+        });
+        // What the client sends, the pod receives.
+        if let Err(e) = relay::relay(conn, Upstream::Tcp(delivered), &counters.received, &counters.sent).await
+        {
+            tracing::debug!(workload = %pod.key, client = %peer, "inbound relay ended with error: {e}");
+        }
+        counters.closed();
+    }
+}
