@@ -10,7 +10,7 @@ use crate::{
     api, capture,
     config::Config,
     identity::Identities,
-    inbound::{deliver::Delivery, plaintext::PlaintextInbound},
+    inbound::{authz::Authorizer, deliver::Delivery, plaintext::PlaintextInbound},
     proxy::Outbound,
     telemetry::metrics::Metrics,
     tunnel::{client::TunnelPool, credentials::Credentials, server::TunnelServer},
@@ -57,6 +57,12 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     });
     let tunnels = credentials.as_ref().map(|c| Arc::new(TunnelPool::new(Arc::clone(c), config.proxy_mark)));
     let delivery = Arc::new(Delivery { capture: Arc::clone(&capture), mark: config.delivery_mark });
+    let authorizer = Arc::new(Authorizer {
+        cache: config.control_plane.as_ref().map(|_| Arc::clone(&cache)),
+        metrics: Arc::clone(&metrics),
+        trust_domain: config.trust_domain.clone(),
+        policy_wait: config.lookup_timeout,
+    });
     let outbound = Arc::new(Outbound {
         capture: Arc::clone(&capture),
         metrics: Arc::clone(&metrics),
@@ -64,6 +70,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         tunnels: tunnels.clone(),
         proxy_mark: config.proxy_mark,
         delivery: Arc::clone(&delivery),
+        authorizer: Arc::clone(&authorizer),
         connect_timeout: config.connect_timeout,
         router,
         sniff_timeout: config.sniff_timeout,
@@ -79,6 +86,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             cache: xds_client.as_ref().map(|c| Arc::clone(&c.cache)),
             metrics: Arc::clone(&metrics),
             delivery: Arc::clone(&delivery),
+            authorizer: Arc::clone(&authorizer),
             connect_timeout: config.connect_timeout,
         }),
     ));
@@ -90,6 +98,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             credentials: Arc::clone(credentials),
             locals: Arc::clone(&index),
             delivery: Arc::clone(&delivery),
+            authorizer: Arc::clone(&authorizer),
             connect_timeout: config.connect_timeout,
             metrics: Arc::clone(&metrics),
         });

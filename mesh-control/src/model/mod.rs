@@ -2,6 +2,7 @@
 //! workloads that nodes report — produces these objects through the same parser
 //! ([`parse::object_from_value`]), so a Service means the same thing wherever it came from.
 
+pub mod authorization;
 pub mod core;
 pub mod duration;
 pub mod istio;
@@ -48,10 +49,11 @@ pub enum Kind {
     /// A node's proxy as it reported itself (its tunnel address).
     NodeProxy,
     PeerAuthentication,
+    AuthorizationPolicy,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 15] = [
+    pub const ALL: [Kind; 16] = [
         Kind::Namespace,
         Kind::Node,
         Kind::Pod,
@@ -67,6 +69,7 @@ impl Kind {
         Kind::NodeWorkload,
         Kind::NodeProxy,
         Kind::PeerAuthentication,
+        Kind::AuthorizationPolicy,
     ];
 
     pub fn is_namespaced(self) -> bool {
@@ -128,6 +131,7 @@ pub enum Object {
     NodeWorkload(core::Pod),
     NodeProxy(core::NodeProxy),
     PeerAuthentication(peer_authentication::PeerAuthentication),
+    AuthorizationPolicy(authorization::AuthorizationPolicy),
 }
 
 impl Object {
@@ -148,6 +152,7 @@ impl Object {
             Object::NodeWorkload(_) => Kind::NodeWorkload,
             Object::NodeProxy(_) => Kind::NodeProxy,
             Object::PeerAuthentication(_) => Kind::PeerAuthentication,
+            Object::AuthorizationPolicy(_) => Kind::AuthorizationPolicy,
         }
     }
 
@@ -167,6 +172,7 @@ impl Object {
             Object::MeshConfig(o) => &o.meta,
             Object::NodeProxy(o) => &o.meta,
             Object::PeerAuthentication(o) => &o.meta,
+            Object::AuthorizationPolicy(o) => &o.meta,
         }
     }
 

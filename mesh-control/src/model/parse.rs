@@ -58,15 +58,8 @@ impl fmt::Display for ParseError {
 const ISTIO_NETWORKING: &[&str] =
     &["networking.istio.io/v1", "networking.istio.io/v1beta1", "networking.istio.io/v1alpha3"];
 const ISTIO_SECURITY: &[&str] = &["security.istio.io/v1", "security.istio.io/v1beta1"];
-const NOT_YET: &[&str] = &[
-    "Gateway",
-    "EnvoyFilter",
-    "AuthorizationPolicy",
-    "RequestAuthentication",
-    "Telemetry",
-    "HTTPRoute",
-    "GRPCRoute",
-];
+const NOT_YET: &[&str] =
+    &["Gateway", "EnvoyFilter", "RequestAuthentication", "Telemetry", "HTTPRoute", "GRPCRoute"];
 
 /// Parses one object. Every source (files, the Kubernetes API, node reports) goes through here.
 pub fn object_from_value(value: Value) -> Result<Object, ParseError> {
@@ -103,6 +96,7 @@ pub fn object_from_value(value: Value) -> Result<Object, ParseError> {
         (v, "Sidecar") if ISTIO_NETWORKING.contains(&v) => Kind::Sidecar,
         (v, "VirtualService") if ISTIO_NETWORKING.contains(&v) => Kind::VirtualService,
         (v, "PeerAuthentication") if ISTIO_SECURITY.contains(&v) => Kind::PeerAuthentication,
+        (v, "AuthorizationPolicy") if ISTIO_SECURITY.contains(&v) => Kind::AuthorizationPolicy,
         ("nodemesh.io/v1alpha1", "MeshConfig") => Kind::MeshConfig,
         ("nodemesh.io/v1alpha1", "RateLimitPolicy") => Kind::RateLimitPolicy,
         (v, k) => {
@@ -112,7 +106,7 @@ pub fn object_from_value(value: Value) -> Result<Object, ParseError> {
                 format!(
                     "unknown kind {k} ({v}); supported: v1 Namespace/Node/Pod/Service, discovery.k8s.io/v1 \
                      EndpointSlice, networking.istio.io ServiceEntry/WorkloadEntry/DestinationRule/Sidecar/VirtualService, \
-                     security.istio.io PeerAuthentication, \
+                     security.istio.io PeerAuthentication/AuthorizationPolicy, \
                      nodemesh.io/v1alpha1 MeshConfig/RateLimitPolicy"
                 )
             };
@@ -159,6 +153,15 @@ pub fn object_from_value(value: Value) -> Result<Object, ParseError> {
                     spec,
                 }))
             }),
+        Kind::AuthorizationPolicy => {
+            spec::<super::authorization::AuthorizationPolicySpec>(&value).and_then(|spec| {
+                checked(|e| spec.check(e))?;
+                Ok(Object::AuthorizationPolicy(super::authorization::AuthorizationPolicy {
+                    meta: meta.clone(),
+                    spec,
+                }))
+            })
+        }
         Kind::Sidecar => spec::<istio::SidecarSpec>(&value).and_then(|spec| {
             checked(|e| spec.check(e))?;
             Ok(Object::Sidecar(istio::Sidecar { meta: meta.clone(), spec }))

@@ -83,6 +83,17 @@ pub struct Resolved {
     pub ports: BTreeMap<u16, MtlsMode>,
 }
 
+/// Where selector-less security policies apply to the whole mesh.
+pub fn root_namespace(store: &Store) -> String {
+    store
+        .of_kind(super::Kind::MeshConfig)
+        .find_map(|o| match o {
+            Object::MeshConfig(m) => m.spec.root_namespace.clone(),
+            _ => None,
+        })
+        .unwrap_or_else(|| DEFAULT_ROOT_NAMESPACE.to_string())
+}
+
 /// The policies of one store, ready to resolve for any workload.
 pub struct PeerAuthentications<'a> {
     policies: Vec<&'a PeerAuthentication>,
@@ -91,13 +102,7 @@ pub struct PeerAuthentications<'a> {
 
 impl<'a> PeerAuthentications<'a> {
     pub fn new(store: &'a Store) -> PeerAuthentications<'a> {
-        let root_namespace = store
-            .of_kind(super::Kind::MeshConfig)
-            .find_map(|o| match o {
-                Object::MeshConfig(m) => m.spec.root_namespace.clone(),
-                _ => None,
-            })
-            .unwrap_or_else(|| DEFAULT_ROOT_NAMESPACE.to_string());
+        let root_namespace = root_namespace(store);
         let policies = store
             .of_kind(super::Kind::PeerAuthentication)
             .filter_map(|o| match o {

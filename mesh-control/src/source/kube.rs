@@ -32,7 +32,7 @@ struct Watched {
 }
 
 /// Every resource the model reads from a cluster.
-const RESOURCES: [Watched; 13] = [
+const RESOURCES: [Watched; 14] = [
     Watched { group: "", version: "v1", kind: "Namespace", plural: "namespaces", model: Kind::Namespace },
     Watched { group: "", version: "v1", kind: "Node", plural: "nodes", model: Kind::Node },
     Watched { group: "", version: "v1", kind: "Pod", plural: "pods", model: Kind::Pod },
@@ -78,6 +78,13 @@ const RESOURCES: [Watched; 13] = [
         kind: "VirtualService",
         plural: "virtualservices",
         model: Kind::VirtualService,
+    },
+    Watched {
+        group: "security.istio.io",
+        version: "v1",
+        kind: "AuthorizationPolicy",
+        plural: "authorizationpolicies",
+        model: Kind::AuthorizationPolicy,
     },
     Watched {
         group: "security.istio.io",

@@ -2,6 +2,7 @@
 //! ([`server`]) with per-node ACK/NACK tracking ([`nodes`]); plus the service nodes report
 //! their local workloads through ([`registration`]).
 
+pub mod authorizations;
 pub mod l4_routes;
 pub mod listeners;
 pub mod nodes;

@@ -25,14 +25,14 @@ use envoy_types::pb::{
 use prost::Message;
 
 use super::{
-    l4_routes, listeners, rate_limits, routes,
+    authorizations, l4_routes, listeners, rate_limits, routes,
     snapshot::{Resource, Snapshot},
 };
 use crate::{
     model::{
-        CLUSTER_DOMAIN, Labels, Locality, Object, core, istio,
+        CLUSTER_DOMAIN, Labels, Locality, Object, authorization, core, istio,
         istio::{OutboundMode, Resolution},
-        peer_authentication::{MtlsMode, PeerAuthentications},
+        peer_authentication::{self, MtlsMode, PeerAuthentications},
         qualify,
         rate_limit::RateLimitPolicy,
         selector_matches,
@@ -584,6 +584,7 @@ impl<'a> Translator<'a> {
             })
             .collect();
         let peer_authentications = PeerAuthentications::new(store);
+        let root_namespace = peer_authentication::root_namespace(store);
         let mut by_node: BTreeMap<String, Vec<Resource>> = BTreeMap::new();
         let mut hints: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
         let mut addresses = Vec::new();
@@ -618,6 +619,10 @@ impl<'a> Translator<'a> {
                 tunnel_address: w.tunnel.map(|t| t.to_string()).unwrap_or_default(),
                 mtls_mode: mtls_mode(mtls.mode) as i32,
                 port_mtls: mtls.ports.iter().map(|(p, m)| (u32::from(*p), mtls_mode(*m) as i32)).collect(),
+                authorizations: authorization::policies_for(store, &root_namespace, w.namespace, w.labels)
+                    .into_iter()
+                    .map(authorizations::authorization)
+                    .collect(),
             };
             if !w.node.is_empty() {
                 let uid = workload.uid.clone();

@@ -1,7 +1,10 @@
 //! Inbound: connections *to* this node's meshed workloads — from a tunnel, or from a meshed
 //! workload on the same node — delivered into the pod as their real client.
 
+pub mod authz;
 pub mod deliver;
+pub mod guard;
+pub mod http;
 pub mod plaintext;
 pub mod routing;
 

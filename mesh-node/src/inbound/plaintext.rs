@@ -9,9 +9,14 @@ use std::{net::SocketAddr, sync::Arc, time::Duration};
 use mesh_control::proto::mesh::{self, MtlsMode};
 use tokio::net::{TcpListener, TcpStream};
 
-use super::deliver::Delivery;
+use super::{
+    authz::{Authorizer, Peer, Verdict},
+    deliver::Delivery,
+    guard::{Decided, Guarded},
+    http::{Judged, judge_and_pass},
+};
 use crate::{
-    proxy::{Source, relay, upstream::Upstream},
+    proxy::{Source, relay},
     telemetry::metrics::{ConnectionLabels, InboundDeniedLabels, Metrics, Reporter, UNKNOWN},
     xds::cache::Cache,
 };
@@ -22,6 +27,7 @@ pub struct PlaintextInbound {
     pub cache: Option<Arc<Cache>>,
     pub metrics: Arc<Metrics>,
     pub delivery: Arc<Delivery>,
+    pub authorizer: Arc<Authorizer>,
     pub connect_timeout: Duration,
 }
 
@@ -54,6 +60,10 @@ impl PlaintextInbound {
         // client dialled.
         let Ok(dst) = conn.local_addr() else { return };
         let _ = conn.set_nodelay(true);
+        if !self.authorizer.ready(&pod.key).await {
+            relay::reset(&conn);
+            return;
+        }
         let workload = self.cache.as_ref().and_then(|c| c.workload(&pod.key.to_string()));
         if mode_for(workload.as_deref(), dst.port()) == MtlsMode::Strict {
             tracing::warn!(
@@ -66,6 +76,12 @@ impl PlaintextInbound {
                 reason: "mtls_required".into(),
                 policy: String::new(),
             });
+            relay::reset(&conn);
+            return;
+        }
+        let peer_info = Peer { identity: None, source_ip: peer.ip(), destination: dst };
+        let needs_http = self.authorizer.needs_http(&pod.key);
+        if !needs_http && self.authorizer.connection(&pod.key, &peer_info) != Verdict::Allow {
             relay::reset(&conn);
             return;
         }
@@ -88,9 +104,30 @@ impl PlaintextInbound {
             destination_workload: pod.key.name.clone(),
             destination_workload_namespace: pod.key.namespace.clone(),
         });
-        // What the client sends, the pod receives.
-        if let Err(e) = relay::relay(conn, Upstream::Tcp(delivered), &counters.received, &counters.sent).await
-        {
+        let relayed = if needs_http {
+            let judged = Judged {
+                authorizer: Arc::clone(&self.authorizer),
+                workload: pod.key.clone(),
+                identity: None,
+                source_ip: peer.ip(),
+                destination: dst,
+            };
+            judge_and_pass(conn, delivered, judged, &counters).await
+        } else {
+            let decided = Decided {
+                authorizer: Arc::clone(&self.authorizer),
+                workload: pod.key.clone(),
+                identity: None,
+                source_ip: peer.ip(),
+                destination: dst,
+            };
+            // The pod is the first side: what it sends is what the destination sent.
+            relay::relay_stream(delivered, Guarded::new(conn, decided), &counters.sent, &counters.received)
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        };
+        if let Err(e) = relayed {
             tracing::debug!(workload = %pod.key, client = %peer, "inbound relay ended with error: {e}");
         }
         counters.closed();

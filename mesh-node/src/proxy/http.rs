@@ -217,8 +217,11 @@ async fn forward(
         let (pick, mut sender) = match connect(outbound, source, target, &balancer, hash, h2, &previous).await
         {
             Ok(c) => c,
-            Err(ConnectFailed { why, overflow: true }) => {
+            Err(ConnectFailed { why, overflow: true, .. }) => {
                 return overloaded(&format!("{} ({}): {why}", target.service, target.vip));
+            }
+            Err(ConnectFailed { why, denied: true, .. }) => {
+                return error_response(StatusCode::FORBIDDEN, &format!("RBAC: access denied: {why}"));
             }
             Err(ConnectFailed { why, .. }) => {
                 if may_retry(retries) && retry.retries_failure(false) && balancer.retry_budget.withdraw() {
@@ -490,7 +493,7 @@ async fn connect(
                 std::io::ErrorKind::NotFound => e.to_string(),
                 _ => format!("upstream connect error: {e}"),
             };
-            ConnectFailed { why, overflow }
+            ConnectFailed { why, overflow, denied: e.kind() == std::io::ErrorKind::PermissionDenied }
         })
 }
 
@@ -499,6 +502,8 @@ struct ConnectFailed {
     why: String,
     /// Refused by the cluster's connectionPool limits (not the endpoint's fault).
     overflow: bool,
+    /// Refused by the destination's AuthorizationPolicy.
+    denied: bool,
 }
 
 /// 503 with Envoy's overflow marker, so callers (and Envoy-aware clients) can tell a

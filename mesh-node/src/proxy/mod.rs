@@ -3,7 +3,7 @@
 
 mod http;
 pub mod outbound;
-mod pool;
+pub(crate) mod pool;
 mod rate_limits;
 pub mod relay;
 pub mod sniff;

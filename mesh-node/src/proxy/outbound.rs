@@ -20,7 +20,12 @@ use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use super::{http, pool::Sender, relay, sniff, upstream::Upstream};
 use crate::{
     capture::Capture,
-    inbound::deliver::Delivery,
+    inbound::{
+        authz::{Authorizer, Peer, Verdict},
+        deliver::Delivery,
+        guard::{Decided, Guarded},
+        http::{Judged, judge_and_pass},
+    },
     netns::NetnsThread,
     telemetry::metrics::{
         ConnectionLabels, EgressDeniedLabels, FailureLabels, FailureReason, Metrics, Reporter, UNKNOWN,
@@ -64,6 +69,8 @@ pub struct Outbound {
     pub proxy_mark: u32,
     /// Connections into this node's meshed pods (see `inbound::deliver`).
     pub delivery: Arc<Delivery>,
+    /// Their AuthorizationPolicies, for same-node traffic.
+    pub authorizer: Arc<Authorizer>,
     pub connect_timeout: Duration,
     /// Service routing from the control plane; `None` (no `--control-plane`): every
     /// connection goes where it was dialled.
@@ -83,6 +90,9 @@ pub(super) struct Balanced {
 /// How long a connection to a port with tls routes may take to send its ClientHello when
 /// protocol detection is otherwise off (TLS is client-first: a client sends it at once).
 const TLS_SNIFF_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Buffer of the in-memory pipe to a judged same-node pod.
+const CHUNK_FOR_JUDGED: usize = 64 * 1024;
 
 /// Connect attempts per connection (or request) when a cluster endpoint refuses, each a
 /// different endpoint.
@@ -129,6 +139,9 @@ impl Attempt<'_> {
                 // The cluster's connectionPool refused: not this endpoint's fault, and no
                 // other endpoint would be let in either.
                 Err(e) if Refused::caused(&e) => return Err(e),
+                // The destination's AuthorizationPolicy said no: final, and not the endpoint's
+                // fault.
+                Err(e) if e.kind() == io::ErrorKind::PermissionDenied => return Err(e),
                 Ok(opened) => {
                     if report_success {
                         b.report(&pick.endpoint, true);
@@ -410,7 +423,60 @@ impl Outbound {
     ) -> io::Result<Upstream> {
         let from = source.ips.iter().find(|ip| ip.is_ipv4() == dst.is_ipv4()).copied();
         if let Some(pod) = self.locals.local(dst.ip()).and_then(|w| w.delivery.clone()) {
-            return self.delivery.connect(&pod.netns, from, dst, timeout).await.map(Upstream::Tcp);
+            // The destination's policy, with the source proven by mesh-node itself.
+            let identity = self.authorizer.identity_of(&source.key.namespace, &source.service_account);
+            let source_ip = from.unwrap_or(dst.ip());
+            let peer = Peer { identity: Some(&identity), source_ip, destination: dst };
+            if !self.authorizer.ready(&pod.key).await {
+                return Err(io::Error::new(
+                    io::ErrorKind::ConnectionRefused,
+                    format!("{dst}: the workload's policy has not arrived from the control plane"),
+                ));
+            }
+            let needs_http = self.authorizer.needs_http(&pod.key);
+            if !needs_http && let Verdict::Deny { policy } = self.authorizer.connection(&pod.key, &peer) {
+                let by = if policy.is_empty() {
+                    "no ALLOW policy matched".into()
+                } else {
+                    format!("denied by {policy}")
+                };
+                return Err(io::Error::new(io::ErrorKind::PermissionDenied, format!("{dst}: {by}")));
+            }
+            let delivered = self.delivery.connect(&pod.netns, from, dst, timeout).await?;
+            if !needs_http {
+                let decided = Decided {
+                    authorizer: Arc::clone(&self.authorizer),
+                    workload: pod.key.clone(),
+                    identity: Some(identity),
+                    source_ip,
+                    destination: dst,
+                };
+                return Ok(Upstream::Guarded(Guarded::new(delivered, decided)));
+            }
+            // Requests are judged by the destination's policies in this process, between the
+            // two ends of an in-memory pipe.
+            let (ours, theirs) = tokio::io::duplex(CHUNK_FOR_JUDGED);
+            let judged = Judged {
+                authorizer: Arc::clone(&self.authorizer),
+                workload: pod.key.clone(),
+                identity: Some(identity),
+                source_ip,
+                destination: dst,
+            };
+            let counters = self.metrics.connection_opened(&ConnectionLabels {
+                reporter: Reporter::destination,
+                source_workload: source.key.name.clone(),
+                source_workload_namespace: source.key.namespace.clone(),
+                destination_workload: pod.key.name.clone(),
+                destination_workload_namespace: pod.key.namespace.clone(),
+            });
+            tokio::spawn(async move {
+                if let Err(e) = judge_and_pass(theirs, delivered, judged, &counters).await {
+                    tracing::debug!("judged same-node connection ended: {e}");
+                }
+                counters.closed();
+            });
+            return Ok(Upstream::Judged(ours));
         }
         if let (Some(target), Some(tunnels)) = (tunnel, &self.tunnels) {
             let identity =

@@ -51,6 +51,8 @@ pub async fn relay(
         }
         // Dropping a tunnel stream that did not finish resets it (RST_STREAM).
         Upstream::Tunnel(stream) => relay_stream(client, stream, sent, received).await,
+        Upstream::Judged(stream) => relay_stream(client, stream, sent, received).await,
+        Upstream::Guarded(stream) => relay_stream(client, stream, sent, received).await,
     }
 }
 

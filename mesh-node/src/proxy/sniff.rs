@@ -8,7 +8,10 @@
 
 use std::time::Duration;
 
-use tokio::net::TcpStream;
+use tokio::{
+    io::{AsyncRead, AsyncReadExt, AsyncWrite},
+    net::TcpStream,
+};
 
 /// What a connection speaks.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -153,6 +156,81 @@ impl<'a> Reader<'a> {
 
 /// Peeks at the client's first bytes until they decide the protocol, `timeout` passes (a
 /// server-first protocol, or a client that is slow to speak: opaque), or the client closes.
+/// Like [`detect`] for a stream that cannot be peeked (a tunnel stream): reads until the
+/// protocol is known, the timeout passes or the stream ends, and returns what it read too (to
+/// be replayed with [`Prefixed`]).
+pub async fn read_prefix<S: AsyncRead + Unpin>(stream: &mut S, timeout: Duration) -> (Protocol, Vec<u8>) {
+    let mut buf = Vec::with_capacity(1024);
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let mut chunk = [0u8; 1024];
+        match tokio::time::timeout_at(deadline, stream.read(&mut chunk)).await {
+            Ok(Ok(n)) if n > 0 => buf.extend_from_slice(&chunk[..n]),
+            _ => return (Protocol::Opaque, buf),
+        }
+        if let Verdict::Is(p) = classify(&buf) {
+            return (p, buf);
+        }
+        if buf.len() >= MAX_TLS_RECORD {
+            return (Protocol::Opaque, buf);
+        }
+    }
+}
+
+/// A stream that first yields bytes already read from it.
+pub struct Prefixed<S> {
+    prefix: Vec<u8>,
+    at: usize,
+    inner: S,
+}
+
+impl<S> Prefixed<S> {
+    pub fn new(prefix: Vec<u8>, inner: S) -> Prefixed<S> {
+        Prefixed { prefix, at: 0, inner }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Prefixed<S> {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        if this.at < this.prefix.len() {
+            let n = buf.remaining().min(this.prefix.len() - this.at);
+            buf.put_slice(&this.prefix[this.at..this.at + n]);
+            this.at += n;
+            return std::task::Poll::Ready(Ok(()));
+        }
+        std::pin::Pin::new(&mut this.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Prefixed<S> {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
+
 pub async fn detect(client: &TcpStream, timeout: Duration) -> Protocol {
     let mut buf = vec![0u8; 1024];
     let deadline = tokio::time::Instant::now() + timeout;

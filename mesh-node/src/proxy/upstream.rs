@@ -8,15 +8,20 @@ use std::{
 };
 
 use tokio::{
-    io::{AsyncRead, AsyncWrite, ReadBuf},
+    io::{AsyncRead, AsyncWrite, DuplexStream, ReadBuf},
     net::TcpStream,
 };
 
-use crate::tunnel::client::TunnelStream;
+use crate::{inbound::guard::Guarded, tunnel::client::TunnelStream};
 
 pub enum Upstream {
     Tcp(TcpStream),
     Tunnel(TunnelStream),
+    /// To a pod of this node whose policies judge each HTTP request: the other end is served
+    /// by `inbound::http`, in this process.
+    Judged(DuplexStream),
+    /// Delivered into a pod of this node, re-checked against its policy when that changes.
+    Guarded(Guarded<TcpStream>),
 }
 
 impl AsyncRead for Upstream {
@@ -24,6 +29,8 @@ impl AsyncRead for Upstream {
         match self.get_mut() {
             Upstream::Tcp(s) => Pin::new(s).poll_read(cx, buf),
             Upstream::Tunnel(s) => Pin::new(s).poll_read(cx, buf),
+            Upstream::Judged(s) => Pin::new(s).poll_read(cx, buf),
+            Upstream::Guarded(s) => Pin::new(s).poll_read(cx, buf),
         }
     }
 }
@@ -33,6 +40,8 @@ impl AsyncWrite for Upstream {
         match self.get_mut() {
             Upstream::Tcp(s) => Pin::new(s).poll_write(cx, buf),
             Upstream::Tunnel(s) => Pin::new(s).poll_write(cx, buf),
+            Upstream::Judged(s) => Pin::new(s).poll_write(cx, buf),
+            Upstream::Guarded(s) => Pin::new(s).poll_write(cx, buf),
         }
     }
 
@@ -40,6 +49,8 @@ impl AsyncWrite for Upstream {
         match self.get_mut() {
             Upstream::Tcp(s) => Pin::new(s).poll_flush(cx),
             Upstream::Tunnel(s) => Pin::new(s).poll_flush(cx),
+            Upstream::Judged(s) => Pin::new(s).poll_flush(cx),
+            Upstream::Guarded(s) => Pin::new(s).poll_flush(cx),
         }
     }
 
@@ -47,6 +58,8 @@ impl AsyncWrite for Upstream {
         match self.get_mut() {
             Upstream::Tcp(s) => Pin::new(s).poll_shutdown(cx),
             Upstream::Tunnel(s) => Pin::new(s).poll_shutdown(cx),
+            Upstream::Judged(s) => Pin::new(s).poll_shutdown(cx),
+            Upstream::Guarded(s) => Pin::new(s).poll_shutdown(cx),
         }
     }
 
@@ -58,6 +71,8 @@ impl AsyncWrite for Upstream {
         match self.get_mut() {
             Upstream::Tcp(s) => Pin::new(s).poll_write_vectored(cx, bufs),
             Upstream::Tunnel(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            Upstream::Judged(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            Upstream::Guarded(s) => Pin::new(s).poll_write_vectored(cx, bufs),
         }
     }
 
@@ -65,6 +80,8 @@ impl AsyncWrite for Upstream {
         match self {
             Upstream::Tcp(s) => s.is_write_vectored(),
             Upstream::Tunnel(s) => s.is_write_vectored(),
+            Upstream::Judged(s) => s.is_write_vectored(),
+            Upstream::Guarded(s) => s.is_write_vectored(),
         }
     }
 }

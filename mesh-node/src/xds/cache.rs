@@ -65,6 +65,11 @@ pub struct Cache {
     max_endpoints_per_cluster: usize,
     /// Rate-limit buckets, shared by the route tables that use them.
     buckets: BucketRegistry,
+    /// Bumped whenever this node's Workloads (their policies) change: connections decided
+    /// under an older version re-check theirs.
+    pub workloads_version: std::sync::atomic::AtomicU64,
+    /// Woken whenever Workloads change (inbound decisions wait on it for a new pod's policy).
+    pub workloads_changed: Notify,
 }
 
 /// A decoded resource from a response: name, version, payload.
@@ -81,6 +86,8 @@ impl Cache {
             address_changed: Notify::new(),
             max_endpoints_per_cluster,
             buckets: BucketRegistry::default(),
+            workloads_version: std::sync::atomic::AtomicU64::new(0),
+            workloads_changed: Notify::new(),
         }
     }
 
@@ -228,6 +235,9 @@ impl Cache {
                     s.workloads.insert(w.uid.clone(), Arc::new(w));
                 }
                 s.generation.insert(type_url.into(), generation);
+                self.workloads_version.fetch_add(1, std::sync::atomic::Ordering::Release);
+                drop(s);
+                self.workloads_changed.notify_waiters();
             }
             proto::ADDRESS_TYPE => {
                 let mut entries = Vec::new();

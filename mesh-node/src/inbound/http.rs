@@ -1,0 +1,181 @@
+//! HTTP arriving at a workload whose AuthorizationPolicies look at requests (methods, paths,
+//! hosts, headers): mesh-node serves the connection as HTTP (hyper), judges every request,
+//! answers a denied one 403 itself, and passes allowed ones to the application over the
+//! delivered connection (one upstream connection per inbound connection, same HTTP version).
+
+use std::{convert::Infallible, sync::Arc, time::Duration};
+
+use http_body_util::BodyExt;
+use hyper::{Request, Response, StatusCode, body::Incoming, header, service::service_fn};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use mesh_control::{ca::SpiffeId, workload::WorkloadKey};
+use tokio::{
+    io::{AsyncRead, AsyncWrite},
+    net::TcpStream,
+    sync::Mutex,
+};
+
+use super::authz::{Authorizer, Peer, Request as AuthzRequest, Verdict, evaluate};
+use crate::{
+    proxy::{
+        pool::{Body, full},
+        relay,
+        sniff::{self, Prefixed, Protocol},
+    },
+    telemetry::metrics::{ConnectionCounters, InboundDeniedLabels},
+};
+
+/// Who is calling whom, for every request on one connection.
+pub struct Judged {
+    pub authorizer: Arc<Authorizer>,
+    pub workload: WorkloadKey,
+    pub identity: Option<SpiffeId>,
+    pub source_ip: std::net::IpAddr,
+    pub destination: std::net::SocketAddr,
+}
+
+enum Upstream {
+    Http1(Mutex<hyper::client::conn::http1::SendRequest<Incoming>>),
+    Http2(hyper::client::conn::http2::SendRequest<Incoming>),
+}
+
+/// How long a connection to a workload with request-level policies may stay silent before it
+/// is taken to be a server-first protocol (then judged as a connection).
+const SNIFF_TIMEOUT: Duration = Duration::from_millis(500);
+
+/// Passes `client` to `delivered` for a workload whose policies look at requests: HTTP is
+/// judged request by request; anything else is judged as a connection (a DENY rule that needs
+/// HTTP then matches: fail closed) and relayed.
+pub async fn judge_and_pass<S>(
+    mut client: S,
+    delivered: TcpStream,
+    judged: Judged,
+    counters: &ConnectionCounters,
+) -> Result<(), String>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let (protocol, prefix) = sniff::read_prefix(&mut client, SNIFF_TIMEOUT).await;
+    let client = Prefixed::new(prefix, client);
+    match protocol {
+        Protocol::Http1 | Protocol::H2c => serve(client, delivered, protocol == Protocol::H2c, judged).await,
+        _ => {
+            let peer = Peer {
+                identity: judged.identity.as_ref(),
+                source_ip: judged.source_ip,
+                destination: judged.destination,
+            };
+            if judged.authorizer.connection(&judged.workload, &peer) != Verdict::Allow {
+                relay::reset(&delivered);
+                return Err("denied".into());
+            }
+            // The pod is the first side: what it sends is what the destination sent.
+            relay::relay_stream(delivered, client, &counters.sent, &counters.received)
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        }
+    }
+}
+
+/// Serves `client` (HTTP/2 if `h2`) until it closes, forwarding allowed requests over
+/// `delivered`.
+async fn serve<S>(client: S, delivered: TcpStream, h2: bool, judged: Judged) -> Result<(), String>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let io = TokioIo::new(delivered);
+    let upstream = if h2 {
+        let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .handshake(io)
+            .await
+            .map_err(|e| format!("upstream HTTP/2: {e}"))?;
+        tokio::spawn(conn);
+        Upstream::Http2(sender)
+    } else {
+        let (sender, conn) =
+            hyper::client::conn::http1::handshake(io).await.map_err(|e| format!("upstream HTTP/1: {e}"))?;
+        tokio::spawn(conn);
+        Upstream::Http1(Mutex::new(sender))
+    };
+    let shared = Arc::new((judged, upstream));
+    let service = service_fn(move |request: Request<Incoming>| {
+        let shared = Arc::clone(&shared);
+        async move { Ok::<_, Infallible>(handle(&shared.0, &shared.1, request).await) }
+    });
+    let client = TokioIo::new(client);
+    let served = if h2 {
+        hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .serve_connection(client, service)
+            .await
+    } else {
+        hyper::server::conn::http1::Builder::new().serve_connection(client, service).await
+    };
+    served.map_err(|e| e.to_string())
+}
+
+async fn handle(judged: &Judged, upstream: &Upstream, request: Request<Incoming>) -> Response<Body> {
+    let policies = judged
+        .authorizer
+        .cache
+        .as_ref()
+        .and_then(|c| c.workload(&judged.workload.to_string()))
+        .map(|w| w.authorizations.clone())
+        .unwrap_or_default();
+    let host = request
+        .uri()
+        .authority()
+        .map(|a| a.as_str().to_string())
+        .or_else(|| request.headers().get(header::HOST).and_then(|h| h.to_str().ok()).map(str::to_string))
+        .unwrap_or_default();
+    let peer = Peer {
+        identity: judged.identity.as_ref(),
+        source_ip: judged.source_ip,
+        destination: judged.destination,
+    };
+    let facts = AuthzRequest {
+        method: request.method().as_str(),
+        path: request.uri().path(),
+        host: &host,
+        headers: request.headers(),
+    };
+    if let Verdict::Deny { policy } = evaluate(&policies, &peer, Some(&facts)) {
+        let verdict = Verdict::Deny { policy: policy.clone() };
+        tracing::warn!(
+            workload = %judged.workload, source = %judged.source_ip,
+            identity = judged.identity.as_ref().map(ToString::to_string).unwrap_or_default(),
+            method = %request.method(), path = request.uri().path(),
+            policy = if policy.is_empty() { "(no ALLOW policy matched)" } else { policy.as_str() },
+            "request denied by AuthorizationPolicy"
+        );
+        judged.authorizer.metrics.inbound_denied(&InboundDeniedLabels {
+            destination_workload: judged.workload.name.clone(),
+            destination_workload_namespace: judged.workload.namespace.clone(),
+            reason: verdict.reason().into(),
+            policy,
+        });
+        let mut response = Response::new(full("RBAC: access denied\n"));
+        *response.status_mut() = StatusCode::FORBIDDEN;
+        return response;
+    }
+    let sent = match upstream {
+        Upstream::Http1(sender) => {
+            let mut sender = sender.lock().await;
+            match sender.ready().await {
+                Ok(()) => sender.send_request(request).await,
+                Err(e) => Err(e),
+            }
+        }
+        Upstream::Http2(sender) => sender.clone().send_request(request).await,
+    };
+    match sent {
+        Ok(response) => response.map(BodyExt::boxed),
+        Err(e) => {
+            let mut response = Response::new(full(format!("upstream request failed: {e}\n")));
+            *response.status_mut() = StatusCode::BAD_GATEWAY;
+            response
+        }
+    }
+}
