@@ -52,7 +52,11 @@ pub struct TestCa {
 
 impl TestCa {
     pub fn cluster(cluster: &SimCluster) -> TestCa {
-        let dir = cluster.control.ca_dir();
+        TestCa::from_dir(&cluster.control.ca_dir())
+    }
+
+    /// The issuing certificate and key of a CA directory (`ca-cert.pem`, `ca-key.pem`).
+    pub fn from_dir(dir: &std::path::Path) -> TestCa {
         let cert = std::fs::read_to_string(dir.join("ca-cert.pem")).unwrap();
         let key = KeyPair::from_pem(&std::fs::read_to_string(dir.join("ca-key.pem")).unwrap()).unwrap();
         TestCa { issuer: Issuer::from_ca_cert_pem(&cert, key).unwrap(), issuer_pem: cert }

@@ -120,7 +120,10 @@ impl CertificateAuthority {
     }
 
     /// Signs `csr_pem` for `identity`, valid for `ttl` (never beyond the issuing certificate).
-    /// Returns the leaf, then the chain up to the root: Istio's `cert_chain` order.
+    /// Returns the leaf, then the chain up to the root, then — as one last PEM element, Istio's
+    /// `cert_chain` order — the whole trust bundle: the root the chain ends in first, then
+    /// every other trusted root. During a root rotation (`root-cert.pem` holding old and new)
+    /// nodes thus learn to trust both before any certificate chains to the new one.
     pub fn sign(&self, csr_pem: &str, identity: &SpiffeId, ttl: Duration) -> Result<Vec<String>, SignError> {
         if identity.trust_domain != self.trust_domain {
             return Err(SignError::ForeignTrustDomain {
@@ -161,10 +164,19 @@ impl CertificateAuthority {
             .signed_by(&self.issuer)
             .map_err(|e| SignError::Signing(e.to_string()))?;
         let mut out = vec![leaf.pem()];
-        out.extend(self.chain.iter().cloned());
-        if !out.last().is_some_and(|last| self.roots.iter().any(|r| same_cert(r, last))) {
-            out.push(self.roots[0].clone());
+        out.extend(self.chain.iter().filter(|c| !self.roots.iter().any(|r| same_cert(r, c))).cloned());
+        let chain_root = self
+            .chain
+            .last()
+            .and_then(|last| self.roots.iter().find(|r| same_cert(r, last)))
+            .unwrap_or(&self.roots[0]);
+        let mut bundle = chain_root.trim_end().to_string();
+        for root in self.roots.iter().filter(|r| !same_cert(r, chain_root)) {
+            bundle.push('\n');
+            bundle.push_str(root.trim_end());
         }
+        bundle.push('\n');
+        out.push(bundle);
         Ok(out)
     }
 }

@@ -32,16 +32,19 @@ pub struct TrustRoots {
 }
 
 impl TrustRoots {
+    /// Every certificate in `roots` (each a PEM bundle of one or more roots).
     pub fn from_pem(roots: &[String]) -> Result<TrustRoots, String> {
         let mut store = RootCertStore::empty();
         let mut anchors = Vec::new();
         for (i, pem) in roots.iter().enumerate() {
-            let der =
-                CertificateDer::from_pem_slice(pem.as_bytes()).map_err(|e| format!("root {i}: {e:?}"))?;
-            let anchor =
-                webpki::anchor_from_trusted_cert(&der).map_err(|e| format!("root {i}: {e}"))?.to_owned();
-            store.add(der).map_err(|e| format!("root {i}: {e}"))?;
-            anchors.push(anchor);
+            for der in CertificateDer::pem_slice_iter(pem.as_bytes()) {
+                let der = der.map_err(|e| format!("root bundle {i}: {e:?}"))?;
+                let anchor = webpki::anchor_from_trusted_cert(&der)
+                    .map_err(|e| format!("root bundle {i}: {e}"))?
+                    .to_owned();
+                store.add(der).map_err(|e| format!("root bundle {i}: {e}"))?;
+                anchors.push(anchor);
+            }
         }
         if anchors.is_empty() {
             return Err("no trusted root".into());
