@@ -75,6 +75,7 @@ pub fn run(keep: bool) -> anyhow::Result<()> {
             dump["xds"]["config"]["clusters"].as_object().map(|m| m.keys().collect()).unwrap_or_default();
         println!("  node-{}: {clusters:?}", i + 1);
     }
+    identity_and_policy(&cluster, &config, &pods)?;
     util::step("the bookshop sample (examples/bookshop): L7 routing, one route file at a time");
     let shop = bookshop::start(&mut cluster, &config)?;
     bookshop::walk(&cluster, &config, &shop)?;
@@ -87,6 +88,90 @@ pub fn run(keep: bool) -> anyhow::Result<()> {
         keep_running(&cluster, frontend)?;
     }
     util::step("cleaning up the simulated cluster");
+    Ok(())
+}
+
+const STRICT_SHOP: &str = "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\n\
+     metadata: {name: default, namespace: shop}\nspec: {mtls: {mode: STRICT}}\n";
+const RATINGS_FROM_SHOP: &str = "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\n\
+     metadata: {name: ratings-from-shop, namespace: shop}\n\
+     spec:\n  selector: {matchLabels: {app: ratings}}\n  rules: [{from: [{source: {namespaces: [shop]}}]}]\n";
+
+/// Workload certificates, the tunnel between the nodes, and what PeerAuthentication and
+/// AuthorizationPolicy do to a caller outside the mesh (postgres, namespace `data`).
+fn identity_and_policy(
+    cluster: &SimCluster,
+    config: &std::path::Path,
+    pods: &BTreeMap<&str, (usize, Pod)>,
+) -> anyhow::Result<()> {
+    util::step(
+        "identity: workload certificates, mTLS between the nodes, PeerAuthentication, AuthorizationPolicy",
+    );
+    for (i, node) in cluster.nodes.iter().enumerate() {
+        let dump = node.config_dump()?;
+        let ids: Vec<&str> = dump["identity"]["certificates"]
+            .as_array()
+            .map(|c| c.iter().filter_map(|c| c["identity"].as_str()).collect())
+            .unwrap_or_default();
+        println!("  node-{} holds certificates (keys made on the node, never sent) for {ids:?}", i + 1);
+        for t in dump["tunnels"].as_array().into_iter().flatten() {
+            println!(
+                "    HBONE to {}: {} mTLS connection(s) as {} -> {}, {} stream(s) open",
+                t["tunnel"], t["connections"], t["source"], t["destination"], t["streams"]
+            );
+        }
+    }
+    let (postgres_node, postgres) = (&cluster.nodes[pods["postgres"].0], &pods["postgres"].1);
+    let reviews = pods["reviews-v1"].1.addr(9080).to_string();
+    let ratings = pods["ratings"].1.addr(9080).to_string();
+    let frontend_node = &cluster.nodes[pods["frontend"].0];
+    let frontend = &pods["frontend"].1;
+    let show =
+        |what: &str, ok: bool| println!("  {what:<74} {}", if ok { "answered" } else { "refused (reset)" });
+    show(
+        "data/postgres (outside the mesh, plaintext) -> shop/reviews-v1, PERMISSIVE:",
+        mesh::answered(postgres_node, postgres, &reviews),
+    );
+    mesh::write_config(config, "strict-shop.yaml", STRICT_SHOP);
+    let refused = mesh::wait_until(Duration::from_secs(10), Duration::from_millis(100), || {
+        !mesh::answered(postgres_node, postgres, &reviews)
+    });
+    println!("  $ cp strict-shop.yaml <config>   (PeerAuthentication: shop is STRICT)");
+    show("data/postgres -> shop/reviews-v1:", refused.is_err());
+    show(
+        "shop/frontend (meshed, through the tunnel) -> shop/reviews-v1:",
+        mesh::answered(frontend_node, frontend, &reviews),
+    );
+    std::fs::remove_file(config.join("strict-shop.yaml"))?;
+    mesh::wait_until(Duration::from_secs(10), Duration::from_millis(100), || {
+        mesh::answered(postgres_node, postgres, &reviews)
+    })
+    .map_err(|e| anyhow::anyhow!("PERMISSIVE never came back after STRICT was removed: {e}"))?;
+    mesh::write_config(config, "ratings-from-shop.yaml", RATINGS_FROM_SHOP);
+    let denied = mesh::wait_until(Duration::from_secs(10), Duration::from_millis(100), || {
+        !mesh::answered(postgres_node, postgres, &ratings)
+    });
+    println!(
+        "  $ rm strict-shop.yaml; cp ratings-from-shop.yaml <config>   (AuthorizationPolicy: ratings only from namespace shop)"
+    );
+    show("data/postgres -> shop/ratings (plaintext has no namespace to be allowed by):", denied.is_err());
+    show("shop/frontend -> shop/ratings:", mesh::answered(frontend_node, frontend, &ratings));
+    std::fs::remove_file(config.join("ratings-from-shop.yaml"))?;
+    let mut counted = [0.0; 2];
+    for node in &cluster.nodes {
+        let m = node.metrics()?;
+        counted[0] += m.sum("nodemesh_inbound_denied_total", &[("reason", "mtls_required")]);
+        counted[1] += m.sum("nodemesh_inbound_denied_total", &[("reason", "not_allowed")]);
+    }
+    println!(
+        "  the servers' nodes counted in nodemesh_inbound_denied_total: {} for STRICT (reason mtls_required), \
+         {} allowed by no ALLOW policy (not_allowed)",
+        counted[0], counted[1]
+    );
+    anyhow::ensure!(
+        refused.is_ok() && denied.is_ok(),
+        "STRICT or the AuthorizationPolicy did not take effect"
+    );
     Ok(())
 }
 

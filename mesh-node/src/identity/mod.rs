@@ -187,7 +187,13 @@ impl Identities {
     pub async fn run(self: Arc<Self>, mut specs: watch::Receiver<Vec<WorkloadSpec>>) {
         let mut retry: BTreeMap<SpiffeId, Duration> = BTreeMap::new();
         loop {
-            let wanted: BTreeSet<SpiffeId> = specs.borrow().iter().map(|s| self.identity_of(s)).collect();
+            // Only meshed workloads speak mTLS; one outside the mesh needs no certificate.
+            let wanted: BTreeSet<SpiffeId> = specs
+                .borrow()
+                .iter()
+                .filter(|s| s.mesh_decision().is_meshed())
+                .map(|s| self.identity_of(s))
+                .collect();
             let before = self.certs.read().expect("certs lock").len();
             self.certs.write().expect("certs lock").retain(|id, _| wanted.contains(id));
             if self.certs.read().expect("certs lock").len() != before {
