@@ -24,6 +24,7 @@ struct Cli {
     command: Command,
 }
 
+#[allow(clippy::large_enum_variant, reason = "parsed once at start; boxing buys nothing")]
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Serve xDS to nodes from a watched config directory and/or Kubernetes (and node reports).
@@ -96,6 +97,10 @@ struct CaArgs {
     ca_dir: Option<PathBuf>,
     #[arg(long, env = "NODEMESH_TRUST_DOMAIN", default_value = "cluster.local")]
     trust_domain: String,
+    /// With Kubernetes: a Secret `cacerts` in this namespace (Istio's keys) supplies the CA
+    /// bundle, written into --ca-dir before the CA loads.
+    #[arg(long, env = "NODEMESH_CA_SECRET_NAMESPACE", default_value = "istio-system")]
+    ca_secret_namespace: String,
     /// Names this cluster's intermediate CA.
     #[arg(long, env = "NODEMESH_CLUSTER_NAME", default_value = "cluster1")]
     cluster_name: String,
@@ -143,6 +148,7 @@ fn main() -> ExitCode {
                     cluster: ca.cluster_name,
                     max_ttl: Duration::from_secs(ca.cert_ttl_secs.max(5)),
                     node_account: ca.node_service_account,
+                    secret_namespace: ca.ca_secret_namespace,
                 }),
             };
             let rt = tokio::runtime::Runtime::new().expect("tokio runtime");

@@ -68,6 +68,8 @@ pub struct CaSettings {
     pub max_ttl: Duration,
     /// `namespace/name` of the node proxies' ServiceAccount (Kubernetes: TokenReview).
     pub node_account: String,
+    /// Kubernetes: where a `cacerts` Secret replaces the directory's bundle.
+    pub secret_namespace: String,
 }
 
 pub async fn run(settings: Settings) -> anyhow::Result<()> {
@@ -121,7 +123,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("xDS: cannot listen on {}", settings.xds_addr))?;
     let (certificates, node_credentials) =
-        certificate_service(settings.ca.as_ref(), kube_client, Arc::clone(&store))?;
+        certificate_service(settings.ca.as_ref(), kube_client, Arc::clone(&store)).await?;
     let ads = AdsServer { snapshots: snap_rx, nodes };
     let registration = Registration { store, changed, nodes: node_credentials };
     tracing::info!(xds = %settings.xds_addr, admin = %settings.admin_addr, "mesh-control ready");
@@ -142,7 +144,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
 
 /// The CSR API, with the CA of `settings` (loaded, or created in an empty directory), and the
 /// node credentials it shares with workload reports.
-fn certificate_service(
+async fn certificate_service(
     settings: Option<&CaSettings>,
     kube_client: Option<::kube::Client>,
     store: Arc<Mutex<Store>>,
@@ -153,6 +155,17 @@ fn certificate_service(
             CertificateService { ca: None, nodes: Arc::clone(&nodes), store, max_ttl: Duration::ZERO };
         return Ok((service, nodes));
     };
+    if let Some(client) = &kube_client
+        && crate::ca::secret::fetch(client, &s.secret_namespace, &s.dir).await.with_context(|| {
+            format!("reading Secret {}/{}", s.secret_namespace, crate::ca::secret::SECRET_NAME)
+        })?
+    {
+        tracing::info!(
+            secret = format!("{}/{}", s.secret_namespace, crate::ca::secret::SECRET_NAME),
+            dir = %s.dir.display(),
+            "CA bundle taken from the cluster's cacerts Secret"
+        );
+    }
     let ca = CertificateAuthority::load_or_create(&s.dir, &s.trust_domain, &s.cluster)?;
     let tokens = NodeTokens::load_or_create(&s.dir)
         .with_context(|| format!("node token key in {}", s.dir.display()))?;

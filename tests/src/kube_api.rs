@@ -247,6 +247,23 @@ fn serve_connection(shared: &Shared, stream: TcpStream) -> anyhow::Result<()> {
         } else if req.method == "POST" && req.path == TOKEN_REVIEWS {
             let review = token_review(shared, &req.body);
             respond(&mut out, "201 Created", &review)?;
+        } else if let Some((resource, key)) = single_object(&req.path) {
+            let found = shared
+                .state
+                .lock()
+                .expect("api state")
+                .objects
+                .get(&resource)
+                .and_then(|m| m.get(&key))
+                .cloned();
+            match found {
+                Some(object) => respond(&mut out, "200 OK", &object)?,
+                None => {
+                    let status = json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+                        "message": format!("{key} not found"), "reason": "NotFound", "details": {}, "code": 404});
+                    respond(&mut out, "404 Not Found", &status)?;
+                }
+            }
         } else if req.query.get("watch").is_some_and(|w| w == "true" || w == "1") {
             // A watch holds the connection until it ends; the client opens another one.
             return watch(shared, &mut out, &req);
@@ -256,6 +273,17 @@ fn serve_connection(shared: &Shared, stream: TcpStream) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// `/api/v1/namespaces/<ns>/<plural>/<name>` → (`/api/v1/<plural>`, `<ns>/<name>`): a GET of
+/// one object (a list path has no name after the plural).
+fn single_object(path: &str) -> Option<(String, String)> {
+    let rest = path.strip_prefix("/api/v1/namespaces/")?;
+    let parts: Vec<&str> = rest.split('/').collect();
+    match parts.as_slice() {
+        [ns, plural, name] => Some((format!("/api/v1/{plural}"), format!("{ns}/{name}"))),
+        _ => None,
+    }
 }
 
 const TOKEN_REVIEWS: &str = "/apis/authentication.k8s.io/v1/tokenreviews";

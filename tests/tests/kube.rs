@@ -197,6 +197,48 @@ async fn kube_source_yields_the_directory_model_and_follows_watch_bookmarks_and_
 }
 
 /// On Kubernetes a node proxy proves its node with its ServiceAccount token: mesh-control asks
+/// A `cacerts` Secret in istio-system (Istio's four keys) for a new root and intermediate;
+/// returns the intermediate's PEM too.
+fn cacerts_secret() -> (String, Value) {
+    use k8s_openapi::{ByteString, api::core::v1::Secret, apimachinery::pkg::apis::meta::v1::ObjectMeta};
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+    let ca = |constraint| {
+        let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+        p.is_ca = IsCa::Ca(constraint);
+        p
+    };
+    let root_key = KeyPair::generate().unwrap();
+    let root_params = ca(BasicConstraints::Unconstrained);
+    let root = root_params.self_signed(&root_key).unwrap();
+    let root_issuer = Issuer::new(root_params, root_key);
+    let key = KeyPair::generate().unwrap();
+    let mut params = ca(BasicConstraints::Constrained(0));
+    params.distinguished_name.push(rcgen::DnType::CommonName, "cacerts test intermediate");
+    let intermediate = params.signed_by(&key, &root_issuer).unwrap();
+    let data = [
+        ("ca-cert.pem", intermediate.pem()),
+        ("ca-key.pem", key.serialize_pem()),
+        ("cert-chain.pem", format!("{}{}", intermediate.pem(), root.pem())),
+        ("root-cert.pem", root.pem()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), ByteString(v.into_bytes())))
+    .collect();
+    let secret = Secret {
+        metadata: ObjectMeta {
+            name: Some("cacerts".into()),
+            namespace: Some("istio-system".into()),
+            ..Default::default()
+        },
+        data: Some(data),
+        ..Default::default()
+    };
+    let mut value = serde_json::to_value(secret).unwrap();
+    value["apiVersion"] = "v1".into();
+    value["kind"] = "Secret".into();
+    (intermediate.pem(), value)
+}
+
 /// TokenReview, accepts only the node proxies' ServiceAccount, and takes the node from the
 /// token's pod binding. Identities then follow the Pods the API schedules on that node.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -211,6 +253,9 @@ async fn kubernetes_nodes_prove_themselves_with_service_account_tokens() {
     for o in objects() {
         api.apply(&o).unwrap();
     }
+    // The CA comes from the cluster's cacerts Secret (a root and an intermediate of our own).
+    let (intermediate_pem, secret) = cacerts_secret();
+    api.apply(&secret).unwrap();
     api.add_token("node-a-proxy", "nodemesh-system", "mesh-node", "node-a");
     api.add_token("node-b-proxy", "nodemesh-system", "mesh-node", "node-b");
     api.add_token("some-app", "shop", "web", "node-a");
@@ -232,6 +277,7 @@ async fn kubernetes_nodes_prove_themselves_with_service_account_tokens() {
             cluster: "c1".into(),
             max_ttl: Duration::from_secs(3600),
             node_account: "nodemesh-system/mesh-node".into(),
+            secret_namespace: "istio-system".into(),
         }),
     };
     let server = tokio::spawn(run(settings));
@@ -265,6 +311,7 @@ async fn kubernetes_nodes_prove_themselves_with_service_account_tokens() {
         }
     };
     assert_eq!(chain.len(), 3);
+    assert_eq!(chain[1].trim(), intermediate_pem.trim(), "not signed by the cacerts Secret's intermediate");
     // node-b's proxy does not run web.
     let e = ask("node-b-proxy", web).await.unwrap_err();
     assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
