@@ -143,3 +143,21 @@ pub fn http_get(node: &SimNode, client: &Pod, to: &str, args: &[&str]) -> Value 
 pub fn served(r: &Value, server: &str) -> u64 {
     r["servers"][server].as_u64().unwrap_or(0)
 }
+
+/// The certificates a node holds, from its `/config_dump`: `(identity, received, not_after)`
+/// (UNIX seconds), never keys.
+pub fn held_certificates(node: &SimNode) -> Vec<(String, u64, u64)> {
+    let dump = node.config_dump().unwrap_or_default();
+    dump["identity"]["certificates"]
+        .as_array()
+        .map(|certs| {
+            certs
+                .iter()
+                .map(|c| {
+                    let n = |k: &str| c[k].as_u64().unwrap_or(0);
+                    (c["identity"].as_str().unwrap_or_default().to_string(), n("received"), n("not_after"))
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}

@@ -8,7 +8,7 @@ use std::time::Duration;
 use mesh_control::proto::istio_ca::{
     IstioCertificateRequest, istio_certificate_service_client::IstioCertificateServiceClient,
 };
-use nodemesh_tests::{CONTROL_PLANE_URL, Registration, SimNode, netns};
+use nodemesh_tests::{CONTROL_PLANE_URL, Registration, SimNode, mesh::held_certificates, netns};
 use rcgen::{CertificateParams, KeyPair, SanType};
 
 /// A CSR for `uri` with a fresh key (the key stays here, as it stays on a node).
@@ -165,23 +165,6 @@ fn a_node_gets_certificates_only_for_its_own_workloads() {
     create(&node, Some(&other), csr(admin), Some(admin), 600).unwrap();
 }
 
-/// The identities mesh-node holds certificates for, with when each arrived, from `/config_dump`.
-fn held(node: &SimNode) -> Vec<(String, u64, u64)> {
-    let dump = node.config_dump().unwrap();
-    dump["identity"]["certificates"]
-        .as_array()
-        .map(|certs| {
-            certs
-                .iter()
-                .map(|c| {
-                    let n = |k: &str| c[k].as_u64().unwrap_or(0);
-                    (c["identity"].as_str().unwrap_or_default().to_string(), n("received"), n("not_after"))
-                })
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
 #[test]
 fn mesh_node_keeps_a_renewed_certificate_for_each_identity_of_its_workloads() {
     let mut node = SimNode::new().unwrap();
@@ -197,7 +180,7 @@ fn mesh_node_keeps_a_renewed_certificate_for_each_identity_of_its_workloads() {
 
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     let first = loop {
-        if let Some(c) = held(&node).into_iter().find(|c| c.0 == id) {
+        if let Some(c) = held_certificates(&node).into_iter().find(|c| c.0 == id) {
             break c;
         }
         assert!(std::time::Instant::now() < deadline, "no certificate for {id}:\n{}", node.log_tail());
@@ -210,7 +193,7 @@ fn mesh_node_keeps_a_renewed_certificate_for_each_identity_of_its_workloads() {
     // Renewed at half-life, before it expires.
     let deadline = std::time::Instant::now() + Duration::from_secs(15);
     loop {
-        let now = held(&node).into_iter().find(|c| c.0 == id);
+        let now = held_certificates(&node).into_iter().find(|c| c.0 == id);
         if let Some(c) = now.as_ref().filter(|c| c.1 > first.1) {
             assert!(c.1 < first.2, "renewed before the old one expired: {first:?} → {c:?}");
             break;
@@ -229,7 +212,7 @@ fn mesh_node_keeps_a_renewed_certificate_for_each_identity_of_its_workloads() {
     ])
     .unwrap();
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while held(&node).iter().any(|c| c.0 == id) {
+    while held_certificates(&node).iter().any(|c| c.0 == id) {
         assert!(std::time::Instant::now() < deadline, "certificate kept after the workload left");
         std::thread::sleep(Duration::from_millis(100));
     }

@@ -6,7 +6,7 @@
 use nodemesh_tests::{
     Pod, Registration, SimCluster, SimNode,
     link_capture::{LinkCapture, contains},
-    mesh::{answered_by, endpoint_count, eventually, http_get, labelled, service_yaml},
+    mesh::{answered_by, endpoint_count, eventually, held_certificates, http_get, labelled, service_yaml},
 };
 use serde_json::Value;
 use std::time::Duration;
@@ -123,25 +123,6 @@ fn same_node_traffic_is_delivered_as_the_client_pod() {
     assert_eq!(peer_ip(&reply), neighbour.ip.to_string(), "{reply}");
 }
 
-/// The client's and the server's certificates, as `(identity, not_after)` pairs their nodes hold.
-fn held_certificates(node: &SimNode) -> Vec<(String, u64)> {
-    let dump = node.config_dump().unwrap();
-    dump["identity"]["certificates"]
-        .as_array()
-        .map(|certs| {
-            certs
-                .iter()
-                .map(|c| {
-                    (
-                        c["identity"].as_str().unwrap_or_default().to_string(),
-                        c["not_after"].as_u64().unwrap_or(0),
-                    )
-                })
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
 #[test]
 fn certificates_rotate_under_continuous_traffic_without_a_failed_connection() {
     let mut cluster = SimCluster::new(2).unwrap();
@@ -159,6 +140,7 @@ fn certificates_rotate_under_continuous_traffic_without_a_failed_connection() {
     eventually("web answers", Duration::from_secs(10), || answered_by(node0, &client, &to, 1).is_ok());
 
     let mut seen: std::collections::BTreeSet<(String, u64)> = Default::default();
+    let held = |node| held_certificates(node).into_iter().map(|(id, _, not_after)| (id, not_after));
     let (mut connections, mut failures) = (0, Vec::new());
     let until = std::time::Instant::now() + Duration::from_secs(12);
     while std::time::Instant::now() < until {
@@ -166,8 +148,8 @@ fn certificates_rotate_under_continuous_traffic_without_a_failed_connection() {
             Ok(counts) => connections += counts.values().sum::<usize>(),
             Err(e) => failures.push(e.to_string()),
         }
-        seen.extend(held_certificates(node0));
-        seen.extend(held_certificates(node1));
+        seen.extend(held(node0));
+        seen.extend(held(node1));
     }
     assert!(failures.is_empty(), "{} rounds failed: {failures:?}\n{}", failures.len(), node0.log_tail());
     let generations = |id: &str| {
