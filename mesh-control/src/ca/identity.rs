@@ -10,6 +10,19 @@ pub struct SpiffeId {
     pub service_account: String,
 }
 
+impl SpiffeId {
+    /// The identity of a workload running as `service_account` in `namespace` (Kubernetes'
+    /// `default` account when none is named).
+    pub fn of_workload(trust_domain: &str, namespace: &str, service_account: &str) -> SpiffeId {
+        let account = if service_account.is_empty() { "default" } else { service_account };
+        SpiffeId {
+            trust_domain: trust_domain.to_string(),
+            namespace: namespace.to_string(),
+            service_account: account.to_string(),
+        }
+    }
+}
+
 impl fmt::Display for SpiffeId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "spiffe://{}/ns/{}/sa/{}", self.trust_domain, self.namespace, self.service_account)

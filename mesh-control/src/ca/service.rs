@@ -93,8 +93,9 @@ fn requested_identity(request: &IstioCertificateRequest, trust_domain: &str) -> 
 /// so), or a workload the node reported with its token.
 fn authorize(store: &Store, nodes: &NodeCredentials, node: &str, identity: &SpiffeId) -> Result<(), String> {
     let has = |p: &crate::model::core::Pod| {
-        let account = if p.service_account.is_empty() { "default" } else { p.service_account.as_str() };
-        p.node == node && p.meta.namespace == identity.namespace && account == identity.service_account
+        p.node == node
+            && SpiffeId::of_workload(&identity.trust_domain, &p.meta.namespace, &p.service_account)
+                == *identity
     };
     let runs_it =
         [Kind::Pod, Kind::NodeWorkload].into_iter().flat_map(|k| store.of_kind(k)).any(|o| match o {

@@ -6,7 +6,7 @@
 //! enforce (CUSTOM actions, request principals from JWTs, targetRefs) reject the policy with a
 //! reason naming them: a policy is never half-applied.
 
-use std::{collections::BTreeSet, net::IpAddr};
+use std::net::IpAddr;
 
 use serde::{Deserialize, Serialize};
 
@@ -216,32 +216,42 @@ pub fn parse_block(block: &str) -> Result<(IpAddr, u8), String> {
     Ok((ip, len))
 }
 
-/// The policies that apply to a workload in `namespace` with `labels`, in a stable order
-/// (namespace, name): the root namespace's selector-less ones, then its namespace's.
-pub fn policies_for<'a>(
-    store: &'a Store,
-    root_namespace: &str,
-    namespace: &str,
-    labels: &Labels,
-) -> Vec<&'a AuthorizationPolicy> {
-    let mut out: Vec<&AuthorizationPolicy> = store
-        .of_kind(super::Kind::AuthorizationPolicy)
-        .filter_map(|o| match o {
-            Object::AuthorizationPolicy(p) => Some(p),
-            _ => None,
-        })
-        .filter(|p| {
-            let selects = |labels: &Labels| {
-                p.spec.selector.as_ref().is_none_or(|s| selector_matches(&s.match_labels, labels))
-            };
-            (p.meta.namespace == namespace && selects(labels))
-                || (p.meta.namespace == root_namespace && p.spec.selector.is_none())
-        })
-        .collect();
-    let mut seen = BTreeSet::new();
-    out.retain(|p| seen.insert((p.meta.namespace.clone(), p.meta.name.clone())));
-    out.sort_by(|a, b| (&a.meta.namespace, &a.meta.name).cmp(&(&b.meta.namespace, &b.meta.name)));
-    out
+/// The policies of one store, collected once, ready to select for any workload.
+pub struct AuthorizationPolicies<'a> {
+    /// In (namespace, name) order, the store's.
+    policies: Vec<&'a AuthorizationPolicy>,
+    root_namespace: String,
+}
+
+impl<'a> AuthorizationPolicies<'a> {
+    pub fn new(store: &'a Store) -> AuthorizationPolicies<'a> {
+        let mut policies: Vec<&AuthorizationPolicy> = store
+            .of_kind(super::Kind::AuthorizationPolicy)
+            .filter_map(|o| match o {
+                Object::AuthorizationPolicy(p) => Some(p),
+                _ => None,
+            })
+            .collect();
+        policies.sort_by(|a, b| (&a.meta.namespace, &a.meta.name).cmp(&(&b.meta.namespace, &b.meta.name)));
+        AuthorizationPolicies { policies, root_namespace: super::peer_authentication::root_namespace(store) }
+    }
+
+    /// The policies that apply to a workload in `namespace` with `labels`: those of its
+    /// namespace that select it (or select nothing), and the root namespace's selector-less
+    /// ones; in (namespace, name) order.
+    pub fn for_workload(&self, namespace: &str, labels: &Labels) -> Vec<&'a AuthorizationPolicy> {
+        let selects = |p: &AuthorizationPolicy| {
+            p.spec.selector.as_ref().is_none_or(|s| selector_matches(&s.match_labels, labels))
+        };
+        self.policies
+            .iter()
+            .copied()
+            .filter(|p| {
+                (p.meta.namespace == namespace && selects(p))
+                    || (p.meta.namespace == self.root_namespace && p.spec.selector.is_none())
+            })
+            .collect()
+    }
 }
 
 #[cfg(test)]

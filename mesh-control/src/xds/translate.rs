@@ -30,9 +30,11 @@ use super::{
 };
 use crate::{
     model::{
-        CLUSTER_DOMAIN, Labels, Locality, Object, authorization, core, istio,
+        CLUSTER_DOMAIN, Labels, Locality, Object,
+        authorization::AuthorizationPolicies,
+        core, istio,
         istio::{OutboundMode, Resolution},
-        peer_authentication::{self, MtlsMode, PeerAuthentications},
+        peer_authentication::{MtlsMode, PeerAuthentications},
         qualify,
         rate_limit::RateLimitPolicy,
         selector_matches,
@@ -584,7 +586,7 @@ impl<'a> Translator<'a> {
             })
             .collect();
         let peer_authentications = PeerAuthentications::new(store);
-        let root_namespace = peer_authentication::root_namespace(store);
+        let authorization_policies = AuthorizationPolicies::new(store);
         let mut by_node: BTreeMap<String, Vec<Resource>> = BTreeMap::new();
         let mut hints: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
         let mut addresses = Vec::new();
@@ -619,7 +621,8 @@ impl<'a> Translator<'a> {
                 tunnel_address: w.tunnel.map(|t| t.to_string()).unwrap_or_default(),
                 mtls_mode: mtls_mode(mtls.mode) as i32,
                 port_mtls: mtls.ports.iter().map(|(p, m)| (u32::from(*p), mtls_mode(*m) as i32)).collect(),
-                authorizations: authorization::policies_for(store, &root_namespace, w.namespace, w.labels)
+                authorizations: authorization_policies
+                    .for_workload(w.namespace, w.labels)
                     .into_iter()
                     .map(authorizations::authorization)
                     .collect(),

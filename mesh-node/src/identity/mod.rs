@@ -171,12 +171,7 @@ impl Identities {
 
     /// `spiffe://<trust domain>/ns/<namespace>/sa/<account>` (`default` for an empty account).
     pub fn identity(&self, namespace: &str, service_account: &str) -> SpiffeId {
-        let account = if service_account.is_empty() { "default" } else { service_account };
-        SpiffeId {
-            trust_domain: self.trust_domain.clone(),
-            namespace: namespace.to_string(),
-            service_account: account.to_string(),
-        }
+        SpiffeId::of_workload(&self.trust_domain, namespace, service_account)
     }
 
     fn identity_of(&self, spec: &WorkloadSpec) -> SpiffeId {
