@@ -83,8 +83,6 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         &config.state_dir,
         &config.cgroup_root,
         Arc::new(PlaintextInbound {
-            cache: xds_client.as_ref().map(|c| Arc::clone(&c.cache)),
-            metrics: Arc::clone(&metrics),
             delivery: Arc::clone(&delivery),
             authorizer: Arc::clone(&authorizer),
             connect_timeout: config.connect_timeout,

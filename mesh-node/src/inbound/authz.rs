@@ -49,6 +49,15 @@ pub enum Verdict {
 }
 
 impl Verdict {
+    /// Why, for an answer or an error message.
+    pub fn explain(&self) -> String {
+        match self {
+            Verdict::Allow => "allowed".into(),
+            Verdict::Deny { policy } if policy.is_empty() => "no ALLOW policy matched".into(),
+            Verdict::Deny { policy } => format!("denied by {policy}"),
+        }
+    }
+
     /// The metric's `reason` label.
     pub fn reason(&self) -> &'static str {
         match self {
@@ -75,69 +84,101 @@ pub struct Authorizer {
 impl Authorizer {
     /// The identity of a pod of this node, as its certificate would say.
     pub fn identity_of(&self, namespace: &str, service_account: &str) -> SpiffeId {
-        let account = if service_account.is_empty() { "default" } else { service_account };
-        SpiffeId {
-            trust_domain: self.trust_domain.clone(),
-            namespace: namespace.to_string(),
-            service_account: account.to_string(),
-        }
+        SpiffeId::of_workload(&self.trust_domain, namespace, service_account)
     }
 
-    /// Waits (up to `policy_wait`) until the control plane's view of `workload` — its
-    /// PeerAuthentication and AuthorizationPolicies — is here. `false`: still unknown, and a
-    /// connection must be refused rather than let through unjudged. Without a control plane
-    /// there are no policies to wait for.
-    pub async fn ready(&self, workload: &WorkloadKey) -> bool {
-        let Some(cache) = &self.cache else { return true };
-        let uid = workload.to_string();
-        let deadline = tokio::time::Instant::now() + self.policy_wait;
+    /// `workload`'s Workload as the control plane last sent it (`None`: none yet, or no
+    /// control plane).
+    fn lookup(&self, workload: &WorkloadKey) -> Option<Arc<mesh::Workload>> {
+        self.cache.as_ref().and_then(|c| c.workload(&workload.to_string()))
+    }
+
+    fn count_denial(&self, workload: &WorkloadKey, reason: &str, policy: String) {
+        self.metrics.inbound_denied(&InboundDeniedLabels {
+            destination_workload: workload.name.clone(),
+            destination_workload_namespace: workload.namespace.clone(),
+            reason: reason.into(),
+            policy,
+        });
+    }
+}
+
+/// The policies of one workload, as fetched for one connection.
+pub struct Policies(Option<Arc<mesh::Workload>>);
+
+impl Policies {
+    /// The workload's PeerAuthentication lives here too.
+    pub fn workload(&self) -> Option<&mesh::Workload> {
+        self.0.as_deref()
+    }
+
+    fn authorizations(&self) -> &[mesh::Authorization] {
+        self.0.as_ref().map_or(&[], |w| &w.authorizations)
+    }
+
+    /// Whether the policies look at requests: then HTTP is judged request by request, and
+    /// only other traffic as connections.
+    pub fn per_request(&self) -> bool {
+        needs_http(self.authorizations())
+    }
+}
+
+/// A connection to a pod of this node, as its policies see it: who calls (proven identity,
+/// address) and where.
+#[derive(Clone)]
+pub struct Inbound {
+    pub authorizer: Arc<Authorizer>,
+    pub workload: WorkloadKey,
+    pub identity: Option<SpiffeId>,
+    pub source_ip: IpAddr,
+    pub destination: SocketAddr,
+}
+
+impl Inbound {
+    pub fn peer(&self) -> Peer<'_> {
+        Peer { identity: self.identity.as_ref(), source_ip: self.source_ip, destination: self.destination }
+    }
+
+    /// The workload's policies, waiting (up to `policy_wait`) for the control plane's view of a
+    /// pod that just registered. `None`: still unknown, and the connection must be refused
+    /// rather than let through unjudged. Without a control plane there is nothing to wait for.
+    pub async fn policies(&self) -> Option<Policies> {
+        let a = &self.authorizer;
+        let Some(cache) = &a.cache else { return Some(Policies(None)) };
+        let deadline = tokio::time::Instant::now() + a.policy_wait;
         loop {
             let changed = cache.workloads_changed.notified();
-            if cache.workload(&uid).is_some() {
-                return true;
+            if let Some(w) = a.lookup(&self.workload) {
+                return Some(Policies(Some(w)));
             }
             if tokio::time::timeout_at(deadline, changed).await.is_err() {
-                tracing::warn!(workload = %workload, "no policy known for this workload yet (control plane?): connection refused");
-                self.metrics.inbound_denied(&InboundDeniedLabels {
-                    destination_workload: workload.name.clone(),
-                    destination_workload_namespace: workload.namespace.clone(),
-                    reason: "policy_unknown".into(),
-                    policy: String::new(),
-                });
-                return false;
+                tracing::warn!(workload = %self.workload, "no policy known for this workload yet (control plane?): connection refused");
+                a.count_denial(&self.workload, "policy_unknown", String::new());
+                return None;
             }
         }
     }
 
-    /// Whether `workload`'s policies look at requests: then its HTTP is judged request by
-    /// request, and only the rest as connections.
-    pub fn needs_http(&self, workload: &WorkloadKey) -> bool {
-        self.cache
-            .as_ref()
-            .and_then(|c| c.workload(&workload.to_string()))
-            .is_some_and(|w| needs_http(&w.authorizations))
+    /// The policies as they are now (no waiting): for a re-check, or one request.
+    pub fn current(&self) -> Policies {
+        Policies(self.authorizer.lookup(&self.workload))
     }
 
-    /// The verdict on a connection (not judged per request) to `workload`.
-    pub fn connection(&self, workload: &WorkloadKey, peer: &Peer<'_>) -> Verdict {
-        let Some(w) = self.cache.as_ref().and_then(|c| c.workload(&workload.to_string())) else {
-            return Verdict::Allow;
-        };
-        let verdict = evaluate(&w.authorizations, peer, None);
+    /// The verdict on the connection as a whole (`request: None`) or on one HTTP request,
+    /// logged and counted when it is a denial.
+    pub fn decide(&self, policies: &Policies, request: Option<&Request<'_>>) -> Verdict {
+        let verdict = evaluate(policies.authorizations(), &self.peer(), request);
         if let Verdict::Deny { policy } = &verdict {
             tracing::warn!(
-                workload = %workload, source = %peer.source_ip,
-                identity = peer.identity.map(ToString::to_string).unwrap_or_default(),
-                destination = %peer.destination,
+                workload = %self.workload, source = %self.source_ip,
+                identity = self.identity.as_ref().map(ToString::to_string).unwrap_or_default(),
+                destination = %self.destination,
+                method = request.map(|r| r.method), path = request.map(|r| r.path),
                 policy = if policy.is_empty() { "(no ALLOW policy matched)" } else { policy.as_str() },
-                "connection denied by AuthorizationPolicy"
+                "{} denied by AuthorizationPolicy",
+                if request.is_some() { "request" } else { "connection" }
             );
-            self.metrics.inbound_denied(&InboundDeniedLabels {
-                destination_workload: workload.name.clone(),
-                destination_workload_namespace: workload.namespace.clone(),
-                reason: verdict.reason().into(),
-                policy: policy.clone(),
-            });
+            self.authorizer.count_denial(&self.workload, verdict.reason(), policy.clone());
         }
         verdict
     }

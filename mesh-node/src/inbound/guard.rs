@@ -6,53 +6,31 @@
 
 use std::{
     io,
-    net::{IpAddr, SocketAddr},
     pin::Pin,
-    sync::{Arc, atomic::Ordering},
+    sync::atomic::Ordering,
     task::{Context, Poll},
 };
 
-use mesh_control::{ca::SpiffeId, workload::WorkloadKey};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-use super::authz::{Authorizer, Peer, Verdict};
+use super::authz::{Inbound, Verdict};
 
-/// What a connection was allowed as.
-pub struct Decided {
-    pub authorizer: Arc<Authorizer>,
-    pub workload: WorkloadKey,
-    pub identity: Option<SpiffeId>,
-    pub source_ip: IpAddr,
-    pub destination: SocketAddr,
-}
-
-impl Decided {
-    fn version(&self) -> u64 {
-        self.authorizer.cache.as_ref().map_or(0, |c| c.workloads_version.load(Ordering::Acquire))
-    }
-
-    fn still_allowed(&self) -> bool {
-        let peer = Peer {
-            identity: self.identity.as_ref(),
-            source_ip: self.source_ip,
-            destination: self.destination,
-        };
-        !self.authorizer.needs_http(&self.workload)
-            && self.authorizer.connection(&self.workload, &peer) == Verdict::Allow
-    }
+/// The version of the node's Workloads (0 without a control plane: nothing ever changes).
+fn version(connection: &Inbound) -> u64 {
+    connection.authorizer.cache.as_ref().map_or(0, |c| c.workloads_version.load(Ordering::Acquire))
 }
 
 pub struct Guarded<S> {
     inner: S,
-    decided: Decided,
+    connection: Inbound,
     seen: u64,
     revoked: bool,
 }
 
 impl<S> Guarded<S> {
-    pub fn new(inner: S, decided: Decided) -> Guarded<S> {
-        let seen = decided.version();
-        Guarded { inner, decided, seen, revoked: false }
+    pub fn new(inner: S, connection: Inbound) -> Guarded<S> {
+        let seen = version(&connection);
+        Guarded { inner, connection, seen, revoked: false }
     }
 
     pub fn get_ref(&self) -> &S {
@@ -62,12 +40,13 @@ impl<S> Guarded<S> {
     /// Re-decides if the policies changed; an error once the connection lost its allowance.
     fn check(&mut self) -> io::Result<()> {
         if !self.revoked {
-            let now = self.decided.version();
+            let now = version(&self.connection);
             if now != self.seen {
                 self.seen = now;
-                if !self.decided.still_allowed() {
+                let policies = self.connection.current();
+                if policies.per_request() || self.connection.decide(&policies, None) != Verdict::Allow {
                     tracing::info!(
-                        workload = %self.decided.workload, source = %self.decided.source_ip,
+                        workload = %self.connection.workload, source = %self.connection.source_ip,
                         "closing a connection its workload's AuthorizationPolicy no longer allows as it is"
                     );
                     self.revoked = true;

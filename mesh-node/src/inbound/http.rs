@@ -8,31 +8,21 @@ use std::{convert::Infallible, sync::Arc, time::Duration};
 use http_body_util::BodyExt;
 use hyper::{Request, Response, StatusCode, body::Incoming, header, service::service_fn};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use mesh_control::{ca::SpiffeId, workload::WorkloadKey};
 use tokio::{
     io::{AsyncRead, AsyncWrite},
     net::TcpStream,
     sync::Mutex,
 };
 
-use super::authz::{Authorizer, Peer, Request as AuthzRequest, Verdict, evaluate};
+use super::authz::{Inbound, Request as AuthzRequest, Verdict};
 use crate::{
     proxy::{
         pool::{Body, full},
         relay,
         sniff::{self, Prefixed, Protocol},
     },
-    telemetry::metrics::{ConnectionCounters, InboundDeniedLabels},
+    telemetry::metrics::ConnectionCounters,
 };
-
-/// Who is calling whom, for every request on one connection.
-pub struct Judged {
-    pub authorizer: Arc<Authorizer>,
-    pub workload: WorkloadKey,
-    pub identity: Option<SpiffeId>,
-    pub source_ip: std::net::IpAddr,
-    pub destination: std::net::SocketAddr,
-}
 
 enum Upstream {
     Http1(Mutex<hyper::client::conn::http1::SendRequest<Incoming>>),
@@ -49,7 +39,7 @@ const SNIFF_TIMEOUT: Duration = Duration::from_millis(500);
 pub async fn judge_and_pass<S>(
     mut client: S,
     delivered: TcpStream,
-    judged: Judged,
+    connection: Inbound,
     counters: &ConnectionCounters,
 ) -> Result<(), String>
 where
@@ -58,14 +48,11 @@ where
     let (protocol, prefix) = sniff::read_prefix(&mut client, SNIFF_TIMEOUT).await;
     let client = Prefixed::new(prefix, client);
     match protocol {
-        Protocol::Http1 | Protocol::H2c => serve(client, delivered, protocol == Protocol::H2c, judged).await,
+        Protocol::Http1 | Protocol::H2c => {
+            serve(client, delivered, protocol == Protocol::H2c, connection).await
+        }
         _ => {
-            let peer = Peer {
-                identity: judged.identity.as_ref(),
-                source_ip: judged.source_ip,
-                destination: judged.destination,
-            };
-            if judged.authorizer.connection(&judged.workload, &peer) != Verdict::Allow {
+            if connection.decide(&connection.current(), None) != Verdict::Allow {
                 relay::reset(&delivered);
                 return Err("denied".into());
             }
@@ -80,7 +67,7 @@ where
 
 /// Serves `client` (HTTP/2 if `h2`) until it closes, forwarding allowed requests over
 /// `delivered`.
-async fn serve<S>(client: S, delivered: TcpStream, h2: bool, judged: Judged) -> Result<(), String>
+async fn serve<S>(client: S, delivered: TcpStream, h2: bool, connection: Inbound) -> Result<(), String>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -99,7 +86,7 @@ where
         tokio::spawn(conn);
         Upstream::Http1(Mutex::new(sender))
     };
-    let shared = Arc::new((judged, upstream));
+    let shared = Arc::new((connection, upstream));
     let service = service_fn(move |request: Request<Incoming>| {
         let shared = Arc::clone(&shared);
         async move { Ok::<_, Infallible>(handle(&shared.0, &shared.1, request).await) }
@@ -116,46 +103,21 @@ where
     served.map_err(|e| e.to_string())
 }
 
-async fn handle(judged: &Judged, upstream: &Upstream, request: Request<Incoming>) -> Response<Body> {
-    let policies = judged
-        .authorizer
-        .cache
-        .as_ref()
-        .and_then(|c| c.workload(&judged.workload.to_string()))
-        .map(|w| w.authorizations.clone())
-        .unwrap_or_default();
+async fn handle(connection: &Inbound, upstream: &Upstream, request: Request<Incoming>) -> Response<Body> {
     let host = request
         .uri()
         .authority()
         .map(|a| a.as_str().to_string())
         .or_else(|| request.headers().get(header::HOST).and_then(|h| h.to_str().ok()).map(str::to_string))
         .unwrap_or_default();
-    let peer = Peer {
-        identity: judged.identity.as_ref(),
-        source_ip: judged.source_ip,
-        destination: judged.destination,
-    };
     let facts = AuthzRequest {
         method: request.method().as_str(),
         path: request.uri().path(),
         host: &host,
         headers: request.headers(),
     };
-    if let Verdict::Deny { policy } = evaluate(&policies, &peer, Some(&facts)) {
-        let verdict = Verdict::Deny { policy: policy.clone() };
-        tracing::warn!(
-            workload = %judged.workload, source = %judged.source_ip,
-            identity = judged.identity.as_ref().map(ToString::to_string).unwrap_or_default(),
-            method = %request.method(), path = request.uri().path(),
-            policy = if policy.is_empty() { "(no ALLOW policy matched)" } else { policy.as_str() },
-            "request denied by AuthorizationPolicy"
-        );
-        judged.authorizer.metrics.inbound_denied(&InboundDeniedLabels {
-            destination_workload: judged.workload.name.clone(),
-            destination_workload_namespace: judged.workload.namespace.clone(),
-            reason: verdict.reason().into(),
-            policy,
-        });
+    // The policies as they are now: a change applies to the next request.
+    if connection.decide(&connection.current(), Some(&facts)) != Verdict::Allow {
         let mut response = Response::new(full("RBAC: access denied\n"));
         *response.status_mut() = StatusCode::FORBIDDEN;
         return response;

@@ -10,22 +10,18 @@ use mesh_control::proto::mesh::{self, MtlsMode};
 use tokio::net::{TcpListener, TcpStream};
 
 use super::{
-    authz::{Authorizer, Peer, Verdict},
+    authz::{Authorizer, Inbound, Verdict},
     deliver::Delivery,
-    guard::{Decided, Guarded},
-    http::{Judged, judge_and_pass},
+    guard::Guarded,
+    http::judge_and_pass,
 };
 use crate::{
     proxy::{Source, relay},
-    telemetry::metrics::{ConnectionLabels, InboundDeniedLabels, Metrics, Reporter, UNKNOWN},
-    xds::cache::Cache,
+    telemetry::metrics::{ConnectionLabels, InboundDeniedLabels, Reporter, UNKNOWN},
 };
 
+/// Metrics and the pod's policies come with the authorizer.
 pub struct PlaintextInbound {
-    /// Where the pod's Workload (its PeerAuthentication) comes from; `None` (no control
-    /// plane): PERMISSIVE.
-    pub cache: Option<Arc<Cache>>,
-    pub metrics: Arc<Metrics>,
     pub delivery: Arc<Delivery>,
     pub authorizer: Arc<Authorizer>,
     pub connect_timeout: Duration,
@@ -60,17 +56,23 @@ impl PlaintextInbound {
         // client dialled.
         let Ok(dst) = conn.local_addr() else { return };
         let _ = conn.set_nodelay(true);
-        if !self.authorizer.ready(&pod.key).await {
+        let connection = Inbound {
+            authorizer: Arc::clone(&self.authorizer),
+            workload: pod.key.clone(),
+            identity: None,
+            source_ip: peer.ip(),
+            destination: dst,
+        };
+        let Some(policies) = connection.policies().await else {
             relay::reset(&conn);
             return;
-        }
-        let workload = self.cache.as_ref().and_then(|c| c.workload(&pod.key.to_string()));
-        if mode_for(workload.as_deref(), dst.port()) == MtlsMode::Strict {
+        };
+        if mode_for(policies.workload(), dst.port()) == MtlsMode::Strict {
             tracing::warn!(
                 workload = %pod.key, client = %peer, destination = %dst,
                 "plaintext connection refused: PeerAuthentication is STRICT (only mTLS through the mesh)"
             );
-            self.metrics.inbound_denied(&InboundDeniedLabels {
+            self.authorizer.metrics.inbound_denied(&InboundDeniedLabels {
                 destination_workload: pod.key.name.clone(),
                 destination_workload_namespace: pod.key.namespace.clone(),
                 reason: "mtls_required".into(),
@@ -79,9 +81,8 @@ impl PlaintextInbound {
             relay::reset(&conn);
             return;
         }
-        let peer_info = Peer { identity: None, source_ip: peer.ip(), destination: dst };
-        let needs_http = self.authorizer.needs_http(&pod.key);
-        if !needs_http && self.authorizer.connection(&pod.key, &peer_info) != Verdict::Allow {
+        let per_request = policies.per_request();
+        if !per_request && connection.decide(&policies, None) != Verdict::Allow {
             relay::reset(&conn);
             return;
         }
@@ -97,32 +98,18 @@ impl PlaintextInbound {
                 return;
             }
         };
-        let counters = self.metrics.connection_opened(&ConnectionLabels {
+        let counters = self.authorizer.metrics.connection_opened(&ConnectionLabels {
             reporter: Reporter::destination,
             source_workload: UNKNOWN.into(),
             source_workload_namespace: UNKNOWN.into(),
             destination_workload: pod.key.name.clone(),
             destination_workload_namespace: pod.key.namespace.clone(),
         });
-        let relayed = if needs_http {
-            let judged = Judged {
-                authorizer: Arc::clone(&self.authorizer),
-                workload: pod.key.clone(),
-                identity: None,
-                source_ip: peer.ip(),
-                destination: dst,
-            };
-            judge_and_pass(conn, delivered, judged, &counters).await
+        let relayed = if per_request {
+            judge_and_pass(conn, delivered, connection, &counters).await
         } else {
-            let decided = Decided {
-                authorizer: Arc::clone(&self.authorizer),
-                workload: pod.key.clone(),
-                identity: None,
-                source_ip: peer.ip(),
-                destination: dst,
-            };
             // The pod is the first side: what it sends is what the destination sent.
-            relay::relay_stream(delivered, Guarded::new(conn, decided), &counters.sent, &counters.received)
+            relay::relay_stream(delivered, Guarded::new(conn, connection), &counters.sent, &counters.received)
                 .await
                 .map(|_| ())
                 .map_err(|e| e.to_string())

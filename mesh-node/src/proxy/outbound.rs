@@ -21,10 +21,10 @@ use super::{http, pool::Sender, relay, sniff, upstream::Upstream};
 use crate::{
     capture::Capture,
     inbound::{
-        authz::{Authorizer, Peer, Verdict},
+        authz::{Authorizer, Inbound, Verdict},
         deliver::Delivery,
-        guard::{Decided, Guarded},
-        http::{Judged, judge_and_pass},
+        guard::Guarded,
+        http::judge_and_pass,
     },
     netns::NetnsThread,
     telemetry::metrics::{
@@ -424,45 +424,33 @@ impl Outbound {
         let from = source.ips.iter().find(|ip| ip.is_ipv4() == dst.is_ipv4()).copied();
         if let Some(pod) = self.locals.local(dst.ip()).and_then(|w| w.delivery.clone()) {
             // The destination's policy, with the source proven by mesh-node itself.
-            let identity = self.authorizer.identity_of(&source.key.namespace, &source.service_account);
-            let source_ip = from.unwrap_or(dst.ip());
-            let peer = Peer { identity: Some(&identity), source_ip, destination: dst };
-            if !self.authorizer.ready(&pod.key).await {
+            let connection = Inbound {
+                authorizer: Arc::clone(&self.authorizer),
+                workload: pod.key.clone(),
+                identity: Some(self.authorizer.identity_of(&source.key.namespace, &source.service_account)),
+                source_ip: from.unwrap_or(dst.ip()),
+                destination: dst,
+            };
+            let Some(policies) = connection.policies().await else {
                 return Err(io::Error::new(
                     io::ErrorKind::ConnectionRefused,
                     format!("{dst}: the workload's policy has not arrived from the control plane"),
                 ));
-            }
-            let needs_http = self.authorizer.needs_http(&pod.key);
-            if !needs_http && let Verdict::Deny { policy } = self.authorizer.connection(&pod.key, &peer) {
-                let by = if policy.is_empty() {
-                    "no ALLOW policy matched".into()
-                } else {
-                    format!("denied by {policy}")
-                };
-                return Err(io::Error::new(io::ErrorKind::PermissionDenied, format!("{dst}: {by}")));
+            };
+            let per_request = policies.per_request();
+            if !per_request && let verdict @ Verdict::Deny { .. } = connection.decide(&policies, None) {
+                return Err(io::Error::new(
+                    io::ErrorKind::PermissionDenied,
+                    format!("{dst}: {}", verdict.explain()),
+                ));
             }
             let delivered = self.delivery.connect(&pod.netns, from, dst, timeout).await?;
-            if !needs_http {
-                let decided = Decided {
-                    authorizer: Arc::clone(&self.authorizer),
-                    workload: pod.key.clone(),
-                    identity: Some(identity),
-                    source_ip,
-                    destination: dst,
-                };
-                return Ok(Upstream::Guarded(Guarded::new(delivered, decided)));
+            if !per_request {
+                return Ok(Upstream::Guarded(Guarded::new(delivered, connection)));
             }
             // Requests are judged by the destination's policies in this process, between the
             // two ends of an in-memory pipe.
             let (ours, theirs) = tokio::io::duplex(CHUNK_FOR_JUDGED);
-            let judged = Judged {
-                authorizer: Arc::clone(&self.authorizer),
-                workload: pod.key.clone(),
-                identity: Some(identity),
-                source_ip,
-                destination: dst,
-            };
             let counters = self.metrics.connection_opened(&ConnectionLabels {
                 reporter: Reporter::destination,
                 source_workload: source.key.name.clone(),
@@ -471,7 +459,7 @@ impl Outbound {
                 destination_workload_namespace: pod.key.namespace.clone(),
             });
             tokio::spawn(async move {
-                if let Err(e) = judge_and_pass(theirs, delivered, judged, &counters).await {
+                if let Err(e) = judge_and_pass(theirs, delivered, connection, &counters).await {
                     tracing::debug!("judged same-node connection ended: {e}");
                 }
                 counters.closed();

@@ -25,10 +25,10 @@ use super::{
 use crate::{
     identity::tls::peer_identity,
     inbound::{
-        authz::{Authorizer, Peer, Verdict},
+        authz::{Authorizer, Inbound, Verdict},
         deliver::Delivery,
-        guard::{Decided, Guarded},
-        http::{self, Judged},
+        guard::Guarded,
+        http,
     },
     proxy::relay,
     telemetry::metrics::{ConnectionLabels, Metrics, Reporter, UNKNOWN},
@@ -167,24 +167,27 @@ impl TunnelServer {
         };
         let from =
             request.headers().get(FORWARDED).and_then(|v| v.to_str().ok()).and_then(parse_forwarded_for);
-        if !self.authorizer.ready(&local.key).await {
+        let connection = Inbound {
+            authorizer: Arc::clone(&self.authorizer),
+            workload: local.key.clone(),
+            identity: Some(peers.client.clone()),
+            source_ip: from.unwrap_or(peers.addr.ip()),
+            destination: target,
+        };
+        let Some(policies) = connection.policies().await else {
             return answer(
                 StatusCode::SERVICE_UNAVAILABLE,
                 format!("{target}: the workload's policy has not arrived from the control plane"),
             );
-        }
-        let source_ip = from.unwrap_or(peers.addr.ip());
-        let peer = Peer { identity: Some(&peers.client), source_ip, destination: target };
+        };
         // A workload whose policies look at requests is judged per request (HTTP) once the
         // stream is open; otherwise the connection is judged here.
-        let needs_http = self.authorizer.needs_http(&local.key);
-        if !needs_http && let Verdict::Deny { policy } = self.authorizer.connection(&local.key, &peer) {
-            let by = if policy.is_empty() {
-                "no ALLOW policy matched".to_string()
-            } else {
-                format!("denied by {policy}")
-            };
-            return answer(StatusCode::FORBIDDEN, format!("RBAC: access denied to {target}: {by}"));
+        let per_request = policies.per_request();
+        if !per_request && let verdict @ Verdict::Deny { .. } = connection.decide(&policies, None) {
+            return answer(
+                StatusCode::FORBIDDEN,
+                format!("RBAC: access denied to {target}: {}", verdict.explain()),
+            );
         }
         let delivered = match self.delivery.connect(&pod.netns, from, target, self.connect_timeout).await {
             Ok(s) => s,
@@ -216,20 +219,6 @@ impl TunnelServer {
         let metrics = Arc::clone(&self.metrics);
         let client = peers.client.clone();
         let peer = peers.addr;
-        let judged = needs_http.then(|| Judged {
-            authorizer: Arc::clone(&self.authorizer),
-            workload: local.key.clone(),
-            identity: Some(peers.client.clone()),
-            source_ip,
-            destination: target,
-        });
-        let decided = Decided {
-            authorizer: Arc::clone(&self.authorizer),
-            workload: local.key.clone(),
-            identity: Some(peers.client.clone()),
-            source_ip,
-            destination: target,
-        };
         tokio::spawn(async move {
             let upgraded = match hyper::upgrade::on(&mut request).await {
                 Ok(u) => u,
@@ -240,18 +229,15 @@ impl TunnelServer {
                 }
             };
             let counters = metrics.connection_opened(&labels);
-            let relayed = match judged {
-                Some(judged) => {
-                    http::judge_and_pass(TokioIo::new(upgraded), delivered, judged, &counters).await
-                }
+            let relayed = if per_request {
+                http::judge_and_pass(TokioIo::new(upgraded), delivered, connection, &counters).await
+            } else {
                 // The pod is the first side: what it sends is what the destination sent.
-                None => {
-                    let client = Guarded::new(TokioIo::new(upgraded), decided);
-                    relay::relay_stream(delivered, client, &counters.sent, &counters.received)
-                        .await
-                        .map(|_| ())
-                        .map_err(|e| e.to_string())
-                }
+                let client = Guarded::new(TokioIo::new(upgraded), connection);
+                relay::relay_stream(delivered, client, &counters.sent, &counters.received)
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| e.to_string())
             };
             if let Err(e) = relayed {
                 tracing::debug!(%client, %peer, %target, "tunnel stream ended with error: {e}");

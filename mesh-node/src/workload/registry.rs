@@ -132,7 +132,6 @@ pub struct Registry {
     metrics: Arc<Metrics>,
     state: StateFile,
     cgroup_root: PathBuf,
-    delivery_mark: u32,
     /// Serves what each meshed pod's inbound capture hands over.
     plaintext: Arc<PlaintextInbound>,
     /// mesh-node's own netns: a workload sharing it gets no delivery routing.
@@ -151,11 +150,9 @@ impl Registry {
         cgroup_root: &Path,
         plaintext: Arc<PlaintextInbound>,
     ) -> Registry {
-        let delivery_mark = plaintext.delivery.mark;
         let own_netns_cookie =
             std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| crate::sys::netns_cookie(&l)).ok();
         Registry {
-            delivery_mark,
             plaintext,
             own_netns_cookie,
             workloads: Mutex::new(BTreeMap::new()),
@@ -237,7 +234,7 @@ impl Registry {
             if Some(target.netns_cookie) == self.own_netns_cookie {
                 status.inbound = "direct: shares mesh-node's network namespace".into();
             } else {
-                match routing::install(&source.netns, self.delivery_mark).await {
+                match routing::install(&source.netns, self.plaintext.delivery.mark).await {
                     Ok(done) => {
                         installed = Some(done);
                         delivery = Some(Arc::clone(&source));
@@ -292,7 +289,7 @@ impl Registry {
             old.listener_tasks.iter().for_each(AbortHandle::abort);
             // The same netns keeps the routing the new entry just (re)installed.
             if old.spec.netns != netns {
-                old.remove_routing(self.delivery_mark);
+                old.remove_routing(self.plaintext.delivery.mark);
             }
             // Same cgroup: the new MESHED_CGROUPS value already replaced the old one.
             if old.status.capture.is_some() && old.status.cgroup_id != cgroup_id {
@@ -314,7 +311,7 @@ impl Registry {
         let mut workloads = self.workloads.lock().await;
         let entry = workloads.remove(key).ok_or_else(|| WorkloadError::NotFound(key.clone()))?;
         let stopped = entry.stop(&self.capture);
-        entry.remove_routing(self.delivery_mark);
+        entry.remove_routing(self.plaintext.delivery.mark);
         self.forget_ips(&entry.status.ips);
         self.update_gauge(&workloads);
         self.persist(&workloads)
