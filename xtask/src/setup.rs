@@ -31,6 +31,8 @@ const KERNEL_OPTIONS: &[(&str, &str)] = &[
     ("CONFIG_NET_NS", "simulated pods (network namespaces)"),
     ("CONFIG_VETH", "simulated pods (veth pairs)"),
     ("CONFIG_BRIDGE", "simulated nodes (bridge)"),
+    ("CONFIG_IP_MULTIPLE_TABLES", "policy routing that brings answers back to delivery sockets"),
+    ("CONFIG_IPV6_MULTIPLE_TABLES", "the same for IPv6"),
 ];
 
 pub fn run() -> anyhow::Result<()> {
