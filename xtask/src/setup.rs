@@ -38,6 +38,7 @@ const KERNEL_OPTIONS: &[(&str, &str)] = &[
 pub fn run() -> anyhow::Result<()> {
     check_root()?;
     check_kernel()?;
+    check_disk()?;
     let cgroup = nodemesh_tests::cgroup2_mount()
         .context("cgroup v2 is not mounted (the capture hooks attach to a cgroup v2 directory)")?;
     step(&format!("cgroup v2 found at {}", cgroup.display()));
@@ -87,6 +88,34 @@ fn check_kernel() -> anyhow::Result<()> {
              mesh-node names any missing feature when it loads its programs"
         )),
     }
+    Ok(())
+}
+
+/// Room a clean `cargo xtask test` needs under target/ (measured: about 4 GiB, with margin).
+const CLEAN_BUILD_BYTES: u64 = 6 << 30;
+/// Room an incremental rebuild needs once target/ holds a build.
+const REBUILD_BYTES: u64 = 2 << 30;
+
+/// A build that runs out of disk fails deep inside rustc ("No space left on device" while
+/// writing an rlib); say so up front, with the numbers.
+fn check_disk() -> anyhow::Result<()> {
+    let root = util::workspace_root()?;
+    let stat = nix::sys::statvfs::statvfs(&root).with_context(|| format!("statvfs {}", root.display()))?;
+    let free = stat.blocks_available() as u64 * stat.fragment_size() as u64;
+    let built = root.join("target/debug/mesh-node").exists();
+    let need = if built { REBUILD_BYTES } else { CLEAN_BUILD_BYTES };
+    let gib = |bytes: u64| bytes as f64 / (1u64 << 30) as f64;
+    if free < need {
+        bail!(
+            "only {:.1} GiB free on the filesystem holding {}; {} needs about {:.0} GiB \
+             (free space, or `cargo clean` an old target/)",
+            gib(free),
+            root.display(),
+            if built { "a rebuild" } else { "a clean build and test run" },
+            gib(need)
+        );
+    }
+    step(&format!("{:.0} GiB free for the build", gib(free)));
     Ok(())
 }
 
