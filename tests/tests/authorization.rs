@@ -120,6 +120,18 @@ fn authorization_policies_allow_and_deny_by_principal_namespace_method_and_path(
         }
     }
     assert!(wrong.is_empty(), "{wrong:#?}\n{}", node1.log_tail());
+
+    // An upgrade (what WebSockets use) is judged as the request that asks for it, then the
+    // connection becomes a tunnel to the application.
+    let upgrade = |who: &Pod, path: &str| -> Value {
+        node0
+            .testapp(who, &["http-client", "--to", &web_addr, "--path", path, "--upgrade"])
+            .unwrap_or_else(|e| panic!("upgrade {path} from {}: {e:#}\n{}", who.name, node1.log_tail()))
+    };
+    let r = upgrade(&reader, "/books/live");
+    assert_eq!((r["status"].as_u64(), r["echoed"].as_bool()), (Some(101), Some(true)), "{r}");
+    let r = upgrade(&stranger, "/books/live");
+    assert_eq!(r["status"], 403, "an upgrade is not a way around the policy: {r}");
     assert!(denied(node1, "shop/web-deny-admin") >= 2.0, "DENY policy denials not counted by name");
     assert!(node1.log().contains("request denied by AuthorizationPolicy"));
 

@@ -17,6 +17,7 @@ use tokio::{
 use super::authz::{Inbound, Request as AuthzRequest, Verdict};
 use crate::{
     proxy::{
+        self,
         pool::{Body, full},
         relay,
         sniff::{self, Prefixed, Protocol},
@@ -83,7 +84,7 @@ where
     } else {
         let (sender, conn) =
             hyper::client::conn::http1::handshake(io).await.map_err(|e| format!("upstream HTTP/1: {e}"))?;
-        tokio::spawn(conn);
+        tokio::spawn(conn.with_upgrades());
         Upstream::Http1(Mutex::new(sender))
     };
     let shared = Arc::new((connection, upstream));
@@ -98,12 +99,12 @@ where
             .serve_connection(client, service)
             .await
     } else {
-        hyper::server::conn::http1::Builder::new().serve_connection(client, service).await
+        hyper::server::conn::http1::Builder::new().serve_connection(client, service).with_upgrades().await
     };
     served.map_err(|e| e.to_string())
 }
 
-async fn handle(connection: &Inbound, upstream: &Upstream, request: Request<Incoming>) -> Response<Body> {
+async fn handle(connection: &Inbound, upstream: &Upstream, mut request: Request<Incoming>) -> Response<Body> {
     let host = request
         .uri()
         .authority()
@@ -122,6 +123,11 @@ async fn handle(connection: &Inbound, upstream: &Upstream, request: Request<Inco
         *response.status_mut() = StatusCode::FORBIDDEN;
         return response;
     }
+    // An allowed upgrade (WebSocket) becomes a byte tunnel once the application agrees; the
+    // request that asked for it was judged like any other.
+    let client_upgrade = (request.version() == hyper::Version::HTTP_11
+        && proxy::http::upgrade_protocol(request.headers()).is_some())
+    .then(|| hyper::upgrade::on(&mut request));
     let sent = match upstream {
         Upstream::Http1(sender) => {
             let mut sender = sender.lock().await;
@@ -133,7 +139,14 @@ async fn handle(connection: &Inbound, upstream: &Upstream, request: Request<Inco
         Upstream::Http2(sender) => sender.clone().send_request(request).await,
     };
     match sent {
-        Ok(response) => response.map(BodyExt::boxed),
+        Ok(mut response) => {
+            if response.status() == StatusCode::SWITCHING_PROTOCOLS
+                && let Some(client_upgrade) = client_upgrade
+            {
+                proxy::http::splice_upgrade(client_upgrade, &mut response);
+            }
+            response.map(BodyExt::boxed)
+        }
         Err(e) => {
             let mut response = Response::new(full(format!("upstream request failed: {e}\n")));
             *response.status_mut() = StatusCode::BAD_GATEWAY;

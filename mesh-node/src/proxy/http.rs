@@ -302,17 +302,7 @@ async fn forward(
         && let Some(client_upgrade) = client_upgrade
     {
         // The connection now belongs to the tunnel; it does not go back to the pool.
-        let upstream_upgrade = hyper::upgrade::on(&mut response);
-        tokio::spawn(async move {
-            match tokio::try_join!(client_upgrade, upstream_upgrade) {
-                Ok((client, upstream)) => {
-                    let _ =
-                        tokio::io::copy_bidirectional(&mut TokioIo::new(client), &mut TokioIo::new(upstream))
-                            .await;
-                }
-                Err(e) => tracing::debug!("upgrade failed: {e}"),
-            }
-        });
+        splice_upgrade(client_upgrade, &mut response);
         return response.map(BodyExt::boxed);
     }
     source.http_pool.put(addr, sender, &balancer);
@@ -624,7 +614,23 @@ fn prepare_request(
 }
 
 /// The protocol an HTTP/1.1 request asks to upgrade to (`Connection: upgrade` + `Upgrade`).
-fn upgrade_protocol(headers: &HeaderMap) -> Option<HeaderValue> {
+/// Once both sides of an upgrade (101) have switched, joins the client's connection to the
+/// upstream one as a byte tunnel, in a task of its own.
+pub(crate) fn splice_upgrade(client: hyper::upgrade::OnUpgrade, response: &mut Response<Incoming>) {
+    let upstream = hyper::upgrade::on(response);
+    tokio::spawn(async move {
+        match tokio::try_join!(client, upstream) {
+            Ok((client, upstream)) => {
+                let _ = tokio::io::copy_bidirectional(&mut TokioIo::new(client), &mut TokioIo::new(upstream))
+                    .await;
+            }
+            Err(e) => tracing::debug!("upgrade failed: {e}"),
+        }
+    });
+}
+
+/// The protocol an HTTP/1.1 request asks to switch to (`Connection: upgrade` and `Upgrade`).
+pub(crate) fn upgrade_protocol(headers: &HeaderMap) -> Option<HeaderValue> {
     let asks = headers
         .get_all(header::CONNECTION)
         .iter()

@@ -1,7 +1,7 @@
 //! The proxy: per-workload listeners inside each workload's netns, protocol detection, the
 //! L4 relay and the HTTP proxy.
 
-mod http;
+pub(crate) mod http;
 pub mod outbound;
 pub(crate) mod pool;
 mod rate_limits;

@@ -291,6 +291,9 @@ pub fn client(ask: &Ask) -> io::Result<Value> {
                 .map_err(io::Error::other)?;
             let resp = sender.send_request(req).await.map_err(io::Error::other)?;
             let status = resp.status().as_u16();
+            if status != 101 {
+                return Ok(json!({"status": status, "echoed": false}));
+            }
             let mut io = TokioIo::new(hyper::upgrade::on(resp).await.map_err(io::Error::other)?);
             let msg = b"through the tunnel";
             io.write_all(msg).await?;
