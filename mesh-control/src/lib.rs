@@ -4,6 +4,7 @@
 //! - [`source`]: the sources (a watched YAML directory; node reports).
 //! - [`proto`]: Nodemesh's compact xDS resources (generated from `proto/`).
 //! - [`meshing`], [`workload`]: the opt-in rule and a workload as a node registers it.
+//! - [`ca`], [`tls_port`]: the workload CA, and the TLS port nodes reach it (and xDS) on.
 #![forbid(unsafe_code)]
 
 pub mod admin;
@@ -16,5 +17,6 @@ pub mod model;
 pub mod proto;
 pub mod run;
 pub mod source;
+pub mod tls_port;
 pub mod workload;
 pub mod xds;

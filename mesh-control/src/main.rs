@@ -13,7 +13,9 @@ use mesh_control::{
     admin::NodesReport,
     ca::node_tokens::NodeTokens,
     model::store::{Origin, SourceError, Store},
-    run::{self, CaSettings, DEFAULT_ADMIN_ADDR, DEFAULT_XDS_ADDR, Settings},
+    run::{
+        self, CaSettings, DEFAULT_ADMIN_ADDR, DEFAULT_TLS_ADDR, DEFAULT_TLS_NAMES, DEFAULT_XDS_ADDR, Settings,
+    },
     source::{files, kube::Connection},
 };
 
@@ -111,6 +113,15 @@ struct CaArgs {
     /// tokens (checked by TokenReview) prove which node a request comes from.
     #[arg(long, env = "NODEMESH_NODE_SERVICE_ACCOUNT", default_value = "nodemesh-system/mesh-node")]
     node_service_account: String,
+    /// The TLS port: xDS, workload reports and CSRs over TLS 1.3 with a certificate from this
+    /// CA (nodes dial it as `https://` with `--control-plane-root`).
+    #[arg(long, env = "NODEMESH_TLS_ADDR", default_value = DEFAULT_TLS_ADDR)]
+    tls_addr: SocketAddr,
+    /// A further DNS name or IP the TLS port's certificate is valid for (repeatable); it always
+    /// holds mesh-control, mesh-control.nodemesh-system[.svc[.cluster.local]], localhost and
+    /// the --tls-addr IP.
+    #[arg(long = "tls-name", env = "NODEMESH_TLS_NAMES", value_delimiter = ',')]
+    tls_names: Vec<String>,
 }
 
 fn main() -> ExitCode {
@@ -149,6 +160,8 @@ fn main() -> ExitCode {
                     max_ttl: Duration::from_secs(ca.cert_ttl_secs.max(5)),
                     node_account: ca.node_service_account,
                     secret_namespace: ca.ca_secret_namespace,
+                    tls_addr: ca.tls_addr,
+                    tls_names: DEFAULT_TLS_NAMES.iter().map(|n| n.to_string()).chain(ca.tls_names).collect(),
                 }),
             };
             let rt = tokio::runtime::Runtime::new().expect("tokio runtime");

@@ -31,11 +31,21 @@ use crate::{
         mesh::node_registration_server::NodeRegistrationServer,
     },
     source::{files::DirectorySource, kube},
+    tls_port,
     xds::{nodes::Nodes, registration::Registration, server::AdsServer, snapshot::Snapshot, translate},
 };
 
 pub const DEFAULT_XDS_ADDR: &str = "127.0.0.1:15010";
 pub const DEFAULT_ADMIN_ADDR: &str = "127.0.0.1:15014";
+pub const DEFAULT_TLS_ADDR: &str = "127.0.0.1:15012";
+/// Names the TLS port's certificate carries besides `--tls-name`s and its own address.
+pub const DEFAULT_TLS_NAMES: &[&str] = &[
+    "mesh-control",
+    "mesh-control.nodemesh-system",
+    "mesh-control.nodemesh-system.svc",
+    "mesh-control.nodemesh-system.svc.cluster.local",
+    "localhost",
+];
 
 #[derive(Clone, Debug)]
 pub struct Settings {
@@ -70,6 +80,10 @@ pub struct CaSettings {
     pub node_account: String,
     /// Kubernetes: where a `cacerts` Secret replaces the directory's bundle.
     pub secret_namespace: String,
+    /// The TLS port (xDS, reports and CSRs over TLS, with a certificate from this CA).
+    pub tls_addr: SocketAddr,
+    /// The names (DNS or IP) nodes may dial the TLS port by.
+    pub tls_names: Vec<String>,
 }
 
 pub async fn run(settings: Settings) -> anyhow::Result<()> {
@@ -124,22 +138,69 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         .with_context(|| format!("xDS: cannot listen on {}", settings.xds_addr))?;
     let (certificates, node_credentials) =
         certificate_service(settings.ca.as_ref(), kube_client, Arc::clone(&store)).await?;
-    let ads = AdsServer { snapshots: snap_rx, nodes };
+    let tls = match (&settings.ca, &certificates.ca) {
+        (Some(s), Some(ca)) => Some(tls_port(s, Arc::clone(ca)).await?),
+        _ => None,
+    };
+    let ads = AdsServer { snapshots: snap_rx, nodes, credentials: Arc::clone(&node_credentials) };
     let registration = Registration { store, changed, nodes: node_credentials };
-    tracing::info!(xds = %settings.xds_addr, admin = %settings.admin_addr, "mesh-control ready");
-    let server = tonic::transport::Server::builder()
-        .http2_keepalive_interval(Some(Duration::from_secs(10)))
-        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
-        .add_service(AggregatedDiscoveryServiceServer::new(ads).max_decoding_message_size(16 << 20))
-        .add_service(NodeRegistrationServer::new(registration))
-        .add_service(IstioCertificateServiceServer::new(certificates))
-        .serve_with_incoming_shutdown(
-            tokio_stream::wrappers::TcpListenerStream::new(xds_listener),
-            shutdown(),
-        );
-    server.await.context("xDS server")?;
+    // Both ports serve the same services; the plaintext one is for loopback and trusted
+    // networks (nodes refuse to send a token over it to another host).
+    let services = tonic::service::Routes::new(
+        AggregatedDiscoveryServiceServer::new(ads).max_decoding_message_size(16 << 20),
+    )
+    .add_service(NodeRegistrationServer::new(registration))
+    .add_service(IstioCertificateServiceServer::new(certificates));
+    let server = || {
+        tonic::transport::Server::builder()
+            .http2_keepalive_interval(Some(Duration::from_secs(10)))
+            .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+            .add_routes(services.clone())
+    };
+    let plaintext = server().serve_with_incoming_shutdown(
+        tokio_stream::wrappers::TcpListenerStream::new(xds_listener),
+        shutdown(),
+    );
+    tracing::info!(
+        xds = %settings.xds_addr,
+        tls = ?settings.ca.as_ref().filter(|_| tls.is_some()).map(|s| s.tls_addr),
+        admin = %settings.admin_addr,
+        "mesh-control ready"
+    );
+    match tls {
+        Some(incoming) => {
+            let tls = server().serve_with_incoming_shutdown(incoming, shutdown());
+            tokio::try_join!(async { plaintext.await.context("xDS server") }, async {
+                tls.await.context("TLS port")
+            })?;
+        }
+        None => plaintext.await.context("xDS server")?,
+    }
     tracing::info!("mesh-control stopped");
     Ok(())
+}
+
+/// The TLS port's listener, serving a certificate from `ca` for the configured names and the
+/// address it listens on.
+async fn tls_port(
+    settings: &CaSettings,
+    ca: Arc<CertificateAuthority>,
+) -> anyhow::Result<
+    tokio_stream::wrappers::ReceiverStream<
+        std::io::Result<tokio_rustls::server::TlsStream<tokio::net::TcpStream>>,
+    >,
+> {
+    let mut names = settings.tls_names.clone();
+    if !settings.tls_addr.ip().is_unspecified() {
+        names.push(settings.tls_addr.ip().to_string());
+    }
+    names.dedup();
+    let cert = tls_port::ServingCert::new(ca, names, settings.max_ttl)
+        .context("issuing the TLS port's certificate")?;
+    let listener = TcpListener::bind(settings.tls_addr)
+        .await
+        .with_context(|| format!("TLS port: cannot listen on {}", settings.tls_addr))?;
+    Ok(tls_port::incoming(listener, tls_port::server_config(Arc::new(cert))?))
 }
 
 /// The CSR API, with the CA of `settings` (loaded, or created in an empty directory), and the

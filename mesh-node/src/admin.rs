@@ -82,7 +82,7 @@ impl Admin {
                         },
                         "workloads": self.workloads.list().await,
                         "xds": self.xds.as_ref().map(|x| serde_json::json!({
-                            "control_plane": x.endpoint,
+                            "control_plane": x.control_plane.url,
                             "connected": x.is_connected(),
                             "config": x.cache.dump(),
                         })),

@@ -4,6 +4,8 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use clap::{Args, Parser, Subcommand};
 
+use crate::control_plane::ControlPlane;
+
 pub const DEFAULT_ADMIN_ADDR: &str = "127.0.0.1:15000";
 pub const DEFAULT_API_SOCKET: &str = "/run/nodemesh/mesh-node.sock";
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/nodemesh";
@@ -20,6 +22,8 @@ pub struct Cli {
     pub command: Command,
 }
 
+// Parsed once at start; the size of the largest variant costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Run the node proxy: load and attach capture, serve workloads, admin and local API.
@@ -97,10 +101,18 @@ pub struct RunArgs {
     pub proxy_mark: String,
     #[arg(long, env = "NODEMESH_CONNECT_TIMEOUT_MS", default_value_t = DEFAULT_CONNECT_TIMEOUT_MS)]
     pub connect_timeout_ms: u64,
-    /// mesh-control's xDS address, e.g. `http://10.0.0.5:15010`. Without it the node proxies
+    /// mesh-control: its TLS port, e.g. `https://10.0.0.5:15012` (with --control-plane-root),
+    /// or plaintext xDS on loopback, `http://127.0.0.1:15010`. Without it the node proxies
     /// every connection to where it was dialled (no services, no load balancing).
     #[arg(long, env = "NODEMESH_CONTROL_PLANE")]
     pub control_plane: Option<String>,
+    /// For an https:// control plane: the PEM roots its certificate must chain to
+    /// (mesh-control's `<ca-dir>/root-cert.pem`; on Kubernetes, Istio's root-cert.pem mount).
+    #[arg(long, env = "NODEMESH_CONTROL_PLANE_ROOT", requires = "control_plane")]
+    pub control_plane_root: Option<PathBuf>,
+    /// The name the control plane's certificate must carry, if not the URL's host.
+    #[arg(long, env = "NODEMESH_CONTROL_PLANE_NAME", requires = "control_plane")]
+    pub control_plane_name: Option<String>,
     /// A cluster with more endpoints than this is rejected (NACKed), protecting node memory.
     #[arg(long, env = "NODEMESH_MAX_ENDPOINTS_PER_CLUSTER", default_value_t = 100_000)]
     pub max_endpoints_per_cluster: usize,
@@ -184,7 +196,7 @@ pub struct Config {
     pub exclude_cidrs: Vec<Cidr>,
     pub proxy_mark: u32,
     pub connect_timeout: Duration,
-    pub control_plane: Option<String>,
+    pub control_plane: Option<ControlPlane>,
     pub max_endpoints_per_cluster: usize,
     pub lookup_timeout: Duration,
     pub sniff_timeout: Duration,
@@ -244,10 +256,15 @@ impl Config {
                 .map(|h| h.trim().to_string())
                 .unwrap_or_else(|_| "node".to_string())
         });
-        if let Some(cp) = &args.control_plane
-            && !(cp.starts_with("http://") || cp.starts_with("https://"))
+        let control_plane = args.control_plane.map(|url| ControlPlane {
+            url,
+            root_file: args.control_plane_root,
+            server_name: args.control_plane_name,
+        });
+        if let Some(cp) = &control_plane
+            && let Err(e) = cp.check(args.token_file.is_some())
         {
-            errors.push(format!("--control-plane `{cp}`: must be a URI like http://10.0.0.5:15010"));
+            errors.push(e);
         }
         if args.max_endpoints_per_cluster == 0 {
             errors.push("--max-endpoints-per-cluster: must be greater than 0".to_string());
@@ -279,7 +296,7 @@ impl Config {
             exclude_cidrs,
             proxy_mark,
             connect_timeout: Duration::from_millis(args.connect_timeout_ms),
-            control_plane: args.control_plane,
+            control_plane,
             max_endpoints_per_cluster: args.max_endpoints_per_cluster,
             lookup_timeout: Duration::from_millis(args.lookup_timeout_ms),
             sniff_timeout: Duration::from_millis(args.sniff_timeout_ms),

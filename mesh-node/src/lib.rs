@@ -10,6 +10,7 @@ pub mod admin;
 pub mod api;
 pub mod capture;
 pub mod config;
+pub mod control_plane;
 pub mod identity;
 pub mod inbound;
 /// HTTP plumbing shared with mesh-control's admin endpoint.

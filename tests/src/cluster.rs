@@ -2,7 +2,7 @@
 //! mesh-control in the fabric.
 //!
 //! ```text
-//!   fabric netns: bridge fab0 10.76.0.1/24 fd76::1/64   ← mesh-control (xDS on 10.76.0.1:15010)
+//!   fabric netns: bridge fab0 10.76.0.1/24 fd76::1/64   ← mesh-control (xDS on 10.76.0.1:15010, TLS 15012)
 //!     ├─ veth ─ node 1 netns: up0 10.76.0.2, br0 10.77.1.1/24 ─ pods 10.77.1.N
 //!     └─ veth ─ node 2 netns: up0 10.76.0.3, br0 10.77.2.1/24 ─ pods 10.77.2.N
 //! ```
@@ -124,7 +124,8 @@ impl SimCluster {
     pub fn start(&mut self, control_args: &[&str], node_args: &[&str]) -> anyhow::Result<()> {
         let config_dir = self.config_dir.clone();
         self.control.start(&config_dir, control_args)?;
-        let url = self.control.url();
+        let url = self.control.tls_url();
+        let root = self.control.root_file().display().to_string();
         for node in &mut self.nodes {
             let token = node.write_node_token(&self.control)?;
             // Other nodes open tunnels to this node's fabric address.
@@ -132,6 +133,8 @@ impl SimCluster {
             let mut args = vec![
                 "--control-plane",
                 url.as_str(),
+                "--control-plane-root",
+                root.as_str(),
                 "--token-file",
                 token.as_str(),
                 "--node-ip",

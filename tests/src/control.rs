@@ -15,6 +15,8 @@ use crate::{bin, netns, spawn_daemon};
 
 /// mesh-control's admin endpoint, on loopback inside its netns (its default).
 const ADMIN_ADDR: &str = "127.0.0.1:15014";
+/// mesh-control's TLS port (xDS, reports and CSRs over TLS).
+const TLS_PORT: u16 = 15012;
 
 pub struct ControlPlane {
     netns: String,
@@ -52,9 +54,23 @@ impl ControlPlane {
         Ok(self.cli(&["node-token", node, "--ca-dir", &ca_dir])?.trim().to_string())
     }
 
-    /// What nodes pass as `--control-plane`.
-    pub fn url(&self) -> String {
+    /// Plaintext xDS (what test clients in the fabric dial).
+    pub fn plaintext_url(&self) -> String {
         format!("http://{}", self.xds_addr)
+    }
+
+    /// The TLS port, on the xDS address's IP: what nodes pass as `--control-plane`.
+    pub fn tls_url(&self) -> String {
+        format!("https://{}", self.tls_addr())
+    }
+
+    fn tls_addr(&self) -> SocketAddr {
+        SocketAddr::new(self.xds_addr.ip(), TLS_PORT)
+    }
+
+    /// The roots the TLS port's certificate chains to (nodes' `--control-plane-root`).
+    pub fn root_file(&self) -> PathBuf {
+        self.ca_dir().join("root-cert.pem")
     }
 
     /// Starts mesh-control on `config_dir` (plus `extra_args`) and waits until it answers.
@@ -69,6 +85,8 @@ impl ControlPlane {
             // Every test control plane runs the workload CA (a fresh root in its work dir).
             "--ca-dir".into(),
             self.ca_dir().display().to_string(),
+            "--tls-addr".into(),
+            self.tls_addr().to_string(),
         ];
         args.extend(extra_args.iter().map(ToString::to_string));
         let child = spawn_daemon(

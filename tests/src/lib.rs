@@ -383,6 +383,11 @@ impl SimNode {
         self.wait_ready(Duration::from_secs(30))
     }
 
+    /// The extra arguments mesh-node was last started with.
+    pub fn mesh_node_args(&self) -> &[String] {
+        &self.mesh_node_args
+    }
+
     /// Starts mesh-node inside `cgroup` (to test that its own sockets are never captured).
     pub fn start_mesh_node_in_cgroup(&mut self, cgroup: &Path, extra_args: &[&str]) -> anyhow::Result<()> {
         self.mesh_node_args = extra_args.iter().map(|s| s.to_string()).collect();

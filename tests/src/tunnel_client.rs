@@ -70,6 +70,11 @@ impl TestCa {
         TestCa { issuer_pem: cert.pem(), issuer: Issuer::new(params, key) }
     }
 
+    /// The issuing certificate, PEM (a foreign CA's own root).
+    pub fn certificate_pem(&self) -> String {
+        self.issuer_pem.clone()
+    }
+
     /// A workload certificate for `uri`, valid from `from` to `until` (relative to now).
     pub fn leaf(&self, uri: &str, from: i64, until: i64) -> Minted {
         let key = KeyPair::generate().unwrap();

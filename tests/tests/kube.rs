@@ -278,6 +278,8 @@ async fn kubernetes_nodes_prove_themselves_with_service_account_tokens() {
             max_ttl: Duration::from_secs(3600),
             node_account: "nodemesh-system/mesh-node".into(),
             secret_namespace: "istio-system".into(),
+            tls_addr: "127.0.0.1:0".parse().unwrap(),
+            tls_names: vec!["localhost".into()],
         }),
     };
     let server = tokio::spawn(run(settings));

@@ -186,7 +186,7 @@ fn report_ghost(cluster: &SimCluster, token: &str, ip: SocketAddr, tunnel: Socke
         }],
         tunnel_address: tunnel.to_string(),
     };
-    let (url, token) = (cluster.control.url(), token.to_string());
+    let (url, token) = (cluster.control.plaintext_url(), token.to_string());
     netns::run_in(&cluster.fabric_netns, move || {
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
         rt.block_on(async move {

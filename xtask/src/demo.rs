@@ -25,7 +25,11 @@ pub fn run(keep: bool) -> anyhow::Result<()> {
         std::fs::copy(entry.path(), config.join(entry.file_name()))?;
     }
     cluster.start(&[], &[])?;
-    println!("  mesh-control watches {} (xDS at {})", config.display(), cluster.control.url());
+    println!(
+        "  mesh-control watches {} (nodes dial its TLS port, {})",
+        config.display(),
+        cluster.control.tls_url()
+    );
 
     // (node, pod, namespace, labels) — reviews runs on both nodes.
     let layout: [(usize, &str, &str, Registration); 6] = [

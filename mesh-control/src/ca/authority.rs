@@ -119,6 +119,12 @@ impl CertificateAuthority {
         &self.roots
     }
 
+    /// The chain a leaf is presented with: the issuing certificate and any above it, roots
+    /// left out (the peer has those).
+    fn intermediates(&self) -> impl Iterator<Item = &String> {
+        self.chain.iter().filter(|c| !self.roots.iter().any(|r| same_cert(r, c)))
+    }
+
     /// Signs `csr_pem` for `identity`, valid for `ttl` (never beyond the issuing certificate).
     /// Returns the leaf, then the chain up to the root, then — as one last PEM element, Istio's
     /// `cert_chain` order — the whole trust bundle: the root the chain ends in first, then
@@ -164,7 +170,7 @@ impl CertificateAuthority {
             .signed_by(&self.issuer)
             .map_err(|e| SignError::Signing(e.to_string()))?;
         let mut out = vec![leaf.pem()];
-        out.extend(self.chain.iter().filter(|c| !self.roots.iter().any(|r| same_cert(r, c))).cloned());
+        out.extend(self.intermediates().cloned());
         let chain_root = self
             .chain
             .last()
@@ -178,6 +184,41 @@ impl CertificateAuthority {
         bundle.push('\n');
         out.push(bundle);
         Ok(out)
+    }
+
+    /// A certificate for mesh-control's own TLS port (xDS and CSRs, 15012), with a key made
+    /// here: DNS SANs for `names`, IP SANs for those that are addresses. Returns the leaf and
+    /// the chain up to (not with) the root, PEM, and the key, PEM. Nodes check it against the
+    /// root file they are given, so a node's first secret — its token — never goes to an
+    /// impostor.
+    pub fn issue_serving(&self, names: &[String], ttl: Duration) -> Result<(Vec<String>, String), SignError> {
+        let key = KeyPair::generate().map_err(|e| SignError::Signing(e.to_string()))?;
+        let now = OffsetDateTime::now_utc();
+        let mut params = CertificateParams::default();
+        params.subject_alt_names = names
+            .iter()
+            .map(|name| match name.parse::<std::net::IpAddr>() {
+                Ok(ip) => Ok(SanType::IpAddress(ip)),
+                Err(_) => name
+                    .as_str()
+                    .try_into()
+                    .map(SanType::DnsName)
+                    .map_err(|e| SignError::Signing(format!("{name:?} is not a DNS name: {e}"))),
+            })
+            .collect::<Result<_, _>>()?;
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, "mesh-control");
+        params.distinguished_name = dn;
+        params.not_before = now - CLOCK_SKEW;
+        params.not_after = (now + ttl).min(self.issuer_not_after);
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        params.use_authority_key_identifier_extension = true;
+        let leaf = params.signed_by(&key, &self.issuer).map_err(|e| SignError::Signing(e.to_string()))?;
+        let mut chain = vec![leaf.pem()];
+        chain.extend(self.intermediates().cloned());
+        Ok((chain, key.serialize_pem()))
     }
 }
 

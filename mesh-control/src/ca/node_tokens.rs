@@ -145,9 +145,10 @@ impl NodeCredentials {
         ))
     }
 
-    /// Whether `node` may report its workloads with this request's credential; records a
-    /// node that proved itself.
-    pub async fn admit_report(
+    /// Whether a request (a workload report, an xDS stream) may speak for `node` with its
+    /// credential: a token speaks only for its own node, and a node that has proved itself
+    /// once is never again taken at its word. Records a node that proves itself.
+    pub async fn admit(
         &self,
         node: &str,
         metadata: &tonic::metadata::MetadataMap,

@@ -36,10 +36,13 @@ use super::{
     snapshot::{PUSH_ORDER, Resource, Snapshot, Subscription},
     translate::content_version,
 };
+use crate::ca::node_tokens::NodeCredentials;
 
 pub struct AdsServer {
     pub snapshots: watch::Receiver<Arc<Snapshot>>,
     pub nodes: Arc<Nodes>,
+    /// A stream for a node that has proved itself with its token needs the token again.
+    pub credentials: Arc<NodeCredentials>,
 }
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
@@ -73,9 +76,11 @@ impl AdsServer {
         request: Request<Streaming<P::Req>>,
         make: impl FnOnce(Common) -> P + Send + 'static,
     ) -> Result<Response<BoxStream<P::Resp>>, Status> {
+        let metadata = request.metadata().clone();
         let mut inbound = request.into_inner();
         let (tx, rx) = mpsc::channel(16);
         let (snapshots, nodes) = (self.snapshots.clone(), Arc::clone(&self.nodes));
+        let credentials = Arc::clone(&self.credentials);
         tokio::spawn(async move {
             let first = match inbound.message().await {
                 Ok(Some(first)) => first,
@@ -91,6 +96,11 @@ impl AdsServer {
                 let _ = tx.send(Err(refusal)).await;
                 return;
             };
+            if let Err(refused) = credentials.admit(&node.id, &metadata).await {
+                tracing::warn!(node = node.id, "xDS stream refused: {}", refused.message());
+                let _ = tx.send(Err(refused)).await;
+                return;
+            }
             let mut common = Common::new(node.id.clone(), snapshots, nodes, P::NAME);
             common.address_scoped = node.client_features.iter().any(|f| f == proto::ADDRESS_SCOPED);
             serve(make(common), first, inbound, tx).await;

@@ -23,6 +23,8 @@ use rcgen::{CertificateParams, KeyPair, SanType};
 use tokio::sync::watch;
 use tonic::transport::Channel;
 
+use crate::control_plane::ControlPlane;
+
 pub mod tls;
 
 use mesh_control::workload::WorkloadSpec;
@@ -108,11 +110,12 @@ const FIRST_RETRY: Duration = Duration::from_millis(500);
 const MAX_RETRY: Duration = Duration::from_secs(30);
 
 impl Identities {
-    pub fn new(control_plane: &str, token: String, trust_domain: String) -> anyhow::Result<Identities> {
-        let channel = tonic::transport::Endpoint::from_shared(control_plane.to_string())?
-            .connect_timeout(Duration::from_secs(2))
-            .timeout(Duration::from_secs(10))
-            .connect_lazy();
+    pub fn new(
+        control_plane: &ControlPlane,
+        token: String,
+        trust_domain: String,
+    ) -> anyhow::Result<Identities> {
+        let channel = control_plane.endpoint()?.timeout(Duration::from_secs(10)).connect_lazy();
         Ok(Identities {
             channel,
             token,

@@ -36,6 +36,7 @@ use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 
 use super::cache::{AddressInfo, Cache, Incoming};
+use crate::control_plane::ControlPlane;
 
 /// Hands on-demand address subscriptions to the stream and waits for their answers.
 pub struct OnDemand {
@@ -79,7 +80,7 @@ impl OnDemand {
 }
 
 pub struct Client {
-    pub endpoint: String,
+    pub control_plane: ControlPlane,
     pub node: String,
     pub cache: Arc<Cache>,
     requests: Mutex<Option<mpsc::UnboundedReceiver<String>>>,
@@ -95,7 +96,7 @@ const SUBSCRIBE_ORDER: [&str; 5] =
     [proto::CLUSTER_TYPE, proto::ENDPOINT_TYPE, proto::ROUTE_TYPE, proto::WORKLOAD_TYPE, proto::ADDRESS_TYPE];
 
 impl Client {
-    pub fn new(endpoint: String, node: String, cache: Arc<Cache>) -> Client {
+    pub fn new(control_plane: ControlPlane, node: String, cache: Arc<Cache>) -> Client {
         let (tx, rx) = mpsc::unbounded_channel();
         let connected = Arc::new(AtomicBool::new(false));
         let on_demand = Arc::new(OnDemand {
@@ -105,7 +106,7 @@ impl Client {
             connected: Arc::clone(&connected),
         });
         Client {
-            endpoint,
+            control_plane,
             node,
             cache,
             requests: Mutex::new(Some(rx)),
@@ -133,10 +134,13 @@ impl Client {
             let started = tokio::time::Instant::now();
             match self.session(&mut requests, &specs).await {
                 Ok(()) => {
-                    tracing::warn!(control_plane = self.endpoint, "xDS stream closed by the control plane")
+                    tracing::warn!(
+                        control_plane = self.control_plane.url,
+                        "xDS stream closed by the control plane"
+                    )
                 }
                 Err(e) => tracing::warn!(
-                    control_plane = self.endpoint,
+                    control_plane = self.control_plane.url,
                     "xDS: {e:#}; serving the last good config and retrying"
                 ),
             }
@@ -155,9 +159,9 @@ impl Client {
         requests: &mut mpsc::UnboundedReceiver<String>,
         specs: &watch::Receiver<Vec<WorkloadSpec>>,
     ) -> anyhow::Result<()> {
-        let channel = tonic::transport::Endpoint::from_shared(self.endpoint.clone())
-            .context("--control-plane is not a URI")?
-            .connect_timeout(Duration::from_secs(2))
+        let channel = self
+            .control_plane
+            .endpoint()?
             .http2_keep_alive_interval(Duration::from_secs(10))
             .keep_alive_timeout(Duration::from_secs(10))
             .connect()
@@ -199,9 +203,14 @@ impl Client {
             .await?;
         }
         let mut client = AggregatedDiscoveryServiceClient::new(channel).max_decoding_message_size(64 << 20);
-        let mut inbound = client.delta_aggregated_resources(ReceiverStream::new(rx)).await?.into_inner();
+        let mut stream = tonic::Request::new(ReceiverStream::new(rx));
+        if let Some(bearer) = bearer(self.token.as_deref()) {
+            // A node that has proved itself with its token must show it on every stream.
+            stream.metadata_mut().insert("authorization", bearer);
+        }
+        let mut inbound = client.delta_aggregated_resources(stream).await?.into_inner();
         self.connected.store(true, Ordering::Release);
-        tracing::info!(control_plane = self.endpoint, "xDS stream open");
+        tracing::info!(control_plane = self.control_plane.url, "xDS stream open");
         loop {
             tokio::select! {
                 msg = inbound.message() => {
@@ -278,6 +287,11 @@ struct Reporter {
     tunnel_address: Option<std::net::SocketAddr>,
 }
 
+/// The `authorization` value that carries the node token.
+fn bearer(token: Option<&str>) -> Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>> {
+    token.and_then(|t| format!("Bearer {t}").parse().ok())
+}
+
 /// Reports the registered workloads now and after every change, for as long as the session,
 /// with the node token if there is one.
 async fn report_workloads(
@@ -286,8 +300,7 @@ async fn report_workloads(
     mut specs: watch::Receiver<Vec<WorkloadSpec>>,
 ) {
     let tunnel_address = tunnel_address.map(|a| a.to_string()).unwrap_or_default();
-    let bearer: Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>> =
-        token.and_then(|t| format!("Bearer {t}").parse().ok());
+    let bearer = bearer(token.as_deref());
     let mut client = mesh::node_registration_client::NodeRegistrationClient::new(channel);
     loop {
         let workloads = specs

@@ -1,0 +1,78 @@
+//! How mesh-node reaches mesh-control: the URL, and for `https://` the roots its certificate
+//! must chain to (Istio mounts the same as `root-cert.pem`) and the name it must carry.
+//!
+//! The node token is a node's first secret: it is never sent in plaintext to another host.
+//! Plaintext (`http://`) with a token is allowed only to a loopback address.
+
+use std::{net::IpAddr, path::PathBuf, time::Duration};
+
+use anyhow::Context;
+use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
+
+#[derive(Clone, Debug)]
+pub struct ControlPlane {
+    /// `http://HOST:PORT` or `https://HOST:PORT`.
+    pub url: String,
+    /// PEM roots the TLS port's certificate must chain to (re-read at every connect, so a
+    /// root rotation needs no restart).
+    pub root_file: Option<PathBuf>,
+    /// The name the certificate must carry, when the URL's host is not it.
+    pub server_name: Option<String>,
+}
+
+impl ControlPlane {
+    /// Checks the combination once, at start: every way to get it wrong has its own message.
+    pub fn check(&self, with_token: bool) -> Result<(), String> {
+        let uri: hyper::Uri =
+            self.url.parse().map_err(|e| format!("--control-plane `{}`: not a URI ({e})", self.url))?;
+        let host = uri.host().unwrap_or_default().trim_start_matches('[').trim_end_matches(']');
+        match uri.scheme_str() {
+            Some("https") => match &self.root_file {
+                None => Err(format!(
+                    "--control-plane `{}` is https: give --control-plane-root, the PEM roots its \
+                     certificate chains to (mesh-control's <ca-dir>/root-cert.pem)",
+                    self.url
+                )),
+                Some(file) => std::fs::metadata(file)
+                    .map(|_| ())
+                    .map_err(|e| format!("--control-plane-root {}: {e}", file.display())),
+            },
+            Some("http") => {
+                let loopback = host == "localhost" || host.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback());
+                if with_token && !loopback {
+                    return Err(format!(
+                        "--control-plane `{}`: the node token would cross the network in plaintext; \
+                         use mesh-control's TLS port (https://{host}:15012) with --control-plane-root",
+                        self.url
+                    ));
+                }
+                if self.root_file.is_some() || self.server_name.is_some() {
+                    return Err(format!(
+                        "--control-plane `{}` is plaintext: --control-plane-root and \
+                         --control-plane-name apply to https:// only",
+                        self.url
+                    ));
+                }
+                Ok(())
+            }
+            _ => Err(format!("--control-plane `{}`: must be a URI like https://10.0.0.5:15012", self.url)),
+        }
+    }
+
+    /// A channel endpoint: TLS 1.3 checked against the root file for `https://`.
+    pub fn endpoint(&self) -> anyhow::Result<Endpoint> {
+        let mut endpoint = Endpoint::from_shared(self.url.clone())
+            .with_context(|| format!("--control-plane `{}` is not a URI", self.url))?
+            .connect_timeout(Duration::from_secs(2));
+        if let Some(file) = &self.root_file {
+            let pem =
+                std::fs::read(file).with_context(|| format!("--control-plane-root {}", file.display()))?;
+            let mut tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(pem));
+            if let Some(name) = &self.server_name {
+                tls = tls.domain_name(name.clone());
+            }
+            endpoint = endpoint.tls_config(tls).with_context(|| format!("TLS to {}", self.url))?;
+        }
+        Ok(endpoint)
+    }
+}
