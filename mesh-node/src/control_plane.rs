@@ -4,10 +4,10 @@
 //! The node token is a node's first secret: it is never sent in plaintext to another host.
 //! Plaintext (`http://`) with a token is allowed only to a loopback address.
 
-use std::{net::IpAddr, path::PathBuf, time::Duration};
+use std::{net::IpAddr, path::PathBuf, sync::Mutex, time::Duration};
 
 use anyhow::Context;
-use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 
 #[derive(Clone, Debug)]
 pub struct ControlPlane {
@@ -61,12 +61,24 @@ impl ControlPlane {
 
     /// A channel endpoint: TLS 1.3 checked against the root file for `https://`.
     pub fn endpoint(&self) -> anyhow::Result<Endpoint> {
+        self.endpoint_with(self.roots()?)
+    }
+
+    /// The root file's contents (`None` for plaintext).
+    fn roots(&self) -> anyhow::Result<Option<Vec<u8>>> {
+        self.root_file
+            .as_ref()
+            .map(|file| {
+                std::fs::read(file).with_context(|| format!("--control-plane-root {}", file.display()))
+            })
+            .transpose()
+    }
+
+    fn endpoint_with(&self, roots: Option<Vec<u8>>) -> anyhow::Result<Endpoint> {
         let mut endpoint = Endpoint::from_shared(self.url.clone())
             .with_context(|| format!("--control-plane `{}` is not a URI", self.url))?
             .connect_timeout(Duration::from_secs(2));
-        if let Some(file) = &self.root_file {
-            let pem =
-                std::fs::read(file).with_context(|| format!("--control-plane-root {}", file.display()))?;
+        if let Some(pem) = roots {
             let mut tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(pem));
             if let Some(name) = &self.server_name {
                 tls = tls.domain_name(name.clone());
@@ -74,5 +86,38 @@ impl ControlPlane {
             endpoint = endpoint.tls_config(tls).with_context(|| format!("TLS to {}", self.url))?;
         }
         Ok(endpoint)
+    }
+}
+
+/// A lazily connecting channel for occasional calls (CSRs), rebuilt when the root file
+/// changes: during a root rotation the control plane's certificate moves to the new root, and
+/// a channel built on the old roots alone would never reconnect.
+pub struct LazyChannel {
+    control_plane: ControlPlane,
+    request_timeout: Duration,
+    current: Mutex<(Option<Vec<u8>>, Channel)>,
+}
+
+impl LazyChannel {
+    pub fn new(control_plane: ControlPlane, request_timeout: Duration) -> anyhow::Result<LazyChannel> {
+        let roots = control_plane.roots()?;
+        let channel = control_plane.endpoint_with(roots.clone())?.timeout(request_timeout).connect_lazy();
+        Ok(LazyChannel { control_plane, request_timeout, current: Mutex::new((roots, channel)) })
+    }
+
+    /// The channel for the roots the file holds now.
+    pub fn get(&self) -> anyhow::Result<Channel> {
+        let roots = self.control_plane.roots()?;
+        let mut current = self.current.lock().expect("channel lock");
+        if current.0 != roots {
+            tracing::info!(
+                control_plane = self.control_plane.url,
+                "control plane roots changed: reconnecting"
+            );
+            let channel =
+                self.control_plane.endpoint_with(roots.clone())?.timeout(self.request_timeout).connect_lazy();
+            *current = (roots, channel);
+        }
+        Ok(current.1.clone())
     }
 }

@@ -46,6 +46,14 @@ fn new_root_and_intermediate() -> (String, String, String) {
     (root.pem(), intermediate.pem(), key.serialize_pem())
 }
 
+struct StopOnDrop<'a>(&'a AtomicBool);
+
+impl Drop for StopOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+}
+
 /// Restarts mesh-control after `change` to its CA directory, then waits for more than a
 /// certificate lifetime's worth of renewals.
 fn restart_with(control: &mut ControlPlane, config_dir: &Path, args: &[&str], change: impl FnOnce(&Path)) {
@@ -78,6 +86,8 @@ fn the_root_ca_rotates_under_traffic_without_a_failed_connection() {
     let stop = AtomicBool::new(false);
     let rounds = AtomicUsize::new(0);
     std::thread::scope(|scope| {
+        // A failed step must stop the traffic too, or the scope would wait for it forever.
+        let _stop_traffic = StopOnDrop(&stop);
         // Traffic throughout: new connections (new tunnel streams, and new tunnel connections as
         // certificates renew) from node 0 to node 1, back to back.
         let traffic = scope.spawn(|| {

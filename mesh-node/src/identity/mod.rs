@@ -21,9 +21,8 @@ use mesh_control::{
 };
 use rcgen::{CertificateParams, KeyPair, SanType};
 use tokio::sync::watch;
-use tonic::transport::Channel;
 
-use crate::control_plane::ControlPlane;
+use crate::control_plane::{ControlPlane, LazyChannel};
 
 pub mod tls;
 
@@ -95,7 +94,7 @@ impl WorkloadCert {
 }
 
 pub struct Identities {
-    channel: Channel,
+    channel: LazyChannel,
     token: String,
     trust_domain: String,
     certs: RwLock<BTreeMap<SpiffeId, Arc<WorkloadCert>>>,
@@ -115,7 +114,7 @@ impl Identities {
         token: String,
         trust_domain: String,
     ) -> anyhow::Result<Identities> {
-        let channel = control_plane.endpoint()?.timeout(Duration::from_secs(10)).connect_lazy();
+        let channel = LazyChannel::new(control_plane.clone(), Duration::from_secs(10))?;
         Ok(Identities {
             channel,
             token,
@@ -256,7 +255,7 @@ impl Identities {
             .map_err(|_| "the node token is not a valid header value")?;
         request.metadata_mut().insert("authorization", bearer);
         let received = SystemTime::now();
-        let chain = IstioCertificateServiceClient::new(self.channel.clone())
+        let chain = IstioCertificateServiceClient::new(self.channel.get().map_err(|e| format!("{e:#}"))?)
             .create_certificate(request)
             .await
             .map_err(|s| format!("{:?}: {}", s.code(), s.message()))?
