@@ -15,7 +15,8 @@
 //!   inbound listener in that netns instead of the application's, so plaintext that did not
 //!   come through the tunnel still meets the pod's policy. mesh-node's own connections into
 //!   the pod (deliveries) are filed in `DELIVERIES` by their 4-tuple just before they connect,
-//!   and pass.
+//!   and pass, as do connections from the node's own addresses (`NODE_ADDRESSES`: the
+//!   kubelet's probes).
 //!
 //! The proxy's own sockets carry `SO_MARK == PROXY_MARK` and are never captured, even when the
 //! proxy runs inside a cgroup that is itself meshed.
@@ -38,7 +39,7 @@ use aya_ebpf::{
 use aya_log_ebpf::{debug, warn};
 use mesh_ebpf_common::{
     Cidr4, Cidr6, ClientTupleKey, DELIVERIES_MAX, DeliveryKey, EXCLUDED_CIDRS_MAX, EXCLUDED_PORTS_MAX,
-    FAMILY_INET, FAMILY_INET6, INBOUND_LISTENERS_MAX, MESHED_CGROUPS_MAX, MeshedCgroup,
+    FAMILY_INET, FAMILY_INET6, INBOUND_LISTENERS_MAX, MESHED_CGROUPS_MAX, MeshedCgroup, NODE_ADDRESSES_MAX,
     ORIG_DST_BY_COOKIE_MAX, ORIG_DST_BY_TUPLE_MAX, OrigDst, PodAddrKey,
 };
 
@@ -79,6 +80,12 @@ static INBOUND_LISTENERS: SockHash<PodAddrKey> = SockHash::with_max_entries(INBO
 #[map]
 static DELIVERIES: LruHashMap<DeliveryKey, u8> = LruHashMap::with_max_entries(DELIVERIES_MAX, 0);
 
+/// The node's own addresses (key: address and family; value unused). A connection from one
+/// of them — the kubelet's probes, node agents, hostNetwork pods — reaches the pod directly,
+/// as it does in Istio's ambient mode: the node is the trust boundary.
+#[map]
+static NODE_ADDRESSES: HashMap<PodAddrKey, u8> = HashMap::with_max_entries(NODE_ADDRESSES_MAX, 0);
+
 /// sk_lookup verdict: carry on (with the socket selected, if one was).
 const SK_PASS: u32 = 1;
 const IPPROTO_TCP: u32 = 6;
@@ -115,6 +122,9 @@ pub fn inbound_lookup(ctx: SkLookupContext) -> u32 {
     // The pod talking to itself through its own address (a spoofed outside SYN with that
     // source could never complete: the answer stays in the pod).
     if remote == local {
+        return SK_PASS;
+    }
+    if NODE_ADDRESSES.get_ptr(&PodAddrKey { addr: remote, family, _pad: 0 }).is_some() {
         return SK_PASS;
     }
     // SAFETY: as above.

@@ -27,6 +27,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         if tracing::enabled!(tracing::Level::DEBUG) { aya_log::Level::Debug } else { aya_log::Level::Info };
     let (capture, logger) = capture::load_and_attach(&config, ebpf_level)?;
     let capture = Arc::new(capture);
+    // Before any pod's inbound capture starts: the kubelet's probes never meet it.
+    capture::node_addresses::refresh(&capture);
+    tokio::spawn(capture::node_addresses::keep_current(Arc::clone(&capture)));
     if let Some(logger) = logger {
         tokio::spawn(capture::forward_ebpf_logs(logger));
     }

@@ -36,6 +36,17 @@ fn hello(node: &SimNode, client: &Pod, to: &str) -> Result<Value, String> {
     if reply["server"].is_string() { Ok(reply.clone()) } else { Err(r.to_string()) }
 }
 
+/// The HELLO reply of one connection to `to` from `node`'s own network namespace (the
+/// kubelet's place), or why there was none.
+fn from_node(node: &SimNode, to: &str) -> Result<Value, String> {
+    let app = nodemesh_tests::bin("nm-testapp").map_err(|e| e.to_string())?;
+    let args = ["client", "--to", to].map(String::from);
+    let out = node.run_in_node(&app, &args, &[], Duration::from_secs(30)).map_err(|e| format!("{e:#}"))?;
+    let r: Value = serde_json::from_str(out.trim()).map_err(|e| format!("{e}: {out}"))?;
+    let reply = &r["connections"][0]["reply"];
+    if reply["server"].is_string() { Ok(reply.clone()) } else { Err(r.to_string()) }
+}
+
 fn inbound_opened(node: &SimNode, workload: &str) -> f64 {
     node.metrics().unwrap().sum(
         "istio_tcp_connections_opened_total",
@@ -87,6 +98,15 @@ fn plaintext_meets_peer_authentication_and_meshed_traffic_does_not() {
     assert!(node1.log().contains("plaintext connection refused: PeerAuthentication is STRICT"));
     assert!(answered(node0, &client, &web_8080), "a meshed client on another node (the tunnel) was refused");
     assert!(answered(node1, &neighbour, &web_8080), "a meshed client on web's node was refused");
+    // The node itself — where the kubelet probes from — reaches the pod directly, as itself;
+    // another node's host is not exempt.
+    let probe =
+        from_node(node1, &web_8080).unwrap_or_else(|e| panic!("a probe from web's node was refused: {e}"));
+    assert_eq!(
+        probe["peer"].as_str().unwrap().split(':').next(),
+        Some(node1.pod_ip4(1).to_string().as_str())
+    );
+    assert!(from_node(node0, &web_8080).is_err(), "another node's host got past STRICT");
 
     // A workload policy opens one port to plaintext again.
     cluster.write_config("web.yaml", WEB_PORT_9090_PERMISSIVE);

@@ -87,6 +87,10 @@ pub struct PodAddrKey {
 /// Deliveries being connected right now (entries live for one connect).
 pub const DELIVERIES_MAX: u32 = 65_536;
 
+/// The node's own addresses (host network namespace): connections from them to a meshed pod
+/// are the kubelet's probes and node agents, not the mesh's to refuse.
+pub const NODE_ADDRESSES_MAX: u32 = 1_024;
+
 /// A connection mesh-node is opening *into* a meshed pod on a client's behalf (the 4-tuple
 /// as the pod's netns sees its SYN), filed just before the connect so the pod's inbound
 /// capture lets it through instead of taking it back to mesh-node.

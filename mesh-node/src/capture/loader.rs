@@ -112,6 +112,8 @@ pub fn load_and_attach(
         .map_err(|source| CaptureError::Map { map: "INBOUND_LISTENERS", source })?;
     let deliveries = HashMap::try_from(take_map(&mut ebpf, "DELIVERIES")?)
         .map_err(|source| CaptureError::Map { map: "DELIVERIES", source })?;
+    let node_addresses = HashMap::try_from(take_map(&mut ebpf, "NODE_ADDRESSES")?)
+        .map_err(|source| CaptureError::Map { map: "NODE_ADDRESSES", source })?;
     let meshed = HashMap::try_from(take_map(&mut ebpf, "MESHED_CGROUPS")?)
         .map_err(|source| CaptureError::Map { map: "MESHED_CGROUPS", source })?;
     let by_tuple = HashMap::try_from(take_map(&mut ebpf, "ORIG_DST_BY_TUPLE")?)
@@ -126,6 +128,7 @@ pub fn load_and_attach(
         by_tuple: Mutex::new(by_tuple),
         inbound: Mutex::new(inbound),
         deliveries: Mutex::new(deliveries),
+        node_addresses: Mutex::new(node_addresses),
     };
     Ok((capture, logger))
 }

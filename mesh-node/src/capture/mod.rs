@@ -6,6 +6,7 @@
 
 #[expect(unsafe_code, reason = "tokio AsyncFd registration for the eBPF log ring buffer")]
 mod loader;
+pub mod node_addresses;
 
 use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
@@ -40,6 +41,7 @@ pub struct Capture {
     by_tuple: Mutex<HashMap<MapData, ClientTupleKey, OrigDst>>,
     inbound: Mutex<SockHash<MapData, PodAddrKey>>,
     deliveries: Mutex<HashMap<MapData, DeliveryKey, u8>>,
+    node_addresses: Mutex<HashMap<MapData, PodAddrKey, u8>>,
 }
 
 /// The inbound capture of one pod netns, to undo with [`Capture::release_inbound`].
@@ -126,6 +128,30 @@ impl Capture {
             .insert(key, 1, 0)
             .map_err(|source| CaptureError::Map { map: "DELIVERIES", source })?;
         Ok(key)
+    }
+
+    /// Makes `addresses` the node's own (see `NODE_ADDRESSES`): connections from them pass
+    /// the pods' inbound capture. Returns whether anything changed.
+    pub fn set_node_addresses(&self, addresses: &[IpAddr]) -> Result<bool, CaptureError> {
+        let wanted: Vec<PodAddrKey> = addresses
+            .iter()
+            .map(|ip| {
+                let (family, addr) = ip_words(*ip);
+                PodAddrKey { addr, family, _pad: 0 }
+            })
+            .collect();
+        let mut map = self.node_addresses.lock().expect("capture map lock");
+        let held: Vec<PodAddrKey> = map.keys().filter_map(Result::ok).collect();
+        let mut changed = false;
+        for stale in held.iter().filter(|k| !wanted.contains(k)) {
+            let _ = map.remove(stale);
+            changed = true;
+        }
+        for key in wanted.iter().filter(|k| !held.contains(k)) {
+            map.insert(*key, 1, 0).map_err(|source| CaptureError::Map { map: "NODE_ADDRESSES", source })?;
+            changed = true;
+        }
+        Ok(changed)
     }
 
     pub fn withdraw_delivery(&self, key: DeliveryKey) {
