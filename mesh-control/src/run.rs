@@ -139,7 +139,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     let (certificates, node_credentials) =
         certificate_service(settings.ca.as_ref(), kube_client, Arc::clone(&store)).await?;
     let tls = match (&settings.ca, &certificates.ca) {
-        (Some(s), Some(ca)) => Some(tls_port(s, Arc::clone(ca)).await?),
+        (Some(s), Some(ca)) => Some((s.tls_addr, tls_port(s, Arc::clone(ca)).await?)),
         _ => None,
     };
     let ads = AdsServer { snapshots: snap_rx, nodes, credentials: Arc::clone(&node_credentials) };
@@ -163,12 +163,12 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     );
     tracing::info!(
         xds = %settings.xds_addr,
-        tls = ?settings.ca.as_ref().filter(|_| tls.is_some()).map(|s| s.tls_addr),
+        tls = ?tls.as_ref().map(|(addr, _)| addr),
         admin = %settings.admin_addr,
         "mesh-control ready"
     );
     match tls {
-        Some(incoming) => {
+        Some((_, incoming)) => {
             let tls = server().serve_with_incoming_shutdown(incoming, shutdown());
             tokio::try_join!(async { plaintext.await.context("xDS server") }, async {
                 tls.await.context("TLS port")
@@ -191,10 +191,10 @@ async fn tls_port(
     >,
 > {
     let mut names = settings.tls_names.clone();
-    if !settings.tls_addr.ip().is_unspecified() {
-        names.push(settings.tls_addr.ip().to_string());
+    let ip = settings.tls_addr.ip().to_string();
+    if !settings.tls_addr.ip().is_unspecified() && !names.contains(&ip) {
+        names.push(ip);
     }
-    names.dedup();
     let cert = tls_port::ServingCert::new(ca, names, settings.max_ttl)
         .context("issuing the TLS port's certificate")?;
     let listener = TcpListener::bind(settings.tls_addr)

@@ -9,6 +9,11 @@ use std::{net::IpAddr, path::PathBuf, sync::Mutex, time::Duration};
 use anyhow::Context;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 
+/// The `authorization` value that carries the node token (on reports, xDS streams and CSRs).
+pub fn bearer(token: Option<&str>) -> Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>> {
+    token.and_then(|t| format!("Bearer {t}").parse().ok())
+}
+
 #[derive(Clone, Debug)]
 pub struct ControlPlane {
     /// `http://HOST:PORT` or `https://HOST:PORT`.

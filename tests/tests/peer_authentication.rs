@@ -31,9 +31,13 @@ spec:
 
 /// The HELLO reply of one connection from `client` to `to`, or why there was none.
 fn hello(node: &SimNode, client: &Pod, to: &str) -> Result<Value, String> {
-    let r = node.testapp(client, &["client", "--to", to]).map_err(|e| e.to_string())?;
-    let reply = &r["connections"][0]["reply"];
-    if reply["server"].is_string() { Ok(reply.clone()) } else { Err(r.to_string()) }
+    reply(node.testapp(client, &["client", "--to", to]).map_err(|e| e.to_string())?)
+}
+
+/// The server's HELLO reply in an `nm-testapp client` report, or the report if none came.
+fn reply(report: Value) -> Result<Value, String> {
+    let reply = &report["connections"][0]["reply"];
+    if reply["server"].is_string() { Ok(reply.clone()) } else { Err(report.to_string()) }
 }
 
 /// The HELLO reply of one connection to `to` from `node`'s own network namespace (the
@@ -42,9 +46,7 @@ fn from_node(node: &SimNode, to: &str) -> Result<Value, String> {
     let app = nodemesh_tests::bin("nm-testapp").map_err(|e| e.to_string())?;
     let args = ["client", "--to", to].map(String::from);
     let out = node.run_in_node(&app, &args, &[], Duration::from_secs(30)).map_err(|e| format!("{e:#}"))?;
-    let r: Value = serde_json::from_str(out.trim()).map_err(|e| format!("{e}: {out}"))?;
-    let reply = &r["connections"][0]["reply"];
-    if reply["server"].is_string() { Ok(reply.clone()) } else { Err(r.to_string()) }
+    reply(serde_json::from_str(out.trim()).map_err(|e| format!("{e}: {out}"))?)
 }
 
 fn inbound_opened(node: &SimNode, workload: &str) -> f64 {

@@ -125,6 +125,21 @@ impl CertificateAuthority {
         self.chain.iter().filter(|c| !self.roots.iter().any(|r| same_cert(r, c)))
     }
 
+    /// What every leaf this CA issues has: no subject, valid from a little before now for
+    /// `ttl` (never beyond the issuing certificate), not a CA, signing keys, `usages`.
+    fn leaf_params(&self, ttl: Duration, usages: Vec<ExtendedKeyUsagePurpose>) -> CertificateParams {
+        let now = OffsetDateTime::now_utc();
+        let mut params = CertificateParams::default();
+        params.distinguished_name = DistinguishedName::new();
+        params.not_before = now - CLOCK_SKEW;
+        params.not_after = (now + ttl).min(self.issuer_not_after);
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
+        params.extended_key_usages = usages;
+        params.use_authority_key_identifier_extension = true;
+        params
+    }
+
     /// Signs `csr_pem` for `identity`, valid for `ttl` (never beyond the issuing certificate).
     /// Returns the leaf, then the chain up to the root, then — as one last PEM element, Istio's
     /// `cert_chain` order — the whole trust bundle: the root the chain ends in first, then
@@ -155,17 +170,9 @@ impl CertificateAuthority {
                 identity: wanted,
             });
         }
-        let now = OffsetDateTime::now_utc();
-        let mut params = CertificateParams::default();
+        let mut params = self
+            .leaf_params(ttl, vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth]);
         params.subject_alt_names = csr.params.subject_alt_names.clone();
-        params.distinguished_name = DistinguishedName::new();
-        params.not_before = now - CLOCK_SKEW;
-        params.not_after = (now + ttl).min(self.issuer_not_after);
-        params.is_ca = IsCa::ExplicitNoCa;
-        params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
-        params.extended_key_usages =
-            vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
-        params.use_authority_key_identifier_extension = true;
         let leaf = CertificateSigningRequestParams { params, public_key: csr.public_key }
             .signed_by(&self.issuer)
             .map_err(|e| SignError::Signing(e.to_string()))?;
@@ -193,8 +200,7 @@ impl CertificateAuthority {
     /// impostor.
     pub fn issue_serving(&self, names: &[String], ttl: Duration) -> Result<(Vec<String>, String), SignError> {
         let key = KeyPair::generate().map_err(|e| SignError::Signing(e.to_string()))?;
-        let now = OffsetDateTime::now_utc();
-        let mut params = CertificateParams::default();
+        let mut params = self.leaf_params(ttl, vec![ExtendedKeyUsagePurpose::ServerAuth]);
         params.subject_alt_names = names
             .iter()
             .map(|name| match name.parse::<std::net::IpAddr>() {
@@ -206,15 +212,7 @@ impl CertificateAuthority {
                     .map_err(|e| SignError::Signing(format!("{name:?} is not a DNS name: {e}"))),
             })
             .collect::<Result<_, _>>()?;
-        let mut dn = DistinguishedName::new();
-        dn.push(DnType::CommonName, "mesh-control");
-        params.distinguished_name = dn;
-        params.not_before = now - CLOCK_SKEW;
-        params.not_after = (now + ttl).min(self.issuer_not_after);
-        params.is_ca = IsCa::ExplicitNoCa;
-        params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-        params.use_authority_key_identifier_extension = true;
+        params.distinguished_name.push(DnType::CommonName, "mesh-control");
         let leaf = params.signed_by(&key, &self.issuer).map_err(|e| SignError::Signing(e.to_string()))?;
         let mut chain = vec![leaf.pem()];
         chain.extend(self.intermediates().cloned());

@@ -22,7 +22,7 @@ use mesh_control::{
 use rcgen::{CertificateParams, KeyPair, SanType};
 use tokio::sync::watch;
 
-use crate::control_plane::{ControlPlane, LazyChannel};
+use crate::control_plane::{ControlPlane, LazyChannel, bearer};
 
 pub mod tls;
 
@@ -250,9 +250,7 @@ impl Identities {
             validity_duration: 0,
             metadata: Some(metadata),
         });
-        let bearer = format!("Bearer {}", self.token)
-            .parse()
-            .map_err(|_| "the node token is not a valid header value")?;
+        let bearer = bearer(Some(&self.token)).ok_or("the node token is not a valid header value")?;
         request.metadata_mut().insert("authorization", bearer);
         let received = SystemTime::now();
         let chain = IstioCertificateServiceClient::new(self.channel.get().map_err(|e| format!("{e:#}"))?)

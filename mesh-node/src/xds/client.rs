@@ -36,7 +36,7 @@ use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 
 use super::cache::{AddressInfo, Cache, Incoming};
-use crate::control_plane::ControlPlane;
+use crate::control_plane::{ControlPlane, bearer};
 
 /// Hands on-demand address subscriptions to the stream and waits for their answers.
 pub struct OnDemand {
@@ -285,11 +285,6 @@ struct Reporter {
     node: String,
     token: Option<String>,
     tunnel_address: Option<std::net::SocketAddr>,
-}
-
-/// The `authorization` value that carries the node token.
-fn bearer(token: Option<&str>) -> Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>> {
-    token.and_then(|t| format!("Bearer {t}").parse().ok())
 }
 
 /// Reports the registered workloads now and after every change, for as long as the session,
