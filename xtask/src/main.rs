@@ -68,7 +68,9 @@ fn test(args: &[String]) -> anyhow::Result<()> {
     util::cargo(&["build", "-p", "mesh-node", "-p", "mesh-control", "-p", "nodemesh-tests", "--bins"])?;
     util::step("running the test suite (simulated nodes need root; 2 test threads)");
     let bin_dir = util::workspace_root()?.join("target/debug");
-    let mut cargo_args = vec!["test", "--workspace", "--exclude", "mesh-ebpf", "--", "--test-threads", "2"];
+    // --no-fail-fast: one red binary must not hide the tests of the binaries after it.
+    let mut cargo_args =
+        vec!["test", "--workspace", "--exclude", "mesh-ebpf", "--no-fail-fast", "--", "--test-threads", "2"];
     cargo_args.extend(args.iter().map(String::as_str));
     util::cargo_env(&cargo_args, &[("NODEMESH_BIN_DIR", bin_dir.to_str().unwrap_or_default())])
 }

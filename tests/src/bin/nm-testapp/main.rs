@@ -238,18 +238,25 @@ fn hello_many(to: SocketAddr, n: usize, sni: Option<&str>) -> io::Result<Value> 
     let started = Instant::now();
     let mut conns = Vec::with_capacity(n);
     for _ in 0..n {
-        let s = connect(to)?;
-        conns.push((s.local_addr()?, s.peer_addr()?, s));
+        // A reset that lands right after the handshake surfaces in connect's own SO_ERROR check.
+        let s = connect(to).map_err(at("connect"))?;
+        conns.push((s.local_addr()?, s.peer_addr().map_err(at("connect"))?, s));
     }
     let mut results = Vec::with_capacity(n);
     for (local, peername, mut s) in conns.iter().map(|(l, p, s)| (l, p, s)) {
-        s.write_all(&hello)?;
-        s.write_all(b"HELLO\n")?;
-        s.shutdown(Shutdown::Write)?;
-        let reply = read_json_line(s)?;
+        s.write_all(&hello).map_err(at("write"))?;
+        s.write_all(b"HELLO\n").map_err(at("write"))?;
+        s.shutdown(Shutdown::Write).map_err(at("shutdown"))?;
+        let reply = read_json_line(s).map_err(at("read"))?;
         results.push(json!({"local": local, "peername": peername, "reply": reply}));
     }
     Ok(json!({"connections": results, "elapsed_ms": started.elapsed().as_millis() as u64}))
+}
+
+/// Names the step that failed in the error's message, keeping its kind (a reset surfaces at
+/// whichever step the RST overtakes: the write, the shutdown or the read).
+fn at(step: &'static str) -> impl Fn(io::Error) -> io::Error {
+    move |e| io::Error::new(e.kind(), format!("{step}: {e}"))
 }
 
 /// Deterministic pseudo-random payload so the checksum means something.
