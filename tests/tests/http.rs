@@ -154,10 +154,14 @@ fn http_on_an_undeclared_port_is_balanced_per_request_and_keeps_what_the_client_
     assert!(c.len() == 3 && c.iter().all(|n| (9..=11).contains(n)), "h2c per-request round robin: {r}");
     assert_eq!(r["first"]["version"], "HTTP/2.0", "{r}");
 
-    // HTTP/1.0 with no Host, as health checkers send it.
+    // HTTP/1.0 with no Host, as health checkers send it: it reaches the server as HTTP/1.0
+    // (an HTTP/1.0-only server may mishandle a 1.1 request line), with the dialled address as
+    // Host.
     let r = get(&node, &client, WEB_VIP, &["--requests", "3", "--http10", "--path", "/healthz"]);
     assert_eq!(r["statuses"]["200"], 3, "HTTP/1.0 must work: {r}");
     assert_eq!(r["first"]["path"], "/healthz");
+    assert_eq!(r["first"]["version"], "HTTP/1.0", "the client's version goes upstream: {r}");
+    assert_eq!(r["first"]["host"], format!("{WEB_VIP}:80"), "{r}");
 
     // A Host nobody registered: routed by the address dialled, Host passed through untouched.
     let r = get(&node, &client, WEB_VIP, &["--requests", "3", "--host", "unknown.example:8000"]);

@@ -305,7 +305,11 @@ async fn forward(
         splice_upgrade(client_upgrade, &mut response);
         return response.map(BodyExt::boxed);
     }
-    source.http_pool.put(addr, sender, &balancer);
+    // An HTTP/1.0 exchange ends its connection (hyper closes it after the answer: no
+    // keep-alive in 1.0), so it never goes back to the pool.
+    if parts.version != Version::HTTP_10 {
+        source.http_pool.put(addr, sender, &balancer);
+    }
     strip_hop_by_hop(response.headers_mut());
     if !answered_by.is_empty() {
         response.extensions_mut().insert(AnsweredBy(answered_by));
@@ -580,8 +584,10 @@ fn redirect_response(r: &Redirect, parts: &hyper::http::request::Parts) -> Respo
     response
 }
 
-/// The request as the upstream connection needs it: hop-by-hop headers gone, HTTP/1.1 in
-/// origin form with a `Host`, or HTTP/2 with scheme and authority in the URI.
+/// The request as the upstream connection needs it: hop-by-hop headers gone, HTTP/1.x in
+/// origin form with a `Host`, or HTTP/2 with scheme and authority in the URI. An HTTP/1.0
+/// request stays HTTP/1.0: some HTTP/1.0-only servers mishandle an HTTP/1.1 request line
+/// (chunked answers, keep-alive they do not speak).
 fn prepare_request(
     parts: &mut hyper::http::request::Parts,
     h2: bool,
@@ -598,7 +604,9 @@ fn prepare_request(
         }
         return;
     }
-    parts.version = Version::HTTP_11;
+    if parts.version != Version::HTTP_10 {
+        parts.version = Version::HTTP_11;
+    }
     if let Ok(uri) = path.parse() {
         parts.uri = uri;
     }
@@ -766,11 +774,11 @@ mod tests {
     }
 
     #[test]
-    fn http10_without_host_is_sent_as_http11_with_the_dialled_address() {
+    fn http10_without_host_stays_http10_with_the_dialled_address() {
         let vip: SocketAddr = "10.96.0.10:80".parse().unwrap();
         let mut p = parts("/health", None, Version::HTTP_10);
         prepare_request(&mut p, false, vip, None);
-        assert_eq!(p.version, Version::HTTP_11);
+        assert_eq!(p.version, Version::HTTP_10);
         assert_eq!(p.headers[header::HOST], "10.96.0.10:80");
         // A Host the client sent is never replaced, whatever it names.
         let mut p = parts("/x?y=1", Some("unknown.example"), Version::HTTP_11);
