@@ -701,6 +701,14 @@ impl SimNode {
         self.control.apply_and_wait(change)
     }
 
+    /// What mesh-control refused (`/debug/config` → `rejected`): one line per object, naming
+    /// file, object, field and reason.
+    pub fn control_rejections(&self) -> anyhow::Result<Vec<String>> {
+        let config: serde_json::Value = serde_json::from_str(&self.control.get("/debug/config")?)?;
+        let rejected = config["rejected"].as_array().context("/debug/config has no `rejected`")?;
+        Ok(rejected.iter().filter_map(|r| r.as_str().map(str::to_string)).collect())
+    }
+
     /// mesh-node's `/config_dump` as JSON.
     pub fn config_dump(&self) -> anyhow::Result<serde_json::Value> {
         Ok(serde_json::from_str(&self.admin_get("/config_dump")?)?)

@@ -30,7 +30,8 @@ spec:
     fillInterval: 1h
 "#;
 
-/// Each reviews pod accepts 4 requests, then 2 more every 500 ms.
+/// Each reviews pod accepts 4 requests, then 2 more every 3 s: long enough that a burst of
+/// requests fits inside one interval, so the counts below are exact.
 const SERVER_LIMIT: &str = r#"apiVersion: nodemesh.io/v1alpha1
 kind: RateLimitPolicy
 metadata: {name: reviews-pods, namespace: shop}
@@ -38,8 +39,9 @@ spec:
   host: reviews.shop.svc.cluster.local
   side: Server
   limits:
-  - {maxTokens: 4, tokensPerFill: 2, fillInterval: 500ms}
+  - {maxTokens: 4, tokensPerFill: 2, fillInterval: 3s}
 "#;
+const FILL_INTERVAL: Duration = Duration::from_secs(3);
 
 fn status(r: &Value, code: u16) -> u64 {
     r["statuses"][code.to_string()].as_u64().unwrap_or(0)
@@ -81,27 +83,36 @@ fn rate_limits_answer_429_per_caller_or_per_serving_pod_and_refill() {
     // A limited response under the limit says how much is left.
     node.apply_and_wait(|| fs::remove_file(config.join("limits.yaml")).unwrap()).unwrap();
     node.apply_and_wait(|| write(&config, "limits.yaml", SERVER_LIMIT)).unwrap();
+    // The buckets start full when their pod is first picked, from here on.
+    let burst = std::time::Instant::now();
     let r = get(&node, &other, &["--requests", "1"]);
     assert_eq!(
         (status(&r, 200), &r["rate_limit"]["limit"], &r["rate_limit"]["remaining"]),
         (1, &4.into(), &3.into()),
         "{r}"
     );
+    let first = r["first"]["server"].as_str().unwrap().to_string();
 
-    // Server side: a bucket per serving pod, whoever calls. Round robin over three pods with
-    // 4 tokens each (one used above): 11 of 30 pass — the 4 fills of 500 ms this might take add
-    // at most 2 × 3 × 4 more, so the bound is loose.
+    // Server side: a bucket per serving pod, whoever calls. Round robin gives each of the
+    // three pods 10 of the 30 requests; each pod passes its 4 tokens (the first one's 3 left)
+    // and refuses the rest: exactly 11 pass and 19 get 429.
     let r = get(&node, &productpage, &["--requests", "30"]);
-    let passed = status(&r, 200);
-    assert!((11..=35).contains(&passed) && status(&r, 429) == 30 - passed, "{r}");
     assert!(
-        ["v1", "v2", "v3"].iter().all(|v| r["servers"][*v].as_u64().unwrap_or(0) >= 3),
-        "each pod served its own bucket: {r}"
+        burst.elapsed() < FILL_INTERVAL,
+        "the exact counts below need the burst inside one fill interval ({FILL_INTERVAL:?}); it took {:?}",
+        burst.elapsed()
     );
-    // Refill: after 1.2 s, at least two fills (4 tokens) per pod.
-    std::thread::sleep(Duration::from_millis(1200));
-    let r = get(&node, &other, &["--requests", "3"]);
-    assert_eq!(status(&r, 200), 3, "the buckets refilled: {r}");
+    assert_eq!((status(&r, 200), status(&r, 429)), (11, 19), "{r}");
+    for v in ["v1", "v2", "v3"] {
+        let want = if v == first { 3 } else { 4 };
+        assert_eq!(r["servers"][v].as_u64().unwrap_or(0), want, "{v} served its own bucket: {r}");
+    }
+    // Refill: every bucket was made during the burst, which ended before this wait; after one
+    // interval (and before two) exactly one fill (2 tokens) per pod: 6 of 9 pass.
+    std::thread::sleep(FILL_INTERVAL + Duration::from_millis(200));
+    let r = get(&node, &other, &["--requests", "9"]);
+    assert!(burst.elapsed() < 2 * FILL_INTERVAL, "one fill only needs this inside two intervals");
+    assert_eq!((status(&r, 200), status(&r, 429)), (6, 3), "the buckets refilled by tokensPerFill: {r}");
 
     let metrics = node.admin_get("/metrics").unwrap();
     for (limit, side) in [

@@ -129,10 +129,15 @@ spec:\n  hosts: [reviews]\n  http: [{route: [{destination: {host: reviews, subse
     assert_eq!(served(&r, "v2"), 50, "{r}");
 
     // A VirtualService that cannot be enforced is rejected whole: the last good one stays.
+    // Waited for until mesh-control has read the file and every node applied the result.
     let with_cors = all_v2
         .replace("subset: v2}}]}]", "subset: v3}}], corsPolicy: {allowOrigins: [{exact: a.example}]}}]");
-    write(&s.config, "reviews-vs.yaml", &with_cors);
-    std::thread::sleep(Duration::from_secs(1));
+    s.node.apply_and_wait(|| write(&s.config, "reviews-vs.yaml", &with_cors)).unwrap();
+    let rejected = s.node.control_rejections().unwrap();
+    assert!(
+        rejected.iter().any(|r| r.contains("reviews-vs.yaml") && r.contains("corsPolicy")),
+        "the rejection names the file and the field: {rejected:?}"
+    );
     let r = get(&s.node, &s.client, &["--requests", "20"]);
     assert_eq!(served(&r, "v2"), 20, "the rejected change must not apply: {r}");
 }
@@ -241,6 +246,43 @@ spec:
     eprintln!("a failing upstream saw {seen} requests for the client's 1000");
     assert!(seen <= 1250, "retries multiplied the load on a failing upstream: {seen} for 1000");
     assert!(seen > 1000, "some retries must happen: {seen}");
+}
+
+#[test]
+fn a_route_timeout_answers_504_and_a_per_try_timeout_retries_on_another_endpoint() {
+    let s = setup();
+    let timeouts = r#"apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: reviews, namespace: shop}
+spec:
+  hosts: [reviews]
+  http:
+  - match: [{uri: {prefix: /delay/}}]
+    timeout: 300ms
+    route: [{destination: {host: reviews, subset: v1}}]
+  - match: [{uri: {prefix: /slow-on/}}]
+    retries: {attempts: 2, perTryTimeout: 200ms, retryOn: gateway-error}
+    route: [{destination: {host: reviews}}]
+  - route: [{destination: {host: reviews, subset: v2}}]
+"#;
+    apply_routes(&s, timeouts, &[], "v2");
+
+    // The route's timeout: v1 would answer 200 after 3 s; the client gets 504 after 300 ms.
+    let r = get(&s.node, &s.client, &["--path", "/delay/3000"]);
+    assert_eq!(r["statuses"]["504"], 1, "the route timeout must answer 504: {r}");
+    let elapsed = r["elapsed_ms"].as_u64().unwrap();
+    assert!((300..3000).contains(&elapsed), "504 after the 300 ms timeout, not the answer: {elapsed} ms");
+
+    // perTryTimeout: v1 takes 3 s on this path, v2 and v3 answer at once. Round robin sends
+    // every third request to v1 first; each of those times out after 200 ms and is retried on
+    // another endpoint, so all 9 succeed and none is answered by v1.
+    let r = get(&s.node, &s.client, &["--requests", "9", "--path", "/slow-on/v1/3000"]);
+    assert_eq!(r["statuses"]["200"], 9, "every request answered within its retries: {r}");
+    assert_eq!(served(&r, "v1"), 0, "v1's tries timed out: {r}");
+    assert_eq!(served(&r, "v2") + served(&r, "v3"), 9, "{r}");
+    let elapsed = r["elapsed_ms"].as_u64().unwrap();
+    assert!(elapsed >= 3 * 200, "three requests met v1 and waited out their try: {elapsed} ms");
+    assert!(elapsed < 3000, "a slow try must not be waited out to its end: {elapsed} ms");
 }
 
 #[test]

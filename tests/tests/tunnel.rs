@@ -160,6 +160,6 @@ fn certificates_rotate_under_continuous_traffic_without_a_failed_connection() {
         "certificates did not rotate during the run: {seen:?}"
     );
     // Renewed certificates retire pooled tunnel connections: new ones were opened.
-    let accepted = node1.log().matches("tunnel connection accepted").count();
-    assert!(accepted >= 3, "{accepted} tunnel connections over {connections} connections");
+    let accepted = node1.metrics().unwrap().sum("nodemesh_tunnel_connections_accepted_total", &[]);
+    assert!(accepted >= 3.0, "{accepted} tunnel connections over {connections} connections");
 }

@@ -131,6 +131,9 @@ pub struct Metrics {
     egress_denied: Family<EgressDeniedLabels, Counter>,
     rate_limited: Family<RateLimitedLabels, Counter>,
     inbound_denied: Family<InboundDeniedLabels, Counter>,
+    /// mTLS connections this node's tunnel server accepted (handshake done, both identities
+    /// proven): how often clients had to open a new one, e.g. after certificate renewal.
+    pub tunnel_connections_accepted: Counter,
     pub meshed_workloads: Gauge,
 }
 
@@ -147,6 +150,7 @@ impl Default for Metrics {
             egress_denied: Family::default(),
             rate_limited: Family::default(),
             inbound_denied: Family::default(),
+            tunnel_connections_accepted: Counter::default(),
             meshed_workloads: Gauge::default(),
         }
     }
@@ -204,6 +208,11 @@ impl Metrics {
             "nodemesh_inbound_denied",
             "Connections and requests to this node's workloads refused by their policy",
             m.inbound_denied.clone(),
+        );
+        registry.register(
+            "nodemesh_tunnel_connections_accepted",
+            "mTLS tunnel connections (HBONE, port 15008) this node accepted from other nodes",
+            m.tunnel_connections_accepted.clone(),
         );
         registry.register(
             "nodemesh_meshed_workloads",

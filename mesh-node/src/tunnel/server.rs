@@ -118,6 +118,7 @@ impl TunnelServer {
             }
         };
         tracing::debug!(peer = %addr, client = %peers.client, server = %peers.server, "tunnel connection accepted");
+        self.metrics.tunnel_connections_accepted.inc();
         let service = service_fn(move |request| {
             let this = Arc::clone(&self);
             let peers = Arc::clone(&peers);

@@ -4,7 +4,8 @@
 //! Server (HTTP/1.x and h2c on the same port), per request, a JSON body:
 //! `{"server","method","path","host","version","peer","headers"}`. `/status/<code>` answers
 //! with that status; `/flaky/<n>` answers 503 to every n-th request it gets and 200 otherwise;
-//! `/delay/<ms>` answers after that long;
+//! `/delay/<ms>` answers after that long; `/slow-on/<server>/<ms>` too, but only on the
+//! server of that name (the others answer at once);
 //! `/stats` answers `{"served": n, "last_host"}`: the requests this server answered before it,
 //! and the Host of the last one. A request
 //! with `Upgrade: nm-echo` is switched (101) to an echo stream.
@@ -125,6 +126,12 @@ async fn answer(
         *last = host.to_string();
     }
     if let Some(ms) = path.strip_prefix("/delay/").and_then(|ms| ms.parse::<u64>().ok()) {
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+    }
+    if let Some((server, ms)) = path.strip_prefix("/slow-on/").and_then(|rest| rest.split_once('/'))
+        && server == name
+        && let Ok(ms) = ms.parse::<u64>()
+    {
         tokio::time::sleep(Duration::from_millis(ms)).await;
     }
     let flaky = path.strip_prefix("/flaky/").and_then(|n| n.parse::<u64>().ok()).filter(|n| *n > 0);
