@@ -54,7 +54,8 @@ fn setup(services: &[(&str, &str, usize, Server)]) -> Setup {
         write(&config, &format!("{app}.yaml"), &undeclared_service(app, vip, app));
     }
     node.start_control_plane(&config).unwrap();
-    node.start_mesh_node(&["--control-plane", CONTROL_PLANE_URL]).unwrap();
+    let token = node.write_own_node_token().unwrap();
+    node.start_mesh_node(&["--control-plane", CONTROL_PLANE_URL, "--token-file", &token]).unwrap();
     let client = node.add_pod("client", "shop").unwrap();
     node.register(&client, &Registration::meshed()).unwrap();
     for (app, _, count, server) in services {

@@ -58,6 +58,17 @@ fn report(
     node_name: &str,
     workload: (&str, &str, &str),
 ) -> Result<(), tonic::Status> {
+    report_labelled(node, token, node_name, workload, &[])
+}
+
+/// [`report`] with the workload's labels, at 10.77.0.200.
+fn report_labelled(
+    node: &SimNode,
+    token: Option<&str>,
+    node_name: &str,
+    workload: (&str, &str, &str),
+    labels: &[(&str, &str)],
+) -> Result<(), tonic::Status> {
     use mesh_control::proto::mesh::{
         ReportedWorkload, WorkloadReport, node_registration_client::NodeRegistrationClient,
     };
@@ -69,6 +80,8 @@ fn report(
             name: workload.1.into(),
             service_account: workload.2.into(),
             addresses: vec!["10.77.0.200".into()],
+            labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            namespace_labels: [("nodemesh.io/enabled".to_string(), "true".to_string())].into(),
             ..Default::default()
         }],
         ..Default::default()
@@ -155,14 +168,46 @@ fn a_node_gets_certificates_only_for_its_own_workloads() {
     let e = report(&node, Some(&other), &name, ("shop", "fake", "admin")).unwrap_err();
     assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
     assert!(e.message().contains("the token of node some-other-node cannot report workloads"), "{e:?}");
-    // A node that never proved itself may report (local mode without identity), but its
-    // workloads give it no identity.
-    report(&node, None, "some-other-node", ("shop", "claimed", "admin")).unwrap();
+    // With a CA, a node that never proved itself cannot report without its token either.
+    let e = report(&node, None, "some-other-node", ("shop", "claimed", "admin")).unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Unauthenticated, "{e:?}");
+    assert!(e.message().contains("carries no node token"), "{e:?}");
     let e = create(&node, Some(&other), csr(admin), Some(admin), 600).unwrap_err();
     assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
-    // Once it reports with its token, they do.
+    // Once it reports with its token, its workloads' identities are its to obtain.
     report(&node, Some(&other), "some-other-node", ("shop", "claimed", "admin")).unwrap();
     create(&node, Some(&other), csr(admin), Some(admin), 600).unwrap();
+}
+
+#[test]
+fn a_report_without_a_token_cannot_inject_a_service_endpoint() {
+    const WEB: &str = "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: shop}\n\
+spec: {clusterIP: 10.96.0.10, selector: {app: web}, ports: [{name: http, port: 80, targetPort: 8080}]}\n";
+    let (mut node, _config) = SimNode::with_control_plane(&[("web.yaml", WEB)]).unwrap();
+    let web = node.add_pod("web", "shop").unwrap();
+    node.register(&web, &nodemesh_tests::mesh::labelled("web")).unwrap();
+    node.serve(&web, &[web.addr(8080)]).unwrap();
+    let client = node.add_pod("client", "shop").unwrap();
+    node.register(&client, &Registration::meshed()).unwrap();
+    let cluster = "outbound|80||web.shop.svc.cluster.local";
+    // The client's traffic makes the node subscribe to web's cluster.
+    nodemesh_tests::mesh::eventually("web answers through the mesh", Duration::from_secs(15), || {
+        nodemesh_tests::mesh::answered(&node, &client, "10.96.0.10:80")
+            && nodemesh_tests::mesh::endpoint_count(&node, cluster) == 1
+    });
+    // A workload labelled app=web at an address of the attacker's choosing, for a node name
+    // that never proved itself, with no token: refused, and nothing of it enters the model.
+    let e = report_labelled(&node, None, "intruder", ("shop", "evil", "default"), &[("app", "web")])
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Unauthenticated, "{e:?}");
+    let config = node.control_get("/debug/config").unwrap();
+    assert!(!config.contains("evil"), "the refused report reached the model: {config}");
+    // The barrier proves mesh-control pushed a generation after the refusal.
+    node.apply_and_wait(|| ()).unwrap();
+    let dump = node.config_dump().unwrap();
+    let endpoints = nodemesh_tests::mesh::dumped_cluster(&dump, cluster).unwrap()["endpoints"].to_string();
+    assert!(!endpoints.contains("10.77.0.200"), "an unauthenticated report injected an endpoint: {endpoints}");
+    assert_eq!(nodemesh_tests::mesh::endpoint_count(&node, cluster), 1, "{endpoints}");
 }
 
 #[test]

@@ -34,7 +34,8 @@ fn setup(extra_node_args: &[&str]) -> Setup {
     fs::create_dir_all(&config).unwrap();
     write(&config, "web.yaml", &service_yaml("web", VIP, "web"));
     node.start_control_plane(&config).unwrap();
-    let mut args = vec!["--control-plane", CONTROL_PLANE_URL];
+    let token = node.write_own_node_token().unwrap();
+    let mut args = vec!["--control-plane", CONTROL_PLANE_URL, "--token-file", &token];
     args.extend_from_slice(extra_node_args);
     node.start_mesh_node(&args).unwrap();
     let client = node.add_pod("client", "shop").unwrap();

@@ -41,7 +41,9 @@ pub fn run() -> anyhow::Result<Vec<ProtocolRun>> {
         ),
     );
     node.start_control_plane(&config)?;
-    node.start_mesh_node(&["--control-plane", CONTROL_PLANE_URL])?;
+    // mesh-control runs a CA, so every report must carry the node's token.
+    let token = node.write_own_node_token()?;
+    node.start_mesh_node(&["--control-plane", CONTROL_PLANE_URL, "--token-file", &token])?;
     let plain = node.add_pod("plain", "bench")?;
     node.register(&plain, &Registration::opted_out())?;
     let meshed = node.add_pod("meshed", "bench")?;

@@ -54,11 +54,16 @@ impl NodeTokens {
 
 /// Which nodes have proven who they are. A node proves itself with a bearer token: a node
 /// token of this CA, or (on Kubernetes) the node proxy's ServiceAccount token, which
-/// TokenReview maps to the node its pod runs on. A node's workload report with its token makes
-/// it *verified*: only verified nodes' reported workloads count when the CA decides which
-/// identities a node may obtain, and a verified node's name no longer accepts reports without
-/// its token (so nobody can replace its workloads). Without a CA there are no tokens and every
-/// report is taken as before (local mode without identity).
+/// TokenReview maps to the node its pod runs on.
+///
+/// With credentials configured (a CA, or TokenReview), every workload report must carry the
+/// reporting node's valid token ([`NodeCredentials::admit_report`]): reported workloads become
+/// Service endpoints and decide which identities their node may obtain, so a report taken at
+/// its word would let anyone who reaches the port inject an endpoint. A node that reported
+/// with its token is *verified*; its name then accepts no xDS stream without the token either.
+/// Without a CA there are no tokens and every report is taken (plain local mode, no identity:
+/// whoever reaches mesh-control's port is trusted, as the node itself is).
+
 #[derive(Default)]
 pub struct NodeCredentials {
     tokens: Option<NodeTokens>,
@@ -145,9 +150,31 @@ impl NodeCredentials {
         ))
     }
 
+    /// Whether a workload report may speak for `node`: with credentials configured it must
+    /// carry that node's valid token (UNAUTHENTICATED without one); otherwise as [`admit`].
+    ///
+    /// [`admit`]: NodeCredentials::admit
+    pub async fn admit_report(
+        &self,
+        node: &str,
+        metadata: &tonic::metadata::MetadataMap,
+    ) -> Result<(), tonic::Status> {
+        if self.enabled() && metadata.get("authorization").is_none() {
+            return Err(tonic::Status::unauthenticated(format!(
+                "a workload report for node {node} carries no node token; with a CA every report must \
+                 (mesh-node --token-file; mint one with `mesh-control node-token {node}`)"
+            )));
+        }
+        self.admit(node, metadata).await
+    }
+
     /// Whether a request (a workload report, an xDS stream) may speak for `node` with its
     /// credential: a token speaks only for its own node, and a node that has proved itself
-    /// once is never again taken at its word. Records a node that proves itself.
+    /// once is never again taken at its word. Records a node that proves itself. A request
+    /// without a token for a node that never proved itself passes (an xDS stream of a
+    /// proxyless client only reads config; reports go through [`admit_report`]).
+    ///
+    /// [`admit_report`]: NodeCredentials::admit_report
     pub async fn admit(
         &self,
         node: &str,
@@ -203,6 +230,38 @@ mod tests {
         assert_eq!(tokens.verify("garbage"), None);
         // The same key after a restart.
         assert_eq!(NodeTokens::load_or_create(&dir).unwrap().verify(&t).as_deref(), Some("node-a"));
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    fn bearer(token: &str) -> tonic::metadata::MetadataMap {
+        let mut m = tonic::metadata::MetadataMap::new();
+        m.insert("authorization", format!("Bearer {token}").parse().unwrap());
+        m
+    }
+
+    #[tokio::test]
+    async fn with_a_ca_every_report_needs_its_nodes_token_and_without_one_none_does() {
+        let dir = std::env::temp_dir().join(format!("nm-tokens-report-{}", std::process::id()));
+        let tokens = NodeTokens::load_or_create(&dir).unwrap();
+        let token = tokens.mint("node-a");
+        let with_ca = NodeCredentials::new(Some(tokens), None);
+        let none = tonic::metadata::MetadataMap::new();
+        // A node that never proved itself still cannot report without a token.
+        let e = with_ca.admit_report("node-b", &none).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::Unauthenticated, "{e:?}");
+        assert!(e.message().contains("carries no node token"), "{e:?}");
+        let e = with_ca.admit_report("node-a", &bearer("node-a.00")).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::Unauthenticated, "{e:?}");
+        let e = with_ca.admit_report("node-b", &bearer(&token)).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
+        with_ca.admit_report("node-a", &bearer(&token)).await.unwrap();
+        assert!(with_ca.is_verified("node-a"));
+        // A proxyless client's xDS stream needs none, for a node that never proved itself.
+        with_ca.admit("grpc-client", &none).await.unwrap();
+
+        // Plain local mode (no CA): whoever reaches the port reports, as before.
+        let local = NodeCredentials::new(None, None);
+        local.admit_report("node-b", &none).await.unwrap();
         fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -37,7 +37,7 @@ impl NodeRegistration for Registration {
         if report.node.is_empty() {
             return Err(Status::invalid_argument("report.node: the reporting node's name is required"));
         }
-        if let Err(refused) = self.nodes.admit(&report.node, &metadata).await {
+        if let Err(refused) = self.nodes.admit_report(&report.node, &metadata).await {
             tracing::warn!(node = report.node, "workload report refused: {}", refused.message());
             return Err(refused);
         }
