@@ -200,8 +200,9 @@ pub struct Config {
     pub max_endpoints_per_cluster: usize,
     pub lookup_timeout: Duration,
     pub sniff_timeout: Duration,
-    /// The node token (read from `--token-file`); `None`: no workload certificates.
-    pub token: Option<String>,
+    /// The node token (`--token-file`, re-read before each use); `None`: no workload
+    /// certificates.
+    pub token: Option<crate::control_plane::NodeToken>,
     pub trust_domain: String,
     pub tunnel_listen: SocketAddr,
     /// Advertised to the control plane: `--node-ip` with the tunnel's port.
@@ -272,16 +273,8 @@ impl Config {
         if args.connect_timeout_ms == 0 {
             errors.push("--connect-timeout-ms: must be greater than 0".to_string());
         }
-        let token = args.token_file.as_ref().and_then(|path| match std::fs::read_to_string(path) {
-            Ok(t) if !t.trim().is_empty() => Some(t.trim().to_string()),
-            Ok(_) => {
-                errors.push(format!("--token-file {}: empty", path.display()));
-                None
-            }
-            Err(e) => {
-                errors.push(format!("--token-file {}: {e}", path.display()));
-                None
-            }
+        let token = args.token_file.as_ref().and_then(|path| {
+            crate::control_plane::NodeToken::load(path.clone()).map_err(|e| errors.push(e)).ok()
         });
         if !errors.is_empty() {
             return Err(errors);

@@ -14,6 +14,53 @@ pub fn bearer(token: Option<&str>) -> Option<tonic::metadata::MetadataValue<toni
     token.and_then(|t| format!("Bearer {t}").parse().ok())
 }
 
+/// The node token, read from `--token-file` before each use (each report, xDS stream and
+/// CSR): a projected ServiceAccount token is rewritten by the kubelet (an atomic symlink swap)
+/// well before it expires, and an operator may replace a node token, so a value read once
+/// goes stale while the process runs on.
+#[derive(Clone, Debug)]
+pub struct NodeToken {
+    path: PathBuf,
+    /// The last token the file held, used when it cannot be read for a moment.
+    last: std::sync::Arc<Mutex<String>>,
+}
+
+impl NodeToken {
+    /// Reads the file once, so a missing or empty one fails at start with its reason.
+    pub fn load(path: PathBuf) -> Result<NodeToken, String> {
+        let token = read_token(&path)?;
+        Ok(NodeToken { path, last: std::sync::Arc::new(Mutex::new(token)) })
+    }
+
+    /// The token the file holds now; the last one read if it cannot be read (said in the log).
+    pub fn current(&self) -> String {
+        let mut last = self.last.lock().expect("token lock");
+        match read_token(&self.path) {
+            Ok(token) => {
+                if *last != token {
+                    tracing::info!(file = %self.path.display(), "the node token file changed: using the new token");
+                    *last = token;
+                }
+            }
+            Err(e) => tracing::warn!("{e}; using the token read before"),
+        }
+        last.clone()
+    }
+
+    /// `Bearer <the current token>`.
+    pub fn bearer(&self) -> Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>> {
+        bearer(Some(&self.current()))
+    }
+}
+
+fn read_token(path: &std::path::Path) -> Result<String, String> {
+    match std::fs::read_to_string(path) {
+        Ok(t) if !t.trim().is_empty() => Ok(t.trim().to_string()),
+        Ok(_) => Err(format!("--token-file {}: empty", path.display())),
+        Err(e) => Err(format!("--token-file {}: {e}", path.display())),
+    }
+}
+
 #[derive(Clone, Debug)]
 pub struct ControlPlane {
     /// `http://HOST:PORT` or `https://HOST:PORT`.

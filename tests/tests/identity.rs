@@ -262,3 +262,36 @@ fn mesh_node_keeps_a_renewed_certificate_for_each_identity_of_its_workloads() {
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+#[test]
+fn a_token_file_replaced_while_mesh_node_runs_is_used_without_a_restart() {
+    let mut node = SimNode::new().unwrap();
+    let config = node.work_dir.join("config");
+    std::fs::create_dir_all(&config).unwrap();
+    node.start_control_plane(&config).unwrap();
+    // mesh-node starts with a token that is not its node's (a stale one, say): every report,
+    // stream and CSR is refused, and it holds no certificate.
+    let token_file = node.work_dir.join("node-token");
+    let stale = node.control_plane().node_token("some-other-node").unwrap();
+    std::fs::write(&token_file, &stale).unwrap();
+    let path = token_file.display().to_string();
+    node.start_mesh_node(&["--control-plane", CONTROL_PLANE_URL, "--token-file", &path]).unwrap();
+    let pod = node.add_pod("reviews", "shop").unwrap();
+    node.register(&pod, &Registration::meshed().as_account("reviews")).unwrap();
+    nodemesh_tests::mesh::eventually("the stale token is refused", Duration::from_secs(15), || {
+        node.control_log().contains("the token of node some-other-node cannot report workloads")
+    });
+    assert!(held_certificates(&node).is_empty(), "a certificate was issued on a stale token");
+
+    // Replaced the way the kubelet rotates a projected token: a new file renamed over it.
+    let name = node.node_netns.clone();
+    let fresh = node.control_plane().node_token(&name).unwrap();
+    let staged = node.work_dir.join("node-token.new");
+    std::fs::write(&staged, fresh).unwrap();
+    std::fs::rename(&staged, &token_file).unwrap();
+    let id = "spiffe://cluster.local/ns/shop/sa/reviews";
+    nodemesh_tests::mesh::eventually("a certificate on the new token", Duration::from_secs(30), || {
+        held_certificates(&node).iter().any(|c| c.0 == id)
+    });
+    assert!(node.log().contains("the node token file changed"), "{}", node.log_tail());
+}

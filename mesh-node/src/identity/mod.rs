@@ -22,7 +22,7 @@ use mesh_control::{
 use rcgen::{CertificateParams, KeyPair, SanType};
 use tokio::sync::watch;
 
-use crate::control_plane::{ControlPlane, LazyChannel, bearer};
+use crate::control_plane::{ControlPlane, LazyChannel, NodeToken};
 
 pub mod tls;
 
@@ -95,7 +95,7 @@ impl WorkloadCert {
 
 pub struct Identities {
     channel: LazyChannel,
-    token: String,
+    token: NodeToken,
     trust_domain: String,
     certs: RwLock<BTreeMap<SpiffeId, Arc<WorkloadCert>>>,
     /// The last failure per identity, until it succeeds.
@@ -111,7 +111,7 @@ const MAX_RETRY: Duration = Duration::from_secs(30);
 impl Identities {
     pub fn new(
         control_plane: &ControlPlane,
-        token: String,
+        token: NodeToken,
         trust_domain: String,
     ) -> anyhow::Result<Identities> {
         let channel = LazyChannel::new(control_plane.clone(), Duration::from_secs(10))?;
@@ -250,7 +250,7 @@ impl Identities {
             validity_duration: 0,
             metadata: Some(metadata),
         });
-        let bearer = bearer(Some(&self.token)).ok_or("the node token is not a valid header value")?;
+        let bearer = self.token.bearer().ok_or("the node token is not a valid header value")?;
         request.metadata_mut().insert("authorization", bearer);
         let received = SystemTime::now();
         let chain = IstioCertificateServiceClient::new(self.channel.get().map_err(|e| format!("{e:#}"))?)

@@ -36,7 +36,7 @@ use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 
 use super::cache::{AddressInfo, Cache, Incoming};
-use crate::control_plane::{ControlPlane, bearer};
+use crate::control_plane::{ControlPlane, NodeToken};
 
 /// Hands on-demand address subscriptions to the stream and waits for their answers.
 pub struct OnDemand {
@@ -86,8 +86,8 @@ pub struct Client {
     requests: Mutex<Option<mpsc::UnboundedReceiver<String>>>,
     on_demand: Arc<OnDemand>,
     connected: Arc<AtomicBool>,
-    /// The node token, sent with workload reports so they count for identity.
-    pub token: Option<String>,
+    /// The node token, sent with workload reports and xDS streams (read anew for each).
+    pub token: Option<NodeToken>,
     /// Where other nodes reach this node's tunnel, reported with the workloads.
     pub tunnel_address: Option<std::net::SocketAddr>,
 }
@@ -204,7 +204,7 @@ impl Client {
         }
         let mut client = AggregatedDiscoveryServiceClient::new(channel).max_decoding_message_size(64 << 20);
         let mut stream = tonic::Request::new(ReceiverStream::new(rx));
-        if let Some(bearer) = bearer(self.token.as_deref()) {
+        if let Some(bearer) = self.token.as_ref().and_then(NodeToken::bearer) {
             // A node that has proved itself with its token must show it on every stream.
             stream.metadata_mut().insert("authorization", bearer);
         }
@@ -283,9 +283,13 @@ impl Drop for AbortOnDrop {
 /// Who reports: the node, its token, its tunnel.
 struct Reporter {
     node: String,
-    token: Option<String>,
+    token: Option<NodeToken>,
     tunnel_address: Option<std::net::SocketAddr>,
 }
+
+/// First wait before a refused workload report is sent again; doubles up to the max.
+const REPORT_RETRY_FIRST: Duration = Duration::from_secs(1);
+const REPORT_RETRY_MAX: Duration = Duration::from_secs(30);
 
 /// Reports the registered workloads now and after every change, for as long as the session,
 /// with the node token if there is one.
@@ -295,8 +299,8 @@ async fn report_workloads(
     mut specs: watch::Receiver<Vec<WorkloadSpec>>,
 ) {
     let tunnel_address = tunnel_address.map(|a| a.to_string()).unwrap_or_default();
-    let bearer = bearer(token.as_deref());
     let mut client = mesh::node_registration_client::NodeRegistrationClient::new(channel);
+    let mut retry = REPORT_RETRY_FIRST;
     loop {
         let workloads = specs
             .borrow_and_update()
@@ -315,15 +319,27 @@ async fn report_workloads(
             workloads,
             tunnel_address: tunnel_address.clone(),
         });
-        if let Some(b) = &bearer {
-            request.metadata_mut().insert("authorization", b.clone());
+        if let Some(b) = token.as_ref().and_then(NodeToken::bearer) {
+            request.metadata_mut().insert("authorization", b);
         }
         match client.report_workloads(request).await {
-            Ok(reply) => tracing::debug!(generation = reply.get_ref().generation, "workloads reported"),
-            Err(e) => tracing::warn!("workload report refused: {}", e.message()),
-        }
-        if specs.changed().await.is_err() {
-            return;
+            Ok(reply) => {
+                tracing::debug!(generation = reply.get_ref().generation, "workloads reported");
+                retry = REPORT_RETRY_FIRST;
+                if specs.changed().await.is_err() {
+                    return;
+                }
+            }
+            Err(e) => {
+                // Refused (a token being replaced, a bad entry) or lost: sent again after a
+                // while with the token as it is then, or at once when the workloads change.
+                tracing::warn!("workload report refused: {}; again in {retry:?}", e.message());
+                tokio::select! {
+                    changed = specs.changed() => if changed.is_err() { return },
+                    () = tokio::time::sleep(retry) => {}
+                }
+                retry = (retry * 2).min(REPORT_RETRY_MAX);
+            }
         }
     }
 }
