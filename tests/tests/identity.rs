@@ -82,7 +82,6 @@ fn report_labelled(
             addresses: vec!["10.77.0.200".into()],
             labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
             namespace_labels: [("nodemesh.io/enabled".to_string(), "true".to_string())].into(),
-            ..Default::default()
         }],
         ..Default::default()
     };
@@ -197,8 +196,8 @@ spec: {clusterIP: 10.96.0.10, selector: {app: web}, ports: [{name: http, port: 8
     });
     // A workload labelled app=web at an address of the attacker's choosing, for a node name
     // that never proved itself, with no token: refused, and nothing of it enters the model.
-    let e = report_labelled(&node, None, "intruder", ("shop", "evil", "default"), &[("app", "web")])
-        .unwrap_err();
+    let e =
+        report_labelled(&node, None, "intruder", ("shop", "evil", "default"), &[("app", "web")]).unwrap_err();
     assert_eq!(e.code(), tonic::Code::Unauthenticated, "{e:?}");
     let config = node.control_get("/debug/config").unwrap();
     assert!(!config.contains("evil"), "the refused report reached the model: {config}");
@@ -206,7 +205,10 @@ spec: {clusterIP: 10.96.0.10, selector: {app: web}, ports: [{name: http, port: 8
     node.apply_and_wait(|| ()).unwrap();
     let dump = node.config_dump().unwrap();
     let endpoints = nodemesh_tests::mesh::dumped_cluster(&dump, cluster).unwrap()["endpoints"].to_string();
-    assert!(!endpoints.contains("10.77.0.200"), "an unauthenticated report injected an endpoint: {endpoints}");
+    assert!(
+        !endpoints.contains("10.77.0.200"),
+        "an unauthenticated report injected an endpoint: {endpoints}"
+    );
     assert_eq!(nodemesh_tests::mesh::endpoint_count(&node, cluster), 1, "{endpoints}");
 }
 
