@@ -141,3 +141,113 @@ fn validate_reports_conflicts_between_objects() {
     }
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// Every Istio field Nodemesh accepts is enforced; the ones it does not enforce make their
+/// object rejected, naming the field — never accepted and silently ignored. One file per field,
+/// so each rejection is seen to come from its own object.
+#[test]
+fn fields_nodemesh_does_not_enforce_are_rejected_by_name() {
+    let dr = |tp: &str| {
+        format!(
+            "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: web, namespace: shop}}\n\
+             spec: {{host: web, trafficPolicy: {tp}}}\n"
+        )
+    };
+    let sidecar = |spec: &str| {
+        format!(
+            "apiVersion: networking.istio.io/v1\nkind: Sidecar\nmetadata: {{name: default, namespace: shop}}\nspec: {spec}\n"
+        )
+    };
+    let se = |extra: &str| {
+        format!(
+            "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: api, namespace: shop}}\n\
+             spec: {{hosts: [api.example.com], addresses: [192.0.2.10], ports: [{{number: 443, name: tls, protocol: TLS}}]{extra}}}\n"
+        )
+    };
+    let rejected: Vec<(String, &str)> = vec![
+        (
+            dr("{tls: {mode: SIMPLE}}"),
+            "spec.trafficPolicy.tls.mode: SIMPLE: TLS origination is not supported",
+        ),
+        (dr("{tls: {mode: MUTUAL}}"), "spec.trafficPolicy.tls.mode: MUTUAL"),
+        (dr("{tls: {mode: ISTIO_MUTUAL, sni: a.example}}"), "spec.trafficPolicy.tls.sni: not enforced"),
+        (dr("{tunnel: {targetHost: egress}}"), "spec.trafficPolicy.tunnel: not enforced"),
+        (dr("{proxyProtocol: {version: V1}}"), "spec.trafficPolicy.proxyProtocol: not enforced"),
+        (
+            dr("{connectionPool: {tcp: {maxConnectionDuration: 1h}}}"),
+            "spec.trafficPolicy.connectionPool.tcp.maxConnectionDuration: not enforced",
+        ),
+        (
+            dr("{connectionPool: {http: {maxRetries: 3}}}"),
+            "spec.trafficPolicy.connectionPool.http.maxRetries",
+        ),
+        (
+            dr("{connectionPool: {http: {h2UpgradePolicy: UPGRADE}}}"),
+            "spec.trafficPolicy.connectionPool.http.h2UpgradePolicy: UPGRADE is not enforced",
+        ),
+        (
+            dr("{connectionPool: {http: {useClientProtocol: false}}}"),
+            "spec.trafficPolicy.connectionPool.http.useClientProtocol",
+        ),
+        (
+            dr("{connectionPool: {http: {maxConcurrentStreams: 10}}}"),
+            "spec.trafficPolicy.connectionPool.http.maxConcurrentStreams",
+        ),
+        (
+            dr("{portLevelSettings: [{port: {number: 80}, tls: {mode: SIMPLE}}]}"),
+            "spec.trafficPolicy.portLevelSettings[0].tls.mode",
+        ),
+        (
+            dr("{loadBalancer: {simple: ROUND_ROBIN, warmupDurationSecs: 30s}}"),
+            "spec.trafficPolicy.loadBalancer.warmupDurationSecs",
+        ),
+        (
+            dr("{loadBalancer: {localityLbSetting: {failover: [{from: a, to: b}]}}}"),
+            "spec.trafficPolicy.loadBalancer.localityLbSetting.failover",
+        ),
+        (sidecar("{ingress: [{port: {number: 9080}, defaultEndpoint: '127.0.0.1:8080'}]}"), "spec.ingress"),
+        (sidecar("{egress: [{port: {number: 80}, hosts: ['./*']}]}"), "spec.egress[0].port: not enforced"),
+        (sidecar("{egress: [{bind: 127.0.0.2, hosts: ['./*']}]}"), "spec.egress[0].bind: not enforced"),
+        (sidecar("{egress: [{captureMode: NONE, hosts: ['./*']}]}"), "spec.egress[0].captureMode"),
+        (
+            sidecar("{outboundTrafficPolicy: {mode: ALLOW_ANY, egressProxy: {host: egress}}}"),
+            "spec.outboundTrafficPolicy.egressProxy",
+        ),
+        (se(", subjectAltNames: [spiffe://x/ns/a/sa/b]"), "spec.subjectAltNames: not enforced"),
+    ];
+    let accepted = [
+        dr("{tls: {mode: ISTIO_MUTUAL}}"),
+        dr("{tls: {mode: DISABLE}, portLevelSettings: [{port: {number: 80}, tls: {mode: ISTIO_MUTUAL}}]}"),
+        dr("{connectionPool: {http: {h2UpgradePolicy: DO_NOT_UPGRADE, useClientProtocol: true}}}"),
+        sidecar("{egress: [{hosts: ['./*'], captureMode: DEFAULT}]}"),
+    ];
+    let dir = std::env::temp_dir().join(format!("nm-validate-unenforced-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    for (i, (yaml, _)) in rejected.iter().enumerate() {
+        std::fs::write(dir.join(format!("case-{i:02}.yaml")), yaml).unwrap();
+    }
+    let bin = nodemesh_tests::bin("mesh-control").unwrap();
+    let out = Command::new(&bin).arg("validate").arg(&dir).output().unwrap();
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(!out.status.success(), "{text}");
+    for (i, (_, expected)) in rejected.iter().enumerate() {
+        let file = format!("case-{i:02}.yaml");
+        let line =
+            text.lines().find(|l| l.contains(&file)).unwrap_or_else(|| panic!("{file} accepted:\n{text}"));
+        assert!(line.contains(expected), "{file}: want `{expected}`, got:\n{line}");
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+    std::fs::create_dir_all(&dir).unwrap();
+    for (i, yaml) in accepted.iter().enumerate() {
+        // Each its own host: two DestinationRules for one host would conflict.
+        let yaml = yaml
+            .replace("name: web", &format!("name: web{i}"))
+            .replace("host: web", &format!("host: web{i}"));
+        std::fs::write(dir.join(format!("ok-{i}.yaml")), yaml).unwrap();
+    }
+    let out = Command::new(&bin).arg("validate").arg(&dir).output().unwrap();
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "the enforced forms must validate:\n{text}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}

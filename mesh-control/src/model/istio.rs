@@ -131,11 +131,12 @@ pub struct TrafficPolicy {
     pub load_balancer: Option<LoadBalancerSettings>,
     pub outlier_detection: Option<OutlierDetection>,
     pub connection_pool: Option<ConnectionPoolSettings>,
-    /// mTLS settings; enforced with the identity issue.
-    pub tls: Option<serde_json::Value>,
+    pub tls: Option<ClientTlsSettings>,
     #[serde(default)]
     pub port_level_settings: Vec<PortTrafficPolicy>,
+    /// Not enforced: rejected when set.
     pub tunnel: Option<serde_json::Value>,
+    /// Not enforced: rejected when set.
     pub proxy_protocol: Option<serde_json::Value>,
 }
 
@@ -146,12 +147,56 @@ pub struct PortTrafficPolicy {
     pub load_balancer: Option<LoadBalancerSettings>,
     pub outlier_detection: Option<OutlierDetection>,
     pub connection_pool: Option<ConnectionPoolSettings>,
-    pub tls: Option<serde_json::Value>,
+    pub tls: Option<ClientTlsSettings>,
 }
 
-/// Istio `ConnectionPoolSettings`. Enforced by mesh-node: tcp.connectTimeout,
-/// http.http2MaxRequests, http.maxRequestsPerConnection; the rest is validated and served to
-/// xDS clients.
+/// Istio `ClientTLSSettings`: how the caller's proxy speaks to the destination. Nodemesh
+/// enforces the two mesh modes — ISTIO_MUTUAL (only through the mTLS tunnel: an endpoint
+/// without a mesh identity is not dialled) and DISABLE (plaintext even to meshed endpoints,
+/// which their PeerAuthentication then judges) — and rejects TLS origination (SIMPLE,
+/// MUTUAL) and the fields only it uses.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ClientTlsSettings {
+    #[serde(default)]
+    pub mode: TlsMode,
+    pub client_certificate: Option<String>,
+    pub private_key: Option<String>,
+    pub ca_certificates: Option<String>,
+    pub credential_name: Option<String>,
+    #[serde(default)]
+    pub subject_alt_names: Vec<String>,
+    pub sni: Option<String>,
+    pub insecure_skip_verify: Option<bool>,
+    pub ca_crl: Option<String>,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum TlsMode {
+    #[default]
+    Disable,
+    Simple,
+    Mutual,
+    IstioMutual,
+}
+
+/// Istio `TcpKeepalive`: keepalive probes on the upstream connections. Unset fields keep the
+/// kernel's defaults (net.ipv4.tcp_keepalive_*), as in Istio.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TcpKeepalive {
+    pub probes: Option<u32>,
+    #[serde(default, with = "duration::option")]
+    pub time: Option<Duration>,
+    #[serde(default, with = "duration::option")]
+    pub interval: Option<Duration>,
+}
+
+/// Istio `ConnectionPoolSettings`. Enforced by mesh-node: tcp.maxConnections,
+/// tcp.connectTimeout, tcp.tcpKeepalive, tcp.idleTimeout, http.http1MaxPendingRequests,
+/// http.http2MaxRequests, http.maxRequestsPerConnection, http.idleTimeout; what mesh-node does
+/// not enforce is rejected (see [`ConnectionPoolSettings::check`]).
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ConnectionPoolSettings {
@@ -165,7 +210,7 @@ pub struct TcpSettings {
     pub max_connections: Option<u32>,
     #[serde(default, with = "duration::option")]
     pub connect_timeout: Option<Duration>,
-    pub tcp_keepalive: Option<serde_json::Value>,
+    pub tcp_keepalive: Option<TcpKeepalive>,
     #[serde(default, with = "duration::option")]
     pub max_connection_duration: Option<Duration>,
     #[serde(default, with = "duration::option")]
@@ -378,6 +423,30 @@ pub struct MeshConfigSpec {
     pub root_namespace: Option<String>,
 }
 
+/// Checks `exportTo`: `*` (every namespace, the default), `.` (the object's own), `~` (none),
+/// or namespace names.
+pub fn check_export_to(values: &[String], kind: &str, errors: &mut Vec<FieldError>) {
+    for (i, v) in values.iter().enumerate() {
+        let field = format!("spec.exportTo[{i}]");
+        let name_ok = !v.is_empty()
+            && v.len() <= 63
+            && v.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+            && !v.starts_with('-')
+            && !v.ends_with('-');
+        if !(v == "*" || v == "." || v == "~" || name_ok) {
+            errors.push(FieldError::new(field, format!("`{v}` is not `*`, `.`, `~` or a namespace name")));
+        } else if v != "*" {
+            errors.push(FieldError::new(
+                field,
+                format!(
+                    "`{v}`: exporting to some namespaces only is not enforced yet; the {kind} is \
+                     rejected rather than visible everywhere"
+                ),
+            ));
+        }
+    }
+}
+
 /// Checks an Istio host name: a DNS name, optionally with a leading `*.` wildcard.
 pub fn check_host(field: String, host: &str, errors: &mut Vec<FieldError>) {
     let name = host.strip_prefix("*.").unwrap_or(host);
@@ -398,6 +467,10 @@ pub fn check_host(field: String, host: &str, errors: &mut Vec<FieldError>) {
 
 impl ServiceEntrySpec {
     pub fn check(&self, errors: &mut Vec<FieldError>) {
+        check_export_to(&self.export_to, "ServiceEntry", errors);
+        if !self.subject_alt_names.is_empty() {
+            errors.push(not_enforced("spec.subjectAltNames", "ServiceEntry"));
+        }
         if self.hosts.is_empty() {
             errors.push(FieldError::new("spec.hosts", "at least one host is required"));
         }
@@ -467,6 +540,7 @@ impl WorkloadEntrySpec {
 
 impl DestinationRuleSpec {
     pub fn check(&self, errors: &mut Vec<FieldError>) {
+        check_export_to(&self.export_to, "DestinationRule", errors);
         check_host("spec.host".into(), &self.host, errors);
         if let Some(tp) = &self.traffic_policy {
             tp.check("spec.trafficPolicy", errors);
@@ -488,6 +562,16 @@ impl DestinationRuleSpec {
     }
 }
 
+/// A field Nodemesh does not enforce: the object is rejected rather than applied without it.
+pub fn not_enforced(field: impl Into<String>, kind: &str) -> FieldError {
+    FieldError::new(
+        field,
+        format!(
+            "not enforced by this version of Nodemesh; the {kind} is rejected rather than applied without it"
+        ),
+    )
+}
+
 impl TrafficPolicy {
     fn check(&self, at: &str, errors: &mut Vec<FieldError>) {
         if let Some(lb) = &self.load_balancer {
@@ -495,6 +579,18 @@ impl TrafficPolicy {
         }
         if let Some(od) = &self.outlier_detection {
             od.check(&format!("{at}.outlierDetection"), errors);
+        }
+        if let Some(pool) = &self.connection_pool {
+            pool.check(&format!("{at}.connectionPool"), errors);
+        }
+        if let Some(tls) = &self.tls {
+            tls.check(&format!("{at}.tls"), errors);
+        }
+        if self.tunnel.is_some() {
+            errors.push(not_enforced(format!("{at}.tunnel"), "DestinationRule"));
+        }
+        if self.proxy_protocol.is_some() {
+            errors.push(not_enforced(format!("{at}.proxyProtocol"), "DestinationRule"));
         }
         for (i, p) in self.port_level_settings.iter().enumerate() {
             let at = format!("{at}.portLevelSettings[{i}]");
@@ -507,12 +603,121 @@ impl TrafficPolicy {
             if let Some(od) = &p.outlier_detection {
                 od.check(&format!("{at}.outlierDetection"), errors);
             }
+            if let Some(pool) = &p.connection_pool {
+                pool.check(&format!("{at}.connectionPool"), errors);
+            }
+            if let Some(tls) = &p.tls {
+                tls.check(&format!("{at}.tls"), errors);
+            }
+        }
+    }
+}
+
+impl ClientTlsSettings {
+    fn check(&self, at: &str, errors: &mut Vec<FieldError>) {
+        let origination = match self.mode {
+            TlsMode::Simple => Some("SIMPLE"),
+            TlsMode::Mutual => Some("MUTUAL"),
+            TlsMode::Disable | TlsMode::IstioMutual => None,
+        };
+        if let Some(mode) = origination {
+            errors.push(FieldError::new(
+                format!("{at}.mode"),
+                format!(
+                    "{mode}: TLS origination is not supported yet (supported: ISTIO_MUTUAL, the mesh's \
+                     own mTLS; DISABLE, plaintext); the DestinationRule is rejected rather than \
+                     sending plaintext"
+                ),
+            ));
+        }
+        let origination_only = [
+            ("clientCertificate", self.client_certificate.is_some()),
+            ("privateKey", self.private_key.is_some()),
+            ("caCertificates", self.ca_certificates.is_some()),
+            ("credentialName", self.credential_name.is_some()),
+            ("subjectAltNames", !self.subject_alt_names.is_empty()),
+            ("sni", self.sni.is_some()),
+            ("insecureSkipVerify", self.insecure_skip_verify.is_some()),
+            ("caCrl", self.ca_crl.is_some()),
+        ];
+        for (field, set) in origination_only {
+            if set {
+                errors.push(not_enforced(format!("{at}.{field}"), "DestinationRule"));
+            }
+        }
+    }
+}
+
+impl ConnectionPoolSettings {
+    fn check(&self, at: &str, errors: &mut Vec<FieldError>) {
+        if let Some(tcp) = &self.tcp {
+            if tcp.max_connection_duration.is_some() {
+                errors.push(not_enforced(format!("{at}.tcp.maxConnectionDuration"), "DestinationRule"));
+            }
+            if let Some(k) = &tcp.tcp_keepalive {
+                if k.probes == Some(0) {
+                    errors
+                        .push(FieldError::new(format!("{at}.tcp.tcpKeepalive.probes"), "must be at least 1"));
+                }
+                for (field, d) in [("time", k.time), ("interval", k.interval)] {
+                    if d.is_some_and(|d| d < Duration::from_secs(1)) {
+                        errors.push(FieldError::new(
+                            format!("{at}.tcp.tcpKeepalive.{field}"),
+                            "the kernel counts keepalive in whole seconds: at least 1s",
+                        ));
+                    }
+                }
+            }
+        }
+        if let Some(http) = &self.http {
+            if http.max_retries.is_some() {
+                errors.push(FieldError::new(
+                    format!("{at}.http.maxRetries"),
+                    "not enforced: retries are bounded by each cluster's retry budget (about 20% of \
+                     requests); the DestinationRule is rejected rather than applied without it",
+                ));
+            }
+            match http.h2_upgrade_policy.as_deref() {
+                None | Some("DEFAULT" | "DO_NOT_UPGRADE") => {}
+                Some("UPGRADE") => errors.push(FieldError::new(
+                    format!("{at}.http.h2UpgradePolicy"),
+                    "UPGRADE is not enforced: mesh-node speaks the client's protocol upstream \
+                     (DEFAULT and DO_NOT_UPGRADE mean that)",
+                )),
+                Some(other) => errors.push(FieldError::new(
+                    format!("{at}.http.h2UpgradePolicy"),
+                    format!("`{other}` is not DEFAULT, DO_NOT_UPGRADE or UPGRADE"),
+                )),
+            }
+            if http.use_client_protocol == Some(false) {
+                errors.push(FieldError::new(
+                    format!("{at}.http.useClientProtocol"),
+                    "false is not enforced: mesh-node always speaks the client's protocol upstream",
+                ));
+            }
+            if http.max_concurrent_streams.is_some() {
+                errors.push(not_enforced(format!("{at}.http.maxConcurrentStreams"), "DestinationRule"));
+            }
         }
     }
 }
 
 impl LoadBalancerSettings {
     fn check(&self, at: &str, errors: &mut Vec<FieldError>) {
+        if self.warmup_duration_secs.is_some() {
+            errors.push(not_enforced(format!("{at}.warmupDurationSecs"), "DestinationRule"));
+        }
+        if let Some(l) = &self.locality_lb_setting {
+            for (field, set) in [
+                ("distribute", !l.distribute.is_empty()),
+                ("failover", !l.failover.is_empty()),
+                ("failoverPriority", !l.failover_priority.is_empty()),
+            ] {
+                if set {
+                    errors.push(not_enforced(format!("{at}.localityLbSetting.{field}"), "DestinationRule"));
+                }
+            }
+        }
         if self.simple.is_some() && self.consistent_hash.is_some() {
             errors.push(FieldError::new(at, "set either `simple` or `consistentHash`, not both"));
         }
@@ -565,6 +770,36 @@ impl OutlierDetection {
 
 impl SidecarSpec {
     pub fn check(&self, errors: &mut Vec<FieldError>) {
+        if !self.ingress.is_empty() {
+            errors.push(FieldError::new(
+                "spec.ingress",
+                "not enforced: there is no sidecar to configure listeners in; inbound traffic reaches \
+                 the pod on its own ports (use PeerAuthentication and AuthorizationPolicy to govern it); \
+                 the Sidecar is rejected rather than applied without it",
+            ));
+        }
+        if self.outbound_traffic_policy.as_ref().is_some_and(|p| p.egress_proxy.is_some()) {
+            errors.push(not_enforced("spec.outboundTrafficPolicy.egressProxy", "Sidecar"));
+        }
+        for (i, e) in self.egress.iter().enumerate() {
+            let at = format!("spec.egress[{i}]");
+            if e.port.is_some() {
+                errors.push(not_enforced(format!("{at}.port"), "Sidecar"));
+            }
+            if !e.bind.is_empty() {
+                errors.push(not_enforced(format!("{at}.bind"), "Sidecar"));
+            }
+            if !e.capture_mode.is_empty() && e.capture_mode != "DEFAULT" {
+                errors.push(FieldError::new(
+                    format!("{at}.captureMode"),
+                    format!(
+                        "`{}` is not enforced: capture is by eBPF at connect(), for every port \
+                         (DEFAULT); the Sidecar is rejected rather than applied without it",
+                        e.capture_mode
+                    ),
+                ));
+            }
+        }
         for (i, e) in self.egress.iter().enumerate() {
             if e.hosts.is_empty() {
                 errors.push(FieldError::new(

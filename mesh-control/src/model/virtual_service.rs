@@ -309,6 +309,7 @@ fn check_regex(at: &str, pattern: &str, errors: &mut Vec<FieldError>) {
 
 impl VirtualServiceSpec {
     pub fn check(&self, errors: &mut Vec<FieldError>) {
+        super::istio::check_export_to(&self.export_to, "VirtualService", errors);
         if self.hosts.is_empty() {
             errors.push(FieldError::new("spec.hosts", "at least one host is required"));
         }

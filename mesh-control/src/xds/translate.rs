@@ -716,6 +716,7 @@ fn subset_rule(dr: &istio::DestinationRule, subset: &istio::Subset) -> istio::De
         tp.load_balancer = sp.load_balancer.clone().or(tp.load_balancer);
         tp.outlier_detection = sp.outlier_detection.clone().or(tp.outlier_detection);
         tp.connection_pool = sp.connection_pool.clone().or(tp.connection_pool);
+        tp.tls = sp.tls.clone().or(tp.tls);
         if !sp.port_level_settings.is_empty() {
             tp.port_level_settings = sp.port_level_settings.clone();
         }
@@ -747,6 +748,14 @@ struct PortPolicy {
     limits: [Option<u32>; 3],
     /// http.maxRequestsPerConnection.
     max_requests_per_connection: Option<u32>,
+    /// tls.mode, when the rule sets one.
+    tls: Option<istio::TlsMode>,
+    /// tcp.tcpKeepalive.
+    keepalive: Option<istio::TcpKeepalive>,
+    /// tcp.idleTimeout: a relayed connection with no bytes either way for this long closes.
+    tcp_idle_timeout: Option<Duration>,
+    /// http.idleTimeout: a pooled upstream HTTP connection idle this long closes.
+    http_idle_timeout: Option<Duration>,
 }
 
 fn port_policy(dr: &istio::DestinationRule, port: u16) -> PortPolicy {
@@ -765,6 +774,10 @@ fn port_policy(dr: &istio::DestinationRule, port: u16) -> PortPolicy {
             http.and_then(|h| h.http2_max_requests),
         ],
         max_requests_per_connection: http.and_then(|h| h.max_requests_per_connection).filter(|n| *n > 0),
+        tls: pl.and_then(|p| p.tls.as_ref()).or(tp.tls.as_ref()).map(|t| t.mode),
+        keepalive: tcp.and_then(|t| t.tcp_keepalive.clone()),
+        tcp_idle_timeout: tcp.and_then(|t| t.idle_timeout),
+        http_idle_timeout: http.and_then(|h| h.idle_timeout),
     }
 }
 
@@ -773,13 +786,15 @@ pub const HTTP_PROTOCOL_OPTIONS: &str = "envoy.extensions.upstreams.http.v3.Http
 const HTTP_PROTOCOL_OPTIONS_TYPE: &str =
     "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions";
 
-/// Upstream HTTP options: at most `max` requests per connection, and the downstream's protocol
-/// upstream (what mesh-node does; Envoy needs one protocol choice whenever the options exist).
-fn http_options(max: u32) -> upstream_http::HttpProtocolOptions {
+/// Upstream HTTP options: at most `max` requests per connection, pooled connections closed
+/// after `idle`, and the downstream's protocol upstream (what mesh-node does; Envoy needs one
+/// protocol choice whenever the options exist).
+fn http_options(max: Option<u32>, idle: Option<Duration>) -> upstream_http::HttpProtocolOptions {
     use upstream_http::http_protocol_options::{UpstreamProtocolOptions, UseDownstreamHttpConfig};
     upstream_http::HttpProtocolOptions {
         common_http_protocol_options: Some(envoy_core::HttpProtocolOptions {
-            max_requests_per_connection: Some(pbuf::UInt32Value { value: max }),
+            max_requests_per_connection: max.map(|value| pbuf::UInt32Value { value }),
+            idle_timeout: idle.map(pb_duration),
             ..Default::default()
         }),
         upstream_protocol_options: Some(UpstreamProtocolOptions::UseDownstreamProtocolConfig(
@@ -833,10 +848,26 @@ fn build_cluster(
             ..Default::default()
         });
     }
-    if let Some(max) = policy.and_then(|p| p.max_requests_per_connection) {
-        c.typed_extension_protocol_options
-            .insert(HTTP_PROTOCOL_OPTIONS.into(), to_any(HTTP_PROTOCOL_OPTIONS_TYPE, &http_options(max)));
+    let max_requests = policy.and_then(|p| p.max_requests_per_connection);
+    let http_idle = policy.and_then(|p| p.http_idle_timeout);
+    if max_requests.is_some() || http_idle.is_some() {
+        c.typed_extension_protocol_options.insert(
+            HTTP_PROTOCOL_OPTIONS.into(),
+            to_any(HTTP_PROTOCOL_OPTIONS_TYPE, &http_options(max_requests, http_idle)),
+        );
     }
+    if let Some(k) = policy.and_then(|p| p.keepalive.as_ref()) {
+        let secs = |d: Option<Duration>| d.map(|d| pbuf::UInt32Value { value: d.as_secs() as u32 });
+        c.upstream_connection_options = Some(cluster::UpstreamConnectionOptions {
+            tcp_keepalive: Some(envoy_core::TcpKeepalive {
+                keepalive_probes: k.probes.map(|value| pbuf::UInt32Value { value }),
+                keepalive_time: secs(k.time),
+                keepalive_interval: secs(k.interval),
+            }),
+            ..Default::default()
+        });
+    }
+    c.metadata = cluster_metadata(policy);
     c.cluster_discovery_type =
         Some(cluster::cluster::ClusterDiscoveryType::Type(cluster::cluster::DiscoveryType::Eds as i32));
     c.eds_cluster_config = Some(cluster::cluster::EdsClusterConfig {
@@ -911,6 +942,50 @@ fn build_cluster(
         });
     }
     (c, hash_policy)
+}
+
+/// What Envoy's Cluster has no field for, in `filter_metadata["nodemesh.io"]`: `tls_mode`
+/// (ISTIO_MUTUAL or DISABLE, from the DestinationRule) and `tcp_idle_timeout_ms` (Envoy keeps
+/// that on its TCP proxy filter, and mesh-node has no listener config to carry it).
+fn cluster_metadata(policy: Option<&PortPolicy>) -> Option<envoy_core::Metadata> {
+    let policy = policy?;
+    let mut fields = BTreeMap::new();
+    match policy.tls {
+        Some(istio::TlsMode::IstioMutual) => {
+            fields.insert(CLUSTER_TLS_MODE.to_string(), string_value("ISTIO_MUTUAL".into()));
+        }
+        Some(istio::TlsMode::Disable) => {
+            fields.insert(CLUSTER_TLS_MODE.to_string(), string_value("DISABLE".into()));
+        }
+        // Rejected by validation: the rule never reaches here.
+        Some(istio::TlsMode::Simple | istio::TlsMode::Mutual) | None => {}
+    }
+    if let Some(idle) = policy.tcp_idle_timeout {
+        fields.insert(
+            CLUSTER_TCP_IDLE_TIMEOUT_MS.to_string(),
+            pbuf::Value { kind: Some(pbuf::value::Kind::NumberValue(idle.as_millis() as f64)) },
+        );
+    }
+    if fields.is_empty() {
+        return None;
+    }
+    Some(envoy_core::Metadata {
+        filter_metadata: [(
+            TUNNEL_METADATA.to_string(),
+            pbuf::Struct { fields: fields.into_iter().collect() },
+        )]
+        .into_iter()
+        .collect(),
+        ..Default::default()
+    })
+}
+
+/// Keys of the cluster metadata [`cluster_metadata`] writes.
+pub const CLUSTER_TLS_MODE: &str = "tls_mode";
+pub const CLUSTER_TCP_IDLE_TIMEOUT_MS: &str = "tcp_idle_timeout_ms";
+
+fn string_value(s: String) -> pbuf::Value {
+    pbuf::Value { kind: Some(pbuf::value::Kind::StringValue(s)) }
 }
 
 fn build_load_assignment(name: &str, eps: Vec<Ep>) -> endpoint::ClusterLoadAssignment {

@@ -32,6 +32,7 @@ use crate::{
     },
     tunnel::{TunnelTarget, client::TunnelPool},
     workload::IpIndex,
+    xds::connection_settings::{ConnectionSettings, UpstreamTls},
     xds::{
         conn_limits::{ConnectionSlot, Refused},
         http_route::RequestSource,
@@ -219,9 +220,17 @@ impl Outbound {
             Some(router) => router.decide(&source, dst).await,
             None => Decision::Direct(None),
         };
+        // The cluster's tcp.idleTimeout, once the connection goes to one.
+        let mut idle = None;
         let connected = match decision {
             Decision::Direct(tunnel) => self
-                .connect_upstream(&source, dst, tunnel.as_ref(), self.connect_timeout)
+                .connect_upstream(
+                    &source,
+                    dst,
+                    tunnel.as_ref(),
+                    &ConnectionSettings::default(),
+                    self.connect_timeout,
+                )
                 .await
                 .map(|s| (s, dst, None)),
             Decision::Balance {
@@ -263,12 +272,17 @@ impl Outbound {
                     Err(e) => Err(e),
                     Ok(Some(b)) if b.passthrough => {
                         let timeout = self.connect_timeout_to(&b);
-                        self.connect_upstream(&source, dst, None, timeout).await.map(|s| (s, dst, None))
+                        idle = b.connection.tcp_idle_timeout;
+                        self.connect_upstream(&source, dst, None, &b.connection, timeout)
+                            .await
+                            .map(|s| (s, dst, None))
                     }
                     Ok(Some(b)) => {
+                        idle = b.connection.tcp_idle_timeout;
                         self.connect_balanced(&source, &b, None, local.as_ref(), &service, dst).await
                     }
                     Ok(None) => {
+                        idle = balancer.connection.tcp_idle_timeout;
                         let hash = connection_hash(hash_policy.as_ref(), &source, &client).await;
                         self.connect_balanced(&source, &balancer, hash, local.as_ref(), &service, dst).await
                     }
@@ -324,7 +338,7 @@ impl Outbound {
         };
         let counters = self.metrics.connection_opened(&labels);
         tracing::debug!(workload = %source.key, %dst, "proxying");
-        match relay::relay(client, upstream, &counters.sent, &counters.received).await {
+        match relay::relay(client, upstream, &counters.sent, &counters.received, idle).await {
             Ok(t) => {
                 tracing::debug!(workload = %source.key, %dst, sent = t.sent, received = t.received, "closed")
             }
@@ -377,7 +391,8 @@ impl Outbound {
         let (pick, stream) = attempt
             .open(&[], true, |endpoint| async move {
                 let ep = &endpoint.ep;
-                self.connect_upstream(source, ep.addr, ep.tunnel.as_ref(), self.connect_timeout_to(balancer))
+                let timeout = self.connect_timeout_to(balancer);
+                self.connect_upstream(source, ep.addr, ep.tunnel.as_ref(), &balancer.connection, timeout)
                     .await
             })
             .await
@@ -403,7 +418,9 @@ impl Outbound {
         slot: ConnectionSlot,
     ) -> io::Result<Sender> {
         let timeout = self.connect_timeout_to(cluster);
-        let stream = self.connect_upstream(source, endpoint.addr, endpoint.tunnel.as_ref(), timeout).await?;
+        let stream = self
+            .connect_upstream(source, endpoint.addr, endpoint.tunnel.as_ref(), &cluster.connection, timeout)
+            .await?;
         http::handshake(stream, h2, slot).await
     }
 
@@ -413,16 +430,21 @@ impl Outbound {
     }
 
     /// Reaches `dst` for the source workload: a meshed pod of this node by delivery into its
-    /// netns, a meshed pod elsewhere through its node's tunnel, anything else directly.
+    /// netns, a meshed pod elsewhere through its node's tunnel, anything else directly — as
+    /// the cluster's `settings` allow (tls.mode DISABLE: always directly, in plaintext;
+    /// ISTIO_MUTUAL: never directly).
     async fn connect_upstream(
         &self,
         source: &Source,
         dst: SocketAddr,
         tunnel: Option<&TunnelTarget>,
+        settings: &ConnectionSettings,
         timeout: Duration,
     ) -> io::Result<Upstream> {
         let from = source.ips.iter().find(|ip| ip.is_ipv4() == dst.is_ipv4()).copied();
-        if let Some(pod) = self.locals.local(dst.ip()).and_then(|w| w.delivery.clone()) {
+        let meshed_path = settings.tls != UpstreamTls::Disable;
+        let delivery = self.locals.local(dst.ip()).and_then(|w| w.delivery.clone()).filter(|_| meshed_path);
+        if let Some(pod) = delivery {
             // The destination's policy, with the source proven by mesh-node itself.
             let connection = Inbound {
                 authorizer: Arc::clone(&self.authorizer),
@@ -445,6 +467,9 @@ impl Outbound {
                 ));
             }
             let delivered = self.delivery.connect(&pod.netns, from, dst, timeout).await?;
+            if let Some(k) = &settings.keepalive {
+                k.apply(&socket2::SockRef::from(&delivered))?;
+            }
             if !per_request {
                 return Ok(Upstream::Guarded(Guarded::new(delivered, connection)));
             }
@@ -466,7 +491,7 @@ impl Outbound {
             });
             return Ok(Upstream::Judged(ours));
         }
-        if let (Some(target), Some(tunnels)) = (tunnel, &self.tunnels) {
+        if let (Some(target), Some(tunnels), true) = (tunnel, &self.tunnels, meshed_path) {
             let identity =
                 tunnels.credentials().identities.identity(&source.key.namespace, &source.service_account);
             return tunnels
@@ -474,7 +499,20 @@ impl Outbound {
                 .await
                 .map(Upstream::Tunnel);
         }
-        self.connect_direct(source, dst, timeout).await.map(Upstream::Tcp)
+        if settings.tls == UpstreamTls::IstioMutual {
+            return Err(io::Error::new(
+                io::ErrorKind::ConnectionRefused,
+                format!(
+                    "{dst} has no mesh identity (not a meshed workload) and the DestinationRule's \
+                     tls.mode is ISTIO_MUTUAL: not dialled in plaintext"
+                ),
+            ));
+        }
+        let stream = self.connect_direct(source, dst, timeout).await?;
+        if let Some(k) = &settings.keepalive {
+            k.apply(&socket2::SockRef::from(&stream))?;
+        }
+        Ok(Upstream::Tcp(stream))
     }
 
     /// Dials `dst` from inside the source workload's netns with the proxy mark set.

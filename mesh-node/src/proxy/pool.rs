@@ -10,6 +10,7 @@ use std::{
     collections::HashMap,
     net::SocketAddr,
     sync::{Arc, Mutex},
+    time::{Duration, Instant},
 };
 
 use bytes::Bytes;
@@ -77,11 +78,25 @@ impl Evictable for IdleHttp1 {
     }
 }
 
+/// The pooled HTTP/2 connection to one endpoint.
+struct Http2Entry {
+    sender: http2::SendRequest<Body>,
+    /// Requests it has carried.
+    uses: u32,
+    /// When a request last took it (for the cluster's http.idleTimeout).
+    last_used: Instant,
+    /// Which connection this is, so an idle timer never removes a newer one.
+    id: u64,
+}
+
+type Http2Pooled = Arc<Mutex<HashMap<SocketAddr, Http2Entry>>>;
+
 #[derive(Default)]
 pub struct Pool {
     http1: Mutex<Http1Idle>,
-    /// One multiplexed connection per endpoint, and the requests it has carried.
-    http2: Mutex<HashMap<SocketAddr, (http2::SendRequest<Body>, u32)>>,
+    /// One multiplexed connection per endpoint.
+    http2: Http2Pooled,
+    next_id: std::sync::atomic::AtomicU64,
 }
 
 impl std::fmt::Debug for Pool {
@@ -100,14 +115,15 @@ impl Pool {
         let limit = cluster.limits.max_requests_per_connection;
         if h2 {
             let mut conns = self.http2.lock().expect("pool lock");
-            let (s, uses) = conns.get_mut(&addr)?;
-            if s.is_closed() || !s.is_ready() {
+            let entry = conns.get_mut(&addr)?;
+            if entry.sender.is_closed() || !entry.sender.is_ready() {
                 conns.remove(&addr);
                 return None;
             }
-            *uses += 1;
-            let sender = Sender::Http2(s.clone(), *uses);
-            if limit.is_some_and(|max| *uses >= max) {
+            entry.uses += 1;
+            entry.last_used = Instant::now();
+            let sender = Sender::Http2(entry.sender.clone(), entry.uses);
+            if limit.is_some_and(|max| entry.uses >= max) {
                 conns.remove(&addr);
             }
             return Some(sender);
@@ -129,10 +145,20 @@ impl Pool {
     /// it still streams a response is skipped by [`Pool::get`] until it is done.
     pub fn put(&self, addr: SocketAddr, sender: Sender, cluster: &Balancer) {
         let limit = cluster.limits.max_requests_per_connection;
+        let idle_timeout = cluster.connection.http_idle_timeout;
         match sender {
             // A pooled HTTP/2 connection was counted when it was taken; a new one enters here.
-            Sender::Http2(s, 0) if limit.is_none_or(|max| max > 1) => {
-                self.http2.lock().expect("pool lock").entry(addr).or_insert((s, 1));
+            Sender::Http2(sender, 0) if limit.is_none_or(|max| max > 1) => {
+                let id = self.next_id.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let entry = Http2Entry { sender, uses: 1, last_used: Instant::now(), id };
+                let mut conns = self.http2.lock().expect("pool lock");
+                if conns.contains_key(&addr) {
+                    return;
+                }
+                conns.insert(addr, entry);
+                if let Some(idle) = idle_timeout {
+                    tokio::spawn(retire_idle_http2(Arc::clone(&self.http2), addr, id, idle));
+                }
             }
             Sender::Http2(..) => {}
             Sender::Http1(s, uses) => {
@@ -149,10 +175,42 @@ impl Pool {
                     }
                     idle.push(Arc::clone(&conn));
                 }
+                if let Some(idle) = idle_timeout {
+                    // Still idle (nobody took it) when the timeout passes: closed. A request
+                    // that took it puts a new entry back, with a timer of its own.
+                    let conn = Arc::clone(&conn);
+                    tokio::spawn(async move {
+                        tokio::time::sleep(idle).await;
+                        conn.evict();
+                    });
+                }
                 if cluster.limits.max_connections.is_some() {
                     cluster.connections.track_idle(conn);
                 }
             }
+        }
+    }
+}
+
+/// Removes the pooled HTTP/2 connection `id` to `addr` once no request has taken it for
+/// `idle` (DestinationRule http.idleTimeout); streams still open on it finish, then hyper
+/// closes it.
+async fn retire_idle_http2(pool: Http2Pooled, addr: SocketAddr, id: u64, idle: Duration) {
+    let mut deadline = Instant::now() + idle;
+    loop {
+        tokio::time::sleep_until(deadline.into()).await;
+        let mut conns = pool.lock().expect("pool lock");
+        match conns.get(&addr) {
+            Some(entry) if entry.id == id => {
+                let due = entry.last_used + idle;
+                if Instant::now() >= due {
+                    conns.remove(&addr);
+                    return;
+                }
+                deadline = due;
+            }
+            // Replaced or gone already.
+            _ => return,
         }
     }
 }

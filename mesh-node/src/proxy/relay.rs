@@ -5,9 +5,15 @@
 //! (a client that sends a request and then shuts down its write side still gets the answer).
 //! A direction only reads when its previous chunk was fully written, which is the backpressure.
 //! An error in either direction (a reset, say) ends both and resets both sockets, so a broken
-//! upstream reaches the client as a reset, never as a hang.
+//! upstream reaches the client as a reset, never as a hang. With an idle timeout (DestinationRule
+//! `connectionPool.tcp.idleTimeout`), a connection that moves no byte either way for that long
+//! is closed on both sides (FIN: nothing failed).
 
-use std::{io, time::Duration};
+use std::{
+    io,
+    sync::atomic::{AtomicU64, Ordering},
+    time::{Duration, Instant},
+};
 
 use prometheus_client::metrics::counter::Counter;
 use tokio::{
@@ -27,22 +33,29 @@ pub struct Totals {
     pub received: u64,
 }
 
-/// Relays until both directions have finished; on error resets both sides.
+/// Relays until both directions have finished (or, with `idle`, until neither has moved a
+/// byte for that long); on error resets both sides.
 pub async fn relay(
     mut client: TcpStream,
     upstream: Upstream,
     sent: &Counter,
     received: &Counter,
+    idle: Option<Duration>,
 ) -> io::Result<Totals> {
     match upstream {
         Upstream::Tcp(mut upstream) => {
+            let activity = Activity::new(idle);
             let result = {
                 let (mut client_read, mut client_write) = client.split();
                 let (mut upstream_read, mut upstream_write) = upstream.split();
-                tokio::try_join!(
-                    copy_half(&mut client_read, &mut upstream_write, sent),
-                    copy_half(&mut upstream_read, &mut client_write, received),
-                )
+                activity
+                    .watch(async {
+                        tokio::try_join!(
+                            copy_half(&mut client_read, &mut upstream_write, sent, &activity),
+                            copy_half(&mut upstream_read, &mut client_write, received, &activity),
+                        )
+                    })
+                    .await
             };
             if result.is_err() {
                 reset(&upstream);
@@ -50,27 +63,42 @@ pub async fn relay(
             finish(&client, result)
         }
         // Dropping a tunnel stream that did not finish resets it (RST_STREAM).
-        Upstream::Tunnel(stream) => relay_stream(client, stream, sent, received).await,
-        Upstream::Judged(stream) => relay_stream(client, stream, sent, received).await,
-        Upstream::Guarded(stream) => relay_stream(client, stream, sent, received).await,
+        Upstream::Tunnel(stream) => relay_stream_idle(client, stream, sent, received, idle).await,
+        Upstream::Judged(stream) => relay_stream_idle(client, stream, sent, received, idle).await,
+        Upstream::Guarded(stream) => relay_stream_idle(client, stream, sent, received, idle).await,
     }
 }
 
 /// Relays between a TCP connection and any other byte stream (a tunnel stream: split with
 /// a lock, which plain TCP pairs avoid).
 pub async fn relay_stream<S: AsyncRead + AsyncWrite + Unpin>(
-    mut client: TcpStream,
+    client: TcpStream,
     other: S,
     sent: &Counter,
     received: &Counter,
 ) -> io::Result<Totals> {
+    relay_stream_idle(client, other, sent, received, None).await
+}
+
+async fn relay_stream_idle<S: AsyncRead + AsyncWrite + Unpin>(
+    mut client: TcpStream,
+    other: S,
+    sent: &Counter,
+    received: &Counter,
+    idle: Option<Duration>,
+) -> io::Result<Totals> {
+    let activity = Activity::new(idle);
     let (mut other_read, mut other_write) = tokio::io::split(other);
     let result = {
         let (mut client_read, mut client_write) = client.split();
-        tokio::try_join!(
-            copy_half(&mut client_read, &mut other_write, sent),
-            copy_half(&mut other_read, &mut client_write, received),
-        )
+        activity
+            .watch(async {
+                tokio::try_join!(
+                    copy_half(&mut client_read, &mut other_write, sent, &activity),
+                    copy_half(&mut other_read, &mut client_write, received, &activity),
+                )
+            })
+            .await
     };
     finish(&client, result)
 }
@@ -85,7 +113,58 @@ fn finish(client: &TcpStream, result: io::Result<(u64, u64)>) -> io::Result<Tota
     }
 }
 
-async fn copy_half<R, W>(reader: &mut R, writer: &mut W, counter: &Counter) -> io::Result<u64>
+/// When a relay last moved a byte, for its idle timeout (`None`: no timeout, nothing kept).
+struct Activity {
+    idle: Option<Duration>,
+    start: Instant,
+    /// Milliseconds after `start` of the last read that moved bytes.
+    last_ms: AtomicU64,
+}
+
+impl Activity {
+    fn new(idle: Option<Duration>) -> Activity {
+        Activity { idle, start: Instant::now(), last_ms: AtomicU64::new(0) }
+    }
+
+    fn moved(&self) {
+        if self.idle.is_some() {
+            self.last_ms.store(self.start.elapsed().as_millis() as u64, Ordering::Relaxed);
+        }
+    }
+
+    /// Runs `copying` to its end, or ends it once nothing moved for the idle timeout: then
+    /// both sides close normally (the caller drops them), as Envoy's TCP proxy does.
+    async fn watch(
+        &self,
+        copying: impl std::future::Future<Output = io::Result<(u64, u64)>>,
+    ) -> io::Result<(u64, u64)> {
+        let Some(idle) = self.idle else { return copying.await };
+        let watchdog = async {
+            loop {
+                let last = self.start + Duration::from_millis(self.last_ms.load(Ordering::Relaxed));
+                let deadline = last + idle;
+                if Instant::now() >= deadline {
+                    return;
+                }
+                tokio::time::sleep_until(deadline.into()).await;
+            }
+        };
+        tokio::select! {
+            result = copying => result,
+            () = watchdog => {
+                tracing::debug!("relay closed after {idle:?} without a byte either way (idleTimeout)");
+                Ok((0, 0))
+            }
+        }
+    }
+}
+
+async fn copy_half<R, W>(
+    reader: &mut R,
+    writer: &mut W,
+    counter: &Counter,
+    activity: &Activity,
+) -> io::Result<u64>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
@@ -94,6 +173,7 @@ where
     let mut total = 0u64;
     loop {
         let n = reader.read(&mut buf).await?;
+        activity.moved();
         if n == 0 {
             // Peer finished sending: pass the FIN on. The other direction may go on. A failed
             // shutdown means that side is already gone, which its own read will report.

@@ -159,19 +159,21 @@ impl Cache {
                             .map(|d| Duration::new(d.seconds.max(0) as u64, d.nanos.max(0) as u32))
                             .filter(|d| !d.is_zero()),
                     };
-                    configs.push((c.name.clone(), cluster_settings(&c)?, limits));
+                    let connection = super::connection_settings::ConnectionSettings::from_cluster(&c)?;
+                    configs.push((c.name.clone(), cluster_settings(&c)?, limits, connection));
                 }
                 let mut s = self.state.write().expect("cache lock");
                 for name in removed {
                     s.clusters.remove(name);
                 }
-                for (name, (policy, outlier, locality_aware, passthrough), limits) in configs {
+                for (name, (policy, outlier, locality_aware, passthrough), limits, connection) in configs {
                     // Keep endpoints and their health across a settings change.
                     let mut balancer = match s.clusters.get(&name) {
                         Some(old) => old.reconfigured(policy, outlier, locality_aware, passthrough),
                         None => Balancer::new(&name, policy, outlier, locality_aware, passthrough),
                     };
                     balancer.limits = limits;
+                    balancer.connection = connection;
                     s.clusters.insert(name, Arc::new(balancer));
                 }
                 s.generation.insert(type_url.into(), generation);

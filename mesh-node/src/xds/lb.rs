@@ -141,6 +141,8 @@ pub struct Balancer {
     in_flight: Arc<AtomicU32>,
     /// Upstream connections open now (and requests waiting for one), shared likewise.
     pub connections: Arc<ConnectionLimits>,
+    /// How connections to the endpoints are made and kept (tls mode, keepalive, idle timeouts).
+    pub connection: super::connection_settings::ConnectionSettings,
 }
 
 /// A cluster's connectionPool limits on this node (Envoy circuit-breaker thresholds).
@@ -188,6 +190,7 @@ impl Balancer {
             limits: PoolLimits::default(),
             in_flight: Arc::default(),
             connections: Arc::default(),
+            connection: Default::default(),
         }
     }
 
@@ -370,6 +373,7 @@ impl Balancer {
             },
             "locality_aware": self.locality_aware,
             "passthrough": self.passthrough,
+            "connection": self.connection.dump(),
             "endpoints": members.endpoints.iter().map(|e| serde_json::json!({
                 "address": e.ep.addr.to_string(),
                 "workload": e.ep.workload,

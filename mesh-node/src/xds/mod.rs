@@ -6,6 +6,7 @@
 pub mod cache;
 pub mod client;
 pub mod conn_limits;
+pub mod connection_settings;
 pub mod http_route;
 pub mod l4_route;
 pub mod lb;

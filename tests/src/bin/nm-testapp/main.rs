@@ -10,6 +10,8 @@
 //! Client mode `hold` keeps one ECHO connection open for as long as its stdin is: each stdin
 //! line is sent and must come back unchanged, one JSON line per round on stdout. Tests use it
 //! to check that an established connection outlives some event (a control-plane restart).
+//! Client mode `idle` echoes one line, then stays silent and reports whether (and when) the
+//! other side closed the connection (an idle timeout).
 #![forbid(unsafe_code)]
 
 use std::{
@@ -92,6 +94,7 @@ fn main() {
             "hello" => hello_many(to(), num("--connections", 1) as usize, opt("--sni").as_deref()),
             "sink" => sink(to(), num("--bytes", 1024)),
             "hold" => hold(to()),
+            "idle" => idle(to(), Duration::from_millis(num("--wait-ms", 5000))),
             other => fail(&format!("unknown mode {other}")),
         },
         "many-serve" => many::serve(
@@ -328,6 +331,28 @@ fn hold(to: SocketAddr) -> io::Result<Value> {
         return Err(io::Error::other(format!("{} unexpected bytes after close", rest.len())));
     }
     Ok(json!({"closed": true, "rounds": rounds, "local": local}))
+}
+
+/// One ECHO connection that echoes one line, then sends nothing and waits up to `wait` for
+/// the other side to close it: `{"closed_after_ms", "how"}` (counted from the echo; `how` is
+/// `eof` or the error), or `{"open_after_ms"}` if it is still open then.
+fn idle(to: SocketAddr, wait: Duration) -> io::Result<Value> {
+    let mut s = connect(to)?;
+    s.write_all(b"ECHO\nping\n")?;
+    let mut back = [0u8; 5];
+    s.read_exact(&mut back)?;
+    let idle_since = Instant::now();
+    s.set_read_timeout(Some(wait))?;
+    let mut buf = [0u8; 64];
+    let how = match s.read(&mut buf) {
+        Ok(0) => "eof".to_string(),
+        Ok(n) => return Err(io::Error::other(format!("{n} unexpected bytes while idle"))),
+        Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
+            return Ok(json!({"open_after_ms": idle_since.elapsed().as_millis() as u64}));
+        }
+        Err(e) => e.kind().to_string(),
+    };
+    Ok(json!({"closed_after_ms": idle_since.elapsed().as_millis() as u64, "how": how}))
 }
 
 fn bench_connect(to: SocketAddr, count: u64) -> io::Result<Value> {
