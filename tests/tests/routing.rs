@@ -142,6 +142,29 @@ spec:\n  hosts: [reviews]\n  http: [{route: [{destination: {host: reviews, subse
     assert_eq!(served(&r, "v2"), 20, "the rejected change must not apply: {r}");
 }
 
+#[test]
+fn a_virtual_service_exported_to_its_own_namespace_routes_only_callers_there() {
+    let mut s = setup();
+    let outsider = s.node.add_pod("outsider", "other").unwrap();
+    s.node.register(&outsider, &Registration::meshed()).unwrap();
+    let private = "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: reviews, namespace: shop}\n\
+spec:\n  hosts: [reviews]\n  exportTo: [.]\n  http: [{route: [{destination: {host: reviews, subset: v2}}]}]\n";
+    apply_routes(&s, private, &[], "v2");
+    // shop's callers follow the VirtualService…
+    let r = get(&s.node, &s.client, &["--requests", "30"]);
+    assert_eq!(served(&r, "v2"), 30, "{r}");
+    // …a caller in another namespace does not see it: the Service's own balancing.
+    let r = get(&s.node, &outsider, &["--requests", "30"]);
+    for v in ["v1", "v2", "v3"] {
+        assert_eq!(served(&r, v), 10, "round robin for callers the VirtualService is not exported to: {r}");
+    }
+    // Exported to `other` as well: now the outsider follows it too.
+    let shared = private.replace("exportTo: [.]", "exportTo: [., other]");
+    s.node.apply_and_wait(|| write(&s.config, "reviews-vs.yaml", &shared)).unwrap();
+    let r = get(&s.node, &outsider, &["--requests", "30"]);
+    assert_eq!(served(&r, "v2"), 30, "{r}");
+}
+
 /// A rollout step: its name, the subsets defined, and the route's weights per subset.
 type Step<'a> = (&'a str, &'a [&'a str], &'a [(&'a str, u32)]);
 

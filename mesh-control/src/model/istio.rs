@@ -425,25 +425,35 @@ pub struct MeshConfigSpec {
 
 /// Checks `exportTo`: `*` (every namespace, the default), `.` (the object's own), `~` (none),
 /// or namespace names.
-pub fn check_export_to(values: &[String], kind: &str, errors: &mut Vec<FieldError>) {
+pub fn check_export_to(values: &[String], errors: &mut Vec<FieldError>) {
     for (i, v) in values.iter().enumerate() {
-        let field = format!("spec.exportTo[{i}]");
         let name_ok = !v.is_empty()
             && v.len() <= 63
             && v.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
             && !v.starts_with('-')
             && !v.ends_with('-');
         if !(v == "*" || v == "." || v == "~" || name_ok) {
-            errors.push(FieldError::new(field, format!("`{v}` is not `*`, `.`, `~` or a namespace name")));
-        } else if v != "*" {
             errors.push(FieldError::new(
-                field,
-                format!(
-                    "`{v}`: exporting to some namespaces only is not enforced yet; the {kind} is \
-                     rejected rather than visible everywhere"
-                ),
+                format!("spec.exportTo[{i}]"),
+                format!("`{v}` is not `*`, `.`, `~` or a namespace name"),
             ));
         }
+    }
+    if values.iter().any(|v| v == "~") && values.len() > 1 {
+        errors.push(FieldError::new("spec.exportTo", "`~` (visible to no namespace) cannot be combined"));
+    }
+}
+
+/// Until enforced for a kind: exporting to some namespaces only is refused.
+fn refuse_partial_export(values: &[String], kind: &str, errors: &mut Vec<FieldError>) {
+    if let Some((i, v)) = values.iter().enumerate().find(|(_, v)| *v != "*") {
+        errors.push(FieldError::new(
+            format!("spec.exportTo[{i}]"),
+            format!(
+                "`{v}`: exporting a {kind} to some namespaces only is not enforced yet; the {kind} is \
+                 rejected rather than visible everywhere"
+            ),
+        ));
     }
 }
 
@@ -467,7 +477,8 @@ pub fn check_host(field: String, host: &str, errors: &mut Vec<FieldError>) {
 
 impl ServiceEntrySpec {
     pub fn check(&self, errors: &mut Vec<FieldError>) {
-        check_export_to(&self.export_to, "ServiceEntry", errors);
+        check_export_to(&self.export_to, errors);
+        refuse_partial_export(&self.export_to, "ServiceEntry", errors);
         if !self.subject_alt_names.is_empty() {
             errors.push(not_enforced("spec.subjectAltNames", "ServiceEntry"));
         }
@@ -540,7 +551,8 @@ impl WorkloadEntrySpec {
 
 impl DestinationRuleSpec {
     pub fn check(&self, errors: &mut Vec<FieldError>) {
-        check_export_to(&self.export_to, "DestinationRule", errors);
+        check_export_to(&self.export_to, errors);
+        refuse_partial_export(&self.export_to, "DestinationRule", errors);
         check_host("spec.host".into(), &self.host, errors);
         if let Some(tp) = &self.traffic_policy {
             tp.check("spec.trafficPolicy", errors);

@@ -23,7 +23,7 @@
 //!   fault does not apply to that route;
 //! - two DestinationRules for one host at the same rank, of which only the first applies.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use super::qualify;
 use super::{
@@ -31,7 +31,8 @@ use super::{
     istio::DestinationRule,
     store::Store,
     virtual_service::{
-        Destination, HttpMatch, HttpRoute, L4Route, RouteDestination, StringMatch, VirtualService,
+        Callers, Destination, HttpMatch, HttpRoute, L4Match, L4Route, RouteDestination, StringMatch,
+        VirtualService,
     },
 };
 
@@ -43,11 +44,12 @@ pub struct Composed {
     pub conflicts: Vec<String>,
 }
 
-/// One route with where it came from, for names and reports.
+/// One route with where it came from, for names and reports. Its matches admit only the
+/// callers its object is exported to.
 struct Sourced<'a> {
     object: &'a VirtualService,
     index: usize,
-    route: &'a HttpRoute,
+    route: HttpRoute,
 }
 
 impl Sourced<'_> {
@@ -117,7 +119,12 @@ fn compose_host(
     conflicts: &mut Vec<String>,
 ) -> Option<VirtualService> {
     let sourced = objects.iter().flat_map(|v| {
-        v.spec.http.iter().enumerate().map(|(index, route)| Sourced { object: v, index, route })
+        let callers = Callers::exported(&v.spec.export_to, &v.meta.namespace);
+        v.spec.http.iter().enumerate().map(move |(index, route)| Sourced {
+            object: v,
+            index,
+            route: for_callers(route, &callers),
+        })
     });
     let (layers, routes): (Vec<Sourced<'_>>, Vec<Sourced<'_>>) =
         sourced.partition(|s| s.route.is_fault_layer());
@@ -125,9 +132,16 @@ fn compose_host(
     let mut tcp = Vec::new();
     let mut tls = Vec::new();
     for v in objects {
+        let callers = Callers::exported(&v.spec.export_to, &v.meta.namespace);
         let qualified = |r: &L4Route| {
             let mut r = r.clone();
             r.route.iter_mut().for_each(|d| d.destination.qualify(&v.meta.namespace));
+            if callers != Callers::All {
+                if r.matches.is_empty() {
+                    r.matches.push(L4Match::default());
+                }
+                r.matches.iter_mut().for_each(|m| m.callers = callers.clone());
+            }
             r
         };
         tcp.extend(v.spec.tcp.iter().map(qualified));
@@ -146,15 +160,33 @@ fn compose_host(
         }],
         ..Default::default()
     };
-    let resolved: Vec<HttpRoute> = match (routes.is_empty(), layers.is_empty()) {
+    let mut resolved: Vec<HttpRoute> = match (routes.is_empty(), layers.is_empty()) {
         // Only a lone layer needs a route to lie over; without one, HTTP keeps its default.
-        (true, false) => vec![default_route],
+        (true, false) => vec![default_route.clone()],
         _ => routes.iter().map(Sourced::resolved).collect(),
     };
+    // When every object with routes is exported to some namespaces only, a caller elsewhere
+    // sees no VirtualService of the host, so its requests take the default route (Istio).
+    let exported_to: Option<BTreeSet<String>> = routes.iter().try_fold(BTreeSet::new(), |mut all, r| {
+        let callers = Callers::exported(&r.object.spec.export_to, &r.object.meta.namespace);
+        match callers {
+            Callers::In(set) => {
+                all.extend(set);
+                Some(all)
+            }
+            _ => None,
+        }
+    });
+    if let (false, Some(exported_to)) = (routes.is_empty(), exported_to) {
+        resolved.push(HttpRoute {
+            matches: vec![HttpMatch { callers: Callers::NotIn(exported_to), ..Default::default() }],
+            ..default_route
+        });
+    }
     let mut http = Vec::new();
     for layer in &layers {
         for (route, source) in resolved.iter().zip(routes.iter().map(Some).chain(std::iter::repeat(None))) {
-            match lay_over(layer.route, route) {
+            match lay_over(&layer.route, route) {
                 Ok(Some(r)) => http.push(HttpRoute { name: format!("{}+{}", layer.name(), route.name), ..r }),
                 Ok(None) => {}
                 Err(why) => conflicts.push(format!(
@@ -211,9 +243,9 @@ fn lay_over(layer: &HttpRoute, route: &HttpRoute) -> Result<Option<HttpRoute>, S
 /// Reports each route of `routes` that an earlier one shadows.
 fn report_shadowed(host: &str, routes: &[Sourced<'_>], conflicts: &mut Vec<String>) {
     for (j, later) in routes.iter().enumerate() {
-        let later_matches = match_list(later.route);
+        let later_matches = match_list(&later.route);
         let by = routes[..j].iter().find(|earlier| {
-            later_matches.iter().all(|m| match_list(earlier.route).iter().any(|e| covers(e, m)))
+            later_matches.iter().all(|m| match_list(&earlier.route).iter().any(|e| covers(e, m)))
         });
         if let Some(earlier) = by {
             conflicts.push(format!(
@@ -244,6 +276,19 @@ fn covers(a: &HttpMatch, b: &HttpMatch) -> bool {
         && a.without_headers.iter().all(|(k, xm)| b.without_headers.get(k) == Some(xm))
         && a.source_labels.iter().all(|(k, v)| b.source_labels.get(k) == Some(v))
         && (a.source_namespace.is_empty() || a.source_namespace == b.source_namespace)
+        && a.callers.covers(&b.callers)
+}
+
+/// `route` with every match admitting only `callers` (a match-less route gets one match).
+fn for_callers(route: &HttpRoute, callers: &Callers) -> HttpRoute {
+    let mut r = route.clone();
+    if *callers != Callers::All {
+        if r.matches.is_empty() {
+            r.matches.push(HttpMatch::default());
+        }
+        r.matches.iter_mut().for_each(|m| m.callers = callers.clone());
+    }
+    r
 }
 
 /// Whether every value `b` matches, `a` matches too.
@@ -324,6 +369,10 @@ fn intersect(a: &HttpMatch, b: &HttpMatch) -> Result<Option<HttpMatch>, String> 
             return Ok(None);
         }
         m.source_namespace = a.source_namespace.clone();
+    }
+    match a.callers.intersect(&b.callers) {
+        Some(callers) => m.callers = callers,
+        None => return Ok(None),
     }
     Ok(Some(m))
 }
@@ -552,6 +601,54 @@ spec:
         assert!(
             err.contains("metadata.annotations.nodemesh.io/precedence") && err.contains("`high`"),
             "{err}"
+        );
+    }
+
+    #[test]
+    fn export_to_limits_a_virtual_service_to_its_namespaces_and_others_take_the_default_route() {
+        let private = PLATFORM.replace(
+            "  hosts: [reviews]",
+            "  hosts: [reviews]\n  exportTo: [.]\n  tcp: [{route: [{destination: {host: reviews}}]}]",
+        );
+        let c = compose(&store(&private));
+        let v = &c.by_host["reviews.shop.svc.cluster.local"];
+        let shop = Callers::In(["shop".to_string()].into());
+        // Both routes admit callers in shop only (the match-less one gained a match)…
+        assert_eq!(v.spec.http.len(), 3, "{:?}", v.spec.http);
+        for r in &v.spec.http[..2] {
+            assert!(r.matches.iter().all(|m| m.callers == shop), "{r:?}");
+        }
+        // …and everyone else takes the host's default route.
+        let default = &v.spec.http[2];
+        assert_eq!(default.matches[0].callers, Callers::NotIn(["shop".to_string()].into()));
+        assert_eq!(default.route[0].destination.host, "reviews.shop.svc.cluster.local");
+        assert_eq!(v.spec.tcp[0].matches[0].callers, shop, "tcp routes are exported alike");
+
+        // A second object exported everywhere: every caller sees a VirtualService, so no
+        // default route is added; the chaos layer (exported everywhere) lays over shop's
+        // routes for shop's callers only.
+        let c = compose(&store(&format!("{private}---{CHAOS}")));
+        let v = &c.by_host["reviews.shop.svc.cluster.local"];
+        let layered: Vec<_> = v.spec.http.iter().filter(|r| r.fault.is_some()).collect();
+        assert!(
+            !layered.is_empty()
+                && layered
+                    .iter()
+                    .all(|r| r.matches.iter().all(
+                        |m| m.callers == shop || m.callers == Callers::NotIn(["shop".to_string()].into())
+                    )),
+            "{layered:?}"
+        );
+        let everyone = CHAOS.replace(
+            "  - name: abort-tests",
+            "  - route: [{destination: {host: reviews.shop.svc.cluster.local, subset: v1}}]\n  - name: abort-tests",
+        );
+        let c = compose(&store(&format!("{private}---{everyone}")));
+        let v = &c.by_host["reviews.shop.svc.cluster.local"];
+        assert!(
+            v.spec.http.iter().all(|r| r.matches.iter().all(|m| !matches!(m.callers, Callers::NotIn(_)))),
+            "no default route when a public VirtualService routes the host: {:?}",
+            v.spec.http
         );
     }
 }

@@ -16,7 +16,10 @@
 //! annotation, and a route with only `match` and `fault` is a fault layer over the host's other
 //! routes ([`super::layering`]).
 
-use std::{collections::BTreeMap, time::Duration};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    time::Duration,
+};
 
 use serde::{Deserialize, Serialize};
 
@@ -121,6 +124,66 @@ pub struct HttpMatch {
     pub source_namespace: String,
     #[serde(default)]
     pub stat_prefix: String,
+    /// The callers this match admits by namespace, from its object's `exportTo` (set when
+    /// routes are composed; not a field users write).
+    #[serde(skip)]
+    pub callers: Callers,
+}
+
+/// Which calling namespaces a route admits: a VirtualService exported to some namespaces
+/// applies only to callers there (`In`); a default route added for callers that see no
+/// VirtualService of the host admits everyone else (`NotIn`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum Callers {
+    #[default]
+    All,
+    In(BTreeSet<String>),
+    NotIn(BTreeSet<String>),
+}
+
+impl Callers {
+    /// The callers an `exportTo` list admits, for an object in `namespace`: empty or `*`
+    /// → everyone; `.` → its own namespace; `~` → nobody; else those namespaces.
+    pub fn exported(export_to: &[String], namespace: &str) -> Callers {
+        if export_to.is_empty() || export_to.iter().any(|e| e == "*") {
+            return Callers::All;
+        }
+        Callers::In(
+            export_to
+                .iter()
+                .filter(|e| *e != "~")
+                .map(|e| if e == "." { namespace.to_string() } else { e.clone() })
+                .collect(),
+        )
+    }
+
+    /// Whether every caller `other` admits, this admits too.
+    pub fn covers(&self, other: &Callers) -> bool {
+        match (self, other) {
+            (Callers::All, _) => true,
+            (_, Callers::All) => false,
+            (Callers::In(a), Callers::In(b)) => b.is_subset(a),
+            (Callers::In(_), Callers::NotIn(_)) => false,
+            (Callers::NotIn(a), Callers::NotIn(b)) => a.is_subset(b),
+            (Callers::NotIn(a), Callers::In(b)) => a.is_disjoint(b),
+        }
+    }
+
+    /// The callers both admit; `None` when there are none.
+    pub fn intersect(&self, other: &Callers) -> Option<Callers> {
+        let both = match (self, other) {
+            (Callers::All, x) | (x, Callers::All) => x.clone(),
+            (Callers::In(a), Callers::In(b)) => Callers::In(a.intersection(b).cloned().collect()),
+            (Callers::In(a), Callers::NotIn(b)) | (Callers::NotIn(b), Callers::In(a)) => {
+                Callers::In(a.difference(b).cloned().collect())
+            }
+            (Callers::NotIn(a), Callers::NotIn(b)) => Callers::NotIn(a.union(b).cloned().collect()),
+        };
+        match &both {
+            Callers::In(set) if set.is_empty() => None,
+            _ => Some(both),
+        }
+    }
 }
 
 /// Istio `HTTPRetry`. Unset: Istio's default (2 attempts on connect-failure, refused-stream,
@@ -309,7 +372,7 @@ fn check_regex(at: &str, pattern: &str, errors: &mut Vec<FieldError>) {
 
 impl VirtualServiceSpec {
     pub fn check(&self, errors: &mut Vec<FieldError>) {
-        super::istio::check_export_to(&self.export_to, "VirtualService", errors);
+        super::istio::check_export_to(&self.export_to, errors);
         if self.hosts.is_empty() {
             errors.push(FieldError::new("spec.hosts", "at least one host is required"));
         }
@@ -404,6 +467,9 @@ pub struct L4Match {
     pub destination_subnets: Vec<String>,
     #[serde(default)]
     pub source_subnet: String,
+    /// As [`HttpMatch::callers`].
+    #[serde(skip)]
+    pub callers: Callers,
 }
 
 /// Istio `RouteDestination` (tcp and tls routes: no header changes at L4).

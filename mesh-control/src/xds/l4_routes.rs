@@ -30,13 +30,9 @@ pub fn for_port(v: &VirtualService, port: u16, ports: &dyn Ports) -> Vec<mesh::L
 }
 
 fn l4_match(m: &L4Match) -> mesh::L4Match {
-    let scoped = !m.source_labels.is_empty() || !m.source_namespace.is_empty();
     mesh::L4Match {
         sni_hosts: m.sni_hosts.clone(),
-        source: scoped.then(|| mesh::RouteSource {
-            labels: m.source_labels.clone().into_iter().collect(),
-            namespace: m.source_namespace.clone(),
-        }),
+        source: routes::route_source(&m.source_labels, &m.source_namespace, &m.callers),
     }
 }
 

@@ -35,6 +35,7 @@ pub fn for_port(policies: &[&RateLimitPolicy], port: u16) -> Vec<mesh::RateLimit
         let source = p.spec.workload_selector.as_ref().map(|s| mesh::RouteSource {
             labels: s.labels.clone().into_iter().collect(),
             namespace: p.meta.namespace.clone(),
+            ..Default::default()
         });
         for (i, limit) in p.spec.limits.iter().enumerate() {
             let on_port: Vec<_> = limit.matches.iter().filter(|m| m.port.is_none_or(|p| p == port)).collect();

@@ -38,7 +38,10 @@ use envoy_types::pb::{
 use super::translate::to_any;
 use crate::model::qualify;
 use crate::{
-    model::virtual_service::{self as vs, VirtualService},
+    model::{
+        Labels,
+        virtual_service::{self as vs, Callers, VirtualService},
+    },
     proto::{self, mesh},
 };
 
@@ -267,7 +270,10 @@ pub fn route_match(m: Option<&vs::HttpMatch>) -> RouteMatch {
     }
     headers.extend(m.headers.iter().map(|(k, v)| header(k, v, false)));
     headers.extend(m.without_headers.iter().map(|(k, v)| header(k, v, true)));
-    if !m.source_labels.is_empty() || !m.source_namespace.is_empty() {
+    // Envoy and gRPC clients cannot tell who calls: they skip routes for some callers only.
+    // (A route for everyone but some namespaces — the default route of callers no
+    // VirtualService is exported to — is theirs: they are in no namespace of the mesh.)
+    if !m.source_labels.is_empty() || !m.source_namespace.is_empty() || matches!(m.callers, Callers::In(_)) {
         headers.push(HeaderMatcher {
             name: proto::SOURCE_SCOPED_HEADER.into(),
             header_match_specifier: Some(HeaderMatchSpecifier::PresentMatch(true)),
@@ -293,14 +299,27 @@ pub fn route_match(m: Option<&vs::HttpMatch>) -> RouteMatch {
     }
 }
 
-fn source_metadata(m: &vs::HttpMatch) -> Option<Metadata> {
-    if m.source_labels.is_empty() && m.source_namespace.is_empty() {
+/// Who a match admits beyond what Envoy's RouteMatch can say; `None`: anyone.
+pub fn route_source(labels: &Labels, namespace: &str, callers: &Callers) -> Option<mesh::RouteSource> {
+    if labels.is_empty() && namespace.is_empty() && *callers == Callers::All {
         return None;
     }
-    let source = mesh::RouteSource {
-        labels: m.source_labels.clone().into_iter().collect(),
-        namespace: m.source_namespace.clone(),
+    let (only_namespaces, namespaces, not_namespaces) = match callers {
+        Callers::All => (false, Vec::new(), Vec::new()),
+        Callers::In(set) => (true, set.iter().cloned().collect(), Vec::new()),
+        Callers::NotIn(set) => (false, Vec::new(), set.iter().cloned().collect()),
     };
+    Some(mesh::RouteSource {
+        labels: labels.clone().into_iter().collect(),
+        namespace: namespace.to_string(),
+        only_namespaces,
+        namespaces,
+        not_namespaces,
+    })
+}
+
+fn source_metadata(m: &vs::HttpMatch) -> Option<Metadata> {
+    let source = route_source(&m.source_labels, &m.source_namespace, &m.callers)?;
     let any = to_any(&format!("type.googleapis.com/{}", "nodemesh.mesh.v1.RouteSource"), &source);
     Some(Metadata {
         typed_filter_metadata: [(proto::ROUTE_METADATA.to_string(), any)].into(),

@@ -166,9 +166,13 @@ pub struct RequestSource<'a> {
 }
 
 impl RequestSource<'_> {
-    /// Is the caller in `s`'s namespace (if set) and does it carry every label of `s`?
+    /// Is the caller in `s`'s namespace (if set), among the namespaces the route is exported
+    /// to (if it says), none it excludes, and does it carry every label of `s`?
     pub fn is(&self, s: &mesh::RouteSource) -> bool {
-        (s.namespace.is_empty() || s.namespace == self.namespace)
+        let ns = self.namespace;
+        (s.namespace.is_empty() || s.namespace == ns)
+            && (!s.only_namespaces || s.namespaces.iter().any(|n| n == ns))
+            && !s.not_namespaces.iter().any(|n| n == ns)
             && s.labels.iter().all(|(k, v)| self.labels.is_some_and(|l| l.get(k) == Some(v)))
     }
 }

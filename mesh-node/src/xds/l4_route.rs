@@ -96,6 +96,7 @@ mod tests {
         let source = (!labels.is_empty()).then(|| mesh::RouteSource {
             labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
             namespace: String::new(),
+            ..Default::default()
         });
         mesh::L4Route {
             name: name.into(),
