@@ -196,6 +196,62 @@ fn registry_only_egress_is_refused_at_once_with_the_reason_and_allow_any_passes(
 }
 
 #[test]
+fn a_service_exported_to_some_namespaces_is_unknown_to_workloads_elsewhere() {
+    let Setup { mut node, config, client, .. } = setup(&[]);
+    let outsider = node.add_pod("outsider", "other").unwrap();
+    node.register(&outsider, &Registration::meshed()).unwrap();
+    // An external server that a ServiceEntry in shop exports to `other` only.
+    let api = node.add_pod("api", "ext").unwrap();
+    node.serve(&api, &[api.addr(7000)]).unwrap();
+    let entry = format!(
+        "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: api, namespace: shop}}\n\
+         spec: {{hosts: [api.example.com], addresses: [10.99.0.5], ports: [{{number: 7000, name: tcp, protocol: TCP}}], \
+         resolution: STATIC, endpoints: [{{address: {}}}], exportTo: [other]}}\n",
+        api.ip
+    );
+    let registry_only = "apiVersion: nodemesh.io/v1alpha1\nkind: MeshConfig\nmetadata: {name: mesh}\n\
+                         spec:\n  outboundTrafficPolicy: {mode: REGISTRY_ONLY}\n";
+    node.apply_and_wait(|| {
+        write(&config, "api.yaml", &entry);
+        write(&config, "mesh.yaml", registry_only);
+    })
+    .unwrap();
+    let to_web = format!("{VIP}:80");
+    assert_eq!(
+        hello_counts(&node, &outsider, &to_web, 3).values().sum::<usize>(),
+        3,
+        "web is exported everywhere"
+    );
+    assert_eq!(
+        hello_counts(&node, &outsider, "10.99.0.5:7000", 2).get("api"),
+        Some(&2),
+        "api is exported to other"
+    );
+    let refused = |pod: &Pod, to: &str| {
+        let v = node.testapp(pod, &["client", "--to", to]).unwrap();
+        v["connections"][0]["reply"].get("server").is_none()
+    };
+    assert!(refused(&client, "10.99.0.5:7000"), "shop does not see a ServiceEntry exported to other");
+    assert!(
+        node.log().contains("service api.example.com is exported only to namespaces [other], not to shop")
+    );
+
+    // The Service annotation Istio uses: web exported to its own namespace only.
+    let private = service_yaml("web", VIP, "web")
+        .replace("namespace: shop}", "namespace: shop, annotations: {networking.istio.io/exportTo: .}}");
+    node.apply_and_wait(|| write(&config, "web.yaml", &private)).unwrap();
+    assert!(refused(&outsider, &to_web), "other no longer sees web");
+    assert_eq!(hello_counts(&node, &client, &to_web, 3).values().sum::<usize>(), 3, "shop still does");
+    let metrics = node.metrics().unwrap();
+    assert!(
+        metrics.sum(
+            "nodemesh_egress_denied_total",
+            &[("source_workload", "outsider"), ("reason", "no_service_entry")]
+        ) >= 1.0
+    );
+}
+
+#[test]
 fn control_plane_outage_keeps_traffic_flowing_and_a_nack_is_reported() {
     let Setup { mut node, config, client, .. } = setup(&["--max-endpoints-per-cluster", "3"]);
     let to = format!("{VIP}:80");

@@ -214,12 +214,24 @@ fn fields_nodemesh_does_not_enforce_are_rejected_by_name() {
             "spec.outboundTrafficPolicy.egressProxy",
         ),
         (se(", subjectAltNames: [spiffe://x/ns/a/sa/b]"), "spec.subjectAltNames: not enforced"),
+        (
+            se(", exportTo: [Bad_Namespace]"),
+            "spec.exportTo[0]: `Bad_Namespace` is not `*`, `.`, `~` or a namespace name",
+        ),
+        (se(", exportTo: ['~', shop]"), "spec.exportTo: `~` (visible to no namespace) cannot be combined"),
     ];
     let accepted = [
         dr("{tls: {mode: ISTIO_MUTUAL}}"),
         dr("{tls: {mode: DISABLE}, portLevelSettings: [{port: {number: 80}, tls: {mode: ISTIO_MUTUAL}}]}"),
         dr("{connectionPool: {http: {h2UpgradePolicy: DO_NOT_UPGRADE, useClientProtocol: true}}}"),
         sidecar("{egress: [{hosts: ['./*'], captureMode: DEFAULT}]}"),
+        se(", exportTo: [., other]"),
+        "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: web, namespace: shop}\n\
+         spec: {hosts: [web], exportTo: ['~'], http: [{route: [{destination: {host: web}}]}]}\n"
+            .to_string(),
+        "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: shop, annotations: {networking.istio.io/exportTo: '., other'}}\n\
+         spec: {ports: [{port: 80}]}\n"
+            .to_string(),
     ];
     let dir = std::env::temp_dir().join(format!("nm-validate-unenforced-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);

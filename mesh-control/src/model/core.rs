@@ -54,7 +54,13 @@ pub struct Service {
     pub ports: Vec<ServicePort>,
     /// `None`: endpoints come only from EndpointSlices (a selector-less Service).
     pub selector: Option<Labels>,
+    /// Istio's `networking.istio.io/exportTo` annotation (comma-separated): the namespaces
+    /// whose workloads see the Service; empty: all.
+    pub export_to: Vec<String>,
 }
+
+/// The annotation by which Istio exports a Kubernetes Service to some namespaces only.
+pub const EXPORT_TO_ANNOTATION: &str = "networking.istio.io/exportTo";
 
 #[derive(Clone, Debug, PartialEq, serde::Serialize)]
 pub struct ServicePort {
@@ -146,6 +152,18 @@ pub fn pod(meta: Meta, pod: corev1::Pod) -> Result<Pod, Vec<FieldError>> {
 pub fn service(meta: Meta, svc: corev1::Service) -> Result<Service, Vec<FieldError>> {
     let mut errors = Vec::new();
     let spec = svc.spec.unwrap_or_default();
+    let export_to: Vec<String> = svc
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(EXPORT_TO_ANNOTATION))
+        .map(|v| v.split(',').map(|e| e.trim().to_string()).filter(|e| !e.is_empty()).collect())
+        .unwrap_or_default();
+    super::istio::check_export_to(
+        &format!("metadata.annotations.{EXPORT_TO_ANNOTATION}"),
+        &export_to,
+        &mut errors,
+    );
     let mut ip_strings = spec.cluster_ips.unwrap_or_default();
     if ip_strings.is_empty()
         && let Some(ip) = spec.cluster_ip.clone()
@@ -186,7 +204,7 @@ pub fn service(meta: Meta, svc: corev1::Service) -> Result<Service, Vec<FieldErr
     if !errors.is_empty() {
         return Err(errors);
     }
-    Ok(Service { meta, cluster_ips, ports, selector: spec.selector })
+    Ok(Service { meta, cluster_ips, ports, selector: spec.selector, export_to })
 }
 
 pub fn endpoint_slice(

@@ -425,7 +425,7 @@ pub struct MeshConfigSpec {
 
 /// Checks `exportTo`: `*` (every namespace, the default), `.` (the object's own), `~` (none),
 /// or namespace names.
-pub fn check_export_to(values: &[String], errors: &mut Vec<FieldError>) {
+pub fn check_export_to(field: &str, values: &[String], errors: &mut Vec<FieldError>) {
     for (i, v) in values.iter().enumerate() {
         let name_ok = !v.is_empty()
             && v.len() <= 63
@@ -434,13 +434,13 @@ pub fn check_export_to(values: &[String], errors: &mut Vec<FieldError>) {
             && !v.ends_with('-');
         if !(v == "*" || v == "." || v == "~" || name_ok) {
             errors.push(FieldError::new(
-                format!("spec.exportTo[{i}]"),
+                format!("{field}[{i}]"),
                 format!("`{v}` is not `*`, `.`, `~` or a namespace name"),
             ));
         }
     }
     if values.iter().any(|v| v == "~") && values.len() > 1 {
-        errors.push(FieldError::new("spec.exportTo", "`~` (visible to no namespace) cannot be combined"));
+        errors.push(FieldError::new(field, "`~` (visible to no namespace) cannot be combined"));
     }
 }
 
@@ -477,8 +477,7 @@ pub fn check_host(field: String, host: &str, errors: &mut Vec<FieldError>) {
 
 impl ServiceEntrySpec {
     pub fn check(&self, errors: &mut Vec<FieldError>) {
-        check_export_to(&self.export_to, errors);
-        refuse_partial_export(&self.export_to, "ServiceEntry", errors);
+        check_export_to("spec.exportTo", &self.export_to, errors);
         if !self.subject_alt_names.is_empty() {
             errors.push(not_enforced("spec.subjectAltNames", "ServiceEntry"));
         }
@@ -551,7 +550,7 @@ impl WorkloadEntrySpec {
 
 impl DestinationRuleSpec {
     pub fn check(&self, errors: &mut Vec<FieldError>) {
-        check_export_to(&self.export_to, errors);
+        check_export_to("spec.exportTo", &self.export_to, errors);
         refuse_partial_export(&self.export_to, "DestinationRule", errors);
         check_host("spec.host".into(), &self.host, errors);
         if let Some(tp) = &self.traffic_policy {

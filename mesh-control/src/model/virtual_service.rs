@@ -372,7 +372,7 @@ fn check_regex(at: &str, pattern: &str, errors: &mut Vec<FieldError>) {
 
 impl VirtualServiceSpec {
     pub fn check(&self, errors: &mut Vec<FieldError>) {
-        super::istio::check_export_to(&self.export_to, errors);
+        super::istio::check_export_to("spec.exportTo", &self.export_to, errors);
         if self.hosts.is_empty() {
             errors.push(FieldError::new("spec.hosts", "at least one host is required"));
         }

@@ -39,7 +39,7 @@ use crate::{
         rate_limit::RateLimitPolicy,
         selector_matches,
         store::Store,
-        virtual_service::VirtualService,
+        virtual_service::{Callers, VirtualService},
     },
     proto::{self, mesh},
 };
@@ -360,6 +360,7 @@ impl<'a> Translator<'a> {
             vips: svc.cluster_ips.iter().map(ToString::to_string).collect(),
             ports,
             external: false,
+            ..visibility(&svc.export_to, &svc.meta.namespace)
         };
         for vip in &svc.cluster_ips {
             self.add_address(*vip, mesh::address::Kind::Service(service.clone()));
@@ -418,6 +419,7 @@ impl<'a> Translator<'a> {
                 vips: spec.addresses.clone(),
                 ports,
                 external: spec.location == istio::Location::MeshExternal,
+                ..visibility(&spec.export_to, &se.meta.namespace)
             };
             for a in &spec.addresses {
                 match a.split_once('/') {
@@ -687,6 +689,16 @@ impl routes::Ports for Translator<'_> {
 
     fn hash_policy(&self, cluster: &str) -> Option<mesh::HashPolicy> {
         self.hash_by_cluster.get(cluster).cloned()
+    }
+}
+
+/// Who sees a service (`restricted`, `visible_to` of a `mesh::Service`), from its exportTo.
+fn visibility(export_to: &[String], namespace: &str) -> mesh::Service {
+    match Callers::exported(export_to, namespace) {
+        Callers::In(set) => {
+            mesh::Service { restricted: true, visible_to: set.into_iter().collect(), ..Default::default() }
+        }
+        Callers::All | Callers::NotIn(_) => mesh::Service::default(),
     }
 }
 

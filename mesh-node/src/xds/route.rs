@@ -76,7 +76,28 @@ impl Router {
             .and_then(|w| OutboundTrafficPolicy::try_from(w.outbound_policy).ok())
             .unwrap_or(OutboundTrafficPolicy::AllowAny);
         let registry_only = policy == OutboundTrafficPolicy::RegistryOnly;
-        match self.on_demand.resolve(dst.ip(), self.lookup_timeout).await {
+        let resolved = match self.on_demand.resolve(dst.ip(), self.lookup_timeout).await {
+            // A service exported to other namespaces only is, for this workload, not there.
+            Some(AddressInfo::Service(svc))
+                if svc.restricted && !svc.visible_to.iter().any(|ns| *ns == source.key.namespace) =>
+            {
+                if registry_only {
+                    return Decision::Deny(
+                        DenyReason::NoServiceEntry,
+                        format!(
+                            "service {} is exported only to namespaces [{}], not to {}; \
+                             outboundTrafficPolicy is REGISTRY_ONLY",
+                            svc.hostname,
+                            svc.visible_to.join(", "),
+                            source.key.namespace
+                        ),
+                    );
+                }
+                Some(AddressInfo::Unknown)
+            }
+            other => other,
+        };
+        match resolved {
             Some(AddressInfo::Service(svc)) => {
                 // A Sidecar's egress hosts narrow what a REGISTRY_ONLY workload may reach.
                 if registry_only
