@@ -165,6 +165,43 @@ spec:\n  hosts: [reviews]\n  exportTo: [.]\n  http: [{route: [{destination: {hos
     assert_eq!(served(&r, "v2"), 30, "{r}");
 }
 
+#[test]
+fn each_caller_gets_the_destination_rule_exported_to_its_namespace() {
+    let mut s = setup();
+    let outsider = s.node.add_pod("outsider", "other").unwrap();
+    s.node.register(&outsider, &Registration::meshed()).unwrap();
+    // Every caller routes to subset v2; shop's rule (with the subsets) is exported to shop only.
+    let to_v2 = "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: reviews, namespace: shop}\n\
+spec:\n  hosts: [reviews]\n  http: [{route: [{destination: {host: reviews, subset: v2}}]}]\n";
+    apply_routes(&s, to_v2, &[], "v2");
+    let private = REVIEWS.replace("  host: reviews\n", "  host: reviews\n  exportTo: [.]\n");
+    assert_ne!(private, REVIEWS);
+    s.node.apply_and_wait(|| write(&s.config, "reviews.yaml", &private)).unwrap();
+    let r = get(&s.node, &s.client, &["--requests", "10"]);
+    assert_eq!(served(&r, "v2"), 10, "shop sees its rule and its subsets: {r}");
+    // Outside shop no rule applies, so there is no subset v2 to route to (Istio: 503).
+    let r = get(&s.node, &outsider, &["--requests", "3"]);
+    assert_eq!(r["statuses"]["503"], 3, "no DestinationRule, no subset: {r}");
+
+    // A client-side rule in `other`, exported to `other` only, whose v2 is the v3 pods: its
+    // callers follow it, shop's do not.
+    let client_side = "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: reviews, namespace: other}\n\
+spec:\n  host: reviews.shop.svc.cluster.local\n  exportTo: [.]\n  subsets: [{name: v2, labels: {version: v3}}]\n";
+    s.node.apply_and_wait(|| write(&s.config, "other-rule.yaml", client_side)).unwrap();
+    let r = get(&s.node, &outsider, &["--requests", "10"]);
+    assert_eq!(served(&r, "v3"), 10, "other's own rule: {r}");
+    let r = get(&s.node, &s.client, &["--requests", "10"]);
+    assert_eq!(served(&r, "v2"), 10, "shop's rule still applies to shop: {r}");
+    let dump = s.node.config_dump().unwrap();
+    let base =
+        nodemesh_tests::mesh::dumped_cluster(&dump, "outbound|80|v2|reviews.shop.svc.cluster.local").unwrap();
+    assert_eq!(
+        base["caller_variants"].as_array().map(Vec::len),
+        Some(2),
+        "shop's and other's clusters: {base}"
+    );
+}
+
 /// A rollout step: its name, the subsets defined, and the route's weights per subset.
 type Step<'a> = (&'a str, &'a [&'a str], &'a [(&'a str, u32)]);
 

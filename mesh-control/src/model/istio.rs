@@ -444,19 +444,6 @@ pub fn check_export_to(field: &str, values: &[String], errors: &mut Vec<FieldErr
     }
 }
 
-/// Until enforced for a kind: exporting to some namespaces only is refused.
-fn refuse_partial_export(values: &[String], kind: &str, errors: &mut Vec<FieldError>) {
-    if let Some((i, v)) = values.iter().enumerate().find(|(_, v)| *v != "*") {
-        errors.push(FieldError::new(
-            format!("spec.exportTo[{i}]"),
-            format!(
-                "`{v}`: exporting a {kind} to some namespaces only is not enforced yet; the {kind} is \
-                 rejected rather than visible everywhere"
-            ),
-        ));
-    }
-}
-
 /// Checks an Istio host name: a DNS name, optionally with a leading `*.` wildcard.
 pub fn check_host(field: String, host: &str, errors: &mut Vec<FieldError>) {
     let name = host.strip_prefix("*.").unwrap_or(host);
@@ -551,7 +538,6 @@ impl WorkloadEntrySpec {
 impl DestinationRuleSpec {
     pub fn check(&self, errors: &mut Vec<FieldError>) {
         check_export_to("spec.exportTo", &self.export_to, errors);
-        refuse_partial_export(&self.export_to, "DestinationRule", errors);
         check_host("spec.host".into(), &self.host, errors);
         if let Some(tp) = &self.traffic_policy {
             tp.check("spec.trafficPolicy", errors);

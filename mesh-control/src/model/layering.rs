@@ -28,7 +28,6 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use super::qualify;
 use super::{
     Kind, Meta, Object,
-    istio::DestinationRule,
     store::Store,
     virtual_service::{
         Callers, Destination, HttpMatch, HttpRoute, L4Match, L4Route, RouteDestination, StringMatch,
@@ -96,7 +95,7 @@ pub fn compose(store: &Store) -> Composed {
             composed.by_host.insert(host, v);
         }
     }
-    composed.conflicts.extend(destination_rule_conflicts(store));
+    composed.conflicts.extend(super::destination_rules::DestinationRules::new(store).conflicts());
     composed
 }
 
@@ -402,30 +401,6 @@ fn describe(m: &StringMatch) -> String {
 }
 
 /// DestinationRules of one host at the same rank: only the first by namespace/name applies.
-fn destination_rule_conflicts(store: &Store) -> Vec<String> {
-    let mut by_rank: BTreeMap<(String, bool), Vec<&DestinationRule>> = BTreeMap::new();
-    for o in store.of_kind(Kind::DestinationRule) {
-        let Object::DestinationRule(dr) = o else { continue };
-        let host = qualify(&dr.spec.host, &dr.meta.namespace);
-        let own = host.split('.').nth(1) == Some(dr.meta.namespace.as_str());
-        by_rank.entry((host, own)).or_default().push(dr);
-    }
-    let mut out = Vec::new();
-    for ((host, _), mut rules) in by_rank {
-        rules.sort_by_key(|d| (d.meta.namespace.clone(), d.meta.name.clone()));
-        let name = |d: &DestinationRule| format!("DestinationRule {}/{}", d.meta.namespace, d.meta.name);
-        for ignored in &rules[1..] {
-            out.push(format!(
-                "host {host}: {} is ignored: {} targets the same host at the same rank and applies \
-                 (write one DestinationRule per host, or give each its own host)",
-                name(ignored),
-                name(rules[0])
-            ));
-        }
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

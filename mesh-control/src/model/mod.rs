@@ -4,6 +4,7 @@
 
 pub mod authorization;
 pub mod core;
+pub mod destination_rules;
 pub mod duration;
 pub mod istio;
 pub mod layering;

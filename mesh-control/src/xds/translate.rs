@@ -32,10 +32,11 @@ use crate::{
     model::{
         CLUSTER_DOMAIN, Labels, Locality, Object,
         authorization::AuthorizationPolicies,
-        core, istio,
+        core,
+        destination_rules::DestinationRules,
+        istio,
         istio::{OutboundMode, Resolution},
         peer_authentication::{MtlsMode, PeerAuthentications},
-        qualify,
         rate_limit::RateLimitPolicy,
         selector_matches,
         store::Store,
@@ -133,6 +134,11 @@ struct Translator<'a> {
     rate_limits: HashMap<String, Vec<&'a RateLimitPolicy>>,
     /// Qualified hostname → the ports it serves (to resolve route destinations without one).
     ports_by_host: HashMap<String, Vec<u16>>,
+    /// Which DestinationRule each caller sees for each host.
+    rules: DestinationRules<'a>,
+    /// Qualified hostname → the callers that see another DestinationRule than most (hosts
+    /// where all see the same one are absent).
+    caller_variants: HashMap<String, Vec<CallerVariant>>,
     /// Cluster → its consistent-hash policy, for routes that send to it.
     hash_by_cluster: HashMap<String, mesh::HashPolicy>,
     /// (hostname, port, the port's cluster, its rate limits) of each route to build once
@@ -222,6 +228,7 @@ impl<'a> Translator<'a> {
         let by_uid =
             workloads.iter().enumerate().map(|(i, w)| (format!("{}/{}", w.namespace, w.name), i)).collect();
         let composed = crate::model::layering::compose(store);
+        let rules = DestinationRules::new(store);
         let mut snap = Snapshot::new(store.generation());
         snap.conflicts = composed.conflicts;
         Translator {
@@ -233,6 +240,8 @@ impl<'a> Translator<'a> {
             virtual_services: composed.by_host,
             rate_limits: rate_limits::policies_by_host(store),
             ports_by_host: ports_by_host(store),
+            caller_variants: caller_variants(&rules, store),
+            rules,
             hash_by_cluster: HashMap::new(),
             routes_to_finish: Vec::new(),
             snap,
@@ -449,41 +458,41 @@ impl<'a> Translator<'a> {
         endpoints: Option<Vec<Ep>>,
     ) -> mesh::ServicePort {
         let name = routes::cluster_name(port, "", hostname);
-        let rule = self.destination_rule(hostname, namespace);
-        let policy = rule.map(|dr| port_policy(dr, port));
         let passthrough = endpoints.is_none();
-        let (cluster, hash_policy) = build_cluster(&name, policy.as_ref(), passthrough);
-        self.snap.clusters.insert(name.clone(), Resource::new(&name, proto::CLUSTER_TYPE, &cluster));
-        if let Some(h) = &hash_policy {
-            self.hash_by_cluster.insert(name.clone(), h.clone());
-        }
-        // One cluster per DestinationRule subset, holding the endpoints whose labels it selects.
-        for subset in rule.map(|dr| dr.spec.subsets.as_slice()).unwrap_or_default() {
-            let Some(dr) = rule else { break };
-            let subset_name = routes::cluster_name(port, &subset.name, hostname);
-            let subset_policy = port_policy(&subset_rule(dr, subset), port);
-            let (c, subset_hash) = build_cluster(&subset_name, Some(&subset_policy), passthrough);
-            if let Some(h) = subset_hash {
-                self.hash_by_cluster.insert(subset_name.clone(), h);
-            }
-            self.snap
-                .clusters
-                .insert(subset_name.clone(), Resource::new(&subset_name, proto::CLUSTER_TYPE, &c));
-            if let Some(eps) = &endpoints {
-                let picked: Vec<Ep> = eps
-                    .iter()
-                    .filter(|e| selector_matches(&subset.labels, &e.labels))
-                    .map(Ep::clone)
-                    .collect();
-                let cla = build_load_assignment(&subset_name, picked);
-                self.snap
-                    .endpoints
-                    .insert(subset_name.clone(), Resource::new(&subset_name, proto::ENDPOINT_TYPE, &cla));
+        // The rule most callers see makes the clusters every client knows; callers whose
+        // namespace sees another rule (exportTo, client-side rules) get clusters of their own,
+        // named with a suffix, which the default ones point them to.
+        let (rule, variants) = self.rules.variants(hostname, namespace);
+        let variants: Vec<(CallerVariant, Option<&istio::DestinationRule>)> = variants
+            .into_iter()
+            .map(|v| (CallerVariant { namespaces: v.namespaces, suffix: variant_suffix(v.rule) }, v.rule))
+            .collect();
+        let callers: Vec<CallerVariant> = variants.iter().map(|(c, _)| c.clone()).collect();
+        // Every subset some caller's rule defines has a default cluster (empty where the
+        // default rule lacks it), so a route to it can point each caller to its own.
+        let mut subsets: Vec<String> = Vec::new();
+        for dr in rule.into_iter().chain(variants.iter().filter_map(|(_, r)| *r)) {
+            for subset in &dr.spec.subsets {
+                if !subsets.contains(&subset.name) {
+                    subsets.push(subset.name.clone());
+                }
             }
         }
-        if let Some(eps) = endpoints {
-            let cla = build_load_assignment(&name, eps);
-            self.snap.endpoints.insert(name.clone(), Resource::new(&name, proto::ENDPOINT_TYPE, &cla));
+        let hash_policy =
+            self.port_clusters(hostname, port, rule, &subsets, endpoints.as_deref(), "", &callers);
+        for (variant, variant_rule) in &variants {
+            let own: Vec<String> = variant_rule
+                .map(|dr| dr.spec.subsets.iter().map(|s| s.name.clone()).collect())
+                .unwrap_or_default();
+            self.port_clusters(
+                hostname,
+                port,
+                *variant_rule,
+                &own,
+                endpoints.as_deref(),
+                &variant.suffix,
+                &[],
+            );
         }
         let virtual_service = self.virtual_services.get(hostname);
         let limits =
@@ -505,7 +514,17 @@ impl<'a> Translator<'a> {
             // still travel with the port.
             String::new()
         };
-        let route_clusters = clusters.into_iter().filter(|c| *c != name).collect();
+        // The clusters of callers that see other DestinationRules travel along.
+        let with_variants: BTreeSet<String> = clusters
+            .iter()
+            .chain(std::iter::once(&name))
+            .flat_map(|c| {
+                let variants = self.variants_of(c);
+                std::iter::once(c.clone())
+                    .chain(variants.into_iter().map(move |v| format!("{c}{}", v.suffix)))
+            })
+            .collect();
+        let route_clusters = with_variants.into_iter().filter(|c| *c != name).collect();
         // gRPC's proxyless client can only dial endpoints it is told (no original destination).
         if !passthrough {
             let listener_name = routes::route_name(hostname, port);
@@ -550,25 +569,68 @@ impl<'a> Translator<'a> {
         }
     }
 
-    /// The DestinationRule for a host: an exact match in the service's own namespace first,
-    /// then an exact match anywhere, then the longest wildcard.
-    fn destination_rule(&self, hostname: &str, namespace: &str) -> Option<&'a istio::DestinationRule> {
-        let mut best: Option<(u32, usize, &istio::DestinationRule)> = None;
-        for o in self.store.of_kind(crate::model::Kind::DestinationRule) {
-            let Object::DestinationRule(dr) = o else { continue };
-            let host = qualify(&dr.spec.host, &dr.meta.namespace);
-            let rank = if host == hostname {
-                if dr.meta.namespace == namespace { 3 } else { 2 }
-            } else if let Some(suffix) = host.strip_prefix('*') {
-                if hostname.ends_with(suffix) || host == "*" { 1 } else { continue }
-            } else {
-                continue;
-            };
-            if best.as_ref().is_none_or(|(r, len, _)| (rank, host.len()) > (*r, *len)) {
-                best = Some((rank, host.len(), dr));
+    /// Builds the port's cluster and one per subset in `subsets` (those `rule` lacks hold no
+    /// endpoints), named with `suffix`, with their load assignments; the default ones (empty
+    /// suffix) name the `callers` that have clusters of their own. Returns the port cluster's
+    /// hash policy.
+    #[allow(clippy::too_many_arguments, reason = "one call per variant; the arguments are the variant")]
+    fn port_clusters(
+        &mut self,
+        hostname: &str,
+        port: u16,
+        rule: Option<&istio::DestinationRule>,
+        subsets: &[String],
+        endpoints: Option<&[Ep]>,
+        suffix: &str,
+        callers: &[CallerVariant],
+    ) -> Option<mesh::HashPolicy> {
+        let passthrough = endpoints.is_none();
+        let name = format!("{}{suffix}", routes::cluster_name(port, "", hostname));
+        let policy = rule.map(|dr| port_policy(dr, port));
+        let (mut cluster, hash_policy) = build_cluster(&name, policy.as_ref(), passthrough);
+        add_caller_variants(&mut cluster, callers);
+        self.snap.clusters.insert(name.clone(), Resource::new(&name, proto::CLUSTER_TYPE, &cluster));
+        if let Some(h) = &hash_policy {
+            self.hash_by_cluster.insert(name.clone(), h.clone());
+        }
+        // One cluster per DestinationRule subset, holding the endpoints whose labels it selects.
+        for subset_name in subsets {
+            let subset =
+                rule.and_then(|dr| dr.spec.subsets.iter().find(|s| &s.name == subset_name).map(|s| (dr, s)));
+            let cluster_name = format!("{}{suffix}", routes::cluster_name(port, subset_name, hostname));
+            let subset_policy = subset.map(|(dr, s)| port_policy(&subset_rule(dr, s), port));
+            let (mut c, subset_hash) = build_cluster(&cluster_name, subset_policy.as_ref(), passthrough);
+            add_caller_variants(&mut c, callers);
+            if let Some(h) = subset_hash {
+                self.hash_by_cluster.insert(cluster_name.clone(), h);
+            }
+            self.snap
+                .clusters
+                .insert(cluster_name.clone(), Resource::new(&cluster_name, proto::CLUSTER_TYPE, &c));
+            if let Some(eps) = endpoints {
+                let picked: Vec<Ep> = match subset {
+                    Some((_, s)) => {
+                        eps.iter().filter(|e| selector_matches(&s.labels, &e.labels)).cloned().collect()
+                    }
+                    None => Vec::new(),
+                };
+                let cla = build_load_assignment(&cluster_name, picked);
+                self.snap
+                    .endpoints
+                    .insert(cluster_name.clone(), Resource::new(&cluster_name, proto::ENDPOINT_TYPE, &cla));
             }
         }
-        best.map(|(_, _, dr)| dr)
+        if let Some(eps) = endpoints {
+            let cla = build_load_assignment(&name, eps.to_vec());
+            self.snap.endpoints.insert(name.clone(), Resource::new(&name, proto::ENDPOINT_TYPE, &cla));
+        }
+        hash_policy
+    }
+
+    /// The callers with clusters of their own for the host of default cluster `cluster`.
+    fn variants_of(&self, cluster: &str) -> Vec<CallerVariant> {
+        let host = cluster.rsplit('|').next().unwrap_or_default();
+        self.caller_variants.get(host).cloned().unwrap_or_default()
     }
 
     fn workloads(&mut self) {
@@ -700,6 +762,89 @@ fn visibility(export_to: &[String], namespace: &str) -> mesh::Service {
         }
         Callers::All | Callers::NotIn(_) => mesh::Service::default(),
     }
+}
+
+/// Every host's callers that see another DestinationRule than most.
+fn caller_variants(rules: &DestinationRules<'_>, store: &Store) -> HashMap<String, Vec<CallerVariant>> {
+    host_namespaces(store)
+        .into_iter()
+        .filter_map(|(host, namespace)| {
+            let variants: Vec<CallerVariant> = rules
+                .variants(&host, &namespace)
+                .1
+                .into_iter()
+                .map(|v| CallerVariant { namespaces: v.namespaces, suffix: variant_suffix(v.rule) })
+                .collect();
+            (!variants.is_empty()).then_some((host, variants))
+        })
+        .collect()
+}
+
+/// Qualified hostname → the namespace of its Service or ServiceEntry.
+fn host_namespaces(store: &Store) -> HashMap<String, String> {
+    let mut out = HashMap::new();
+    for o in store.of_kind(crate::model::Kind::Service) {
+        if let Object::Service(s) = o {
+            let host = format!("{}.{}.svc.{CLUSTER_DOMAIN}", s.meta.name, s.meta.namespace);
+            out.insert(host, s.meta.namespace.clone());
+        }
+    }
+    for o in store.of_kind(crate::model::Kind::ServiceEntry) {
+        if let Object::ServiceEntry(se) = o {
+            for host in &se.spec.hosts {
+                out.entry(host.clone()).or_insert_with(|| se.meta.namespace.clone());
+            }
+        }
+    }
+    out
+}
+
+/// Callers in `namespaces` see another DestinationRule than most: their clusters are the
+/// default ones' names plus `suffix`.
+#[derive(Clone, Debug)]
+struct CallerVariant {
+    namespaces: BTreeSet<String>,
+    suffix: String,
+}
+
+/// The suffix of the clusters made for callers that see `rule` (`None`: no rule at all).
+fn variant_suffix(rule: Option<&istio::DestinationRule>) -> String {
+    match rule {
+        Some(dr) => format!("~{}.{}", dr.meta.namespace, dr.meta.name),
+        None => "~no-rule".to_string(),
+    }
+}
+
+/// Names, in a default cluster's `nodemesh.io` metadata (`caller_variants`), the callers that
+/// have clusters of their own: mesh-node sends a caller in one of `namespaces` to the cluster
+/// of the same name plus `suffix`. Envoy and gRPC clients use the default clusters.
+fn add_caller_variants(cluster: &mut Cluster, callers: &[CallerVariant]) {
+    if callers.is_empty() {
+        return;
+    }
+    let string = |s: &str| string_value(s.to_string());
+    let list = |values: Vec<pbuf::Value>| pbuf::Value {
+        kind: Some(pbuf::value::Kind::ListValue(pbuf::ListValue { values })),
+    };
+    let variants = callers
+        .iter()
+        .map(|c| pbuf::Value {
+            kind: Some(pbuf::value::Kind::StructValue(pbuf::Struct {
+                fields: [
+                    ("namespaces".to_string(), list(c.namespaces.iter().map(|n| string(n)).collect())),
+                    ("suffix".to_string(), string(&c.suffix)),
+                ]
+                .into(),
+            })),
+        })
+        .collect();
+    let metadata = cluster.metadata.get_or_insert_with(Default::default);
+    metadata
+        .filter_metadata
+        .entry(TUNNEL_METADATA.to_string())
+        .or_default()
+        .fields
+        .insert(CLUSTER_CALLER_VARIANTS.to_string(), list(variants));
 }
 
 fn ports_by_host(store: &Store) -> HashMap<String, Vec<u16>> {
@@ -995,6 +1140,7 @@ fn cluster_metadata(policy: Option<&PortPolicy>) -> Option<envoy_core::Metadata>
 /// Keys of the cluster metadata [`cluster_metadata`] writes.
 pub const CLUSTER_TLS_MODE: &str = "tls_mode";
 pub const CLUSTER_TCP_IDLE_TIMEOUT_MS: &str = "tcp_idle_timeout_ms";
+pub const CLUSTER_CALLER_VARIANTS: &str = "caller_variants";
 
 fn string_value(s: String) -> pbuf::Value {
     pbuf::Value { kind: Some(pbuf::value::Kind::StringValue(s)) }

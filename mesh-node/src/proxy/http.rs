@@ -55,16 +55,17 @@ pub struct Target {
 }
 
 impl Target {
-    /// The port's current routes (if a VirtualService applies), default cluster and hash
-    /// policy.
-    fn current(&self) -> (Option<Arc<RouteTable>>, Arc<Balancer>, Option<mesh::HashPolicy>) {
+    /// The port's current routes (if a VirtualService applies), default cluster (as a caller
+    /// in `namespace` reaches it) and hash policy.
+    fn current(&self, namespace: &str) -> (Option<Arc<RouteTable>>, Arc<Balancer>, Option<mesh::HashPolicy>) {
         let fallback = || (None, Arc::clone(&self.balancer), self.hash_policy.clone());
         let Some(cache) = &self.cache else { return fallback() };
         let Some(AddressInfo::Service(svc)) = cache.address(self.vip.ip()) else { return fallback() };
         let Some(port) = svc.ports.iter().find(|p| p.port == u32::from(self.vip.port())) else {
             return fallback();
         };
-        let balancer = cache.cluster(&port.cluster).unwrap_or_else(|| Arc::clone(&self.balancer));
+        let balancer =
+            cache.cluster_for(&port.cluster, namespace).unwrap_or_else(|| Arc::clone(&self.balancer));
         let routes = if port.route.is_empty() { None } else { cache.route(&port.route) };
         (routes, balancer, port.hash_policy.clone())
     }
@@ -111,7 +112,7 @@ async fn forward(
     let (mut parts, body) = req.into_parts();
 
     // A VirtualService route picks the cluster (and may redirect, rewrite, add headers).
-    let (table, mut balancer, mut hash_policy) = target.current();
+    let (table, mut balancer, mut hash_policy) = target.current(&source.key.namespace);
     let mut timeout = None;
     let mut retry = RetryPolicy::istio_default();
     let mut mirrors: Vec<String> = Vec::new();
@@ -161,7 +162,7 @@ async fn forward(
                 }
                 mirrors =
                     f.mirrors.iter().filter(|(_, chance)| chance.hit()).map(|(c, _)| c.clone()).collect();
-                balancer = match cache.cluster(&t.cluster) {
+                balancer = match cache.cluster_for(&t.cluster, &source.key.namespace) {
                     Some(b) => b,
                     None => {
                         return error_response(
@@ -201,7 +202,7 @@ async fn forward(
     };
     if let (Some(bytes), Some(cache)) = (&replay, &target.cache) {
         for cluster in mirrors {
-            let Some(balancer) = cache.cluster(&cluster) else { continue };
+            let Some(balancer) = cache.cluster_for(&cluster, &source.key.namespace) else { continue };
             let (outbound, source) = (Arc::clone(outbound), Arc::clone(source));
             let (mut parts, bytes, vip) = (parts.clone(), bytes.clone(), target.vip);
             shadow_authority(&mut parts);

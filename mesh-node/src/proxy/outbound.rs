@@ -362,7 +362,7 @@ impl Outbound {
             RequestSource { namespace: &source.key.namespace, labels: workload.as_ref().map(|w| &w.labels) };
         let Some((route, cluster)) = routes.pick(&Connection { sni, source: &from }) else { return Ok(None) };
         tracing::debug!(workload = %source.key, service, route, cluster, "L4 route");
-        match router.cache.cluster(cluster) {
+        match router.cache.cluster_for(cluster, &source.key.namespace) {
             Some(b) => Ok(Some(b)),
             None => Err(io::Error::new(
                 io::ErrorKind::NotFound,

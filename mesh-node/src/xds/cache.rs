@@ -99,6 +99,18 @@ impl Cache {
         self.state.read().expect("cache lock").clusters.get(name).cloned()
     }
 
+    /// Cluster `name` as a caller in `namespace` reaches it: its own variant when the
+    /// DestinationRule that caller sees is not the one most see (`None` if that variant, or
+    /// the cluster, has not arrived — or the caller's rule lacks that subset).
+    pub fn cluster_for(&self, name: &str, namespace: &str) -> Option<Arc<Balancer>> {
+        let state = self.state.read().expect("cache lock");
+        let cluster = state.clusters.get(name)?;
+        match cluster.caller_variants.iter().find(|v| v.namespaces.contains(namespace)) {
+            Some(variant) => state.clusters.get(&format!("{name}{}", variant.suffix)).cloned(),
+            None => Some(Arc::clone(cluster)),
+        }
+    }
+
     pub fn route(&self, name: &str) -> Option<Arc<RouteTable>> {
         self.state.read().expect("cache lock").routes.get(name).cloned()
     }
@@ -160,13 +172,16 @@ impl Cache {
                             .filter(|d| !d.is_zero()),
                     };
                     let connection = super::connection_settings::ConnectionSettings::from_cluster(&c)?;
-                    configs.push((c.name.clone(), cluster_settings(&c)?, limits, connection));
+                    let variants = super::caller_variants::from_cluster(&c)?;
+                    configs.push((c.name.clone(), cluster_settings(&c)?, limits, connection, variants));
                 }
                 let mut s = self.state.write().expect("cache lock");
                 for name in removed {
                     s.clusters.remove(name);
                 }
-                for (name, (policy, outlier, locality_aware, passthrough), limits, connection) in configs {
+                for (name, (policy, outlier, locality_aware, passthrough), limits, connection, variants) in
+                    configs
+                {
                     // Keep endpoints and their health across a settings change.
                     let mut balancer = match s.clusters.get(&name) {
                         Some(old) => old.reconfigured(policy, outlier, locality_aware, passthrough),
@@ -174,6 +189,7 @@ impl Cache {
                     };
                     balancer.limits = limits;
                     balancer.connection = connection;
+                    balancer.caller_variants = variants;
                     s.clusters.insert(name, Arc::new(balancer));
                 }
                 s.generation.insert(type_url.into(), generation);

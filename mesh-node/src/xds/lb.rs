@@ -143,6 +143,8 @@ pub struct Balancer {
     pub connections: Arc<ConnectionLimits>,
     /// How connections to the endpoints are made and kept (tls mode, keepalive, idle timeouts).
     pub connection: super::connection_settings::ConnectionSettings,
+    /// Callers (by namespace) that see another DestinationRule and so another cluster.
+    pub caller_variants: Vec<super::caller_variants::CallerVariant>,
 }
 
 /// A cluster's connectionPool limits on this node (Envoy circuit-breaker thresholds).
@@ -191,6 +193,7 @@ impl Balancer {
             in_flight: Arc::default(),
             connections: Arc::default(),
             connection: Default::default(),
+            caller_variants: Vec::new(),
         }
     }
 
@@ -374,6 +377,10 @@ impl Balancer {
             "locality_aware": self.locality_aware,
             "passthrough": self.passthrough,
             "connection": self.connection.dump(),
+            "caller_variants": self.caller_variants.iter().map(|v| serde_json::json!({
+                "namespaces": v.namespaces,
+                "cluster": format!("{}{}", self.name, v.suffix),
+            })).collect::<Vec<_>>(),
             "endpoints": members.endpoints.iter().map(|e| serde_json::json!({
                 "address": e.ep.addr.to_string(),
                 "workload": e.ep.workload,

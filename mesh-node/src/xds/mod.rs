@@ -4,6 +4,7 @@
 //! ([`l4_route`]).
 
 pub mod cache;
+pub mod caller_variants;
 pub mod client;
 pub mod conn_limits;
 pub mod connection_settings;

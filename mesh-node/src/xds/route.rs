@@ -79,7 +79,7 @@ impl Router {
         let resolved = match self.on_demand.resolve(dst.ip(), self.lookup_timeout).await {
             // A service exported to other namespaces only is, for this workload, not there.
             Some(AddressInfo::Service(svc))
-                if svc.restricted && !svc.visible_to.iter().any(|ns| *ns == source.key.namespace) =>
+                if svc.restricted && !svc.visible_to.contains(&source.key.namespace) =>
             {
                 if registry_only {
                     return Decision::Deny(
@@ -136,7 +136,7 @@ impl Router {
                         Decision::Direct(None)
                     };
                 };
-                match self.cache.cluster(&port.cluster) {
+                match self.cache.cluster_for(&port.cluster, &source.key.namespace) {
                     Some(b) if b.passthrough => Decision::Direct(None),
                     Some(balancer) => {
                         let local = workload
