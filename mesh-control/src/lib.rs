@@ -7,16 +7,13 @@
 //! - [`ca`], [`tls_port`]: the workload CA, and the TLS port nodes reach it (and xDS) on.
 #![forbid(unsafe_code)]
 
+// Shared with mesh-node through the nodemesh-api crate; re-exported so paths stay short.
+pub use nodemesh_api::{hash, http, logging, meshing, proto, workload};
+
 pub mod admin;
 pub mod ca;
-pub mod hash;
-pub mod http;
-pub mod logging;
-pub mod meshing;
 pub mod model;
-pub mod proto;
 pub mod run;
 pub mod source;
 pub mod tls_port;
-pub mod workload;
 pub mod xds;

@@ -14,7 +14,7 @@ pub mod control_plane;
 pub mod identity;
 pub mod inbound;
 /// HTTP plumbing shared with mesh-control's admin endpoint.
-pub use mesh_control::http;
+pub use nodemesh_api::http;
 pub mod netns;
 pub mod proxy;
 pub mod run;

@@ -2,11 +2,11 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use hyper::Method;
-use mesh_control::workload::WorkloadSpec;
 use mesh_node::{
     api,
     config::{Cli, Command, Config, EXIT_BAD_CONFIG, WorkloadAction},
 };
+use nodemesh_api::workload::WorkloadSpec;
 
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
@@ -20,7 +20,7 @@ fn main() -> ExitCode {
             return ExitCode::SUCCESS;
         }
     };
-    mesh_control::logging::init();
+    nodemesh_api::logging::init();
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {

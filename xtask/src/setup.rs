@@ -8,19 +8,9 @@ use anyhow::{Context, bail};
 use crate::util::{self, output, step};
 
 /// Debian packages: iproute2 and util-linux (nsenter) for simulated nodes, curl for poking the
-/// demo's admin endpoint, protoc for mesh-control's own protos (tonic-prost-build) and
-/// libprotobuf-dev for the well-known types they import (Istio's CA API uses
-/// google/protobuf/struct.proto; protoc only recommends it, and recommends are not installed);
+/// demo's admin endpoint (the protos build with protox, in Rust: no protoc);
 /// LLVM 22 for bpf-linker, matching the nightly's LLVM (TOOLCHAIN.md).
-const APT_PACKAGES: &[&str] = &[
-    "iproute2",
-    "util-linux",
-    "curl",
-    "protobuf-compiler",
-    "libprotobuf-dev",
-    "llvm-22-dev",
-    "libpolly-22-dev",
-];
+const APT_PACKAGES: &[&str] = &["iproute2", "util-linux", "curl", "llvm-22-dev", "libpolly-22-dev"];
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 /// Kernel options the data path needs, with what each is for.
 const KERNEL_OPTIONS: &[(&str, &str)] = &[

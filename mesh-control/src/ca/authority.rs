@@ -16,7 +16,7 @@ use rcgen::{
 };
 use time::OffsetDateTime;
 
-use super::identity::SpiffeId;
+use super::SpiffeId;
 
 /// How long a self-signed root and an intermediate are valid.
 const ROOT_VALIDITY: Duration = Duration::from_secs(10 * 365 * 24 * 3600);

@@ -4,10 +4,9 @@
 //! `cacerts` Secret may supply the CA ([`secret`]).
 
 pub mod authority;
-pub mod identity;
 pub mod node_tokens;
 pub mod secret;
 pub mod service;
 
 pub use authority::{CertificateAuthority, SignError};
-pub use identity::SpiffeId;
+pub use nodemesh_api::identity::SpiffeId;

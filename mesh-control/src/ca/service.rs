@@ -22,7 +22,7 @@ use crate::{
 };
 
 /// The metadata key naming the identity asked for.
-pub const IMPERSONATED_IDENTITY: &str = "ImpersonatedIdentity";
+pub use crate::proto::IMPERSONATED_IDENTITY;
 
 pub struct CertificateService {
     /// `None`: mesh-control runs without a CA; every request is refused saying so.

@@ -6,8 +6,6 @@
 //! enforce (CUSTOM actions, request principals from JWTs, targetRefs) reject the policy with a
 //! reason naming them: a policy is never half-applied.
 
-use std::net::IpAddr;
-
 use serde::{Deserialize, Serialize};
 
 use super::{
@@ -200,21 +198,7 @@ impl AuthorizationPolicySpec {
     }
 }
 
-/// An IP or CIDR (`10.0.0.0/8`, `fd00::1`).
-pub fn parse_block(block: &str) -> Result<(IpAddr, u8), String> {
-    let (ip, len) = block.split_once('/').map_or((block, None), |(ip, len)| (ip, Some(len)));
-    let ip: IpAddr = ip.parse().map_err(|_| format!("`{block}` is not an IP address or CIDR"))?;
-    let max = if ip.is_ipv4() { 32 } else { 128 };
-    let len = match len {
-        None => max,
-        Some(l) => l
-            .parse::<u8>()
-            .ok()
-            .filter(|l| *l <= max)
-            .ok_or_else(|| format!("`{block}`: bad prefix length"))?,
-    };
-    Ok((ip, len))
-}
+pub use nodemesh_api::matchers::parse_block;
 
 /// The policies of one store, collected once, ready to select for any workload.
 pub struct AuthorizationPolicies<'a> {

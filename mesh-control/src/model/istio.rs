@@ -386,15 +386,7 @@ impl Sidecar {
     }
 }
 
-/// Whether the egress host pattern `namespace/host` (see [`Sidecar::egress_patterns`]) names
-/// the service `hostname` of `service_namespace`.
-pub fn egress_allows(namespace: &str, host: &str, service_namespace: &str, hostname: &str) -> bool {
-    (namespace == "*" || namespace == service_namespace)
-        && (host == "*"
-            || host == hostname
-            || hostname.split('.').next() == Some(host)
-            || host.strip_prefix('*').is_some_and(|suffix| hostname.ends_with(suffix)))
-}
+pub use nodemesh_api::matchers::egress_allows;
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]

@@ -494,14 +494,7 @@ impl L4Match {
     }
 }
 
-/// Whether a server name matches an Istio `sniHosts` entry (exact, or `*.` any subdomain).
-pub fn sni_matches(pattern: &str, name: &str) -> bool {
-    let name = name.to_ascii_lowercase();
-    match pattern.strip_prefix('*') {
-        Some(suffix) => name.len() > suffix.len() && name.ends_with(&suffix.to_ascii_lowercase()),
-        None => pattern.eq_ignore_ascii_case(&name),
-    }
-}
+pub use nodemesh_api::matchers::sni_matches;
 
 fn check_l4_destinations(at: &str, route: &[L4RouteDestination], errors: &mut Vec<FieldError>) {
     if route.is_empty() {

@@ -322,7 +322,7 @@ fn source_metadata(m: &vs::HttpMatch) -> Option<Metadata> {
     let source = route_source(&m.source_labels, &m.source_namespace, &m.callers)?;
     let any = to_any(&format!("type.googleapis.com/{}", "nodemesh.mesh.v1.RouteSource"), &source);
     Some(Metadata {
-        typed_filter_metadata: [(proto::ROUTE_METADATA.to_string(), any)].into(),
+        typed_filter_metadata: [(proto::METADATA_KEY.to_string(), any)].into(),
         ..Default::default()
     })
 }
@@ -603,7 +603,7 @@ mod tests {
             routes[0]
                 .metadata
                 .as_ref()
-                .is_some_and(|m| m.typed_filter_metadata.contains_key(proto::ROUTE_METADATA))
+                .is_some_and(|m| m.typed_filter_metadata.contains_key(proto::METADATA_KEY))
         );
         let Some(route::route::Action::Route(a)) = &routes[1].action else { panic!("{routes:?}") };
         let Some(route_action::ClusterSpecifier::WeightedClusters(w)) = &a.cluster_specifier else {

@@ -79,9 +79,6 @@ struct EpTunnel {
     service_account: String,
 }
 
-/// Filter-metadata key of [`EpTunnel`] on endpoints.
-pub const TUNNEL_METADATA: &str = "nodemesh.io";
-
 /// A workload as endpoints selection sees it (pods, node-reported workloads, WorkloadEntries).
 struct Wl<'a> {
     namespace: &'a str,
@@ -841,10 +838,10 @@ fn add_caller_variants(cluster: &mut Cluster, callers: &[CallerVariant]) {
     let metadata = cluster.metadata.get_or_insert_with(Default::default);
     metadata
         .filter_metadata
-        .entry(TUNNEL_METADATA.to_string())
+        .entry(proto::METADATA_KEY.to_string())
         .or_default()
         .fields
-        .insert(CLUSTER_CALLER_VARIANTS.to_string(), list(variants));
+        .insert(proto::CLUSTER_CALLER_VARIANTS.to_string(), list(variants));
 }
 
 fn ports_by_host(store: &Store) -> HashMap<String, Vec<u16>> {
@@ -1109,17 +1106,17 @@ fn cluster_metadata(policy: Option<&PortPolicy>) -> Option<envoy_core::Metadata>
     let mut fields = BTreeMap::new();
     match policy.tls {
         Some(istio::TlsMode::IstioMutual) => {
-            fields.insert(CLUSTER_TLS_MODE.to_string(), string_value("ISTIO_MUTUAL".into()));
+            fields.insert(proto::CLUSTER_TLS_MODE.to_string(), string_value("ISTIO_MUTUAL".into()));
         }
         Some(istio::TlsMode::Disable) => {
-            fields.insert(CLUSTER_TLS_MODE.to_string(), string_value("DISABLE".into()));
+            fields.insert(proto::CLUSTER_TLS_MODE.to_string(), string_value("DISABLE".into()));
         }
         // Rejected by validation: the rule never reaches here.
         Some(istio::TlsMode::Simple | istio::TlsMode::Mutual) | None => {}
     }
     if let Some(idle) = policy.tcp_idle_timeout {
         fields.insert(
-            CLUSTER_TCP_IDLE_TIMEOUT_MS.to_string(),
+            proto::CLUSTER_TCP_IDLE_TIMEOUT_MS.to_string(),
             pbuf::Value { kind: Some(pbuf::value::Kind::NumberValue(idle.as_millis() as f64)) },
         );
     }
@@ -1128,7 +1125,7 @@ fn cluster_metadata(policy: Option<&PortPolicy>) -> Option<envoy_core::Metadata>
     }
     Some(envoy_core::Metadata {
         filter_metadata: [(
-            TUNNEL_METADATA.to_string(),
+            proto::METADATA_KEY.to_string(),
             pbuf::Struct { fields: fields.into_iter().collect() },
         )]
         .into_iter()
@@ -1136,11 +1133,6 @@ fn cluster_metadata(policy: Option<&PortPolicy>) -> Option<envoy_core::Metadata>
         ..Default::default()
     })
 }
-
-/// Keys of the cluster metadata [`cluster_metadata`] writes.
-pub const CLUSTER_TLS_MODE: &str = "tls_mode";
-pub const CLUSTER_TCP_IDLE_TIMEOUT_MS: &str = "tcp_idle_timeout_ms";
-pub const CLUSTER_CALLER_VARIANTS: &str = "caller_variants";
 
 fn string_value(s: String) -> pbuf::Value {
     pbuf::Value { kind: Some(pbuf::value::Kind::StringValue(s)) }
@@ -1201,12 +1193,12 @@ fn mtls_mode(mode: MtlsMode) -> mesh::MtlsMode {
 fn tunnel_metadata(t: EpTunnel) -> envoy_core::Metadata {
     let string = |s: String| pbuf::Value { kind: Some(pbuf::value::Kind::StringValue(s)) };
     let fields = [
-        ("tunnel".to_string(), string(t.address.to_string())),
-        ("service_account".to_string(), string(t.service_account)),
+        (proto::ENDPOINT_TUNNEL.to_string(), string(t.address.to_string())),
+        (proto::ENDPOINT_SERVICE_ACCOUNT.to_string(), string(t.service_account)),
     ];
     envoy_core::Metadata {
         filter_metadata: [(
-            TUNNEL_METADATA.to_string(),
+            proto::METADATA_KEY.to_string(),
             pbuf::Struct { fields: fields.into_iter().collect() },
         )]
         .into_iter()

@@ -3,7 +3,7 @@
 use std::{os::unix::fs::PermissionsExt, path::Path, sync::Arc};
 
 use hyper::{Method, Request, Response, StatusCode, body::Incoming};
-use mesh_control::workload::{WorkloadKey, WorkloadSpec};
+use nodemesh_api::workload::{WorkloadKey, WorkloadSpec};
 use tokio::net::UnixListener;
 
 use crate::{

@@ -13,8 +13,8 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use mesh_control::{
-    ca::SpiffeId,
+use nodemesh_api::{
+    identity::SpiffeId,
     proto::istio_ca::{
         IstioCertificateRequest, istio_certificate_service_client::IstioCertificateServiceClient,
     },
@@ -26,7 +26,7 @@ use crate::control_plane::{ControlPlane, LazyChannel, NodeToken};
 
 pub mod tls;
 
-use mesh_control::workload::WorkloadSpec;
+use nodemesh_api::workload::WorkloadSpec;
 
 /// A workload certificate and its key.
 pub struct WorkloadCert {
@@ -240,7 +240,7 @@ impl Identities {
         let csr = params.serialize_request(&key).and_then(|c| c.pem()).map_err(|e| format!("CSR: {e}"))?;
         let metadata = prost_types::Struct {
             fields: [(
-                mesh_control::ca::service::IMPERSONATED_IDENTITY.to_string(),
+                nodemesh_api::proto::IMPERSONATED_IDENTITY.to_string(),
                 prost_types::Value { kind: Some(prost_types::value::Kind::StringValue(uri.clone())) },
             )]
             .into(),

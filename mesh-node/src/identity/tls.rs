@@ -8,7 +8,7 @@
 
 use std::sync::Arc;
 
-use mesh_control::ca::SpiffeId;
+use nodemesh_api::identity::SpiffeId;
 use rustls::{
     CertificateError, ClientConfig, DigitallySignedStruct, OtherError, RootCertStore, ServerConfig,
     SignatureScheme,
@@ -220,7 +220,6 @@ fn pki_error(e: webpki::Error) -> rustls::Error {
 mod tests {
     use std::time::{Duration, SystemTime};
 
-    use mesh_control::ca::CertificateAuthority;
     use rcgen::{CertificateParams, IsCa, Issuer, KeyPair, SanType};
     use rustls::{ClientConnection, ServerConnection};
 
@@ -234,20 +233,44 @@ mod tests {
         }
     }
 
-    fn ca(name: &str) -> (CertificateAuthority, std::path::PathBuf) {
-        let dir = std::env::temp_dir().join(format!("nm-tls-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        (CertificateAuthority::load_or_create(&dir, "cluster.local", name).unwrap(), dir)
+    /// A root CA of the test's own (rcgen), signing workload certificates as mesh-control's
+    /// CA does: the SPIFFE identity as the only SAN, client and server auth.
+    struct TestCa {
+        key: KeyPair,
+        params: CertificateParams,
+        pem: String,
     }
 
-    fn issue(ca: &CertificateAuthority, who: &SpiffeId) -> WorkloadCert {
+    impl TestCa {
+        fn roots(&self) -> Vec<String> {
+            vec![self.pem.clone()]
+        }
+    }
+
+    fn ca(name: &str) -> TestCa {
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::default();
+        params.is_ca = IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params.distinguished_name.push(rcgen::DnType::CommonName, format!("test root {name}"));
+        let pem = params.self_signed(&key).unwrap().pem();
+        TestCa { key, params, pem }
+    }
+
+    fn issue(ca: &TestCa, who: &SpiffeId) -> WorkloadCert {
         let key = KeyPair::generate().unwrap();
         let mut params = CertificateParams::default();
         params.subject_alt_names = vec![SanType::URI(who.to_string().try_into().unwrap())];
-        let csr = params.serialize_request(&key).unwrap().pem().unwrap();
-        let chain = ca.sign(&csr, who, Duration::from_secs(3600)).unwrap();
+        params.extended_key_usages =
+            vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth, rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+        let leaf = params.signed_by(&key, &Issuer::new(ca.params.clone(), &ca.key)).unwrap();
         let now = SystemTime::now();
-        WorkloadCert::new(who.clone(), key.serialize_pem(), chain, now + Duration::from_secs(3600), now)
+        WorkloadCert::new(
+            who.clone(),
+            key.serialize_pem(),
+            vec![leaf.pem(), ca.pem.clone()],
+            now + Duration::from_secs(3600),
+            now,
+        )
     }
 
     /// Runs a handshake in memory; `Err((side, error))` names the side that refused.
@@ -281,8 +304,8 @@ mod tests {
 
     #[test]
     fn each_side_proves_its_identity_and_the_client_accepts_only_the_one_it_dials() {
-        let (authority, dir) = ca("good");
-        let roots = TrustRoots::from_pem(authority.roots()).unwrap();
+        let authority = ca("good");
+        let roots = TrustRoots::from_pem(&authority.roots()).unwrap();
         let (client, server) = (issue(&authority, &id("productpage")), issue(&authority, &id("reviews")));
         let s = server_config(&server, &roots).unwrap();
         let peer = handshake(client_config(&client, &roots, id("reviews")).unwrap(), s.clone()).unwrap();
@@ -291,20 +314,18 @@ mod tests {
         let (side, e) = handshake(client_config(&client, &roots, id("ratings")).unwrap(), s).unwrap_err();
         assert_eq!(side, "client");
         assert!(e.contains("the server is spiffe://cluster.local/ns/shop/sa/reviews, not"), "{e}");
-        std::fs::remove_dir_all(dir).unwrap();
     }
 
     #[test]
     fn certificates_from_another_ca_are_refused_on_both_sides() {
-        let (ours, dir1) = ca("ours");
-        let (theirs, dir2) = ca("theirs");
-        let roots = TrustRoots::from_pem(ours.roots()).unwrap();
+        let (ours, theirs) = (ca("ours"), ca("theirs"));
+        let roots = TrustRoots::from_pem(&ours.roots()).unwrap();
         let good = issue(&ours, &id("a"));
         let stranger = issue(&theirs, &id("b"));
         // A server with a foreign certificate: the client refuses.
         let (side, e) = handshake(
             client_config(&good, &roots, id("b")).unwrap(),
-            server_config(&stranger, &TrustRoots::from_pem(theirs.roots()).unwrap()).unwrap(),
+            server_config(&stranger, &TrustRoots::from_pem(&theirs.roots()).unwrap()).unwrap(),
         )
         .unwrap_err();
         assert_eq!(side, "client", "{e}");
@@ -317,8 +338,6 @@ mod tests {
         .unwrap_err();
         assert_eq!(side, "server", "{e}");
         assert!(e.contains("UnknownIssuer"), "{e}");
-        std::fs::remove_dir_all(dir1).unwrap();
-        std::fs::remove_dir_all(dir2).unwrap();
     }
 
     #[test]
@@ -339,8 +358,8 @@ mod tests {
         let expired =
             WorkloadCert::new(id("old"), key.serialize_pem(), vec![leaf.pem(), root.pem()], now, now);
         let roots = TrustRoots::from_pem(&[root.pem()]).unwrap();
-        let (authority, dir) = ca("expiry");
-        let fresh_roots = TrustRoots::from_pem(authority.roots()).unwrap();
+        let authority = ca("expiry");
+        let fresh_roots = TrustRoots::from_pem(&authority.roots()).unwrap();
         let fresh = issue(&authority, &id("new"));
         let (side, e) = handshake(
             client_config(&fresh, &roots, id("old")).unwrap(),
@@ -356,6 +375,5 @@ mod tests {
         .unwrap_err();
         assert_eq!(side, "server");
         assert!(e.contains("Expired") || e.contains("expired"), "{e}");
-        std::fs::remove_dir_all(dir).unwrap();
     }
 }

@@ -14,7 +14,7 @@ use std::{
 };
 
 use hyper::HeaderMap;
-use mesh_control::{ca::SpiffeId, proto::mesh, workload::WorkloadKey};
+use nodemesh_api::{identity::SpiffeId, proto::mesh, workload::WorkloadKey};
 
 use crate::{
     telemetry::metrics::{InboundDeniedLabels, Metrics},
@@ -330,7 +330,7 @@ fn pattern(p: &str, value: &str) -> bool {
 
 /// Whether `ip` is `block` (an address or a CIDR).
 fn in_block(block: &str, ip: IpAddr) -> bool {
-    let Ok((net, len)) = mesh_control::model::authorization::parse_block(block) else { return false };
+    let Ok((net, len)) = nodemesh_api::matchers::parse_block(block) else { return false };
     match (net, ip) {
         (IpAddr::V4(n), IpAddr::V4(a)) => {
             let mask = u32::MAX.checked_shl(32 - u32::from(len)).unwrap_or(0);

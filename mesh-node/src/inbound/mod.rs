@@ -10,7 +10,7 @@ pub mod routing;
 
 use std::sync::Arc;
 
-use mesh_control::workload::WorkloadKey;
+use nodemesh_api::workload::WorkloadKey;
 
 use crate::proxy::Source;
 

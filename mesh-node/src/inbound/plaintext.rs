@@ -6,7 +6,7 @@
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
-use mesh_control::proto::mesh::{self, MtlsMode};
+use nodemesh_api::proto::mesh::{self, MtlsMode};
 use tokio::net::{TcpListener, TcpStream};
 
 use super::{

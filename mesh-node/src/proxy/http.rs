@@ -19,7 +19,7 @@ use hyper::{
     service::service_fn,
 };
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use mesh_control::proto::mesh::{self, hash_policy::Key};
+use nodemesh_api::proto::mesh::{self, hash_policy::Key};
 use tokio::net::TcpStream;
 
 use super::{

@@ -13,7 +13,7 @@ use std::{
     time::Duration,
 };
 
-use mesh_control::workload::WorkloadKey;
+use nodemesh_api::workload::WorkloadKey;
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 

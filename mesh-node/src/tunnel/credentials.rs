@@ -8,7 +8,7 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use mesh_control::ca::SpiffeId;
+use nodemesh_api::identity::SpiffeId;
 use rustls::{
     ClientConfig, ServerConfig,
     server::{ClientHello, ResolvesServerCert},

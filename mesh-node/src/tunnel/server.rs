@@ -13,7 +13,7 @@ use bytes::Bytes;
 use http_body_util::Full;
 use hyper::{Method, Request, Response, StatusCode, body::Incoming, service::service_fn};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use mesh_control::ca::SpiffeId;
+use nodemesh_api::identity::SpiffeId;
 use tokio::net::{TcpListener, TcpStream};
 
 use super::{

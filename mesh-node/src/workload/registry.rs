@@ -14,11 +14,11 @@ use std::{
     sync::{Arc, RwLock},
 };
 
-use mesh_control::{
+use nix::sys::statfs::{CGROUP2_SUPER_MAGIC, statfs};
+use nodemesh_api::{
     meshing::MeshDecision,
     workload::{SpecError, WorkloadKey, WorkloadSpec},
 };
-use nix::sys::statfs::{CGROUP2_SUPER_MAGIC, statfs};
 use tokio::{net::TcpListener, sync::Mutex, task::AbortHandle};
 
 use super::{listeners, state::StateFile};

@@ -6,7 +6,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use mesh_control::workload::WorkloadSpec;
+use nodemesh_api::workload::WorkloadSpec;
 
 const FILE_NAME: &str = "workloads.json";
 

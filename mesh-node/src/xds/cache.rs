@@ -17,10 +17,7 @@ use envoy_types::pb::envoy::config::{
 };
 use envoy_types::pb::envoy::extensions::upstreams::http::v3::HttpProtocolOptions as UpstreamHttpOptions;
 use envoy_types::pb::google::protobuf as pbuf;
-use mesh_control::{
-    proto::{self, mesh},
-    xds::translate::TUNNEL_METADATA,
-};
+use nodemesh_api::proto::{self, ENDPOINT_SERVICE_ACCOUNT, ENDPOINT_TUNNEL, METADATA_KEY, mesh};
 use prost::Message;
 use tokio::sync::Notify;
 
@@ -494,22 +491,22 @@ fn endpoints(cla: &ClusterLoadAssignment) -> Result<Vec<Endpoint>, String> {
 /// namespace is the workload's (`namespace/name`).
 fn endpoint_tunnel(lb: &LbEndpoint, workload: &str) -> Result<Option<TunnelTarget>, String> {
     let Some(fields) =
-        lb.metadata.as_ref().and_then(|m| m.filter_metadata.get(TUNNEL_METADATA)).map(|s| &s.fields)
+        lb.metadata.as_ref().and_then(|m| m.filter_metadata.get(METADATA_KEY)).map(|s| &s.fields)
     else {
         return Ok(None);
     };
     let text = |key: &str| match fields.get(key).and_then(|v| v.kind.as_ref()) {
         Some(pbuf::value::Kind::StringValue(s)) => Ok(s.clone()),
-        _ => Err(format!("metadata {TUNNEL_METADATA}.{key} is missing or not a string")),
+        _ => Err(format!("metadata {METADATA_KEY}.{key} is missing or not a string")),
     };
-    let address = text("tunnel")?;
+    let address = text(ENDPOINT_TUNNEL)?;
     let address = address
         .parse()
-        .map_err(|_| format!("metadata {TUNNEL_METADATA}.tunnel `{address}` is not ip:port"))?;
+        .map_err(|_| format!("metadata {METADATA_KEY}.{ENDPOINT_TUNNEL} `{address}` is not ip:port"))?;
     let namespace = workload.split_once('/').map(|(ns, _)| ns.to_string()).ok_or_else(|| {
         format!("a tunnelled endpoint must name its workload as namespace/name, not `{workload}`")
     })?;
-    Ok(Some(TunnelTarget { address, namespace, service_account: text("service_account")? }))
+    Ok(Some(TunnelTarget { address, namespace, service_account: text(ENDPOINT_SERVICE_ACCOUNT)? }))
 }
 
 fn socket_addr(a: Option<&envoy_core::Address>) -> Option<SocketAddr> {

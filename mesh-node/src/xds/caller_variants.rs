@@ -6,7 +6,7 @@
 use std::collections::BTreeSet;
 
 use envoy_types::pb::{envoy::config::cluster::v3::Cluster, google::protobuf::value::Kind};
-use mesh_control::xds::translate::{CLUSTER_CALLER_VARIANTS, TUNNEL_METADATA};
+use nodemesh_api::proto::{CLUSTER_CALLER_VARIANTS, METADATA_KEY};
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CallerVariant {
@@ -20,14 +20,13 @@ pub fn from_cluster(c: &Cluster) -> Result<Vec<CallerVariant>, String> {
     let Some(value) = c
         .metadata
         .as_ref()
-        .and_then(|m| m.filter_metadata.get(TUNNEL_METADATA))
+        .and_then(|m| m.filter_metadata.get(METADATA_KEY))
         .and_then(|s| s.fields.get(CLUSTER_CALLER_VARIANTS))
     else {
         return Ok(Vec::new());
     };
-    let bad = |why: &str| {
-        format!("Cluster {}: metadata {TUNNEL_METADATA}.{CLUSTER_CALLER_VARIANTS}: {why}", c.name)
-    };
+    let bad =
+        |why: &str| format!("Cluster {}: metadata {METADATA_KEY}.{CLUSTER_CALLER_VARIANTS}: {why}", c.name);
     let Some(Kind::ListValue(list)) = &value.kind else { return Err(bad("not a list")) };
     list.values
         .iter()

@@ -28,7 +28,7 @@ use envoy_types::pb::{
     },
     google::rpc::Status as RpcStatus,
 };
-use mesh_control::{
+use nodemesh_api::{
     proto::{self, mesh},
     workload::WorkloadSpec,
 };

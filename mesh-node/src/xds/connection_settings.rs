@@ -7,7 +7,7 @@
 use std::time::Duration;
 
 use envoy_types::pb::{envoy::config::cluster::v3::Cluster, google::protobuf as pbuf};
-use mesh_control::xds::translate::{CLUSTER_TCP_IDLE_TIMEOUT_MS, CLUSTER_TLS_MODE, TUNNEL_METADATA};
+use nodemesh_api::proto::{CLUSTER_TCP_IDLE_TIMEOUT_MS, CLUSTER_TLS_MODE, METADATA_KEY};
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ConnectionSettings {
@@ -75,8 +75,7 @@ impl ConnectionSettings {
 
     /// The settings a Cluster carries; an error names what cannot be read.
     pub fn from_cluster(c: &Cluster) -> Result<ConnectionSettings, String> {
-        let fields =
-            c.metadata.as_ref().and_then(|m| m.filter_metadata.get(TUNNEL_METADATA)).map(|s| &s.fields);
+        let fields = c.metadata.as_ref().and_then(|m| m.filter_metadata.get(METADATA_KEY)).map(|s| &s.fields);
         let field = |key: &str| fields.and_then(|f| f.get(key)).and_then(|v| v.kind.as_ref());
         let tls = match field(CLUSTER_TLS_MODE) {
             None => UpstreamTls::Auto,
@@ -84,7 +83,7 @@ impl ConnectionSettings {
             Some(pbuf::value::Kind::StringValue(m)) if m == "DISABLE" => UpstreamTls::Disable,
             Some(other) => {
                 return Err(format!(
-                    "Cluster {}: metadata {TUNNEL_METADATA}.{CLUSTER_TLS_MODE} {other:?} is not ISTIO_MUTUAL or DISABLE",
+                    "Cluster {}: metadata {METADATA_KEY}.{CLUSTER_TLS_MODE} {other:?} is not ISTIO_MUTUAL or DISABLE",
                     c.name
                 ));
             }
@@ -96,7 +95,7 @@ impl ConnectionSettings {
             }
             Some(other) => {
                 return Err(format!(
-                    "Cluster {}: metadata {TUNNEL_METADATA}.{CLUSTER_TCP_IDLE_TIMEOUT_MS} {other:?} is not a number of milliseconds",
+                    "Cluster {}: metadata {METADATA_KEY}.{CLUSTER_TCP_IDLE_TIMEOUT_MS} {other:?} is not a number of milliseconds",
                     c.name
                 ));
             }

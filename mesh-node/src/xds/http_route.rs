@@ -28,7 +28,7 @@ use hyper::{
     header::{HeaderName, HeaderValue},
     http::request::Parts,
 };
-use mesh_control::proto::{self, mesh};
+use nodemesh_api::proto::{self, mesh};
 use prost::Message;
 use regex::Regex;
 
@@ -335,7 +335,7 @@ fn str_match(m: &StringMatcher) -> Result<StrMatch, String> {
 fn compile_route(r: &route::Route) -> Result<Route, String> {
     let mut matcher = compile_match(&r.r#match.clone().unwrap_or_default())?;
     matcher.source =
-        match r.metadata.as_ref().and_then(|md| md.typed_filter_metadata.get(proto::ROUTE_METADATA)) {
+        match r.metadata.as_ref().and_then(|md| md.typed_filter_metadata.get(proto::METADATA_KEY)) {
             Some(any) => Some(
                 mesh::RouteSource::decode(any.value.as_slice())
                     .map_err(|e| format!("route source metadata: {e}"))?,

@@ -3,7 +3,7 @@
 //! order; the first route that matches takes it, and its weighted destinations are picked by
 //! smooth weighted round robin (exact per cycle, per connection).
 
-use mesh_control::{model::virtual_service::sni_matches, proto::mesh};
+use nodemesh_api::{matchers::sni_matches, proto::mesh};
 
 use super::{http_route::RequestSource, weights::SmoothWeights};
 

@@ -422,7 +422,7 @@ fn build_ring(endpoints: &[Arc<EndpointState>], min_ring_size: usize) -> Vec<(u6
 /// FNV-1a then a murmur finaliser: stable across runs and nodes (so every node maps a key to
 /// the same endpoint), well spread.
 pub fn hash_bytes(bytes: &[u8]) -> u64 {
-    let mut h = mesh_control::hash::fnv1a64(bytes);
+    let mut h = nodemesh_api::hash::fnv1a64(bytes);
     h ^= h >> 33;
     h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
     h ^= h >> 33;

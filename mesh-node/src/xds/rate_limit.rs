@@ -14,7 +14,7 @@ use std::{
 
 use envoy_types::pb::{envoy::config::route::v3::FilterConfig, google::protobuf::Any};
 use hyper::http::request::Parts;
-use mesh_control::proto::mesh;
+use nodemesh_api::proto::mesh;
 use prost::Message;
 
 use super::http_route::{RequestMatch, RequestSource, compile_match};

@@ -4,8 +4,8 @@
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
-use mesh_control::{
-    model::istio::egress_allows,
+use nodemesh_api::{
+    matchers::egress_allows,
     proto::mesh::{self, OutboundTrafficPolicy, hash_policy::Key},
 };
 use tokio::net::TcpStream;

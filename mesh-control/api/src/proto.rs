@@ -19,9 +19,28 @@ pub const ENDPOINT_TYPE: &str = "type.googleapis.com/envoy.config.endpoint.v3.Cl
 pub const ROUTE_TYPE: &str = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration";
 pub const LISTENER_TYPE: &str = "type.googleapis.com/envoy.config.listener.v3.Listener";
 
-/// Route metadata namespace for what Envoy's RouteMatch cannot say (Istio's sourceLabels and
-/// sourceNamespace); mesh-node evaluates it against the source workload.
-pub const ROUTE_METADATA: &str = "nodemesh.io";
+/// Where Nodemesh puts what Envoy's resources have no field for:
+/// - an endpoint's filter metadata: [`ENDPOINT_TUNNEL`], [`ENDPOINT_SERVICE_ACCOUNT`] (a meshed
+///   workload is reached through its node's tunnel, proving that account's identity);
+/// - a cluster's filter metadata: [`CLUSTER_TLS_MODE`], [`CLUSTER_TCP_IDLE_TIMEOUT_MS`],
+///   [`CLUSTER_CALLER_VARIANTS`];
+/// - a route's typed metadata: a [`mesh::RouteSource`] (who the route admits), which
+///   mesh-node evaluates against the caller.
+pub const METADATA_KEY: &str = "nodemesh.io";
+/// `ip:port` of the endpoint's node's HBONE tunnel.
+pub const ENDPOINT_TUNNEL: &str = "tunnel";
+/// The endpoint workload's service account, whose identity the tunnel's server must prove.
+pub const ENDPOINT_SERVICE_ACCOUNT: &str = "service_account";
+/// DestinationRule `tls.mode` when set: `ISTIO_MUTUAL` or `DISABLE`.
+pub const CLUSTER_TLS_MODE: &str = "tls_mode";
+/// DestinationRule `connectionPool.tcp.idleTimeout`, in milliseconds.
+pub const CLUSTER_TCP_IDLE_TIMEOUT_MS: &str = "tcp_idle_timeout_ms";
+/// Callers (by namespace) that see another DestinationRule and the suffix of their own
+/// cluster's name: a list of `{namespaces: [..], suffix}`.
+pub const CLUSTER_CALLER_VARIANTS: &str = "caller_variants";
+
+/// Istio's CSR metadata key naming the identity a node asks a certificate for.
+pub const IMPERSONATED_IDENTITY: &str = "ImpersonatedIdentity";
 
 /// Virtual-host `typed_per_filter_config` key of a port's [`mesh::RateLimits`].
 pub const RATE_LIMIT_FILTER: &str = "nodemesh.io/local_ratelimit";

@@ -1,0 +1,19 @@
+//! What mesh-node and mesh-control must agree on, in one small crate both depend on (so the
+//! node proxy does not pull in the control plane's Kubernetes client, file watcher and YAML):
+//!
+//! - [`proto`]: Nodemesh's xDS resources and services (generated), Istio's CA API, the type
+//!   URLs and the metadata keys that carry what Envoy's resources cannot say;
+//! - [`identity`]: SPIFFE identities; [`workload`]: a workload as a node registers it;
+//!   [`meshing`]: the opt-in rule; [`matchers`]: the matching both sides must do alike;
+//!   [`hash`]: the process-independent hash behind resource versions and hash rings;
+//! - [`http`], [`logging`]: the admin-endpoint and log plumbing both binaries share.
+#![forbid(unsafe_code)]
+
+pub mod hash;
+pub mod http;
+pub mod identity;
+pub mod logging;
+pub mod matchers;
+pub mod meshing;
+pub mod proto;
+pub mod workload;
