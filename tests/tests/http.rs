@@ -11,7 +11,7 @@ use std::{
 };
 
 use nodemesh_tests::{
-    CONTROL_PLANE_URL, Pod, Registration, SimNode,
+    CONTROL_PLANE_URL, HeldConnection, Pod, Registration, SimNode,
     mesh::{eventually, labelled, write_config as write},
 };
 use serde_json::Value;
@@ -432,11 +432,23 @@ fn max_connections_hold_pending_requests_and_overflow_beyond_them() {
         )
     })
     .unwrap();
-    assert!(nodemesh_tests::mesh::answered_by(&node, &client, "10.96.0.14:80", 2).is_ok());
-    let third = nodemesh_tests::mesh::answered_by(&node, &client, "10.96.0.14:80", 3);
+    // Two connections held open (each echo proves its upstream is connected), so the limit is
+    // reached for certain when the third is tried — not merely likely, as with connections
+    // that close as soon as they are answered.
+    let db = "10.96.0.14:80";
+    let mut held: Vec<HeldConnection> = (0..2).map(|_| HeldConnection::open(&client, db).unwrap()).collect();
+    for (i, h) in held.iter_mut().enumerate() {
+        h.round_trip(&format!("held {i}")).unwrap();
+    }
+    let third = nodemesh_tests::mesh::answered_by(&node, &client, db, 1);
     assert!(third.is_err(), "the third connection must be refused: {third:?}");
     let metrics = node.admin_get("/metrics").unwrap();
     assert!(metrics.contains("reason=\"upstream_overflow\""), "{metrics}");
+    // One closes: its place is free again.
+    held.pop().unwrap().close().unwrap();
+    nodemesh_tests::mesh::eventually("a place frees up", Duration::from_secs(5), || {
+        nodemesh_tests::mesh::answered_by(&node, &client, db, 1).is_ok()
+    });
 }
 
 /// DestinationRule `tcp.connectTimeout` bounds each connect to the cluster's endpoints (here
