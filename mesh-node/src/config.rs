@@ -22,8 +22,10 @@ pub struct Cli {
     pub command: Command,
 }
 
-// Parsed once at start; the size of the largest variant costs nothing.
-#[allow(clippy::large_enum_variant)]
+#[allow(
+    clippy::large_enum_variant,
+    reason = "parsed once at start; the size of the largest variant costs nothing"
+)]
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Run the node proxy: load and attach capture, serve workloads, admin and local API.

@@ -23,7 +23,7 @@ pub fn run_checked(program: &str, args: &[&str]) -> anyhow::Result<()> {
 /// all the way, so the spawned child is the program itself). Not `ip netns exec`: it remounts
 /// /sys, which hides the cgroup v2 mount from the program. Stdin is null unless the caller sets
 /// it; the caller also chooses stdout, stderr and environment, then spawns.
-pub fn command_in(netns: &str, cgroup: Option<&Path>, program: &Path, args: &[String]) -> Command {
+pub(crate) fn command_in(netns: &str, cgroup: Option<&Path>, program: &Path, args: &[String]) -> Command {
     let script = match cgroup {
         Some(_) => r#"echo $$ > "$0/cgroup.procs" && ns="$1" && shift && exec nsenter --net="$ns" -- "$@""#,
         None => r#"ns="$1" && shift && exec nsenter --net="$ns" -- "$@""#,
@@ -42,7 +42,7 @@ pub fn command_in(netns: &str, cgroup: Option<&Path>, program: &Path, args: &[St
 }
 
 /// Spawns a [`command_in`] command with the given output streams.
-pub fn spawn_in(
+pub(crate) fn spawn_in(
     netns: &str,
     cgroup: Option<&Path>,
     program: &Path,

@@ -15,14 +15,14 @@ const LATENCY_RATE: &str = "1000";
 const LATENCY_COUNT: &str = "10000";
 const BULK_BYTES: &str = "1073741824";
 
-pub struct Run {
+pub(crate) struct Run {
     connect_per_sec: f64,
     p50_us: f64,
     p99_us: f64,
     gbit_per_s: f64,
 }
 
-pub fn run() -> anyhow::Result<()> {
+pub(crate) fn run() -> anyhow::Result<()> {
     setup::run()?;
     util::build_release()?;
     let mut node = SimNode::new()?;
@@ -166,7 +166,7 @@ through mesh-node. Each cell is **direct / mesh-node**.
 |---|---|---|---|---|---|---|---|
 ";
 
-pub fn measure(node: &SimNode, client: &Pod, server: &Pod) -> anyhow::Result<Run> {
+pub(crate) fn measure(node: &SimNode, client: &Pod, server: &Pod) -> anyhow::Result<Run> {
     let to = server.addr(9000).to_string();
     let get = |v: &Value, k: &str| -> anyhow::Result<f64> {
         v[k].as_f64().with_context(|| format!("nm-testapp result has no {k}: {v}"))
@@ -193,7 +193,7 @@ fn commit() -> anyhow::Result<String> {
 }
 
 /// utime + stime of a process, in seconds.
-pub fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
+pub(crate) fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
     let stat = fs::read_to_string(format!("/proc/{pid}/stat"))?;
     // Fields after the command name, which is in parentheses and may contain spaces.
     let rest = stat.rsplit_once(')').context("malformed stat")?.1;
@@ -204,7 +204,7 @@ pub fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
 }
 
 /// VmRSS and VmHWM in KiB.
-pub fn memory_kib(pid: u32) -> anyhow::Result<(u64, u64)> {
+pub(crate) fn memory_kib(pid: u32) -> anyhow::Result<(u64, u64)> {
     let status = fs::read_to_string(format!("/proc/{pid}/status"))?;
     let field = |name: &str| -> anyhow::Result<u64> {
         status

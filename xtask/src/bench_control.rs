@@ -26,16 +26,16 @@ const LOAD_NODES: usize = 50;
 const WATCHED: &str = "outbound|80||svc-0.bench.svc.cluster.local";
 
 /// (p50, p99) in milliseconds.
-pub type Percentiles = (f64, f64);
+pub(crate) type Percentiles = (f64, f64);
 
-pub struct ControlRun {
+pub(crate) struct ControlRun {
     /// Endpoint change → both nodes of the simulated cluster.
     pub cluster: Percentiles,
     pub scale: Scale,
 }
 
 /// mesh-control at 1,000 services / 10,000 endpoints / 50 clients.
-pub struct Scale {
+pub(crate) struct Scale {
     /// Endpoint change → all 50 clients.
     pub propagation: Percentiles,
     pub sync_ms: f64,
@@ -44,7 +44,7 @@ pub struct Scale {
     pub sync_cpu_s: f64,
 }
 
-pub fn run() -> anyhow::Result<ControlRun> {
+pub(crate) fn run() -> anyhow::Result<ControlRun> {
     crate::util::step("control plane: propagation on a 2-node simulated cluster");
     let cluster = cluster_propagation()?;
     crate::util::step("control plane: 1,000 services / 10,000 endpoints / 50 xDS clients");

@@ -19,16 +19,16 @@ const VIP: &str = "10.96.0.30";
 const ENVOY_PORT: u16 = 15080;
 
 /// p50 µs, p99 µs, requests/s.
-pub type Figures = (f64, f64, f64);
+pub(crate) type Figures = (f64, f64, f64);
 
-pub struct ProtocolRun {
+pub(crate) struct ProtocolRun {
     pub protocol: &'static str,
     pub direct: Figures,
     pub mesh: Figures,
     pub envoy: Figures,
 }
 
-pub fn run() -> anyhow::Result<Vec<ProtocolRun>> {
+pub(crate) fn run() -> anyhow::Result<Vec<ProtocolRun>> {
     let mut node = SimNode::new()?;
     let config = node.work_dir.join("config");
     std::fs::create_dir_all(&config)?;

@@ -9,7 +9,7 @@ use nodemesh_tests::{Registration, SimCluster, mesh, tunnel_client};
 
 use crate::bench::{Run, measure};
 
-pub struct CrossNode {
+pub(crate) struct CrossNode {
     pub direct: Run,
     pub plaintext: Run,
     pub mtls: Run,
@@ -18,7 +18,7 @@ pub struct CrossNode {
 
 const HANDSHAKES: usize = 2000;
 
-pub fn run() -> anyhow::Result<CrossNode> {
+pub(crate) fn run() -> anyhow::Result<CrossNode> {
     let mut cluster = SimCluster::new(2)?;
     cluster.start(&[], &[])?;
     let node0 = &mut cluster.nodes[0];

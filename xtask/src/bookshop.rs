@@ -34,12 +34,12 @@ const LAYOUT: [PodPlan; 9] = [
 type PodPlan =
     (usize, &'static str, &'static [(&'static str, &'static str)], Option<(&'static str, &'static str)>);
 
-pub struct Bookshop {
+pub(crate) struct Bookshop {
     pods: BTreeMap<&'static str, (usize, Pod)>,
 }
 
 /// Starts the bookshop's pods and apps; `config` is the directory mesh-control watches.
-pub fn start(cluster: &mut SimCluster, config: &Path) -> anyhow::Result<Bookshop> {
+pub(crate) fn start(cluster: &mut SimCluster, config: &Path) -> anyhow::Result<Bookshop> {
     let root = util::workspace_root()?.join("examples/bookshop");
     fs::copy(root.join("bookshop.yaml"), config.join("bookshop.yaml"))?;
     let app = nodemesh_tests::bin("bookshop")?;
@@ -162,7 +162,7 @@ fn apply(cluster: &SimCluster, config: &Path, file: Option<&str>) -> anyhow::Res
 }
 
 /// The walk through the route files.
-pub fn walk(cluster: &SimCluster, config: &Path, shop: &Bookshop) -> anyhow::Result<()> {
+pub(crate) fn walk(cluster: &SimCluster, config: &Path, shop: &Bookshop) -> anyhow::Result<()> {
     println!(
         "\nThe reader loads http://{PRODUCTPAGE}/productpage (productpage → details, reviews → ratings):"
     );

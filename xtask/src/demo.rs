@@ -12,7 +12,7 @@ use crate::{bookshop, setup, util};
 const REVIEWS: &str = "10.96.0.20:9080";
 const RATINGS: &str = "10.96.0.30:9080";
 
-pub fn run(keep: bool) -> anyhow::Result<()> {
+pub(crate) fn run(keep: bool) -> anyhow::Result<()> {
     setup::run()?;
     util::build_release()?;
     util::step("creating a simulated cluster: 2 nodes + a fabric netns, no route off this machine");

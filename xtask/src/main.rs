@@ -7,6 +7,8 @@ mod bench_http;
 mod bench_mtls;
 mod bookshop;
 mod demo;
+mod lint;
+mod module_cycles;
 mod setup;
 mod util;
 
@@ -29,6 +31,8 @@ enum Cmd {
         #[arg(trailing_var_arg = true)]
         args: Vec<String>,
     },
+    /// Formatting, clippy (warnings are errors), module import cycles, mesh-node's dependencies.
+    Lint,
     /// Setup, build, run a simulated node with pods, show what the proxy saw, clean up.
     Demo {
         /// Leave the node running until Ctrl-C and print how to poke it.
@@ -45,6 +49,7 @@ fn main() -> std::process::ExitCode {
     let result = match Cli::parse().command {
         Cmd::Setup => setup::run(),
         Cmd::Test { args } => test(&args),
+        Cmd::Lint => lint::run(),
         Cmd::Demo { keep } => demo::run(keep),
         Cmd::Bench => bench::run(),
         Cmd::Clean => {
@@ -61,9 +66,11 @@ fn main() -> std::process::ExitCode {
     }
 }
 
-/// The test command README.md and .ci/run use.
+/// The test command README.md and .ci/run use: the lint, then every test. A lint failure does
+/// not stop the tests; both are reported at the end.
 fn test(args: &[String]) -> anyhow::Result<()> {
     setup::run()?;
+    let lint = lint::run();
     util::step("building mesh-node, mesh-control and the test apps");
     util::cargo(&["build", "-p", "mesh-node", "-p", "mesh-control", "-p", "nodemesh-tests", "--bins"])?;
     util::step("running the test suite (simulated nodes need root; 2 test threads)");
@@ -72,5 +79,10 @@ fn test(args: &[String]) -> anyhow::Result<()> {
     let mut cargo_args =
         vec!["test", "--workspace", "--exclude", "mesh-ebpf", "--no-fail-fast", "--", "--test-threads", "2"];
     cargo_args.extend(args.iter().map(String::as_str));
-    util::cargo_env(&cargo_args, &[("NODEMESH_BIN_DIR", bin_dir.to_str().unwrap_or_default())])
+    let tests = util::cargo_env(&cargo_args, &[("NODEMESH_BIN_DIR", bin_dir.to_str().unwrap_or_default())]);
+    match (lint, tests) {
+        (Ok(()), tests) => tests,
+        (Err(lint), Ok(())) => Err(lint),
+        (Err(lint), Err(tests)) => Err(tests.context(format!("{lint:#}"))),
+    }
 }

@@ -25,7 +25,7 @@ const KERNEL_OPTIONS: &[(&str, &str)] = &[
     ("CONFIG_IPV6_MULTIPLE_TABLES", "the same for IPv6"),
 ];
 
-pub fn run() -> anyhow::Result<()> {
+pub(crate) fn run() -> anyhow::Result<()> {
     check_root()?;
     check_kernel()?;
     check_disk()?;

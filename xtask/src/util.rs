@@ -4,20 +4,20 @@ use std::{path::PathBuf, process::Command};
 
 use anyhow::{Context, bail};
 
-pub fn step(what: &str) {
+pub(crate) fn step(what: &str) {
     println!("[xtask] {what}");
 }
 
-pub fn workspace_root() -> anyhow::Result<PathBuf> {
+pub(crate) fn workspace_root() -> anyhow::Result<PathBuf> {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
     Ok(dir.parent().context("xtask has no parent dir")?.to_path_buf())
 }
 
-pub fn cargo(args: &[&str]) -> anyhow::Result<()> {
+pub(crate) fn cargo(args: &[&str]) -> anyhow::Result<()> {
     cargo_env(args, &[])
 }
 
-pub fn cargo_env(args: &[&str], env: &[(&str, &str)]) -> anyhow::Result<()> {
+pub(crate) fn cargo_env(args: &[&str], env: &[(&str, &str)]) -> anyhow::Result<()> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let status = Command::new(&cargo)
         .args(args)
@@ -32,7 +32,7 @@ pub fn cargo_env(args: &[&str], env: &[(&str, &str)]) -> anyhow::Result<()> {
 }
 
 /// Runs a command; returns trimmed stdout, or an error with its stderr.
-pub fn output(program: &str, args: &[&str]) -> anyhow::Result<String> {
+pub(crate) fn output(program: &str, args: &[&str]) -> anyhow::Result<String> {
     let out = Command::new(program).args(args).output().with_context(|| format!("running {program}"))?;
     if !out.status.success() {
         bail!("{program} {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
@@ -40,7 +40,7 @@ pub fn output(program: &str, args: &[&str]) -> anyhow::Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
 }
 
-pub fn run(program: &str, args: &[&str], env: &[(&str, &str)]) -> anyhow::Result<()> {
+pub(crate) fn run(program: &str, args: &[&str], env: &[(&str, &str)]) -> anyhow::Result<()> {
     let status = Command::new(program)
         .args(args)
         .envs(env.iter().copied())
@@ -53,7 +53,7 @@ pub fn run(program: &str, args: &[&str], env: &[(&str, &str)]) -> anyhow::Result
 }
 
 /// Builds release binaries and points the harness at them.
-pub fn build_release() -> anyhow::Result<()> {
+pub(crate) fn build_release() -> anyhow::Result<()> {
     step("building mesh-node, mesh-control, nm-testapp and the bookshop (release)");
     cargo(&[
         "build",

@@ -113,8 +113,10 @@ pub struct Meta {
     pub labels: Labels,
 }
 
-// Objects live once in the store; boxing the big Istio specs would buy nothing.
-#[allow(clippy::large_enum_variant)]
+#[allow(
+    clippy::large_enum_variant,
+    reason = "objects live once in the store; boxing the big Istio specs would buy nothing"
+)]
 #[derive(Clone, Debug, PartialEq, serde::Serialize)]
 pub enum Object {
     Namespace(core::Namespace),

@@ -39,7 +39,7 @@ use crate::xds::{
 };
 
 /// The Service port a connection's requests go to.
-pub struct Target {
+pub(crate) struct Target {
     pub balancer: Arc<Balancer>,
     pub hash_policy: Option<mesh::HashPolicy>,
     /// The source workload's locality, for locality-aware clusters.
@@ -72,7 +72,7 @@ impl Target {
 }
 
 /// Serves one client connection (`h2`: it opened with the HTTP/2 preface) until it closes.
-pub async fn serve(
+pub(crate) async fn serve(
     outbound: Arc<Outbound>,
     client: TcpStream,
     h2: bool,
@@ -716,7 +716,7 @@ pub(super) fn text_response(status: StatusCode, reason: &str) -> Response<Body> 
 /// Opens an upstream HTTP connection to `addr` from the source workload.
 /// An HTTP connection over `stream`; it holds `slot` (its place under the cluster's
 /// `maxConnections`) until it closes.
-pub async fn handshake(
+pub(crate) async fn handshake(
     stream: super::upstream::Upstream,
     h2: bool,
     slot: ConnectionSlot,

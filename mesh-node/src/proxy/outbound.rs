@@ -116,7 +116,7 @@ impl Attempt<'_> {
     /// if `report_success`: HTTP reports the answer instead, since a backend that accepts
     /// connections and answers 5xx must not have its failure streak reset. No endpoint at all
     /// is `NotFound`.
-    pub async fn open<T, Fut>(
+    pub(super) async fn open<T, Fut>(
         &self,
         prefer_not: &[SocketAddr],
         report_success: bool,

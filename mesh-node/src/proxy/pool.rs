@@ -19,10 +19,10 @@ use hyper::client::conn::{http1, http2};
 
 use crate::xds::{conn_limits::Evictable, lb::Balancer};
 
-pub type Body = BoxBody<Bytes, hyper::Error>;
+pub(crate) type Body = BoxBody<Bytes, hyper::Error>;
 
 /// A body of bytes the proxy holds (a replayed request, an answer of its own).
-pub fn full(bytes: impl Into<Bytes>) -> Body {
+pub(crate) fn full(bytes: impl Into<Bytes>) -> Body {
     use http_body_util::BodyExt;
     http_body_util::Full::new(bytes.into()).map_err(|e| match e {}).boxed()
 }

@@ -18,12 +18,12 @@ use crate::{
 
 /// The tightest bucket a request drew from so far (fewest tokens left).
 #[derive(Default)]
-pub struct Drawn(Option<Verdict>);
+pub(super) struct Drawn(Option<Verdict>);
 
 impl Drawn {
     /// Takes a token from `limit`'s bucket for `key`; if it was empty, the refusal to answer
     /// `request` (whose headers say whether it is gRPC).
-    pub fn take(
+    pub(super) fn take(
         &mut self,
         outbound: &Outbound,
         source: &Source,
@@ -48,7 +48,7 @@ impl Drawn {
     }
 
     /// Adds the `x-ratelimit-*` headers to a response, if any limit applied.
-    pub fn annotate(&self, headers: &mut HeaderMap) {
+    pub(super) fn annotate(&self, headers: &mut HeaderMap) {
         if let Some(v) = &self.0 {
             set_headers(headers, v);
         }

@@ -11,26 +11,28 @@ use crate::{netns::NetnsThread, sys};
 
 /// The port the proxy prefers inside a pod, as Istio's outbound capture port. In a shared netns
 /// (plain host processes) the second workload gets an ephemeral port instead.
-pub const OUTBOUND_PORT: u16 = 15001;
+pub(super) const OUTBOUND_PORT: u16 = 15001;
 /// Where the pod's inbound capture (sk_lookup) hands connections, as Istio's inbound port.
 /// The address is loopback, but sk_lookup may steer any destination to it.
-pub const INBOUND_PORT: u16 = 15006;
+pub(super) const INBOUND_PORT: u16 = 15006;
 /// Deep enough for bursts of thousands of connects per pod.
 const BACKLOG: i32 = 4096;
 
-pub struct WorkloadListeners {
+pub(super) struct WorkloadListeners {
     pub netns_cookie: u64,
     pub v4: std::net::TcpListener,
     /// None when the netns has no usable ::1 (IPv6 disabled); IPv6 connects then pass uncaptured.
     pub v6: Option<std::net::TcpListener>,
 }
 
-pub async fn bind_in(netns: &NetnsThread) -> Result<io::Result<WorkloadListeners>, crate::netns::NetnsError> {
+pub(super) async fn bind_in(
+    netns: &NetnsThread,
+) -> Result<io::Result<WorkloadListeners>, crate::netns::NetnsError> {
     bind_pair(netns, OUTBOUND_PORT).await
 }
 
 /// The inbound listeners, for [`crate::capture::Capture::capture_inbound`].
-pub async fn bind_inbound(
+pub(super) async fn bind_inbound(
     netns: &NetnsThread,
 ) -> Result<io::Result<WorkloadListeners>, crate::netns::NetnsError> {
     bind_pair(netns, INBOUND_PORT).await

@@ -11,22 +11,22 @@ use nodemesh_api::workload::WorkloadSpec;
 const FILE_NAME: &str = "workloads.json";
 
 #[derive(Debug, Clone)]
-pub struct StateFile {
+pub(super) struct StateFile {
     path: PathBuf,
 }
 
 impl StateFile {
-    pub fn new(state_dir: &Path) -> StateFile {
+    pub(super) fn new(state_dir: &Path) -> StateFile {
         StateFile { path: state_dir.join(FILE_NAME) }
     }
 
-    pub fn path(&self) -> &Path {
+    pub(super) fn path(&self) -> &Path {
         &self.path
     }
 
     /// Missing file = no workloads yet. A corrupt file is an error naming it: silently starting
     /// empty would drop every pod out of the mesh.
-    pub fn load(&self) -> io::Result<Vec<WorkloadSpec>> {
+    pub(super) fn load(&self) -> io::Result<Vec<WorkloadSpec>> {
         match std::fs::read(&self.path) {
             Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| {
                 io::Error::new(
@@ -40,7 +40,7 @@ impl StateFile {
     }
 
     /// Writes atomically (temp file + rename), so a crash mid-write leaves the old state.
-    pub fn save(&self, specs: &[WorkloadSpec]) -> io::Result<()> {
+    pub(super) fn save(&self, specs: &[WorkloadSpec]) -> io::Result<()> {
         if let Some(dir) = self.path.parent() {
             std::fs::create_dir_all(dir)?;
         }

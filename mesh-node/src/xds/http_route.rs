@@ -379,8 +379,10 @@ pub fn compile_match(m: &route::RouteMatch) -> Result<RequestMatch, String> {
     let mut headers = Vec::new();
     // The source-scoped marker is for other xDS clients; mesh-node checks the route metadata.
     for h in m.headers.iter().filter(|h| h.name != proto::SOURCE_SCOPED_HEADER) {
-        // The deprecated one-field forms are still what many control planes send.
-        #[allow(deprecated)]
+        #[allow(
+            deprecated,
+            reason = "the deprecated one-field forms are still what many control planes send"
+        )]
         let matcher = match &h.header_match_specifier {
             Some(HeaderMatchSpecifier::StringMatch(s)) => str_match(s)?,
             Some(HeaderMatchSpecifier::ExactMatch(e)) => StrMatch::Exact(e.clone()),

@@ -18,7 +18,7 @@ use tokio::net::{TcpListener, TcpStream};
 
 use crate::{Config, answer};
 
-pub async fn run(listen: SocketAddr, config: Config) -> anyhow::Result<()> {
+pub(crate) async fn run(listen: SocketAddr, config: Config) -> anyhow::Result<()> {
     let listener = TcpListener::bind(listen).await?;
     eprintln!("bookshop: {} {} listening on {listen}", config.role, config.version);
     let config = Arc::new(config);
@@ -54,7 +54,7 @@ pub async fn run(listen: SocketAddr, config: Config) -> anyhow::Result<()> {
 }
 
 /// One GET over a fresh connection (the mesh balances each one).
-pub async fn get(to: &str, path: &str, headers: &[(&str, String)]) -> anyhow::Result<(u16, Bytes)> {
+pub(crate) async fn get(to: &str, path: &str, headers: &[(&str, String)]) -> anyhow::Result<(u16, Bytes)> {
     let stream = TcpStream::connect(to).await?;
     let _ = stream.set_nodelay(true);
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;

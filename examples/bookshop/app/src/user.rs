@@ -7,7 +7,7 @@ use serde_json::{Value, json};
 /// `requests` loads of `/productpage` from `to`, as `user` if given (the `end-user` header).
 /// Reports which reviews version answered, which stars (or ratings error) the page showed, and
 /// the mean page time.
-pub async fn browse(to: &str, requests: usize, user: Option<String>) -> anyhow::Result<Value> {
+pub(crate) async fn browse(to: &str, requests: usize, user: Option<String>) -> anyhow::Result<Value> {
     let headers: Vec<(&str, String)> = user.into_iter().map(|u| ("end-user", u)).collect();
     let mut reviews: BTreeMap<String, u64> = BTreeMap::new();
     let mut stars: BTreeMap<String, u64> = BTreeMap::new();

@@ -14,7 +14,7 @@ use tonic_health::{
 
 use super::http::runtime;
 
-pub fn serve(name: &str, listen: &[String]) -> io::Result<()> {
+pub(crate) fn serve(name: &str, listen: &[String]) -> io::Result<()> {
     runtime().block_on(async {
         let (reporter, service) = tonic_health::server::health_reporter();
         reporter.set_service_status("", ServingStatus::Serving).await;
@@ -40,7 +40,7 @@ pub fn serve(name: &str, listen: &[String]) -> io::Result<()> {
     })
 }
 
-pub fn client(to: SocketAddr, calls: usize, messages: usize) -> io::Result<Value> {
+pub(crate) fn client(to: SocketAddr, calls: usize, messages: usize) -> io::Result<Value> {
     runtime().block_on(async {
         let channel = tonic::transport::Endpoint::from_shared(format!("http://{to}"))
             .map_err(io::Error::other)?

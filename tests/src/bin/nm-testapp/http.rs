@@ -29,13 +29,13 @@ use hyper_util::{
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-pub fn runtime() -> tokio::runtime::Runtime {
+pub(crate) fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("tokio runtime")
 }
 
 /// Serves until killed; with `always`, every answer but `/stats` has that status (a broken
 /// backend for outlier detection).
-pub fn serve(name: &str, listen: &[String], always: Option<StatusCode>) -> io::Result<()> {
+pub(crate) fn serve(name: &str, listen: &[String], always: Option<StatusCode>) -> io::Result<()> {
     runtime().block_on(async {
         let mut tasks = Vec::new();
         for addr in listen {
@@ -154,7 +154,7 @@ async fn answer(
 }
 
 /// What the client was asked to send.
-pub struct Ask {
+pub(crate) struct Ask {
     pub to: SocketAddr,
     /// GET unless asked.
     pub method: String,
@@ -219,7 +219,7 @@ impl Tally {
     }
 }
 
-pub fn client(ask: &Ask) -> io::Result<Value> {
+pub(crate) fn client(ask: &Ask) -> io::Result<Value> {
     if ask.http10 {
         return http10(ask);
     }
@@ -357,7 +357,7 @@ fn http10(ask: &Ask) -> io::Result<Value> {
 ///   timed from its scheduled send (a stall shows in the tail): p50/p99/max in µs.
 /// * `rps`: `concurrency` requests in flight for `duration` (HTTP/1.1: that many keep-alive
 ///   connections; h2: that many streams on one connection): requests per second.
-pub struct Bench {
+pub(crate) struct Bench {
     pub to: SocketAddr,
     pub h2: bool,
     pub rate: u64,
@@ -428,7 +428,7 @@ impl Conn {
     }
 }
 
-pub fn bench(b: &Bench) -> io::Result<Value> {
+pub(crate) fn bench(b: &Bench) -> io::Result<Value> {
     runtime().block_on(async {
         let mut conn = Conn::open(b.to, b.h2).await?;
         // Warm up: the connection, the proxy's upstream pool.

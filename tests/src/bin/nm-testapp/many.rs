@@ -29,7 +29,7 @@ use tokio::{
 
 use crate::http::runtime;
 
-pub fn serve(listen: SocketAddr, count_file: PathBuf) -> io::Result<Value> {
+pub(crate) fn serve(listen: SocketAddr, count_file: PathBuf) -> io::Result<Value> {
     runtime().block_on(async move {
         let socket = if listen.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
         socket.set_reuseaddr(true)?;
@@ -82,7 +82,7 @@ async fn hold(stream: TcpStream, peer: SocketAddr) -> io::Result<()> {
     Ok(())
 }
 
-pub fn connect(to: SocketAddr, connections: usize, concurrency: usize) -> io::Result<Value> {
+pub(crate) fn connect(to: SocketAddr, connections: usize, concurrency: usize) -> io::Result<Value> {
     runtime().block_on(async move {
         let gate = Arc::new(Semaphore::new(concurrency));
         let mut tasks = Vec::with_capacity(connections);

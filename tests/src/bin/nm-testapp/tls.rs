@@ -10,7 +10,7 @@ use std::{
 use rustls::{ClientConfig, ClientConnection, RootCertStore, pki_types::ServerName};
 
 /// The first flight of a TLS client connecting to `sni`.
-pub fn client_hello(sni: &str) -> io::Result<Vec<u8>> {
+pub(crate) fn client_hello(sni: &str) -> io::Result<Vec<u8>> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let config = ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
@@ -25,10 +25,10 @@ pub fn client_hello(sni: &str) -> io::Result<Vec<u8>> {
 }
 
 /// TLS record content type of a handshake (a ClientHello's record starts with it).
-pub const HANDSHAKE: u8 = 0x16;
+pub(crate) const HANDSHAKE: u8 = 0x16;
 
 /// Reads and drops one TLS record whose first byte was already read.
-pub fn skip_record(r: &mut impl Read) -> io::Result<()> {
+pub(crate) fn skip_record(r: &mut impl Read) -> io::Result<()> {
     let mut header = [0u8; 4];
     r.read_exact(&mut header)?;
     let len = u16::from_be_bytes([header[2], header[3]]) as usize;
