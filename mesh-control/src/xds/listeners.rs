@@ -28,8 +28,8 @@ use envoy_types::pb::{
 };
 
 use super::{
+    encode::to_any,
     routes::{FAULT_FILTER, FAULT_TYPE},
-    translate::to_any,
 };
 
 const HCM_TYPE: &str =

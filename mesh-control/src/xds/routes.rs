@@ -35,7 +35,7 @@ use envoy_types::pb::{
     google::protobuf as pbuf,
 };
 
-use super::translate::to_any;
+use super::encode::to_any;
 use crate::model::qualify;
 use crate::{
     model::{

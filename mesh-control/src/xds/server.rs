@@ -32,9 +32,9 @@ use tonic::{Request, Response, Status, Streaming};
 
 use super::{
     super::proto,
+    encode::content_version,
     nodes::Nodes,
     snapshot::{PUSH_ORDER, Resource, Snapshot, Subscription},
-    translate::content_version,
 };
 use crate::ca::node_tokens::NodeCredentials;
 

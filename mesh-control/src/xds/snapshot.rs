@@ -13,7 +13,7 @@ use std::{
 use envoy_types::pb::google::protobuf as pbuf;
 use prost::Message;
 
-use super::translate::{content_version, to_any};
+use super::encode::{content_version, to_any};
 use crate::proto::{self, mesh};
 
 /// One resource, encoded once and shared by every stream that sends it.
