@@ -19,7 +19,7 @@ use tokio::net::TcpListener;
 use crate::{
     config::Config,
     http::{self, Body},
-    workload::Registry,
+    registry::Registry,
 };
 
 pub struct Admin {

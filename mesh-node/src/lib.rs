@@ -8,15 +8,19 @@
 
 pub mod admin;
 pub mod api;
+pub mod authz;
 pub mod capture;
 pub mod config;
+pub mod conn;
 pub mod control_plane;
 pub mod identity;
 pub mod inbound;
 /// HTTP plumbing shared with mesh-control's admin endpoint.
 pub use nodemesh_api::http;
 pub mod netns;
+pub mod policy;
 pub mod proxy;
+pub mod registry;
 pub mod run;
 pub mod sys;
 pub mod telemetry;

@@ -7,15 +7,19 @@ use tokio::{net::TcpListener, signal::unix::SignalKind};
 
 use crate::{
     admin::Admin,
-    api, capture,
+    api,
+    authz::Authorizer,
+    capture,
     config::Config,
     identity::Identities,
-    inbound::{authz::Authorizer, deliver::Delivery, plaintext::PlaintextInbound},
+    inbound::{deliver::Delivery, plaintext::PlaintextInbound},
     proxy::Outbound,
+    proxy::route::Router,
+    registry::Registry,
     telemetry::metrics::Metrics,
     tunnel::{client::TunnelPool, credentials::Credentials, server::TunnelServer},
-    workload::{IpIndex, Registry},
-    xds::{cache::Cache, client::Client as XdsClient, route::Router},
+    workload::IpIndex,
+    xds::{cache::Cache, client::Client as XdsClient},
 };
 
 pub async fn run(config: Config) -> anyhow::Result<()> {

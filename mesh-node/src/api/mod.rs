@@ -1,7 +1,7 @@
 //! The local workload API: a Unix socket speaking HTTP/JSON.
 //!
 //! In local mode this is how workloads join and leave the mesh; Kubernetes pod discovery will
-//! drive the same [`crate::workload::Registry`] calls. The socket is created mode 0600: only
+//! drive the same [`crate::registry::Registry`] calls. The socket is created mode 0600: only
 //! root on the node may change what is captured.
 //!
 //! | method | path | body | answer |

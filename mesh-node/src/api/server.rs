@@ -8,7 +8,7 @@ use tokio::net::UnixListener;
 
 use crate::{
     http::{self, Body},
-    workload::Registry,
+    registry::Registry,
 };
 
 /// Binds the socket (replacing a stale one from a previous run) with mode 0600.
@@ -66,7 +66,7 @@ async fn route(registry: &Registry, req: Request<Incoming>) -> Response<Body> {
             let key = WorkloadKey { namespace: namespace.into(), name: name.into() };
             match registry.remove(&key).await {
                 Ok(()) => http::text(StatusCode::NO_CONTENT, ""),
-                Err(e @ crate::workload::WorkloadError::NotFound(_)) => http::error(StatusCode::NOT_FOUND, e),
+                Err(e @ crate::registry::WorkloadError::NotFound(_)) => http::error(StatusCode::NOT_FOUND, e),
                 Err(e) => http::error(StatusCode::INTERNAL_SERVER_ERROR, e),
             }
         }

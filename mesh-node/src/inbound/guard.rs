@@ -13,7 +13,7 @@ use std::{
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-use super::authz::{Inbound, Verdict};
+use crate::authz::{Inbound, Verdict};
 
 /// The version of the node's Workloads (0 without a control plane: nothing ever changes).
 fn version(connection: &Inbound) -> u64 {

@@ -14,13 +14,13 @@ use tokio::{
     sync::Mutex,
 };
 
-use super::authz::{Inbound, Request as AuthzRequest, Verdict};
+use crate::authz::{Inbound, Request as AuthzRequest, Verdict};
 use crate::{
-    proxy::{
-        self,
+    conn::{
         pool::{Body, full},
         relay,
         sniff::{self, Prefixed, Protocol},
+        upgrade::{splice_upgrade, upgrade_protocol},
     },
     telemetry::metrics::ConnectionCounters,
 };
@@ -126,7 +126,7 @@ async fn handle(connection: &Inbound, upstream: &Upstream, mut request: Request<
     // An allowed upgrade (WebSocket) becomes a byte tunnel once the application agrees; the
     // request that asked for it was judged like any other.
     let client_upgrade = (request.version() == hyper::Version::HTTP_11
-        && proxy::http::upgrade_protocol(request.headers()).is_some())
+        && upgrade_protocol(request.headers()).is_some())
     .then(|| hyper::upgrade::on(&mut request));
     let sent = match upstream {
         Upstream::Http1(sender) => {
@@ -143,7 +143,7 @@ async fn handle(connection: &Inbound, upstream: &Upstream, mut request: Request<
             if response.status() == StatusCode::SWITCHING_PROTOCOLS
                 && let Some(client_upgrade) = client_upgrade
             {
-                proxy::http::splice_upgrade(client_upgrade, &mut response);
+                splice_upgrade(client_upgrade, &mut response);
             }
             response.map(BodyExt::boxed)
         }

@@ -9,15 +9,12 @@ use std::{net::SocketAddr, sync::Arc, time::Duration};
 use nodemesh_api::proto::mesh::{self, MtlsMode};
 use tokio::net::{TcpListener, TcpStream};
 
-use super::{
-    authz::{Authorizer, Inbound, Verdict},
-    deliver::Delivery,
-    guard::Guarded,
-    http::judge_and_pass,
-};
+use super::{deliver::Delivery, guard::Guarded, http::judge_and_pass};
 use crate::{
-    proxy::{Source, relay},
+    authz::{Authorizer, Inbound, Verdict},
+    conn::relay,
     telemetry::metrics::{ConnectionLabels, InboundDeniedLabels, Reporter, UNKNOWN},
+    workload::Source,
 };
 
 /// Metrics and the pod's policies come with the authorizer.

@@ -23,19 +23,26 @@ use nodemesh_api::proto::mesh::{self, hash_policy::Key};
 use tokio::net::TcpStream;
 
 use super::{
-    Outbound, Source,
-    outbound::Attempt,
-    pool::{Body, Sender, full},
+    Outbound,
+    connect::Attempt,
+    local_reply::{grpc_trailers_only, text_response},
     rate_limits::Drawn,
 };
+use crate::conn::{
+    pool::{Body, Sender, full},
+    upgrade::{splice_upgrade, upgrade_protocol},
+};
 use crate::telemetry::metrics::{Reporter, RequestLabels, UNKNOWN};
-use crate::xds::{
-    cache::{AddressInfo, Cache},
-    conn_limits::{ConnectionSlot, Refused},
-    http_route::{Abort, Action, Fault, Forward, Redirect, RequestSource, Route, RouteTable},
-    lb::Pick,
-    lb::{Balancer, LocalityKey, hash_bytes},
-    retry::RetryPolicy,
+use crate::workload::Source;
+use crate::{
+    policy::{
+        conn_limits::Refused,
+        http_route::{Abort, Action, Fault, Forward, Redirect, Route, RouteTable},
+        lb::{Balancer, LocalityKey, Pick, hash_bytes},
+        request_match::RequestSource,
+        retry::RetryPolicy,
+    },
+    xds::cache::{AddressInfo, Cache},
 };
 
 /// The Service port a connection's requests go to.
@@ -116,7 +123,7 @@ async fn forward(
     let mut timeout = None;
     let mut retry = RetryPolicy::istio_default();
     let mut mirrors: Vec<String> = Vec::new();
-    let mut chosen: Option<(&Route, &crate::xds::http_route::Target)> = None;
+    let mut chosen: Option<(&Route, &crate::policy::http_route::Target)> = None;
     // Only routes and limits that depend on the caller need its workload record.
     let workload = match (&table, &target.cache) {
         (Some(table), Some(cache)) if table.matches_source() => cache.workload(&source.key.to_string()),
@@ -343,18 +350,6 @@ fn fault_response(abort: Abort) -> Response<Body> {
             *response.status_mut() = StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
         }
         Abort::Grpc(code) => response = grpc_trailers_only(code, "fault filter abort"),
-    }
-    response
-}
-
-/// A gRPC answer with no messages: what a gRPC client reads as status `code`.
-pub(super) fn grpc_trailers_only(code: u32, message: &str) -> Response<Body> {
-    let mut response = Response::new(full(Bytes::new()));
-    let headers = response.headers_mut();
-    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
-    headers.insert("grpc-status", HeaderValue::from(code));
-    if let Ok(message) = HeaderValue::from_str(message) {
-        headers.insert("grpc-message", message);
     }
     response
 }
@@ -622,33 +617,6 @@ fn prepare_request(
     }
 }
 
-/// The protocol an HTTP/1.1 request asks to upgrade to (`Connection: upgrade` + `Upgrade`).
-/// Once both sides of an upgrade (101) have switched, joins the client's connection to the
-/// upstream one as a byte tunnel, in a task of its own.
-pub(crate) fn splice_upgrade(client: hyper::upgrade::OnUpgrade, response: &mut Response<Incoming>) {
-    let upstream = hyper::upgrade::on(response);
-    tokio::spawn(async move {
-        match tokio::try_join!(client, upstream) {
-            Ok((client, upstream)) => {
-                let _ = tokio::io::copy_bidirectional(&mut TokioIo::new(client), &mut TokioIo::new(upstream))
-                    .await;
-            }
-            Err(e) => tracing::debug!("upgrade failed: {e}"),
-        }
-    });
-}
-
-/// The protocol an HTTP/1.1 request asks to switch to (`Connection: upgrade` and `Upgrade`).
-pub(crate) fn upgrade_protocol(headers: &HeaderMap) -> Option<HeaderValue> {
-    let asks = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
-    asks.then(|| headers.get(header::UPGRADE).cloned()).flatten()
-}
-
 /// Removes the headers that describe one hop only (RFC 9110 §7.6.1), including any the
 /// `Connection` header names. `te: trailers` stays: gRPC needs it.
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
@@ -703,45 +671,6 @@ fn request_hash(
 fn error_response(status: StatusCode, reason: &str) -> Response<Body> {
     tracing::info!(status = status.as_u16(), "answered by the proxy: {reason}");
     text_response(status, reason)
-}
-
-/// The proxy's own plain-text answer.
-pub(super) fn text_response(status: StatusCode, reason: &str) -> Response<Body> {
-    let mut response = Response::new(full(format!("nodemesh: {reason}\n")));
-    *response.status_mut() = status;
-    response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
-    response
-}
-
-/// Opens an upstream HTTP connection to `addr` from the source workload.
-/// An HTTP connection over `stream`; it holds `slot` (its place under the cluster's
-/// `maxConnections`) until it closes.
-pub(crate) async fn handshake(
-    stream: super::upstream::Upstream,
-    h2: bool,
-    slot: ConnectionSlot,
-) -> std::io::Result<Sender> {
-    let io = TokioIo::new(stream);
-    if h2 {
-        let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            .handshake(io)
-            .await
-            .map_err(std::io::Error::other)?;
-        tokio::spawn(async move {
-            let _ = conn.await;
-            drop(slot);
-        });
-        Ok(Sender::Http2(sender, 0))
-    } else {
-        let (sender, conn) =
-            hyper::client::conn::http1::handshake(io).await.map_err(std::io::Error::other)?;
-        tokio::spawn(async move {
-            let _ = conn.with_upgrades().await;
-            drop(slot);
-        });
-        Ok(Sender::Http1(sender, 0))
-    }
 }
 
 #[cfg(test)]

@@ -7,13 +7,13 @@
 use hyper::{HeaderMap, Response, StatusCode, header, header::HeaderValue};
 
 use super::{
-    Outbound, Source,
-    http::{grpc_trailers_only, text_response},
-    pool::Body,
+    Outbound,
+    local_reply::{grpc_trailers_only, text_response},
 };
+use crate::{conn::pool::Body, workload::Source};
 use crate::{
+    policy::rate_limit::{RateLimit, Verdict},
     telemetry::metrics::RateLimitedLabels,
-    xds::rate_limit::{RateLimit, Verdict},
 };
 
 /// The tightest bucket a request drew from so far (fewest tokens left).

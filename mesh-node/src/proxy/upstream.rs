@@ -12,7 +12,13 @@ use tokio::{
     net::TcpStream,
 };
 
-use crate::{inbound::guard::Guarded, tunnel::client::TunnelStream};
+use prometheus_client::metrics::counter::Counter;
+
+use crate::{
+    conn::relay::{self, Totals},
+    inbound::guard::Guarded,
+    tunnel::client::TunnelStream,
+};
 
 pub enum Upstream {
     Tcp(TcpStream),
@@ -22,6 +28,26 @@ pub enum Upstream {
     Judged(DuplexStream),
     /// Delivered into a pod of this node, re-checked against its policy when that changes.
     Guarded(Guarded<TcpStream>),
+}
+
+impl Upstream {
+    /// Relays `client` to this upstream until both directions have finished (or, with `idle`,
+    /// until neither has moved a byte for that long); on error resets both sides.
+    pub async fn relay(
+        self,
+        client: TcpStream,
+        sent: &Counter,
+        received: &Counter,
+        idle: Option<std::time::Duration>,
+    ) -> io::Result<Totals> {
+        match self {
+            Upstream::Tcp(upstream) => relay::relay_tcp(client, upstream, sent, received, idle).await,
+            // Dropping a tunnel stream that did not finish resets it (RST_STREAM).
+            Upstream::Tunnel(stream) => relay::relay_stream_idle(client, stream, sent, received, idle).await,
+            Upstream::Judged(stream) => relay::relay_stream_idle(client, stream, sent, received, idle).await,
+            Upstream::Guarded(stream) => relay::relay_stream_idle(client, stream, sent, received, idle).await,
+        }
+    }
 }
 
 impl AsyncRead for Upstream {

@@ -32,8 +32,9 @@ use tokio::{
     net::{TcpSocket, TcpStream},
 };
 
-use super::{BAGGAGE, FORWARDED, POD_NAME_KEY, TunnelTarget, credentials::Credentials, forwarded_for};
+use super::{BAGGAGE, FORWARDED, POD_NAME_KEY, credentials::Credentials, forwarded_for};
 use crate::identity::server_name;
+use crate::policy::lb::TunnelTarget;
 
 /// Streams one pooled connection carries before another is opened.
 pub const STREAMS_PER_CONNECTION: usize = 1000;

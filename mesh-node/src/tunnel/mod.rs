@@ -32,14 +32,6 @@ pub fn baggage_value<'a>(baggage: &'a str, key: &str) -> Option<&'a str> {
     })
 }
 
-/// How the mesh reaches a destination workload: its node's tunnel, and who it must prove to be.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
-pub struct TunnelTarget {
-    pub address: SocketAddr,
-    pub namespace: String,
-    pub service_account: String,
-}
-
 /// `for="10.0.0.1"` / `for="[fd00::1]"` (RFC 7239).
 pub fn forwarded_for(ip: IpAddr) -> String {
     match ip {

@@ -23,14 +23,10 @@ use super::{
     parse_forwarded_for,
 };
 use crate::{
+    authz::{Authorizer, Inbound, Verdict},
+    conn::relay,
     identity::tls::peer_identity,
-    inbound::{
-        authz::{Authorizer, Inbound, Verdict},
-        deliver::Delivery,
-        guard::Guarded,
-        http,
-    },
-    proxy::relay,
+    inbound::{deliver::Delivery, guard::Guarded, http},
     telemetry::metrics::{ConnectionLabels, Metrics, Reporter, UNKNOWN},
     workload::IpIndex,
 };

@@ -21,12 +21,10 @@ use nodemesh_api::proto::{self, ENDPOINT_SERVICE_ACCOUNT, ENDPOINT_TUNNEL, METAD
 use prost::Message;
 use tokio::sync::Notify;
 
-use crate::tunnel::TunnelTarget;
-
-use super::{
+use crate::policy::{
     http_route::RouteTable,
     l4_route::L4Routes,
-    lb::{Balancer, Endpoint, HttpFailures, LbPolicy, OutlierSettings, PoolLimits},
+    lb::{Balancer, Endpoint, HttpFailures, LbPolicy, OutlierSettings, PoolLimits, TunnelTarget},
     rate_limit::BucketRegistry,
 };
 
@@ -168,8 +166,9 @@ impl Cache {
                             .map(|d| Duration::new(d.seconds.max(0) as u64, d.nanos.max(0) as u32))
                             .filter(|d| !d.is_zero()),
                     };
-                    let connection = super::connection_settings::ConnectionSettings::from_cluster(&c)?;
-                    let variants = super::caller_variants::from_cluster(&c)?;
+                    let connection =
+                        crate::policy::connection_settings::ConnectionSettings::from_cluster(&c)?;
+                    let variants = crate::policy::caller_variants::from_cluster(&c)?;
                     configs.push((c.name.clone(), cluster_settings(&c)?, limits, connection, variants));
                 }
                 let mut s = self.state.write().expect("cache lock");

@@ -10,13 +10,17 @@ use nodemesh_api::{
 };
 use tokio::net::TcpStream;
 
-use super::{
-    cache::{AddressInfo, Cache},
-    client::OnDemand,
-    l4_route::L4Routes,
-    lb::{Balancer, LocalityKey, hash_bytes},
+use crate::{
+    policy::{
+        l4_route::L4Routes,
+        lb::{Balancer, LocalityKey, TunnelTarget, hash_bytes},
+    },
+    workload::Source,
+    xds::{
+        cache::{AddressInfo, Cache},
+        client::OnDemand,
+    },
 };
-use crate::{proxy::Source, tunnel::TunnelTarget};
 
 pub enum Decision {
     /// Connect to the dialled address (through its node's tunnel when it is a meshed workload

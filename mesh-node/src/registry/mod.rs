@@ -1,4 +1,5 @@
-//! The registry of workloads on this node.
+//! The registry of workloads on this node: registration, capture on/off, listeners,
+//! persistence.
 //!
 //! Adding a meshed workload = a helper thread in its netns, listeners there, then the cgroup
 //! goes into `MESHED_CGROUPS` — in that order, so capture never points at a listener that does
@@ -6,12 +7,12 @@
 //! failed add leaves whatever was registered before untouched.
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::BTreeMap,
     io,
     net::IpAddr,
     os::unix::fs::MetadataExt,
     path::{Path, PathBuf},
-    sync::{Arc, RwLock},
+    sync::Arc,
 };
 
 use nix::sys::statfs::{CGROUP2_SUPER_MAGIC, statfs};
@@ -21,13 +22,18 @@ use nodemesh_api::{
 };
 use tokio::{net::TcpListener, sync::Mutex, task::AbortHandle};
 
-use super::{listeners, state::StateFile};
+mod listeners;
+mod state;
+
+use state::StateFile;
+
 use crate::{
     capture::{Capture, CaptureError, CaptureTarget, InboundCapture},
-    inbound::{LocalWorkload, plaintext::PlaintextInbound, routing},
+    inbound::{plaintext::PlaintextInbound, routing},
     netns::{NetnsError, NetnsThread},
-    proxy::{Outbound, Source},
+    proxy::Outbound,
     telemetry::metrics::Metrics,
+    workload::{IpIndex, LocalWorkload, Source},
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -111,16 +117,6 @@ impl Entry {
         if let (Some(installed), Some(pod)) = (self.routing, self.local.delivery.clone()) {
             tokio::spawn(async move { routing::remove(&pod.netns, mark, installed).await });
         }
-    }
-}
-
-/// Registered workloads by address: for inbound delivery and destination telemetry.
-#[derive(Default)]
-pub struct IpIndex(RwLock<HashMap<IpAddr, Arc<LocalWorkload>>>);
-
-impl IpIndex {
-    pub fn local(&self, ip: IpAddr) -> Option<Arc<LocalWorkload>> {
-        self.0.read().expect("ip index lock").get(&ip).cloned()
     }
 }
 
@@ -297,10 +293,7 @@ impl Registry {
             }
         }
         {
-            let mut index = self.index.0.write().expect("ip index lock");
-            for ip in &status.ips {
-                index.insert(*ip, Arc::clone(&local));
-            }
+            self.index.insert(&status.ips, &local);
         }
         self.update_gauge(workloads);
         tracing::info!(workload = %key, ?decision, capture = ?status.capture, "workload registered");
@@ -413,10 +406,7 @@ impl Registry {
     }
 
     fn forget_ips(&self, ips: &[IpAddr]) {
-        let mut index = self.index.0.write().expect("ip index lock");
-        for ip in ips {
-            index.remove(ip);
-        }
+        self.index.remove(ips);
     }
 
     fn update_gauge(&self, workloads: &BTreeMap<WorkloadKey, Entry>) {

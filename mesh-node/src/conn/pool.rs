@@ -17,7 +17,7 @@ use bytes::Bytes;
 use http_body_util::combinators::BoxBody;
 use hyper::client::conn::{http1, http2};
 
-use crate::xds::{conn_limits::Evictable, lb::Balancer};
+use crate::policy::{conn_limits::Evictable, lb::Balancer};
 
 pub(crate) type Body = BoxBody<Bytes, hyper::Error>;
 

@@ -5,7 +5,7 @@
 
 use nodemesh_api::{matchers::sni_matches, proto::mesh};
 
-use super::{http_route::RequestSource, weights::SmoothWeights};
+use super::{request_match::RequestSource, weights::SmoothWeights};
 
 pub struct L4Routes {
     routes: Vec<L4Route>,

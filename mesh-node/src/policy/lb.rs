@@ -76,7 +76,7 @@ pub struct Endpoint {
     /// `namespace/name` of the workload behind it, when known.
     pub workload: String,
     /// A meshed workload on a node with a tunnel: how the mesh reaches it.
-    pub tunnel: Option<crate::tunnel::TunnelTarget>,
+    pub tunnel: Option<TunnelTarget>,
 }
 
 #[derive(Debug)]
@@ -427,6 +427,14 @@ pub fn hash_bytes(bytes: &[u8]) -> u64 {
     h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
     h ^= h >> 33;
     h
+}
+
+/// How the mesh reaches a destination workload: its node's tunnel, and who it must prove to be.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct TunnelTarget {
+    pub address: SocketAddr,
+    pub namespace: String,
+    pub service_account: String,
 }
 
 #[cfg(test)]

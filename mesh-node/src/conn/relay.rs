@@ -21,8 +21,6 @@ use tokio::{
     net::TcpStream,
 };
 
-use super::upstream::Upstream;
-
 /// Each direction starts with a small buffer, so 50k+ mostly idle connections cost little,
 /// and grows to the big one the first time a read fills it (bulk transfer).
 const FIRST_CHUNK: usize = 2 * 1024;
@@ -33,40 +31,32 @@ pub struct Totals {
     pub received: u64,
 }
 
-/// Relays until both directions have finished (or, with `idle`, until neither has moved a
-/// byte for that long); on error resets both sides.
-pub async fn relay(
+/// Relays between two TCP connections until both directions have finished (or, with `idle`,
+/// until neither has moved a byte for that long); on error resets both sides.
+pub async fn relay_tcp(
     mut client: TcpStream,
-    upstream: Upstream,
+    mut upstream: TcpStream,
     sent: &Counter,
     received: &Counter,
     idle: Option<Duration>,
 ) -> io::Result<Totals> {
-    match upstream {
-        Upstream::Tcp(mut upstream) => {
-            let activity = Activity::new(idle);
-            let result = {
-                let (mut client_read, mut client_write) = client.split();
-                let (mut upstream_read, mut upstream_write) = upstream.split();
-                activity
-                    .watch(async {
-                        tokio::try_join!(
-                            copy_half(&mut client_read, &mut upstream_write, sent, &activity),
-                            copy_half(&mut upstream_read, &mut client_write, received, &activity),
-                        )
-                    })
-                    .await
-            };
-            if result.is_err() {
-                reset(&upstream);
-            }
-            finish(&client, result)
-        }
-        // Dropping a tunnel stream that did not finish resets it (RST_STREAM).
-        Upstream::Tunnel(stream) => relay_stream_idle(client, stream, sent, received, idle).await,
-        Upstream::Judged(stream) => relay_stream_idle(client, stream, sent, received, idle).await,
-        Upstream::Guarded(stream) => relay_stream_idle(client, stream, sent, received, idle).await,
+    let activity = Activity::new(idle);
+    let result = {
+        let (mut client_read, mut client_write) = client.split();
+        let (mut upstream_read, mut upstream_write) = upstream.split();
+        activity
+            .watch(async {
+                tokio::try_join!(
+                    copy_half(&mut client_read, &mut upstream_write, sent, &activity),
+                    copy_half(&mut upstream_read, &mut client_write, received, &activity),
+                )
+            })
+            .await
+    };
+    if result.is_err() {
+        reset(&upstream);
     }
+    finish(&client, result)
 }
 
 /// Relays between a TCP connection and any other byte stream (a tunnel stream: split with
@@ -80,7 +70,8 @@ pub async fn relay_stream<S: AsyncRead + AsyncWrite + Unpin>(
     relay_stream_idle(client, other, sent, received, None).await
 }
 
-async fn relay_stream_idle<S: AsyncRead + AsyncWrite + Unpin>(
+/// [`relay_stream`], closing both sides when neither has moved a byte for `idle`.
+pub async fn relay_stream_idle<S: AsyncRead + AsyncWrite + Unpin>(
     mut client: TcpStream,
     other: S,
     sent: &Counter,

@@ -17,7 +17,7 @@ use hyper::http::request::Parts;
 use nodemesh_api::proto::mesh;
 use prost::Message;
 
-use super::http_route::{RequestMatch, RequestSource, compile_match};
+use super::request_match::{RequestMatch, RequestSource, compile_match};
 
 pub struct RateLimit {
     /// `<namespace>/<policy>/<limit>`.

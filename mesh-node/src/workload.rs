@@ -1,0 +1,62 @@
+//! This node's workloads as the data path sees them: who a listener serves ([`Source`]), who
+//! an address belongs to ([`LocalWorkload`], [`IpIndex`]). The registry
+//! ([`crate::registry`]) fills them in; proxies, inbound delivery and the tunnel read them.
+
+use std::{
+    collections::HashMap,
+    net::IpAddr,
+    sync::{Arc, RwLock},
+};
+
+use nodemesh_api::workload::WorkloadKey;
+
+use crate::{conn::pool::Pool, netns::NetnsThread};
+
+/// What the proxy needs to know about the workload a listener serves — and nothing more: no
+/// registry access, no keys.
+#[derive(Debug)]
+pub struct Source {
+    pub key: WorkloadKey,
+    pub netns: NetnsThread,
+    pub netns_cookie: u64,
+    /// The workload's own addresses (consistent hashing on source IP uses the first).
+    pub ips: Vec<IpAddr>,
+    /// Its identity's service account (the namespace is the key's).
+    pub service_account: String,
+    /// Its upstream HTTP connections, reused across requests.
+    pub http_pool: Pool,
+}
+
+/// A workload of this node, as inbound traffic and telemetry see it.
+#[derive(Debug)]
+pub struct LocalWorkload {
+    pub key: WorkloadKey,
+    pub service_account: String,
+    /// Meshed, with delivery routing in place in its netns: where delivery sockets are made.
+    /// `None`: not meshed, or sharing mesh-node's own netns (see ARCHITECTURE.md).
+    pub delivery: Option<Arc<Source>>,
+}
+
+/// Registered workloads by address: for inbound delivery and destination telemetry.
+#[derive(Default)]
+pub struct IpIndex(RwLock<HashMap<IpAddr, Arc<LocalWorkload>>>);
+
+impl IpIndex {
+    pub fn local(&self, ip: IpAddr) -> Option<Arc<LocalWorkload>> {
+        self.0.read().expect("ip index lock").get(&ip).cloned()
+    }
+
+    pub(crate) fn insert(&self, ips: &[IpAddr], workload: &Arc<LocalWorkload>) {
+        let mut index = self.0.write().expect("ip index lock");
+        for ip in ips {
+            index.insert(*ip, Arc::clone(workload));
+        }
+    }
+
+    pub(crate) fn remove(&self, ips: &[IpAddr]) {
+        let mut index = self.0.write().expect("ip index lock");
+        for ip in ips {
+            index.remove(ip);
+        }
+    }
+}
