@@ -24,7 +24,29 @@ use rtnetlink::{
     },
 };
 
-use crate::netns::NetnsThread;
+use crate::netns::{NetnsError, NetnsThread};
+
+/// Why delivery routing could not be set up in a pod's netns.
+#[derive(Debug, thiserror::Error)]
+pub enum RoutingError {
+    #[error(transparent)]
+    Netns(#[from] NetnsError),
+    #[error("{what} {FWMARK_ACCEPT}: {source}")]
+    Sysctl { what: &'static str, source: std::io::Error },
+    #[error("netlink socket: {0}")]
+    Socket(std::io::Error),
+    /// `ip rule add` / `ip route add` refused.
+    #[error("{family} delivery routing: {command}: {source}")]
+    Netlink { family: &'static str, command: String, source: rtnetlink::Error },
+}
+
+impl RoutingError {
+    /// The netns has no such address family (IPv6 disabled): nothing to route back over it.
+    fn family_unsupported(&self) -> bool {
+        matches!(self, RoutingError::Netlink { source: rtnetlink::Error::NetlinkError(m), .. }
+            if m.raw_code() == -libc::EAFNOSUPPORT)
+    }
+}
 
 /// The routing table holding the local default routes (named after the HBONE port).
 pub const TABLE: u32 = 15008;
@@ -42,30 +64,29 @@ pub struct Installed {
 }
 
 /// Sets up the rule, the routes and `tcp_fwmark_accept` in `netns`; idempotent.
-pub async fn install(netns: &NetnsThread, mark: u32) -> Result<Installed, String> {
+pub async fn install(netns: &NetnsThread, mark: u32) -> Result<Installed, RoutingError> {
     let was = netns
-        .run(|| -> Result<bool, String> {
+        .run(|| -> Result<bool, RoutingError> {
             let was = std::fs::read_to_string(FWMARK_ACCEPT)
-                .map_err(|e| format!("reading {FWMARK_ACCEPT}: {e}"))?
+                .map_err(|source| RoutingError::Sysctl { what: "reading", source })?
                 .trim()
                 == "1";
             if !was {
-                std::fs::write(FWMARK_ACCEPT, "1").map_err(|e| format!("writing {FWMARK_ACCEPT}: {e}"))?;
+                std::fs::write(FWMARK_ACCEPT, "1")
+                    .map_err(|source| RoutingError::Sysctl { what: "writing", source })?;
             }
             Ok(was)
         })
-        .await
-        .map_err(|e| e.to_string())??;
+        .await??;
     let handle = connect(netns).await?;
     for v6 in [false, true] {
-        let family = if v6 { "IPv6" } else { "IPv4" };
         match add(&handle, v6, mark).await {
             Ok(()) => {}
             // A netns with IPv6 disabled has nothing to route back over IPv6.
-            Err(e) if v6 && (e.contains("Address family not supported") || e.contains("EAFNOSUPPORT")) => {
+            Err(e) if v6 && e.family_unsupported() => {
                 tracing::debug!(netns = %netns.path().display(), "no IPv6 delivery routing: {e}");
             }
-            Err(e) => return Err(format!("{family} delivery routing: {e}")),
+            Err(e) => return Err(e),
         }
     }
     Ok(Installed { fwmark_accept_was_on: was })
@@ -87,16 +108,15 @@ pub async fn remove(netns: &NetnsThread, mark: u32, installed: Installed) {
 
 /// A netlink connection whose socket lives in `netns` (created on its helper thread; the
 /// runtime is entered there so the socket registers with tokio's reactor).
-async fn connect(netns: &NetnsThread) -> Result<Handle, String> {
+async fn connect(netns: &NetnsThread) -> Result<Handle, RoutingError> {
     let runtime = tokio::runtime::Handle::current();
     let (connection, handle, _) = netns
         .run(move || {
             let _entered = runtime.enter();
             rtnetlink::new_connection()
         })
-        .await
-        .map_err(|e| e.to_string())?
-        .map_err(|e| format!("netlink socket: {e}"))?;
+        .await?
+        .map_err(RoutingError::Socket)?;
     // Ends when the last handle is dropped.
     tokio::spawn(connection);
     Ok(handle)
@@ -124,19 +144,21 @@ fn local_default(v6: bool) -> rtnetlink::packet_route::route::RouteMessage {
         .build()
 }
 
-async fn add(handle: &Handle, v6: bool, mark: u32) -> Result<(), String> {
+async fn add(handle: &Handle, v6: bool, mark: u32) -> Result<(), RoutingError> {
+    let family = if v6 { "IPv6" } else { "IPv4" };
     match rule(handle, v6, mark).execute().await {
         Ok(()) => {}
         Err(e) if exists(&e) => {}
-        Err(e) => return Err(format!("ip rule add fwmark {mark:#x} lookup {TABLE}: {e}")),
+        Err(source) => {
+            let command = format!("ip rule add fwmark {mark:#x} lookup {TABLE}");
+            return Err(RoutingError::Netlink { family, command, source });
+        }
     }
-    handle
-        .route()
-        .add(local_default(v6))
-        .replace()
-        .execute()
-        .await
-        .map_err(|e| format!("ip route add local default dev lo table {TABLE}: {e}"))
+    handle.route().add(local_default(v6)).replace().execute().await.map_err(|source| RoutingError::Netlink {
+        family,
+        command: format!("ip route add local default dev lo table {TABLE}"),
+        source,
+    })
 }
 
 fn exists(e: &rtnetlink::Error) -> bool {

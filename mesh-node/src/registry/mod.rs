@@ -51,10 +51,10 @@ pub enum WorkloadError {
     #[error("workload {key}: {source}")]
     Capture { key: WorkloadKey, source: Box<CaptureError> },
     #[error(
-        "workload {key}: cannot set up inbound delivery in its network namespace: {reason} \
+        "workload {key}: cannot set up inbound delivery in its network namespace: {source} \
          (mesh-node needs CAP_NET_ADMIN there)"
     )]
-    Routing { key: WorkloadKey, reason: String },
+    Routing { key: WorkloadKey, source: Box<routing::RoutingError> },
     #[error("no workload {0} on this node")]
     NotFound(WorkloadKey),
     #[error("saving workload state to {path}: {source}")]
@@ -238,7 +238,7 @@ impl Registry {
                     }
                     Err(e) => {
                         tasks.iter().for_each(AbortHandle::abort);
-                        return Err(WorkloadError::Routing { key, reason: e });
+                        return Err(WorkloadError::Routing { key, source: Box::new(e) });
                     }
                 }
                 // The old registration's capture goes first: both would key on the same
