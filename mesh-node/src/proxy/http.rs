@@ -42,7 +42,7 @@ use crate::{
         request_match::RequestSource,
         retry::RetryPolicy,
     },
-    xds::cache::{AddressInfo, Cache},
+    xds::{cache::Cache, resources::AddressInfo},
 };
 
 /// The Service port a connection's requests go to.

@@ -17,8 +17,8 @@ use crate::{
     },
     workload::Source,
     xds::{
-        cache::{AddressInfo, Cache},
         client::OnDemand,
+        {cache::Cache, resources::AddressInfo},
     },
 };
 

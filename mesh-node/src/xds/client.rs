@@ -35,7 +35,10 @@ use nodemesh_api::{
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 
-use super::cache::{AddressInfo, Cache, Incoming};
+use super::{
+    cache::Cache,
+    resources::{AddressInfo, Incoming},
+};
 use crate::control_plane::{ControlPlane, NodeToken};
 
 /// Hands on-demand address subscriptions to the stream and waits for their answers.
