@@ -9,7 +9,7 @@ use crate::util::{self, output, step};
 
 /// Debian packages: iproute2 and util-linux (nsenter) for simulated nodes, curl for poking the
 /// demo's admin endpoint (the protos build with protox, in Rust: no protoc);
-/// LLVM 22 for bpf-linker, matching the nightly's LLVM (TOOLCHAIN.md).
+/// LLVM 22 for bpf-linker, matching the LLVM of the nightly that builds the eBPF programs.
 const APT_PACKAGES: &[&str] = &["iproute2", "util-linux", "curl", "llvm-22-dev", "libpolly-22-dev"];
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 /// Kernel options the data path needs, with what each is for.
@@ -187,7 +187,7 @@ fn rust_toolchain() -> anyhow::Result<()> {
     if !toolchains.lines().any(|l| l.starts_with("nightly")) {
         step("installing the nightly toolchain (eBPF needs -Z build-std)");
         util::run("rustup", &["toolchain", "install", "nightly", "--profile", "minimal"], &[])
-            .context("no nightly toolchain and none could be installed; see ../shared/TOOLCHAIN.md")?;
+            .context("no nightly toolchain and none could be installed (rustup toolchain install nightly)")?;
     }
     let components = output("rustup", &["component", "list", "--toolchain", "nightly", "--installed"])?;
     if components.lines().any(|l| l.starts_with("rust-src")) {

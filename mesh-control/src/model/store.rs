@@ -1,6 +1,6 @@
 //! The objects in force, where each came from, and what was rejected.
 //!
-//! Rules (DESIGN.md "Validation"): a bad object never half-applies; the last good version of
+//! Rules: a bad object never half-applies; the last good version of
 //! that object stays in force; everything else is unaffected. A source replaces only the
 //! objects it owns, so a broken file cannot take down objects from another file or from
 //! Kubernetes.

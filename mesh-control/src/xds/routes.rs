@@ -1,6 +1,6 @@
 //! VirtualService → Envoy `RouteConfiguration`, one per (service, port) that a VirtualService
 //! applies to, named `<hostname>:<port>`, with one virtual host matching every authority
-//! (routing is keyed on the service dialled, never on `Host`: LESSONS.md 6).
+//! (routing is keyed on the service dialled, never on `Host`, which clients set to anything).
 //!
 //! Istio → Envoy, as Istio itself translates for sidecars: uri exact/prefix/regex → path /
 //! prefix / safe_regex; method and authority → `:method` / `:authority` header matchers;

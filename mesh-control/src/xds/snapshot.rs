@@ -1,6 +1,7 @@
 //! One config generation as xDS resources, and the slice of it a given node gets.
 //!
-//! Scoping (LESSONS.md 9): a node is sent only what its own workloads use — the addresses it
+//! Scoping: a node is sent only what its own workloads use (pushing the whole mesh to every
+//! node is what makes a large mesh's proxies slow and memory-hungry) — the addresses it
 //! subscribed to on demand (the first connect to an IP), the services its workloads' Sidecars
 //! name, the clusters and endpoints behind those, and its own workloads.
 

@@ -4,7 +4,7 @@
 //! Per workload, because the upstream socket is dialled from inside the workload's netns (the
 //! server sees the pod's own address). Not hyper-util's pooled client: it takes `:authority`
 //! from the URI it dials, and we must dial an endpoint address while keeping the client's
-//! `Host`/`:authority` unchanged (LESSONS.md 6).
+//! `Host`/`:authority` unchanged (servers route and sign on it).
 
 use std::{
     collections::HashMap,

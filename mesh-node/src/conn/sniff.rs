@@ -1,7 +1,7 @@
 //! Protocol detection per connection, from the first bytes the client sends (read with
 //! MSG_PEEK, so they stay queued for whoever handles the connection next).
 //!
-//! Never from a port number or name (LESSONS.md 1): an undeclared port carrying HTTP is proxied
+//! Never from a port number or name (a mis-named port must not break its traffic): an undeclared port carrying HTTP is proxied
 //! as HTTP, and anything not recognised is relayed as opaque TCP to where it was dialled. A
 //! client that sends nothing within the sniff timeout is taken to speak a server-first protocol
 //! (MySQL, SMTP, …) and is relayed as TCP.

@@ -1,6 +1,6 @@
 //! HTTP retries: what a route retries (Envoy `RetryPolicy`, from Istio's `retries`), and the
-//! per-cluster **budget** that bounds them (LESSONS.md 4: retries must never multiply the load
-//! on a failing upstream).
+//! per-cluster **budget** that bounds them (retries must never multiply the load on a failing
+//! upstream).
 //!
 //! The budget is Linkerd's design rather than Envoy's (Envoy budgets on *concurrent* retries,
 //! which lets a sequential client retry every request): every first attempt deposits 0.2 of a

@@ -311,7 +311,7 @@ pub(super) fn build_load_assignment(name: &str, eps: Vec<Ep>) -> endpoint::Clust
                     zone: loc.zone,
                     sub_zone: loc.subzone,
                 }),
-                // gRPC's xDS client drops localities without a weight (TOOLCHAIN.md).
+                // gRPC's xDS client drops localities without a weight.
                 load_balancing_weight: Some(pbuf::UInt32Value { value: lb_endpoints.len() as u32 }),
                 lb_endpoints,
                 ..Default::default()
