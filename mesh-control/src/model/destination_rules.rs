@@ -160,14 +160,9 @@ fn specificity(rule_host: &str, host: &str) -> Option<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{model::store::Origin, source::files::parse_documents};
 
     fn store(yaml: &str) -> Store {
-        let mut store = Store::default();
-        store.replace_source(&Origin::File("test.yaml".into()), parse_documents(yaml));
-        let errors: Vec<String> = store.errors().map(ToString::to_string).collect();
-        assert!(errors.is_empty(), "{errors:?}");
-        store
+        Store::from_valid_yaml(yaml)
     }
 
     fn dr(name: &str, namespace: &str, host: &str, export_to: &str) -> String {

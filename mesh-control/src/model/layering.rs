@@ -404,17 +404,10 @@ fn describe(m: &StringMatch) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{
-        model::{object_from_value, store::Origin},
-        source::files::parse_documents,
-    };
+    use crate::model::object_from_value;
 
     fn store(yaml: &str) -> Store {
-        let mut store = Store::default();
-        store.replace_source(&Origin::File("test.yaml".into()), parse_documents(yaml));
-        let errors: Vec<String> = store.errors().map(ToString::to_string).collect();
-        assert!(errors.is_empty(), "{errors:?}");
-        store
+        Store::from_valid_yaml(yaml)
     }
 
     const PLATFORM: &str = r#"

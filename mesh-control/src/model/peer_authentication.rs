@@ -163,15 +163,7 @@ mod tests {
     use crate::{model::store::Origin, source::files::parse_documents};
 
     fn store(yaml: &str) -> Store {
-        let mut store = Store::default();
-        store.replace_source(&Origin::File("test.yaml".into()), parse_documents(yaml));
-        assert_eq!(
-            store.errors().count(),
-            0,
-            "{:?}",
-            store.errors().map(ToString::to_string).collect::<Vec<_>>()
-        );
-        store
+        Store::from_valid_yaml(yaml)
     }
 
     fn labels(pairs: &[(&str, &str)]) -> Labels {

@@ -261,6 +261,18 @@ impl Store {
     }
 }
 
+/// For unit tests across the model: a store holding `yaml`, which must be valid.
+#[cfg(test)]
+impl Store {
+    pub(crate) fn from_valid_yaml(yaml: &str) -> Store {
+        let mut store = Store::default();
+        store.replace_source(&Origin::File("test.yaml".into()), crate::source::files::parse_documents(yaml));
+        let errors: Vec<String> = store.errors().map(ToString::to_string).collect();
+        assert!(errors.is_empty(), "{errors:?}");
+        store
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use serde_json::json;

@@ -264,10 +264,12 @@ fn cluster_metadata(policy: Option<&PortPolicy>) -> Option<envoy_core::Metadata>
             pbuf::Value { kind: Some(pbuf::value::Kind::NumberValue(idle.as_millis() as f64)) },
         );
     }
-    if fields.is_empty() {
-        return None;
-    }
-    Some(envoy_core::Metadata {
+    (!fields.is_empty()).then(|| nodemesh_metadata(fields))
+}
+
+/// Metadata holding `fields` under `filter_metadata["nodemesh.io"]`.
+fn nodemesh_metadata(fields: impl IntoIterator<Item = (String, pbuf::Value)>) -> envoy_core::Metadata {
+    envoy_core::Metadata {
         filter_metadata: [(
             proto::METADATA_KEY.to_string(),
             pbuf::Struct { fields: fields.into_iter().collect() },
@@ -275,7 +277,7 @@ fn cluster_metadata(policy: Option<&PortPolicy>) -> Option<envoy_core::Metadata>
         .into_iter()
         .collect(),
         ..Default::default()
-    })
+    }
 }
 
 pub(super) fn build_load_assignment(name: &str, eps: Vec<Ep>) -> endpoint::ClusterLoadAssignment {
@@ -328,13 +330,5 @@ fn tunnel_metadata(t: EpTunnel) -> envoy_core::Metadata {
         (proto::ENDPOINT_TUNNEL.to_string(), string(t.address.to_string())),
         (proto::ENDPOINT_SERVICE_ACCOUNT.to_string(), string(t.service_account)),
     ];
-    envoy_core::Metadata {
-        filter_metadata: [(
-            proto::METADATA_KEY.to_string(),
-            pbuf::Struct { fields: fields.into_iter().collect() },
-        )]
-        .into_iter()
-        .collect(),
-        ..Default::default()
-    }
+    nodemesh_metadata(fields)
 }
