@@ -6,6 +6,7 @@
 
 use std::time::Duration;
 
+use envoy_types::pb::envoy::extensions::upstreams::http::v3::HttpProtocolOptions;
 use envoy_types::pb::{envoy::config::cluster::v3::Cluster, google::protobuf as pbuf};
 use nodemesh_api::proto::{CLUSTER_TCP_IDLE_TIMEOUT_MS, CLUSTER_TLS_MODE, METADATA_KEY};
 
@@ -73,8 +74,12 @@ impl ConnectionSettings {
         })
     }
 
-    /// The settings a Cluster carries; an error names what cannot be read.
-    pub fn from_cluster(c: &Cluster) -> Result<ConnectionSettings, String> {
+    /// The settings a Cluster carries (`http`: its upstream HTTP options, decoded by the
+    /// caller); an error names what cannot be read.
+    pub fn from_cluster(
+        c: &Cluster,
+        http: Option<&HttpProtocolOptions>,
+    ) -> Result<ConnectionSettings, String> {
         let fields = c.metadata.as_ref().and_then(|m| m.filter_metadata.get(METADATA_KEY)).map(|s| &s.fields);
         let field = |key: &str| fields.and_then(|f| f.get(key)).and_then(|v| v.kind.as_ref());
         let tls = match field(CLUSTER_TLS_MODE) {
@@ -110,24 +115,13 @@ impl ConnectionSettings {
                     probes: k.keepalive_probes.as_ref().map(|v| v.value),
                 }
             });
-        Ok(ConnectionSettings { tls, keepalive, tcp_idle_timeout, http_idle_timeout: http_idle_timeout(c)? })
+        Ok(ConnectionSettings {
+            tls,
+            keepalive,
+            tcp_idle_timeout,
+            http_idle_timeout: http
+                .and_then(|o| o.common_http_protocol_options.as_ref())
+                .and_then(|o| super::nonzero_duration(o.idle_timeout.as_ref())),
+        })
     }
-}
-
-/// `idle_timeout` from the cluster's upstream HTTP options, if set.
-fn http_idle_timeout(c: &Cluster) -> Result<Option<Duration>, String> {
-    use envoy_types::pb::envoy::extensions::upstreams::http::v3::HttpProtocolOptions;
-    use prost::Message;
-    let Some(any) =
-        c.typed_extension_protocol_options.get("envoy.extensions.upstreams.http.v3.HttpProtocolOptions")
-    else {
-        return Ok(None);
-    };
-    let options = HttpProtocolOptions::decode(any.value.as_slice())
-        .map_err(|e| format!("Cluster {}: upstream HTTP options: {e}", c.name))?;
-    Ok(options
-        .common_http_protocol_options
-        .and_then(|o| o.idle_timeout)
-        .map(|d| Duration::new(d.seconds.max(0) as u64, d.nanos.max(0) as u32))
-        .filter(|d| !d.is_zero()))
 }

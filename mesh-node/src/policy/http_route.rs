@@ -296,11 +296,7 @@ fn forward(a: &route::RouteAction) -> Result<Forward, String> {
         return Err("a route with no clusters".into());
     }
     let weights = SmoothWeights::new(targets.iter().map(|t| t.weight).collect())?;
-    let timeout = a
-        .timeout
-        .as_ref()
-        .map(|d| Duration::new(d.seconds.max(0) as u64, d.nanos.max(0) as u32))
-        .filter(|d| !d.is_zero());
+    let timeout = super::nonzero_duration(a.timeout.as_ref());
     let regex_rewrite = match &a.regex_rewrite {
         Some(rr) => Some((
             regex(&rr.pattern.as_ref().map(|p| p.regex.clone()).unwrap_or_default())?,

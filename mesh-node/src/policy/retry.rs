@@ -55,11 +55,7 @@ impl RetryPolicy {
     pub fn from_envoy(p: &route::RetryPolicy) -> Result<RetryPolicy, String> {
         let mut policy = RetryPolicy {
             attempts: p.num_retries.as_ref().map_or(1, |n| n.value),
-            per_try_timeout: p
-                .per_try_timeout
-                .as_ref()
-                .map(|d| Duration::new(d.seconds.max(0) as u64, d.nanos.max(0) as u32))
-                .filter(|d| !d.is_zero()),
+            per_try_timeout: super::nonzero_duration(p.per_try_timeout.as_ref()),
             ..RetryPolicy::default()
         };
         for cond in p.retry_on.split(',').map(str::trim).filter(|c| !c.is_empty()) {

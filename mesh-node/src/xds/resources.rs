@@ -25,6 +25,7 @@ use crate::policy::{
     connection_settings::ConnectionSettings,
     l4_route::L4Routes,
     lb::{Endpoint, HttpFailures, LbPolicy, OutlierSettings, PoolLimits, TunnelTarget},
+    nonzero_duration, std_duration,
 };
 
 /// What an IP is, as far as the node has been told.
@@ -60,6 +61,7 @@ impl TryFrom<&Cluster> for ClusterConfig {
     type Error = String;
 
     fn try_from(c: &Cluster) -> Result<ClusterConfig, String> {
+        let http = upstream_http_options(c)?;
         let thresholds = c.circuit_breakers.as_ref().and_then(|cb| cb.thresholds.first());
         let limit =
             |f: fn(&Thresholds) -> Option<&pbuf::UInt32Value>| thresholds.and_then(f).map(|v| v.value);
@@ -67,12 +69,13 @@ impl TryFrom<&Cluster> for ClusterConfig {
             max_requests: limit(|t| t.max_requests.as_ref()),
             max_connections: limit(|t| t.max_connections.as_ref()),
             max_pending_requests: limit(|t| t.max_pending_requests.as_ref()),
-            max_requests_per_connection: requests_per_connection(c)?,
-            connect_timeout: c
-                .connect_timeout
+            max_requests_per_connection: http
                 .as_ref()
-                .map(|d| Duration::new(d.seconds.max(0) as u64, d.nanos.max(0) as u32))
-                .filter(|d| !d.is_zero()),
+                .and_then(|o| o.common_http_protocol_options.as_ref())
+                .and_then(|o| o.max_requests_per_connection.as_ref())
+                .map(|v| v.value)
+                .filter(|v| *v > 0),
+            connect_timeout: nonzero_duration(c.connect_timeout.as_ref()),
         };
         let (lb, outlier, locality_aware, passthrough) = cluster_settings(c)?;
         Ok(ClusterConfig {
@@ -82,7 +85,7 @@ impl TryFrom<&Cluster> for ClusterConfig {
             locality_aware,
             passthrough,
             limits,
-            connection: ConnectionSettings::from_cluster(c)?,
+            connection: ConnectionSettings::from_cluster(c, http.as_ref())?,
             caller_variants: caller_variants::from_cluster(c)?,
         })
     }
@@ -181,7 +184,7 @@ fn cluster_settings(c: &Cluster) -> Result<ClusterSettings, String> {
         other => return Err(format!("Cluster {}: lb_policy {other:?} is not supported", c.name)),
     };
     let d = |p: &Option<envoy_types::pb::google::protobuf::Duration>, default: Duration| {
-        p.as_ref().map_or(default, |d| Duration::new(d.seconds.max(0) as u64, d.nanos.max(0) as u32))
+        p.as_ref().map_or(default, std_duration)
     };
     let outlier = match &c.outlier_detection {
         Some(od) => OutlierSettings {
@@ -207,8 +210,8 @@ fn cluster_settings(c: &Cluster) -> Result<ClusterSettings, String> {
     Ok((policy, outlier, locality_aware, passthrough))
 }
 
-/// `maxRequestsPerConnection` from the cluster's upstream HTTP options, if set.
-fn requests_per_connection(c: &Cluster) -> Result<Option<u32>, String> {
+/// The cluster's upstream HTTP options (`maxRequestsPerConnection`, `idleTimeout`), if set.
+fn upstream_http_options(c: &Cluster) -> Result<Option<UpstreamHttpOptions>, String> {
     let Some(any) =
         c.typed_extension_protocol_options.get("envoy.extensions.upstreams.http.v3.HttpProtocolOptions")
     else {
@@ -216,11 +219,7 @@ fn requests_per_connection(c: &Cluster) -> Result<Option<u32>, String> {
     };
     let options = UpstreamHttpOptions::decode(any.value.as_slice())
         .map_err(|e| format!("Cluster {}: upstream HTTP options: {e}", c.name))?;
-    Ok(options
-        .common_http_protocol_options
-        .and_then(|o| o.max_requests_per_connection)
-        .map(|v| v.value)
-        .filter(|v| *v > 0))
+    Ok(Some(options))
 }
 
 fn endpoints(cla: &ClusterLoadAssignment) -> Result<Vec<Endpoint>, String> {
