@@ -1,7 +1,7 @@
 //! Nodemesh capture programs.
 //!
 //! * `sock4_connect` / `sock6_connect` (cgroup/connect4, connect6): a TCP connect from a meshed
-//!   cgroup is rewritten to the node proxy's listener inside the caller's own network namespace
+//!   cgroup, or from any cgroup below one (a pod's container scopes), is rewritten to the node proxy's listener inside the caller's own network namespace
 //!   (127.0.0.1 / ::1), and the original destination is stored under the socket cookie.
 //! * `sock_ops_established` (sockops): once that connect is established its local port is
 //!   known, so the original destination is re-filed under (netns cookie, local addr, local port)
@@ -31,7 +31,10 @@ use aya_ebpf::{
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_TCP_CLOSE,
         bpf_sock_addr,
     },
-    helpers::{bpf_get_current_cgroup_id, bpf_get_netns_cookie, bpf_get_socket_cookie},
+    helpers::{
+        bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_netns_cookie,
+        bpf_get_socket_cookie,
+    },
     macros::{cgroup_sock_addr, map, sk_lookup, sock_ops},
     maps::{HashMap, LpmTrie, LruHashMap, SockHash, lpm_trie::Key},
     programs::{SkLookupContext, SockAddrContext, SockOpsContext},
@@ -42,6 +45,11 @@ use mesh_ebpf_common::{
     FAMILY_INET, FAMILY_INET6, INBOUND_LISTENERS_MAX, MESHED_CGROUPS_MAX, MeshedCgroup, NODE_ADDRESSES_MAX,
     ORIG_DST_BY_COOKIE_MAX, ORIG_DST_BY_TUPLE_MAX, OrigDst, PodAddrKey,
 };
+
+/// How deep below the cgroup hierarchy's root a meshed cgroup is looked for. kubelet puts a
+/// pod's cgroup three or four levels down (`kubepods.slice/kubepods-burstable.slice/…pod<uid>.slice`,
+/// more under a nested `--cgroup-root`) and the containers one level below it.
+const MAX_CGROUP_LEVEL: i32 = 16;
 
 /// sock_addr verdicts.
 const ALLOW: i32 = 1;
@@ -194,12 +202,38 @@ fn meshed_caller(ctx: &SockAddrContext) -> Option<MeshedCgroup> {
             return None;
         }
     }
-    // SAFETY: plain helper calls without pointer arguments beyond the context.
-    let cgroup = unsafe { bpf_get_current_cgroup_id() };
-    // SAFETY: the value is copied out immediately; a concurrent delete at worst yields a stale copy.
-    let meshed = unsafe { *MESHED_CGROUPS.get(&cgroup)? };
+    let meshed = meshed_cgroup_of_current_task()?;
+    // SAFETY: the helper only reads the context's socket.
     let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
     (netns == meshed.netns_cookie).then_some(meshed)
+}
+
+/// The meshed cgroup the current task is in: its own cgroup (a workload registered by its
+/// exact cgroup, one lookup), else the nearest ancestor that is meshed. A Kubernetes pod is
+/// registered by its pod cgroup while its processes run in container scopes below it
+/// (`cri-containerd-<id>.scope`), so one entry per pod covers every container, including ones
+/// started after registration.
+fn meshed_cgroup_of_current_task() -> Option<MeshedCgroup> {
+    // SAFETY: plain helper calls without pointer arguments.
+    let current = unsafe { bpf_get_current_cgroup_id() };
+    // SAFETY (both lookups): the value is copied out immediately; a concurrent delete at worst
+    // yields a stale copy.
+    if let Some(meshed) = unsafe { MESHED_CGROUPS.get(&current) } {
+        return Some(*meshed);
+    }
+    // Level 0 is the hierarchy's root, never a pod. An ancestor level past the task's own
+    // level answers 0; the task's own level answers `current`, already looked up.
+    for level in 1..MAX_CGROUP_LEVEL {
+        // SAFETY: as above.
+        let id = unsafe { bpf_get_current_ancestor_cgroup_id(level) };
+        if id == 0 || id == current {
+            return None;
+        }
+        if let Some(meshed) = unsafe { MESHED_CGROUPS.get(&id) } {
+            return Some(*meshed);
+        }
+    }
+    None
 }
 
 fn port_excluded(port_be: u16) -> bool {

@@ -2,7 +2,7 @@
 //!
 //! | path | what |
 //! |---|---|
-//! | `/healthz/ready` | 200 once capture is attached and saved workloads are restored |
+//! | `/healthz/ready` | 200 once capture is attached, saved workloads are restored and (with `--kubernetes`) the first pod list is reconciled |
 //! | `/metrics` | Prometheus text format |
 //! | `/config_dump` | JSON: node settings, every workload with its capture state, and the config
 //! |   | received from the control plane (addresses, clusters with endpoints and health) |

@@ -145,6 +145,23 @@ pub struct RunArgs {
     /// pods route answers to marked sockets back to mesh-node. Must differ from the proxy mark.
     #[arg(long, env = "NODEMESH_DELIVERY_MARK", default_value_t = format!("{:#x}", crate::inbound::DEFAULT_DELIVERY_MARK))]
     pub delivery_mark: String,
+    /// Discover this node's pods from the Kubernetes API (pods with `spec.nodeName` =
+    /// --node-name, namespaces for the opt-in label) and register them without the local API,
+    /// which then only lists. --cgroup-root is then kubelet's cgroup root (where
+    /// `kubepods.slice` or `kubepods` is).
+    #[arg(long, env = "NODEMESH_KUBERNETES")]
+    pub kubernetes: bool,
+    /// With --kubernetes: the API server at a URL without credentials (`kubectl proxy`, tests)
+    /// instead of the in-cluster ServiceAccount (or KUBECONFIG).
+    #[arg(long, env = "NODEMESH_KUBE_API", requires = "kubernetes")]
+    pub kube_api: Option<String>,
+    /// With --kubernetes: the host's /proc (pod processes and their netns); the DaemonSet runs
+    /// with hostPID, so its own /proc is the host's.
+    #[arg(long, env = "NODEMESH_HOST_PROC", default_value = "/proc", requires = "kubernetes")]
+    pub host_proc: PathBuf,
+    /// With --kubernetes: where the container runtime bind-mounts pod network namespaces.
+    #[arg(long, env = "NODEMESH_NETNS_DIR", default_value = "/var/run/netns", requires = "kubernetes")]
+    pub netns_dir: PathBuf,
 }
 
 /// A CIDR in its canonical form (host bits cleared).
@@ -210,6 +227,17 @@ pub struct Config {
     /// Advertised to the control plane: `--node-ip` with the tunnel's port.
     pub tunnel_address: Option<SocketAddr>,
     pub delivery_mark: u32,
+    /// `--kubernetes`: pods come from the API server.
+    pub kubernetes: Option<KubernetesDiscovery>,
+}
+
+/// Settings of pod discovery (`--kubernetes`).
+#[derive(Debug, Clone)]
+pub struct KubernetesDiscovery {
+    /// `--kube-api`; `None`: in-cluster ServiceAccount, else KUBECONFIG.
+    pub api_url: Option<String>,
+    pub host_proc: PathBuf,
+    pub netns_dir: PathBuf,
 }
 
 impl Config {
@@ -275,6 +303,16 @@ impl Config {
         if args.connect_timeout_ms == 0 {
             errors.push("--connect-timeout-ms: must be greater than 0".to_string());
         }
+        let kubernetes = args.kubernetes.then(|| {
+            if !args.host_proc.join("self").exists() {
+                errors.push(format!("--host-proc {}: not a proc filesystem", args.host_proc.display()));
+            }
+            KubernetesDiscovery {
+                api_url: args.kube_api,
+                host_proc: args.host_proc,
+                netns_dir: args.netns_dir,
+            }
+        });
         let token = args.token_file.as_ref().and_then(|path| {
             crate::control_plane::NodeToken::load(path.clone()).map_err(|e| errors.push(e)).ok()
         });
@@ -300,6 +338,7 @@ impl Config {
             tunnel_listen: args.tunnel_listen,
             tunnel_address: args.node_ip.map(|ip| SocketAddr::new(ip, args.tunnel_listen.port())),
             delivery_mark,
+            kubernetes,
         })
     }
 }

@@ -11,6 +11,7 @@ use crate::{
     authz::Authorizer,
     capture,
     config::Config,
+    discovery,
     identity::Identities,
     inbound::{deliver::Delivery, plaintext::PlaintextInbound},
     proxy::Outbound,
@@ -133,7 +134,14 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     tokio::spawn(Arc::clone(&admin).serve(admin_listener));
 
     let restored = registry.restore().await.context("restoring saved workloads")?;
-    tokio::spawn(api::server::serve(api_listener, Arc::clone(&registry)));
+    let writes = match &config.kubernetes {
+        Some(kubernetes) => {
+            start_discovery(&config, kubernetes, Arc::clone(&registry)).await?;
+            api::server::Writes::Refused("this node discovers its pods from Kubernetes (--kubernetes)")
+        }
+        None => api::server::Writes::Allowed,
+    };
+    tokio::spawn(api::server::serve(api_listener, Arc::clone(&registry), writes));
     admin.ready.store(true, Ordering::Release);
     tracing::info!(
         node = %config.node_name, admin = %config.admin_addr, api = %config.api_socket.display(),
@@ -152,4 +160,27 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     );
     let _ = std::fs::remove_file(&config.api_socket);
     Ok(())
+}
+
+/// Connects to the API server and registers the node's pods; returns once the first list is
+/// reconciled, so readiness means every existing pod has been looked at.
+async fn start_discovery(
+    config: &Config,
+    kubernetes: &crate::config::KubernetesDiscovery,
+    registry: Arc<Registry>,
+) -> anyhow::Result<()> {
+    let connection = match &kubernetes.api_url {
+        Some(url) => discovery::Connection::Url(url.clone()),
+        None => discovery::Connection::Infer,
+    };
+    let client = discovery::client(&connection).await.context("kubernetes: API server client")?;
+    let settings = discovery::Settings {
+        node_name: config.node_name.clone(),
+        cgroup_root: config.cgroup_root.clone(),
+        host: discovery::pod_netns::HostPaths {
+            proc: kubernetes.host_proc.clone(),
+            netns_dir: kubernetes.netns_dir.clone(),
+        },
+    };
+    discovery::start(client, settings, registry).await.context("kubernetes: pod discovery")
 }

@@ -1,5 +1,6 @@
 //! A Kubernetes API server for tests: real Kubernetes JSON over HTTP/1.1 for the subset a
-//! watcher uses — `list` (with `limit`/`continue`) and `watch` (chunked stream of watch events
+//! watcher uses — `list` (with `limit`/`continue` and `fieldSelector`, 400 for a field the
+//! real server does not index) and `watch` (chunked stream of watch events
 //! from a `resourceVersion`, `BOOKMARK`s when asked, `ERROR` 410 Expired for a version older
 //! than the last compaction), `404 NotFound` for resources it is told not to serve, and
 //! `TokenReview` for ServiceAccount tokens the test registers.
@@ -119,10 +120,19 @@ impl FakeApiServer {
             let mut object = object.clone();
             let meta = &mut object["metadata"];
             meta["resourceVersion"] = st.revision.to_string().into();
-            meta["uid"] = format!("uid-{namespace}-{name}").into();
+            let key = format!("{namespace}/{name}");
+            // The server assigns a UID at creation and keeps it across updates; a test that
+            // lays out a pod's cgroup by UID (kubelet does) chooses it up front.
+            let existing =
+                st.objects.get(&path).and_then(|m| m.get(&key)).map(|o| o["metadata"]["uid"].clone());
+            let uid = match (existing, meta["uid"].as_str()) {
+                (Some(uid), _) => uid,
+                (None, Some(chosen)) => chosen.into(),
+                (None, None) => format!("uid-{namespace}-{name}").into(),
+            };
+            meta["uid"] = uid;
             meta["creationTimestamp"] = "2026-11-21T00:00:00Z".into();
             st.kinds.insert(path.clone(), kind.clone());
-            let key = format!("{namespace}/{name}");
             let existed = st.objects.entry(path.clone()).or_default().insert(key, object.clone()).is_some();
             let kind = if existed { "MODIFIED" } else { "ADDED" };
             st.events.push((st.revision, path, kind, object));
@@ -236,11 +246,71 @@ fn read_request(reader: &mut BufReader<TcpStream>) -> anyhow::Result<Option<Requ
     Ok(Some(Request { method, path: path.to_string(), query, body }))
 }
 
+/// Field labels the API server accepts in a `fieldSelector`, per resource: every resource has
+/// `metadata.name` and `metadata.namespace`; Pods add the ones below (others are a 400).
+fn selectable(path: &str, field: &str) -> bool {
+    const POD_FIELDS: [&str; 8] = [
+        "spec.nodeName",
+        "spec.restartPolicy",
+        "spec.schedulerName",
+        "spec.serviceAccountName",
+        "spec.hostNetwork",
+        "status.phase",
+        "status.podIP",
+        "status.nominatedNodeName",
+    ];
+    matches!(field, "metadata.name" | "metadata.namespace")
+        || (path == "/api/v1/pods" && POD_FIELDS.contains(&field))
+}
+
+/// A parsed `fieldSelector`: `field=value`, `field==value`, `field!=value`, comma-joined.
+struct FieldSelector(Vec<(String, bool, String)>);
+
+impl FieldSelector {
+    fn parse(path: &str, text: Option<&String>) -> Result<FieldSelector, String> {
+        let mut terms = Vec::new();
+        for term in text.map(String::as_str).unwrap_or_default().split(',').filter(|t| !t.is_empty()) {
+            let (field, equal, value) = if let Some((f, v)) = term.split_once("!=") {
+                (f, false, v)
+            } else if let Some((f, v)) = term.split_once("==").or_else(|| term.split_once('=')) {
+                (f, true, v)
+            } else {
+                return Err(format!("invalid selector: '{term}'; can't understand '{term}'"));
+            };
+            if !selectable(path, field) {
+                return Err(format!("field label not supported: {field}"));
+            }
+            terms.push((field.to_string(), equal, value.to_string()));
+        }
+        Ok(FieldSelector(terms))
+    }
+
+    fn matches(&self, object: &Value) -> bool {
+        self.0.iter().all(|(field, equal, value)| {
+            let found = field.split('.').fold(object, |v, part| &v[part]);
+            let text = match found {
+                Value::String(s) => s.clone(),
+                Value::Null => String::new(),
+                other => other.to_string(),
+            };
+            (text == *value) == *equal
+        })
+    }
+}
+
+fn bad_request(message: &str) -> Value {
+    json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+        "message": message, "reason": "BadRequest", "code": 400})
+}
+
 fn serve_connection(shared: &Shared, stream: TcpStream) -> anyhow::Result<()> {
     let mut reader = BufReader::new(stream.try_clone()?);
     let mut out = stream;
     while let Some(req) = read_request(&mut reader)? {
-        if shared.state.lock().expect("api state").not_served.contains(&req.path) {
+        let fields = FieldSelector::parse(&req.path, req.query.get("fieldSelector"));
+        if let Err(message) = &fields {
+            respond(&mut out, "400 Bad Request", &bad_request(message))?;
+        } else if shared.state.lock().expect("api state").not_served.contains(&req.path) {
             let status = json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
                 "message": "the server could not find the requested resource", "reason": "NotFound", "details": {}, "code": 404});
             respond(&mut out, "404 Not Found", &status)?;
@@ -266,9 +336,9 @@ fn serve_connection(shared: &Shared, stream: TcpStream) -> anyhow::Result<()> {
             }
         } else if req.query.get("watch").is_some_and(|w| w == "true" || w == "1") {
             // A watch holds the connection until it ends; the client opens another one.
-            return watch(shared, &mut out, &req);
+            return watch(shared, &mut out, &req, &fields.unwrap_or(FieldSelector(Vec::new())));
         } else {
-            let list = list(shared, &req);
+            let list = list(shared, &req, &fields.unwrap_or(FieldSelector(Vec::new())));
             respond(&mut out, "200 OK", &list)?;
         }
     }
@@ -312,7 +382,7 @@ fn respond(out: &mut TcpStream, status: &str, body: &Value) -> std::io::Result<(
     )
 }
 
-fn list(shared: &Shared, req: &Request) -> Value {
+fn list(shared: &Shared, req: &Request, fields: &FieldSelector) -> Value {
     let mut st = shared.state.lock().expect("api state");
     *st.lists.entry(req.path.clone()).or_default() += 1;
     let limit: usize =
@@ -324,8 +394,11 @@ fn list(shared: &Shared, req: &Request) -> Value {
         .and_then(|c| c.split_once('/'))
         .and_then(|(r, o)| Some((r.parse().ok()?, o.parse().ok()?)))
         .unwrap_or((st.revision, 0usize));
-    let all: Vec<Value> =
-        st.objects.get(&req.path).map(|m| m.values().cloned().collect()).unwrap_or_default();
+    let all: Vec<Value> = st
+        .objects
+        .get(&req.path)
+        .map(|m| m.values().filter(|o| fields.matches(o)).cloned().collect())
+        .unwrap_or_default();
     let items: Vec<Value> = all
         .iter()
         .skip(offset)
@@ -380,7 +453,10 @@ fn chunk(out: &mut TcpStream, event: &Value) -> std::io::Result<()> {
     out.flush()
 }
 
-fn watch(shared: &Shared, out: &mut TcpStream, req: &Request) -> anyhow::Result<()> {
+/// A watch: events of the resource after `resourceVersion` whose object matches the field
+/// selector (the fields selectable here never change on a live object, so an object does not
+/// move in or out of a selector), bookmarks, 410 for compacted history.
+fn watch(shared: &Shared, out: &mut TcpStream, req: &Request, fields: &FieldSelector) -> anyhow::Result<()> {
     let from: u64 = req.query.get("resourceVersion").and_then(|v| v.parse().ok()).unwrap_or(0);
     let bookmarks = req.query.get("allowWatchBookmarks").is_some_and(|b| b == "true");
     let timeout = req
@@ -412,7 +488,7 @@ fn watch(shared: &Shared, out: &mut TcpStream, req: &Request) -> anyhow::Result<
         let pending: Vec<Value> = st
             .events
             .iter()
-            .filter(|(rv, path, _, _)| *rv > cursor && *path == req.path)
+            .filter(|(rv, path, _, object)| *rv > cursor && *path == req.path && fields.matches(object))
             .map(|(_, _, kind, object)| json!({"type": kind, "object": object}))
             .collect();
         if let Some(rv) = st.events.iter().filter(|e| e.1 == req.path).map(|e| e.0).max() {

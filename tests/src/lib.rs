@@ -16,6 +16,7 @@ pub mod envoy;
 pub mod grpc_xds;
 mod held;
 pub mod kube_api;
+pub mod kubelet;
 pub mod link_capture;
 pub mod mesh;
 pub mod metrics;

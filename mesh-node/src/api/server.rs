@@ -26,10 +26,25 @@ pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
     Ok(listener)
 }
 
-pub async fn serve(listener: UnixListener, registry: Arc<Registry>) {
+/// Whether the API may add and remove workloads.
+#[derive(Clone, Copy, Debug)]
+pub enum Writes {
+    Allowed,
+    /// Refused with this reason (another source owns the workloads); listing still works.
+    Refused(&'static str),
+}
+
+pub async fn serve(listener: UnixListener, registry: Arc<Registry>, writes: Writes) {
     let handler = Arc::new(move |req: Request<Incoming>| {
         let registry = Arc::clone(&registry);
-        async move { route(&registry, req).await }
+        async move {
+            match writes {
+                Writes::Refused(reason) if req.method() != Method::GET => {
+                    http::error(StatusCode::CONFLICT, format!("workloads cannot be changed here: {reason}"))
+                }
+                _ => route(&registry, req).await,
+            }
+        }
     });
     loop {
         match listener.accept().await {

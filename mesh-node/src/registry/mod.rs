@@ -282,14 +282,25 @@ impl Registry {
         };
         if let Some(old) = workloads.insert(key.clone(), entry) {
             self.forget_ips(&old.status.ips);
+            // Its accept loops end; connections they accepted run on tasks of their own and
+            // carry on.
             old.listener_tasks.iter().for_each(AbortHandle::abort);
-            // The same netns keeps the routing the new entry just (re)installed.
+            // The same netns keeps its delivery routing: the new entry (re)installed it, or,
+            // no longer meshed (its namespace label went), connections delivered before still
+            // need their answers routed back; the rules match delivery-marked packets only and
+            // go with the netns.
             if old.spec.netns != netns {
                 old.remove_routing(self.plaintext.delivery.mark);
             }
-            // Same cgroup: the new MESHED_CGROUPS value already replaced the old one.
-            if old.status.capture.is_some() && old.status.cgroup_id != cgroup_id {
+            // Still meshed in the same cgroup: the new MESHED_CGROUPS value already replaced
+            // the old one. Otherwise the old entry goes, and with it capture of new connects.
+            let replaced = status.capture.is_some() && old.status.cgroup_id == cgroup_id;
+            if old.status.capture.is_some() && !replaced {
                 let _ = self.capture.unmesh(old.status.cgroup_id);
+            }
+            // A meshed registration already released the old inbound capture above.
+            if let Some(old_inbound) = old.inbound.lock().expect("inbound lock").take() {
+                self.capture.release_inbound(old_inbound);
             }
         }
         {
