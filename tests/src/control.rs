@@ -96,6 +96,7 @@ impl ControlPlane {
             None,
             &args,
             "info,mesh_control=debug",
+            &[],
         )?;
         self.child = Some(child);
         self.config_dir = Some(config_dir.to_path_buf());

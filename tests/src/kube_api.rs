@@ -2,8 +2,9 @@
 //! watcher uses — `list` (with `limit`/`continue` and `fieldSelector`, 400 for a field the
 //! real server does not index) and `watch` (chunked stream of watch events
 //! from a `resourceVersion`, `BOOKMARK`s when asked, `ERROR` 410 Expired for a version older
-//! than the last compaction), `404 NotFound` for resources it is told not to serve, and
-//! `TokenReview` for ServiceAccount tokens the test registers.
+//! than the last compaction), `404 NotFound` for resources it is told not to serve,
+//! `TokenReview` for ServiceAccount tokens the test registers, and, when told to, bearer-token
+//! authentication and RBAC over the (Cluster)Roles and bindings applied to it (401 / 403).
 //!
 //! Objects are kept as JSON under one global resourceVersion counter, like etcd's revision.
 //! The test drives it: apply/delete objects, end every open watch (as the API server's watch
@@ -46,6 +47,10 @@ struct State {
     expired_sent: usize,
     /// ServiceAccount tokens TokenReview knows: token → (username, node the pod runs on).
     tokens: BTreeMap<String, (String, String)>,
+    /// Whether requests must carry a known bearer token and pass RBAC.
+    rbac: bool,
+    /// Requests RBAC refused: "<user> <verb> <group>/<resource> in <namespace>".
+    forbidden: Vec<String>,
 }
 
 struct Shared {
@@ -106,6 +111,18 @@ impl FakeApiServer {
     pub fn add_token(&self, token: &str, namespace: &str, account: &str, node: &str) {
         let username = format!("system:serviceaccount:{namespace}:{account}");
         self.with(|st| st.tokens.insert(token.to_string(), (username, node.to_string())));
+    }
+
+    /// From now on every request needs the bearer token of a ServiceAccount registered with
+    /// [`FakeApiServer::add_token`] (else 401) and is authorized against the ClusterRoles,
+    /// Roles and their bindings applied here, as the real authorizer does (else 403).
+    pub fn enforce_rbac(&self) {
+        self.with(|st| st.rbac = true);
+    }
+
+    /// The requests refused with 403 so far.
+    pub fn forbidden(&self) -> Vec<String> {
+        self.with(|st| st.forbidden.clone())
     }
 
     /// Creates or replaces an object (ADDED or MODIFIED), as `kubectl apply` would.
@@ -213,6 +230,7 @@ struct Request {
     path: String,
     query: BTreeMap<String, String>,
     body: Vec<u8>,
+    bearer: Option<String>,
 }
 
 fn read_request(reader: &mut BufReader<TcpStream>) -> anyhow::Result<Option<Request>> {
@@ -223,16 +241,19 @@ fn read_request(reader: &mut BufReader<TcpStream>) -> anyhow::Result<Option<Requ
     let method = line.split_whitespace().next().context("request line")?.to_string();
     let target = line.split_whitespace().nth(1).context("request line")?.to_string();
     let mut length = 0usize;
+    let mut bearer = None;
     loop {
         let mut header = String::new();
         reader.read_line(&mut header)?;
         if header.trim().is_empty() {
             break;
         }
-        if let Some((name, value)) = header.split_once(':')
-            && name.trim().eq_ignore_ascii_case("content-length")
-        {
-            length = value.trim().parse().unwrap_or(0);
+        if let Some((name, value)) = header.split_once(':') {
+            if name.trim().eq_ignore_ascii_case("content-length") {
+                length = value.trim().parse().unwrap_or(0);
+            } else if name.trim().eq_ignore_ascii_case("authorization") {
+                bearer = value.trim().strip_prefix("Bearer ").map(str::to_string);
+            }
         }
     }
     let mut body = vec![0u8; length];
@@ -243,7 +264,7 @@ fn read_request(reader: &mut BufReader<TcpStream>) -> anyhow::Result<Option<Requ
         .filter_map(|kv| kv.split_once('='))
         .map(|(k, v)| (k.to_string(), v.replace("%2F", "/").replace("%3D", "=")))
         .collect();
-    Ok(Some(Request { method, path: path.to_string(), query, body }))
+    Ok(Some(Request { method, path: path.to_string(), query, body, bearer }))
 }
 
 /// Field labels the API server accepts in a `fieldSelector`, per resource: every resource has
@@ -308,7 +329,10 @@ fn serve_connection(shared: &Shared, stream: TcpStream) -> anyhow::Result<()> {
     let mut out = stream;
     while let Some(req) = read_request(&mut reader)? {
         let fields = FieldSelector::parse(&req.path, req.query.get("fieldSelector"));
-        if let Err(message) = &fields {
+        let access = authorize(shared, &req);
+        if let Err((status, body)) = &access {
+            respond(&mut out, status, body)?;
+        } else if let Err(message) = &fields {
             respond(&mut out, "400 Bad Request", &bad_request(message))?;
         } else if shared.state.lock().expect("api state").not_served.contains(&req.path) {
             let status = json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
@@ -343,6 +367,136 @@ fn serve_connection(shared: &Shared, stream: TcpStream) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// What a request asks, in RBAC's terms.
+#[derive(Debug)]
+struct Attributes {
+    verb: &'static str,
+    group: String,
+    resource: String,
+    namespace: Option<String>,
+    name: Option<String>,
+}
+
+/// `/api/v1[/namespaces/<ns>]/<plural>[/<name>]` or `/apis/<group>/<version>/…` with the
+/// method and `watch` → RBAC attributes (`namespaces` itself is a cluster-scoped resource).
+fn attributes(req: &Request) -> Option<Attributes> {
+    let parts: Vec<&str> = req.path.trim_start_matches('/').split('/').collect();
+    let (group, rest) = match parts.as_slice() {
+        ["api", _version, rest @ ..] => (String::new(), rest),
+        ["apis", group, _version, rest @ ..] => (group.to_string(), rest),
+        _ => return None,
+    };
+    let (namespace, resource, name) = match rest {
+        ["namespaces", ns, plural, tail @ ..] => {
+            (Some(ns.to_string()), plural.to_string(), tail.first().map(|n| n.to_string()))
+        }
+        [plural] => (None, plural.to_string(), None),
+        [plural, name] => (None, plural.to_string(), Some(name.to_string())),
+        _ => return None,
+    };
+    let watch = req.query.get("watch").is_some_and(|w| w == "true" || w == "1");
+    let verb = match (req.method.as_str(), &name, watch) {
+        ("GET", _, true) => "watch",
+        ("GET", Some(_), false) => "get",
+        ("GET", None, false) => "list",
+        ("POST", _, _) => "create",
+        ("PUT", _, _) => "update",
+        ("PATCH", _, _) => "patch",
+        ("DELETE", _, _) => "delete",
+        _ => return None,
+    };
+    Some(Attributes { verb, group, resource, namespace, name })
+}
+
+/// With RBAC on: the caller's token names a ServiceAccount (401 otherwise), and a binding of
+/// it grants the request (403 otherwise, recorded).
+fn authorize(shared: &Shared, req: &Request) -> Result<(), (&'static str, Value)> {
+    let mut st = shared.state.lock().expect("api state");
+    if !st.rbac {
+        return Ok(());
+    }
+    let Some(user) = req.bearer.as_ref().and_then(|t| st.tokens.get(t)).map(|(user, _)| user.clone()) else {
+        let status = json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+            "message": "Unauthorized", "reason": "Unauthorized", "code": 401});
+        return Err(("401 Unauthorized", status));
+    };
+    let Some(attrs) = attributes(req) else { return Ok(()) };
+    if allowed(&st, &user, &attrs) {
+        return Ok(());
+    }
+    let scope = match &attrs.namespace {
+        Some(ns) => format!("in the namespace \"{ns}\""),
+        None => "at the cluster scope".to_string(),
+    };
+    let message = format!(
+        "{} is forbidden: User \"{user}\" cannot {} resource \"{}\" in API group \"{}\" {scope}",
+        attrs.resource, attrs.verb, attrs.resource, attrs.group
+    );
+    st.forbidden.push(format!("{user} {} {}/{} {scope}", attrs.verb, attrs.group, attrs.resource));
+    let status = json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+        "message": message, "reason": "Forbidden", "details": {"kind": attrs.resource}, "code": 403});
+    Err(("403 Forbidden", status))
+}
+
+/// Whether any (Cluster)RoleBinding of `user` points at a role with a rule covering `attrs`.
+/// A RoleBinding grants within its namespace only, whether it names a Role or a ClusterRole.
+fn allowed(st: &State, user: &str, attrs: &Attributes) -> bool {
+    let objects = |plural: &str| {
+        st.objects
+            .get(&format!("/apis/rbac.authorization.k8s.io/v1/{plural}"))
+            .into_iter()
+            .flat_map(|m| m.values())
+    };
+    let names_user = |binding: &Value| {
+        binding["subjects"].as_array().into_iter().flatten().any(|s| match s["kind"].as_str() {
+            Some("ServiceAccount") => {
+                format!(
+                    "system:serviceaccount:{}:{}",
+                    s["namespace"].as_str().unwrap_or_default(),
+                    s["name"].as_str().unwrap_or_default()
+                ) == user
+            }
+            Some("User") => s["name"] == user,
+            _ => false,
+        })
+    };
+    let role = |kind: &str, namespace: &str, name: &str| -> Option<Value> {
+        let (plural, key) = match kind {
+            "ClusterRole" => ("clusterroles", format!("/{name}")),
+            _ => ("roles", format!("{namespace}/{name}")),
+        };
+        st.objects.get(&format!("/apis/rbac.authorization.k8s.io/v1/{plural}"))?.get(&key).cloned()
+    };
+    let grants = |role: &Value| {
+        role["rules"].as_array().into_iter().flatten().any(|rule| {
+            let has = |field: &str, want: &str| {
+                rule[field].as_array().into_iter().flatten().any(|v| v == "*" || v == want)
+            };
+            let names = rule["resourceNames"].as_array().filter(|n| !n.is_empty());
+            has("apiGroups", &attrs.group)
+                && has("resources", &attrs.resource)
+                && has("verbs", attrs.verb)
+                && names.is_none_or(|n| {
+                    attrs.name.as_ref().is_some_and(|name| n.iter().any(|v| v == name.as_str()))
+                })
+        })
+    };
+    let cluster_wide = objects("clusterrolebindings").filter(|b| names_user(b)).any(|b| {
+        role("ClusterRole", "", b["roleRef"]["name"].as_str().unwrap_or_default()).is_some_and(|r| grants(&r))
+    });
+    cluster_wide
+        || objects("rolebindings").filter(|b| names_user(b)).any(|b| {
+            let ns = b["metadata"]["namespace"].as_str().unwrap_or_default();
+            attrs.namespace.as_deref() == Some(ns)
+                && role(
+                    b["roleRef"]["kind"].as_str().unwrap_or_default(),
+                    ns,
+                    b["roleRef"]["name"].as_str().unwrap_or_default(),
+                )
+                .is_some_and(|r| grants(&r))
+        })
 }
 
 /// `/api/v1/namespaces/<ns>/<plural>/<name>` → (`/api/v1/<plural>`, `<ns>/<name>`): a GET of

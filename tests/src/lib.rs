@@ -151,7 +151,7 @@ fn new_id() -> anyhow::Result<String> {
 }
 
 /// Starts one of our binaries in `netns` (optionally in `cgroup`), its output appended to
-/// `<work_dir>/<program>.log`, logging at `log_filter`.
+/// `<work_dir>/<program>.log`, logging at `log_filter`, with `env` added to its environment.
 fn spawn_daemon(
     netns: &str,
     work_dir: &Path,
@@ -159,15 +159,18 @@ fn spawn_daemon(
     cgroup: Option<&Path>,
     args: &[String],
     log_filter: &str,
+    env: &[(String, String)],
 ) -> anyhow::Result<Child> {
     let log =
         fs::OpenOptions::new().create(true).append(true).open(work_dir.join(format!("{program}.log")))?;
+    let mut vars = vec![("NODEMESH_LOG", log_filter)];
+    vars.extend(env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
     process::spawn_in(
         netns,
         cgroup,
         &bin(program)?,
         args,
-        &[("NODEMESH_LOG", log_filter)],
+        &vars,
         Stdio::from(log.try_clone()?),
         Stdio::from(log),
     )
@@ -254,6 +257,8 @@ pub struct SimNode {
     children: Vec<Child>,
     mesh_node: Option<MeshNodeProcess>,
     mesh_node_args: Vec<String>,
+    /// Environment mesh-node starts with (besides its log filter), kept for restarts.
+    mesh_node_env: Vec<(String, String)>,
     control: ControlPlane,
 }
 
@@ -278,6 +283,7 @@ impl SimNode {
             children: Vec::new(),
             mesh_node: None,
             mesh_node_args: Vec::new(),
+            mesh_node_env: Vec::new(),
             control,
         };
         // From here on, Drop cleans up whatever got created.
@@ -379,9 +385,23 @@ impl SimNode {
         args.extend(self.mesh_node_args.iter().cloned());
         // mesh_ebpf=debug: the capture programs' aya-log records, forwarded into this log.
         let filter = "info,mesh_node=debug,mesh_ebpf=debug";
-        let child = spawn_daemon(&self.node_netns, &self.work_dir, "mesh-node", cgroup, &args, filter)?;
+        let child = spawn_daemon(
+            &self.node_netns,
+            &self.work_dir,
+            "mesh-node",
+            cgroup,
+            &args,
+            filter,
+            &self.mesh_node_env,
+        )?;
         self.mesh_node = Some(MeshNodeProcess { child });
         self.wait_ready(Duration::from_secs(30))
+    }
+
+    /// Sets an environment variable for mesh-node's next starts (say, `KUBECONFIG`).
+    pub fn set_mesh_node_env(&mut self, name: &str, value: &str) {
+        self.mesh_node_env.retain(|(k, _)| k != name);
+        self.mesh_node_env.push((name.to_string(), value.to_string()));
     }
 
     /// The extra arguments mesh-node was last started with.

@@ -35,6 +35,55 @@ fn start_discovering(node: &mut SimNode, api: &FakeApiServer) {
     node.start_mesh_node(&["--kubernetes", "--kube-api", &api.url()]).unwrap();
 }
 
+const NODE_ACCOUNT_TOKEN: &str = "token-of-nodemesh-system-mesh-node";
+
+/// Starts mesh-node as the DaemonSet runs it: as ServiceAccount nodemesh-system/mesh-node (its
+/// token in a kubeconfig, which kube reads as it would in-cluster credentials), against an API
+/// server enforcing the ClusterRole and binding from deploy/daemonset — so a call the role
+/// does not allow fails the test.
+fn start_as_daemonset_account(node: &mut SimNode, api: &FakeApiServer) {
+    let rbac =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/daemonset/base/mesh-node/rbac.yaml");
+    let rbac = std::fs::read_to_string(rbac).unwrap();
+    for object in serde_saphyr::from_multiple::<Value>(&rbac).unwrap().into_iter().filter(|o| !o.is_null()) {
+        api.apply(&object).unwrap();
+    }
+    api.add_token(NODE_ACCOUNT_TOKEN, "nodemesh-system", "mesh-node", &node.node_netns);
+    api.enforce_rbac();
+    let kubeconfig = node.work_dir.join("kubeconfig");
+    let url = api.url();
+    std::fs::write(
+        &kubeconfig,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters: [{{name: test, cluster: {{server: \"{url}\"}}}}]\n\
+             users: [{{name: mesh-node, user: {{token: {NODE_ACCOUNT_TOKEN}}}}}]\n\
+             contexts: [{{name: test, context: {{cluster: test, user: mesh-node}}}}]\ncurrent-context: test\n"
+        ),
+    )
+    .unwrap();
+    node.set_mesh_node_env("KUBECONFIG", &kubeconfig.display().to_string());
+    node.start_mesh_node(&["--kubernetes"]).unwrap();
+}
+
+/// A raw GET to the API server (inside the node's netns) with `token`; the status line.
+fn api_get(node: &SimNode, api: &FakeApiServer, path: &str, token: &str) -> String {
+    let (addr, request) = (
+        api.addr,
+        format!(
+            "GET {path} HTTP/1.1\r\nHost: api\r\nAuthorization: Bearer {token}\r\nConnection: close\r\n\r\n"
+        ),
+    );
+    netns::run_in(&node.node_netns, move || {
+        use std::io::{BufRead, Write};
+        let mut stream = std::net::TcpStream::connect(addr)?;
+        stream.write_all(request.as_bytes())?;
+        let mut status = String::new();
+        std::io::BufReader::new(stream).read_line(&mut status)?;
+        Ok(status.trim().to_string())
+    })
+    .unwrap()
+}
+
 fn opened_from(node: &SimNode, pod: &Pod) -> f64 {
     node.metrics()
         .unwrap()
@@ -107,7 +156,7 @@ fn systemd_driver_pods_are_discovered_captured_relabelled_and_removed_without_wo
     elsewhere.node_name = "some-other-node".into();
     api.apply(&elsewhere.object()).unwrap();
     node.serve(&server.pod, &[server.pod.addr(PORT)]).unwrap();
-    start_discovering(&mut node, &api);
+    start_as_daemonset_account(&mut node, &api);
 
     // Ready means the first list is reconciled: existing pods are registered already.
     let list = workloads(&node);
@@ -174,6 +223,16 @@ fn systemd_driver_pods_are_discovered_captured_relabelled_and_removed_without_wo
     eventually("client captured after restart", Duration::from_secs(5), || {
         opened_from(&node, &client.pod) == 1.0
     });
+
+    // Every call mesh-node made was within its ClusterRole; one outside it is refused.
+    assert_eq!(api.forbidden(), Vec::<String>::new(), "mesh-node made calls its ClusterRole does not allow");
+    assert!(api_get(&node, &api, "/api/v1/secrets", NODE_ACCOUNT_TOKEN).contains("403"));
+    assert_eq!(api.forbidden().len(), 1);
+    assert!(api_get(&node, &api, "/api/v1/pods", "not-a-token").contains("401"));
+    assert!(
+        api_get(&node, &api, "/api/v1/pods?fieldSelector=spec.nodeName%3Dx", NODE_ACCOUNT_TOKEN)
+            .contains("200")
+    );
 }
 
 #[test]
