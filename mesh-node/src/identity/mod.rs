@@ -108,6 +108,18 @@ pub struct Identities {
 const FIRST_RETRY: Duration = Duration::from_millis(500);
 const MAX_RETRY: Duration = Duration::from_secs(30);
 
+/// How long to wait before asking again after a failed request: doubling from [`FIRST_RETRY`]
+/// up to [`MAX_RETRY`], but never more than a quarter of what is `left` of the certificate in
+/// use, so a control plane that is back within the certificate's life is asked several times
+/// before the certificate expires (a doubling backoff alone overshoots short lifetimes).
+fn retry_delay(previous: Option<Duration>, left: Option<Duration>) -> Duration {
+    let doubled = previous.map_or(FIRST_RETRY, |d| (d * 2).min(MAX_RETRY));
+    match left {
+        Some(left) => doubled.min((left / 4).max(FIRST_RETRY / 5)),
+        None => doubled,
+    }
+}
+
 impl Identities {
     pub fn new(
         control_plane: &ControlPlane,
@@ -215,7 +227,9 @@ impl Identities {
                         retry.remove(id);
                     }
                     Err(e) => {
-                        let delay = retry.get(id).map_or(FIRST_RETRY, |d| (*d * 2).min(MAX_RETRY));
+                        let left =
+                            self.get(id).and_then(|c| c.not_after.duration_since(SystemTime::now()).ok());
+                        let delay = retry_delay(retry.get(id).copied(), left);
                         tracing::warn!(identity = %id, retry_ms = delay.as_millis() as u64, "workload certificate not obtained: {e}");
                         self.failures.write().expect("failures lock").insert(id.clone(), e);
                         retry.insert(id.clone(), delay);
@@ -303,4 +317,31 @@ fn leaf_checked(chain: &[String], id: &SpiffeId) -> Result<SystemTime, String> {
     let cert = pem.parse_x509().map_err(|e| format!("leaf certificate: {e}"))?;
     let not_after = cert.validity().not_after.timestamp();
     Ok(SystemTime::UNIX_EPOCH + Duration::from_secs(u64::try_from(not_after).unwrap_or(0)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retries_double_but_stay_well_inside_the_certificate_left() {
+        // No certificate yet: plain doubling, capped.
+        assert_eq!(retry_delay(None, None), FIRST_RETRY);
+        assert_eq!(retry_delay(Some(Duration::from_secs(4)), None), Duration::from_secs(8));
+        assert_eq!(retry_delay(Some(Duration::from_secs(20)), None), MAX_RETRY);
+        // A 10 s certificate at half-life (5 s left): never past 1.25 s, so it is asked again
+        // several times before it expires.
+        let left = Some(Duration::from_secs(5));
+        assert_eq!(retry_delay(Some(Duration::from_secs(4)), left), Duration::from_millis(1250));
+        // Nearly expired: still a short pause, not a busy loop.
+        assert_eq!(
+            retry_delay(Some(Duration::from_secs(4)), Some(Duration::from_millis(100))),
+            FIRST_RETRY / 5
+        );
+        // A day-long certificate: the backoff is what limits.
+        assert_eq!(
+            retry_delay(Some(Duration::from_secs(1)), Some(Duration::from_secs(43_200))),
+            Duration::from_secs(2)
+        );
+    }
 }
