@@ -103,9 +103,23 @@ pub(crate) fn run() -> anyhow::Result<()> {
         hwm = c.scale.hwm_mib,
         cpu = c.scale.sync_cpu_s,
     );
+    let d = crate::bench_discovery::run()?;
+    let discovery_row = format!(
+        "{stamp} {pods} | {p50:.0} / {p99:.0} | {rss:.1} ({hwm:.1}) |",
+        pods = crate::bench_discovery::PODS,
+        p50 = d.p50_ms,
+        p99 = d.p99_ms,
+        rss = d.rss_mib,
+        hwm = d.hwm_mib,
+    );
     let path = util::workspace_root()?.join("bench/RESULTS.md");
     let mut text = fs::read_to_string(&path).unwrap_or_else(|_| HEADER.to_string());
-    let mut rows = vec![(DATA_PATH_TABLE, &row), (MTLS_TABLE, &mtls_row), (CONTROL_TABLE, &control_row)];
+    let mut rows = vec![
+        (DATA_PATH_TABLE, &row),
+        (MTLS_TABLE, &mtls_row),
+        (CONTROL_TABLE, &control_row),
+        (DISCOVERY_TABLE, &discovery_row),
+    ];
     rows.extend(http_rows.iter().map(|r| (HTTP_TABLE, r)));
     for (table, row) in rows {
         text = insert_row(&text, table, row);
@@ -119,6 +133,7 @@ pub(crate) fn run() -> anyhow::Result<()> {
 const DATA_PATH_TABLE: &str = "| date (UTC) | commit | connect/s | p50 µs | p99 µs | Gbit/s | mesh-node RSS MiB (peak) | mesh-node CPU |";
 const MTLS_TABLE: &str = "| date (UTC) | commit | connect/s direct / mesh plaintext / mesh mTLS | p50 µs | p99 µs | Gbit/s | mTLS handshakes/s |";
 const HTTP_TABLE: &str = "| date (UTC) | commit | protocol | p50 µs direct / mesh-node / Envoy | p99 µs direct / mesh-node / Envoy | max req/s direct / mesh-node / Envoy |";
+const DISCOVERY_TABLE: &str = "| date (UTC) | commit | pods | Pod object → first captured connection p50 / p99 ms | mesh-node RSS MiB with the pods (peak) |";
 const CONTROL_TABLE: &str = "| date (UTC) | commit | 2 nodes: p50 / p99 ms | 50 clients: p50 / p99 ms | sync 50 clients ms | mesh-control RSS MiB (peak) | mesh-control CPU s to sync |";
 
 /// `text` with `row` added at the end of the table whose header line is `header` (a new

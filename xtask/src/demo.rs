@@ -83,6 +83,7 @@ pub(crate) fn run(keep: bool) -> anyhow::Result<()> {
     util::step("the bookshop sample (examples/bookshop): L7 routing, one route file at a time");
     let shop = bookshop::start(&mut cluster, &config)?;
     bookshop::walk(&cluster, &config, &shop)?;
+    crate::demo_discovery::run()?;
 
     println!("\nmesh-control status:");
     for line in cluster.control.status()?.lines() {

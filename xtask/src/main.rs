@@ -3,10 +3,12 @@
 
 mod bench;
 mod bench_control;
+mod bench_discovery;
 mod bench_http;
 mod bench_mtls;
 mod bookshop;
 mod demo;
+mod demo_discovery;
 mod lint;
 mod module_cycles;
 mod setup;
