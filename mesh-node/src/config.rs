@@ -303,6 +303,10 @@ impl Config {
         if args.connect_timeout_ms == 0 {
             errors.push("--connect-timeout-ms: must be greater than 0".to_string());
         }
+        if args.kubernetes && !cfg!(feature = "kubernetes") {
+            errors
+                .push("--kubernetes: this mesh-node was built without its `kubernetes` feature".to_string());
+        }
         let kubernetes = args.kubernetes.then(|| {
             if !args.host_proc.join("self").exists() {
                 errors.push(format!("--host-proc {}: not a proc filesystem", args.host_proc.display()));

@@ -13,6 +13,7 @@ pub mod capture;
 pub mod config;
 pub mod conn;
 pub mod control_plane;
+#[cfg(feature = "kubernetes")]
 pub mod discovery;
 pub mod identity;
 pub mod inbound;

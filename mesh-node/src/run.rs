@@ -11,7 +11,6 @@ use crate::{
     authz::Authorizer,
     capture,
     config::Config,
-    discovery,
     identity::Identities,
     inbound::{deliver::Delivery, plaintext::PlaintextInbound},
     proxy::Outbound,
@@ -135,10 +134,14 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
 
     let restored = registry.restore().await.context("restoring saved workloads")?;
     let writes = match &config.kubernetes {
+        #[cfg(feature = "kubernetes")]
         Some(kubernetes) => {
             start_discovery(&config, kubernetes, Arc::clone(&registry)).await?;
             api::server::Writes::Refused("this node discovers its pods from Kubernetes (--kubernetes)")
         }
+        // Config refuses --kubernetes in a build without the feature.
+        #[cfg(not(feature = "kubernetes"))]
+        Some(_) => anyhow::bail!("--kubernetes: built without the `kubernetes` feature"),
         None => api::server::Writes::Allowed,
     };
     tokio::spawn(api::server::serve(api_listener, Arc::clone(&registry), writes));
@@ -164,11 +167,13 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
 
 /// Connects to the API server and registers the node's pods; returns once the first list is
 /// reconciled, so readiness means every existing pod has been looked at.
+#[cfg(feature = "kubernetes")]
 async fn start_discovery(
     config: &Config,
     kubernetes: &crate::config::KubernetesDiscovery,
     registry: Arc<Registry>,
 ) -> anyhow::Result<()> {
+    use crate::discovery;
     let connection = match &kubernetes.api_url {
         Some(url) => discovery::Connection::Url(url.clone()),
         None => discovery::Connection::Infer,
