@@ -6,12 +6,15 @@
 //! - [`identity`]: SPIFFE identities; [`workload`]: a workload as a node registers it;
 //!   [`meshing`]: the opt-in rule; [`matchers`]: the matching both sides must do alike;
 //!   [`hash`]: the process-independent hash behind resource versions and hash rings;
-//! - [`http`], [`logging`]: the admin-endpoint and log plumbing both binaries share.
+//! - [`http`], [`logging`]: the admin-endpoint and log plumbing both binaries share;
+//! - `kube_client` (feature `kubernetes`): how both reach the API server.
 #![forbid(unsafe_code)]
 
 pub mod hash;
 pub mod http;
 pub mod identity;
+#[cfg(feature = "kubernetes")]
+pub mod kube_client;
 pub mod logging;
 pub mod matchers;
 pub mod meshing;

@@ -115,24 +115,7 @@ pub fn watched_resources() -> Vec<(&'static str, &'static str)> {
     RESOURCES.iter().map(|r| (r.group, r.plural)).collect()
 }
 
-/// Where to reach the API server.
-#[derive(Clone, Debug)]
-pub enum Connection {
-    /// In-cluster service account, else `KUBECONFIG` / `~/.kube/config` (kube's inference).
-    Infer,
-    /// An explicit URL without credentials (a local proxy such as `kubectl proxy`, tests).
-    Url(String),
-}
-
-pub async fn client(connection: &Connection) -> anyhow::Result<Client> {
-    let config = match connection {
-        Connection::Infer => kube::Config::infer().await?,
-        Connection::Url(url) => {
-            kube::Config::new(url.parse().map_err(|e| anyhow::anyhow!("--kube-api {url}: {e}"))?)
-        }
-    };
-    Ok(Client::try_from(config)?)
-}
+pub use nodemesh_api::kube_client::{Connection, client};
 
 /// Starts a watcher per resource; each fills the store under `Origin::Kubernetes(<plural>)`.
 pub fn start(client: Client, store: Arc<Mutex<Store>>, changed: Arc<Notify>) {

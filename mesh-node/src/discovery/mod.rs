@@ -32,6 +32,7 @@ use kube::{
     Api, Client,
     runtime::{WatchStreamExt, reflector, watcher},
 };
+pub use nodemesh_api::kube_client::{Connection, client};
 use nodemesh_api::workload::{WorkloadKey, WorkloadSpec};
 use tokio::sync::Notify;
 
@@ -49,25 +50,6 @@ pub struct Settings {
     /// kubelet's cgroup root on the host's cgroup2 mount (where `kubepods[.slice]` is).
     pub cgroup_root: PathBuf,
     pub host: HostPaths,
-}
-
-/// Where to reach the API server.
-#[derive(Clone, Debug)]
-pub enum Connection {
-    /// In-cluster ServiceAccount (token, CA, `KUBERNETES_SERVICE_HOST`), else `KUBECONFIG`.
-    Infer,
-    /// A URL without credentials (`kubectl proxy`, tests).
-    Url(String),
-}
-
-pub async fn client(connection: &Connection) -> anyhow::Result<Client> {
-    let config = match connection {
-        Connection::Infer => kube::Config::infer().await?,
-        Connection::Url(url) => {
-            kube::Config::new(url.parse().map_err(|e| anyhow::anyhow!("--kube-api {url}: {e}"))?)
-        }
-    };
-    Ok(Client::try_from(config)?)
 }
 
 /// Starts the watchers and the reconcile loop; returns once the first list of both has been
