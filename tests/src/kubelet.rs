@@ -13,14 +13,14 @@
 
 use std::{
     fs,
+    net::TcpListener,
     path::{Path, PathBuf},
-    process::Stdio,
 };
 
 use anyhow::Context;
 use serde_json::{Value, json};
 
-use crate::{Pod, SimNode, process};
+use crate::{Pod, SimNode, kube_api::FakeApiServer, netns};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum CgroupDriver {
@@ -143,6 +143,26 @@ pub fn namespace_object(name: &str, labels: &[(&str, &str)]) -> Value {
 }
 
 impl SimNode {
+    /// An in-test API server listening on loopback in the node's netns, where mesh-node runs.
+    pub fn start_api_server(&self) -> anyhow::Result<FakeApiServer> {
+        let listener = netns::run_in(&self.node_netns, || Ok(TcpListener::bind("127.0.0.1:0")?))?;
+        FakeApiServer::start(listener)
+    }
+
+    /// `mesh-node workload list`: every registered workload with its decision and cgroup.
+    pub fn workloads(&self) -> anyhow::Result<Vec<Value>> {
+        let socket = self.api_socket().display().to_string();
+        Ok(serde_json::from_str(&self.mesh_node_cli(&["workload", "--api-socket", &socket, "list"])?)?)
+    }
+
+    /// Whether a connection from `pod` to `to` went through mesh-node: the client socket's
+    /// local address is then mesh-node's listener in the pod, on 127.0.0.1.
+    pub fn connect_captured(&self, pod: &Pod, to: &str) -> anyhow::Result<bool> {
+        let r = self.testapp(pod, &["client", "--mode", "hello", "--to", to])?;
+        let local = r["connections"][0]["local"].as_str().with_context(|| format!("nm-testapp: {r}"))?;
+        Ok(local.starts_with("127.0.0.1:"))
+    }
+
     /// Adds a pod as kubelet + containerd would: network (see [`SimNode::add_pod`]), the pod
     /// cgroup for `driver` and `qos`, a sandbox scope with a pause process in the pod netns,
     /// and an app container scope for the test's processes.
@@ -164,17 +184,8 @@ impl SimNode {
             fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         }
         // The pause process: sleeps for the pod's lifetime, holding the netns.
-        let pause = process::spawn_in(
-            &pod.netns,
-            Some(&sandbox),
-            Path::new("/bin/sleep"),
-            &["infinity".to_string()],
-            &[],
-            Stdio::null(),
-            Stdio::null(),
-        )?;
-        let pause_pid = pause.id();
-        self.children.push(pause);
+        let in_sandbox = Pod { cgroup: sandbox, ..pod.clone() };
+        let pause_pid = self.spawn_in(&in_sandbox, Path::new("/bin/sleep"), &["infinity".to_string()])?;
         pod.cgroup = app;
         Ok(KubePod {
             pod,

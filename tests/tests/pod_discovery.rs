@@ -5,16 +5,13 @@
 //! scopes below them, the netns held by a pause process. Real eBPF, real mesh-node, the
 //! in-test API server. Needs root.
 
-use std::{
-    net::TcpListener,
-    thread,
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
 
 use nodemesh_tests::{
     HeldConnection, Pod, SimNode,
     kube_api::FakeApiServer,
     kubelet::{CgroupDriver, KubePod, Qos, namespace_object},
+    mesh::eventually,
     netns,
 };
 use serde_json::Value;
@@ -26,8 +23,7 @@ const ENABLED: (&str, &str) = ("nodemesh.io/enabled", "true");
 /// A node whose API server listens in the node's netns, where mesh-node runs.
 fn node_with_api() -> (SimNode, FakeApiServer) {
     let node = SimNode::new().unwrap();
-    let listener = netns::run_in(&node.node_netns, || Ok(TcpListener::bind("127.0.0.1:0")?)).unwrap();
-    let api = FakeApiServer::start(listener).unwrap();
+    let api = node.start_api_server().unwrap();
     (node, api)
 }
 
@@ -96,22 +92,8 @@ fn echo(node: &SimNode, from: &Pod, to: &Pod) {
     assert!(r.get("error").is_none(), "{} -> {}: {r}", from.name, to.name);
 }
 
-fn eventually(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while Instant::now() < deadline {
-        if check() {
-            return;
-        }
-        thread::sleep(Duration::from_millis(50));
-    }
-    panic!("timed out after {timeout:?} waiting for: {what}");
-}
-
-/// `mesh-node workload list`, by `namespace/name`.
 fn workloads(node: &SimNode) -> Vec<Value> {
-    let socket = node.api_socket().display().to_string();
-    let out = node.mesh_node_cli(&["workload", "--api-socket", &socket, "list"]).unwrap();
-    serde_json::from_str::<Vec<Value>>(&out).unwrap()
+    node.workloads().unwrap()
 }
 
 fn listed<'a>(list: &'a [Value], pod: &Pod) -> Option<&'a Value> {

@@ -6,17 +6,12 @@
 //! started in the pod, a few milliseconds, which bounds the resolution. Then mesh-node's RSS
 //! with the 100 pods registered.
 
-use std::{
-    net::TcpListener,
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use nodemesh_tests::{
     SimNode,
-    kube_api::FakeApiServer,
     kubelet::{CgroupDriver, Qos, namespace_object},
-    netns,
 };
 
 pub(crate) const PODS: usize = 100;
@@ -33,8 +28,7 @@ pub(crate) struct DiscoveryRun {
 
 pub(crate) fn run() -> anyhow::Result<DiscoveryRun> {
     let mut node = SimNode::new()?;
-    let listener = netns::run_in(&node.node_netns, || Ok(TcpListener::bind("127.0.0.1:0")?))?;
-    let api = FakeApiServer::start(listener)?;
+    let api = node.start_api_server()?;
     api.apply(&namespace_object("bench", &[("nodemesh.io/enabled", "true")]))?;
     // The server opts out: the measure is the client's capture, not inbound delivery.
     let server = node
@@ -53,12 +47,7 @@ pub(crate) fn run() -> anyhow::Result<DiscoveryRun> {
     for pod in &pods {
         let written = Instant::now();
         api.apply(&pod.object())?;
-        loop {
-            let r = node.testapp(&pod.pod, &["client", "--mode", "hello", "--to", &to])?;
-            let local = r["connections"][0]["local"].as_str().with_context(|| format!("{r}"))?;
-            if local.starts_with("127.0.0.1:") {
-                break;
-            }
+        while !node.connect_captured(&pod.pod, &to)? {
             anyhow::ensure!(
                 written.elapsed() < GIVE_UP,
                 "pod {} not captured after {GIVE_UP:?}",

@@ -3,17 +3,11 @@
 //! mesh-node runs with `--kubernetes` and nobody calls `workload add`; labelling the namespace
 //! at runtime starts capture.
 
-use std::{
-    net::TcpListener,
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
 
-use anyhow::Context;
 use nodemesh_tests::{
     Pod, SimNode,
-    kube_api::FakeApiServer,
     kubelet::{CgroupDriver, Qos, namespace_object},
-    netns,
 };
 
 use crate::util;
@@ -21,8 +15,7 @@ use crate::util;
 pub(crate) fn run() -> anyhow::Result<()> {
     util::step("Kubernetes pod discovery: a node whose pods mesh-node finds itself (no `workload add`)");
     let mut node = SimNode::new()?;
-    let listener = netns::run_in(&node.node_netns, || Ok(TcpListener::bind("127.0.0.1:0")?))?;
-    let api = FakeApiServer::start(listener)?;
+    let api = node.start_api_server()?;
     api.apply(&namespace_object("payments", &[]))?;
     let client = node.add_kube_pod("checkout", "payments", CgroupDriver::Systemd, Qos::Burstable)?;
     let server = node
@@ -55,20 +48,13 @@ pub(crate) fn run() -> anyhow::Result<()> {
 
 const CAPTURED: &str = "captured by mesh-node";
 
-/// Whether a connection from `pod` went through mesh-node (its socket's local address is then
-/// mesh-node's listener in the pod, 127.0.0.1).
 fn path(node: &SimNode, pod: &Pod, to: &str) -> anyhow::Result<&'static str> {
-    let r = node.testapp(pod, &["client", "--mode", "hello", "--to", to])?;
-    let local = r["connections"][0]["local"].as_str().with_context(|| format!("{r}"))?;
-    Ok(if local.starts_with("127.0.0.1:") { CAPTURED } else { "direct" })
+    Ok(if node.connect_captured(pod, to)? { CAPTURED } else { "direct" })
 }
 
 fn print_workloads(node: &SimNode) -> anyhow::Result<()> {
-    let socket = node.api_socket().display().to_string();
-    let list: serde_json::Value =
-        serde_json::from_str(&node.mesh_node_cli(&["workload", "--api-socket", &socket, "list"])?)?;
     println!("  mesh-node workload list:");
-    for w in list.as_array().into_iter().flatten() {
+    for w in node.workloads()? {
         println!(
             "    {}/{}: {} (cgroup {})",
             w["namespace"].as_str().unwrap_or_default(),
