@@ -9,6 +9,7 @@ mod bench_mtls;
 mod bookshop;
 mod demo;
 mod demo_discovery;
+mod image;
 mod lint;
 mod module_cycles;
 mod setup;
@@ -41,6 +42,14 @@ enum Cmd {
         #[arg(long)]
         keep: bool,
     },
+    /// Setup, build (release), then the mesh-node and mesh-control container images as OCI
+    /// archives in target/image (buildah, no Docker daemon), each checked by running its
+    /// binary from the unpacked image.
+    Image {
+        /// From debug binaries (quicker; what `cargo xtask test` checks).
+        #[arg(long)]
+        debug: bool,
+    },
     /// Setup, build (release), benchmark direct vs through mesh-node; append to bench/RESULTS.md.
     Bench,
     /// Remove simulated-node leftovers of runs that were killed (only our own `nmt*` names).
@@ -53,6 +62,7 @@ fn main() -> std::process::ExitCode {
         Cmd::Test { args } => test(&args),
         Cmd::Lint => lint::run(),
         Cmd::Demo { keep } => demo::run(keep),
+        Cmd::Image { debug } => image::run(debug),
         Cmd::Bench => bench::run(),
         Cmd::Clean => {
             nodemesh_tests::sweep_stale();
@@ -68,13 +78,16 @@ fn main() -> std::process::ExitCode {
     }
 }
 
-/// The test command README.md and .ci/run use: the lint, then every test. A lint failure does
-/// not stop the tests; both are reported at the end.
+/// The test command README.md and .ci/run use: the lint, the container images (from the debug
+/// binaries), then every test. A red lint or image does not stop the tests; all are reported at
+/// the end.
 fn test(args: &[String]) -> anyhow::Result<()> {
     setup::run()?;
     let lint = lint::run();
     util::step("building mesh-node, mesh-control and the test apps");
     util::cargo(&["build", "-p", "mesh-node", "-p", "mesh-control", "-p", "nodemesh-tests", "--bins"])?;
+    util::step("building and checking the container images (debug binaries)");
+    let images = image::build_and_check("debug");
     util::step("running the test suite (simulated nodes need root; 2 test threads)");
     let bin_dir = util::workspace_root()?.join("target/debug");
     // --no-fail-fast: one red binary must not hide the tests of the binaries after it.
@@ -82,9 +95,7 @@ fn test(args: &[String]) -> anyhow::Result<()> {
         vec!["test", "--workspace", "--exclude", "mesh-ebpf", "--no-fail-fast", "--", "--test-threads", "2"];
     cargo_args.extend(args.iter().map(String::as_str));
     let tests = util::cargo_env(&cargo_args, &[("NODEMESH_BIN_DIR", bin_dir.to_str().unwrap_or_default())]);
-    match (lint, tests) {
-        (Ok(()), tests) => tests,
-        (Err(lint), Ok(())) => Err(lint),
-        (Err(lint), Err(tests)) => Err(tests.context(format!("{lint:#}"))),
-    }
+    let failed: Vec<String> =
+        [lint, images, tests].into_iter().filter_map(Result::err).map(|e| format!("{e:#}")).collect();
+    if failed.is_empty() { Ok(()) } else { anyhow::bail!("{}", failed.join("\n")) }
 }

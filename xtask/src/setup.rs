@@ -9,8 +9,10 @@ use crate::util::{self, output, step};
 
 /// Debian packages: iproute2 and util-linux (nsenter) for simulated nodes, curl for poking the
 /// demo's admin endpoint (the protos build with protox, in Rust: no protoc);
-/// LLVM 22 for bpf-linker, matching the LLVM of the nightly that builds the eBPF programs.
-const APT_PACKAGES: &[&str] = &["iproute2", "util-linux", "curl", "llvm-22-dev", "libpolly-22-dev"];
+/// LLVM 22 for bpf-linker, matching the LLVM of the nightly that builds the eBPF programs;
+/// buildah for the container images (`cargo xtask image`, no Docker daemon).
+const APT_PACKAGES: &[&str] =
+    &["iproute2", "util-linux", "curl", "llvm-22-dev", "libpolly-22-dev", "buildah"];
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 /// Kernel options the data path needs, with what each is for.
 const KERNEL_OPTIONS: &[(&str, &str)] = &[
