@@ -124,6 +124,10 @@ struct CaArgs {
     /// tokens (checked by TokenReview) prove which node a request comes from.
     #[arg(long, env = "NODEMESH_NODE_SERVICE_ACCOUNT", default_value = "nodemesh-system/mesh-node")]
     node_service_account: String,
+    /// With Kubernetes: the audience of the node proxies' projected ServiceAccount tokens
+    /// (the DaemonSet's `serviceAccountToken.audience`); TokenReview must confirm it.
+    #[arg(long, env = "NODEMESH_NODE_TOKEN_AUDIENCE", default_value = "nodemesh")]
+    node_token_audience: String,
     /// The TLS port: xDS, workload reports and CSRs over TLS 1.3 with a certificate from this
     /// CA (nodes dial it as `https://` with `--control-plane-root`).
     #[arg(long, env = "NODEMESH_TLS_ADDR", default_value = DEFAULT_TLS_ADDR)]
@@ -170,6 +174,7 @@ fn main() -> ExitCode {
                     cluster: ca.cluster_name,
                     max_ttl: Duration::from_secs(ca.cert_ttl_secs.max(5)),
                     node_account: ca.node_service_account,
+                    node_token_audience: ca.node_token_audience,
                     secret_namespace: ca.ca_secret_namespace,
                     tls_addr: ca.tls_addr,
                     tls_names: DEFAULT_TLS_NAMES.iter().map(|n| n.to_string()).chain(ca.tls_names).collect(),

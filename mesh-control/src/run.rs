@@ -78,6 +78,8 @@ pub struct CaSettings {
     pub max_ttl: Duration,
     /// `namespace/name` of the node proxies' ServiceAccount (Kubernetes: TokenReview).
     pub node_account: String,
+    /// The audience of the node proxies' projected tokens (Kubernetes: TokenReview).
+    pub node_token_audience: String,
     /// Kubernetes: where a `cacerts` Secret replaces the directory's bundle.
     pub secret_namespace: String,
     /// The TLS port (xDS, reports and CSRs over TLS, with a certificate from this CA).
@@ -232,7 +234,11 @@ async fn certificate_service(
         .with_context(|| format!("node token key in {}", s.dir.display()))?;
     tracing::info!(dir = %s.dir.display(), trust_domain = s.trust_domain, roots = ca.roots().len(), "CA ready");
     // On Kubernetes, node proxies may also prove their node with their ServiceAccount token.
-    let reviewer = kube_client.map(|client| TokenReviewer { client, account: s.node_account.clone() });
+    let reviewer = kube_client.map(|client| TokenReviewer {
+        client,
+        account: s.node_account.clone(),
+        audience: s.node_token_audience.clone(),
+    });
     let nodes = Arc::new(NodeCredentials::new(Some(tokens), reviewer));
     let service =
         CertificateService { ca: Some(Arc::new(ca)), nodes: Arc::clone(&nodes), store, max_ttl: s.max_ttl };

@@ -45,13 +45,27 @@ struct State {
     watches: BTreeMap<String, Vec<u64>>,
     lists: BTreeMap<String, usize>,
     expired_sent: usize,
-    /// ServiceAccount tokens TokenReview knows: token → (username, node the pod runs on).
-    tokens: BTreeMap<String, (String, String)>,
+    /// ServiceAccount tokens this server issued.
+    tokens: BTreeMap<String, IssuedToken>,
     /// Whether requests must carry a known bearer token and pass RBAC.
     rbac: bool,
     /// Requests RBAC refused: "<user> <verb> <group>/<resource> in <namespace>".
     forbidden: Vec<String>,
 }
+
+/// A ServiceAccount token as the API server minted it (a projected token is bound to its pod,
+/// so to the pod's node, and carries the audiences its volume asked for).
+#[derive(Clone)]
+struct IssuedToken {
+    username: String,
+    node: String,
+    audiences: Vec<String>,
+}
+
+/// The API server's own audience (`--api-audiences`' usual value): the audience of the tokens
+/// kubelet mounts by default, the one bearer tokens of API requests must carry, and what
+/// TokenReview checks when the review names no audience.
+pub const API_AUDIENCE: &str = "https://kubernetes.default.svc.cluster.local";
 
 struct Shared {
     state: Mutex<State>,
@@ -106,11 +120,17 @@ impl FakeApiServer {
         r
     }
 
-    /// Makes TokenReview authenticate `token` as ServiceAccount `namespace/account` of a pod on
-    /// `node`.
-    pub fn add_token(&self, token: &str, namespace: &str, account: &str, node: &str) {
-        let username = format!("system:serviceaccount:{namespace}:{account}");
-        self.with(|st| st.tokens.insert(token.to_string(), (username, node.to_string())));
+    /// Issues `token` to ServiceAccount `namespace/account` of a pod on `node`, for `audience`
+    /// ([`API_AUDIENCE`] for the default mounted token, which API requests carry; another for a
+    /// projected token meant for someone else, which only a TokenReview asking for that
+    /// audience accepts).
+    pub fn add_token(&self, token: &str, namespace: &str, account: &str, node: &str, audience: &str) {
+        let issued = IssuedToken {
+            username: format!("system:serviceaccount:{namespace}:{account}"),
+            node: node.to_string(),
+            audiences: vec![audience.to_string()],
+        };
+        self.with(|st| st.tokens.insert(token.to_string(), issued));
     }
 
     /// From now on every request needs the bearer token of a ServiceAccount registered with
@@ -417,7 +437,13 @@ fn authorize(shared: &Shared, req: &Request) -> Result<(), (&'static str, Value)
     if !st.rbac {
         return Ok(());
     }
-    let Some(user) = req.bearer.as_ref().and_then(|t| st.tokens.get(t)).map(|(user, _)| user.clone()) else {
+    let Some(user) = req
+        .bearer
+        .as_ref()
+        .and_then(|t| st.tokens.get(t))
+        .filter(|t| t.audiences.iter().any(|a| a == API_AUDIENCE))
+        .map(|t| t.username.clone())
+    else {
         let status = json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
             "message": "Unauthorized", "reason": "Unauthorized", "code": 401});
         return Err(("401 Unauthorized", status));
@@ -513,14 +539,29 @@ fn single_object(path: &str) -> Option<(String, String)> {
 const TOKEN_REVIEWS: &str = "/apis/authentication.k8s.io/v1/tokenreviews";
 
 /// TokenReview: a token the test registered is authenticated as its ServiceAccount, with the
-/// node of its (bound) pod in `extra`, as the API server does for projected tokens.
+/// node of its (bound) pod in `extra`, as the API server does for projected tokens. Audiences
+/// as the real one checks them: the review's (the API server's own when it names none) must
+/// meet the token's, and `status.audiences` is what they share.
 fn token_review(shared: &Shared, body: &[u8]) -> Value {
     let review: Value = serde_json::from_slice(body).unwrap_or_default();
     let token = review["spec"]["token"].as_str().unwrap_or_default();
+    let wanted: Vec<String> = match review["spec"]["audiences"].as_array() {
+        Some(list) if !list.is_empty() => list.iter().filter_map(|a| a.as_str().map(String::from)).collect(),
+        _ => vec![API_AUDIENCE.to_string()],
+    };
     let known = shared.state.lock().expect("api state").tokens.get(token).cloned();
     let status = match known {
-        Some((username, node)) => json!({"authenticated": true, "user": {"username": username,
-            "extra": {"authentication.kubernetes.io/node-name": [node]}}}),
+        Some(t) => {
+            let shared_audiences: Vec<&String> = t.audiences.iter().filter(|a| wanted.contains(a)).collect();
+            if shared_audiences.is_empty() {
+                json!({"authenticated": false, "error": format!(
+                    "[invalid bearer token, token audiences {:?} is invalid for the target audiences {:?}]",
+                    t.audiences, wanted)})
+            } else {
+                json!({"authenticated": true, "audiences": shared_audiences, "user": {"username": t.username,
+                    "extra": {"authentication.kubernetes.io/node-name": [t.node]}}})
+            }
+        }
         None => json!({"authenticated": false, "error": "invalid bearer token"}),
     };
     json!({"apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview", "metadata": {},

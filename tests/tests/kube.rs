@@ -18,7 +18,7 @@ use mesh_control::{
     },
     xds::translate,
 };
-use nodemesh_tests::kube_api::FakeApiServer;
+use nodemesh_tests::kube_api::{API_AUDIENCE, FakeApiServer};
 use serde_json::{Value, json};
 use tokio::sync::Notify;
 
@@ -256,9 +256,12 @@ async fn kubernetes_nodes_prove_themselves_with_service_account_tokens() {
     // The CA comes from the cluster's cacerts Secret (a root and an intermediate of our own).
     let (intermediate_pem, secret) = cacerts_secret();
     api.apply(&secret).unwrap();
-    api.add_token("node-a-proxy", "nodemesh-system", "mesh-node", "node-a");
-    api.add_token("node-b-proxy", "nodemesh-system", "mesh-node", "node-b");
-    api.add_token("some-app", "shop", "web", "node-a");
+    // Node proxies present their projected tokens (audience nodemesh, as the DaemonSet mounts).
+    api.add_token("node-a-proxy", "nodemesh-system", "mesh-node", "node-a", "nodemesh");
+    api.add_token("node-b-proxy", "nodemesh-system", "mesh-node", "node-b", "nodemesh");
+    api.add_token("some-app", "shop", "web", "node-a", "nodemesh");
+    // The node proxy's default token, minted for the API server, is not a node credential.
+    api.add_token("node-a-api-token", "nodemesh-system", "mesh-node", "node-a", API_AUDIENCE);
     let free = || TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
     let (xds, admin) = (free(), free());
     let ca_dir = std::env::temp_dir().join(format!("nm-kube-ca-{}", std::process::id()));
@@ -277,6 +280,7 @@ async fn kubernetes_nodes_prove_themselves_with_service_account_tokens() {
             cluster: "c1".into(),
             max_ttl: Duration::from_secs(3600),
             node_account: "nodemesh-system/mesh-node".into(),
+            node_token_audience: "nodemesh".into(),
             secret_namespace: "istio-system".into(),
             tls_addr: "127.0.0.1:0".parse().unwrap(),
             tls_names: vec!["localhost".into()],
@@ -322,6 +326,10 @@ async fn kubernetes_nodes_prove_themselves_with_service_account_tokens() {
     let e = ask("some-app", web).await.unwrap_err();
     assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
     assert!(e.message().contains("belongs to system:serviceaccount:shop:web, not the node proxy's"), "{e:?}");
+    // A genuine token of the node proxy, but for another audience (TokenReview asked for
+    // nodemesh): refused like an unknown one.
+    let e = ask("node-a-api-token", web).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Unauthenticated, "{e:?}");
     // A token TokenReview does not know.
     let e = ask("forged", web).await.unwrap_err();
     assert_eq!(e.code(), tonic::Code::Unauthenticated, "{e:?}");

@@ -244,9 +244,45 @@ fn mesh_control_runs_two_replicas_with_flags_it_takes_behind_a_service_and_a_bud
     assert_eq!(ports, BTreeSet::from([tls, admin]));
     let pdb = find(&objects, "PodDisruptionBudget", "mesh-control");
     assert_eq!(pdb["spec"]["minAvailable"], 1);
-    // The node's token audience is the DaemonSet's.
+    // Node tokens: TokenReview asks for the audience the DaemonSet's projected token has, of
+    // the DaemonSet's ServiceAccount.
     let node_account = env_value(c, "NODEMESH_NODE_SERVICE_ACCOUNT");
     assert_eq!(node_account, "nodemesh-system/mesh-node");
+    let ds = find(&objects, "DaemonSet", "mesh-node");
+    let node_pod = &ds["spec"]["template"]["spec"];
+    assert_eq!(node_pod["serviceAccountName"], "mesh-node");
+    let token_volume =
+        node_pod["volumes"].as_array().unwrap().iter().find(|v| v["name"] == "node-token").unwrap();
+    let audience = &token_volume["projected"]["sources"][0]["serviceAccountToken"]["audience"];
+    assert_eq!(env_value(c, "NODEMESH_NODE_TOKEN_AUDIENCE"), audience.as_str().unwrap());
+}
+
+/// The images the manifests run are the ones `cargo xtask image` builds
+/// (`nodemesh/<binary>:<workspace version>`), and each runs its own binary.
+#[test]
+fn manifests_run_the_images_xtask_builds() {
+    let objects = documents(&render("deploy/daemonset"));
+    for (kind, name, binary) in
+        [("DaemonSet", "mesh-node", "mesh-node"), ("Deployment", "mesh-control", "mesh-control")]
+    {
+        let object = find(&objects, kind, name);
+        let container = &object["spec"]["template"]["spec"]["containers"][0];
+        assert_eq!(
+            container["image"],
+            format!("nodemesh/{binary}:{}", env!("CARGO_PKG_VERSION")),
+            "{kind}/{name}"
+        );
+        let containerfile = workspace().join(format!("deploy/images/{binary}.Containerfile"));
+        let text = std::fs::read_to_string(&containerfile).unwrap();
+        assert!(
+            text.contains(&format!("ENTRYPOINT [\"/usr/local/bin/{binary}\"]")),
+            "{}: entrypoint is not {binary}",
+            containerfile.display()
+        );
+        // The container's args are a subcommand of that binary (the entrypoint's).
+        assert_eq!(container["args"][0], "run", "{kind}/{name}");
+        assert!(container.get("command").is_none(), "{kind}/{name}: command would replace the entrypoint");
+    }
 }
 
 /// (apiGroup, resource, verb) triples a role grants.

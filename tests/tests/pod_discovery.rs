@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use nodemesh_tests::{
     HeldConnection, Pod, SimNode,
-    kube_api::FakeApiServer,
+    kube_api::{API_AUDIENCE, FakeApiServer},
     kubelet::{CgroupDriver, KubePod, Qos, namespace_object},
     mesh::eventually,
     netns,
@@ -44,7 +44,7 @@ fn start_as_daemonset_account(node: &mut SimNode, api: &FakeApiServer) {
     for object in serde_saphyr::from_multiple::<Value>(&rbac).unwrap().into_iter().filter(|o| !o.is_null()) {
         api.apply(&object).unwrap();
     }
-    api.add_token(NODE_ACCOUNT_TOKEN, "nodemesh-system", "mesh-node", &node.node_netns);
+    api.add_token(NODE_ACCOUNT_TOKEN, "nodemesh-system", "mesh-node", &node.node_netns, API_AUDIENCE);
     api.enforce_rbac();
     let kubeconfig = node.work_dir.join("kubeconfig");
     let url = api.url();

@@ -77,6 +77,11 @@ pub struct TokenReviewer {
     pub client: kube::Client,
     /// `namespace/name` of the node proxy's ServiceAccount.
     pub account: String,
+    /// The audience the node proxy's projected token is minted for (the DaemonSet's
+    /// `serviceAccountToken.audience`). The review asks for it: without audiences the API
+    /// server checks the token against its own audience, which a token for `nodemesh` lacks;
+    /// and a token minted for the API server (or any other audience) is refused here.
+    pub audience: String,
 }
 
 /// The username TokenReview gives a ServiceAccount token, and the `extra` key of its pod's node.
@@ -86,7 +91,10 @@ impl TokenReviewer {
     async fn node_of(&self, token: &str) -> Result<Option<String>, tonic::Status> {
         use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec};
         let review = TokenReview {
-            spec: TokenReviewSpec { token: Some(token.to_string()), ..Default::default() },
+            spec: TokenReviewSpec {
+                token: Some(token.to_string()),
+                audiences: Some(vec![self.audience.clone()]),
+            },
             ..Default::default()
         };
         let api: kube::Api<TokenReview> = kube::Api::all(self.client.clone());
@@ -95,6 +103,14 @@ impl TokenReviewer {
             .await
             .map_err(|e| tonic::Status::unavailable(format!("TokenReview failed: {e}")))?;
         let Some(status) = answer.status.filter(|s| s.authenticated == Some(true)) else { return Ok(None) };
+        // The API server says which of the asked audiences the token holds; an authenticator
+        // that ignores audiences would answer without ours, and such an answer proves nothing.
+        if !status.audiences.as_ref().is_some_and(|a| a.contains(&self.audience)) {
+            return Err(tonic::Status::permission_denied(format!(
+                "the token is not for audience {} (mount a projected token with that audience)",
+                self.audience
+            )));
+        }
         let user = status.user.unwrap_or_default();
         let (namespace, name) = self.account.split_once('/').unwrap_or(("", &self.account));
         let wanted = format!("system:serviceaccount:{namespace}:{name}");
