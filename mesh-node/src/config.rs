@@ -30,6 +30,16 @@ pub struct Cli {
 pub enum Command {
     /// Run the node proxy: load and attach capture, serve workloads, admin and local API.
     Run(RunArgs),
+    /// Check this host for what capture needs (kernel, BTF, cgroup v2, bpffs, capabilities,
+    /// program types, policy routing) and for programs already on the capture hooks (a CNI's
+    /// socket load balancer); prints a fix per item. Exit 1 if anything blocks or conflicts.
+    Precheck {
+        /// The cgroup v2 directory capture would attach to. Default: the cgroup v2 mount.
+        #[arg(long, env = "NODEMESH_CGROUP_ROOT")]
+        cgroup_root: Option<PathBuf>,
+        #[arg(long, default_value = "/sys/fs/bpf")]
+        bpffs: PathBuf,
+    },
     /// Add, remove or list workloads through a running mesh-node's local API.
     Workload {
         #[arg(long, env = "NODEMESH_API_SOCKET", default_value = DEFAULT_API_SOCKET)]

@@ -21,6 +21,7 @@ pub mod inbound;
 pub use nodemesh_api::http;
 pub mod netns;
 pub mod policy;
+pub mod precheck;
 pub mod proxy;
 pub mod registry;
 pub mod run;

@@ -39,6 +39,17 @@ fn main() -> ExitCode {
                 return ExitCode::from(EXIT_BAD_CONFIG as u8);
             }
         },
+        Command::Precheck { cgroup_root, bpffs } => {
+            let root = match cgroup_root.map_or_else(mesh_node::cgroup2_mount, Ok) {
+                Ok(root) => root,
+                Err(e) => {
+                    eprintln!("mesh-node precheck: --cgroup-root not given and {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            let checks = runtime.block_on(mesh_node::precheck::run(&root, &bpffs));
+            return ExitCode::from(mesh_node::precheck::report(&root, &bpffs, &checks));
+        }
         Command::Workload { api_socket, action } => runtime.block_on(async {
             let (method, path, body) = match action {
                 WorkloadAction::List => (Method::GET, "/v1/workloads".to_string(), None),

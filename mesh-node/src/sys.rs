@@ -1,5 +1,5 @@
 //! The few socket options std, socket2 and nix do not wrap.
-#![expect(unsafe_code, reason = "getsockopt with kernel-defined option numbers")]
+#![expect(unsafe_code, reason = "getsockopt with kernel-defined option numbers; the bpf() program query")]
 
 use std::{io, os::fd::AsRawFd};
 
@@ -51,4 +51,43 @@ pub fn raise_open_files_limit() -> io::Result<u64> {
         setrlimit(Resource::RLIMIT_NOFILE, hard, hard).map_err(io::Error::from)?;
     }
     Ok(hard)
+}
+
+/// `BPF_PROG_QUERY` with `BPF_F_QUERY_EFFECTIVE`: the ids of the programs that run on
+/// `attach_type` for tasks in `cgroup` (attached there or on an ancestor). aya queries only
+/// some attach types; this one takes any.
+pub fn cgroup_effective_programs(cgroup: &impl AsRawFd, attach_type: u32) -> io::Result<Vec<u32>> {
+    const BPF_PROG_QUERY: libc::c_long = 16;
+    const BPF_F_QUERY_EFFECTIVE: u32 = 1;
+    /// The query member of `union bpf_attr` (linux/bpf.h), up to `prog_cnt`.
+    #[repr(C)]
+    struct QueryAttr {
+        target_fd: u32,
+        attach_type: u32,
+        query_flags: u32,
+        attach_flags: u32,
+        prog_ids: u64,
+        prog_cnt: u32,
+        _pad: u32,
+    }
+    let mut ids = vec![0u32; 64];
+    let mut attr = QueryAttr {
+        target_fd: cgroup.as_raw_fd() as u32,
+        attach_type,
+        query_flags: BPF_F_QUERY_EFFECTIVE,
+        attach_flags: 0,
+        prog_ids: ids.as_mut_ptr() as u64,
+        prog_cnt: ids.len() as u32,
+        _pad: 0,
+    };
+    // SAFETY: `attr` is a valid bpf_attr prefix of the size passed; `prog_ids` points at
+    // `prog_cnt` writable u32s that outlive the call.
+    let rc = unsafe {
+        libc::syscall(libc::SYS_bpf, BPF_PROG_QUERY, &raw mut attr, std::mem::size_of::<QueryAttr>() as u32)
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    ids.truncate(attr.prog_cnt as usize);
+    Ok(ids)
 }

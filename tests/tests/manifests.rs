@@ -184,6 +184,21 @@ fn the_daemonset_runs_mesh_node_with_flags_it_takes_and_mounts_every_path_it_rea
         );
     }
     assert!(mounted("/sys/fs/bpf", false), "bpffs is not mounted");
+    // The precheck init container checks what `run` will use: the same cgroup root, bpffs.
+    let init = &pod["initContainers"][0];
+    assert_eq!(init["args"], serde_json::json!(["precheck"]));
+    assert_eq!(init["image"], c["image"]);
+    let precheck_env = accepted_env("mesh-node", "precheck");
+    for (name, _) in env_of(init) {
+        assert!(precheck_env.contains(&name), "mesh-node precheck does not read {name}");
+    }
+    let cgroup_root = env_value(init, "NODEMESH_CGROUP_ROOT");
+    assert_eq!(cgroup_root, env_value(c, "NODEMESH_CGROUP_ROOT"));
+    let init_mounts: Vec<&str> =
+        init["volumeMounts"].as_array().unwrap().iter().map(|m| m["mountPath"].as_str().unwrap()).collect();
+    for path in [cgroup_root.as_str(), "/sys/fs/bpf"] {
+        assert!(init_mounts.iter().any(|m| Path::new(path).starts_with(m)), "precheck: {path} not mounted");
+    }
     let netns =
         c["volumeMounts"].as_array().unwrap().iter().find(|m| m["mountPath"] == "/var/run/netns").unwrap();
     assert_eq!(netns["mountPropagation"], "HostToContainer", "netns created after start must show up");
