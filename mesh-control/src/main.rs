@@ -114,6 +114,11 @@ struct CaArgs {
     /// bundle, written into --ca-dir before the CA loads.
     #[arg(long, env = "NODEMESH_CA_SECRET_NAMESPACE", default_value = "istio-system")]
     ca_secret_namespace: String,
+    /// With Kubernetes: refuse to start without the `cacerts` Secret instead of making a root
+    /// of its own. Several replicas must serve one CA; each making its own would leave nodes
+    /// trusting whichever they met first.
+    #[arg(long, env = "NODEMESH_REQUIRE_CA_SECRET")]
+    require_ca_secret: bool,
     /// Names this cluster's intermediate CA.
     #[arg(long, env = "NODEMESH_CLUSTER_NAME", default_value = "cluster1")]
     cluster_name: String,
@@ -176,6 +181,7 @@ fn main() -> ExitCode {
                     node_account: ca.node_service_account,
                     node_token_audience: ca.node_token_audience,
                     secret_namespace: ca.ca_secret_namespace,
+                    require_secret: ca.require_ca_secret,
                     tls_addr: ca.tls_addr,
                     tls_names: DEFAULT_TLS_NAMES.iter().map(|n| n.to_string()).chain(ca.tls_names).collect(),
                 }),

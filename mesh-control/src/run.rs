@@ -82,6 +82,8 @@ pub struct CaSettings {
     pub node_token_audience: String,
     /// Kubernetes: where a `cacerts` Secret replaces the directory's bundle.
     pub secret_namespace: String,
+    /// Kubernetes: without that Secret, fail rather than make a root of this replica's own.
+    pub require_secret: bool,
     /// The TLS port (xDS, reports and CSRs over TLS, with a certificate from this CA).
     pub tls_addr: SocketAddr,
     /// The names (DNS or IP) nodes may dial the TLS port by.
@@ -218,16 +220,20 @@ async fn certificate_service(
             CertificateService { ca: None, nodes: Arc::clone(&nodes), store, max_ttl: Duration::ZERO };
         return Ok((service, nodes));
     };
-    if let Some(client) = &kube_client
-        && crate::ca::secret::fetch(client, &s.secret_namespace, &s.dir).await.with_context(|| {
-            format!("reading Secret {}/{}", s.secret_namespace, crate::ca::secret::SECRET_NAME)
-        })?
-    {
-        tracing::info!(
-            secret = format!("{}/{}", s.secret_namespace, crate::ca::secret::SECRET_NAME),
-            dir = %s.dir.display(),
-            "CA bundle taken from the cluster's cacerts Secret"
-        );
+    if let Some(client) = &kube_client {
+        let secret = format!("{}/{}", s.secret_namespace, crate::ca::secret::SECRET_NAME);
+        let found = crate::ca::secret::fetch(client, &s.secret_namespace, &s.dir)
+            .await
+            .with_context(|| format!("reading Secret {secret}"))?;
+        if found {
+            tracing::info!(secret, dir = %s.dir.display(), "CA bundle taken from the cluster's cacerts Secret");
+        } else if s.require_secret {
+            anyhow::bail!(
+                "Secret {secret} not found, and --require-ca-secret is set: every replica must serve \
+                 the same CA, so none makes its own; create it first (`mesh-control ca-init`, then \
+                 `kubectl create secret generic cacerts`, README \"Install on Kubernetes\")"
+            );
+        }
     }
     let ca = CertificateAuthority::load_or_create(&s.dir, &s.trust_domain, &s.cluster)?;
     let tokens = NodeTokens::load_or_create(&s.dir)

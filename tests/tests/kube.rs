@@ -282,6 +282,7 @@ async fn kubernetes_nodes_prove_themselves_with_service_account_tokens() {
             node_account: "nodemesh-system/mesh-node".into(),
             node_token_audience: "nodemesh".into(),
             secret_namespace: "istio-system".into(),
+            require_secret: true,
             tls_addr: "127.0.0.1:0".parse().unwrap(),
             tls_names: vec!["localhost".into()],
         }),
