@@ -146,6 +146,11 @@ impl SimCluster {
         Ok(())
     }
 
+    /// Node `i`'s address on the fabric (what other nodes tunnel to: its `--node-ip`).
+    pub fn node_ip(&self, i: usize) -> Ipv4Addr {
+        fabric_ip4(self.nodes[i].index + 1)
+    }
+
     /// Makes mesh-control watch `dir` instead of the cluster's own config dir (call before
     /// [`SimCluster::start`]). `dir` is not removed on drop.
     pub fn use_config_dir(&mut self, dir: PathBuf) {

@@ -22,6 +22,7 @@ pub struct ControlPlane {
     netns: String,
     work_dir: PathBuf,
     xds_addr: SocketAddr,
+    admin_addr: SocketAddr,
     child: Option<Child>,
     /// The directory it watches, once started.
     config_dir: Option<PathBuf>,
@@ -37,10 +38,17 @@ impl ControlPlane {
             netns: netns.into(),
             work_dir: work_dir.into(),
             xds_addr,
+            admin_addr: ADMIN_ADDR.parse().expect("admin address"),
             child: None,
             config_dir: None,
             barriers: Default::default(),
         }
+    }
+
+    /// One of several replicas in one netns: each needs its own admin port.
+    pub fn with_admin_addr(mut self, admin_addr: SocketAddr) -> ControlPlane {
+        self.admin_addr = admin_addr;
+        self
     }
 
     /// The CA directory of this control plane (created on its first start).
@@ -89,19 +97,30 @@ impl ControlPlane {
             self.tls_addr().to_string(),
         ];
         args.extend(extra_args.iter().map(ToString::to_string));
+        self.config_dir = Some(config_dir.to_path_buf());
+        self.start_with(&args, &[])
+    }
+
+    /// Starts `mesh-control <args>` with `env` as given (no config dir, CA or ports of its own:
+    /// a replica reading Kubernetes, say) and waits until it is ready.
+    pub fn start_with(&mut self, args: &[String], env: &[(String, String)]) -> anyhow::Result<()> {
+        anyhow::ensure!(self.child.is_none(), "mesh-control already running");
         let child = spawn_daemon(
             &self.netns,
             &self.work_dir,
             "mesh-control",
             None,
-            &args,
+            args,
             "info,mesh_control=debug",
-            &[],
+            env,
         )?;
         self.child = Some(child);
-        self.config_dir = Some(config_dir.to_path_buf());
         let deadline = Instant::now() + Duration::from_secs(20);
         while self.get("/healthz/ready").is_err() {
+            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                self.child = None;
+                bail!("mesh-control exited ({status}); log:\n{}", self.log());
+            }
             if Instant::now() > deadline {
                 bail!("mesh-control not ready; log:\n{}", self.log());
             }
@@ -129,7 +148,7 @@ impl ControlPlane {
 
     /// GET on the admin endpoint.
     pub fn get(&self, path: &str) -> anyhow::Result<String> {
-        netns::http_get(&self.netns, ADMIN_ADDR.parse()?, path)
+        netns::http_get(&self.netns, self.admin_addr, path)
     }
 
     /// `mesh-control status` output, run inside the control plane's netns.

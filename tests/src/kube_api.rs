@@ -145,6 +145,30 @@ impl FakeApiServer {
         self.with(|st| st.forbidden.clone())
     }
 
+    /// Applies every object of a multi-document YAML file (a manifest of deploy/, say).
+    pub fn apply_file(&self, path: &std::path::Path) -> anyhow::Result<()> {
+        let text = std::fs::read_to_string(path).with_context(|| path.display().to_string())?;
+        for object in serde_saphyr::from_multiple::<Value>(&text)?.into_iter().filter(|o| !o.is_null()) {
+            self.apply(&object)?;
+        }
+        Ok(())
+    }
+
+    /// Writes a kubeconfig that reaches this server as `user` with bearer `token` (what kube
+    /// reads as it would a pod's in-cluster credentials).
+    pub fn write_kubeconfig(&self, path: &std::path::Path, user: &str, token: &str) -> anyhow::Result<()> {
+        let url = self.url();
+        std::fs::write(
+            path,
+            format!(
+                "apiVersion: v1\nkind: Config\nclusters: [{{name: test, cluster: {{server: \"{url}\"}}}}]\n\
+                 users: [{{name: {user}, user: {{token: {token}}}}}]\n\
+                 contexts: [{{name: test, context: {{cluster: test, user: {user}}}}}]\ncurrent-context: test\n"
+            ),
+        )?;
+        Ok(())
+    }
+
     /// Creates or replaces an object (ADDED or MODIFIED), as `kubectl apply` would.
     pub fn apply(&self, object: &Value) -> anyhow::Result<()> {
         let api_version = object["apiVersion"].as_str().context("apiVersion")?.to_string();

@@ -116,6 +116,8 @@ impl KubePod {
             "spec": {"nodeName": self.node_name, "serviceAccountName": self.service_account,
                 "containers": [{"name": "app", "image": "nm-testapp"}]},
             "status": {"phase": "Running", "qosClass": self.qos.class(), "hostIP": "10.76.0.2",
+                "conditions": [{"type": "PodScheduled", "status": "True"}, {"type": "Initialized", "status": "True"},
+                    {"type": "ContainersReady", "status": "True"}, {"type": "Ready", "status": "True"}],
                 "podIP": self.pod.ip.to_string(),
                 "podIPs": [{"ip": self.pod.ip.to_string()}, {"ip": self.pod.ip6.to_string()}]}
         })
@@ -186,6 +188,14 @@ impl SimNode {
         // The pause process: sleeps for the pod's lifetime, holding the netns.
         let in_sandbox = Pod { cgroup: sandbox, ..pod.clone() };
         let pause_pid = self.spawn_in(&in_sandbox, Path::new("/bin/sleep"), &["infinity".to_string()])?;
+        // The runtime reports the sandbox only once it runs; the harness's spawn returns before
+        // the process has moved itself into its scope, so wait for that.
+        let procs = in_sandbox.cgroup.join("cgroup.procs");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while !fs::read_to_string(&procs)?.lines().any(|l| l.trim() == pause_pid.to_string()) {
+            anyhow::ensure!(std::time::Instant::now() < deadline, "pause process not in {}", procs.display());
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
         pod.cgroup = app;
         Ok(KubePod {
             pod,

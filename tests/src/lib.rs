@@ -23,6 +23,7 @@ pub mod metrics;
 pub mod netns;
 mod process;
 pub mod reviews;
+pub mod service_vip;
 pub mod tunnel_client;
 
 use std::{

@@ -40,23 +40,11 @@ const NODE_ACCOUNT_TOKEN: &str = "token-of-nodemesh-system-mesh-node";
 fn start_as_daemonset_account(node: &mut SimNode, api: &FakeApiServer) {
     let rbac =
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/daemonset/base/mesh-node/rbac.yaml");
-    let rbac = std::fs::read_to_string(rbac).unwrap();
-    for object in serde_saphyr::from_multiple::<Value>(&rbac).unwrap().into_iter().filter(|o| !o.is_null()) {
-        api.apply(&object).unwrap();
-    }
+    api.apply_file(&rbac).unwrap();
     api.add_token(NODE_ACCOUNT_TOKEN, "nodemesh-system", "mesh-node", &node.node_netns, API_AUDIENCE);
     api.enforce_rbac();
     let kubeconfig = node.work_dir.join("kubeconfig");
-    let url = api.url();
-    std::fs::write(
-        &kubeconfig,
-        format!(
-            "apiVersion: v1\nkind: Config\nclusters: [{{name: test, cluster: {{server: \"{url}\"}}}}]\n\
-             users: [{{name: mesh-node, user: {{token: {NODE_ACCOUNT_TOKEN}}}}}]\n\
-             contexts: [{{name: test, context: {{cluster: test, user: mesh-node}}}}]\ncurrent-context: test\n"
-        ),
-    )
-    .unwrap();
+    api.write_kubeconfig(&kubeconfig, "mesh-node", NODE_ACCOUNT_TOKEN).unwrap();
     node.set_mesh_node_env("KUBECONFIG", &kubeconfig.display().to_string());
     node.start_mesh_node(&["--kubernetes"]).unwrap();
 }

@@ -20,3 +20,8 @@ pub mod matchers;
 pub mod meshing;
 pub mod proto;
 pub mod workload;
+
+/// The HBONE tunnel's port on every node (mesh-node's `--tunnel-listen` default; the
+/// DaemonSet runs on the host network, so a pod's `status.hostIP` and this port reach its
+/// node's tunnel).
+pub const TUNNEL_PORT: u16 = 15008;

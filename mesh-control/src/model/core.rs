@@ -45,6 +45,9 @@ pub struct Pod {
     pub ready: bool,
     /// Labels of the pod's namespace, as the node saw them (local mode only).
     pub namespace_labels: Labels,
+    /// Kubernetes: the address of the pod's node (`status.hostIP`). Where its node's tunnel
+    /// is when that node has not reported to this replica (it reports to one replica only).
+    pub host_ip: Option<IpAddr>,
 }
 
 #[derive(Clone, Debug, PartialEq, serde::Serialize)]
@@ -134,6 +137,9 @@ pub fn pod(meta: Meta, pod: corev1::Pod) -> Result<Pod, Vec<FieldError>> {
         ip_strings.push(ip);
     }
     let ips = parse_ips("status.podIPs", &ip_strings, &mut errors);
+    let host_ip = parse_ips("status.hostIP", &status.host_ip.into_iter().collect::<Vec<_>>(), &mut errors)
+        .into_iter()
+        .next();
     let ready = status.phase.as_deref() == Some("Running")
         && status.conditions.unwrap_or_default().iter().any(|c| c.type_ == "Ready" && c.status == "True");
     if !errors.is_empty() {
@@ -146,6 +152,7 @@ pub fn pod(meta: Meta, pod: corev1::Pod) -> Result<Pod, Vec<FieldError>> {
         service_account: spec.service_account_name.unwrap_or_else(|| "default".into()),
         ready,
         namespace_labels: Labels::new(),
+        host_ip,
     })
 }
 

@@ -106,5 +106,7 @@ fn workload(node: &str, w: mesh::ReportedWorkload) -> Result<Object, ParseError>
         service_account: if w.service_account.is_empty() { "default".into() } else { w.service_account },
         ready: true,
         namespace_labels: w.namespace_labels.into_iter().collect::<Labels>(),
+        // The reporting node's tunnel is known from its own report.
+        host_ip: None,
     }))
 }

@@ -388,6 +388,8 @@ impl Balancer {
                 "ejected": e.ejected(now),
                 "locality": format!("{}/{}/{}", e.ep.locality.0, e.ep.locality.1, e.ep.locality.2),
                 "active": e.active.load(Ordering::Relaxed),
+                // Through which node's tunnel (mTLS), or null: straight to the address.
+                "tunnel": e.ep.tunnel.as_ref().map(|t| t.address.to_string()),
             })).collect::<Vec<_>>(),
         })
     }

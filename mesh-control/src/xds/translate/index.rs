@@ -131,7 +131,15 @@ impl<'a> WorkloadIndex<'a> {
                     service_account: &p.service_account,
                     ports: None,
                     weight: 1,
-                    tunnel: if meshed { tunnels.get(p.node.as_str()).copied() } else { None },
+                    // The node's own report wins; else, for a pod from the API, its node's
+                    // address (the node may have reported to another replica only).
+                    tunnel: meshed
+                        .then(|| {
+                            tunnels.get(p.node.as_str()).copied().or_else(|| {
+                                p.host_ip.map(|ip| std::net::SocketAddr::new(ip, nodemesh_api::TUNNEL_PORT))
+                            })
+                        })
+                        .flatten(),
                 });
             }
         }
