@@ -11,7 +11,7 @@ use std::{
 
 use anyhow::{Context, bail};
 
-use crate::{bin, netns, spawn_daemon};
+use crate::{bin, daemon_log, kube_api::FakeApiServer, netns, process, spawn_daemon};
 
 /// mesh-control's admin endpoint, on loopback inside its netns (its default).
 const ADMIN_ADDR: &str = "127.0.0.1:15014";
@@ -115,6 +115,41 @@ impl ControlPlane {
             env,
         )?;
         self.child = Some(child);
+        self.wait_ready()
+    }
+
+    /// Starts `mesh-control <args>` as the Deployment's container runs it: in-cluster config
+    /// only (the ServiceAccount volume with `token` of ServiceAccount `namespace/…` and the
+    /// cluster CA of `api`, KUBERNETES_SERVICE_HOST/PORT pointing at it, no kubeconfig), then
+    /// waits until it is ready.
+    pub fn start_as_pod(
+        &mut self,
+        args: &[String],
+        api: &FakeApiServer,
+        namespace: &str,
+        token: &str,
+    ) -> anyhow::Result<()> {
+        anyhow::ensure!(self.child.is_none(), "mesh-control already running");
+        let volume = self.work_dir.join("serviceaccount");
+        api.write_service_account_volume(&volume, namespace, token)?;
+        let (stdout, stderr) = daemon_log(&self.work_dir, "mesh-control")?;
+        let child = process::command_as_pod(&self.netns, &volume, &bin("mesh-control")?, args)
+            .env("NODEMESH_LOG", "info,mesh_control=debug")
+            .env("KUBERNETES_SERVICE_HOST", api.addr.ip().to_string())
+            .env("KUBERNETES_SERVICE_PORT", api.addr.port().to_string())
+            // No ~/.kube/config or KUBECONFIG to fall back on: in-cluster config or nothing.
+            .env("HOME", &self.work_dir)
+            .env_remove("KUBECONFIG")
+            .stdout(stdout)
+            .stderr(stderr)
+            .spawn()
+            .context("starting mesh-control as a pod")?;
+        self.child = Some(child);
+        self.wait_ready()
+    }
+
+    /// Until the admin endpoint says ready; fails at once if the process exits.
+    fn wait_ready(&mut self) -> anyhow::Result<()> {
         let deadline = Instant::now() + Duration::from_secs(20);
         while self.get("/healthz/ready").is_err() {
             if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {

@@ -75,6 +75,8 @@ struct Shared {
 pub struct FakeApiServer {
     pub addr: SocketAddr,
     shared: Arc<Shared>,
+    /// Served over TLS with this cluster CA (see `kube_api_tls`).
+    pub(crate) tls_ca: Option<String>,
 }
 
 /// `/api/v1/pods` or `/apis/networking.istio.io/v1/serviceentries` for an object's apiVersion
@@ -107,11 +109,12 @@ impl FakeApiServer {
                 });
             }
         });
-        Ok(FakeApiServer { addr, shared })
+        Ok(FakeApiServer { addr, shared, tls_ca: None })
     }
 
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        let scheme = if self.tls_ca.is_some() { "https" } else { "http" };
+        format!("{scheme}://{}", self.addr)
     }
 
     fn with<R>(&self, f: impl FnOnce(&mut State) -> R) -> R {
@@ -158,10 +161,20 @@ impl FakeApiServer {
     /// reads as it would a pod's in-cluster credentials).
     pub fn write_kubeconfig(&self, path: &std::path::Path, user: &str, token: &str) -> anyhow::Result<()> {
         let url = self.url();
+        // Over TLS: trust the cluster CA (a file beside the kubeconfig), as a pod's in-cluster
+        // config trusts its ca.crt.
+        let ca = match &self.tls_ca {
+            Some(pem) => {
+                let file = path.with_extension("ca.crt");
+                std::fs::write(&file, pem)?;
+                format!(", certificate-authority: \"{}\"", file.display())
+            }
+            None => String::new(),
+        };
         std::fs::write(
             path,
             format!(
-                "apiVersion: v1\nkind: Config\nclusters: [{{name: test, cluster: {{server: \"{url}\"}}}}]\n\
+                "apiVersion: v1\nkind: Config\nclusters: [{{name: test, cluster: {{server: \"{url}\"{ca}}}}}]\n\
                  users: [{{name: {user}, user: {{token: {token}}}}}]\n\
                  contexts: [{{name: test, context: {{cluster: test, user: {user}}}}}]\ncurrent-context: test\n"
             ),

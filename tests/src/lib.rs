@@ -16,6 +16,7 @@ pub mod envoy;
 pub mod grpc_xds;
 mod held;
 pub mod kube_api;
+pub mod kube_api_tls;
 pub mod kubelet;
 pub mod link_capture;
 pub mod mesh;
@@ -162,19 +163,17 @@ fn spawn_daemon(
     log_filter: &str,
     env: &[(String, String)],
 ) -> anyhow::Result<Child> {
-    let log =
-        fs::OpenOptions::new().create(true).append(true).open(work_dir.join(format!("{program}.log")))?;
+    let (stdout, stderr) = daemon_log(work_dir, program)?;
     let mut vars = vec![("NODEMESH_LOG", log_filter)];
     vars.extend(env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
-    process::spawn_in(
-        netns,
-        cgroup,
-        &bin(program)?,
-        args,
-        &vars,
-        Stdio::from(log.try_clone()?),
-        Stdio::from(log),
-    )
+    process::spawn_in(netns, cgroup, &bin(program)?, args, &vars, stdout, stderr)
+}
+
+/// stdout and stderr of a daemon: appended to `<work_dir>/<program>.log`.
+fn daemon_log(work_dir: &Path, program: &str) -> anyhow::Result<(Stdio, Stdio)> {
+    let log =
+        fs::OpenOptions::new().create(true).append(true).open(work_dir.join(format!("{program}.log")))?;
+    Ok((Stdio::from(log.try_clone()?), Stdio::from(log)))
 }
 
 /// A pod: network namespace + cgroup + addresses, with Kubernetes-style identity.

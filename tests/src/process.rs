@@ -41,6 +41,30 @@ pub(crate) fn command_in(netns: &str, cgroup: Option<&Path>, program: &Path, arg
     command
 }
 
+/// Where kubelet mounts a pod's ServiceAccount token, CA and namespace.
+const SERVICE_ACCOUNT_MOUNT: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
+
+/// A command that runs `program` in `netns` as a container sees its ServiceAccount: in a
+/// mount namespace of its own where `volume` (token, ca.crt, namespace) is mounted at
+/// /var/run/secrets/kubernetes.io/serviceaccount, on a tmpfs laid over /run (/var/run's
+/// target) inside that namespace only, so the host is not touched. nsenter and unshare exec
+/// in turn: the spawned child is the program itself. The caller sets KUBERNETES_SERVICE_HOST
+/// and _PORT, as kubelet does.
+pub(crate) fn command_as_pod(netns: &str, volume: &Path, program: &Path, args: &[String]) -> Command {
+    let script = format!(
+        r#"mount -t tmpfs tmpfs "$(readlink -f /var/run)" && mkdir -p {SERVICE_ACCOUNT_MOUNT} && mount --bind "$0" {SERVICE_ACCOUNT_MOUNT} && exec "$@""#
+    );
+    let mut command = Command::new("nsenter");
+    command
+        .arg(format!("--net={}", crate::netns::path(netns).display()))
+        .args(["--", "unshare", "--mount", "--propagation", "private", "sh", "-c", &script])
+        .arg(volume)
+        .arg(program)
+        .args(args)
+        .stdin(Stdio::null());
+    command
+}
+
 /// Spawns a [`command_in`] command with the given output streams.
 pub(crate) fn spawn_in(
     netns: &str,

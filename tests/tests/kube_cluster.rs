@@ -1,8 +1,12 @@
 //! The mesh as deploy/daemonset runs it, on two simulated nodes, with everything from the API
 //! server and nothing from a config directory or `workload add`:
-//! - mesh-control as the Deployment's two replicas (its ServiceAccount bound to its ClusterRole
-//!   and Role, enforced by the in-test API server; the CA from the `cacerts` Secret made by
-//!   `mesh-control ca-init`, as README's install does), reached through a Service address;
+//! - the API server over HTTPS with a cluster CA, as pods reach it;
+//! - mesh-control as the Deployment's two replicas, each configured as its container is (no
+//!   kubeconfig: KUBERNETES_SERVICE_HOST/PORT and the ServiceAccount volume — token, ca.crt,
+//!   namespace — mounted at /var/run/secrets/kubernetes.io/serviceaccount in a mount namespace
+//!   of its own), its ServiceAccount bound to its ClusterRole and Role (enforced); the CA from
+//!   the `cacerts` Secret made by `mesh-control ca-init`, as README's install does; reached
+//!   through a Service address;
 //! - mesh-node on each node discovering its pods (laid out as kubelet + containerd do) as the
 //!   DaemonSet's ServiceAccount, and proving its node to mesh-control with a projected token
 //!   of audience `nodemesh`.
@@ -67,16 +71,23 @@ fn cacerts_secret(ca_dir: &Path) -> Value {
 }
 
 /// One mesh-control replica with the Deployment's flags, in the fabric (its own ports there,
-/// its own empty CA directory like the Deployment's emptyDir).
+/// its own empty CA directory like the Deployment's emptyDir), configured as its container
+/// is: in-cluster config from its ServiceAccount volume, nothing else.
 fn replica(cluster: &SimCluster, api: &FakeApiServer, n: u16) -> (ControlPlane, SocketAddr) {
+    let (mut control, args, tls) = replica_args(cluster, n);
+    match control.start_as_pod(&args, api, "nodemesh-system", CONTROL_ACCOUNT_TOKEN) {
+        Ok(()) => (control, tls),
+        Err(e) => panic!("replica {n}: {e:#}"),
+    }
+}
+
+fn replica_args(cluster: &SimCluster, n: u16) -> (ControlPlane, Vec<String>, SocketAddr) {
     let work_dir = cluster.work_dir.join(format!("mesh-control-{n}"));
     std::fs::create_dir_all(&work_dir).unwrap();
-    let kubeconfig = work_dir.join("kubeconfig");
-    api.write_kubeconfig(&kubeconfig, "mesh-control", CONTROL_ACCOUNT_TOKEN).unwrap();
     let tls: SocketAddr = format!("10.76.0.1:{}", 25012 + n).parse().unwrap();
     let admin: SocketAddr = format!("127.0.0.1:{}", 25014 + 10 * n).parse().unwrap();
     let xds: SocketAddr = format!("127.0.0.1:{}", 25010 + 10 * n).parse().unwrap();
-    let mut control = ControlPlane::new(&cluster.fabric_netns, &work_dir, xds).with_admin_addr(admin);
+    let control = ControlPlane::new(&cluster.fabric_netns, &work_dir, xds).with_admin_addr(admin);
     let args: Vec<String> = [
         "run",
         "--kubernetes",
@@ -97,11 +108,7 @@ fn replica(cluster: &SimCluster, api: &FakeApiServer, n: u16) -> (ControlPlane, 
     .iter()
     .map(ToString::to_string)
     .collect();
-    let env = [("KUBECONFIG".to_string(), kubeconfig.display().to_string())];
-    match control.start_with(&args, &env) {
-        Ok(()) => (control, tls),
-        Err(e) => panic!("replica {n}: {e:#}"),
-    }
+    (control, args, tls)
 }
 
 /// The tunnels (node addresses) behind node's endpoints of web; an endpoint reached without a
@@ -146,8 +153,9 @@ fn pod(cluster: &mut SimCluster, api: &FakeApiServer, node: usize, name: &str, a
 fn two_replicas_serve_discovered_pods_across_nodes_and_nodes_move_when_one_goes() {
     let mut cluster = SimCluster::new(2).unwrap();
     let fabric = cluster.fabric_netns.clone();
+    // The API server as pods reach it: HTTPS, certificate from the cluster CA in their ca.crt.
     let listener = netns::run_in(&fabric, || Ok(TcpListener::bind("10.76.0.1:6443")?)).unwrap();
-    let api = FakeApiServer::start(listener).unwrap();
+    let api = FakeApiServer::start_tls(listener).unwrap();
 
     // The install: the CA Secret (README step 1), RBAC of both components, then the user's
     // namespace (opted in) and Service.
@@ -277,31 +285,8 @@ fn two_replicas_serve_discovered_pods_across_nodes_and_nodes_move_when_one_goes(
 
     // Without the Secret, a replica refuses to make a CA of its own.
     api.delete("v1", "Secret", "nodemesh-system", "cacerts").unwrap();
-    let work_dir = cluster.work_dir.join("mesh-control-2");
-    std::fs::create_dir_all(&work_dir).unwrap();
-    let kubeconfig = work_dir.join("kubeconfig");
-    api.write_kubeconfig(&kubeconfig, "mesh-control", CONTROL_ACCOUNT_TOKEN).unwrap();
-    let mut third = ControlPlane::new(&fabric, &work_dir, "127.0.0.1:25030".parse().unwrap())
-        .with_admin_addr("127.0.0.1:25034".parse().unwrap());
-    let args: Vec<String> = [
-        "run",
-        "--kubernetes",
-        "--xds-addr",
-        "127.0.0.1:25030",
-        "--admin-addr",
-        "127.0.0.1:25034",
-        "--ca-dir",
-        &work_dir.join("ca").display().to_string(),
-        "--ca-secret-namespace",
-        "nodemesh-system",
-        "--require-ca-secret",
-        "--tls-addr",
-        "10.76.0.1:25032",
-    ]
-    .iter()
-    .map(ToString::to_string)
-    .collect();
-    let e = third.start_with(&args, &[("KUBECONFIG".into(), kubeconfig.display().to_string())]).unwrap_err();
+    let (mut third, args, _) = replica_args(&cluster, 2);
+    let e = third.start_as_pod(&args, &api, "nodemesh-system", CONTROL_ACCOUNT_TOKEN).unwrap_err();
     assert!(
         format!("{e:#}").contains("Secret nodemesh-system/cacerts not found, and --require-ca-secret is set"),
         "{e:#}"
