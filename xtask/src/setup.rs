@@ -169,8 +169,11 @@ for tool in ("kubectl", "helm"):
 fn kubectl_and_helm() -> anyhow::Result<()> {
     let kubectl = Path::new(TOOLS_BIN).join("kubectl");
     let works =
-        |p: &Path| Command::new(p).args(["version", "--client"]).output().is_ok_and(|o| o.status.success());
-    if works(&kubectl) && works(&Path::new(TOOLS_BIN).join("helm")) {
+        |p: &Path, args: &[&str]| Command::new(p).args(args).output().is_ok_and(|o| o.status.success());
+    // Helm 3 has no --client flag (it has no server side left).
+    if works(&kubectl, &["version", "--client"])
+        && works(&Path::new(TOOLS_BIN).join("helm"), &["version", "--short"])
+    {
         step("kubectl and helm present");
         return Ok(());
     }
@@ -181,7 +184,11 @@ fn kubectl_and_helm() -> anyhow::Result<()> {
     let extracted = util::run("python3", &["-c", KUBECTL_EXTRACT, &dir, TOOLS_BIN], &[]);
     let _ = fs::remove_dir_all(&download);
     extracted?;
-    anyhow::ensure!(works(&kubectl), "{} does not run after install", kubectl.display());
+    anyhow::ensure!(
+        works(&kubectl, &["version", "--client"]),
+        "{} does not run after install",
+        kubectl.display()
+    );
     Ok(())
 }
 
