@@ -225,9 +225,11 @@ fn the_daemonset_runs_mesh_node_with_flags_it_takes_and_mounts_every_path_it_rea
             .iter()
             .any(|t| t["operator"] == "Exists" && t.get("key").is_none())
     );
+    // A surge pod could not bind the node's ports (hostNetwork) until listeners are handed
+    // over: one node at a time, old pod first (see the manifest's comment).
     assert_eq!(
         ds["spec"]["updateStrategy"]["rollingUpdate"],
-        serde_json::json!({"maxSurge": 1, "maxUnavailable": 0})
+        serde_json::json!({"maxSurge": 0, "maxUnavailable": 1})
     );
     // The node token: projected, for the mesh's audience, at the path it reads.
     let token_volume = pod["volumes"].as_array().unwrap().iter().find(|v| v["name"] == "node-token").unwrap();
