@@ -63,9 +63,22 @@ fn the_tunnel_server_refuses_untrusted_expired_and_misdirected_clients() {
         try_as(ca.leaf(&caller, -60, 3600), &web_id, "10.77.2.99:8080".parse().unwrap()),
         Ok(StatusCode::NOT_FOUND)
     );
-    // An identity that has no workload here: no certificate to present.
+    // An identity that has no workload here: no certificate to present (after a bounded wait).
     let nobody = try_as(ca.leaf(&caller, -60, 3600), &spiffe("shop", "nobody"), web.addr(8080));
     assert!(nobody.as_ref().is_err_and(|e| e.starts_with("TLS")), "{nobody:?}");
+    // A workload that arrives while a client is already dialling it (a node that just
+    // started, a pod that just came): the handshake waits for its certificate rather than
+    // fail, which the client would count against the endpoint.
+    let node1 = &mut cluster.nodes[1];
+    let late = node1.add_pod("late", "shop").unwrap();
+    node1.serve(&late, &[late.addr(8080)]).unwrap();
+    let dial = {
+        let (fabric, client, target) = (fabric.clone(), ca.leaf(&caller, -60, 3600), late.addr(8080));
+        std::thread::spawn(move || connect_through(&fabric, tunnel, client, &spiffe("shop", "late"), target))
+    };
+    std::thread::sleep(Duration::from_millis(500));
+    node1.register(&late, &Registration::meshed().as_account("late")).unwrap();
+    assert_eq!(dial.join().unwrap(), Ok(StatusCode::OK));
     // Client certificates that must not get through. (In TLS 1.3 the client's side of the
     // handshake ends before the server has checked its certificate, so the refusal may only
     // show on the first request; either way no CONNECT is answered.)
@@ -76,10 +89,17 @@ fn the_tunnel_server_refuses_untrusted_expired_and_misdirected_clients() {
     assert!(refused(&foreign), "{foreign:?}");
     let log = cluster.nodes[1].log();
     assert!(
-        log.contains("tunnel TLS handshake failed: invalid peer certificate: certificate expired"),
+        log.contains(
+            "tunnel connection refused: TLS handshake failed: invalid peer certificate: certificate expired"
+        ),
         "{log}"
     );
-    assert!(log.contains("tunnel TLS handshake failed: invalid peer certificate: UnknownIssuer"), "{log}");
+    assert!(
+        log.contains(
+            "tunnel connection refused: TLS handshake failed: invalid peer certificate: UnknownIssuer"
+        ),
+        "{log}"
+    );
 }
 
 /// A tunnel server run by the test: presents `cert`, counts handshakes that completed and

@@ -145,21 +145,37 @@ impl Identities {
     /// The certificate of `identity`, waiting up to `timeout` for it to arrive (a workload
     /// may connect before its first certificate is signed).
     pub async fn wait_for(&self, identity: &SpiffeId, timeout: Duration) -> Option<Arc<WorkloadCert>> {
+        self.wait_until(timeout, || self.get(identity)).await
+    }
+
+    /// The certificate whose [`server_name`] is `name`.
+    pub fn by_server_name(&self, name: &str) -> Option<Arc<WorkloadCert>> {
+        self.certs.read().expect("certs lock").values().find(|c| c.server_name == name).cloned()
+    }
+
+    /// [`Identities::by_server_name`], waiting up to `timeout` for it: a peer may dial a
+    /// workload whose certificate this node is still obtaining (the node just started, or
+    /// the workload just arrived).
+    pub async fn wait_for_server_name(&self, name: &str, timeout: Duration) -> Option<Arc<WorkloadCert>> {
+        self.wait_until(timeout, || self.by_server_name(name)).await
+    }
+
+    /// `lookup` once it finds something, re-tried on every certificate change until `timeout`.
+    async fn wait_until(
+        &self,
+        timeout: Duration,
+        lookup: impl Fn() -> Option<Arc<WorkloadCert>>,
+    ) -> Option<Arc<WorkloadCert>> {
         let mut version = self.version.subscribe();
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
-            if let Some(cert) = self.get(identity) {
+            if let Some(cert) = lookup() {
                 return Some(cert);
             }
             if tokio::time::timeout_at(deadline, version.changed()).await.is_err() {
                 return None;
             }
         }
-    }
-
-    /// The certificate whose [`server_name`] is `name`.
-    pub fn by_server_name(&self, name: &str) -> Option<Arc<WorkloadCert>> {
-        self.certs.read().expect("certs lock").values().find(|c| c.server_name == name).cloned()
     }
 
     /// Why the last request for `identity` failed, until one succeeds.

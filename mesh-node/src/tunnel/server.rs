@@ -33,6 +33,9 @@ use crate::{
 
 /// A TLS handshake must finish within this, or the connection is dropped.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a handshake waits for the certificate its server name asks for (well inside
+/// [`HANDSHAKE_TIMEOUT`] and a client's connect timeout).
+const CERT_WAIT: Duration = Duration::from_secs(3);
 /// Streams a client may open on one connection; clients stay below it
 /// ([`STREAMS_PER_CONNECTION`]) so that none of their streams ever waits.
 const MAX_STREAMS: u32 = STREAMS_PER_CONNECTION as u32 + 24;
@@ -69,20 +72,26 @@ impl TunnelServer {
         }
     }
 
+    /// Reads the ClientHello first: when the server name asked for is a workload whose
+    /// certificate is still on its way (this node just started, or the workload just came),
+    /// the handshake waits for it, up to [`CERT_WAIT`], instead of failing — a refusal would
+    /// count against the endpoint at the peer, which ejects it after a few.
+    async fn handshake(&self, tcp: TcpStream) -> Result<tokio_rustls::server::TlsStream<TcpStream>, String> {
+        let acceptor = tokio_rustls::LazyConfigAcceptor::new(rustls::server::Acceptor::default(), tcp);
+        let start = acceptor.await.map_err(|e| format!("reading the ClientHello: {e}"))?;
+        if let Some(name) = start.client_hello().server_name().map(str::to_string) {
+            self.credentials.identities.wait_for_server_name(&name, CERT_WAIT).await;
+        }
+        let config = self.credentials.server_config()?;
+        start.into_stream(config).await.map_err(|e| format!("TLS handshake failed: {e}"))
+    }
+
     async fn connection(self: Arc<Self>, tcp: TcpStream, addr: SocketAddr) {
         let _ = tcp.set_nodelay(true);
-        let config = match self.credentials.server_config() {
-            Ok(c) => c,
-            Err(e) => {
-                tracing::warn!(peer = %addr, "tunnel connection refused: {e}");
-                return;
-            }
-        };
-        let accept = tokio_rustls::TlsAcceptor::from(config).accept(tcp);
-        let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, accept).await {
+        let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, self.handshake(tcp)).await {
             Ok(Ok(tls)) => tls,
             Ok(Err(e)) => {
-                tracing::warn!(peer = %addr, "tunnel TLS handshake failed: {e}");
+                tracing::warn!(peer = %addr, "tunnel connection refused: {e}");
                 return;
             }
             Err(_) => {
