@@ -79,6 +79,29 @@ pub struct FakeApiServer {
     pub(crate) tls_ca: Option<String>,
 }
 
+/// A Secret object as the API serves it (`data` base64-encoded), e.g. `kubectl create secret
+/// generic <name> --from-file=…`.
+pub fn secret_object(
+    namespace: &str,
+    name: &str,
+    data: impl IntoIterator<Item = (String, Vec<u8>)>,
+) -> Value {
+    use k8s_openapi::{ByteString, api::core::v1::Secret, apimachinery::pkg::apis::meta::v1::ObjectMeta};
+    let secret = Secret {
+        metadata: ObjectMeta {
+            name: Some(name.into()),
+            namespace: Some(namespace.into()),
+            ..Default::default()
+        },
+        data: Some(data.into_iter().map(|(k, v)| (k, ByteString(v))).collect()),
+        ..Default::default()
+    };
+    let mut value = serde_json::to_value(secret).expect("a Secret serialises");
+    value["apiVersion"] = "v1".into();
+    value["kind"] = "Secret".into();
+    value
+}
+
 /// `/api/v1/pods` or `/apis/networking.istio.io/v1/serviceentries` for an object's apiVersion
 /// and kind.
 pub fn resource_path(api_version: &str, kind: &str) -> String {

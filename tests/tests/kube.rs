@@ -18,7 +18,7 @@ use mesh_control::{
     },
     xds::translate,
 };
-use nodemesh_tests::kube_api::{API_AUDIENCE, FakeApiServer};
+use nodemesh_tests::kube_api::{API_AUDIENCE, FakeApiServer, secret_object};
 use serde_json::{Value, json};
 use tokio::sync::Notify;
 
@@ -200,7 +200,6 @@ async fn kube_source_yields_the_directory_model_and_follows_watch_bookmarks_and_
 /// A `cacerts` Secret in istio-system (Istio's four keys) for a new root and intermediate;
 /// returns the intermediate's PEM too.
 fn cacerts_secret() -> (String, Value) {
-    use k8s_openapi::{ByteString, api::core::v1::Secret, apimachinery::pkg::apis::meta::v1::ObjectMeta};
     use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
     let ca = |constraint| {
         let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
@@ -221,21 +220,8 @@ fn cacerts_secret() -> (String, Value) {
         ("cert-chain.pem", format!("{}{}", intermediate.pem(), root.pem())),
         ("root-cert.pem", root.pem()),
     ]
-    .into_iter()
-    .map(|(k, v)| (k.to_string(), ByteString(v.into_bytes())))
-    .collect();
-    let secret = Secret {
-        metadata: ObjectMeta {
-            name: Some("cacerts".into()),
-            namespace: Some("istio-system".into()),
-            ..Default::default()
-        },
-        data: Some(data),
-        ..Default::default()
-    };
-    let mut value = serde_json::to_value(secret).unwrap();
-    value["apiVersion"] = "v1".into();
-    value["kind"] = "Secret".into();
+    .map(|(k, v)| (k.to_string(), v.into_bytes()));
+    let value = secret_object("istio-system", "cacerts", data);
     (intermediate.pem(), value)
 }
 

@@ -25,7 +25,7 @@ use std::{
 
 use nodemesh_tests::{
     ControlPlane, SimCluster, SimNode,
-    kube_api::{API_AUDIENCE, FakeApiServer},
+    kube_api::{API_AUDIENCE, FakeApiServer, secret_object},
     kubelet::{CgroupDriver, KubePod, Qos, namespace_object},
     mesh::{answered, answered_by, dumped_cluster, endpoint_count, eventually, hello_counts},
     netns, run_checked,
@@ -48,24 +48,12 @@ fn deploy(path: &str) -> PathBuf {
 /// The `cacerts` Secret from a `mesh-control ca-init` directory, as `kubectl create secret
 /// generic cacerts --from-file=…` makes it.
 fn cacerts_secret(ca_dir: &Path) -> Value {
-    use k8s_openapi::{ByteString, api::core::v1::Secret, apimachinery::pkg::apis::meta::v1::ObjectMeta};
-    let data = ["ca-cert.pem", "ca-key.pem", "cert-chain.pem", "root-cert.pem"]
-        .into_iter()
-        .map(|f| (f.to_string(), ByteString(std::fs::read(ca_dir.join(f)).unwrap())))
-        .collect();
-    let secret = Secret {
-        metadata: ObjectMeta {
-            name: Some("cacerts".into()),
-            namespace: Some("nodemesh-system".into()),
-            ..Default::default()
-        },
-        data: Some(data),
-        ..Default::default()
-    };
-    let mut value = serde_json::to_value(secret).unwrap();
-    value["apiVersion"] = "v1".into();
-    value["kind"] = "Secret".into();
-    value
+    let files = ["ca-cert.pem", "ca-key.pem", "cert-chain.pem", "root-cert.pem"];
+    secret_object(
+        "nodemesh-system",
+        "cacerts",
+        files.map(|f| (f.to_string(), std::fs::read(ca_dir.join(f)).unwrap())),
+    )
 }
 
 /// One mesh-control replica with the Deployment's flags, in the fabric (its own ports there,
