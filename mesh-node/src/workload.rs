@@ -39,22 +39,45 @@ pub struct LocalWorkload {
 
 /// Registered workloads by address: for inbound delivery and destination telemetry.
 #[derive(Default)]
-pub struct IpIndex(RwLock<HashMap<IpAddr, Arc<LocalWorkload>>>);
+pub struct IpIndex {
+    by_ip: RwLock<HashMap<IpAddr, Arc<LocalWorkload>>>,
+    /// Notified on every insert, for [`IpIndex::wait_for`].
+    inserted: tokio::sync::Notify,
+}
 
 impl IpIndex {
     pub fn local(&self, ip: IpAddr) -> Option<Arc<LocalWorkload>> {
-        self.0.read().expect("ip index lock").get(&ip).cloned()
+        self.by_ip.read().expect("ip index lock").get(&ip).cloned()
     }
 
-    pub(crate) fn insert(&self, ips: &[IpAddr], workload: &Arc<LocalWorkload>) {
-        let mut index = self.0.write().expect("ip index lock");
-        for ip in ips {
-            index.insert(*ip, Arc::clone(workload));
+    /// [`IpIndex::local`], waiting up to `timeout` for a workload at `ip` to register: a peer
+    /// may learn of a pod (from the API server, through mesh-control) a moment before this
+    /// node's discovery has registered it.
+    pub async fn wait_for(&self, ip: IpAddr, timeout: std::time::Duration) -> Option<Arc<LocalWorkload>> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            // Registered before looking, so an insert between the look and the wait is seen.
+            let inserted = self.inserted.notified();
+            if let Some(found) = self.local(ip) {
+                return Some(found);
+            }
+            if tokio::time::timeout_at(deadline, inserted).await.is_err() {
+                return None;
+            }
         }
     }
 
+    pub(crate) fn insert(&self, ips: &[IpAddr], workload: &Arc<LocalWorkload>) {
+        let mut index = self.by_ip.write().expect("ip index lock");
+        for ip in ips {
+            index.insert(*ip, Arc::clone(workload));
+        }
+        drop(index);
+        self.inserted.notify_waiters();
+    }
+
     pub(crate) fn remove(&self, ips: &[IpAddr]) {
-        let mut index = self.0.write().expect("ip index lock");
+        let mut index = self.by_ip.write().expect("ip index lock");
         for ip in ips {
             index.remove(ip);
         }

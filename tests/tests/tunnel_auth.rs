@@ -79,6 +79,18 @@ fn the_tunnel_server_refuses_untrusted_expired_and_misdirected_clients() {
     std::thread::sleep(Duration::from_millis(500));
     node1.register(&late, &Registration::meshed().as_account("late")).unwrap();
     assert_eq!(dial.join().unwrap(), Ok(StatusCode::OK));
+    // A pod of a known identity whose CONNECT arrives before the node registered it (a peer
+    // learned of it from the API first): held until it registers, not answered 404.
+    let web2 = node1.add_pod("web2", "shop").unwrap();
+    node1.serve(&web2, &[web2.addr(8080)]).unwrap();
+    let dial = {
+        let (fabric, client, target) = (fabric.clone(), ca.leaf(&caller, -60, 3600), web2.addr(8080));
+        let web_id = web_id.clone();
+        std::thread::spawn(move || connect_through(&fabric, tunnel, client, &web_id, target))
+    };
+    std::thread::sleep(Duration::from_millis(500));
+    node1.register(&web2, &Registration::meshed().as_account("web")).unwrap();
+    assert_eq!(dial.join().unwrap(), Ok(StatusCode::OK));
     // Client certificates that must not get through. (In TLS 1.3 the client's side of the
     // handshake ends before the server has checked its certificate, so the refusal may only
     // show on the first request; either way no CONNECT is answered.)

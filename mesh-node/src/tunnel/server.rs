@@ -33,6 +33,8 @@ use crate::{
 
 /// A TLS handshake must finish within this, or the connection is dropped.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a CONNECT waits for a workload at its target to register.
+const REGISTRATION_WAIT: Duration = Duration::from_secs(2);
 /// How long a handshake waits for the certificate its server name asks for (well inside
 /// [`HANDSHAKE_TIMEOUT`] and a client's connect timeout).
 const CERT_WAIT: Duration = Duration::from_secs(3);
@@ -153,7 +155,9 @@ impl TunnelServer {
                 format!("CONNECT target {} is not ip:port", request.uri()),
             );
         };
-        let Some(local) = self.locals.local(target.ip()) else {
+        // Held briefly when unknown: the client may have learned of a pod this node is still
+        // registering; a 404 would count against the endpoint at the client.
+        let Some(local) = self.locals.wait_for(target.ip(), REGISTRATION_WAIT).await else {
             return answer(StatusCode::NOT_FOUND, format!("no workload at {} on this node", target.ip()));
         };
         let identity = self.credentials.identities.identity(&local.key.namespace, &local.service_account);
