@@ -10,7 +10,7 @@ use std::{fmt, fs::File, path::Path};
 use aya::programs::ProgramType;
 use nix::sys::statfs::{BPF_FS_MAGIC, CGROUP2_SUPER_MAGIC, statfs};
 
-use crate::sys;
+use crate::{capture::is_capture_program, sys};
 
 /// The oldest kernel the capture programs load on: bpf_get_netns_cookie in sockops (5.15).
 const MIN_KERNEL: (u32, u32) = (5, 15);
@@ -41,9 +41,8 @@ const HOOKS: &[(u32, &str, bool)] = &[
     (3, "sock_ops", false),
 ];
 
-/// Our own programs' names (the kernel keeps the first 15 bytes).
-const OWN_PROGRAMS: &[&str] =
-    &["sock4_connect", "sock6_connect", "sock4_getpeername", "sock6_getpeername", "sock_ops_established"];
+/// The report line of [`attached`].
+const HOOKS_ITEM: &str = "programs on the capture hooks";
 
 #[derive(Debug, PartialEq)]
 pub enum Outcome {
@@ -276,13 +275,7 @@ fn attached(root: &Path) -> Vec<Check> {
     let cgroup = match File::open(root) {
         Ok(f) => f,
         Err(e) => {
-            return vec![Check {
-                item: "programs on the capture hooks",
-                outcome: Outcome::Warn(
-                    format!("cannot open {}: {e}", root.display()),
-                    "see cgroup v2 above".into(),
-                ),
-            }];
+            return unlisted(format!("cannot open {}: {e}", root.display()));
         }
     };
     let names: std::collections::BTreeMap<u32, String> = aya::programs::loaded_programs()
@@ -297,18 +290,12 @@ fn attached(root: &Path) -> Vec<Check> {
             // A hook this kernel does not know has nothing on it.
             Err(e) if e.raw_os_error() == Some(libc::EINVAL) => continue,
             Err(e) => {
-                return vec![Check {
-                    item: "programs on the capture hooks",
-                    outcome: Outcome::Warn(
-                        format!("cannot list the programs on {hook} of {}: {e}", root.display()),
-                        "see cgroup v2 and capabilities above".into(),
-                    ),
-                }];
+                return unlisted(format!("cannot list the programs on {hook} of {}: {e}", root.display()));
             }
         };
         for id in ids {
             let name = names.get(&id).cloned().unwrap_or_default();
-            if is_own(&name) {
+            if is_capture_program(&name) {
                 ours.push(format!("{hook} {name} (id {id})"));
                 continue;
             }
@@ -321,13 +308,17 @@ fn attached(root: &Path) -> Vec<Check> {
         } else {
             format!("only Nodemesh's own (a mesh-node is running): {}", ours.join(", "))
         };
-        checks.push(Check { item: "programs on the capture hooks", outcome: Outcome::Ok(text) });
+        checks.push(Check { item: HOOKS_ITEM, outcome: Outcome::Ok(text) });
     }
     checks
 }
 
-fn is_own(name: &str) -> bool {
-    !name.is_empty() && OWN_PROGRAMS.iter().any(|own| own.starts_with(name))
+/// The hooks could not be read: a warning (cgroup v2 or capabilities above say why).
+fn unlisted(why: String) -> Vec<Check> {
+    vec![Check {
+        item: HOOKS_ITEM,
+        outcome: Outcome::Warn(why, "see cgroup v2 and capabilities above".into()),
+    }]
 }
 
 fn foreign(root: &Path, hook: &str, name: &str, id: u32, competes: bool) -> Check {
@@ -349,7 +340,7 @@ fn foreign(root: &Path, hook: &str, name: &str, id: u32, competes: bool) -> Chec
             "none needed; listed because it sees the same connections".into(),
         )
     };
-    Check { item: "programs on the capture hooks", outcome }
+    Check { item: HOOKS_ITEM, outcome }
 }
 
 #[cfg(test)]
@@ -382,10 +373,10 @@ mod tests {
 
     #[test]
     fn own_programs_by_truncated_name() {
-        assert!(is_own("sock4_getpeerna"));
-        assert!(is_own("sock_ops_establ"));
-        assert!(!is_own("cil_sock4_conne"));
-        assert!(!is_own(""));
+        assert!(is_capture_program("sock4_getpeerna"));
+        assert!(is_capture_program("sock_ops_establ"));
+        assert!(!is_capture_program("cil_sock4_conne"));
+        assert!(!is_capture_program(""));
     }
 
     #[test]

@@ -31,6 +31,13 @@ const SOCK_OPS_PROGRAM: &str = "sock_ops_established";
 /// Loaded at start, attached to each meshed pod's netns as it registers.
 pub(super) const SK_LOOKUP_PROGRAM: &str = "inbound_lookup";
 
+/// Whether a program the kernel lists by `name` (it keeps the first 15 bytes) is one of the
+/// cgroup programs this object attaches.
+pub fn is_capture_program(name: &str) -> bool {
+    !name.is_empty()
+        && SOCK_ADDR_PROGRAMS.iter().map(|(p, _)| *p).chain([SOCK_OPS_PROGRAM]).any(|p| p.starts_with(name))
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum CaptureError {
     #[error(

@@ -23,7 +23,7 @@ use mesh_ebpf_common::{
     ClientTupleKey, DeliveryKey, FAMILY_INET, FAMILY_INET6, MeshedCgroup, OrigDst, PodAddrKey,
 };
 
-pub use loader::{CaptureError, EbpfLogger, forward_ebpf_logs, load_and_attach};
+pub use loader::{CaptureError, EbpfLogger, forward_ebpf_logs, is_capture_program, load_and_attach};
 
 /// Where capture sends a meshed cgroup's connects.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
