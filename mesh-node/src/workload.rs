@@ -54,6 +54,10 @@ impl IpIndex {
     /// may learn of a pod (from the API server, through mesh-control) a moment before this
     /// node's discovery has registered it.
     pub async fn wait_for(&self, ip: IpAddr, timeout: std::time::Duration) -> Option<Arc<LocalWorkload>> {
+        // Every tunnel stream asks; nearly always the workload is there.
+        if let Some(found) = self.local(ip) {
+            return Some(found);
+        }
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
             // Registered before looking, so an insert between the look and the wait is seen.
