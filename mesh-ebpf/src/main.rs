@@ -60,15 +60,18 @@ const SOCK_STREAM: u32 = 1;
 #[unsafe(no_mangle)]
 static PROXY_MARK: Global<u32> = Global::new(0);
 
+// Maps made with `pinned` hold state every mesh-node process shares (mesh-node pins them
+// under --bpf-pin-dir): an upgraded process adopts them and keeps their entries. Changing the
+// key, value or size of one is a new layout (`mesh_ebpf_common::PIN_LAYOUT`). The exclusion
+// maps are each process's own configuration.
 #[map]
-static MESHED_CGROUPS: HashMap<u64, MeshedCgroup> = HashMap::with_max_entries(MESHED_CGROUPS_MAX, 0);
+static MESHED_CGROUPS: HashMap<u64, MeshedCgroup> = HashMap::pinned(MESHED_CGROUPS_MAX, 0);
 
 #[map]
-static ORIG_DST_BY_COOKIE: LruHashMap<u64, OrigDst> = LruHashMap::with_max_entries(ORIG_DST_BY_COOKIE_MAX, 0);
+static ORIG_DST_BY_COOKIE: LruHashMap<u64, OrigDst> = LruHashMap::pinned(ORIG_DST_BY_COOKIE_MAX, 0);
 
 #[map]
-static ORIG_DST_BY_TUPLE: LruHashMap<ClientTupleKey, OrigDst> =
-    LruHashMap::with_max_entries(ORIG_DST_BY_TUPLE_MAX, 0);
+static ORIG_DST_BY_TUPLE: LruHashMap<ClientTupleKey, OrigDst> = LruHashMap::pinned(ORIG_DST_BY_TUPLE_MAX, 0);
 
 /// Destination ports (host order) that are never captured.
 #[map]
@@ -82,17 +85,17 @@ static EXCLUDED_CIDRS6: LpmTrie<Cidr6, u8> = LpmTrie::with_max_entries(EXCLUDED_
 
 /// mesh-node's inbound listener in each meshed pod's netns, by the pod's address.
 #[map]
-static INBOUND_LISTENERS: SockHash<PodAddrKey> = SockHash::with_max_entries(INBOUND_LISTENERS_MAX, 0);
+static INBOUND_LISTENERS: SockHash<PodAddrKey> = SockHash::pinned(INBOUND_LISTENERS_MAX, 0);
 
 /// mesh-node's own connections into meshed pods, while they connect.
 #[map]
-static DELIVERIES: LruHashMap<DeliveryKey, u8> = LruHashMap::with_max_entries(DELIVERIES_MAX, 0);
+static DELIVERIES: LruHashMap<DeliveryKey, u8> = LruHashMap::pinned(DELIVERIES_MAX, 0);
 
 /// The node's own addresses (key: address and family; value unused). A connection from one
 /// of them — the kubelet's probes, node agents, hostNetwork pods — reaches the pod directly,
 /// as it does in Istio's ambient mode: the node is the trust boundary.
 #[map]
-static NODE_ADDRESSES: HashMap<PodAddrKey, u8> = HashMap::with_max_entries(NODE_ADDRESSES_MAX, 0);
+static NODE_ADDRESSES: HashMap<PodAddrKey, u8> = HashMap::pinned(NODE_ADDRESSES_MAX, 0);
 
 /// sk_lookup verdict: carry on (with the socket selected, if one was).
 const SK_PASS: u32 = 1;

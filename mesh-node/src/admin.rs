@@ -2,7 +2,7 @@
 //!
 //! | path | what |
 //! |---|---|
-//! | `/healthz/ready` | 200 once capture is attached, saved workloads are restored and (with `--kubernetes`) the first pod list is reconciled |
+//! | `/healthz/ready` | 200 (`ready (pid N)`) once capture is attached, saved workloads are restored, (with `--kubernetes`) the first pod list is reconciled and any running mesh-node has handed over; 503 while draining, saying why and how many connections are open |
 //! | `/metrics` | Prometheus text format |
 //! | `/config_dump` | JSON: node settings, every workload with its capture state, and the config
 //! |   | received from the control plane (addresses, clusters with endpoints and health) |
@@ -24,6 +24,7 @@ use crate::{
 
 pub struct Admin {
     pub ready: AtomicBool,
+    pub drain: crate::drain::Drain,
     pub metrics: MetricsRegistry,
     pub workloads: Arc<Registry>,
     pub config: Config,
@@ -53,13 +54,21 @@ impl Admin {
             return http::text(StatusCode::METHOD_NOT_ALLOWED, "admin endpoint is read-only\n");
         }
         match req.uri().path() {
-            "/healthz/ready" => {
-                if self.ready.load(Ordering::Acquire) {
-                    http::text(StatusCode::OK, "ready\n")
-                } else {
+            "/healthz/ready" => match self.drain.state() {
+                crate::drain::State::Draining { why } | crate::drain::State::Ended { why } => http::text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!(
+                        "not ready: draining ({why}); {} connections open\n",
+                        self.drain.open_connections()
+                    ),
+                ),
+                crate::drain::State::Serving if self.ready.load(Ordering::Acquire) => {
+                    http::text(StatusCode::OK, format!("ready (pid {})\n", std::process::id()))
+                }
+                crate::drain::State::Serving => {
                     http::text(StatusCode::SERVICE_UNAVAILABLE, "not ready: starting\n")
                 }
-            }
+            },
             "/metrics" => {
                 let mut out = String::new();
                 match prometheus_client::encoding::text::encode(&mut out, &self.metrics) {

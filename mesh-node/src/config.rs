@@ -12,6 +12,11 @@ pub const DEFAULT_STATE_DIR: &str = "/var/lib/nodemesh";
 /// `SO_MARK` on the proxy's own sockets; the capture programs never redirect marked sockets.
 pub const DEFAULT_PROXY_MARK: u32 = 0x4e4d;
 pub const DEFAULT_CONNECT_TIMEOUT_MS: u64 = 10_000;
+/// Where capture's programs, links and maps are pinned, so they outlive the process.
+pub const DEFAULT_BPF_PIN_DIR: &str = "/sys/fs/bpf/nodemesh";
+/// Below the DaemonSet's terminationGracePeriodSeconds (30), so a drain ends on its own terms
+/// before the kubelet's SIGKILL.
+pub const DEFAULT_DRAIN_TIMEOUT_SECS: u64 = 25;
 /// Exit status for bad configuration (sysexits EX_USAGE).
 pub const EXIT_BAD_CONFIG: i32 = 64;
 
@@ -99,9 +104,18 @@ pub struct RunArgs {
     pub admin_addr: SocketAddr,
     #[arg(long, env = "NODEMESH_API_SOCKET", default_value = DEFAULT_API_SOCKET)]
     pub api_socket: PathBuf,
-    /// Where registered workloads are remembered across restarts.
+    /// Where registered workloads are remembered across restarts, and where a new mesh-node
+    /// finds the running one to take over from (`handover.sock`).
     #[arg(long, env = "NODEMESH_STATE_DIR", default_value = DEFAULT_STATE_DIR)]
     pub state_dir: PathBuf,
+    /// bpffs directory where capture stays pinned across restarts and upgrades; one per
+    /// node (per --cgroup-root).
+    #[arg(long, env = "NODEMESH_BPF_PIN_DIR", default_value = DEFAULT_BPF_PIN_DIR)]
+    pub bpf_pin_dir: PathBuf,
+    /// How long a draining mesh-node (SIGTERM, or taken over by a new one) keeps connections
+    /// that are still open before it closes them.
+    #[arg(long, env = "NODEMESH_DRAIN_TIMEOUT_SECS", default_value_t = DEFAULT_DRAIN_TIMEOUT_SECS)]
+    pub drain_timeout_secs: u64,
     /// Destination port never captured; repeatable or comma-separated.
     #[arg(long = "exclude-port", env = "NODEMESH_EXCLUDE_PORTS", value_delimiter = ',')]
     pub exclude_ports: Vec<String>,
@@ -221,6 +235,8 @@ pub struct Config {
     pub admin_addr: SocketAddr,
     pub api_socket: PathBuf,
     pub state_dir: PathBuf,
+    pub bpf_pin_dir: PathBuf,
+    pub drain_timeout: Duration,
     pub exclude_ports: Vec<u16>,
     pub exclude_cidrs: Vec<Cidr>,
     pub proxy_mark: u32,
@@ -339,6 +355,8 @@ impl Config {
             admin_addr: args.admin_addr,
             api_socket: args.api_socket,
             state_dir: args.state_dir,
+            bpf_pin_dir: args.bpf_pin_dir,
+            drain_timeout: Duration::from_secs(args.drain_timeout_secs),
             exclude_ports,
             exclude_cidrs,
             proxy_mark,

@@ -15,8 +15,11 @@ pub mod conn;
 pub mod control_plane;
 #[cfg(feature = "kubernetes")]
 pub mod discovery;
+pub mod drain;
+pub mod handover;
 pub mod identity;
 pub mod inbound;
+pub mod lifecycle;
 /// HTTP plumbing shared with mesh-control's admin endpoint.
 pub use nodemesh_api::http;
 pub mod netns;

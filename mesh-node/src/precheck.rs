@@ -306,7 +306,7 @@ fn attached(root: &Path) -> Vec<Check> {
         let text = if ours.is_empty() {
             "none".to_string()
         } else {
-            format!("only Nodemesh's own (a mesh-node is running): {}", ours.join(", "))
+            format!("only Nodemesh's own (its pinned capture): {}", ours.join(", "))
         };
         checks.push(Check { item: HOOKS_ITEM, outcome: Outcome::Ok(text) });
     }

@@ -1,9 +1,14 @@
 //! `mesh-node run`: wires capture, proxy, workloads, admin and API together.
 
-use std::sync::{Arc, atomic::Ordering};
+use std::{
+    os::fd::OwnedFd,
+    path::Path,
+    sync::{Arc, atomic::Ordering},
+    time::{Duration, Instant},
+};
 
 use anyhow::Context;
-use tokio::{net::TcpListener, signal::unix::SignalKind};
+use tokio::net::TcpListener;
 
 use crate::{
     admin::Admin,
@@ -11,8 +16,11 @@ use crate::{
     authz::Authorizer,
     capture,
     config::Config,
+    drain::Drain,
+    handover::{self, Inherited, wire::Role},
     identity::Identities,
     inbound::{deliver::Delivery, plaintext::PlaintextInbound},
+    lifecycle::{self, Ending, NodeHandover},
     proxy::Outbound,
     proxy::route::Router,
     registry::Registry,
@@ -27,6 +35,15 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         Ok(limit) => tracing::debug!(limit, "open files limit"),
         Err(e) => tracing::warn!("cannot raise the open files limit: {e}"),
     }
+    // A mesh-node already serving this node (an upgrade): take its listeners before binding
+    // anything, so not one connection is refused in between.
+    let handover_socket = handover::socket_path(&config.state_dir);
+    std::fs::create_dir_all(&config.state_dir)
+        .with_context(|| format!("state dir {}", config.state_dir.display()))?;
+    let (predecessor, inherited) = match take_over(&handover_socket, config.drain_timeout).await? {
+        Some((predecessor, inherited)) => (Some(predecessor), inherited),
+        None => (None, Inherited::default()),
+    };
     let ebpf_level =
         if tracing::enabled!(tracing::Level::DEBUG) { aya_log::Level::Debug } else { aya_log::Level::Info };
     let (capture, logger) = capture::load_and_attach(&config, ebpf_level)?;
@@ -40,6 +57,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
 
     let mut metrics_registry = prometheus_client::registry::Registry::default();
     let metrics = Arc::new(Metrics::new(&mut metrics_registry));
+    let drain = Drain::default();
+    drain.register(&mut metrics_registry);
     let index = Arc::new(IpIndex::default());
     let cache = Arc::new(Cache::new(config.max_endpoints_per_cluster));
     let identities = match (&config.control_plane, &config.token) {
@@ -71,6 +90,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         policy_wait: config.lookup_timeout,
     });
     let outbound = Arc::new(Outbound {
+        drain: drain.clone(),
         capture: Arc::clone(&capture),
         metrics: Arc::clone(&metrics),
         locals: Arc::clone(&index),
@@ -90,16 +110,19 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         &config.state_dir,
         &config.cgroup_root,
         Arc::new(PlaintextInbound {
+            drain: drain.clone(),
             delivery: Arc::clone(&delivery),
             authorizer: Arc::clone(&authorizer),
             connect_timeout: config.connect_timeout,
         }),
     ));
+    let mut own_listeners: Vec<(Role, OwnedFd)> = Vec::new();
+    let mut accept_tasks = Vec::new();
     if let Some(credentials) = &credentials {
-        let listener = TcpListener::bind(config.tunnel_listen)
-            .await
-            .with_context(|| format!("tunnel: cannot listen on {}", config.tunnel_listen))?;
+        let listener = listen(inherited.tunnel, config.tunnel_listen, "tunnel").await?;
+        own_listeners.push((Role::Tunnel, dup(&listener)?));
         let server = Arc::new(TunnelServer {
+            drain: drain.clone(),
             credentials: Arc::clone(credentials),
             locals: Arc::clone(&index),
             delivery: Arc::clone(&delivery),
@@ -107,15 +130,15 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             connect_timeout: config.connect_timeout,
             metrics: Arc::clone(&metrics),
         });
-        tokio::spawn(server.serve(listener));
+        accept_tasks.push(tokio::spawn(server.serve(listener)).abort_handle());
     }
 
-    let admin_listener = TcpListener::bind(config.admin_addr)
-        .await
-        .with_context(|| format!("admin endpoint: cannot listen on {}", config.admin_addr))?;
+    let admin_listener = listen(inherited.admin, config.admin_addr, "admin endpoint").await?;
+    own_listeners.push((Role::Admin, dup(&admin_listener)?));
     let api_listener = api::server::bind(&config.api_socket)
         .with_context(|| format!("local API: cannot listen on {}", config.api_socket.display()))?;
     let admin = Arc::new(Admin {
+        drain: drain.clone(),
         identities: identities.clone(),
         tunnels,
         ready: false.into(),
@@ -124,15 +147,18 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         config: config.clone(),
         xds: xds_client.clone(),
     });
+    accept_tasks.push(tokio::spawn(Arc::clone(&admin).serve(admin_listener)).abort_handle());
+
+    registry.inherit(inherited.workloads);
+    let restored = registry.restore().await.context("restoring saved workloads")?;
+    // Only now: the first report to the control plane must list the restored workloads, not
+    // an empty node (that would withdraw their endpoints from every other node for a moment).
     if let Some(client) = &xds_client {
         tokio::spawn(Arc::clone(client).run(registry.watch_specs()));
     }
     if let Some(identities) = &identities {
         tokio::spawn(Arc::clone(identities).run(registry.watch_specs()));
     }
-    tokio::spawn(Arc::clone(&admin).serve(admin_listener));
-
-    let restored = registry.restore().await.context("restoring saved workloads")?;
     let writes = match &config.kubernetes {
         #[cfg(feature = "kubernetes")]
         Some(kubernetes) => {
@@ -144,25 +170,117 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         Some(_) => anyhow::bail!("--kubernetes: built without the `kubernetes` feature"),
         None => api::server::Writes::Allowed,
     };
-    tokio::spawn(api::server::serve(api_listener, Arc::clone(&registry), writes));
+    accept_tasks
+        .push(tokio::spawn(api::server::serve(api_listener, Arc::clone(&registry), writes)).abort_handle());
+
+    // Every workload is registered again: what the previous process left for pods that are
+    // gone goes now.
+    let unclaimed = registry.drop_handed();
+    let (cgroups, netns) = registry.captured().await;
+    let swept = capture.sweep(&cgroups, &netns);
+    if let Some(predecessor) = predecessor {
+        // The old process serves until we say Taken: first have what new connections need
+        // here — the control plane's answers (services, endpoints) and, since peers' tunnels
+        // reach this process from then on, the workloads' certificates.
+        if let Some(client) = &xds_client
+            && !client.wait_connected(CERTIFICATES_WAIT).await
+        {
+            tracing::warn!(
+                "taking over without a control-plane stream: serving the connections it needs anyway"
+            );
+        }
+        if let Some(identities) = &identities {
+            let specs = registry.watch_specs().borrow().clone();
+            certificates_ready(identities, &specs, CERTIFICATES_WAIT).await;
+        }
+        match tokio::task::spawn_blocking(move || predecessor.taken()).await? {
+            Ok(pid) => {
+                tracing::info!(from = pid, unclaimed, swept, "took over: the previous mesh-node drains")
+            }
+            // It is gone already: we serve its listeners regardless.
+            Err(e) => tracing::warn!("the previous mesh-node did not confirm the handover: {e}"),
+        }
+    }
+    let handover = Arc::new(NodeHandover {
+        registry: Arc::clone(&registry),
+        drain: drain.clone(),
+        listeners: own_listeners,
+        accept_tasks,
+        exiting: false.into(),
+    });
+    let state = handover::serve(&handover_socket, Arc::clone(&handover))
+        .with_context(|| format!("handover socket {}", handover_socket.display()))?;
     admin.ready.store(true, Ordering::Release);
     tracing::info!(
         node = %config.node_name, admin = %config.admin_addr, api = %config.api_socket.display(),
-        restored, "mesh-node ready"
+        restored, swept, "mesh-node ready"
     );
+    lifecycle::run_until_end(Ending {
+        handover,
+        state,
+        drain_timeout: config.drain_timeout,
+        capture,
+        sockets: vec![config.api_socket.clone(), handover_socket],
+    })
+    .await
+}
 
-    let mut term = tokio::signal::unix::signal(SignalKind::terminate())?;
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
+/// How long a taking-over process waits for its control-plane stream, then for its workloads'
+/// certificates, before it takes over.
+const CERTIFICATES_WAIT: Duration = Duration::from_secs(10);
+
+async fn certificates_ready(
+    identities: &Identities,
+    specs: &[nodemesh_api::workload::WorkloadSpec],
+    wait: Duration,
+) {
+    let deadline = Instant::now() + wait;
+    for spec in specs.iter().filter(|s| s.mesh_decision().is_meshed()) {
+        let identity = identities.identity(&spec.namespace, &spec.service_account);
+        let left = deadline.saturating_duration_since(Instant::now());
+        if identities.wait_for(&identity, left).await.is_none() {
+            tracing::warn!(%identity, "no certificate yet; serving anyway (handshakes for it wait)");
+        }
     }
-    admin.ready.store(false, Ordering::Release);
-    tracing::info!(
-        "shutting down: detaching capture (pods fall back to direct connections); \
-         connections proxied by this process close now; workloads stay saved for the next start"
-    );
-    let _ = std::fs::remove_file(&config.api_socket);
-    Ok(())
+}
+
+/// [`handover::take_over`], waiting while a running mesh-node that is exiting refuses: it
+/// unpins capture and goes within its drain deadline.
+async fn take_over(
+    socket: &Path,
+    drain_timeout: Duration,
+) -> anyhow::Result<Option<(handover::Predecessor, Inherited)>> {
+    let give_up = Instant::now() + drain_timeout + Duration::from_secs(10);
+    loop {
+        let path = socket.to_path_buf();
+        match tokio::task::spawn_blocking(move || handover::take_over(&path)).await? {
+            Err(e) if e.kind() == std::io::ErrorKind::ResourceBusy && Instant::now() < give_up => {
+                tracing::info!("{e}; waiting for it to exit");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            other => return other.context("taking over from the running mesh-node"),
+        }
+    }
+}
+
+/// The listener handed over for `addr`, else a new one.
+async fn listen(
+    handed: Option<std::net::TcpListener>,
+    addr: std::net::SocketAddr,
+    what: &str,
+) -> anyhow::Result<TcpListener> {
+    match handed {
+        Some(listener) => {
+            TcpListener::from_std(listener).with_context(|| format!("{what}: handed-over listener"))
+        }
+        None => TcpListener::bind(addr).await.with_context(|| format!("{what}: cannot listen on {addr}")),
+    }
+}
+
+/// A descriptor of our own for a listener, to hand over later.
+fn dup(listener: &TcpListener) -> anyhow::Result<OwnedFd> {
+    use std::os::fd::AsFd;
+    Ok(listener.as_fd().try_clone_to_owned()?)
 }
 
 /// Connects to the API server and registers the node's pods; returns once the first list is

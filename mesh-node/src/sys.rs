@@ -1,7 +1,15 @@
 //! The few socket options std, socket2 and nix do not wrap.
-#![expect(unsafe_code, reason = "getsockopt with kernel-defined option numbers; the bpf() program query")]
+#![expect(
+    unsafe_code,
+    reason = "getsockopt with kernel-defined option numbers; bpf() commands aya does not expose"
+)]
 
-use std::{io, os::fd::AsRawFd};
+use std::{
+    ffi::CString,
+    io,
+    os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd},
+    path::Path,
+};
 
 /// `SO_NETNS_COOKIE` (Linux 5.14+): the cookie of the network namespace a socket lives in, the
 /// same value `bpf_get_netns_cookie` returns to the capture programs.
@@ -90,4 +98,59 @@ pub fn cgroup_effective_programs(cgroup: &impl AsRawFd, attach_type: u32) -> io:
     }
     ids.truncate(attr.prog_cnt as usize);
     Ok(ids)
+}
+
+/// `BPF_OBJ_GET`: an fd for the object (map, program, link) pinned at `path` on bpffs.
+pub fn bpf_obj_get(path: &Path) -> io::Result<OwnedFd> {
+    const BPF_OBJ_GET: libc::c_long = 7;
+    /// The obj_pin/obj_get member of `union bpf_attr`.
+    #[repr(C)]
+    struct ObjAttr {
+        pathname: u64,
+        bpf_fd: u32,
+        file_flags: u32,
+    }
+    use std::os::unix::ffi::OsStrExt as _;
+    let name = CString::new(path.as_os_str().as_bytes()).map_err(io::Error::other)?;
+    let mut attr = ObjAttr { pathname: name.as_ptr() as u64, bpf_fd: 0, file_flags: 0 };
+    // SAFETY: `attr` is a valid bpf_attr prefix of the size passed; `pathname` points at a
+    // NUL-terminated string that outlives the call.
+    let fd = unsafe {
+        libc::syscall(libc::SYS_bpf, BPF_OBJ_GET, &raw mut attr, std::mem::size_of::<ObjAttr>() as u32)
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the kernel just returned this fd to us; nothing else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// `BPF_LINK_UPDATE`: makes `link` run `program` instead of the program it holds, atomically —
+/// no moment without a program on the hook, and never both.
+pub fn bpf_link_update(link: BorrowedFd<'_>, program: BorrowedFd<'_>) -> io::Result<()> {
+    const BPF_LINK_UPDATE: libc::c_long = 29;
+    /// The link_update member of `union bpf_attr`.
+    #[repr(C)]
+    struct LinkUpdateAttr {
+        link_fd: u32,
+        new_prog_fd: u32,
+        flags: u32,
+        old_prog_fd: u32,
+    }
+    let mut attr = LinkUpdateAttr {
+        link_fd: link.as_raw_fd() as u32,
+        new_prog_fd: program.as_raw_fd() as u32,
+        flags: 0,
+        old_prog_fd: 0,
+    };
+    // SAFETY: `attr` is a valid bpf_attr prefix of the size passed.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_LINK_UPDATE,
+            &raw mut attr,
+            std::mem::size_of::<LinkUpdateAttr>() as u32,
+        )
+    };
+    if rc != 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
 }

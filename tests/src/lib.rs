@@ -101,6 +101,9 @@ fn test_cgroup_base() -> anyhow::Result<PathBuf> {
     Ok(cgroup2_mount()?.join("nodemesh-test"))
 }
 
+/// Where simulated nodes pin their capture: each node a directory of its own under it.
+const TEST_BPF_PIN_BASE: &str = "/sys/fs/bpf/nodemesh-test";
+
 /// Removes namespaces and cgroups left by earlier runs whose process no longer exists.
 pub fn sweep_stale() {
     let alive = |name: &str| -> bool {
@@ -113,6 +116,14 @@ pub fn sweep_stale() {
             let name = line.split_whitespace().next().unwrap_or("");
             if name.starts_with(NAME_PREFIX) && !alive(name) {
                 let _ = Command::new("ip").args(["netns", "del", name]).status();
+            }
+        }
+    }
+    if let Ok(entries) = fs::read_dir(TEST_BPF_PIN_BASE) {
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name.starts_with(NAME_PREFIX) && !alive(&name) {
+                let _ = fs::remove_dir_all(e.path());
             }
         }
     }
@@ -243,6 +254,12 @@ struct MeshNodeProcess {
     child: Child,
 }
 
+impl MeshNodeProcess {
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
 /// Node `index` of a simulated cluster (0 for a lone node) owns pod subnets 10.77.<index>.0/24
 /// and fd77:0:0:<index>::/64; its bridge is .1 of each, pods get .2 and up.
 pub struct SimNode {
@@ -256,6 +273,8 @@ pub struct SimNode {
     /// Processes started in pods, by PID; killed on drop.
     children: Vec<Child>,
     mesh_node: Option<MeshNodeProcess>,
+    /// mesh-node processes a newer one took over from, draining until stopped.
+    retired: Vec<MeshNodeProcess>,
     mesh_node_args: Vec<String>,
     /// Environment mesh-node starts with (besides its log filter), kept for restarts.
     mesh_node_env: Vec<(String, String)>,
@@ -282,6 +301,7 @@ impl SimNode {
             pods: Vec::new(),
             children: Vec::new(),
             mesh_node: None,
+            retired: Vec::new(),
             mesh_node_args: Vec::new(),
             mesh_node_env: Vec::new(),
             control,
@@ -355,6 +375,11 @@ impl SimNode {
         self.work_dir.join("api.sock")
     }
 
+    /// This node's bpffs directory for pinned capture (mesh-node `--bpf-pin-dir`).
+    pub fn bpf_pin_dir(&self) -> PathBuf {
+        Path::new(TEST_BPF_PIN_BASE).join(&self.id)
+    }
+
     pub fn mesh_node_log(&self) -> PathBuf {
         self.work_dir.join("mesh-node.log")
     }
@@ -381,6 +406,8 @@ impl SimNode {
             self.api_socket().display().to_string(),
             "--state-dir".into(),
             self.work_dir.join("state").display().to_string(),
+            "--bpf-pin-dir".into(),
+            self.bpf_pin_dir().display().to_string(),
         ];
         args.extend(self.mesh_node_args.iter().cloned());
         // mesh_ebpf=debug: the capture programs' aya-log records, forwarded into this log.
@@ -428,8 +455,10 @@ impl SimNode {
                 self.mesh_node = None;
                 bail!("mesh-node exited with {status} before ready; log:\n{}", self.log_tail());
             }
+            // The pid tells this process's answer from one a predecessor still gives.
+            let expected = self.mesh_node.as_ref().map(|m| format!("ready (pid {})", m.pid()));
             if let Ok(body) = self.admin_get("/healthz/ready")
-                && body.starts_with("ready")
+                && Some(body.trim()) == expected.as_deref()
             {
                 return Ok(());
             }
@@ -471,6 +500,29 @@ impl SimNode {
 
     pub fn restart_mesh_node(&mut self) -> anyhow::Result<()> {
         self.spawn_mesh_node(None)
+    }
+
+    /// An upgrade: starts a new mesh-node (same arguments) while the running one serves; it
+    /// takes the running one's listeners and capture over. Returns once the new one is ready;
+    /// the old one drains until [`SimNode::stop_retired`].
+    pub fn upgrade_mesh_node(&mut self) -> anyhow::Result<()> {
+        let old = self.mesh_node.take().context("mesh-node not running")?;
+        self.retired.push(old);
+        self.spawn_mesh_node(None)
+    }
+
+    /// SIGTERM to every mesh-node a newer one took over from; waits (up to `timeout` each) for
+    /// them to exit and returns their statuses.
+    pub fn stop_retired(&mut self, timeout: Duration) -> anyhow::Result<Vec<std::process::ExitStatus>> {
+        let mut statuses = Vec::new();
+        for mut m in std::mem::take(&mut self.retired) {
+            nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(m.pid() as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            )?;
+            statuses.push(wait_with_timeout(&mut m.child, timeout)?);
+        }
+        Ok(statuses)
     }
 
     /// Registers a pod with mesh-node through its CLI and local API.
@@ -593,6 +645,24 @@ impl SimNode {
         )?;
         run_to_end(child, timeout)
             .with_context(|| format!("{} {args:?} in pod {}", program.display(), pod.name))
+    }
+
+    /// Starts a process in a pod that runs while the test goes on (say, load during an
+    /// upgrade); [`Background::finish`] collects its stdout.
+    pub fn start_in(&self, pod: &Pod, program: &Path, args: &[String]) -> anyhow::Result<Background> {
+        let child = process::spawn_in(
+            &pod.netns,
+            Some(&pod.cgroup),
+            program,
+            args,
+            &[],
+            Stdio::piped(),
+            Stdio::inherit(),
+        )?;
+        Ok(Background {
+            child: Some(child),
+            what: format!("{} {args:?} in pod {}", program.display(), pod.name),
+        })
     }
 
     /// Runs a process in the node netns (outside every pod) to completion, with `env` added,
@@ -747,10 +817,13 @@ impl SimNode {
 
 impl Drop for SimNode {
     fn drop(&mut self) {
-        if let Some(mut m) = self.mesh_node.take() {
+        for mut m in self.mesh_node.take().into_iter().chain(std::mem::take(&mut self.retired)) {
             let _ = m.child.kill();
             let _ = m.child.wait();
         }
+        // Killed, mesh-node leaves capture pinned: unpinning detaches it.
+        let _ = fs::remove_dir_all(self.bpf_pin_dir());
+        let _ = fs::remove_dir(TEST_BPF_PIN_BASE);
         let _ = self.control.kill();
         for child in &mut self.children {
             let _ = child.kill();
@@ -767,6 +840,29 @@ impl Drop for SimNode {
         }
         if std::env::var_os("NODEMESH_KEEP_LOGS").is_none() {
             let _ = fs::remove_dir_all(&self.work_dir);
+        }
+    }
+}
+
+/// A process of [`SimNode::start_in`]; killed if dropped before [`Background::finish`].
+pub struct Background {
+    child: Option<Child>,
+    what: String,
+}
+
+impl Background {
+    /// Waits for it to end (up to `timeout`) and returns its stdout.
+    pub fn finish(mut self, timeout: Duration) -> anyhow::Result<String> {
+        let child = self.child.take().context("already finished")?;
+        run_to_end(child, timeout).with_context(|| self.what.clone())
+    }
+}
+
+impl Drop for Background {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
         }
     }
 }

@@ -268,7 +268,7 @@ fn upstream_refusal_reaches_the_client_as_a_reset_not_a_hang() {
 }
 
 #[test]
-fn after_mesh_node_is_killed_and_restarted_new_connections_are_captured_again() {
+fn a_killed_mesh_node_leaves_capture_pinned_so_pods_are_refused_not_sent_direct_until_it_returns() {
     let mut node = SimNode::new().unwrap();
     let client = node.add_pod("client", "shop").unwrap();
     let server = node.add_pod("server", "shop").unwrap();
@@ -280,10 +280,12 @@ fn after_mesh_node_is_killed_and_restarted_new_connections_are_captured_again() 
     eventually("captured before the kill", || opened_from(&node, &client) == 1.0);
 
     node.kill_mesh_node().unwrap();
-    // With mesh-node gone its links are gone too: pods fall back to direct connections.
+    // SIGKILL gives no chance to clean up: the pinned links keep capturing, towards a listener
+    // that died with the process. The connect is refused at once; nothing goes around the
+    // mesh in plaintext.
+    assert!(node.bpf_pin_dir().join("v1/links/sock4_connect").exists(), "capture stays pinned");
     let r = node.testapp(&client, &["client", "--to", &to]).unwrap();
-    let c = &r["connections"][0];
-    assert_eq!(c["reply"]["peer"], c["local"], "while mesh-node is down traffic flows directly: {r}");
+    assert_eq!(r["error"], "connection refused", "while mesh-node is down connects are refused: {r}");
 
     // Restarted with nothing re-registered: the saved workload state brings capture back.
     node.restart_mesh_node().unwrap();
@@ -316,4 +318,6 @@ fn clean_shutdown_detaches_and_bad_workloads_are_refused_with_reasons() {
 
     let status = node.stop_mesh_node().unwrap();
     assert!(status.success(), "clean shutdown exits 0, got {status}");
+    // Nobody took over: capture is unpinned, so pods connect directly until mesh-node is back.
+    assert!(!node.bpf_pin_dir().join("v1").exists(), "an exit nobody takes over from unpins capture");
 }

@@ -225,12 +225,16 @@ fn the_daemonset_runs_mesh_node_with_flags_it_takes_and_mounts_every_path_it_rea
             .iter()
             .any(|t| t["operator"] == "Exists" && t.get("key").is_none())
     );
-    // A surge pod could not bind the node's ports (hostNetwork) until listeners are handed
-    // over: one node at a time, old pod first (see the manifest's comment).
+    // New pod first (it takes the old one's listeners over); no declared port, which
+    // hostNetwork would turn into a host port that keeps the surged pod Pending.
     assert_eq!(
         ds["spec"]["updateStrategy"]["rollingUpdate"],
-        serde_json::json!({"maxSurge": 0, "maxUnavailable": 1})
+        serde_json::json!({"maxSurge": 1, "maxUnavailable": 0})
     );
+    assert!(c.get("ports").is_none(), "a hostNetwork container's ports block the surge: {c}");
+    // The drain ends before the kubelet's SIGKILL.
+    let drain: u64 = env_value(c, "NODEMESH_DRAIN_TIMEOUT_SECS").parse().unwrap();
+    assert!(drain < pod["terminationGracePeriodSeconds"].as_u64().unwrap(), "drain {drain}s");
     // The node token: projected, for the mesh's audience, at the path it reads.
     let token_volume = pod["volumes"].as_array().unwrap().iter().find(|v| v["name"] == "node-token").unwrap();
     let projected = &token_volume["projected"]["sources"][0]["serviceAccountToken"];

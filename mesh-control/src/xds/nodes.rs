@@ -11,6 +11,10 @@ use std::{
 pub struct NodeStatus {
     pub node: String,
     pub connected: bool,
+    /// Open ADS streams from this node: two while a new mesh-node takes over from the old
+    /// one, which keeps its stream until it exits.
+    #[serde(default)]
+    pub streams: u32,
     /// "delta" or "sotw".
     pub protocol: String,
     /// Seconds since the epoch of the current (or last) stream's start.
@@ -46,6 +50,7 @@ impl Nodes {
         let s = map.entry(node.to_string()).or_default();
         s.node = node.to_string();
         s.connected = true;
+        s.streams += 1;
         s.protocol = protocol.to_string();
         s.connected_at = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs());
         s.acked.clear();
@@ -53,7 +58,8 @@ impl Nodes {
 
     pub fn disconnected(&self, node: &str) {
         if let Some(s) = self.by_name.lock().expect("nodes lock").get_mut(node) {
-            s.connected = false;
+            s.streams = s.streams.saturating_sub(1);
+            s.connected = s.streams > 0;
         }
     }
 

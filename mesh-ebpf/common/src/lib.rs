@@ -12,6 +12,11 @@ pub const FAMILY_INET: u16 = 2;
 /// `AF_INET6` as the kernel numbers it.
 pub const FAMILY_INET6: u16 = 10;
 
+/// The layout of the pinned maps (their keys, values and sizes). mesh-node pins them under
+/// `<bpf-pin-dir>/v<PIN_LAYOUT>/`: a new mesh-node adopts maps of its own layout only.
+/// Raise it with any change to a pinned map's key, value or size.
+pub const PIN_LAYOUT: u32 = 1;
+
 /// Meshed cgroups: key is the cgroup v2 id (`bpf_get_current_cgroup_id`).
 pub const MESHED_CGROUPS_MAX: u32 = 16_384;
 /// Original destination by socket cookie. Sized for 100k+ concurrent captured connections per

@@ -1,12 +1,12 @@
 //! Loads the embedded eBPF object, configures it and attaches it to the cgroup root.
 
-use std::{fs::File, net::IpAddr, path::Path, sync::Mutex};
+use std::{fs::File, net::IpAddr, os::fd::AsFd, path::Path, sync::Mutex};
 
 use aya::{
     EbpfLoader,
     maps::SockHash,
     maps::{HashMap, LpmTrie, MapData, MapError, lpm_trie::Key},
-    programs::{CgroupAttachMode, CgroupSockAddr, ProgramError, SkLookup, SockOps},
+    programs::{CgroupAttachMode, CgroupSockAddr, ProgramError, ProgramFd, SkLookup, SockOps, links::FdLink},
 };
 use mesh_ebpf_common::{Cidr4, Cidr6};
 use tokio::io::{Interest, unix::AsyncFd};
@@ -14,7 +14,10 @@ use tokio::io::{Interest, unix::AsyncFd};
 /// aya-log's logger, writing through the `log` facade (bridged into our tracing output).
 pub type EbpfLogger = aya_log::EbpfLogger<&'static dyn log::Log>;
 
-use super::Capture;
+use super::{
+    Capture,
+    pins::{self, Linked, PinDir},
+};
 use crate::config::Config;
 
 /// The object built from `mesh-ebpf/` by build.rs.
@@ -53,20 +56,26 @@ pub enum CaptureError {
     Map { map: &'static str, source: MapError },
     #[error("eBPF object has no map or program named {0}; the embedded object is out of date")]
     Missing(&'static str),
+    #[error("pinned capture state {path}: {reason}")]
+    Pin { path: String, reason: String },
 }
 
 /// Loads, configures and attaches the capture programs to `config.cgroup_root`.
 ///
-/// The attachments are bpf_links owned by this process: when it exits, for any reason, capture
-/// stops and meshed pods fall back to plain networking. The kernel always attaches cgroup links
-/// in multi mode (and rejects attach flags on `BPF_LINK_CREATE`), so other cgroup-BPF users (a
-/// CNI, systemd) keep working beside us even though we pass the default mode.
+/// The maps and links are pinned under `config.bpf_pin_dir` ([`pins`](super::pins)): capture
+/// outlives this process, and a mesh-node that finds them pinned (after a restart, or taking
+/// over from a running one) swaps its programs into the same links and keeps the maps. The
+/// kernel always attaches cgroup links in multi mode (and rejects attach flags on
+/// `BPF_LINK_CREATE`), so other cgroup-BPF users (a CNI, systemd) keep working beside us.
 pub fn load_and_attach(
     config: &Config,
     log_level: aya_log::Level,
 ) -> Result<(Capture, Option<EbpfLogger>), CaptureError> {
+    let pins = PinDir::open(&config.bpf_pin_dir)?;
+    pins.check_maps()?;
     let level = log_level as u8;
     let mut ebpf = EbpfLoader::new()
+        .default_map_pin_directory(pins.maps_dir())
         .override_global("PROXY_MARK", &config.proxy_mark, true)
         .override_global(aya_log::LEVEL, &level, false)
         .load(EBPF_OBJECT)?;
@@ -80,6 +89,7 @@ pub fn load_and_attach(
     };
 
     let root = open_cgroup(&config.cgroup_root)?;
+    let mut adopted = 0;
     for (name, hook) in SOCK_ADDR_PROGRAMS {
         let program: &mut CgroupSockAddr = ebpf
             .program_mut(name)
@@ -87,11 +97,14 @@ pub fn load_and_attach(
             .try_into()
             .map_err(|source| CaptureError::Program { name, hook, source })?;
         program.load().map_err(|source| CaptureError::Program { name, hook, source })?;
-        program.attach(&root, CgroupAttachMode::default()).map_err(|source| CaptureError::Program {
-            name,
-            hook,
-            source,
+        let fd = owned_fd(program.fd(), name, hook)?;
+        let linked = pins::link_program(&pins.hook_link(name), fd.as_fd(), || {
+            let id =
+                program.attach(&root, CgroupAttachMode::default()).map_err(|e| format!("{hook}: {e}"))?;
+            let link = program.take_link(id).map_err(|e| e.to_string())?;
+            FdLink::try_from(link).map_err(|e| e.to_string())
         })?;
+        adopted += usize::from(linked == Linked::Adopted);
     }
     let (name, hook) = (SOCK_OPS_PROGRAM, "sockops");
     let sock_ops: &mut SockOps = ebpf
@@ -100,11 +113,13 @@ pub fn load_and_attach(
         .try_into()
         .map_err(|source| CaptureError::Program { name, hook, source })?;
     sock_ops.load().map_err(|source| CaptureError::Program { name, hook, source })?;
-    sock_ops.attach(&root, CgroupAttachMode::default()).map_err(|source| CaptureError::Program {
-        name,
-        hook,
-        source,
+    let fd = owned_fd(sock_ops.fd(), name, hook)?;
+    let linked = pins::link_program(&pins.hook_link(name), fd.as_fd(), || {
+        let id = sock_ops.attach(&root, CgroupAttachMode::default()).map_err(|e| format!("{hook}: {e}"))?;
+        let link = sock_ops.take_link(id).map_err(|e| e.to_string())?;
+        FdLink::try_from(link).map_err(|e| e.to_string())
     })?;
+    adopted += usize::from(linked == Linked::Adopted);
 
     let (name, hook) = (SK_LOOKUP_PROGRAM, "sk_lookup");
     let sk_lookup: &mut SkLookup = ebpf
@@ -127,10 +142,13 @@ pub fn load_and_attach(
         .map_err(|source| CaptureError::Map { map: "ORIG_DST_BY_TUPLE", source })?;
     tracing::info!(
         cgroup_root = %config.cgroup_root.display(),
-        "capture attached: connect4/6, getpeername4/6, sockops"
+        pinned = %config.bpf_pin_dir.display(),
+        "capture attached: connect4/6, getpeername4/6, sockops ({})",
+        if adopted > 0 { "adopted the pinned links: capture never stopped" } else { "new links" }
     );
     let capture = Capture {
         ebpf: Mutex::new(ebpf),
+        pins,
         meshed: Mutex::new(meshed),
         by_tuple: Mutex::new(by_tuple),
         inbound: Mutex::new(inbound),
@@ -138,6 +156,19 @@ pub fn load_and_attach(
         node_addresses: Mutex::new(node_addresses),
     };
     Ok((capture, logger))
+}
+
+/// A program's fd of our own, so the program can be borrowed again to attach it.
+pub(super) fn owned_fd(
+    fd: Result<&ProgramFd, ProgramError>,
+    name: &'static str,
+    hook: &'static str,
+) -> Result<ProgramFd, CaptureError> {
+    let fd = fd.map_err(|source| CaptureError::Program { name, hook, source })?;
+    fd.try_clone().map_err(|e| CaptureError::Pin {
+        path: name.to_string(),
+        reason: format!("dup of the program fd: {e}"),
+    })
 }
 
 fn open_cgroup(path: &Path) -> Result<File, CaptureError> {

@@ -7,17 +7,18 @@
 #[expect(unsafe_code, reason = "tokio AsyncFd registration for the eBPF log ring buffer")]
 mod loader;
 pub mod node_addresses;
+mod pins;
 
 use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     sync::Mutex,
 };
 
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd, AsRawFd};
 
 use aya::{
     maps::{HashMap, MapData, SockHash},
-    programs::{SkLookup, sk_lookup::SkLookupLinkId},
+    programs::{SkLookup, links::FdLink},
 };
 use mesh_ebpf_common::{
     ClientTupleKey, DeliveryKey, FAMILY_INET, FAMILY_INET6, MeshedCgroup, OrigDst, PodAddrKey,
@@ -33,10 +34,11 @@ pub struct CaptureTarget {
     pub proxy_port6: u16,
 }
 
-/// The loaded, attached programs and their maps. Dropping it detaches everything.
+/// The loaded programs and their maps. The links that run them are pinned (`pins`): dropping
+/// this leaves capture in place; [`Capture::unpin_all`] takes it away.
 pub struct Capture {
-    // Owns the programs and their links (cgroup root; each meshed pod's netns).
     ebpf: Mutex<aya::Ebpf>,
+    pins: pins::PinDir,
     meshed: Mutex<HashMap<MapData, u64, MeshedCgroup>>,
     by_tuple: Mutex<HashMap<MapData, ClientTupleKey, OrigDst>>,
     inbound: Mutex<SockHash<MapData, PodAddrKey>>,
@@ -47,7 +49,8 @@ pub struct Capture {
 /// The inbound capture of one pod netns, to undo with [`Capture::release_inbound`].
 #[derive(Debug)]
 pub struct InboundCapture {
-    link: SkLookupLinkId,
+    /// Where its sk_lookup link is pinned.
+    link: std::path::PathBuf,
     keys: Vec<PodAddrKey>,
 }
 
@@ -79,6 +82,7 @@ impl Capture {
     pub fn capture_inbound(
         &self,
         netns: &std::fs::File,
+        netns_cookie: u64,
         ips: &[IpAddr],
         listener4: &impl AsRawFd,
         listener6: Option<&impl AsRawFd>,
@@ -105,7 +109,13 @@ impl Capture {
             .ok_or(CaptureError::Missing(name))?
             .try_into()
             .map_err(|source| CaptureError::Program { name, hook, source })?;
-        let link = program.attach(netns).map_err(|source| CaptureError::Program { name, hook, source })?;
+        let fd = loader::owned_fd(program.fd(), name, hook)?;
+        let link = self.pins.netns_link(netns_cookie);
+        pins::link_program(&link, fd.as_fd(), || {
+            let id = program.attach(netns).map_err(|e| format!("{hook}: {e}"))?;
+            let link = program.take_link(id).map_err(|e| e.to_string())?;
+            Ok(FdLink::from(link))
+        })?;
         Ok(InboundCapture { link, keys })
     }
 
@@ -165,11 +175,31 @@ impl Capture {
             let _ = map.remove(key);
         }
         drop(map);
-        let mut ebpf = self.ebpf.lock().expect("capture program lock");
-        if let Some(Ok(program)) = ebpf.program_mut(loader::SK_LOOKUP_PROGRAM).map(<&mut SkLookup>::try_from)
-        {
-            let _ = program.detach(capture.link);
+        pins::unlink(&capture.link);
+    }
+
+    /// Drops what a previous mesh-node left pinned for workloads this one no longer has:
+    /// capture of cgroups not in `meshed` and inbound links of netns not in `netns_cookies`.
+    /// Returns how many entries went.
+    pub fn sweep(&self, meshed: &[u64], netns_cookies: &[u64]) -> usize {
+        let mut map = self.meshed.lock().expect("capture map lock");
+        let stale: Vec<u64> = map.keys().filter_map(Result::ok).filter(|id| !meshed.contains(id)).collect();
+        for id in &stale {
+            let _ = map.remove(id);
         }
+        drop(map);
+        let stale_links: Vec<u64> =
+            self.pins.netns_links().into_iter().filter(|c| !netns_cookies.contains(c)).collect();
+        for cookie in &stale_links {
+            pins::unlink(&self.pins.netns_link(*cookie));
+        }
+        stale.len() + stale_links.len()
+    }
+
+    /// Takes capture away entirely (links unpinned, so detached; maps unpinned): for an exit
+    /// that no other mesh-node takes over from.
+    pub fn unpin_all(&self) {
+        self.pins.remove();
     }
 
     /// The destination the client of an accepted connection dialled, removed from the map so

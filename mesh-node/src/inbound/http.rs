@@ -15,6 +15,7 @@ use tokio::{
 };
 
 use crate::authz::{Inbound, Request as AuthzRequest, Verdict};
+use crate::drain::Drain;
 use crate::{
     conn::{
         pool::{Body, full},
@@ -42,6 +43,7 @@ pub async fn judge_and_pass<S>(
     delivered: TcpStream,
     connection: Inbound,
     counters: &ConnectionCounters,
+    drain: &Drain,
 ) -> Result<(), String>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -50,7 +52,7 @@ where
     let client = Prefixed::new(prefix, client);
     match protocol {
         Protocol::Http1 | Protocol::H2c => {
-            serve(client, delivered, protocol == Protocol::H2c, connection).await
+            serve(client, delivered, protocol == Protocol::H2c, connection, drain).await
         }
         _ => {
             if connection.decide(&connection.current(), None) != Verdict::Allow {
@@ -68,7 +70,13 @@ where
 
 /// Serves `client` (HTTP/2 if `h2`) until it closes, forwarding allowed requests over
 /// `delivered`.
-async fn serve<S>(client: S, delivered: TcpStream, h2: bool, connection: Inbound) -> Result<(), String>
+async fn serve<S>(
+    client: S,
+    delivered: TcpStream,
+    h2: bool,
+    connection: Inbound,
+    drain: &Drain,
+) -> Result<(), String>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -87,19 +95,27 @@ where
         tokio::spawn(conn.with_upgrades());
         Upstream::Http1(Mutex::new(sender))
     };
-    let shared = Arc::new((connection, upstream));
+    let shared = Arc::new((connection, upstream, drain.clone()));
     let service = service_fn(move |request: Request<Incoming>| {
         let shared = Arc::clone(&shared);
-        async move { Ok::<_, Infallible>(handle(&shared.0, &shared.1, request).await) }
+        async move {
+            let (mut parts, body) = handle(&shared.0, &shared.1, request).await.into_parts();
+            if !h2 {
+                shared.2.close_after(&mut parts);
+            }
+            Ok::<_, Infallible>(Response::from_parts(parts, body))
+        }
     });
     let client = TokioIo::new(client);
     let served = if h2 {
-        hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+        let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
-            .serve_connection(client, service)
-            .await
+            .serve_connection(client, service);
+        drain.serve(conn, true, |c| c.graceful_shutdown()).await
     } else {
-        hyper::server::conn::http1::Builder::new().serve_connection(client, service).with_upgrades().await
+        let conn =
+            hyper::server::conn::http1::Builder::new().serve_connection(client, service).with_upgrades();
+        drain.serve(conn, false, |c| c.graceful_shutdown()).await
     };
     served.map_err(|e| e.to_string())
 }

@@ -19,6 +19,7 @@ use crate::{
 
 /// Metrics and the pod's policies come with the authorizer.
 pub struct PlaintextInbound {
+    pub drain: crate::drain::Drain,
     pub delivery: Arc<Delivery>,
     pub authorizer: Arc<Authorizer>,
     pub connect_timeout: Duration,
@@ -38,7 +39,7 @@ impl PlaintextInbound {
             match listener.accept().await {
                 Ok((conn, peer)) => {
                     let (this, pod) = (Arc::clone(&self), Arc::clone(&pod));
-                    tokio::spawn(async move { this.handle(conn, peer, &pod).await });
+                    tokio::spawn(self.drain.tracked(async move { this.handle(conn, peer, &pod).await }));
                 }
                 Err(e) => {
                     tracing::warn!(workload = %pod.key, "inbound accept failed: {e}");
@@ -103,7 +104,7 @@ impl PlaintextInbound {
             destination_workload_namespace: pod.key.namespace.clone(),
         });
         let relayed = if per_request {
-            judge_and_pass(conn, delivered, connection, &counters).await
+            judge_and_pass(conn, delivered, connection, &counters, &self.drain).await
         } else {
             // The pod is the first side: what it sends is what the destination sent.
             relay::relay_stream(delivered, Guarded::new(conn, connection), &counters.sent, &counters.received)

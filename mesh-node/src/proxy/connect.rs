@@ -176,8 +176,9 @@ impl Outbound {
                 destination_workload: pod.key.name.clone(),
                 destination_workload_namespace: pod.key.namespace.clone(),
             });
+            let drain = self.drain.clone();
             tokio::spawn(async move {
-                if let Err(e) = judge_and_pass(theirs, delivered, connection, &counters).await {
+                if let Err(e) = judge_and_pass(theirs, delivered, connection, &counters, &drain).await {
                     tracing::debug!("judged same-node connection ended: {e}");
                 }
                 counters.closed();

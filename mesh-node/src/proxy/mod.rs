@@ -21,6 +21,8 @@ use route::Router;
 /// Shared outbound state: capture lookups, metrics, settings.
 pub struct Outbound {
     pub capture: Arc<Capture>,
+    /// Counts this process's connections and tells them when it drains.
+    pub drain: crate::drain::Drain,
     pub metrics: Arc<Metrics>,
     /// This node's workloads by address: same-node destinations are delivered into their
     /// netns directly, and telemetry names them.

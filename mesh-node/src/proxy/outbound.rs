@@ -57,7 +57,7 @@ impl Outbound {
                 Ok((client, peer)) => {
                     let this = Arc::clone(&self);
                     let source = Arc::clone(&source);
-                    tokio::spawn(async move { this.handle(client, peer, source).await });
+                    tokio::spawn(self.drain.tracked(async move { this.handle(client, peer, source).await }));
                 }
                 Err(e) => {
                     // EMFILE and friends: back off instead of spinning; the listener stays.

@@ -18,6 +18,14 @@ pub(super) const INBOUND_PORT: u16 = 15006;
 /// Deep enough for bursts of thousands of connects per pod.
 const BACKLOG: i32 = 4096;
 
+/// Listeners a previous mesh-node handed over for one workload: used instead of new ones
+/// when they live in the netns the workload has now.
+#[derive(Default)]
+pub(super) struct Handed {
+    pub v4: Option<std::net::TcpListener>,
+    pub v6: Option<std::net::TcpListener>,
+}
+
 pub(super) struct WorkloadListeners {
     pub netns_cookie: u64,
     pub v4: std::net::TcpListener,
@@ -25,35 +33,63 @@ pub(super) struct WorkloadListeners {
     pub v6: Option<std::net::TcpListener>,
 }
 
+impl WorkloadListeners {
+    /// Descriptors of our own for the listeners (`roles`: IPv4, IPv6), kept for a handover.
+    pub(super) fn own_fds(
+        &self,
+        roles: [crate::handover::wire::Role; 2],
+    ) -> io::Result<Vec<(crate::handover::wire::Role, std::os::fd::OwnedFd)>> {
+        let mut fds = vec![(roles[0], self.v4.try_clone()?.into())];
+        if let Some(v6) = &self.v6 {
+            fds.push((roles[1], v6.try_clone()?.into()));
+        }
+        Ok(fds)
+    }
+}
+
 pub(super) async fn bind_in(
     netns: &NetnsThread,
+    handed: Handed,
 ) -> Result<io::Result<WorkloadListeners>, crate::netns::NetnsError> {
-    bind_pair(netns, OUTBOUND_PORT).await
+    bind_pair(netns, OUTBOUND_PORT, handed).await
 }
 
 /// The inbound listeners, for [`crate::capture::Capture::capture_inbound`].
 pub(super) async fn bind_inbound(
     netns: &NetnsThread,
+    handed: Handed,
 ) -> Result<io::Result<WorkloadListeners>, crate::netns::NetnsError> {
-    bind_pair(netns, INBOUND_PORT).await
+    bind_pair(netns, INBOUND_PORT, handed).await
 }
 
-/// Listeners on 127.0.0.1 and ::1 (`port`, or an ephemeral one if it is taken) in `netns`.
+/// Listeners on 127.0.0.1 and ::1 in `netns`: the handed-over ones if they live there, else
+/// new ones on `port` (or an ephemeral one if it is taken).
 async fn bind_pair(
     netns: &NetnsThread,
     port: u16,
+    handed: Handed,
 ) -> Result<io::Result<WorkloadListeners>, crate::netns::NetnsError> {
     netns
         .run(move || {
-            let v4 = bind_loopback(SocketAddr::from((Ipv4Addr::LOCALHOST, port)))?;
-            let netns_cookie = sys::netns_cookie(&v4)?;
-            let v6 = match bind_loopback(SocketAddr::from((Ipv6Addr::LOCALHOST, port))) {
-                Ok(l) => Some(l),
-                Err(e) if e.kind() == io::ErrorKind::AddrNotAvailable => None,
-                Err(e) if e.raw_os_error() == Some(libc::EAFNOSUPPORT) => None,
-                Err(e) => return Err(e),
+            let here = sys::netns_cookie(&Socket::new(Domain::IPV4, Type::DGRAM, None)?)?;
+            // The pod may have been replaced (same name, new netns) since they were made.
+            let usable = |l: Option<std::net::TcpListener>| {
+                l.filter(|l| sys::netns_cookie(l).is_ok_and(|cookie| cookie == here))
             };
-            Ok(WorkloadListeners { netns_cookie, v4, v6 })
+            let v4 = match usable(handed.v4) {
+                Some(l) => l,
+                None => bind_loopback(SocketAddr::from((Ipv4Addr::LOCALHOST, port)))?,
+            };
+            let v6 = match usable(handed.v6) {
+                Some(l) => Some(l),
+                None => match bind_loopback(SocketAddr::from((Ipv6Addr::LOCALHOST, port))) {
+                    Ok(l) => Some(l),
+                    Err(e) if e.kind() == io::ErrorKind::AddrNotAvailable => None,
+                    Err(e) if e.raw_os_error() == Some(libc::EAFNOSUPPORT) => None,
+                    Err(e) => return Err(e),
+                },
+            };
+            Ok(WorkloadListeners { netns_cookie: here, v4, v6 })
         })
         .await
 }

@@ -7,12 +7,15 @@
 //! failed add leaves whatever was registered before untouched.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, HashMap},
     io,
     net::IpAddr,
-    os::unix::fs::MetadataExt,
+    os::{fd::OwnedFd, unix::fs::MetadataExt},
     path::{Path, PathBuf},
-    sync::Arc,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
 };
 
 use nix::sys::statfs::{CGROUP2_SUPER_MAGIC, statfs};
@@ -25,10 +28,12 @@ use tokio::{net::TcpListener, sync::Mutex, task::AbortHandle};
 mod listeners;
 mod state;
 
+use listeners::Handed;
 use state::StateFile;
 
 use crate::{
     capture::{Capture, CaptureError, CaptureTarget, InboundCapture},
+    handover::wire::{Described, Role},
     inbound::{plaintext::PlaintextInbound, routing},
     netns::{NetnsError, NetnsThread},
     proxy::Outbound,
@@ -57,6 +62,8 @@ pub enum WorkloadError {
     Routing { key: WorkloadKey, source: Box<routing::RoutingError> },
     #[error("no workload {0} on this node")]
     NotFound(WorkloadKey),
+    #[error("this mesh-node is handing over to a new one; ask again in a moment")]
+    HandingOver,
     #[error("saving workload state to {path}: {source}")]
     State { path: PathBuf, source: io::Error },
 }
@@ -66,7 +73,10 @@ impl WorkloadError {
     pub fn is_client_error(&self) -> bool {
         !matches!(
             self,
-            WorkloadError::State { .. } | WorkloadError::Capture { .. } | WorkloadError::Routing { .. }
+            WorkloadError::State { .. }
+                | WorkloadError::Capture { .. }
+                | WorkloadError::Routing { .. }
+                | WorkloadError::HandingOver
         )
     }
 }
@@ -98,6 +108,8 @@ struct Entry {
     routing: Option<routing::Installed>,
     /// Its inbound capture (sk_lookup link, listener map entries), released with it.
     inbound: std::sync::Mutex<Option<InboundCapture>>,
+    /// Its listeners (descriptors of our own), for a handover to a new mesh-node.
+    sockets: Vec<(Role, OwnedFd)>,
 }
 
 impl Entry {
@@ -134,6 +146,12 @@ pub struct Registry {
     own_netns_cookie: Option<u64>,
     /// Every registered spec, republished on each change (the xDS client reports them).
     specs: tokio::sync::watch::Sender<Vec<WorkloadSpec>>,
+    /// Set while a new mesh-node takes over: it reads the capture maps and the state file,
+    /// so nothing here changes them.
+    frozen: AtomicBool,
+    /// Listeners the previous mesh-node handed over, by `namespace/name`, until the workload
+    /// registers again (or [`Registry::drop_handed`]).
+    handed: std::sync::Mutex<HashMap<String, Vec<(Role, std::net::TcpListener)>>>,
 }
 
 impl Registry {
@@ -159,7 +177,73 @@ impl Registry {
             state: StateFile::new(state_dir),
             cgroup_root: cgroup_root.canonicalize().unwrap_or_else(|_| cgroup_root.to_path_buf()),
             specs: tokio::sync::watch::Sender::new(Vec::new()),
+            frozen: AtomicBool::new(false),
+            handed: Default::default(),
         }
+    }
+
+    /// Listeners a previous mesh-node handed over: workloads registering from now on use
+    /// them instead of binding new ones.
+    pub fn inherit(&self, workloads: HashMap<String, Vec<(Role, std::net::TcpListener)>>) {
+        *self.handed.lock().expect("handed lock") = workloads;
+    }
+
+    /// Closes handed-over listeners no workload took (pods gone meanwhile).
+    pub fn drop_handed(&self) -> usize {
+        let left = std::mem::take(&mut *self.handed.lock().expect("handed lock"));
+        left.values().map(Vec::len).sum()
+    }
+
+    /// The handed-over listeners of `key` for one direction.
+    fn take_handed(&self, key: &WorkloadKey, roles: [Role; 2]) -> Handed {
+        let mut handed = self.handed.lock().expect("handed lock");
+        let Some(listeners) = handed.get_mut(&key.to_string()) else { return Handed::default() };
+        let mut take = |role| {
+            let i = listeners.iter().position(|(r, _)| *r == role)?;
+            Some(listeners.swap_remove(i).1)
+        };
+        Handed { v4: take(roles[0]), v6: take(roles[1]) }
+    }
+
+    /// Stops registration changes and returns every workload's listeners, for a handover.
+    pub async fn freeze(&self) -> Vec<(Described, OwnedFd)> {
+        let workloads = self.workloads.lock().await;
+        self.frozen.store(true, Ordering::Release);
+        let mut sockets = Vec::new();
+        for (key, entry) in workloads.iter() {
+            for (role, fd) in &entry.sockets {
+                match fd.try_clone() {
+                    Ok(fd) => sockets.push((Described { role: *role, workload: Some(key.to_string()) }, fd)),
+                    Err(e) => tracing::warn!(workload = %key, ?role, "cannot hand over a listener: {e}"),
+                }
+            }
+        }
+        sockets
+    }
+
+    pub fn thaw(&self) {
+        self.frozen.store(false, Ordering::Release);
+    }
+
+    /// Ends every accept loop (the successor accepts on the same sockets now); connections
+    /// already accepted carry on.
+    pub async fn stop_accepting(&self) {
+        for entry in self.workloads.lock().await.values() {
+            entry.listener_tasks.iter().for_each(AbortHandle::abort);
+        }
+    }
+
+    /// The cgroups captured and the netns whose inbound is captured, for
+    /// [`Capture::sweep`].
+    pub async fn captured(&self) -> (Vec<u64>, Vec<u64>) {
+        let workloads = self.workloads.lock().await;
+        let cgroups = workloads.values().filter(|e| e.status.capture.is_some()).map(|e| e.status.cgroup_id);
+        let netns = workloads.values().filter_map(|e| e.status.capture.map(|c| c.netns_cookie));
+        (cgroups.collect(), netns.collect())
+    }
+
+    fn check_not_frozen(&self) -> Result<(), WorkloadError> {
+        if self.frozen.load(Ordering::Acquire) { Err(WorkloadError::HandingOver) } else { Ok(()) }
     }
 
     /// The registered specs now and after every change.
@@ -187,6 +271,7 @@ impl Registry {
 
     pub async fn add(&self, spec: WorkloadSpec) -> Result<WorkloadStatus, WorkloadError> {
         let mut workloads = self.workloads.lock().await;
+        self.check_not_frozen()?;
         let status = self.insert(&mut workloads, spec).await?;
         self.persist(&workloads)
             .map_err(|source| WorkloadError::State { path: self.state.path().to_path_buf(), source })?;
@@ -221,12 +306,14 @@ impl Registry {
             inbound: String::new(),
         };
         let mut listener_tasks = Vec::new();
+        let mut sockets = Vec::new();
         let mut delivery = None;
         let mut installed = None;
         let mut inbound = None;
         status.inbound = decision_text(decision);
         if decision.is_meshed() {
-            let (target, mut tasks, source) = self.start_capture(&key, &spec).await?;
+            let (target, mut tasks, source, outbound_sockets) = self.start_capture(&key, &spec).await?;
+            sockets = outbound_sockets;
             if Some(target.netns_cookie) == self.own_netns_cookie {
                 status.inbound = "direct: shares mesh-node's network namespace".into();
             } else {
@@ -249,9 +336,10 @@ impl Registry {
                     self.capture.release_inbound(old_inbound);
                 }
                 match self.start_inbound(&key, &spec, &source).await {
-                    Ok((capture, accept_tasks)) => {
+                    Ok((capture, accept_tasks, inbound_sockets)) => {
                         inbound = Some(capture);
                         tasks.extend(accept_tasks);
+                        sockets.extend(inbound_sockets);
                     }
                     Err(e) => {
                         tasks.iter().for_each(AbortHandle::abort);
@@ -279,6 +367,7 @@ impl Registry {
             local: Arc::clone(&local),
             routing: installed,
             inbound: std::sync::Mutex::new(inbound),
+            sockets,
         };
         if let Some(old) = workloads.insert(key.clone(), entry) {
             self.forget_ips(&old.status.ips);
@@ -313,6 +402,7 @@ impl Registry {
 
     pub async fn remove(&self, key: &WorkloadKey) -> Result<(), WorkloadError> {
         let mut workloads = self.workloads.lock().await;
+        self.check_not_frozen()?;
         let entry = workloads.remove(key).ok_or_else(|| WorkloadError::NotFound(key.clone()))?;
         let stopped = entry.stop(&self.capture);
         entry.remove_routing(self.plaintext.delivery.mark);
@@ -334,14 +424,16 @@ impl Registry {
         &self,
         key: &WorkloadKey,
         spec: &WorkloadSpec,
-    ) -> Result<(CaptureTarget, Vec<AbortHandle>, Arc<Source>), WorkloadError> {
+    ) -> Result<(CaptureTarget, Vec<AbortHandle>, Arc<Source>, Vec<(Role, OwnedFd)>), WorkloadError> {
         let netns = NetnsThread::spawn(&spec.netns)
             .map_err(|source| WorkloadError::Netns { key: key.clone(), source })?;
-        let bound = listeners::bind_in(&netns)
+        let handed = self.take_handed(key, [Role::Outbound4, Role::Outbound6]);
+        let bound = listeners::bind_in(&netns, handed)
             .await
             .map_err(|source| WorkloadError::Netns { key: key.clone(), source })?
             .map_err(|source| WorkloadError::Listen { key: key.clone(), source })?;
         let listen_err = |source| WorkloadError::Listen { key: key.clone(), source };
+        let sockets = bound.own_fds([Role::Outbound4, Role::Outbound6]).map_err(listen_err)?;
         let v4 = TcpListener::from_std(bound.v4).map_err(listen_err)?;
         let v6 = bound.v6.map(TcpListener::from_std).transpose().map_err(listen_err)?;
         let target = CaptureTarget {
@@ -367,7 +459,7 @@ impl Registry {
                 tokio::spawn(serve).abort_handle()
             })
             .collect();
-        Ok((target, tasks, source))
+        Ok((target, tasks, source, sockets))
     }
 
     /// Inbound listeners in the pod's netns, its sk_lookup capture, and their accept tasks.
@@ -376,16 +468,18 @@ impl Registry {
         key: &WorkloadKey,
         spec: &WorkloadSpec,
         source: &Arc<Source>,
-    ) -> Result<(InboundCapture, Vec<AbortHandle>), WorkloadError> {
+    ) -> Result<(InboundCapture, Vec<AbortHandle>, Vec<(Role, OwnedFd)>), WorkloadError> {
         let listen_err = |source| WorkloadError::Listen { key: key.clone(), source };
-        let bound = listeners::bind_inbound(&source.netns)
+        let handed = self.take_handed(key, [Role::Inbound4, Role::Inbound6]);
+        let bound = listeners::bind_inbound(&source.netns, handed)
             .await
             .map_err(|source| WorkloadError::Netns { key: key.clone(), source })?
             .map_err(listen_err)?;
+        let sockets = bound.own_fds([Role::Inbound4, Role::Inbound6]).map_err(listen_err)?;
         let netns = std::fs::File::open(&spec.netns).map_err(listen_err)?;
         let capture = self
             .capture
-            .capture_inbound(&netns, &spec.ips, &bound.v4, bound.v6.as_ref())
+            .capture_inbound(&netns, source.netns_cookie, &spec.ips, &bound.v4, bound.v6.as_ref())
             .map_err(|source| WorkloadError::Capture { key: key.clone(), source: Box::new(source) })?;
         let v4 = TcpListener::from_std(bound.v4).map_err(listen_err)?;
         let v6 = bound.v6.map(TcpListener::from_std).transpose().map_err(listen_err)?;
@@ -393,7 +487,7 @@ impl Registry {
             .chain(v6)
             .map(|l| tokio::spawn(Arc::clone(&self.plaintext).serve(l, Arc::clone(source))).abort_handle())
             .collect();
-        Ok((capture, tasks))
+        Ok((capture, tasks, sockets))
     }
 
     fn check_cgroup(&self, key: &WorkloadKey, path: &Path) -> Result<(PathBuf, u64), WorkloadError> {

@@ -15,7 +15,7 @@ use std::{
     pin::Pin,
     sync::{
         Arc, Mutex,
-        atomic::{AtomicUsize, Ordering},
+        atomic::{AtomicBool, AtomicUsize, Ordering},
     },
     task::{Context, Poll},
     time::{Duration, SystemTime},
@@ -56,6 +56,9 @@ struct Connection {
     /// After this no new stream goes on the connection: our certificate has been renewed by
     /// then, or the peer's has expired. Streams already on it run to their end.
     retire_at: SystemTime,
+    /// A request on it failed before any answer (the peer sent GOAWAY: it is draining):
+    /// no new stream goes on it.
+    refused: AtomicBool,
 }
 
 #[derive(Default)]
@@ -71,7 +74,8 @@ impl KeyPool {
         let mut connections = self.connections.lock().expect("tunnel pool lock");
         let now = SystemTime::now();
         // Retired connections leave the pool; hyper closes each when its last stream ends.
-        connections.retain(|c| !c.sender.is_closed() && c.retire_at > now);
+        connections
+            .retain(|c| !c.sender.is_closed() && c.retire_at > now && !c.refused.load(Ordering::Acquire));
         connections.iter().find_map(|c| {
             let taken = c.streams.fetch_add(1, Ordering::AcqRel);
             if taken < STREAMS_PER_CONNECTION {
@@ -128,19 +132,36 @@ impl TunnelPool {
             destination: identities.identity(&target.namespace, &target.service_account),
         };
         let work = async {
-            let slot = self.slot(&key).await?;
-            let mut request = Request::builder().method(Method::CONNECT).uri(destination.to_string());
-            if let Some(ip) = from {
-                request = request.header(FORWARDED, forwarded_for(ip));
-            }
-            if !source_workload.is_empty() {
-                request = request.header(BAGGAGE, format!("{POD_NAME_KEY}={source_workload}"));
-            }
-            let request = request.body(Empty::new()).map_err(io::Error::other)?;
-            let mut sender = slot.0.sender.clone();
-            let response = sender.send_request(request).await.map_err(|e| {
-                io::Error::new(io::ErrorKind::ConnectionReset, format!("tunnel {}: {e}", key.tunnel))
-            })?;
+            // A draining peer answers new streams with GOAWAY / REFUSED_STREAM, before the
+            // CONNECT reaches any pod: such a stream is tried once more on a new connection
+            // (which reaches whichever process serves the peer's port by then).
+            let mut retried = false;
+            let (slot, response) = loop {
+                let slot = self.slot(&key).await?;
+                let mut request = Request::builder().method(Method::CONNECT).uri(destination.to_string());
+                if let Some(ip) = from {
+                    request = request.header(FORWARDED, forwarded_for(ip));
+                }
+                if !source_workload.is_empty() {
+                    request = request.header(BAGGAGE, format!("{POD_NAME_KEY}={source_workload}"));
+                }
+                let request = request.body(Empty::new()).map_err(io::Error::other)?;
+                let mut sender = slot.0.sender.clone();
+                match sender.send_request(request).await {
+                    Ok(response) => break (slot, response),
+                    Err(e) if !retried => {
+                        tracing::debug!(tunnel = %key.tunnel, "tunnel stream refused ({e}); trying a new connection");
+                        slot.0.refused.store(true, Ordering::Release);
+                        retried = true;
+                    }
+                    Err(e) => {
+                        return Err(io::Error::new(
+                            io::ErrorKind::ConnectionReset,
+                            format!("tunnel {}: {e}", key.tunnel),
+                        ));
+                    }
+                }
+            };
             let status = response.status();
             if status != StatusCode::OK {
                 let body = response.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
@@ -183,7 +204,12 @@ impl TunnelPool {
             return Ok(slot);
         }
         let (sender, retire_at) = self.dial(key).await?;
-        let connection = Arc::new(Connection { sender, streams: AtomicUsize::new(1), retire_at });
+        let connection = Arc::new(Connection {
+            sender,
+            streams: AtomicUsize::new(1),
+            retire_at,
+            refused: AtomicBool::new(false),
+        });
         pool.connections.lock().expect("tunnel pool lock").push(Arc::clone(&connection));
         Ok(StreamSlot(connection))
     }

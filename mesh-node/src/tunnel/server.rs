@@ -43,6 +43,7 @@ const CERT_WAIT: Duration = Duration::from_secs(3);
 const MAX_STREAMS: u32 = STREAMS_PER_CONNECTION as u32 + 24;
 
 pub struct TunnelServer {
+    pub drain: crate::drain::Drain,
     pub credentials: Arc<Credentials>,
     pub locals: Arc<IpIndex>,
     pub delivery: Arc<Delivery>,
@@ -64,7 +65,7 @@ impl TunnelServer {
             match listener.accept().await {
                 Ok((tcp, addr)) => {
                     let this = Arc::clone(&self);
-                    tokio::spawn(async move { this.connection(tcp, addr).await });
+                    tokio::spawn(self.drain.tracked(async move { this.connection(tcp, addr).await }));
                 }
                 Err(e) => {
                     tracing::warn!("tunnel accept failed: {e}");
@@ -126,18 +127,21 @@ impl TunnelServer {
         };
         tracing::debug!(peer = %addr, client = %peers.client, server = %peers.server, "tunnel connection accepted");
         self.metrics.tunnel_connections_accepted.inc();
+        let drain = self.drain.clone();
         let service = service_fn(move |request| {
             let this = Arc::clone(&self);
             let peers = Arc::clone(&peers);
             async move { Ok::<_, Infallible>(this.stream(request, &peers).await) }
         });
-        let served = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+        let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
             .max_concurrent_streams(MAX_STREAMS)
             .initial_stream_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONNECTION_WINDOW)
-            .serve_connection(TokioIo::new(tls), service)
-            .await;
+            .serve_connection(TokioIo::new(tls), service);
+        // Draining: a GOAWAY; the peer opens new streams on a new connection (to whichever
+        // process holds the listener by then), streams already open run to their end.
+        let served = drain.serve(conn, true, |c| c.graceful_shutdown()).await;
         if let Err(e) = served {
             tracing::debug!(peer = %addr, "tunnel connection ended: {e}");
         }
@@ -229,7 +233,8 @@ impl TunnelServer {
         let metrics = Arc::clone(&self.metrics);
         let client = peers.client.clone();
         let peer = peers.addr;
-        tokio::spawn(async move {
+        let drain = self.drain.clone();
+        tokio::spawn(self.drain.tracked(async move {
             let upgraded = match hyper::upgrade::on(&mut request).await {
                 Ok(u) => u,
                 Err(e) => {
@@ -240,7 +245,7 @@ impl TunnelServer {
             };
             let counters = metrics.connection_opened(&labels);
             let relayed = if per_request {
-                http::judge_and_pass(TokioIo::new(upgraded), delivered, connection, &counters).await
+                http::judge_and_pass(TokioIo::new(upgraded), delivered, connection, &counters, &drain).await
             } else {
                 // The pod is the first side: what it sends is what the destination sent.
                 let client = Guarded::new(TokioIo::new(upgraded), connection);
@@ -253,7 +258,7 @@ impl TunnelServer {
                 tracing::debug!(%client, %peer, %target, "tunnel stream ended with error: {e}");
             }
             counters.closed();
-        });
+        }));
         Response::new(Full::new(Bytes::new()))
     }
 }

@@ -47,7 +47,33 @@ pub struct OnDemand {
     /// Every address ever asked for (re-subscribed after a reconnect).
     subscribed: Mutex<BTreeSet<String>>,
     requests: mpsc::UnboundedSender<String>,
-    connected: Arc<AtomicBool>,
+    stream: Arc<StreamState>,
+}
+
+/// Whether the stream is up, and whether it ever was in this process.
+#[derive(Default)]
+struct StreamState {
+    up: watch::Sender<bool>,
+    ever_up: AtomicBool,
+}
+
+impl StreamState {
+    fn set(&self, up: bool) {
+        if up {
+            self.ever_up.store(true, Ordering::Release);
+        }
+        self.up.send_replace(up);
+    }
+
+    fn is_up(&self) -> bool {
+        *self.up.borrow()
+    }
+
+    /// Waits until the stream is up (or `deadline`); whether it is.
+    async fn wait_up(&self, deadline: tokio::time::Instant) -> bool {
+        let mut up = self.up.subscribe();
+        tokio::time::timeout_at(deadline, up.wait_for(|u| *u)).await.is_ok()
+    }
 }
 
 impl OnDemand {
@@ -64,11 +90,16 @@ impl OnDemand {
         if self.subscribed.lock().expect("subscribed lock").insert(name.clone()) {
             let _ = self.requests.send(name);
         }
-        if !self.connected.load(Ordering::Acquire) {
-            // Don't make every connection wait out the timeout while we know nobody will answer.
-            return None;
-        }
         let deadline = tokio::time::Instant::now() + timeout;
+        if !self.stream.is_up() {
+            // Don't make every connection wait out the timeout while we know nobody will answer.
+            // But a process that just started (say, one that took over from a running
+            // mesh-node) is still opening its stream: waiting for it beats passing the
+            // connection through unresolved.
+            if self.stream.ever_up.load(Ordering::Acquire) || !self.stream.wait_up(deadline).await {
+                return self.cache.address(ip);
+            }
+        }
         loop {
             if tokio::time::timeout_at(deadline, notified.as_mut()).await.is_err() {
                 return self.cache.address(ip);
@@ -88,7 +119,7 @@ pub struct Client {
     pub cache: Arc<Cache>,
     requests: Mutex<Option<mpsc::UnboundedReceiver<String>>>,
     on_demand: Arc<OnDemand>,
-    connected: Arc<AtomicBool>,
+    stream: Arc<StreamState>,
     /// The node token, sent with workload reports and xDS streams (read anew for each).
     pub token: Option<NodeToken>,
     /// Where other nodes reach this node's tunnel, reported with the workloads.
@@ -101,12 +132,12 @@ const SUBSCRIBE_ORDER: [&str; 5] =
 impl Client {
     pub fn new(control_plane: ControlPlane, node: String, cache: Arc<Cache>) -> Client {
         let (tx, rx) = mpsc::unbounded_channel();
-        let connected = Arc::new(AtomicBool::new(false));
+        let stream = Arc::new(StreamState::default());
         let on_demand = Arc::new(OnDemand {
             cache: Arc::clone(&cache),
             subscribed: Mutex::default(),
             requests: tx,
-            connected: Arc::clone(&connected),
+            stream: Arc::clone(&stream),
         });
         Client {
             control_plane,
@@ -114,7 +145,7 @@ impl Client {
             cache,
             requests: Mutex::new(Some(rx)),
             on_demand,
-            connected,
+            stream,
             token: None,
             tunnel_address: None,
         }
@@ -125,7 +156,12 @@ impl Client {
     }
 
     pub fn is_connected(&self) -> bool {
-        self.connected.load(Ordering::Acquire)
+        self.stream.is_up()
+    }
+
+    /// Waits up to `timeout` for the stream to be up; whether it is.
+    pub async fn wait_connected(&self, timeout: Duration) -> bool {
+        self.stream.wait_up(tokio::time::Instant::now() + timeout).await
     }
 
     /// Runs forever: connect, stream, and on any failure back off and reconnect. `specs`:
@@ -147,7 +183,7 @@ impl Client {
                     "xDS: {e:#}; serving the last good config and retrying"
                 ),
             }
-            self.connected.store(false, Ordering::Release);
+            self.stream.set(false);
             if started.elapsed() > Duration::from_secs(10) {
                 backoff = Duration::from_millis(100);
             }
@@ -212,7 +248,7 @@ impl Client {
             stream.metadata_mut().insert("authorization", bearer);
         }
         let mut inbound = client.delta_aggregated_resources(stream).await?.into_inner();
-        self.connected.store(true, Ordering::Release);
+        self.stream.set(true);
         tracing::info!(control_plane = self.control_plane.url, "xDS stream open");
         loop {
             tokio::select! {

@@ -93,19 +93,28 @@ pub(crate) async fn serve(
 ) {
     let io = TokioIo::new(client);
     let (key, service_name) = (source.key.clone(), target.service.clone());
+    let drain = outbound.drain.clone();
     let service = service_fn(move |req| {
         let (outbound, source, target) = (Arc::clone(&outbound), Arc::clone(&source), Arc::clone(&target));
         async move {
             let started = std::time::Instant::now();
             let response = forward(&outbound, &source, &target, req).await;
             record(&outbound, &source, &target, &response, started);
-            Ok::<_, Infallible>(response)
+            let (mut parts, body) = response.into_parts();
+            if !h2 {
+                outbound.drain.close_after(&mut parts);
+            }
+            Ok::<_, Infallible>(Response::from_parts(parts, body))
         }
     });
     let result = if h2 {
-        http2::Builder::new(TokioExecutor::new()).timer(TokioTimer::new()).serve_connection(io, service).await
+        let conn =
+            http2::Builder::new(TokioExecutor::new()).timer(TokioTimer::new()).serve_connection(io, service);
+        drain.serve(conn, true, |c| c.graceful_shutdown()).await
     } else {
-        http1::Builder::new().timer(TokioTimer::new()).serve_connection(io, service).with_upgrades().await
+        let conn =
+            http1::Builder::new().timer(TokioTimer::new()).serve_connection(io, service).with_upgrades();
+        drain.serve(conn, false, |c| c.graceful_shutdown()).await
     };
     if let Err(e) = result {
         tracing::debug!(workload = %key, service = service_name, "HTTP connection ended: {e}");

@@ -26,6 +26,7 @@ use sha2::{Digest, Sha256};
 mod grpc;
 mod http;
 mod many;
+mod steady;
 mod tls;
 
 const IO_TIMEOUT: Duration = Duration::from_secs(30);
@@ -104,6 +105,17 @@ fn main() {
         "many-connect" => {
             many::connect(to(), num("--connections", 1) as usize, num("--concurrency", 256).max(1) as usize)
         }
+        "steady" => {
+            let addr = |flag: &str| opt(flag).and_then(|a| a.parse().ok()).unwrap_or_else(|| usage());
+            steady::run(&steady::Steady {
+                http: addr("--http"),
+                tcp: addr("--tcp"),
+                duration: Duration::from_secs(num("--seconds", 10)),
+                keepalive_clients: num("--keepalive", 4) as usize,
+                fresh_clients: num("--fresh", 2) as usize,
+                streams: num("--streams", 4) as usize,
+            })
+        }
         "bench-connect" => bench_connect(to(), num("--count", 1000)),
         "bench-latency" => {
             bench_latency(to(), num("--rate", 1000), num("--count", 5000), num("--size", 1024) as usize)
@@ -127,7 +139,7 @@ fn main() {
 
 fn usage() -> ! {
     fail(
-        "usage: nm-testapp serve|http-serve --name N --listen ADDR... [--status CODE] | grpc-serve --name N --listen ADDR... | grpc-client --to ADDR [--calls N] [--messages M] | http-client --to ADDR [--requests N] [--method M] [--path P] [--host H] [--header K:V]... [--duration-ms D] [--h2 [--concurrency C]|--http10|--upgrade] | client --to ADDR --mode hello|sink|hold [--connections C] [--sni NAME] [--bytes N] | many-serve --listen ADDR --count-file F | many-connect --to ADDR --connections N [--concurrency C] | bench-connect|bench-latency|bench-bulk|bench-http --to ADDR [--h2] [--rate R --count N --concurrency C --duration-ms D]",
+        "usage: nm-testapp serve|http-serve --name N --listen ADDR... [--status CODE] | grpc-serve --name N --listen ADDR... | grpc-client --to ADDR [--calls N] [--messages M] | http-client --to ADDR [--requests N] [--method M] [--path P] [--host H] [--header K:V]... [--duration-ms D] [--h2 [--concurrency C]|--http10|--upgrade] | client --to ADDR --mode hello|sink|hold [--connections C] [--sni NAME] [--bytes N] | many-serve --listen ADDR --count-file F | many-connect --to ADDR --connections N [--concurrency C] | bench-connect|bench-latency|bench-bulk|bench-http --to ADDR [--h2] [--rate R --count N --concurrency C --duration-ms D] | steady --http ADDR --tcp ADDR [--seconds S] [--keepalive N] [--fresh N] [--streams N]",
     )
 }
 
