@@ -29,11 +29,11 @@ use aya_ebpf::{
     EbpfContext, Global,
     bindings::{
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_TCP_CLOSE,
-        bpf_sock_addr,
+        bpf_sock_addr, bpf_sock_tuple,
     },
     helpers::{
         bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_netns_cookie,
-        bpf_get_socket_cookie,
+        bpf_get_socket_cookie, bpf_sk_lookup_tcp, bpf_sk_release,
     },
     macros::{cgroup_sock_addr, map, sk_lookup, sock_ops},
     maps::{HashMap, LpmTrie, LruHashMap, SockHash, lpm_trie::Key},
@@ -42,8 +42,9 @@ use aya_ebpf::{
 use aya_log_ebpf::{debug, warn};
 use mesh_ebpf_common::{
     Cidr4, Cidr6, ClientTupleKey, DELIVERIES_MAX, DeliveryKey, EXCLUDED_CIDRS_MAX, EXCLUDED_PORTS_MAX,
-    FAMILY_INET, FAMILY_INET6, INBOUND_LISTENERS_MAX, MESHED_CGROUPS_MAX, MeshedCgroup, NODE_ADDRESSES_MAX,
-    ORIG_DST_BY_COOKIE_MAX, ORIG_DST_BY_TUPLE_MAX, OrigDst, PodAddrKey,
+    FAMILY_INET, FAMILY_INET6, INBOUND_FAIL_CLOSED_MAX, INBOUND_LISTENERS_MAX, MESHED_CGROUPS_MAX,
+    MESHED_FAIL_CLOSED, MeshedCgroup, NODE_ADDRESSES_MAX, ORIG_DST_BY_COOKIE_MAX, ORIG_DST_BY_TUPLE_MAX,
+    OrigDst, PodAddrKey,
 };
 
 /// How deep below the cgroup hierarchy's root a meshed cgroup is looked for. kubelet puts a
@@ -87,6 +88,12 @@ static EXCLUDED_CIDRS6: LpmTrie<Cidr6, u8> = LpmTrie::with_max_entries(EXCLUDED_
 #[map]
 static INBOUND_LISTENERS: SockHash<PodAddrKey> = SockHash::pinned(INBOUND_LISTENERS_MAX, 0);
 
+/// Meshed pods' addresses whose inbound traffic must not reach them directly when no
+/// mesh-node listener is there (STRICT): their SYNs are dropped (the kernel then answers with
+/// a reset, as if nothing listened).
+#[map]
+static INBOUND_FAIL_CLOSED: HashMap<PodAddrKey, u8> = HashMap::pinned(INBOUND_FAIL_CLOSED_MAX, 0);
+
 /// mesh-node's own connections into meshed pods, while they connect.
 #[map]
 static DELIVERIES: LruHashMap<DeliveryKey, u8> = LruHashMap::pinned(DELIVERIES_MAX, 0);
@@ -97,8 +104,9 @@ static DELIVERIES: LruHashMap<DeliveryKey, u8> = LruHashMap::pinned(DELIVERIES_M
 #[map]
 static NODE_ADDRESSES: HashMap<PodAddrKey, u8> = HashMap::pinned(NODE_ADDRESSES_MAX, 0);
 
-/// sk_lookup verdict: carry on (with the socket selected, if one was).
+/// sk_lookup verdicts: carry on (with the socket selected, if one was); drop the packet.
 const SK_PASS: u32 = 1;
+const SK_DROP: u32 = 0;
 const IPPROTO_TCP: u32 = 6;
 
 #[sk_lookup]
@@ -145,8 +153,15 @@ pub fn inbound_lookup(ctx: SkLookupContext) -> u32 {
         return SK_PASS;
     }
     let key = PodAddrKey { addr: local, family, _pad: 0 };
-    // No listener for the address (not a meshed pod's): the application's socket, as always.
-    let _ = INBOUND_LISTENERS.redirect_sk_lookup(&ctx, key, 0);
+    if INBOUND_LISTENERS.redirect_sk_lookup(&ctx, key, 0).is_ok() {
+        return SK_PASS;
+    }
+    // No listener for the address: not a meshed pod's (the application's socket, as always),
+    // or its mesh-node is not running — then a pod that only takes mTLS is not reached in
+    // plaintext: dropped here, the SYN is answered as if nothing listened (a reset).
+    if INBOUND_FAIL_CLOSED.get_ptr(&key).is_some() {
+        return SK_DROP;
+    }
     SK_PASS
 }
 
@@ -258,6 +273,9 @@ fn try_sock4_connect(ctx: &SockAddrContext) -> Result<i32, i32> {
     if EXCLUDED_CIDRS4.get(Key::new(32, octets)).is_some() {
         return Ok(ALLOW);
     }
+    if !proxy_listening(ctx, &ProxyAddr::V4(addr::LOOPBACK4_BE), meshed.proxy_port4, meshed.flags) {
+        return Ok(ALLOW);
+    }
     let orig = OrigDst { addr: [ip_be, 0, 0, 0], port: port_be, family: FAMILY_INET, _pad: 0 };
     redirect(ctx, &orig, ProxyAddr::V4(addr::LOOPBACK4_BE), meshed.proxy_port4)
 }
@@ -279,6 +297,10 @@ fn try_sock6_connect(ctx: &SockAddrContext) -> Result<i32, i32> {
         if EXCLUDED_CIDRS4.get(Key::new(32, ip4_be.to_ne_bytes())).is_some() {
             return Ok(ALLOW);
         }
+        // The listener a v4-mapped connect reaches is the IPv4 one.
+        if !proxy_listening(ctx, &ProxyAddr::V4(addr::LOOPBACK4_BE), meshed.proxy_port4, meshed.flags) {
+            return Ok(ALLOW);
+        }
         let orig = OrigDst { addr: [ip4_be, 0, 0, 0], port: port_be, family: FAMILY_INET, _pad: 0 };
         let mapped = addr::v4_mapped_words(addr::LOOPBACK4_BE);
         return redirect(ctx, &orig, ProxyAddr::V6(mapped), meshed.proxy_port4);
@@ -289,8 +311,47 @@ fn try_sock6_connect(ctx: &SockAddrContext) -> Result<i32, i32> {
     if EXCLUDED_CIDRS6.get(Key::new(128, addr::words_to_bytes(&ip6))).is_some() {
         return Ok(ALLOW);
     }
+    if !proxy_listening(ctx, &ProxyAddr::V6(addr::LOOPBACK6_WORDS), meshed.proxy_port6, meshed.flags) {
+        return Ok(ALLOW);
+    }
     let orig = OrigDst { addr: ip6, port: port_be, family: FAMILY_INET6, _pad: 0 };
     redirect(ctx, &orig, ProxyAddr::V6(addr::LOOPBACK6_WORDS), meshed.proxy_port6)
+}
+
+/// `bpf_sk_lookup_tcp`'s netns argument for "the socket's own netns" (BPF_F_CURRENT_NETNS).
+const CURRENT_NETNS: u64 = u64::MAX;
+
+/// Whether the connect should go to the proxy listener: yes while mesh-node listens there (the
+/// pod's own netns); with no mesh-node running, only for a fail-closed workload (the connect
+/// is then refused), while the others connect directly.
+#[inline(always)]
+fn proxy_listening(ctx: &SockAddrContext, proxy_addr: &ProxyAddr, port: u16, flags: u16) -> bool {
+    if flags & MESHED_FAIL_CLOSED != 0 {
+        return true;
+    }
+    // SAFETY: an all-zero tuple is valid; the union member written matches the size passed.
+    let found = unsafe {
+        let mut tuple: bpf_sock_tuple = core::mem::zeroed();
+        let size = match proxy_addr {
+            ProxyAddr::V4(ip4_be) => {
+                tuple.__bindgen_anon_1.ipv4.daddr = *ip4_be;
+                tuple.__bindgen_anon_1.ipv4.dport = port.to_be();
+                core::mem::size_of_val(&tuple.__bindgen_anon_1.ipv4)
+            }
+            ProxyAddr::V6(words) => {
+                tuple.__bindgen_anon_1.ipv6.daddr = *words;
+                tuple.__bindgen_anon_1.ipv6.dport = port.to_be();
+                core::mem::size_of_val(&tuple.__bindgen_anon_1.ipv6)
+            }
+        };
+        bpf_sk_lookup_tcp(ctx.as_ptr(), &mut tuple, size as u32, CURRENT_NETNS, 0)
+    };
+    if found.is_null() {
+        return false;
+    }
+    // SAFETY: `found` is the non-null socket the lookup took a reference on.
+    unsafe { bpf_sk_release(found.cast()) };
+    true
 }
 
 /// The proxy listener address written into the socket: its form follows the socket's family.

@@ -45,6 +45,13 @@ pub enum Command {
         #[arg(long, default_value = "/sys/fs/bpf")]
         bpffs: PathBuf,
     },
+    /// Take Nodemesh's capture off this node for good (after removing the DaemonSet): unpins
+    /// the programs and maps a mesh-node left under --bpf-pin-dir, so meshed pods connect
+    /// directly again, fail-closed ones too.
+    Uninstall {
+        #[arg(long, env = "NODEMESH_BPF_PIN_DIR", default_value = DEFAULT_BPF_PIN_DIR)]
+        bpf_pin_dir: PathBuf,
+    },
     /// Add, remove or list workloads through a running mesh-node's local API.
     Workload {
         #[arg(long, env = "NODEMESH_API_SOCKET", default_value = DEFAULT_API_SOCKET)]

@@ -7,11 +7,12 @@
 //!   stays pinned: the new process runs it.
 //! - **SIGTERM with no successor**: it drains but keeps accepting (a successor may still come
 //!   and take the listeners; until then pods are served), until its connections are done or
-//!   the drain deadline. Then, if nobody took over, it unpins capture: pods connect directly
-//!   until a mesh-node starts again.
-//! - **Killed** (SIGKILL, OOM, crash): capture stays pinned and points at listeners that are
-//!   gone, so meshed pods' connects are refused (never sent in plaintext) until a new process
-//!   adopts the pins and listens again.
+//!   the drain deadline, then exits.
+//! - **Killed** (SIGKILL, OOM, crash): it just ends.
+//!
+//! Either way capture stays pinned, finding no listener until the next mesh-node: fail-closed
+//! workloads (STRICT, or MeshConfig nodeProxyDown AllClosed) are refused both ways, the others
+//! connect directly. `mesh-node uninstall` takes capture away for good.
 
 use std::{
     os::fd::OwnedFd,
@@ -30,7 +31,6 @@ use tokio::{
 };
 
 use crate::{
-    capture::Capture,
     drain::Drain,
     handover::{
         Handing, HandoverState,
@@ -82,7 +82,6 @@ pub struct Ending {
     pub handover: Arc<NodeHandover>,
     pub state: watch::Receiver<HandoverState>,
     pub drain_timeout: Duration,
-    pub capture: Arc<Capture>,
     /// Removed on an exit nobody took over from (a successor has its own there).
     pub sockets: Vec<PathBuf>,
 }
@@ -127,10 +126,9 @@ pub async fn run_until_end(mut end: Ending) -> anyhow::Result<()> {
         return Ok(());
     }
     tracing::info!(
-        "exiting with no mesh-node to take over: capture unpinned, pods connect directly until \
-         one starts; workloads stay saved for it"
+        "exiting with no mesh-node to take over: until one starts, fail-closed workloads are \
+         refused and the others connect directly; workloads stay saved for it"
     );
-    end.capture.unpin_all();
     for socket in &end.sockets {
         let _ = std::fs::remove_file(socket);
     }

@@ -50,6 +50,20 @@ fn main() -> ExitCode {
             let checks = runtime.block_on(mesh_node::precheck::run(&root, &bpffs));
             return ExitCode::from(mesh_node::precheck::report(&root, &bpffs, &checks));
         }
+        Command::Uninstall { bpf_pin_dir } => match mesh_node::capture::uninstall(&bpf_pin_dir) {
+            Ok(true) => {
+                println!("capture removed from {}: meshed pods connect directly", bpf_pin_dir.display());
+                return ExitCode::SUCCESS;
+            }
+            Ok(false) => {
+                println!("no capture pinned at {}", bpf_pin_dir.display());
+                return ExitCode::SUCCESS;
+            }
+            Err(e) => {
+                eprintln!("mesh-node uninstall: {e}");
+                return ExitCode::FAILURE;
+            }
+        },
         Command::Workload { api_socket, action } => runtime.block_on(async {
             let (method, path, body) = match action {
                 WorkloadAction::List => (Method::GET, "/v1/workloads".to_string(), None),

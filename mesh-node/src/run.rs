@@ -102,7 +102,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         router,
         sniff_timeout: config.sniff_timeout,
     });
-    let registry = Arc::new(Registry::new(
+    let registry = Registry::new(
         Arc::clone(&capture),
         outbound,
         Arc::clone(&index),
@@ -115,7 +115,12 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             authorizer: Arc::clone(&authorizer),
             connect_timeout: config.connect_timeout,
         }),
-    ));
+    );
+    let registry = Arc::new(match &config.control_plane {
+        Some(_) => registry.with_fail_closed_policy(Arc::clone(&cache)),
+        None => registry,
+    });
+    tokio::spawn(Arc::clone(&registry).follow_fail_closed());
     let mut own_listeners: Vec<(Role, OwnedFd)> = Vec::new();
     let mut accept_tasks = Vec::new();
     if let Some(credentials) = &credentials {
@@ -176,8 +181,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     // Every workload is registered again: what the previous process left for pods that are
     // gone goes now.
     let unclaimed = registry.drop_handed();
-    let (cgroups, netns) = registry.captured().await;
-    let swept = capture.sweep(&cgroups, &netns);
+    let (cgroups, netns, ips) = registry.captured().await;
+    let swept = capture.sweep(&cgroups, &netns, &ips);
     if let Some(predecessor) = predecessor {
         // The old process serves until we say Taken: first have what new connections need
         // here — the control plane's answers (services, endpoints) and, since peers' tunnels
@@ -219,7 +224,6 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         handover,
         state,
         drain_timeout: config.drain_timeout,
-        capture,
         sockets: vec![config.api_socket.clone(), handover_socket],
     })
     .await
@@ -244,8 +248,8 @@ async fn certificates_ready(
     }
 }
 
-/// [`handover::take_over`], waiting while a running mesh-node that is exiting refuses: it
-/// unpins capture and goes within its drain deadline.
+/// [`handover::take_over`], waiting while a running mesh-node that is exiting refuses: it goes
+/// within its drain deadline, and this one then starts afresh on the pinned capture.
 async fn take_over(
     socket: &Path,
     drain_timeout: Duration,

@@ -18,6 +18,7 @@ mod held;
 pub mod kube_api;
 pub mod kube_api_tls;
 pub mod kubelet;
+pub mod lifecycle;
 pub mod link_capture;
 pub mod mesh;
 pub mod metrics;
@@ -634,17 +635,7 @@ impl SimNode {
         args: &[String],
         timeout: Duration,
     ) -> anyhow::Result<String> {
-        let child = process::spawn_in(
-            &pod.netns,
-            Some(&pod.cgroup),
-            program,
-            args,
-            &[],
-            Stdio::piped(),
-            Stdio::inherit(),
-        )?;
-        run_to_end(child, timeout)
-            .with_context(|| format!("{} {args:?} in pod {}", program.display(), pod.name))
+        self.start_in(pod, program, args)?.finish(timeout)
     }
 
     /// Starts a process in a pod that runs while the test goes on (say, load during an

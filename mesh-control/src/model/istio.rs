@@ -413,6 +413,21 @@ pub struct MeshConfigSpec {
     pub trust_domain: Option<String>,
     /// Where selector-less security policies apply mesh-wide; default `istio-system`.
     pub root_namespace: Option<String>,
+    /// What meshed pods' traffic does while their node has no mesh-node running (a crash, an
+    /// upgrade's gap): Nodemesh's own field.
+    #[serde(default)]
+    pub node_proxy_down: NodeProxyDown,
+}
+
+/// `MeshConfig.nodeProxyDown`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum NodeProxyDown {
+    /// Pods whose PeerAuthentication is STRICT neither reach nor are reached in plaintext
+    /// (connects both ways refused); other meshed pods connect directly.
+    #[default]
+    StrictClosed,
+    /// Every meshed pod's connections, both ways, are refused.
+    AllClosed,
 }
 
 /// Checks `exportTo`: `*` (every namespace, the default), `.` (the object's own), `~` (none),

@@ -42,8 +42,14 @@ pub struct MeshedCgroup {
     pub proxy_port4: u16,
     /// Listener port on ::1 inside that netns, host order; 0 = IPv6 not captured.
     pub proxy_port6: u16,
-    pub _pad: u32,
+    /// [`MESHED_FAIL_CLOSED`], …
+    pub flags: u16,
+    pub _pad: u16,
 }
+
+/// `MeshedCgroup::flags`: while the proxy listener is gone (no mesh-node runs), the
+/// workload's connects still go to it and are refused, instead of going out directly.
+pub const MESHED_FAIL_CLOSED: u16 = 1;
 
 /// The destination an application dialled before the connect hook rewrote it.
 #[repr(C)]
@@ -74,6 +80,10 @@ pub struct ClientTupleKey {
     pub family: u16,
     pub _pad: u32,
 }
+
+/// Pod addresses whose inbound connections are refused while no mesh-node listener takes
+/// them, instead of reaching the pod directly. Value unused.
+pub const INBOUND_FAIL_CLOSED_MAX: u32 = 65_536;
 
 /// Inbound listeners: one per meshed pod address (a few per pod).
 pub const INBOUND_LISTENERS_MAX: u32 = 65_536;

@@ -140,6 +140,8 @@ pub fn load_and_attach(
         .map_err(|source| CaptureError::Map { map: "MESHED_CGROUPS", source })?;
     let by_tuple = HashMap::try_from(take_map(&mut ebpf, "ORIG_DST_BY_TUPLE")?)
         .map_err(|source| CaptureError::Map { map: "ORIG_DST_BY_TUPLE", source })?;
+    let inbound_fail_closed = HashMap::try_from(take_map(&mut ebpf, "INBOUND_FAIL_CLOSED")?)
+        .map_err(|source| CaptureError::Map { map: "INBOUND_FAIL_CLOSED", source })?;
     tracing::info!(
         cgroup_root = %config.cgroup_root.display(),
         pinned = %config.bpf_pin_dir.display(),
@@ -154,6 +156,7 @@ pub fn load_and_attach(
         inbound: Mutex::new(inbound),
         deliveries: Mutex::new(deliveries),
         node_addresses: Mutex::new(node_addresses),
+        inbound_fail_closed: Mutex::new(inbound_fail_closed),
     };
     Ok((capture, logger))
 }

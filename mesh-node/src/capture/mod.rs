@@ -21,8 +21,16 @@ use aya::{
     programs::{SkLookup, links::FdLink},
 };
 use mesh_ebpf_common::{
-    ClientTupleKey, DeliveryKey, FAMILY_INET, FAMILY_INET6, MeshedCgroup, OrigDst, PodAddrKey,
+    ClientTupleKey, DeliveryKey, FAMILY_INET, FAMILY_INET6, MESHED_FAIL_CLOSED, MeshedCgroup, OrigDst,
+    PodAddrKey,
 };
+
+/// Takes a node's pinned capture away (`mesh-node uninstall`): the links detach, so meshed
+/// pods connect directly again, also fail-closed ones; the maps go once no process holds them.
+/// Returns whether there was any.
+pub fn uninstall(pin_dir: &std::path::Path) -> Result<bool, CaptureError> {
+    pins::PinDir::remove_existing(pin_dir)
+}
 
 pub use loader::{CaptureError, EbpfLogger, forward_ebpf_logs, is_capture_program, load_and_attach};
 
@@ -32,10 +40,13 @@ pub struct CaptureTarget {
     pub netns_cookie: u64,
     pub proxy_port4: u16,
     pub proxy_port6: u16,
+    /// While no mesh-node listens, its connects and connects to it are refused, instead of
+    /// going directly (see `MESHED_FAIL_CLOSED`).
+    pub fail_closed: bool,
 }
 
 /// The loaded programs and their maps. The links that run them are pinned (`pins`): dropping
-/// this leaves capture in place; [`Capture::unpin_all`] takes it away.
+/// this leaves capture in place; [`uninstall`] takes it away.
 pub struct Capture {
     ebpf: Mutex<aya::Ebpf>,
     pins: pins::PinDir,
@@ -44,6 +55,7 @@ pub struct Capture {
     inbound: Mutex<SockHash<MapData, PodAddrKey>>,
     deliveries: Mutex<HashMap<MapData, DeliveryKey, u8>>,
     node_addresses: Mutex<HashMap<MapData, PodAddrKey, u8>>,
+    inbound_fail_closed: Mutex<HashMap<MapData, PodAddrKey, u8>>,
 }
 
 /// The inbound capture of one pod netns, to undo with [`Capture::release_inbound`].
@@ -60,6 +72,7 @@ impl Capture {
             netns_cookie: target.netns_cookie,
             proxy_port4: target.proxy_port4,
             proxy_port6: target.proxy_port6,
+            flags: if target.fail_closed { MESHED_FAIL_CLOSED } else { 0 },
             _pad: 0,
         };
         self.meshed
@@ -91,9 +104,8 @@ impl Capture {
         {
             let mut map = self.inbound.lock().expect("capture map lock");
             for ip in ips {
-                let (family, addr) = ip_words(*ip);
-                let key = PodAddrKey { addr, family, _pad: 0 };
-                let inserted = match (family, listener6) {
+                let key = pod_addr_key(*ip);
+                let inserted = match (key.family, listener6) {
                     (FAMILY_INET, _) => map.insert(key, listener4.as_raw_fd(), 0),
                     (_, Some(l6)) => map.insert(key, l6.as_raw_fd(), 0),
                     (_, None) => continue,
@@ -143,13 +155,7 @@ impl Capture {
     /// Makes `addresses` the node's own (see `NODE_ADDRESSES`): connections from them pass
     /// the pods' inbound capture. Returns whether anything changed.
     pub fn set_node_addresses(&self, addresses: &[IpAddr]) -> Result<bool, CaptureError> {
-        let wanted: Vec<PodAddrKey> = addresses
-            .iter()
-            .map(|ip| {
-                let (family, addr) = ip_words(*ip);
-                PodAddrKey { addr, family, _pad: 0 }
-            })
-            .collect();
+        let wanted: Vec<PodAddrKey> = addresses.iter().map(|ip| pod_addr_key(*ip)).collect();
         let mut map = self.node_addresses.lock().expect("capture map lock");
         let held: Vec<PodAddrKey> = map.keys().filter_map(Result::ok).collect();
         let mut changed = false;
@@ -164,6 +170,21 @@ impl Capture {
         Ok(changed)
     }
 
+    /// Whether connections to `ips` are refused while no mesh-node listener takes them,
+    /// rather than reaching the pod directly.
+    pub fn set_inbound_fail_closed(&self, ips: &[IpAddr], on: bool) -> Result<(), CaptureError> {
+        let mut map = self.inbound_fail_closed.lock().expect("capture map lock");
+        for key in ips.iter().map(|ip| pod_addr_key(*ip)) {
+            if on {
+                map.insert(key, 1, 0)
+                    .map_err(|source| CaptureError::Map { map: "INBOUND_FAIL_CLOSED", source })?;
+            } else {
+                let _ = map.remove(&key);
+            }
+        }
+        Ok(())
+    }
+
     pub fn withdraw_delivery(&self, key: DeliveryKey) {
         let _ = self.deliveries.lock().expect("capture map lock").remove(&key);
     }
@@ -175,13 +196,18 @@ impl Capture {
             let _ = map.remove(key);
         }
         drop(map);
+        let mut fail_closed = self.inbound_fail_closed.lock().expect("capture map lock");
+        for key in &capture.keys {
+            let _ = fail_closed.remove(key);
+        }
+        drop(fail_closed);
         pins::unlink(&capture.link);
     }
 
     /// Drops what a previous mesh-node left pinned for workloads this one no longer has:
-    /// capture of cgroups not in `meshed` and inbound links of netns not in `netns_cookies`.
-    /// Returns how many entries went.
-    pub fn sweep(&self, meshed: &[u64], netns_cookies: &[u64]) -> usize {
+    /// capture of cgroups not in `meshed`, inbound links of netns not in `netns_cookies`, and
+    /// inbound holds of addresses not in `addresses`. Returns how many entries went.
+    pub fn sweep(&self, meshed: &[u64], netns_cookies: &[u64], addresses: &[IpAddr]) -> usize {
         let mut map = self.meshed.lock().expect("capture map lock");
         let stale: Vec<u64> = map.keys().filter_map(Result::ok).filter(|id| !meshed.contains(id)).collect();
         for id in &stale {
@@ -193,13 +219,14 @@ impl Capture {
         for cookie in &stale_links {
             pins::unlink(&self.pins.netns_link(*cookie));
         }
-        stale.len() + stale_links.len()
-    }
-
-    /// Takes capture away entirely (links unpinned, so detached; maps unpinned): for an exit
-    /// that no other mesh-node takes over from.
-    pub fn unpin_all(&self) {
-        self.pins.remove();
+        let live: Vec<PodAddrKey> = addresses.iter().map(|ip| pod_addr_key(*ip)).collect();
+        let mut holds = self.inbound_fail_closed.lock().expect("capture map lock");
+        let stale_holds: Vec<PodAddrKey> =
+            holds.keys().filter_map(Result::ok).filter(|k| !live.contains(k)).collect();
+        for key in &stale_holds {
+            let _ = holds.remove(key);
+        }
+        stale.len() + stale_links.len() + stale_holds.len()
     }
 
     /// The destination the client of an accepted connection dialled, removed from the map so
@@ -226,6 +253,11 @@ fn ip_words(ip: IpAddr) -> (u16, [u32; 4]) {
             }
         },
     }
+}
+
+fn pod_addr_key(ip: IpAddr) -> PodAddrKey {
+    let (family, addr) = ip_words(ip);
+    PodAddrKey { addr, family, _pad: 0 }
 }
 
 fn tuple_key(netns_cookie: u64, peer: SocketAddr) -> ClientTupleKey {

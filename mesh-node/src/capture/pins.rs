@@ -9,8 +9,8 @@
 //! A link pinned here stays attached when the process exits or is killed; the next mesh-node
 //! swaps its own program into the same link (`BPF_LINK_UPDATE`: atomic, no moment with no
 //! program and none with two) and reuses the maps, so capture never stops across a restart or
-//! an upgrade. Only an exit that nobody takes over from removes the pins (see
-//! [`PinDir::remove`]).
+//! an upgrade; while no process runs, the programs decide alone (fail-closed workloads are
+//! refused, the others connect directly). Only `mesh-node uninstall` removes the pins.
 
 use std::{
     fs, io,
@@ -23,8 +23,9 @@ use aya::{
     programs::links::FdLink,
 };
 use mesh_ebpf_common::{
-    ClientTupleKey, DELIVERIES_MAX, DeliveryKey, INBOUND_LISTENERS_MAX, MESHED_CGROUPS_MAX, MeshedCgroup,
-    NODE_ADDRESSES_MAX, ORIG_DST_BY_COOKIE_MAX, ORIG_DST_BY_TUPLE_MAX, OrigDst, PIN_LAYOUT, PodAddrKey,
+    ClientTupleKey, DELIVERIES_MAX, DeliveryKey, INBOUND_FAIL_CLOSED_MAX, INBOUND_LISTENERS_MAX,
+    MESHED_CGROUPS_MAX, MeshedCgroup, NODE_ADDRESSES_MAX, ORIG_DST_BY_COOKIE_MAX, ORIG_DST_BY_TUPLE_MAX,
+    OrigDst, PIN_LAYOUT, PodAddrKey,
 };
 use nix::sys::statfs::{BPF_FS_MAGIC, statfs};
 
@@ -41,7 +42,7 @@ struct SharedMap {
 }
 
 /// The maps declared `pinned` in mesh-ebpf, with the layout `PIN_LAYOUT` promises.
-const SHARED_MAPS: [SharedMap; 6] = [
+const SHARED_MAPS: [SharedMap; 7] = [
     SharedMap {
         name: "MESHED_CGROUPS",
         map_type: MapType::Hash,
@@ -78,6 +79,13 @@ const SHARED_MAPS: [SharedMap; 6] = [
         max_entries: DELIVERIES_MAX,
     },
     SharedMap {
+        name: "INBOUND_FAIL_CLOSED",
+        map_type: MapType::Hash,
+        key_size: size_of::<PodAddrKey>(),
+        value_size: size_of::<u8>(),
+        max_entries: INBOUND_FAIL_CLOSED_MAX,
+    },
+    SharedMap {
         name: "NODE_ADDRESSES",
         map_type: MapType::Hash,
         key_size: size_of::<PodAddrKey>(),
@@ -89,7 +97,6 @@ const SHARED_MAPS: [SharedMap; 6] = [
 /// This node's pinned capture: `<bpf-pin-dir>/v<PIN_LAYOUT>`.
 #[derive(Debug)]
 pub(super) struct PinDir {
-    root: PathBuf,
     layout: PathBuf,
 }
 
@@ -132,7 +139,7 @@ impl PinDir {
                 others.iter().map(|o| root.join(o).display().to_string()).collect::<Vec<_>>().join(" ")
             )));
         }
-        let dir = PinDir { root: root.to_path_buf(), layout };
+        let dir = PinDir { layout };
         for sub in [dir.maps_dir(), dir.netns_dir()] {
             fs::create_dir_all(&sub)
                 .map_err(|e| CaptureError::Pin { path: sub.display().to_string(), reason: e.to_string() })?;
@@ -195,14 +202,14 @@ impl PinDir {
         Ok(())
     }
 
-    /// Unpins everything: the links detach (capture stops; pods connect directly) and the maps
-    /// go once no process holds them.
-    pub(super) fn remove(&self) {
-        if let Err(e) = fs::remove_dir_all(&self.layout) {
-            tracing::warn!(dir = %self.layout.display(), "cannot remove pinned capture: {e}");
+    /// Unpins everything under `root`, every layout: the links detach (capture stops; pods
+    /// connect directly) and the maps go once no process holds them. Whether there was any.
+    pub(super) fn remove_existing(root: &Path) -> Result<bool, CaptureError> {
+        match fs::remove_dir_all(root) {
+            Ok(()) => Ok(true),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(CaptureError::Pin { path: root.display().to_string(), reason: e.to_string() }),
         }
-        // The root goes too if nothing else is in it.
-        let _ = fs::remove_dir(&self.root);
     }
 }
 

@@ -39,6 +39,7 @@ use crate::{
     proxy::Outbound,
     telemetry::metrics::Metrics,
     workload::{IpIndex, LocalWorkload, Source},
+    xds::cache::Cache,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -152,6 +153,9 @@ pub struct Registry {
     /// Listeners the previous mesh-node handed over, by `namespace/name`, until the workload
     /// registers again (or [`Registry::drop_handed`]).
     handed: std::sync::Mutex<HashMap<String, Vec<(Role, std::net::TcpListener)>>>,
+    /// The control plane's view of each workload (`fail_closed`); `None`: no control plane,
+    /// nothing is fail-closed.
+    policy: Option<Arc<Cache>>,
 }
 
 impl Registry {
@@ -179,6 +183,58 @@ impl Registry {
             specs: tokio::sync::watch::Sender::new(Vec::new()),
             frozen: AtomicBool::new(false),
             handed: Default::default(),
+            policy: None,
+        }
+    }
+
+    /// Workloads take their fail-closed mark from the control plane's view in `cache`.
+    pub fn with_fail_closed_policy(mut self, cache: Arc<Cache>) -> Registry {
+        self.policy = Some(cache);
+        self
+    }
+
+    /// Whether the control plane marks `key` fail-closed (its PeerAuthentication is STRICT,
+    /// or MeshConfig says every meshed pod is).
+    fn fail_closed(&self, key: &WorkloadKey) -> bool {
+        self.policy.as_ref().and_then(|c| c.workload(&key.to_string())).is_some_and(|w| w.fail_closed)
+    }
+
+    /// Keeps each captured workload's fail-closed marks (`MESHED_FAIL_CLOSED`,
+    /// INBOUND_FAIL_CLOSED) in step with the control plane's workloads. Runs forever.
+    pub async fn follow_fail_closed(self: Arc<Self>) {
+        let Some(cache) = self.policy.clone() else { return };
+        loop {
+            let changed = cache.workloads_changed.notified();
+            self.apply_fail_closed().await;
+            changed.await;
+        }
+    }
+
+    async fn apply_fail_closed(&self) {
+        let mut workloads = self.workloads.lock().await;
+        // A successor owns the maps now (or is about to).
+        if self.frozen.load(Ordering::Acquire) {
+            return;
+        }
+        for (key, entry) in workloads.iter_mut() {
+            let Some(mut target) = entry.status.capture else { continue };
+            let wanted = self.fail_closed(key);
+            if target.fail_closed == wanted {
+                continue;
+            }
+            target.fail_closed = wanted;
+            let inbound = entry.inbound.lock().expect("inbound lock").is_some();
+            let applied = self.capture.mesh(entry.status.cgroup_id, target).and_then(|()| {
+                if inbound { self.capture.set_inbound_fail_closed(&entry.status.ips, wanted) } else { Ok(()) }
+            });
+            match applied {
+                Ok(()) => {
+                    entry.status.capture = Some(target);
+                    tracing::info!(workload = %key, fail_closed = wanted, "while no mesh-node runs, its traffic {}",
+                        if wanted { "is refused both ways" } else { "goes directly" });
+                }
+                Err(e) => tracing::warn!(workload = %key, "cannot mark fail-closed: {e}"),
+            }
         }
     }
 
@@ -233,13 +289,15 @@ impl Registry {
         }
     }
 
-    /// The cgroups captured and the netns whose inbound is captured, for
-    /// [`Capture::sweep`].
-    pub async fn captured(&self) -> (Vec<u64>, Vec<u64>) {
+    /// What every captured workload holds, for [`Capture::sweep`]: its cgroup, its netns
+    /// (inbound link) and its addresses (inbound holds).
+    pub async fn captured(&self) -> (Vec<u64>, Vec<u64>, Vec<IpAddr>) {
         let workloads = self.workloads.lock().await;
-        let cgroups = workloads.values().filter(|e| e.status.capture.is_some()).map(|e| e.status.cgroup_id);
-        let netns = workloads.values().filter_map(|e| e.status.capture.map(|c| c.netns_cookie));
-        (cgroups.collect(), netns.collect())
+        let captured = || workloads.values().filter(|e| e.status.capture.is_some());
+        let cgroups = captured().map(|e| e.status.cgroup_id).collect();
+        let netns = captured().filter_map(|e| e.status.capture.map(|c| c.netns_cookie)).collect();
+        let ips = captured().flat_map(|e| e.status.ips.iter().copied()).collect();
+        (cgroups, netns, ips)
     }
 
     fn check_not_frozen(&self) -> Result<(), WorkloadError> {
@@ -312,7 +370,8 @@ impl Registry {
         let mut inbound = None;
         status.inbound = decision_text(decision);
         if decision.is_meshed() {
-            let (target, mut tasks, source, outbound_sockets) = self.start_capture(&key, &spec).await?;
+            let (mut target, mut tasks, source, outbound_sockets) = self.start_capture(&key, &spec).await?;
+            target.fail_closed = self.fail_closed(&key);
             sockets = outbound_sockets;
             if Some(target.netns_cookie) == self.own_netns_cookie {
                 status.inbound = "direct: shares mesh-node's network namespace".into();
@@ -337,6 +396,13 @@ impl Registry {
                 }
                 match self.start_inbound(&key, &spec, &source).await {
                     Ok((capture, accept_tasks, inbound_sockets)) => {
+                        if let Err(source) =
+                            self.capture.set_inbound_fail_closed(&spec.ips, target.fail_closed)
+                        {
+                            tasks.iter().for_each(AbortHandle::abort);
+                            self.capture.release_inbound(capture);
+                            return Err(WorkloadError::Capture { key, source: Box::new(source) });
+                        }
                         inbound = Some(capture);
                         tasks.extend(accept_tasks);
                         sockets.extend(inbound_sockets);
@@ -437,6 +503,7 @@ impl Registry {
         let v4 = TcpListener::from_std(bound.v4).map_err(listen_err)?;
         let v6 = bound.v6.map(TcpListener::from_std).transpose().map_err(listen_err)?;
         let target = CaptureTarget {
+            fail_closed: false,
             netns_cookie: bound.netns_cookie,
             proxy_port4: v4.local_addr().map_err(listen_err)?.port(),
             proxy_port6: match &v6 {

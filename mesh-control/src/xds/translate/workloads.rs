@@ -21,13 +21,12 @@ use crate::{
 impl Translator<'_> {
     pub(super) fn workloads(&mut self) {
         let store = self.store;
-        let mesh_mode = store
-            .of_kind(crate::model::Kind::MeshConfig)
-            .find_map(|o| match o {
-                Object::MeshConfig(m) => Some(m.spec.outbound_traffic_policy.mode),
-                _ => None,
-            })
-            .unwrap_or_default();
+        let mesh_config = store.of_kind(crate::model::Kind::MeshConfig).find_map(|o| match o {
+            Object::MeshConfig(m) => Some(&m.spec),
+            _ => None,
+        });
+        let mesh_mode = mesh_config.map(|m| m.outbound_traffic_policy.mode).unwrap_or_default();
+        let all_closed = mesh_config.is_some_and(|m| m.node_proxy_down == istio::NodeProxyDown::AllClosed);
         let sidecars: Vec<&istio::Sidecar> = store
             .of_kind(crate::model::Kind::Sidecar)
             .filter_map(|o| match o {
@@ -69,6 +68,7 @@ impl Translator<'_> {
                     .map(|(namespace, host)| mesh::EgressHost { namespace, host })
                     .collect(),
                 tunnel_address: w.tunnel.map(|t| t.to_string()).unwrap_or_default(),
+                fail_closed: all_closed || mtls.mode == MtlsMode::Strict,
                 mtls_mode: mtls_mode(mtls.mode) as i32,
                 port_mtls: mtls.ports.iter().map(|(p, m)| (u32::from(*p), mtls_mode(*m) as i32)).collect(),
                 authorizations: authorization_policies
