@@ -112,6 +112,16 @@ pub(crate) fn run() -> anyhow::Result<()> {
         rss = d.rss_mib,
         hwm = d.hwm_mib,
     );
+    let u = crate::bench_upgrade::run()?;
+    let upgrade_row = format!(
+        "{stamp} {requests} | {failed} | {broken} | {before:.1} / {during:.1} | {switch:.2} |",
+        requests = u.requests,
+        failed = u.failed,
+        broken = u.streams_broken,
+        before = u.p99_before_ms,
+        during = u.p99_during_ms,
+        switch = u.switch_s,
+    );
     let path = util::workspace_root()?.join("bench/RESULTS.md");
     let mut text = fs::read_to_string(&path).unwrap_or_else(|_| HEADER.to_string());
     let mut rows = vec![
@@ -119,6 +129,7 @@ pub(crate) fn run() -> anyhow::Result<()> {
         (MTLS_TABLE, &mtls_row),
         (CONTROL_TABLE, &control_row),
         (DISCOVERY_TABLE, &discovery_row),
+        (UPGRADE_TABLE, &upgrade_row),
     ];
     rows.extend(http_rows.iter().map(|r| (HTTP_TABLE, r)));
     for (table, row) in rows {
@@ -134,6 +145,7 @@ const DATA_PATH_TABLE: &str = "| date (UTC) | commit | connect/s | p50 µs | p99
 const MTLS_TABLE: &str = "| date (UTC) | commit | connect/s direct / mesh plaintext / mesh mTLS | p50 µs | p99 µs | Gbit/s | mTLS handshakes/s |";
 const HTTP_TABLE: &str = "| date (UTC) | commit | protocol | p50 µs direct / mesh-node / Envoy | p99 µs direct / mesh-node / Envoy | max req/s direct / mesh-node / Envoy |";
 const DISCOVERY_TABLE: &str = "| date (UTC) | commit | pods | Pod object → first captured connection p50 / p99 ms | mesh-node RSS MiB with the pods (peak) |";
+const UPGRADE_TABLE: &str = "| date (UTC) | commit | HTTP requests | failed | TCP streams broken | p99 ms before / during the switch | switch s |";
 const CONTROL_TABLE: &str = "| date (UTC) | commit | 2 nodes: p50 / p99 ms | 50 clients: p50 / p99 ms | sync 50 clients ms | mesh-control RSS MiB (peak) | mesh-control CPU s to sync |";
 
 /// `text` with `row` added at the end of the table whose header line is `header` (a new

@@ -6,6 +6,7 @@ mod bench_control;
 mod bench_discovery;
 mod bench_http;
 mod bench_mtls;
+mod bench_upgrade;
 mod bookshop;
 mod demo;
 mod demo_discovery;
