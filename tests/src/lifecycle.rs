@@ -23,12 +23,12 @@ pub fn web_service() -> String {
     )
 }
 
-/// Starts the cluster (mesh-node with `node_args`), the client and `web`; returns once the
-/// client gets answers through the mesh.
-pub fn web_cluster(node_args: &[&str]) -> anyhow::Result<(SimCluster, Pod)> {
+/// Starts the cluster (mesh-control with `control_args`, mesh-node with `node_args`), the
+/// client and `web`; returns once the client gets answers through the mesh.
+pub fn web_cluster(control_args: &[&str], node_args: &[&str]) -> anyhow::Result<(SimCluster, Pod)> {
     let mut cluster = SimCluster::new(2)?;
     cluster.write_config("web.yaml", &web_service());
-    cluster.start(&[], node_args)?;
+    cluster.start(control_args, node_args)?;
     let client = cluster.nodes[0].add_pod("client", "shop")?;
     cluster.nodes[0].register(&client, &Registration::meshed())?;
     let node1 = &mut cluster.nodes[1];
@@ -44,10 +44,10 @@ pub fn web_cluster(node_args: &[&str]) -> anyhow::Result<(SimCluster, Pod)> {
 }
 
 /// `nm-testapp steady` against `web` for `seconds`: 4 keep-alive clients, 2 opening a
-/// connection per request, 4 long-lived echo streams.
+/// connection per request, 4 long-lived echo streams, 2 opening an echo connection per line.
 pub fn steady_args(seconds: u64) -> Vec<String> {
     let args = format!(
-        "steady --http {VIP}:{HTTP_PORT} --tcp {VIP}:{ECHO_PORT} --seconds {seconds} --keepalive 4 --fresh 2 --streams 4"
+        "steady --http {VIP}:{HTTP_PORT} --tcp {VIP}:{ECHO_PORT} --seconds {seconds} --keepalive 4 --fresh 2 --streams 4 --fresh-tcp 2"
     );
     args.split(' ').map(String::from).collect()
 }

@@ -13,7 +13,7 @@ use nodemesh_tests::{
 use serde_json::Value;
 
 fn assert_no_failures(load: &Value) {
-    for kind in ["keepalive", "fresh", "streams"] {
+    for kind in ["keepalive", "fresh", "streams", "fresh_tcp"] {
         assert_eq!(load[kind]["failed"], 0, "{kind} failures: {}", load[kind]["errors"]);
         assert!(load[kind]["ok"].as_u64().unwrap_or(0) > 0, "no {kind} traffic at all: {load}");
     }
@@ -21,7 +21,7 @@ fn assert_no_failures(load: &Value) {
 
 #[test]
 fn replacing_mesh_node_on_both_nodes_under_load_fails_no_request_and_resets_no_stream() {
-    let (mut cluster, client) = web_cluster(&["--drain-timeout-secs", "25"]).unwrap();
+    let (mut cluster, client) = web_cluster(&[], &["--drain-timeout-secs", "25"]).unwrap();
     let link = LinkCapture::start(&cluster.fabric_netns).unwrap();
     let load = cluster.nodes[0].start_in(&client, &bin("nm-testapp").unwrap(), &steady_args(14)).unwrap();
     std::thread::sleep(Duration::from_secs(4));
@@ -65,7 +65,7 @@ fn replacing_mesh_node_on_both_nodes_under_load_fails_no_request_and_resets_no_s
 
 #[test]
 fn sigterm_drains_requests_in_flight_and_reports_it_while_draining() {
-    let (mut cluster, client) = web_cluster(&["--drain-timeout-secs", "10"]).unwrap();
+    let (mut cluster, client) = web_cluster(&[], &["--drain-timeout-secs", "10"]).unwrap();
     let node0 = &mut cluster.nodes[0];
     // A request that takes 3 s is in flight through node 0's mesh-node when it gets SIGTERM.
     let slow_args: Vec<String> =

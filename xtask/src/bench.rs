@@ -114,10 +114,11 @@ pub(crate) fn run() -> anyhow::Result<()> {
     );
     let u = crate::bench_upgrade::run()?;
     let upgrade_row = format!(
-        "{stamp} {requests} | {failed} | {broken} | {before:.1} / {during:.1} | {switch:.2} |",
+        "{stamp} {requests} | {failed} | {broken} / {short} | {before:.1} / {during:.1} | {switch:.2} |",
         requests = u.requests,
         failed = u.failed,
         broken = u.streams_broken,
+        short = u.short_tcp_failed,
         before = u.p99_before_ms,
         during = u.p99_during_ms,
         switch = u.switch_s,
@@ -145,12 +146,12 @@ const DATA_PATH_TABLE: &str = "| date (UTC) | commit | connect/s | p50 µs | p99
 const MTLS_TABLE: &str = "| date (UTC) | commit | connect/s direct / mesh plaintext / mesh mTLS | p50 µs | p99 µs | Gbit/s | mTLS handshakes/s |";
 const HTTP_TABLE: &str = "| date (UTC) | commit | protocol | p50 µs direct / mesh-node / Envoy | p99 µs direct / mesh-node / Envoy | max req/s direct / mesh-node / Envoy |";
 const DISCOVERY_TABLE: &str = "| date (UTC) | commit | pods | Pod object → first captured connection p50 / p99 ms | mesh-node RSS MiB with the pods (peak) |";
-const UPGRADE_TABLE: &str = "| date (UTC) | commit | HTTP requests | failed | TCP streams broken | p99 ms before / during the switch | switch s |";
+const UPGRADE_TABLE: &str = "| date (UTC) | commit | HTTP requests | failed | TCP streams broken / short connections failed | p99 ms before / during the switch | switch s |";
 const CONTROL_TABLE: &str = "| date (UTC) | commit | 2 nodes: p50 / p99 ms | 50 clients: p50 / p99 ms | sync 50 clients ms | mesh-control RSS MiB (peak) | mesh-control CPU s to sync |";
 
 /// `text` with `row` added at the end of the table whose header line is `header` (a new
 /// table at the end of the file if there is none).
-fn insert_row(text: &str, header: &str, row: &str) -> String {
+pub(crate) fn insert_row(text: &str, header: &str, row: &str) -> String {
     let mut lines: Vec<&str> = text.lines().collect();
     match lines.iter().position(|l| *l == header) {
         Some(start) => {
@@ -210,7 +211,7 @@ pub(crate) fn measure(node: &SimNode, client: &Pod, server: &Pod) -> anyhow::Res
     })
 }
 
-fn commit() -> anyhow::Result<String> {
+pub(crate) fn commit() -> anyhow::Result<String> {
     let root = util::workspace_root()?;
     let root = root.to_str().unwrap_or(".");
     let sha = util::output("git", &["-C", root, "rev-parse", "--short", "HEAD"])?;

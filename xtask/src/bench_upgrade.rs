@@ -18,6 +18,8 @@ pub(crate) struct Upgrade {
     pub requests: u64,
     pub failed: u64,
     pub streams_broken: u64,
+    /// Short TCP connections (each a new tunnel stream) that failed.
+    pub short_tcp_failed: u64,
     /// Highest per-second p99 before the switch, and in the seconds it took.
     pub p99_before_ms: f64,
     pub p99_during_ms: f64,
@@ -27,7 +29,7 @@ pub(crate) struct Upgrade {
 
 pub(crate) fn run() -> anyhow::Result<Upgrade> {
     crate::util::step("upgrade under load: replacing mesh-node on both nodes");
-    let (mut cluster, client) = web_cluster(&[])?;
+    let (mut cluster, client) = web_cluster(&[], &[])?;
     let started = Instant::now();
     let load = cluster.nodes[0].start_in(&client, &bin("nm-testapp")?, &steady_args(SECONDS))?;
     std::thread::sleep(SWITCH_AT);
@@ -55,6 +57,7 @@ pub(crate) fn run() -> anyhow::Result<Upgrade> {
         requests: ["keepalive", "fresh"].iter().map(|k| count(k, "ok") + count(k, "failed")).sum(),
         failed: count("keepalive", "failed") + count("fresh", "failed"),
         streams_broken: count("streams", "failed"),
+        short_tcp_failed: count("fresh_tcp", "failed"),
         // Second 0 includes connection set-up; the second the switch began is "during".
         p99_before_ms: max_p99(1, begin.saturating_sub(1)),
         p99_during_ms: max_p99(begin, end),

@@ -87,11 +87,17 @@ pub fn server_config_resolving(
     let verifier = WebPkiClientVerifier::builder_with_provider(Arc::clone(&roots.store), provider())
         .build()
         .map_err(|e| e.to_string())?;
-    Ok(ServerConfig::builder_with_provider(provider())
+    let mut config = ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| e.to_string())?
         .with_client_cert_verifier(verifier)
-        .with_cert_resolver(certs))
+        .with_cert_resolver(certs);
+    // No session resumption: a resumed session skips certificate checks, so a peer whose
+    // certificate has expired, or whose root has been removed, could keep connecting for the
+    // ticket's lifetime. Tunnel connections are pooled and long-lived; full handshakes are few.
+    config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    config.send_tls13_tickets = 0;
+    Ok(config)
 }
 
 /// A client presenting `cert` that accepts only a server proving `expected`.
@@ -102,13 +108,16 @@ pub fn client_config(
 ) -> Result<ClientConfig, String> {
     let verifier = IdentityVerifier { anchors: roots.anchors.clone(), expected, provider: provider() };
     let (chain, key) = own(cert)?;
-    ClientConfig::builder_with_provider(provider())
+    let mut config = ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| e.to_string())?
         .dangerous()
         .with_custom_certificate_verifier(Arc::new(verifier))
         .with_client_auth_cert(chain, key)
-        .map_err(|e| e.to_string())
+        .map_err(|e| e.to_string())?;
+    // Every connection proves both certificates anew (see `server_config_resolving`).
+    config.resumption = rustls::client::Resumption::disabled();
+    Ok(config)
 }
 
 /// The SPIFFE identity a peer's leaf certificate proves (its one URI SAN).

@@ -18,7 +18,7 @@ use std::{
         atomic::{AtomicBool, AtomicUsize, Ordering},
     },
     task::{Context, Poll},
-    time::{Duration, SystemTime},
+    time::{Duration, Instant, SystemTime},
 };
 
 use bytes::Bytes;
@@ -53,12 +53,18 @@ struct PoolKey {
 struct Connection {
     sender: SendRequest<Empty<Bytes>>,
     streams: AtomicUsize,
-    /// After this no new stream goes on the connection: our certificate has been renewed by
-    /// then, or the peer's has expired. Streams already on it run to their end.
-    retire_at: SystemTime,
+    /// When our certificate on it is due for renewal, and the identities version it was made
+    /// with: once a renewed one exists, new streams go on a connection presenting it.
+    own_renewal: SystemTime,
+    cert_version: u64,
+    /// When the peer's certificate expires: a new connection may meet its renewed one.
+    peer_expiry: Option<SystemTime>,
     /// A request on it failed before any answer (the peer sent GOAWAY: it is draining):
     /// no new stream goes on it.
     refused: AtomicBool,
+    /// A stream on it was answered: the peer accepted our certificate too (a TLS 1.3 server
+    /// checks it after the client has finished its side of the handshake).
+    proven: AtomicBool,
 }
 
 #[derive(Default)]
@@ -66,17 +72,43 @@ struct KeyPool {
     connections: Mutex<Vec<Arc<Connection>>>,
     /// Held while dialling, so concurrent connects wait for one new connection.
     dialling: tokio::sync::Mutex<()>,
+    /// When the last dial failed: a stale connection then serves without a new dial for
+    /// [`REDIAL_AFTER`].
+    dial_failed: Mutex<Option<Instant>>,
+}
+
+/// How long after a failed dial a stale connection serves before dialling again.
+const REDIAL_AFTER: Duration = Duration::from_secs(1);
+
+impl Connection {
+    fn usable(&self) -> bool {
+        !self.sender.is_closed() && !self.refused.load(Ordering::Acquire)
+    }
+
+    /// Whether a new connection would do better: ours would present a renewed certificate,
+    /// or the peer's has expired (it has a renewed one, or the dial fails and this one serves
+    /// on). While the control plane is unreachable nothing is renewed, and a connection both
+    /// sides proved at its handshake keeps carrying streams.
+    fn stale(&self, now: SystemTime, cert_version: u64) -> bool {
+        (self.own_renewal <= now && cert_version != self.cert_version)
+            || self.peer_expiry.is_some_and(|expiry| expiry <= now)
+    }
 }
 
 impl KeyPool {
-    /// A live connection with room for one more stream, counted as taken.
-    fn take(&self) -> Option<StreamSlot> {
+    /// A connection with room for one more stream, counted as taken: a current one, or with
+    /// `stale_too` a stale one too. Stale connections leave the pool once a current one is
+    /// proven (make-before-break); hyper closes each when its last stream ends.
+    fn take(&self, cert_version: u64, stale_too: bool) -> Option<StreamSlot> {
         let mut connections = self.connections.lock().expect("tunnel pool lock");
         let now = SystemTime::now();
-        // Retired connections leave the pool; hyper closes each when its last stream ends.
-        connections
-            .retain(|c| !c.sender.is_closed() && c.retire_at > now && !c.refused.load(Ordering::Acquire));
-        connections.iter().find_map(|c| {
+        connections.retain(|c| c.usable());
+        let proven_current =
+            connections.iter().any(|c| !c.stale(now, cert_version) && c.proven.load(Ordering::Acquire));
+        if proven_current {
+            connections.retain(|c| !c.stale(now, cert_version));
+        }
+        connections.iter().filter(|c| stale_too || !c.stale(now, cert_version)).find_map(|c| {
             let taken = c.streams.fetch_add(1, Ordering::AcqRel);
             if taken < STREAMS_PER_CONNECTION {
                 Some(StreamSlot(Arc::clone(c)))
@@ -85,6 +117,16 @@ impl KeyPool {
                 None
             }
         })
+    }
+
+    /// A stale connection, while dialling a replacement has just failed.
+    fn fallback(&self, cert_version: u64) -> Option<StreamSlot> {
+        let failed = *self.dial_failed.lock().expect("tunnel pool lock");
+        if failed.is_some_and(|at| at.elapsed() < REDIAL_AFTER) {
+            self.take(cert_version, true)
+        } else {
+            None
+        }
     }
 }
 
@@ -148,7 +190,11 @@ impl TunnelPool {
                 let request = request.body(Empty::new()).map_err(io::Error::other)?;
                 let mut sender = slot.0.sender.clone();
                 match sender.send_request(request).await {
-                    Ok(response) => break (slot, response),
+                    Ok(response) => {
+                        // Any answer: the peer took our certificate.
+                        slot.0.proven.store(true, Ordering::Release);
+                        break (slot, response);
+                    }
                     Err(e) if !retried => {
                         tracing::debug!(tunnel = %key.tunnel, "tunnel stream refused ({e}); trying a new connection");
                         slot.0.refused.store(true, Ordering::Release);
@@ -193,35 +239,48 @@ impl TunnelPool {
         }
     }
 
+    /// A stream's place: on a current connection, else on a new one, else (the dial failed)
+    /// on a stale one that still works.
     async fn slot(&self, key: &PoolKey) -> io::Result<StreamSlot> {
         let pool = Arc::clone(self.pools.lock().expect("tunnel pools lock").entry(key.clone()).or_default());
-        if let Some(slot) = pool.take() {
+        let version = self.credentials.identities.version();
+        if let Some(slot) = pool.take(version, false).or_else(|| pool.fallback(version)) {
             return Ok(slot);
         }
         let _dialling = pool.dialling.lock().await;
-        // Someone else's dial may have made room meanwhile.
-        if let Some(slot) = pool.take() {
+        // Someone else's dial may have made room (or failed) meanwhile.
+        if let Some(slot) = pool.take(version, false).or_else(|| pool.fallback(version)) {
             return Ok(slot);
         }
-        let (sender, retire_at) = self.dial(key).await?;
-        let connection = Arc::new(Connection {
-            sender,
-            streams: AtomicUsize::new(1),
-            retire_at,
-            refused: AtomicBool::new(false),
-        });
-        pool.connections.lock().expect("tunnel pool lock").push(Arc::clone(&connection));
-        Ok(StreamSlot(connection))
+        match self.dial(key).await {
+            Ok(connection) => {
+                let connection = Arc::new(connection);
+                pool.connections.lock().expect("tunnel pool lock").push(Arc::clone(&connection));
+                *pool.dial_failed.lock().expect("tunnel pool lock") = None;
+                Ok(StreamSlot(connection))
+            }
+            Err(e) => {
+                *pool.dial_failed.lock().expect("tunnel pool lock") = Some(Instant::now());
+                match pool.take(version, true) {
+                    Some(slot) => {
+                        tracing::warn!(tunnel = %key.tunnel, "no new tunnel connection ({e}); an older one carries on");
+                        Ok(slot)
+                    }
+                    None => Err(e),
+                }
+            }
+        }
     }
 
-    /// A new connection for `key`, and when it retires (see [`Connection::retire_at`]).
-    async fn dial(&self, key: &PoolKey) -> io::Result<(SendRequest<Empty<Bytes>>, SystemTime)> {
+    /// A new connection for `key`, holding its first stream.
+    async fn dial(&self, key: &PoolKey) -> io::Result<Connection> {
         let fail = |what: &str, e: &dyn std::fmt::Display| {
             io::Error::new(
                 io::ErrorKind::ConnectionRefused,
                 format!("tunnel {} as {} to {}: {what}: {e}", key.tunnel, key.source, key.destination),
             )
         };
+        let cert_version = self.credentials.identities.version();
         let (config, own_renewal) = self
             .credentials
             .client_config(&key.source, &key.destination)
@@ -239,7 +298,6 @@ impl TunnelPool {
             .await
             .map_err(|e| fail("TLS handshake", &e))?;
         let peer_expiry = tls.get_ref().1.peer_certificates().and_then(|c| c.first()).and_then(not_after);
-        let retire_at = peer_expiry.map_or(own_renewal, |p| p.min(own_renewal));
         let (sender, connection) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
             .initial_stream_window_size(STREAM_WINDOW)
@@ -256,7 +314,15 @@ impl TunnelPool {
             }
         });
         tracing::debug!(tunnel = %key.tunnel, source = %key.source, destination = %key.destination, "tunnel connection opened");
-        Ok((sender, retire_at))
+        Ok(Connection {
+            sender,
+            streams: AtomicUsize::new(1),
+            own_renewal,
+            cert_version,
+            peer_expiry,
+            refused: AtomicBool::new(false),
+            proven: AtomicBool::new(false),
+        })
     }
 
     /// What `/config_dump` shows: open tunnel connections and their streams per key.

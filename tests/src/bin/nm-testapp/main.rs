@@ -114,6 +114,7 @@ fn main() {
                 keepalive_clients: num("--keepalive", 4) as usize,
                 fresh_clients: num("--fresh", 2) as usize,
                 streams: num("--streams", 4) as usize,
+                fresh_tcp_clients: num("--fresh-tcp", 0) as usize,
             })
         }
         "bench-connect" => bench_connect(to(), num("--count", 1000)),
@@ -139,7 +140,7 @@ fn main() {
 
 fn usage() -> ! {
     fail(
-        "usage: nm-testapp serve|http-serve --name N --listen ADDR... [--status CODE] | grpc-serve --name N --listen ADDR... | grpc-client --to ADDR [--calls N] [--messages M] | http-client --to ADDR [--requests N] [--method M] [--path P] [--host H] [--header K:V]... [--duration-ms D] [--h2 [--concurrency C]|--http10|--upgrade] | client --to ADDR --mode hello|sink|hold [--connections C] [--sni NAME] [--bytes N] | many-serve --listen ADDR --count-file F | many-connect --to ADDR --connections N [--concurrency C] | bench-connect|bench-latency|bench-bulk|bench-http --to ADDR [--h2] [--rate R --count N --concurrency C --duration-ms D] | steady --http ADDR --tcp ADDR [--seconds S] [--keepalive N] [--fresh N] [--streams N]",
+        "usage: nm-testapp serve|http-serve --name N --listen ADDR... [--status CODE] | grpc-serve --name N --listen ADDR... | grpc-client --to ADDR [--calls N] [--messages M] | http-client --to ADDR [--requests N] [--method M] [--path P] [--host H] [--header K:V]... [--duration-ms D] [--h2 [--concurrency C]|--http10|--upgrade] | client --to ADDR --mode hello|sink|hold [--connections C] [--sni NAME] [--bytes N] | many-serve --listen ADDR --count-file F | many-connect --to ADDR --connections N [--concurrency C] | bench-connect|bench-latency|bench-bulk|bench-http --to ADDR [--h2] [--rate R --count N --concurrency C --duration-ms D] | steady --http ADDR --tcp ADDR [--seconds S] [--keepalive N] [--fresh N] [--streams N] [--fresh-tcp N]",
     )
 }
 

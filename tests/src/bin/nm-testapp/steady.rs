@@ -7,7 +7,9 @@
 //!   response with `Connection: close` ends it and the next request opens a new one;
 //! - fresh-connection HTTP clients: one connection per request;
 //! - long-lived TCP streams (`--tcp`, an ECHO server): a line every 50 ms must come back,
-//!   from start to end on the same connection, which must then close cleanly.
+//!   from start to end on the same connection, which must then close cleanly;
+//! - short TCP connections to the same server, one line each: through the mesh every one is
+//!   a new connection end to end (a new tunnel stream), where HTTP requests ride pooled ones.
 //!
 //! Output: totals per kind, the first errors, and per-second request counts and p99.
 
@@ -29,6 +31,7 @@ pub(crate) struct Steady {
     pub(crate) keepalive_clients: usize,
     pub(crate) fresh_clients: usize,
     pub(crate) streams: usize,
+    pub(crate) fresh_tcp_clients: usize,
 }
 
 /// What one kind of client saw.
@@ -56,6 +59,7 @@ pub(crate) fn run(s: &Steady) -> io::Result<Value> {
     let keepalive = Arc::new(Mutex::new(Tally::default()));
     let fresh = Arc::new(Mutex::new(Tally::default()));
     let streams = Arc::new(Mutex::new(Tally::default()));
+    let fresh_tcp = Arc::new(Mutex::new(Tally::default()));
     let mut threads = Vec::new();
     for _ in 0..s.keepalive_clients {
         let (tally, to) = (Arc::clone(&keepalive), s.http);
@@ -64,6 +68,10 @@ pub(crate) fn run(s: &Steady) -> io::Result<Value> {
     for _ in 0..s.fresh_clients {
         let (tally, to) = (Arc::clone(&fresh), s.http);
         threads.push(std::thread::spawn(move || fresh_client(to, start, end, &tally)));
+    }
+    for _ in 0..s.fresh_tcp_clients {
+        let (tally, to) = (Arc::clone(&fresh_tcp), s.tcp);
+        threads.push(std::thread::spawn(move || fresh_tcp_client(to, end, &tally)));
     }
     for _ in 0..s.streams {
         let (tally, to) = (Arc::clone(&streams), s.tcp);
@@ -95,6 +103,7 @@ pub(crate) fn run(s: &Steady) -> io::Result<Value> {
         "keepalive": report(&keepalive),
         "fresh": report(&fresh),
         "streams": report(&streams),
+        "fresh_tcp": report(&fresh_tcp),
         "per_second": per_second,
     }))
 }
@@ -182,6 +191,28 @@ fn read_response(reader: &mut BufReader<TcpStream>) -> io::Result<bool> {
     let mut body = vec![0u8; length];
     reader.read_exact(&mut body).map_err(at("read body"))?;
     Ok(close)
+}
+
+/// One ECHO connection per line, until `end`.
+fn fresh_tcp_client(to: SocketAddr, end: Instant, tally: &Mutex<Tally>) {
+    while Instant::now() < end {
+        let result = (|| {
+            let mut s = connect(to).map_err(at("connect"))?;
+            s.write_all(b"ECHO\nping\n").map_err(at("write"))?;
+            s.shutdown(Shutdown::Write).map_err(at("shutdown"))?;
+            let mut back = String::new();
+            BufReader::new(s).read_to_string(&mut back).map_err(at("read"))?;
+            if back != "ping\n" {
+                return Err(io::Error::other(format!("echoed {back:?}")));
+            }
+            Ok::<_, io::Error>(())
+        })();
+        let mut t = tally.lock().expect("tally");
+        match result {
+            Ok(()) => t.ok += 1,
+            Err(e) => t.fail(format!("short TCP connection: {e}")),
+        }
+    }
 }
 
 /// One ECHO connection for the whole run: a line every 50 ms must come back unchanged.
