@@ -242,6 +242,11 @@ impl Registration {
         Registration { service_account: Some(account.to_string()), ..self }
     }
 
+    /// The same pod labels, its namespace no longer labelled for the mesh.
+    pub fn namespace_unlabelled(self) -> Registration {
+        Registration { namespace_enabled: false, ..self }
+    }
+
     pub fn opted_out() -> Registration {
         Registration {
             namespace_enabled: true,

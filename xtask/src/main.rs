@@ -14,6 +14,7 @@ mod image;
 mod lint;
 mod module_cycles;
 mod setup;
+mod soak;
 mod util;
 
 use clap::{Parser, Subcommand};
@@ -53,6 +54,13 @@ enum Cmd {
     },
     /// Setup, build (release), benchmark direct vs through mesh-node; append to bench/RESULTS.md.
     Bench,
+    /// Setup, build (release), then N minutes of traffic on two simulated nodes while pods and
+    /// config churn; failed requests, mesh-node RSS and open fds at start and end, appended
+    /// to bench/RESULTS.md.
+    Soak {
+        #[arg(long, default_value_t = 10)]
+        minutes: u64,
+    },
     /// Remove simulated-node leftovers of runs that were killed (only our own `nmt*` names).
     Clean,
 }
@@ -65,6 +73,7 @@ fn main() -> std::process::ExitCode {
         Cmd::Demo { keep } => demo::run(keep),
         Cmd::Image { debug } => image::run(debug),
         Cmd::Bench => bench::run(),
+        Cmd::Soak { minutes } => soak::run(minutes),
         Cmd::Clean => {
             nodemesh_tests::sweep_stale();
             Ok(())

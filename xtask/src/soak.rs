@@ -1,0 +1,130 @@
+//! `cargo xtask soak --minutes N`: a two-node mTLS cluster under continuous traffic
+//! (`nm-testapp steady`) for N minutes while pods churn (web's endpoints registered, removed,
+//! their namespace label flipped off and on) and config churns (web's DestinationRule load
+//! balancer flipped); reports failed requests, broken streams, and mesh-node's RSS and open
+//! descriptors at start and end. Appends a row to bench/RESULTS.md.
+
+use std::{
+    fs,
+    time::{Duration, Instant},
+};
+
+use anyhow::Context;
+use nodemesh_tests::{
+    Pod, Registration, SimNode, bin,
+    lifecycle::{ECHO_PORT, steady_args, web_cluster},
+    mesh::labelled,
+};
+use serde_json::Value;
+
+use crate::{bench, setup, util};
+
+/// Pods that come and go behind `web` on node 1.
+const CHURN_PODS: usize = 6;
+const POD_EVERY: Duration = Duration::from_secs(2);
+const CONFIG_EVERY: Duration = Duration::from_secs(5);
+
+/// What one mesh-node uses: RSS KiB and open descriptors.
+fn footprint(node: &SimNode) -> anyhow::Result<(u64, usize)> {
+    let pid = node.mesh_node_pid().context("mesh-node not running")?;
+    let (rss, _) = bench::memory_kib(pid)?;
+    Ok((rss, fs::read_dir(format!("/proc/{pid}/fd"))?.count()))
+}
+
+fn destination_rule(policy: &str) -> String {
+    format!(
+        "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: web, namespace: shop}}\n\
+         spec:\n  host: web.shop.svc.cluster.local\n  trafficPolicy: {{loadBalancer: {{simple: {policy}}}}}\n"
+    )
+}
+
+pub(crate) fn run(minutes: u64) -> anyhow::Result<()> {
+    anyhow::ensure!(minutes > 0, "--minutes must be at least 1");
+    setup::run()?;
+    util::build_release()?;
+    util::step(&format!("soak: {minutes} min of traffic, pod churn and config churn on two nodes"));
+    let (mut cluster, client) = web_cluster(&[], &[])?;
+    let mut pods: Vec<(Pod, bool)> = Vec::new();
+    for i in 0..CHURN_PODS {
+        let node1 = &mut cluster.nodes[1];
+        let pod = node1.add_pod(&format!("churn{i}"), "shop")?;
+        node1.register(&pod, &labelled("web"))?;
+        node1.serve_http(&pod, &[pod.addr(8080)])?;
+        node1.serve(&pod, &[pod.addr(ECHO_PORT)])?;
+        pods.push((pod, true));
+    }
+    let before: Vec<(u64, usize)> = cluster.nodes.iter().map(footprint).collect::<anyhow::Result<_>>()?;
+    let seconds = minutes * 60;
+    let load = cluster.nodes[0].start_in(&client, &bin("nm-testapp")?, &steady_args(seconds))?;
+
+    let end = Instant::now() + Duration::from_secs(seconds);
+    let (mut pod_ops, mut config_changes, mut step) = (0u64, 0u64, 0usize);
+    let mut next_config = Instant::now() + CONFIG_EVERY;
+    while Instant::now() < end {
+        std::thread::sleep(POD_EVERY);
+        let node1 = &cluster.nodes[1];
+        let (pod, meshed) = &mut pods[step % CHURN_PODS];
+        // Cycle: removed, registered again, namespace label off, on again.
+        let how = match step / CHURN_PODS % 3 {
+            0 => None,
+            1 if *meshed => Some(Registration::labelled(&[("app", "web")]).namespace_unlabelled()),
+            _ => Some(labelled("web")),
+        };
+        match how {
+            None => {
+                let key = format!("{}/{}", pod.namespace, pod.name);
+                let socket = node1.api_socket().display().to_string();
+                node1.mesh_node_cli(&["workload", "--api-socket", &socket, "remove", &key])?;
+                node1.register(pod, &labelled("web"))?;
+            }
+            Some(registration) => {
+                *meshed = registration.namespace_enabled;
+                node1.register(pod, &registration)?;
+            }
+        }
+        pod_ops += 1;
+        step += 1;
+        if Instant::now() >= next_config {
+            let policy = if config_changes % 2 == 0 { "LEAST_REQUEST" } else { "ROUND_ROBIN" };
+            cluster.write_config("web-rule.yaml", &destination_rule(policy));
+            config_changes += 1;
+            next_config += CONFIG_EVERY;
+        }
+    }
+    let out: Value =
+        serde_json::from_str(load.finish(Duration::from_secs(120))?.trim()).context("steady output")?;
+    let after: Vec<(u64, usize)> = cluster.nodes.iter().map(footprint).collect::<anyhow::Result<_>>()?;
+
+    let count = |kind: &str, field: &str| out[kind][field].as_u64().unwrap_or(0);
+    let requests: u64 = ["keepalive", "fresh"].iter().map(|k| count(k, "ok") + count(k, "failed")).sum();
+    let failed = count("keepalive", "failed") + count("fresh", "failed");
+    let broken = count("streams", "failed") + count("fresh_tcp", "failed");
+    for kind in ["keepalive", "fresh", "streams", "fresh_tcp"] {
+        for e in out[kind]["errors"].as_array().into_iter().flatten() {
+            println!("  {kind}: {e}");
+        }
+    }
+    let per_node = |i: usize| {
+        format!(
+            "{:.1} → {:.1} / {} → {}",
+            before[i].0 as f64 / 1024.0,
+            after[i].0 as f64 / 1024.0,
+            before[i].1,
+            after[i].1
+        )
+    };
+    let row = format!(
+        "| {} | {} | {minutes} | {requests} | {failed} | {broken} | {pod_ops} | {config_changes} | {} | {} |",
+        util::output("date", &["-u", "+%Y-%m-%d %H:%M"])?,
+        bench::commit()?,
+        per_node(0),
+        per_node(1),
+    );
+    let path = util::workspace_root()?.join("bench/RESULTS.md");
+    let text = fs::read_to_string(&path)?;
+    fs::write(&path, bench::insert_row(&text, SOAK_TABLE, &row))?;
+    println!("\n{SOAK_TABLE}\n{row}\n\nwritten to {}", path.display());
+    Ok(())
+}
+
+const SOAK_TABLE: &str = "| date (UTC) | commit | minutes | HTTP requests | failed | TCP failed (streams + short) | pod changes | config changes | node 1 mesh-node RSS MiB / fds start → end | node 2 mesh-node RSS MiB / fds start → end |";
