@@ -12,7 +12,10 @@
 use std::{
     future::Future,
     pin::Pin,
-    sync::Arc,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -44,6 +47,8 @@ pub struct Drain {
 
 struct Inner {
     state: watch::Sender<State>,
+    /// Mirrors `state != Serving` for the per-response check, without the watch's lock.
+    draining_now: AtomicBool,
     /// Connections open in this process (also `nodemesh_connections_open`).
     open: Gauge,
     draining: Gauge,
@@ -55,6 +60,7 @@ impl Default for Drain {
         Drain {
             inner: Arc::new(Inner {
                 state: watch::channel(State::Serving).0,
+                draining_now: AtomicBool::new(false),
                 open: Gauge::default(),
                 draining: Gauge::default(),
                 all_closed: Notify::new(),
@@ -82,7 +88,7 @@ impl Drain {
     }
 
     pub fn is_draining(&self) -> bool {
-        !matches!(*self.inner.state.borrow(), State::Serving)
+        self.inner.draining_now.load(Ordering::Acquire)
     }
 
     pub fn open_connections(&self) -> i64 {
@@ -99,6 +105,7 @@ impl Drain {
             _ => false,
         });
         if started {
+            self.inner.draining_now.store(true, Ordering::Release);
             self.inner.draining.set(1);
             tracing::info!(open = self.open_connections(), "draining: {why}");
         }
