@@ -95,3 +95,36 @@ fn sigterm_drains_requests_in_flight_and_reports_it_while_draining() {
     assert!(status.success(), "{status}");
     assert!(node0.bpf_pin_dir().join("v1/links/sock4_connect").exists());
 }
+
+#[test]
+fn a_new_mesh_node_takes_over_from_one_draining_after_sigterm_and_serves_what_is_new() {
+    let (mut cluster, client) = web_cluster(&[], &["--drain-timeout-secs", "20"]).unwrap();
+    let node0 = &mut cluster.nodes[0];
+    let slow_args: Vec<String> =
+        ["http-client", "--to", &format!("{VIP}:{HTTP_PORT}"), "--path", "/delay/4000"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+    let slow = node0.start_in(&client, &bin("nm-testapp").unwrap(), &slow_args).unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    let old = node0.mesh_node_pid().unwrap();
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(old as i32), nix::sys::signal::Signal::SIGTERM)
+        .unwrap();
+    // The pod deleted first, its successor second (the kubelet's order when a DaemonSet pod
+    // is replaced): the draining process still hands its listeners over.
+    node0.upgrade_mesh_node().unwrap();
+    let requests = |node: &nodemesh_tests::SimNode| {
+        node.metrics().unwrap().sum("istio_requests_total", &[("source_workload", "client")])
+    };
+    assert_eq!(requests(node0), 0.0, "the admin port now answers from the new process");
+    for _ in 0..5 {
+        let r = node0.testapp(&client, &["http-client", "--to", &format!("{VIP}:{HTTP_PORT}")]).unwrap();
+        assert_eq!(r["statuses"]["200"], 1, "{r}");
+    }
+    eventually("new requests counted by the new process", Duration::from_secs(5), || requests(node0) >= 5.0);
+    let r: Value = serde_json::from_str(slow.finish(Duration::from_secs(20)).unwrap().trim()).unwrap();
+    assert_eq!(r["statuses"]["200"], 1, "the request in flight on the old process completes: {r}");
+    for status in node0.stop_retired(Duration::from_secs(25)).unwrap() {
+        assert!(status.success(), "{status}");
+    }
+}
