@@ -122,7 +122,10 @@ fn client_hello_sni(hs: &[u8]) -> Option<String> {
             while let Some(name_type) = names.u8() {
                 let name = names.block16()?;
                 if name_type == 0 {
-                    return String::from_utf8(name.to_vec()).ok();
+                    // A host name is non-empty ASCII (RFC 6066 §3): anything else names nothing
+                    // a tls route could match (found by the sniff fuzz target).
+                    let name = std::str::from_utf8(name).ok().filter(|n| !n.is_empty() && n.is_ascii())?;
+                    return Some(name.to_string());
                 }
             }
         }
@@ -332,5 +335,13 @@ mod tests {
         assert_eq!(is(&hello), Protocol::Tls { sni: Some("payments.example.com".into()) });
         assert_eq!(classify(&hello[..20]), Verdict::NeedMore);
         assert_eq!(is(&[0x16, 0x01, 0, 0, 0, 0]), Protocol::Opaque);
+    }
+
+    /// Regression (fuzz/artifacts of the sniff target): an empty or non-ASCII server name is
+    /// no name at all, not `Some("")` for tls routes to match against.
+    #[test]
+    fn an_empty_or_non_ascii_server_name_is_none() {
+        assert_eq!(is(&client_hello("")), Protocol::Tls { sni: None });
+        assert_eq!(is(&client_hello("bücher.example")), Protocol::Tls { sni: None });
     }
 }
