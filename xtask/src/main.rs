@@ -10,6 +10,7 @@ mod bench_upgrade;
 mod bookshop;
 mod demo;
 mod demo_discovery;
+mod fuzz;
 mod image;
 mod lint;
 mod module_cycles;
@@ -61,6 +62,13 @@ enum Cmd {
         #[arg(long, default_value_t = 10)]
         minutes: u64,
     },
+    /// Run the libFuzzer targets of fuzz/ (all, or those named) for a bounded time each with
+    /// cargo-fuzz (installed on first use); fails on any crash, naming the input.
+    Fuzz {
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+        targets: Vec<String>,
+    },
     /// Remove simulated-node leftovers of runs that were killed (only our own `nmt*` names).
     Clean,
 }
@@ -74,6 +82,7 @@ fn main() -> std::process::ExitCode {
         Cmd::Image { debug } => image::run(debug),
         Cmd::Bench => bench::run(),
         Cmd::Soak { minutes } => soak::run(minutes),
+        Cmd::Fuzz { seconds, targets } => fuzz::run(seconds, &targets),
         Cmd::Clean => {
             nodemesh_tests::sweep_stale();
             Ok(())

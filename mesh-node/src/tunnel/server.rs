@@ -7,7 +7,12 @@
 //! never be handed to a pod of identity B), and is then delivered into the pod as the client
 //! pod's own address.
 
-use std::{convert::Infallible, net::SocketAddr, sync::Arc, time::Duration};
+use std::{
+    convert::Infallible,
+    net::{IpAddr, SocketAddr},
+    sync::Arc,
+    time::Duration,
+};
 
 use bytes::Bytes;
 use http_body_util::Full;
@@ -149,15 +154,9 @@ impl TunnelServer {
 
     /// One CONNECT stream: checks, delivers, and relays once the client has its 200.
     async fn stream(&self, mut request: Request<Incoming>, peers: &Peers) -> Response<Full<Bytes>> {
-        if request.method() != Method::CONNECT {
-            return answer(StatusCode::METHOD_NOT_ALLOWED, "only CONNECT is served here".into());
-        }
-        let Some(target) = request.uri().authority().and_then(|a| a.as_str().parse::<SocketAddr>().ok())
-        else {
-            return answer(
-                StatusCode::BAD_REQUEST,
-                format!("CONNECT target {} is not ip:port", request.uri()),
-            );
+        let ConnectRequest { target, from, source_workload } = match ConnectRequest::parse(&request) {
+            Ok(r) => r,
+            Err((status, why)) => return answer(status, why),
         };
         // Held briefly when unknown: the client may have learned of a pod this node is still
         // registering; a 404 would count against the endpoint at the client.
@@ -179,8 +178,6 @@ impl TunnelServer {
                 format!("workload {} is not set up for inbound delivery", local.key),
             );
         };
-        let from =
-            request.headers().get(FORWARDED).and_then(|v| v.to_str().ok()).and_then(parse_forwarded_for);
         let connection = Inbound {
             authorizer: Arc::clone(&self.authorizer),
             workload: local.key.clone(),
@@ -216,13 +213,7 @@ impl TunnelServer {
             }
         };
         // The client's workload name is its own say (baggage); its namespace is proven.
-        let source_workload = request
-            .headers()
-            .get(BAGGAGE)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|b| baggage_value(b, POD_NAME_KEY))
-            .unwrap_or(UNKNOWN)
-            .to_string();
+        let source_workload = source_workload.unwrap_or_else(|| UNKNOWN.to_string());
         let labels = ConnectionLabels {
             reporter: Reporter::destination,
             source_workload,
@@ -260,6 +251,40 @@ impl TunnelServer {
             counters.closed();
         }));
         Response::new(Full::new(Bytes::new()))
+    }
+}
+
+/// What a CONNECT request asks for, read from its head alone (the fuzzed part of the tunnel
+/// server: everything here comes from the peer).
+#[derive(Debug)]
+pub struct ConnectRequest {
+    /// The pod address and port (`ip:port` authority).
+    pub target: SocketAddr,
+    /// The client pod's address (`Forwarded: for=`), when given.
+    pub from: Option<IpAddr>,
+    /// The client's workload name (baggage `k8s.pod.name`), when given.
+    pub source_workload: Option<String>,
+}
+
+impl ConnectRequest {
+    /// The request's asks, or the status and reason to refuse it with.
+    pub fn parse<B>(request: &Request<B>) -> Result<ConnectRequest, (StatusCode, String)> {
+        if request.method() != Method::CONNECT {
+            return Err((StatusCode::METHOD_NOT_ALLOWED, "only CONNECT is served here".into()));
+        }
+        let Some(target) = request.uri().authority().and_then(|a| a.as_str().parse::<SocketAddr>().ok())
+        else {
+            return Err((
+                StatusCode::BAD_REQUEST,
+                format!("CONNECT target {} is not ip:port", request.uri()),
+            ));
+        };
+        let header = |name: &str| request.headers().get(name).and_then(|v| v.to_str().ok());
+        Ok(ConnectRequest {
+            target,
+            from: header(FORWARDED).and_then(parse_forwarded_for),
+            source_workload: header(BAGGAGE).and_then(|b| baggage_value(b, POD_NAME_KEY)).map(str::to_string),
+        })
     }
 }
 
