@@ -5,12 +5,19 @@
 use std::time::Duration;
 
 use nodemesh_tests::{
-    bin,
+    Background, Pod, SimNode, bin,
     lifecycle::{HTTP_PORT, VIP, steady_args, web_cluster},
     link_capture::{LinkCapture, contains},
     mesh::eventually,
 };
 use serde_json::Value;
+
+/// A request from `client` to web that takes `ms` to answer, running in the background.
+fn slow_request(node: &SimNode, client: &Pod, ms: u64) -> Background {
+    let path = format!("/delay/{ms}");
+    let args = ["http-client", "--to", &format!("{VIP}:{HTTP_PORT}"), "--path", &path].map(String::from);
+    node.start_in(client, &bin("nm-testapp").unwrap(), &args).unwrap()
+}
 
 fn assert_no_failures(load: &Value) {
     for kind in ["keepalive", "fresh", "streams", "fresh_tcp"] {
@@ -68,12 +75,7 @@ fn sigterm_drains_requests_in_flight_and_reports_it_while_draining() {
     let (mut cluster, client) = web_cluster(&[], &["--drain-timeout-secs", "10"]).unwrap();
     let node0 = &mut cluster.nodes[0];
     // A request that takes 3 s is in flight through node 0's mesh-node when it gets SIGTERM.
-    let slow_args: Vec<String> =
-        ["http-client", "--to", &format!("{VIP}:{HTTP_PORT}"), "--path", "/delay/3000"]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
-    let slow = node0.start_in(&client, &bin("nm-testapp").unwrap(), &slow_args).unwrap();
+    let slow = slow_request(node0, &client, 3000);
     std::thread::sleep(Duration::from_millis(500));
     let pid = node0.mesh_node_pid().unwrap();
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGTERM)
@@ -100,12 +102,7 @@ fn sigterm_drains_requests_in_flight_and_reports_it_while_draining() {
 fn a_new_mesh_node_takes_over_from_one_draining_after_sigterm_and_serves_what_is_new() {
     let (mut cluster, client) = web_cluster(&[], &["--drain-timeout-secs", "20"]).unwrap();
     let node0 = &mut cluster.nodes[0];
-    let slow_args: Vec<String> =
-        ["http-client", "--to", &format!("{VIP}:{HTTP_PORT}"), "--path", "/delay/4000"]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
-    let slow = node0.start_in(&client, &bin("nm-testapp").unwrap(), &slow_args).unwrap();
+    let slow = slow_request(node0, &client, 4000);
     std::thread::sleep(Duration::from_millis(500));
     let old = node0.mesh_node_pid().unwrap();
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(old as i32), nix::sys::signal::Signal::SIGTERM)
@@ -113,7 +110,7 @@ fn a_new_mesh_node_takes_over_from_one_draining_after_sigterm_and_serves_what_is
     // The pod deleted first, its successor second (the kubelet's order when a DaemonSet pod
     // is replaced): the draining process still hands its listeners over.
     node0.upgrade_mesh_node().unwrap();
-    let requests = |node: &nodemesh_tests::SimNode| {
+    let requests = |node: &SimNode| {
         node.metrics().unwrap().sum("istio_requests_total", &[("source_workload", "client")])
     };
     assert_eq!(requests(node0), 0.0, "the admin port now answers from the new process");
