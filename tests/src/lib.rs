@@ -497,11 +497,13 @@ impl SimNode {
     /// SIGTERM and wait: a clean shutdown.
     pub fn stop_mesh_node(&mut self) -> anyhow::Result<std::process::ExitStatus> {
         let mut m = self.mesh_node.take().context("mesh-node not running")?;
-        nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(m.child.id() as i32),
-            nix::sys::signal::Signal::SIGTERM,
-        )?;
+        sigterm(m.pid())?;
         wait_with_timeout(&mut m.child, Duration::from_secs(10))
+    }
+
+    /// SIGTERM without waiting: mesh-node starts draining.
+    pub fn sigterm_mesh_node(&self) -> anyhow::Result<()> {
+        sigterm(self.mesh_node_pid().context("mesh-node not running")?)
     }
 
     pub fn restart_mesh_node(&mut self) -> anyhow::Result<()> {
@@ -522,10 +524,7 @@ impl SimNode {
     pub fn stop_retired(&mut self, timeout: Duration) -> anyhow::Result<Vec<std::process::ExitStatus>> {
         let mut statuses = Vec::new();
         for mut m in std::mem::take(&mut self.retired) {
-            nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(m.pid() as i32),
-                nix::sys::signal::Signal::SIGTERM,
-            )?;
+            sigterm(m.pid())?;
             statuses.push(wait_with_timeout(&mut m.child, timeout)?);
         }
         Ok(statuses)
@@ -838,6 +837,11 @@ impl Drop for SimNode {
             let _ = fs::remove_dir_all(&self.work_dir);
         }
     }
+}
+
+fn sigterm(pid: u32) -> anyhow::Result<()> {
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(pid)?);
+    Ok(nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM)?)
 }
 
 /// A process of [`SimNode::start_in`]; killed if dropped before [`Background::finish`].

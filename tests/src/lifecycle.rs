@@ -4,6 +4,8 @@
 
 use std::time::Duration;
 
+use serde_json::Value;
+
 use crate::{
     Pod, Registration, SimCluster,
     mesh::{eventually, labelled},
@@ -50,4 +52,27 @@ pub fn steady_args(seconds: u64) -> Vec<String> {
         "steady --http {VIP}:{HTTP_PORT} --tcp {VIP}:{ECHO_PORT} --seconds {seconds} --keepalive 4 --fresh 2 --streams 4 --fresh-tcp 2"
     );
     args.split(' ').map(String::from).collect()
+}
+
+/// The totals of a `steady` report.
+#[derive(Clone, Copy, Debug)]
+pub struct SteadyTotals {
+    /// HTTP requests sent (keep-alive and new-connection), and how many failed.
+    pub requests: u64,
+    pub failed: u64,
+    /// Long-lived echo streams broken, short TCP connections failed.
+    pub streams_broken: u64,
+    pub short_tcp_failed: u64,
+}
+
+impl SteadyTotals {
+    pub fn of(report: &Value) -> SteadyTotals {
+        let count = |kind: &str, field: &str| report[kind][field].as_u64().unwrap_or(0);
+        SteadyTotals {
+            requests: ["keepalive", "fresh"].iter().map(|k| count(k, "ok") + count(k, "failed")).sum(),
+            failed: count("keepalive", "failed") + count("fresh", "failed"),
+            streams_broken: count("streams", "failed"),
+            short_tcp_failed: count("fresh_tcp", "failed"),
+        }
+    }
 }

@@ -77,9 +77,7 @@ fn sigterm_drains_requests_in_flight_and_reports_it_while_draining() {
     // A request that takes 3 s is in flight through node 0's mesh-node when it gets SIGTERM.
     let slow = slow_request(node0, &client, 3000);
     std::thread::sleep(Duration::from_millis(500));
-    let pid = node0.mesh_node_pid().unwrap();
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGTERM)
-        .unwrap();
+    node0.sigterm_mesh_node().unwrap();
     eventually("readiness says draining", Duration::from_secs(2), || {
         // 503: admin_get's error carries the body.
         node0
@@ -104,9 +102,7 @@ fn a_new_mesh_node_takes_over_from_one_draining_after_sigterm_and_serves_what_is
     let node0 = &mut cluster.nodes[0];
     let slow = slow_request(node0, &client, 4000);
     std::thread::sleep(Duration::from_millis(500));
-    let old = node0.mesh_node_pid().unwrap();
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(old as i32), nix::sys::signal::Signal::SIGTERM)
-        .unwrap();
+    node0.sigterm_mesh_node().unwrap();
     // The pod deleted first, its successor second (the kubelet's order when a DaemonSet pod
     // is replaced): the draining process still hands its listeners over.
     node0.upgrade_mesh_node().unwrap();

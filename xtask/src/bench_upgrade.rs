@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use nodemesh_tests::{
     bin,
-    lifecycle::{steady_args, web_cluster},
+    lifecycle::{SteadyTotals, steady_args, web_cluster},
 };
 use serde_json::Value;
 
@@ -43,7 +43,7 @@ pub(crate) fn run() -> anyhow::Result<Upgrade> {
     }
     let out: Value =
         serde_json::from_str(load.finish(Duration::from_secs(90))?.trim()).context("steady output")?;
-    let count = |kind: &str, field: &str| out[kind][field].as_u64().unwrap_or(0);
+    let totals = SteadyTotals::of(&out);
     let seconds = out["per_second"].as_array().context("per_second")?;
     let max_p99 = |from: u64, to: u64| {
         seconds
@@ -54,10 +54,10 @@ pub(crate) fn run() -> anyhow::Result<Upgrade> {
     };
     let (begin, end) = (switch_began.as_secs(), switch_ended.as_secs());
     Ok(Upgrade {
-        requests: ["keepalive", "fresh"].iter().map(|k| count(k, "ok") + count(k, "failed")).sum(),
-        failed: count("keepalive", "failed") + count("fresh", "failed"),
-        streams_broken: count("streams", "failed"),
-        short_tcp_failed: count("fresh_tcp", "failed"),
+        requests: totals.requests,
+        failed: totals.failed,
+        streams_broken: totals.streams_broken,
+        short_tcp_failed: totals.short_tcp_failed,
         // Second 0 includes connection set-up; the second the switch began is "during".
         p99_before_ms: max_p99(1, begin.saturating_sub(1)),
         p99_during_ms: max_p99(begin, end),

@@ -12,7 +12,7 @@ use std::{
 use anyhow::Context;
 use nodemesh_tests::{
     Pod, Registration, SimNode, bin,
-    lifecycle::{ECHO_PORT, steady_args, web_cluster},
+    lifecycle::{ECHO_PORT, SteadyTotals, steady_args, web_cluster},
     mesh::labelled,
 };
 use serde_json::Value;
@@ -95,10 +95,9 @@ pub(crate) fn run(minutes: u64) -> anyhow::Result<()> {
         serde_json::from_str(load.finish(Duration::from_secs(120))?.trim()).context("steady output")?;
     let after: Vec<(u64, usize)> = cluster.nodes.iter().map(footprint).collect::<anyhow::Result<_>>()?;
 
-    let count = |kind: &str, field: &str| out[kind][field].as_u64().unwrap_or(0);
-    let requests: u64 = ["keepalive", "fresh"].iter().map(|k| count(k, "ok") + count(k, "failed")).sum();
-    let failed = count("keepalive", "failed") + count("fresh", "failed");
-    let broken = count("streams", "failed") + count("fresh_tcp", "failed");
+    let totals = SteadyTotals::of(&out);
+    let (requests, failed) = (totals.requests, totals.failed);
+    let broken = totals.streams_broken + totals.short_tcp_failed;
     for kind in ["keepalive", "fresh", "streams", "fresh_tcp"] {
         for e in out[kind]["errors"].as_array().into_iter().flatten() {
             println!("  {kind}: {e}");
