@@ -28,8 +28,9 @@ pub enum NetnsError {
 
 type Job = Box<dyn FnOnce() + Send>;
 
-/// A thread parked inside one network namespace. Dropping the last handle ends the thread.
-#[derive(Debug)]
+/// A thread parked inside one network namespace. Clones share the thread; dropping the last
+/// handle ends it.
+#[derive(Debug, Clone)]
 pub struct NetnsThread {
     path: PathBuf,
     jobs: mpsc::Sender<Job>,

@@ -10,7 +10,7 @@ use std::{
 
 use nodemesh_api::workload::WorkloadKey;
 
-use crate::{conn::pool::Pool, netns::NetnsThread};
+use crate::{conn::pool::Pool, inbound::routing::DeliveryRoutes, netns::NetnsThread};
 
 /// What the proxy needs to know about the workload a listener serves — and nothing more: no
 /// registry access, no keys.
@@ -25,6 +25,9 @@ pub struct Source {
     pub service_account: String,
     /// Its upstream HTTP connections, reused across requests.
     pub http_pool: Pool,
+    /// The delivery routing in its netns, held while this registration or a connection
+    /// delivered into it lives. `None`: it shares mesh-node's own netns (no delivery).
+    pub routes: Option<Arc<DeliveryRoutes>>,
 }
 
 /// A workload of this node, as inbound traffic and telemetry see it.

@@ -4,7 +4,7 @@
 //! traffic is delivered into the server pod the same way (as the client's address), without TLS.
 
 use nodemesh_tests::{
-    Pod, Registration, SimCluster, SimNode,
+    HeldConnection, Pod, Registration, SimCluster, SimNode,
     link_capture::{LinkCapture, contains},
     mesh::{answered_by, endpoint_count, eventually, held_certificates, http_get, labelled, service_yaml},
 };
@@ -121,6 +121,53 @@ fn same_node_traffic_is_delivered_as_the_client_pod() {
     let reply = http_get(&s.cluster.nodes[1], &neighbour, &format!("{VIP}:80"), &["--requests", "3"]);
     assert_eq!(reply["statuses"]["200"], 3, "{reply}");
     assert_eq!(peer_ip(&reply), neighbour.ip.to_string(), "{reply}");
+}
+
+/// The delivery routing rule in `pod`'s netns (`ip rule`), if there is one.
+fn delivery_rule(pod: &Pod) -> Option<String> {
+    let out = std::process::Command::new("ip").args(["-n", &pod.netns, "rule", "show"]).output().ok()?;
+    String::from_utf8_lossy(&out.stdout).lines().find(|l| l.contains("lookup 15008")).map(str::to_string)
+}
+
+/// A pod unregistered while it still runs (terminating, relabelled, re-registered) keeps
+/// answering the connections already delivered into it: its delivery routing stays until the
+/// last of them ends, however often it is removed and registered again meanwhile — and then
+/// comes out.
+#[test]
+fn a_removed_pod_keeps_answering_its_delivered_connections_and_its_routing_goes_after_the_last() {
+    let mut s = setup();
+    let node1 = &mut s.cluster.nodes[1];
+    node1.serve(&s.web, &[s.web.addr(9000)]).unwrap();
+    let mut held = HeldConnection::open(&s.client, &s.web.addr(9000).to_string()).unwrap();
+    held.round_trip("before").unwrap();
+    let node1 = &s.cluster.nodes[1];
+    let socket = node1.api_socket().display().to_string();
+    let remove =
+        || node1.mesh_node_cli(&["workload", "--api-socket", &socket, "remove", "shop/web"]).unwrap();
+
+    remove();
+    held.round_trip("after a removal").unwrap();
+    assert!(delivery_rule(&s.web).is_some(), "the routing went while a delivered connection lives");
+    // Removed and registered again at once, repeatedly: a removal never undoes the
+    // registration that followed it.
+    for round in 0..5 {
+        node1.register(&s.web, &labelled("web")).unwrap();
+        remove();
+        node1.register(&s.web, &labelled("web")).unwrap();
+        held.round_trip(&format!("re-registered {round}")).unwrap();
+    }
+    remove();
+    held.round_trip("removed for good").unwrap();
+    held.close().unwrap();
+    eventually("the routing is removed after the last connection", Duration::from_secs(10), || {
+        delivery_rule(&s.web).is_none()
+    });
+    // Registered again: routing back, and new connections delivered.
+    node1.register(&s.web, &labelled("web")).unwrap();
+    assert!(delivery_rule(&s.web).is_some());
+    let mut again = HeldConnection::open(&s.client, &s.web.addr(9000).to_string()).unwrap();
+    again.round_trip("new connection").unwrap();
+    again.close().unwrap();
 }
 
 #[test]

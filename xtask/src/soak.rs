@@ -5,6 +5,7 @@
 //! descriptors at start and end. Appends a row to bench/RESULTS.md.
 
 use std::{
+    collections::BTreeMap,
     fs,
     time::{Duration, Instant},
 };
@@ -24,11 +25,28 @@ const CHURN_PODS: usize = 6;
 const POD_EVERY: Duration = Duration::from_secs(2);
 const CONFIG_EVERY: Duration = Duration::from_secs(5);
 
-/// What one mesh-node uses: RSS KiB and open descriptors.
-fn footprint(node: &SimNode) -> anyhow::Result<(u64, usize)> {
+/// What one mesh-node uses: RSS KiB, open descriptors, and what they are (by kind: `socket`,
+/// `net` namespace, `anon_inode:[eventfd]`, …) with its thread count — so growth says where
+/// it comes from.
+fn footprint(node: &SimNode) -> anyhow::Result<(u64, usize, BTreeMap<String, usize>)> {
     let pid = node.mesh_node_pid().context("mesh-node not running")?;
     let (rss, _) = bench::memory_kib(pid)?;
-    Ok((rss, fs::read_dir(format!("/proc/{pid}/fd"))?.count()))
+    let mut kinds = BTreeMap::new();
+    let mut fds = 0;
+    for fd in fs::read_dir(format!("/proc/{pid}/fd"))? {
+        fds += 1;
+        let target = fs::read_link(fd?.path()).map(|t| t.display().to_string()).unwrap_or_default();
+        let kind = match target.split_once(":[") {
+            Some(("anon_inode", _)) => target.clone(),
+            Some((kind, _)) => kind.to_string(),
+            None => "file".into(),
+        };
+        *kinds.entry(kind).or_default() += 1;
+    }
+    let status = fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let threads = status.lines().find_map(|l| l.strip_prefix("Threads:")).unwrap_or_default().trim();
+    kinds.insert("threads".into(), threads.parse().unwrap_or_default());
+    Ok((rss, fds, kinds))
 }
 
 fn destination_rule(policy: &str) -> String {
@@ -53,7 +71,7 @@ pub(crate) fn run(minutes: u64) -> anyhow::Result<()> {
         node1.serve(&pod, &[pod.addr(ECHO_PORT)])?;
         pods.push((pod, true));
     }
-    let before: Vec<(u64, usize)> = cluster.nodes.iter().map(footprint).collect::<anyhow::Result<_>>()?;
+    let before: Vec<_> = cluster.nodes.iter().map(footprint).collect::<anyhow::Result<_>>()?;
     let seconds = minutes * 60;
     let load = cluster.nodes[0].start_in(&client, &bin("nm-testapp")?, &steady_args(seconds))?;
 
@@ -93,7 +111,7 @@ pub(crate) fn run(minutes: u64) -> anyhow::Result<()> {
     }
     let out: Value =
         serde_json::from_str(load.finish(Duration::from_secs(120))?.trim()).context("steady output")?;
-    let after: Vec<(u64, usize)> = cluster.nodes.iter().map(footprint).collect::<anyhow::Result<_>>()?;
+    let after: Vec<_> = cluster.nodes.iter().map(footprint).collect::<anyhow::Result<_>>()?;
 
     let totals = SteadyTotals::of(&out);
     let (requests, failed) = (totals.requests, totals.failed);
@@ -102,6 +120,14 @@ pub(crate) fn run(minutes: u64) -> anyhow::Result<()> {
         for e in out[kind]["errors"].as_array().into_iter().flatten() {
             println!("  {kind}: {e}");
         }
+    }
+    for (i, (start, end)) in before.iter().zip(&after).enumerate() {
+        println!(
+            "  node {} mesh-node descriptors and threads, start → end: {:?} → {:?}",
+            i + 1,
+            start.2,
+            end.2
+        );
     }
     let per_node = |i: usize| {
         format!(

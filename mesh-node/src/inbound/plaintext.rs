@@ -49,14 +49,14 @@ impl PlaintextInbound {
         }
     }
 
-    async fn handle(&self, conn: TcpStream, peer: SocketAddr, pod: &Source) {
+    async fn handle(&self, conn: TcpStream, peer: SocketAddr, pod: &Arc<Source>) {
         // sk_lookup keeps the destination: the accepted socket's own address is what the
         // client dialled.
         let Ok(dst) = conn.local_addr() else { return };
         let _ = conn.set_nodelay(true);
         let connection = Inbound {
             authorizer: Arc::clone(&self.authorizer),
-            workload: pod.key.clone(),
+            pod: Arc::clone(pod),
             identity: None,
             source_ip: peer.ip(),
             destination: dst,

@@ -13,8 +13,21 @@
 //!
 //! Only sockets mesh-node marks, and the connections they open, are affected; the pod's own
 //! traffic and connections from anywhere else route as before. No iptables.
+//!
+//! The routing of one netns is shared ([`DeliveryRoutes`]): by every registration of the pod
+//! and by every connection delivered into it. Removing or re-registering the pod retires it,
+//! but it comes out only when the last delivered connection has ended — a pod that is
+//! unregistered while it still runs (terminating, unlabelled, re-registered) keeps answering
+//! the connections it already has.
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::{
+    collections::HashMap,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    sync::{
+        Arc, Weak,
+        atomic::{AtomicBool, Ordering},
+    },
+};
 
 use rtnetlink::{
     Handle, RouteMessageBuilder,
@@ -58,13 +71,116 @@ const FWMARK_ACCEPT: &str = "/proc/sys/net/ipv4/tcp_fwmark_accept";
 
 /// What [`install`] changed, so [`remove`] can put it back.
 #[derive(Debug, Clone, Copy)]
-pub struct Installed {
+struct Installed {
     /// `tcp_fwmark_accept` was already on before mesh-node set it.
     fwmark_accept_was_on: bool,
 }
 
+/// The delivery routing of every pod netns, by netns cookie.
+#[derive(Default)]
+pub struct RoutesByNetns {
+    /// Held across each install and removal, so a removal never undoes an install that
+    /// followed it.
+    installed: tokio::sync::Mutex<HashMap<u64, Weak<DeliveryRoutes>>>,
+    /// A new mesh-node is taking over (or has): it relies on the same rules, so nothing is
+    /// removed from here on.
+    handing_over: AtomicBool,
+}
+
+impl RoutesByNetns {
+    /// The routing in the netns with `cookie` (reached through `netns`): the one already in
+    /// place (and no longer retired), or installed now.
+    pub async fn hold(
+        self: &Arc<Self>,
+        netns: &NetnsThread,
+        cookie: u64,
+        mark: u32,
+    ) -> Result<Arc<DeliveryRoutes>, RoutingError> {
+        let mut installed = self.installed.lock().await;
+        if let Some(routes) = installed.get(&cookie).and_then(Weak::upgrade) {
+            routes.retired.store(false, Ordering::Relaxed);
+            return Ok(routes);
+        }
+        // Entries of netns nobody holds (and nobody retired: a failed registration) go.
+        installed.retain(|_, routes| routes.strong_count() > 0);
+        let changed = install(netns, mark).await?;
+        let routes = Arc::new(DeliveryRoutes {
+            rules: Rules { cookie, netns: netns.clone(), mark, changed },
+            retired: AtomicBool::new(false),
+            by_netns: Arc::clone(self),
+        });
+        installed.insert(cookie, Arc::downgrade(&routes));
+        Ok(routes)
+    }
+
+    /// While set, retired routing stays in place (see `handing_over`).
+    pub fn set_handing_over(&self, on: bool) {
+        self.handing_over.store(on, Ordering::Release);
+    }
+
+    /// Takes `gone` out, unless its netns is held again meanwhile.
+    async fn remove_unless_held(&self, gone: Rules) {
+        let mut installed = self.installed.lock().await;
+        if self.handing_over.load(Ordering::Acquire)
+            || installed.get(&gone.cookie).and_then(Weak::upgrade).is_some()
+        {
+            return;
+        }
+        installed.remove(&gone.cookie);
+        remove(&gone.netns, gone.mark, gone.changed).await;
+    }
+}
+
+/// Delivery routing in place in one pod netns, while anything holds it.
+pub struct DeliveryRoutes {
+    rules: Rules,
+    /// No registration needs it any more: it comes out when the last holder lets go.
+    /// Unretired (a registration or process that never retires it), it stays for the netns's
+    /// life; after a handover the new mesh-node relies on it.
+    retired: AtomicBool,
+    by_netns: Arc<RoutesByNetns>,
+}
+
+/// What was installed where, and how to take it out.
+#[derive(Clone)]
+struct Rules {
+    cookie: u64,
+    netns: NetnsThread,
+    mark: u32,
+    changed: Installed,
+}
+
+impl DeliveryRoutes {
+    /// No registration of the pod needs it any more.
+    pub fn retire(&self) {
+        self.retired.store(true, Ordering::Relaxed);
+    }
+}
+
+impl std::fmt::Debug for DeliveryRoutes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DeliveryRoutes")
+            .field("netns", &self.rules.netns.path())
+            .field("cookie", &self.rules.cookie)
+            .finish()
+    }
+}
+
+impl Drop for DeliveryRoutes {
+    fn drop(&mut self) {
+        if !self.retired.load(Ordering::Relaxed) {
+            return;
+        }
+        // In the background (the netns may be going away); outside a runtime (process exit)
+        // the rules stay, inert without mesh-node's marked sockets.
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
+        let (rules, by_netns) = (self.rules.clone(), Arc::clone(&self.by_netns));
+        runtime.spawn(async move { by_netns.remove_unless_held(rules).await });
+    }
+}
+
 /// Sets up the rule, the routes and `tcp_fwmark_accept` in `netns`; idempotent.
-pub async fn install(netns: &NetnsThread, mark: u32) -> Result<Installed, RoutingError> {
+async fn install(netns: &NetnsThread, mark: u32) -> Result<Installed, RoutingError> {
     let was = netns
         .run(|| -> Result<bool, RoutingError> {
             let was = std::fs::read_to_string(FWMARK_ACCEPT)
@@ -93,7 +209,7 @@ pub async fn install(netns: &NetnsThread, mark: u32) -> Result<Installed, Routin
 }
 
 /// Undoes [`install`] (best effort: the netns may be going away).
-pub async fn remove(netns: &NetnsThread, mark: u32, installed: Installed) {
+async fn remove(netns: &NetnsThread, mark: u32, installed: Installed) {
     if let Ok(handle) = connect(netns).await {
         for v6 in [false, true] {
             let rule = rule(&handle, v6, mark).message_mut().clone();

@@ -141,7 +141,7 @@ impl Outbound {
             // The destination's policy, with the source proven by mesh-node itself.
             let connection = Inbound {
                 authorizer: Arc::clone(&self.authorizer),
-                workload: pod.key.clone(),
+                pod: Arc::clone(&pod),
                 identity: Some(self.authorizer.identity_of(&source.key.namespace, &source.service_account)),
                 source_ip: from.unwrap_or(dst.ip()),
                 destination: dst,

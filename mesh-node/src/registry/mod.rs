@@ -105,8 +105,6 @@ struct Entry {
     status: WorkloadStatus,
     listener_tasks: Vec<AbortHandle>,
     local: Arc<LocalWorkload>,
-    /// The delivery routing installed in its netns, to remove with it.
-    routing: Option<routing::Installed>,
     /// Its inbound capture (sk_lookup link, listener map entries), released with it.
     inbound: std::sync::Mutex<Option<InboundCapture>>,
     /// Its listeners (descriptors of our own), for a handover to a new mesh-node.
@@ -124,11 +122,16 @@ impl Entry {
         if self.status.capture.is_some() { capture.unmesh(self.status.cgroup_id) } else { Ok(()) }
     }
 
-    /// Takes the delivery routing out of the workload's netns (in the background: the netns
-    /// may already be going away).
-    fn remove_routing(&self, mark: u32) {
-        if let (Some(installed), Some(pod)) = (self.routing, self.local.delivery.clone()) {
-            tokio::spawn(async move { routing::remove(&pod.netns, mark, installed).await });
+    /// Its delivery routing comes out once the connections delivered into the pod have ended
+    /// (unless `successor`, the registration replacing it, holds the same).
+    fn retire_routes(&self, successor: Option<&Entry>) {
+        let Some(routes) = self.local.delivery.as_ref().and_then(|pod| pod.routes.as_ref()) else { return };
+        let kept = successor
+            .and_then(|e| e.local.delivery.as_ref())
+            .and_then(|pod| pod.routes.as_ref())
+            .is_some_and(|next| Arc::ptr_eq(next, routes));
+        if !kept {
+            routes.retire();
         }
     }
 }
@@ -145,6 +148,8 @@ pub struct Registry {
     plaintext: Arc<PlaintextInbound>,
     /// mesh-node's own netns: a workload sharing it gets no delivery routing.
     own_netns_cookie: Option<u64>,
+    /// Delivery routing in each pod netns, shared by its registrations and connections.
+    routes: Arc<routing::RoutesByNetns>,
     /// Every registered spec, republished on each change (the xDS client reports them).
     specs: tokio::sync::watch::Sender<Vec<WorkloadSpec>>,
     /// Set while a new mesh-node takes over: it reads the capture maps and the state file,
@@ -173,6 +178,7 @@ impl Registry {
         Registry {
             plaintext,
             own_netns_cookie,
+            routes: Default::default(),
             workloads: Mutex::new(BTreeMap::new()),
             capture,
             outbound,
@@ -265,6 +271,7 @@ impl Registry {
     pub async fn freeze(&self) -> Vec<(Described, OwnedFd)> {
         let workloads = self.workloads.lock().await;
         self.frozen.store(true, Ordering::Release);
+        self.routes.set_handing_over(true);
         let mut sockets = Vec::new();
         for (key, entry) in workloads.iter() {
             for (role, fd) in &entry.sockets {
@@ -279,6 +286,7 @@ impl Registry {
 
     pub fn thaw(&self) {
         self.frozen.store(false, Ordering::Release);
+        self.routes.set_handing_over(false);
     }
 
     /// Ends every accept loop (the successor accepts on the same sockets now); connections
@@ -366,27 +374,17 @@ impl Registry {
         let mut listener_tasks = Vec::new();
         let mut sockets = Vec::new();
         let mut delivery = None;
-        let mut installed = None;
         let mut inbound = None;
         status.inbound = decision_text(decision);
         if decision.is_meshed() {
             let (mut target, mut tasks, source, outbound_sockets) = self.start_capture(&key, &spec).await?;
             target.fail_closed = self.fail_closed(&key);
             sockets = outbound_sockets;
-            if Some(target.netns_cookie) == self.own_netns_cookie {
+            if source.routes.is_none() {
                 status.inbound = "direct: shares mesh-node's network namespace".into();
             } else {
-                match routing::install(&source.netns, self.plaintext.delivery.mark).await {
-                    Ok(done) => {
-                        installed = Some(done);
-                        delivery = Some(Arc::clone(&source));
-                        status.inbound = "transparent".into();
-                    }
-                    Err(e) => {
-                        tasks.iter().for_each(AbortHandle::abort);
-                        return Err(WorkloadError::Routing { key, source: Box::new(e) });
-                    }
-                }
+                delivery = Some(Arc::clone(&source));
+                status.inbound = "transparent".into();
                 // The old registration's capture goes first: both would key on the same
                 // addresses.
                 if let Some(old) = workloads.get(&key)
@@ -425,13 +423,11 @@ impl Registry {
             service_account: spec.service_account.clone(),
             delivery,
         });
-        let netns = spec.netns.clone();
         let entry = Entry {
             spec,
             status: status.clone(),
             listener_tasks,
             local: Arc::clone(&local),
-            routing: installed,
             inbound: std::sync::Mutex::new(inbound),
             sockets,
         };
@@ -440,13 +436,8 @@ impl Registry {
             // Its accept loops end; connections they accepted run on tasks of their own and
             // carry on.
             old.listener_tasks.iter().for_each(AbortHandle::abort);
-            // The same netns keeps its delivery routing: the new entry (re)installed it, or,
-            // no longer meshed (its namespace label went), connections delivered before still
-            // need their answers routed back; the rules match delivery-marked packets only and
-            // go with the netns.
-            if old.spec.netns != netns {
-                old.remove_routing(self.plaintext.delivery.mark);
-            }
+            // Connections delivered before keep their routing until they end.
+            old.retire_routes(workloads.get(&key));
             // Still meshed in the same cgroup: the new MESHED_CGROUPS value already replaced
             // the old one. Otherwise the old entry goes, and with it capture of new connects.
             let replaced = status.capture.is_some() && old.status.cgroup_id == cgroup_id;
@@ -471,7 +462,9 @@ impl Registry {
         self.check_not_frozen()?;
         let entry = workloads.remove(key).ok_or_else(|| WorkloadError::NotFound(key.clone()))?;
         let stopped = entry.stop(&self.capture);
-        entry.remove_routing(self.plaintext.delivery.mark);
+        // The pod may still run (terminating, or registered again in a moment): connections
+        // delivered into it keep their routing until they end.
+        entry.retire_routes(None);
         self.forget_ips(&entry.status.ips);
         self.update_gauge(&workloads);
         self.persist(&workloads)
@@ -485,7 +478,8 @@ impl Registry {
         self.workloads.lock().await.values().map(|e| e.status.clone()).collect()
     }
 
-    /// Netns helper, listeners, accept tasks: everything but the capture map entry.
+    /// Netns helper, listeners, delivery routing, accept tasks: everything but the capture map
+    /// entry.
     async fn start_capture(
         &self,
         key: &WorkloadKey,
@@ -511,6 +505,13 @@ impl Registry {
                 None => 0,
             },
         };
+        // A pod sharing mesh-node's own netns is reached directly: no delivery routing.
+        let routes = if Some(bound.netns_cookie) == self.own_netns_cookie {
+            None
+        } else {
+            let routes = self.routes.hold(&netns, bound.netns_cookie, self.plaintext.delivery.mark).await;
+            Some(routes.map_err(|e| WorkloadError::Routing { key: key.clone(), source: Box::new(e) })?)
+        };
         let source = Arc::new(Source {
             key: key.clone(),
             netns,
@@ -518,6 +519,7 @@ impl Registry {
             ips: spec.ips.clone(),
             service_account: spec.service_account.clone(),
             http_pool: Default::default(),
+            routes,
         });
         let tasks = std::iter::once(v4)
             .chain(v6)

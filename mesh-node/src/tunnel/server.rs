@@ -180,7 +180,7 @@ impl TunnelServer {
         };
         let connection = Inbound {
             authorizer: Arc::clone(&self.authorizer),
-            workload: local.key.clone(),
+            pod: Arc::clone(&pod),
             identity: Some(peers.client.clone()),
             source_ip: from.unwrap_or(peers.addr.ip()),
             destination: target,
