@@ -28,9 +28,8 @@ pub enum NetnsError {
 
 type Job = Box<dyn FnOnce() + Send>;
 
-/// A thread parked inside one network namespace. Clones share the thread; dropping the last
-/// handle ends it.
-#[derive(Debug, Clone)]
+/// A thread parked inside one network namespace. Dropping the last handle ends the thread.
+#[derive(Debug)]
 pub struct NetnsThread {
     path: PathBuf,
     jobs: mpsc::Sender<Job>,
