@@ -37,7 +37,7 @@ fn footprint(node: &SimNode) -> anyhow::Result<(u64, usize, BTreeMap<String, usi
         fds += 1;
         let target = fs::read_link(fd?.path()).map(|t| t.display().to_string()).unwrap_or_default();
         let kind = match target.split_once(":[") {
-            Some(("anon_inode", _)) => target.clone(),
+            _ if target.starts_with("anon_inode:") => target.clone(),
             Some((kind, _)) => kind.to_string(),
             None => "file".into(),
         };

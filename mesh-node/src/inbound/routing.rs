@@ -22,6 +22,7 @@
 
 use std::{
     collections::HashMap,
+    os::fd::AsRawFd,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
     sync::{
         Arc, Weak,
@@ -103,9 +104,14 @@ impl RoutesByNetns {
         }
         // Entries of netns nobody holds (and nobody retired: a failed registration) go.
         installed.retain(|_, routes| routes.strong_count() > 0);
+        // The netns by descriptor, not by thread: it costs one descriptor per pod while held,
+        // and a path (`/proc/<pid>/ns/net`) could name another netns by the time it goes.
+        let file = std::fs::File::open(netns.path()).map_err(|source| {
+            RoutingError::Netns(NetnsError::Open { path: netns.path().to_path_buf(), source })
+        })?;
         let changed = install(netns, mark).await?;
         let routes = Arc::new(DeliveryRoutes {
-            rules: Rules { cookie, netns: netns.clone(), mark, changed },
+            rules: Rules { cookie, netns: Arc::new(file), mark, changed },
             retired: AtomicBool::new(false),
             by_netns: Arc::clone(self),
         });
@@ -127,7 +133,12 @@ impl RoutesByNetns {
             return;
         }
         installed.remove(&gone.cookie);
-        remove(&gone.netns, gone.mark, gone.changed).await;
+        // The descriptor names the netns for as long as it is open.
+        let path = std::path::PathBuf::from(format!("/proc/self/fd/{}", gone.netns.as_raw_fd()));
+        match NetnsThread::spawn(&path) {
+            Ok(netns) => remove(&netns, gone.mark, gone.changed).await,
+            Err(e) => tracing::debug!(netns_cookie = gone.cookie, "delivery routing not removed: {e}"),
+        }
     }
 }
 
@@ -145,7 +156,7 @@ pub struct DeliveryRoutes {
 #[derive(Clone)]
 struct Rules {
     cookie: u64,
-    netns: NetnsThread,
+    netns: Arc<std::fs::File>,
     mark: u32,
     changed: Installed,
 }
@@ -160,8 +171,7 @@ impl DeliveryRoutes {
 impl std::fmt::Debug for DeliveryRoutes {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("DeliveryRoutes")
-            .field("netns", &self.rules.netns.path())
-            .field("cookie", &self.rules.cookie)
+            .field("netns_cookie", &self.rules.cookie)
             .finish()
     }
 }
