@@ -17,8 +17,8 @@ use hyper::HeaderMap;
 use nodemesh_api::{identity::SpiffeId, proto::mesh, workload::WorkloadKey};
 
 use crate::{
+    inbound::routing::DeliveryRoutes,
     telemetry::metrics::{InboundDeniedLabels, Metrics},
-    workload::Source,
     xds::cache::Cache,
 };
 
@@ -129,9 +129,11 @@ impl Policies {
 #[derive(Clone)]
 pub struct Inbound {
     pub authorizer: Arc<Authorizer>,
-    /// The pod it goes to. Held for the connection's life, which keeps the pod's delivery
-    /// routing in place for it (see `inbound::routing`).
-    pub pod: Arc<Source>,
+    pub workload: WorkloadKey,
+    /// The delivery routing of the pod it goes to, held for the connection's life so the
+    /// pod's answers keep reaching it (see `inbound::routing`). Only the routing: holding the
+    /// registration itself would keep every generation of a churned pod alive.
+    pub routes: Option<Arc<DeliveryRoutes>>,
     pub identity: Option<SpiffeId>,
     pub source_ip: IpAddr,
     pub destination: SocketAddr,
@@ -151,12 +153,12 @@ impl Inbound {
         let deadline = tokio::time::Instant::now() + a.policy_wait;
         loop {
             let changed = cache.workloads_changed.notified();
-            if let Some(w) = a.lookup(&self.pod.key) {
+            if let Some(w) = a.lookup(&self.workload) {
                 return Some(Policies(Some(w)));
             }
             if tokio::time::timeout_at(deadline, changed).await.is_err() {
-                tracing::warn!(workload = %self.pod.key, "no policy known for this workload yet (control plane?): connection refused");
-                a.count_denial(&self.pod.key, "policy_unknown", String::new());
+                tracing::warn!(workload = %self.workload, "no policy known for this workload yet (control plane?): connection refused");
+                a.count_denial(&self.workload, "policy_unknown", String::new());
                 return None;
             }
         }
@@ -164,7 +166,7 @@ impl Inbound {
 
     /// The policies as they are now (no waiting): for a re-check, or one request.
     pub fn current(&self) -> Policies {
-        Policies(self.authorizer.lookup(&self.pod.key))
+        Policies(self.authorizer.lookup(&self.workload))
     }
 
     /// The verdict on the connection as a whole (`request: None`) or on one HTTP request,
@@ -173,7 +175,7 @@ impl Inbound {
         let verdict = evaluate(policies.authorizations(), &self.peer(), request);
         if let Verdict::Deny { policy } = &verdict {
             tracing::warn!(
-                workload = %self.pod.key, source = %self.source_ip,
+                workload = %self.workload, source = %self.source_ip,
                 identity = self.identity.as_ref().map(ToString::to_string).unwrap_or_default(),
                 destination = %self.destination,
                 method = request.map(|r| r.method), path = request.map(|r| r.path),
@@ -181,7 +183,7 @@ impl Inbound {
                 "{} denied by AuthorizationPolicy",
                 if request.is_some() { "request" } else { "connection" }
             );
-            self.authorizer.count_denial(&self.pod.key, verdict.reason(), policy.clone());
+            self.authorizer.count_denial(&self.workload, verdict.reason(), policy.clone());
         }
         verdict
     }

@@ -2,7 +2,8 @@
 //! (`nm-testapp steady`) for N minutes while pods churn (web's endpoints registered, removed,
 //! their namespace label flipped off and on) and config churns (web's DestinationRule load
 //! balancer flipped); reports failed requests, broken streams, and mesh-node's RSS and open
-//! descriptors at start and end. Appends a row to bench/RESULTS.md.
+//! descriptors after the first churn cycle and as the load ends. Appends a row to
+//! bench/RESULTS.md.
 
 use std::{
     collections::BTreeMap,
@@ -24,6 +25,8 @@ use crate::{bench, setup, util};
 const CHURN_PODS: usize = 6;
 const POD_EVERY: Duration = Duration::from_secs(2);
 const CONFIG_EVERY: Duration = Duration::from_secs(5);
+/// Every pod removed, unlabelled and registered again once (36 s).
+const WARM_AFTER_STEPS: usize = CHURN_PODS * 3;
 
 /// What one mesh-node uses: RSS KiB, open descriptors, and what they are (by kind: `socket`,
 /// `net` namespace, `anon_inode:[eventfd]`, …) with its thread count — so growth says where
@@ -71,12 +74,14 @@ pub(crate) fn run(minutes: u64) -> anyhow::Result<()> {
         node1.serve(&pod, &[pod.addr(ECHO_PORT)])?;
         pods.push((pod, true));
     }
-    let before: Vec<_> = cluster.nodes.iter().map(footprint).collect::<anyhow::Result<_>>()?;
     let seconds = minutes * 60;
     let load = cluster.nodes[0].start_in(&client, &bin("nm-testapp")?, &steady_args(seconds))?;
 
     let end = Instant::now() + Duration::from_secs(seconds);
     let (mut pod_ops, mut config_changes, mut step) = (0u64, 0u64, 0usize);
+    // Measured once every pod has been through a whole cycle (connections, pools and each
+    // pod's listeners in use), then again as the load ends: growth between the two is a leak.
+    let mut warm = None;
     let mut next_config = Instant::now() + CONFIG_EVERY;
     while Instant::now() < end {
         std::thread::sleep(POD_EVERY);
@@ -102,6 +107,9 @@ pub(crate) fn run(minutes: u64) -> anyhow::Result<()> {
         }
         pod_ops += 1;
         step += 1;
+        if step == WARM_AFTER_STEPS {
+            warm = Some(cluster.nodes.iter().map(footprint).collect::<anyhow::Result<Vec<_>>>()?);
+        }
         if Instant::now() >= next_config {
             let policy = if config_changes % 2 == 0 { "LEAST_REQUEST" } else { "ROUND_ROBIN" };
             cluster.write_config("web-rule.yaml", &destination_rule(policy));
@@ -109,9 +117,11 @@ pub(crate) fn run(minutes: u64) -> anyhow::Result<()> {
             next_config += CONFIG_EVERY;
         }
     }
+    let after: Vec<_> = cluster.nodes.iter().map(footprint).collect::<anyhow::Result<_>>()?;
+    let before =
+        warm.with_context(|| format!("the soak ended before the first {WARM_AFTER_STEPS} pod changes"))?;
     let out: Value =
         serde_json::from_str(load.finish(Duration::from_secs(120))?.trim()).context("steady output")?;
-    let after: Vec<_> = cluster.nodes.iter().map(footprint).collect::<anyhow::Result<_>>()?;
 
     let totals = SteadyTotals::of(&out);
     let (requests, failed) = (totals.requests, totals.failed);

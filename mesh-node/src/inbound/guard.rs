@@ -46,7 +46,7 @@ impl<S> Guarded<S> {
                 let policies = self.connection.current();
                 if policies.per_request() || self.connection.decide(&policies, None) != Verdict::Allow {
                     tracing::info!(
-                        workload = %self.connection.pod.key, source = %self.connection.source_ip,
+                        workload = %self.connection.workload, source = %self.connection.source_ip,
                         "closing a connection its workload's AuthorizationPolicy no longer allows as it is"
                     );
                     self.revoked = true;

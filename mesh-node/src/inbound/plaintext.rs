@@ -49,14 +49,15 @@ impl PlaintextInbound {
         }
     }
 
-    async fn handle(&self, conn: TcpStream, peer: SocketAddr, pod: &Arc<Source>) {
+    async fn handle(&self, conn: TcpStream, peer: SocketAddr, pod: &Source) {
         // sk_lookup keeps the destination: the accepted socket's own address is what the
         // client dialled.
         let Ok(dst) = conn.local_addr() else { return };
         let _ = conn.set_nodelay(true);
         let connection = Inbound {
             authorizer: Arc::clone(&self.authorizer),
-            pod: Arc::clone(pod),
+            workload: pod.key.clone(),
+            routes: pod.routes.clone(),
             identity: None,
             source_ip: peer.ip(),
             destination: dst,

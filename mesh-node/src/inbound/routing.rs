@@ -22,8 +22,8 @@
 
 use std::{
     collections::HashMap,
-    os::fd::AsRawFd,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    os::fd::AsRawFd,
     sync::{
         Arc, Weak,
         atomic::{AtomicBool, Ordering},
@@ -170,9 +170,7 @@ impl DeliveryRoutes {
 
 impl std::fmt::Debug for DeliveryRoutes {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("DeliveryRoutes")
-            .field("netns_cookie", &self.rules.cookie)
-            .finish()
+        f.debug_struct("DeliveryRoutes").field("netns_cookie", &self.rules.cookie).finish()
     }
 }
 

@@ -141,7 +141,8 @@ impl Outbound {
             // The destination's policy, with the source proven by mesh-node itself.
             let connection = Inbound {
                 authorizer: Arc::clone(&self.authorizer),
-                pod: Arc::clone(&pod),
+                workload: pod.key.clone(),
+                routes: pod.routes.clone(),
                 identity: Some(self.authorizer.identity_of(&source.key.namespace, &source.service_account)),
                 source_ip: from.unwrap_or(dst.ip()),
                 destination: dst,

@@ -180,7 +180,8 @@ impl TunnelServer {
         };
         let connection = Inbound {
             authorizer: Arc::clone(&self.authorizer),
-            pod: Arc::clone(&pod),
+            workload: local.key.clone(),
+            routes: pod.routes.clone(),
             identity: Some(peers.client.clone()),
             source_ip: from.unwrap_or(peers.addr.ip()),
             destination: target,
