@@ -59,12 +59,41 @@ type Http1Idle = HashMap<SocketAddr, Vec<Arc<IdleHttp1>>>;
 struct IdleHttp1 {
     sender: Mutex<Option<http1::SendRequest<Body>>>,
     uses: u32,
+    /// When its idle timeout (the cluster's http.idleTimeout) closes it, if it has one.
+    expires: Option<Instant>,
 }
 
 impl IdleHttp1 {
     /// The handle, if nobody took it (the pool for a request, or an eviction).
     fn take(&self) -> Option<http1::SendRequest<Body>> {
         self.sender.lock().expect("idle lock").take()
+    }
+
+    /// Still worth keeping at `now`: not taken, not closed by the server, not expired. A
+    /// connection dropped from the pool closes (the limits only hold it weakly).
+    fn alive(&self, now: Instant) -> bool {
+        self.expires.is_none_or(|at| now < at)
+            && self.sender.lock().expect("idle lock").as_ref().is_some_and(|s| !s.is_closed())
+    }
+}
+
+/// How often a pool drops what its idle timeouts expired and what servers closed, so
+/// endpoints that are gone leave nothing behind; requests never see an expired connection
+/// whatever the sweep's timing ([`Pool::get`] checks too).
+const SWEEP_EVERY: Duration = Duration::from_secs(1);
+
+/// Drops the dead entries of `pool` every [`SWEEP_EVERY`] until the pool itself goes.
+async fn sweep_http1(pool: std::sync::Weak<Mutex<Http1Idle>>) {
+    let mut every = tokio::time::interval(SWEEP_EVERY);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        every.tick().await;
+        let Some(pool) = pool.upgrade() else { return };
+        let now = Instant::now();
+        pool.lock().expect("pool lock").retain(|_, idle| {
+            idle.retain(|c| c.alive(now));
+            !idle.is_empty()
+        });
     }
 }
 
@@ -93,7 +122,9 @@ type Http2Pooled = Arc<Mutex<HashMap<SocketAddr, Http2Entry>>>;
 
 #[derive(Default)]
 pub struct Pool {
-    http1: Mutex<Http1Idle>,
+    http1: Arc<Mutex<Http1Idle>>,
+    /// Whether [`sweep_http1`] runs for `http1` (started with the first idle connection).
+    sweeping: std::sync::atomic::AtomicBool,
     /// One multiplexed connection per endpoint.
     http2: Http2Pooled,
     next_id: std::sync::atomic::AtomicU64,
@@ -130,12 +161,12 @@ impl Pool {
         }
         let mut conns = self.http1.lock().expect("pool lock");
         let idle = conns.get_mut(&addr)?;
-        // Gone: closed by the server, or by a request that needed its place.
-        let usable = |c: &IdleHttp1| {
-            c.sender.lock().expect("idle lock").as_ref().map(|s| (!s.is_closed(), s.is_ready()))
-        };
-        idle.retain(|c| usable(c).is_some_and(|(open, _)| open));
-        let ready = idle.iter().position(|c| usable(c).is_some_and(|(_, ready)| ready))?;
+        // Gone: closed by the server, by a request that needed its place, or idle too long.
+        let now = Instant::now();
+        idle.retain(|c| c.alive(now));
+        let ready =
+            |c: &IdleHttp1| c.sender.lock().expect("idle lock").as_ref().is_some_and(|s| s.is_ready());
+        let ready = idle.iter().position(|c| ready(c))?;
         let conn = idle.swap_remove(ready);
         conn.take().map(|s| Sender::Http1(s, conn.uses))
     }
@@ -166,7 +197,9 @@ impl Pool {
                 if limit.is_some_and(|max| uses >= max) {
                     return; // dropped: the connection closes once idle
                 }
-                let conn = Arc::new(IdleHttp1 { sender: Mutex::new(Some(s)), uses });
+                // A request that takes it puts a new entry back, with a new expiry.
+                let expires = idle_timeout.map(|idle| Instant::now() + idle);
+                let conn = Arc::new(IdleHttp1 { sender: Mutex::new(Some(s)), uses, expires });
                 {
                     let mut conns = self.http1.lock().expect("pool lock");
                     let idle = conns.entry(addr).or_default();
@@ -175,14 +208,8 @@ impl Pool {
                     }
                     idle.push(Arc::clone(&conn));
                 }
-                if let Some(idle) = idle_timeout {
-                    // Still idle (nobody took it) when the timeout passes: closed. A request
-                    // that took it puts a new entry back, with a timer of its own.
-                    let conn = Arc::clone(&conn);
-                    tokio::spawn(async move {
-                        tokio::time::sleep(idle).await;
-                        conn.evict();
-                    });
+                if !self.sweeping.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                    tokio::spawn(sweep_http1(Arc::downgrade(&self.http1)));
                 }
                 if cluster.limits.max_connections.is_some() {
                     cluster.connections.track_idle(conn);
@@ -212,5 +239,85 @@ async fn retire_idle_http2(pool: Http2Pooled, addr: SocketAddr, id: u64, idle: D
             // Replaced or gone already.
             _ => return,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use hyper::{Response, server::conn::http1 as server, service::service_fn};
+    use hyper_util::rt::TokioIo;
+
+    use super::*;
+    use crate::policy::lb::{Balancer, LbPolicy, OutlierSettings};
+
+    fn cluster(idle: Option<Duration>) -> Balancer {
+        let mut b = Balancer::new("c", LbPolicy::RoundRobin, OutlierSettings::default(), false, false);
+        b.connection.http_idle_timeout = idle;
+        b
+    }
+
+    /// An HTTP/1 client connection to a real hyper server over an in-memory pipe.
+    async fn connection() -> Sender {
+        let (client, server_io) = tokio::io::duplex(4096);
+        tokio::spawn(async move {
+            let answer =
+                service_fn(|_req| async { Ok::<_, std::convert::Infallible>(Response::new(full("ok"))) });
+            let _ = server::Builder::new().serve_connection(TokioIo::new(server_io), answer).await;
+        });
+        let (mut sender, conn) = http1::handshake(TokioIo::new(client)).await.unwrap();
+        tokio::spawn(conn);
+        // As after a first exchange: the pool keeps connections that carried a request.
+        let answer = sender.send_request(hyper::Request::new(full(""))).await.unwrap();
+        assert_eq!(answer.status(), 200);
+        Sender::Http1(sender, 0)
+    }
+
+    fn entries(pool: &Pool) -> usize {
+        pool.http1.lock().unwrap().values().map(Vec::len).sum()
+    }
+
+    #[tokio::test]
+    async fn idle_connections_expire_and_the_sweep_leaves_nothing_for_gone_endpoints() {
+        let pool = Pool::default();
+        let addr: SocketAddr = "10.0.0.1:80".parse().unwrap();
+        let c = cluster(Some(Duration::from_millis(200)));
+        pool.put(addr, connection().await, &c);
+        assert!(pool.get(addr, false, &c).is_some(), "reused while fresh");
+        pool.put(addr, connection().await, &c);
+        // Two sweeps later.
+        tokio::time::sleep(SWEEP_EVERY * 2 + Duration::from_millis(500)).await;
+        // The sweep dropped it, and a request would not have been given it either way.
+        assert_eq!(entries(&pool), 0, "an expired connection stayed pooled");
+        assert!(pool.http1.lock().unwrap().is_empty(), "the gone endpoint's key stayed");
+        assert!(pool.get(addr, false, &c).is_none());
+    }
+
+    #[tokio::test]
+    async fn expiry_is_checked_when_taking_not_only_by_the_sweep() {
+        let pool = Pool::default();
+        let addr: SocketAddr = "10.0.0.1:80".parse().unwrap();
+        let c = cluster(Some(Duration::from_millis(100)));
+        pool.put(addr, connection().await, &c);
+        // Past the timeout but before the next sweep (the first ran at once).
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(pool.get(addr, false, &c).is_none(), "an expired connection was handed out");
+    }
+
+    #[tokio::test]
+    async fn without_an_idle_timeout_a_connection_stays_through_sweeps() {
+        let pool = Pool::default();
+        let addr: SocketAddr = "10.0.0.1:80".parse().unwrap();
+        let c = cluster(None);
+        pool.put(addr, connection().await, &c);
+        tokio::time::sleep(SWEEP_EVERY * 2 + Duration::from_millis(500)).await;
+        assert!(pool.get(addr, false, &c).is_some());
+    }
+
+    #[test]
+    fn an_unset_idle_timeout_is_envoys_hour() {
+        assert_eq!(
+            crate::policy::connection_settings::ConnectionSettings::default().http_idle_timeout,
+            Some(Duration::from_secs(3600))
+        );
     }
 }

@@ -10,14 +10,30 @@ use envoy_types::pb::envoy::extensions::upstreams::http::v3::HttpProtocolOptions
 use envoy_types::pb::{envoy::config::cluster::v3::Cluster, google::protobuf as pbuf};
 use nodemesh_api::proto::{CLUSTER_TCP_IDLE_TIMEOUT_MS, CLUSTER_TLS_MODE, METADATA_KEY};
 
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ConnectionSettings {
     pub tls: UpstreamTls,
     pub keepalive: Option<Keepalive>,
     /// A relayed (L4) connection with no bytes either way for this long is closed.
     pub tcp_idle_timeout: Option<Duration>,
-    /// A pooled upstream HTTP connection idle this long is closed.
+    /// A pooled upstream HTTP connection idle this long is closed; `None`: never (an explicit
+    /// `idleTimeout: 0s`).
     pub http_idle_timeout: Option<Duration>,
+}
+
+/// Envoy's (and so Istio's) idle timeout of upstream HTTP connections when none is set. Without
+/// one, a pool would keep connections to endpoints that are long gone.
+pub const DEFAULT_HTTP_IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
+
+impl Default for ConnectionSettings {
+    fn default() -> Self {
+        ConnectionSettings {
+            tls: UpstreamTls::default(),
+            keepalive: None,
+            tcp_idle_timeout: None,
+            http_idle_timeout: Some(DEFAULT_HTTP_IDLE_TIMEOUT),
+        }
+    }
 }
 
 /// The path to an endpoint (DestinationRule `tls.mode`).
@@ -119,9 +135,14 @@ impl ConnectionSettings {
             tls,
             keepalive,
             tcp_idle_timeout,
-            http_idle_timeout: http
+            // Unset: Envoy's default; 0: none.
+            http_idle_timeout: match http
                 .and_then(|o| o.common_http_protocol_options.as_ref())
-                .and_then(|o| super::nonzero_duration(o.idle_timeout.as_ref())),
+                .and_then(|o| o.idle_timeout.as_ref())
+            {
+                None => Some(DEFAULT_HTTP_IDLE_TIMEOUT),
+                set => super::nonzero_duration(set),
+            },
         })
     }
 }
