@@ -191,17 +191,28 @@ impl Capture {
 
     /// Undoes [`Capture::capture_inbound`]: the pod's own sockets get its connections again.
     pub fn release_inbound(&self, capture: InboundCapture) {
+        self.release_inbound_except(capture, None);
+    }
+
+    /// Releases what `old` holds that `kept` (its successor in the same pod, already in
+    /// place) does not hold too: a re-registration never leaves the pod's addresses without
+    /// inbound capture, not even for a moment (a STRICT pod would take plaintext then).
+    pub fn release_inbound_except(&self, old: InboundCapture, kept: Option<&InboundCapture>) {
+        let gone: Vec<&PodAddrKey> =
+            old.keys.iter().filter(|k| kept.is_none_or(|kept| !kept.keys.contains(k))).collect();
         let mut map = self.inbound.lock().expect("capture map lock");
-        for key in &capture.keys {
+        for key in &gone {
             let _ = map.remove(key);
         }
         drop(map);
         let mut fail_closed = self.inbound_fail_closed.lock().expect("capture map lock");
-        for key in &capture.keys {
+        for key in &gone {
             let _ = fail_closed.remove(key);
         }
         drop(fail_closed);
-        pins::unlink(&capture.link);
+        if kept.is_none_or(|kept| kept.link != old.link) {
+            pins::unlink(&old.link);
+        }
     }
 
     /// Drops what a previous mesh-node left pinned for workloads this one no longer has:

@@ -256,6 +256,24 @@ impl Registry {
         left.values().map(Vec::len).sum()
     }
 
+    /// Offers `old`'s listeners to its re-registration (as a handover would): the same sockets
+    /// go on, so connections queued on them are accepted, not reset, and the capture maps keep
+    /// pointing at live sockets. [`listeners::bind_in`] takes them only if they live in the new
+    /// registration's netns. Not when listeners a predecessor handed over wait for `key`.
+    fn offer_listeners(&self, key: &WorkloadKey, old: &Entry) -> Option<Offered<'_>> {
+        let mut handed = self.handed.lock().expect("handed lock");
+        if old.sockets.is_empty() || handed.contains_key(&key.to_string()) {
+            return None;
+        }
+        let offered = old
+            .sockets
+            .iter()
+            .filter_map(|(role, fd)| fd.try_clone().ok().map(|fd| (*role, std::net::TcpListener::from(fd))))
+            .collect();
+        handed.insert(key.to_string(), offered);
+        Some(Offered { handed: &self.handed, key: key.to_string() })
+    }
+
     /// The handed-over listeners of `key` for one direction.
     fn take_handed(&self, key: &WorkloadKey, roles: [Role; 2]) -> Handed {
         let mut handed = self.handed.lock().expect("handed lock");
@@ -376,6 +394,7 @@ impl Registry {
         let mut delivery = None;
         let mut inbound = None;
         status.inbound = decision_text(decision);
+        let _offered = workloads.get(&key).and_then(|old| self.offer_listeners(&key, old));
         if decision.is_meshed() {
             let (mut target, mut tasks, source, outbound_sockets) = self.start_capture(&key, &spec).await?;
             target.fail_closed = self.fail_closed(&key);
@@ -385,20 +404,17 @@ impl Registry {
             } else {
                 delivery = Some(Arc::clone(&source));
                 status.inbound = "transparent".into();
-                // The old registration's capture goes first: both would key on the same
-                // addresses.
-                if let Some(old) = workloads.get(&key)
-                    && let Some(old_inbound) = old.inbound.lock().expect("inbound lock").take()
-                {
-                    self.capture.release_inbound(old_inbound);
-                }
+                // The new capture replaces the old one's map entries and program in place; the
+                // old registration releases only what is left over (below).
                 match self.start_inbound(&key, &spec, &source).await {
                     Ok((capture, accept_tasks, inbound_sockets)) => {
                         if let Err(source) =
                             self.capture.set_inbound_fail_closed(&spec.ips, target.fail_closed)
                         {
                             tasks.iter().for_each(AbortHandle::abort);
-                            self.capture.release_inbound(capture);
+                            let old = workloads.get(&key).map(|e| e.inbound.lock().expect("inbound lock"));
+                            self.capture
+                                .release_inbound_except(capture, old.as_ref().and_then(|o| o.as_ref()));
                             return Err(WorkloadError::Capture { key, source: Box::new(source) });
                         }
                         inbound = Some(capture);
@@ -444,9 +460,10 @@ impl Registry {
             if old.status.capture.is_some() && !replaced {
                 let _ = self.capture.unmesh(old.status.cgroup_id);
             }
-            // A meshed registration already released the old inbound capture above.
             if let Some(old_inbound) = old.inbound.lock().expect("inbound lock").take() {
-                self.capture.release_inbound(old_inbound);
+                let new = workloads.get(&key).expect("just inserted");
+                let kept = new.inbound.lock().expect("inbound lock");
+                self.capture.release_inbound_except(old_inbound, kept.as_ref());
             }
         }
         {
@@ -592,6 +609,19 @@ impl Registry {
         let specs: Vec<WorkloadSpec> = workloads.values().map(|e| e.spec.clone()).collect();
         self.specs.send_replace(specs.clone());
         self.state.save(&specs)
+    }
+}
+
+/// Listeners offered to a re-registration; what it did not take is closed with the old
+/// registration when this goes.
+struct Offered<'a> {
+    handed: &'a std::sync::Mutex<HashMap<String, Vec<(Role, std::net::TcpListener)>>>,
+    key: String,
+}
+
+impl Drop for Offered<'_> {
+    fn drop(&mut self) {
+        self.handed.lock().expect("handed lock").remove(&self.key);
     }
 }
 
