@@ -32,6 +32,8 @@ pub(crate) fn run(seconds: u64, targets: &[String]) -> anyhow::Result<()> {
     let root = util::workspace_root()?;
     let fuzz_dir = root.join("fuzz");
     let mut crashed = Vec::new();
+    // Before the first row is written: the rows themselves would make the tree dirty.
+    let commit = bench::commit()?;
     for target in chosen {
         util::step(&format!("fuzzing {target} for {seconds} s"));
         let learned = root.join("target/fuzz-corpus").join(target);
@@ -65,7 +67,7 @@ pub(crate) fn run(seconds: u64, targets: &[String]) -> anyhow::Result<()> {
         let row = format!(
             "| {} | {} | {target} | {seconds} | {} | {} | {} | {result} |",
             util::output("date", &["-u", "+%Y-%m-%d %H:%M"])?,
-            bench::commit()?,
+            commit,
             report.runs.as_deref().unwrap_or("?"),
             report.coverage.as_deref().unwrap_or("?"),
             report.corpus.as_deref().unwrap_or("?"),

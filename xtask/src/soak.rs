@@ -131,6 +131,16 @@ pub(crate) fn run(minutes: u64) -> anyhow::Result<()> {
             println!("  {kind}: {e}");
         }
     }
+    if failed + broken > 0 {
+        // The cluster's directories go with it: the logs that explain a failure are kept.
+        let kept = util::workspace_root()?.join("target/soak-logs");
+        fs::create_dir_all(&kept)?;
+        for (i, node) in cluster.nodes.iter().enumerate() {
+            let to = kept.join(format!("node{}-mesh-node.log", i + 1));
+            fs::copy(node.mesh_node_log(), &to).with_context(|| format!("keeping {}", to.display()))?;
+        }
+        println!("  failures: mesh-node logs kept in {}", kept.display());
+    }
     for (i, (start, end)) in before.iter().zip(&after).enumerate() {
         println!(
             "  node {} mesh-node descriptors and threads, start → end: {:?} → {:?}",
