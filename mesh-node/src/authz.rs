@@ -17,7 +17,7 @@ use hyper::HeaderMap;
 use nodemesh_api::{identity::SpiffeId, proto::mesh, workload::WorkloadKey};
 
 use crate::{
-    inbound::routing::DeliveryRoutes,
+    delivery_routing::DeliveryRoutes,
     telemetry::metrics::{InboundDeniedLabels, Metrics},
     xds::cache::Cache,
 };
@@ -131,7 +131,7 @@ pub struct Inbound {
     pub authorizer: Arc<Authorizer>,
     pub workload: WorkloadKey,
     /// The delivery routing of the pod it goes to, held for the connection's life so the
-    /// pod's answers keep reaching it (see `inbound::routing`). Only the routing: holding the
+    /// pod's answers keep reaching it (see `delivery_routing`). Only the routing: holding the
     /// registration itself would keep every generation of a churned pod alive.
     pub routes: Option<Arc<DeliveryRoutes>>,
     pub identity: Option<SpiffeId>,

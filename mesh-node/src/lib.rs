@@ -13,6 +13,7 @@ pub mod capture;
 pub mod config;
 pub mod conn;
 pub mod control_plane;
+pub mod delivery_routing;
 #[cfg(feature = "kubernetes")]
 pub mod discovery;
 pub mod drain;

@@ -10,7 +10,7 @@ use std::{
 
 use nodemesh_api::workload::WorkloadKey;
 
-use crate::{conn::pool::Pool, inbound::routing::DeliveryRoutes, netns::NetnsThread};
+use crate::{conn::pool::Pool, delivery_routing::DeliveryRoutes, netns::NetnsThread};
 
 /// What the proxy needs to know about the workload a listener serves — and nothing more: no
 /// registry access, no keys.

@@ -5,7 +5,6 @@ pub mod deliver;
 pub mod guard;
 pub mod http;
 pub mod plaintext;
-pub mod routing;
 
 /// `SO_MARK` of delivery sockets; the pod's routing sends answers to them back to mesh-node.
 pub const DEFAULT_DELIVERY_MARK: u32 = 0x4e4e;

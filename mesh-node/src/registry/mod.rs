@@ -33,8 +33,9 @@ use state::StateFile;
 
 use crate::{
     capture::{Capture, CaptureError, CaptureTarget, InboundCapture},
+    delivery_routing as routing,
     handover::wire::{Described, Role},
-    inbound::{plaintext::PlaintextInbound, routing},
+    inbound::plaintext::PlaintextInbound,
     netns::{NetnsError, NetnsThread},
     proxy::Outbound,
     telemetry::metrics::Metrics,
