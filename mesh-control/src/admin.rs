@@ -5,10 +5,12 @@
 //! | `/healthz/ready` | 200 once the first config is loaded (with Kubernetes: listed) |
 //! | `/debug/nodes` | JSON: every node, the generation it applied, NACK reasons |
 //! | `/debug/config` | JSON: the current generation, the objects in force, rejected input, conflicts |
+//! | `/metrics` | Prometheus (OpenMetrics text): pushes, push latency, nodes, rejections, CA |
 
 use std::sync::{Arc, Mutex};
 
 use hyper::{Method, Request, Response, StatusCode, body::Incoming};
+use prometheus_client::registry::Registry;
 use tokio::{net::TcpListener, sync::watch};
 
 use crate::{
@@ -21,6 +23,8 @@ pub struct Admin {
     pub store: Arc<Mutex<Store>>,
     pub nodes: Arc<Nodes>,
     pub snapshots: watch::Receiver<Arc<Snapshot>>,
+    /// Every metric of this process (`nodes.metrics` among them).
+    pub registry: Registry,
 }
 
 /// `/debug/nodes` as `mesh-control status` reads it.
@@ -90,6 +94,17 @@ impl Admin {
                         "clusters": snapshot.clusters.keys().collect::<Vec<_>>(),
                     }),
                 )
+            }
+            "/metrics" => {
+                // Gauges of state read at scrape time, not kept in step on every change.
+                let metrics = &self.nodes.metrics;
+                metrics.generation.set(self.snapshots.borrow().generation as i64);
+                metrics.rejected_objects.set(self.store.lock().expect("store lock").errors().count() as i64);
+                let mut out = String::new();
+                match prometheus_client::encoding::text::encode(&mut out, &self.registry) {
+                    Ok(()) => http::openmetrics(out),
+                    Err(e) => http::text(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+                }
             }
             other => http::text(StatusCode::NOT_FOUND, format!("no admin path {other}\n")),
         }

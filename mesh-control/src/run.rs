@@ -22,6 +22,7 @@ use crate::{
         node_tokens::{NodeCredentials, NodeTokens, TokenReviewer},
         service::CertificateService,
     },
+    metrics::ControlMetrics,
     model::{
         Kind,
         store::{Origin, Store},
@@ -130,8 +131,14 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         grace_end,
     ));
 
-    let admin =
-        Arc::new(Admin { store: Arc::clone(&store), nodes: Arc::clone(&nodes), snapshots: snap_rx.clone() });
+    let mut registry = prometheus_client::registry::Registry::default();
+    nodes.metrics.register(&mut registry);
+    let admin = Arc::new(Admin {
+        store: Arc::clone(&store),
+        nodes: Arc::clone(&nodes),
+        snapshots: snap_rx.clone(),
+        registry,
+    });
     let admin_listener = TcpListener::bind(settings.admin_addr)
         .await
         .with_context(|| format!("admin endpoint: cannot listen on {}", settings.admin_addr))?;
@@ -140,8 +147,13 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     let xds_listener = TcpListener::bind(settings.xds_addr)
         .await
         .with_context(|| format!("xDS: cannot listen on {}", settings.xds_addr))?;
-    let (certificates, node_credentials) =
-        certificate_service(settings.ca.as_ref(), kube_client, Arc::clone(&store)).await?;
+    let (certificates, node_credentials) = certificate_service(
+        settings.ca.as_ref(),
+        kube_client,
+        Arc::clone(&store),
+        Arc::clone(&nodes.metrics),
+    )
+    .await?;
     let tls = match (&settings.ca, &certificates.ca) {
         (Some(s), Some(ca)) => Some((s.tls_addr, tls_port(s, Arc::clone(ca)).await?)),
         _ => None,
@@ -213,11 +225,17 @@ async fn certificate_service(
     settings: Option<&CaSettings>,
     kube_client: Option<::kube::Client>,
     store: Arc<Mutex<Store>>,
+    metrics: Arc<ControlMetrics>,
 ) -> anyhow::Result<(CertificateService, Arc<NodeCredentials>)> {
     let Some(s) = settings else {
         let nodes = Arc::new(NodeCredentials::new(None, None));
-        let service =
-            CertificateService { ca: None, nodes: Arc::clone(&nodes), store, max_ttl: Duration::ZERO };
+        let service = CertificateService {
+            ca: None,
+            nodes: Arc::clone(&nodes),
+            store,
+            max_ttl: Duration::ZERO,
+            metrics,
+        };
         return Ok((service, nodes));
     };
     if let Some(client) = &kube_client {
@@ -246,8 +264,13 @@ async fn certificate_service(
         audience: s.node_token_audience.clone(),
     });
     let nodes = Arc::new(NodeCredentials::new(Some(tokens), reviewer));
-    let service =
-        CertificateService { ca: Some(Arc::new(ca)), nodes: Arc::clone(&nodes), store, max_ttl: s.max_ttl };
+    let service = CertificateService {
+        ca: Some(Arc::new(ca)),
+        nodes: Arc::clone(&nodes),
+        store,
+        max_ttl: s.max_ttl,
+        metrics,
+    };
     Ok((service, nodes))
 }
 
@@ -327,6 +350,7 @@ impl State {
         let mut snapshot = translate::snapshot(store);
         snapshot.warm = self.warm;
         snapshot.synced = self.synced;
+        snapshot.built = Some(Instant::now());
         snapshot
     }
 }

@@ -3,7 +3,7 @@
 //! | path | what |
 //! |---|---|
 //! | `/healthz/ready` | 200 (`ready (pid N)`) once capture is attached, saved workloads are restored, (with `--kubernetes`) the first pod list is reconciled and any running mesh-node has handed over; 503 while draining, saying why and how many connections are open |
-//! | `/metrics` | Prometheus text format |
+//! | `/metrics` | Prometheus (OpenMetrics text); also on `--metrics-addr`, with readiness |
 //! | `/config_dump` | JSON: node settings, every workload with its capture state, and the config
 //! |   | received from the control plane (addresses, clusters with endpoints and health) |
 
@@ -35,11 +35,28 @@ pub struct Admin {
     pub tunnels: Option<Arc<crate::tunnel::client::TunnelPool>>,
 }
 
+/// What a listener of the admin endpoint answers.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Scope {
+    /// Everything (loopback: `--admin-addr`).
+    All,
+    /// `/metrics` and `/healthz/ready` only (`--metrics-addr`, reachable off the node).
+    Metrics,
+}
+
 impl Admin {
-    pub async fn serve(self: Arc<Self>, listener: TcpListener) {
+    pub async fn serve(self: Arc<Self>, listener: TcpListener, scope: Scope) {
         let handler = Arc::new(move |req: Request<Incoming>| {
             let admin = Arc::clone(&self);
-            async move { admin.route(req).await }
+            async move {
+                if scope == Scope::Metrics && !matches!(req.uri().path(), "/metrics" | "/healthz/ready") {
+                    return http::text(
+                        StatusCode::NOT_FOUND,
+                        "only /metrics and /healthz/ready are served here\n",
+                    );
+                }
+                admin.route(req).await
+            }
         });
         loop {
             match listener.accept().await {
@@ -72,7 +89,7 @@ impl Admin {
             "/metrics" => {
                 let mut out = String::new();
                 match prometheus_client::encoding::text::encode(&mut out, &self.metrics) {
-                    Ok(()) => http::text(StatusCode::OK, out),
+                    Ok(()) => http::openmetrics(out),
                     Err(e) => http::text(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
                 }
             }

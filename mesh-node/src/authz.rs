@@ -18,7 +18,10 @@ use nodemesh_api::{identity::SpiffeId, proto::mesh, workload::WorkloadKey};
 
 use crate::{
     delivery_routing::DeliveryRoutes,
-    telemetry::metrics::{InboundDeniedLabels, Metrics},
+    telemetry::{
+        labels,
+        metrics::{InboundDeniedLabels, Metrics},
+    },
     xds::cache::Cache,
 };
 
@@ -83,6 +86,12 @@ pub struct Authorizer {
 }
 
 impl Authorizer {
+    /// A pod of this node as metrics label it (its record, once its policies have arrived,
+    /// carries its owner's name and labels).
+    pub fn local_peer(&self, key: &WorkloadKey, service_account: &str) -> labels::Peer {
+        labels::Peer::local(self.lookup(key).as_deref(), key, service_account, &self.metrics.naming)
+    }
+
     /// The identity of a pod of this node, as its certificate would say.
     pub fn identity_of(&self, namespace: &str, service_account: &str) -> SpiffeId {
         SpiffeId::of_workload(&self.trust_domain, namespace, service_account)

@@ -109,6 +109,11 @@ pub struct RunArgs {
     pub cgroup_root: Option<PathBuf>,
     #[arg(long, env = "NODEMESH_ADMIN_ADDR", default_value = DEFAULT_ADMIN_ADDR)]
     pub admin_addr: SocketAddr,
+    /// Also serve `/metrics` (and `/healthz/ready`) here, for Prometheus to scrape from off
+    /// the node (the DaemonSet: `0.0.0.0:15020`); the admin endpoint's config dump stays on
+    /// loopback. Unset: metrics on the admin endpoint only.
+    #[arg(long, env = "NODEMESH_METRICS_ADDR")]
+    pub metrics_addr: Option<SocketAddr>,
     #[arg(long, env = "NODEMESH_API_SOCKET", default_value = DEFAULT_API_SOCKET)]
     pub api_socket: PathBuf,
     /// Where registered workloads are remembered across restarts, and where a new mesh-node
@@ -164,6 +169,10 @@ pub struct RunArgs {
     pub token_file: Option<PathBuf>,
     #[arg(long, env = "NODEMESH_TRUST_DOMAIN", default_value = "cluster.local")]
     pub trust_domain: String,
+    /// The cluster this node belongs to, as metrics name it (`source_cluster`,
+    /// `destination_cluster`); Istio's default cluster name.
+    #[arg(long, env = "NODEMESH_CLUSTER_ID", default_value = "Kubernetes")]
+    pub cluster_id: String,
     /// Where the HBONE tunnel listens (with `--token-file`: the node has workload identities).
     #[arg(long, env = "NODEMESH_TUNNEL_LISTEN", default_value = "[::]:15008")]
     pub tunnel_listen: SocketAddr,
@@ -240,6 +249,7 @@ pub struct Config {
     pub node_name: String,
     pub cgroup_root: PathBuf,
     pub admin_addr: SocketAddr,
+    pub metrics_addr: Option<SocketAddr>,
     pub api_socket: PathBuf,
     pub state_dir: PathBuf,
     pub bpf_pin_dir: PathBuf,
@@ -256,6 +266,7 @@ pub struct Config {
     /// certificates.
     pub token: Option<crate::control_plane::NodeToken>,
     pub trust_domain: String,
+    pub cluster_id: String,
     pub tunnel_listen: SocketAddr,
     /// Advertised to the control plane: `--node-ip` with the tunnel's port.
     pub tunnel_address: Option<SocketAddr>,
@@ -360,6 +371,7 @@ impl Config {
             node_name,
             cgroup_root,
             admin_addr: args.admin_addr,
+            metrics_addr: args.metrics_addr,
             api_socket: args.api_socket,
             state_dir: args.state_dir,
             bpf_pin_dir: args.bpf_pin_dir,
@@ -374,6 +386,7 @@ impl Config {
             sniff_timeout: Duration::from_millis(args.sniff_timeout_ms),
             token,
             trust_domain: args.trust_domain,
+            cluster_id: args.cluster_id,
             tunnel_listen: args.tunnel_listen,
             tunnel_address: args.node_ip.map(|ip| SocketAddr::new(ip, args.tunnel_listen.port())),
             delivery_mark,

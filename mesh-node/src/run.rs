@@ -11,7 +11,7 @@ use anyhow::Context;
 use tokio::net::TcpListener;
 
 use crate::{
-    admin::Admin,
+    admin::{Admin, Scope},
     api,
     authz::Authorizer,
     capture,
@@ -24,7 +24,7 @@ use crate::{
     proxy::Outbound,
     proxy::route::Router,
     registry::Registry,
-    telemetry::metrics::Metrics,
+    telemetry::{labels::Naming, metrics::Metrics},
     tunnel::{client::TunnelPool, credentials::Credentials, server::TunnelServer},
     workload::IpIndex,
     xds::{cache::Cache, client::Client as XdsClient},
@@ -56,7 +56,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     }
 
     let mut metrics_registry = prometheus_client::registry::Registry::default();
-    let metrics = Arc::new(Metrics::new(&mut metrics_registry));
+    let naming = Naming { trust_domain: config.trust_domain.clone(), cluster: config.cluster_id.clone() };
+    let metrics = Arc::new(Metrics::new(&mut metrics_registry, naming));
     let drain = Drain::default();
     drain.register(&mut metrics_registry);
     let index = Arc::new(IpIndex::default());
@@ -152,7 +153,12 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         config: config.clone(),
         xds: xds_client.clone(),
     });
-    accept_tasks.push(tokio::spawn(Arc::clone(&admin).serve(admin_listener)).abort_handle());
+    accept_tasks.push(tokio::spawn(Arc::clone(&admin).serve(admin_listener, Scope::All)).abort_handle());
+    if let Some(addr) = config.metrics_addr {
+        let listener = listen(inherited.metrics, addr, "metrics endpoint").await?;
+        own_listeners.push((Role::Metrics, dup(&listener)?));
+        accept_tasks.push(tokio::spawn(Arc::clone(&admin).serve(listener, Scope::Metrics)).abort_handle());
+    }
 
     registry.inherit(inherited.workloads);
     let restored = registry.restore().await.context("restoring saved workloads")?;

@@ -52,6 +52,11 @@ impl ControlPlane {
     }
 
     /// The CA directory of this control plane (created on its first start).
+    /// Where its admin endpoint (and `/metrics`) listens, in its netns.
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin_addr
+    }
+
     pub fn ca_dir(&self) -> std::path::PathBuf {
         self.work_dir.join("ca")
     }

@@ -24,6 +24,7 @@ pub mod mesh;
 pub mod metrics;
 pub mod netns;
 mod process;
+pub mod prometheus;
 pub mod reviews;
 pub mod service_vip;
 pub mod tunnel_client;

@@ -216,6 +216,11 @@ fn the_daemonset_runs_mesh_node_with_flags_it_takes_and_mounts_every_path_it_rea
     let port = admin.rsplit(':').next().unwrap().parse::<u64>().unwrap();
     assert_eq!(c["readinessProbe"]["httpGet"]["port"], port);
     assert_eq!(c["readinessProbe"]["httpGet"]["path"], "/healthz/ready");
+    // Prometheus scrapes the port mesh-node serves its metrics on.
+    let metrics = env_value(c, "NODEMESH_METRICS_ADDR");
+    let annotations = &ds["spec"]["template"]["metadata"]["annotations"];
+    assert_eq!(annotations["prometheus.io/scrape"], "true");
+    assert_eq!(annotations["prometheus.io/port"].as_str(), metrics.rsplit(':').next(), "{annotations}");
     // Node-critical, everywhere, rolled one node at a time without a gap.
     assert_eq!(pod["priorityClassName"], "system-node-critical");
     assert!(

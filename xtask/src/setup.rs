@@ -11,8 +11,10 @@ use crate::util::{self, output, step};
 /// demo's admin endpoint (the protos build with protox, in Rust: no protoc);
 /// LLVM 22 for bpf-linker, matching the LLVM of the nightly that builds the eBPF programs;
 /// buildah for the container images (`cargo xtask image`, no Docker daemon).
+/// `prometheus`: the real server the observability test scrapes mesh-node and mesh-control
+/// with (its service is not started; the test runs its own on loopback).
 const APT_PACKAGES: &[&str] =
-    &["iproute2", "util-linux", "curl", "llvm-22-dev", "libpolly-22-dev", "buildah"];
+    &["iproute2", "util-linux", "curl", "llvm-22-dev", "libpolly-22-dev", "buildah", "prometheus"];
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 /// Kernel options the data path needs, with what each is for.
 const KERNEL_OPTIONS: &[(&str, &str)] = &[

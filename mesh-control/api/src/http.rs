@@ -44,6 +44,12 @@ pub fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Body> {
     respond(status, "text/plain; charset=utf-8", body.into())
 }
 
+/// Metrics in the OpenMetrics text format (what prometheus-client writes): the content type
+/// tells Prometheus which parser to use (counters carry `_total`, the text ends in `# EOF`).
+pub fn openmetrics(body: String) -> Response<Body> {
+    respond(StatusCode::OK, "application/openmetrics-text; version=1.0.0; charset=utf-8", body.into())
+}
+
 pub fn json(status: StatusCode, value: &impl serde::Serialize) -> Response<Body> {
     match serde_json::to_vec_pretty(value) {
         Ok(body) => respond(status, "application/json", body.into()),

@@ -33,7 +33,8 @@ pub const LISTENER_TYPE: &str = "type.googleapis.com/envoy.config.listener.v3.Li
 
 /// Where Nodemesh puts what Envoy's resources have no field for:
 /// - an endpoint's filter metadata: [`ENDPOINT_TUNNEL`], [`ENDPOINT_SERVICE_ACCOUNT`] (a meshed
-///   workload is reached through its node's tunnel, proving that account's identity);
+///   workload is reached through its node's tunnel, proving that account's identity),
+///   [`ENDPOINT_WORKLOAD`] (how metrics name the workload);
 /// - a cluster's filter metadata: [`CLUSTER_TLS_MODE`], [`CLUSTER_TCP_IDLE_TIMEOUT_MS`],
 ///   [`CLUSTER_CALLER_VARIANTS`];
 /// - a route's typed metadata: a [`mesh::RouteSource`] (who the route admits), which
@@ -43,6 +44,8 @@ pub const METADATA_KEY: &str = "nodemesh.io";
 pub const ENDPOINT_TUNNEL: &str = "tunnel";
 /// The endpoint workload's service account, whose identity the tunnel's server must prove.
 pub const ENDPOINT_SERVICE_ACCOUNT: &str = "service_account";
+/// How telemetry names the endpoint's workload: [`crate::workload::WorkloadNames::encode`].
+pub const ENDPOINT_WORKLOAD: &str = "workload";
 /// DestinationRule `tls.mode` when set: `ISTIO_MUTUAL` or `DISABLE`.
 pub const CLUSTER_TLS_MODE: &str = "tls_mode";
 /// DestinationRule `connectionPool.tcp.idleTimeout`, in milliseconds.

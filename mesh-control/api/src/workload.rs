@@ -31,6 +31,75 @@ fn default_service_account() -> String {
     "default".to_string()
 }
 
+/// How telemetry names a workload, as Istio names it: the owner's name, its identity, its
+/// `app`/`version` labels and its canonical service and revision. The control plane sends it
+/// with each endpoint (so a client's node labels the endpoint that answered without asking
+/// for its record); mesh-node derives it the same way for its own pods.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
+pub struct WorkloadNames {
+    /// The owner's name (a Deployment's, not its pods').
+    pub workload: String,
+    pub service_account: String,
+    /// Empty: no such label.
+    pub app: String,
+    pub version: String,
+    pub canonical_service: String,
+    pub canonical_revision: String,
+}
+
+impl WorkloadNames {
+    /// Istio's derivation from a workload's `labels`: `app`, `version`; the canonical service
+    /// from `service.istio.io/canonical-name`, `app.kubernetes.io/name`, `app`, else the
+    /// workload's name; the canonical revision from `service.istio.io/canonical-revision`,
+    /// `app.kubernetes.io/version`, `version`, else `latest`.
+    pub fn derive(workload: &str, service_account: &str, labels: &BTreeMap<String, String>) -> WorkloadNames {
+        let label =
+            |keys: &[&str]| keys.iter().find_map(|k| labels.get(*k)).filter(|v| !v.is_empty()).cloned();
+        WorkloadNames {
+            workload: workload.to_string(),
+            service_account: service_account.to_string(),
+            app: label(&["app"]).unwrap_or_default(),
+            version: label(&["version"]).unwrap_or_default(),
+            canonical_service: label(&["service.istio.io/canonical-name", "app.kubernetes.io/name", "app"])
+                .unwrap_or_else(|| workload.to_string()),
+            canonical_revision: label(&[
+                "service.istio.io/canonical-revision",
+                "app.kubernetes.io/version",
+                "version",
+            ])
+            .unwrap_or_else(|| "latest".to_string()),
+        }
+    }
+
+    /// One string (`;`-separated, as Istio's endpoint `workload` metadata is), for endpoint
+    /// metadata. Kubernetes names and label values never hold `;`.
+    pub fn encode(&self) -> String {
+        [
+            &self.workload,
+            &self.service_account,
+            &self.app,
+            &self.version,
+            &self.canonical_service,
+            &self.canonical_revision,
+        ]
+        .map(String::as_str)
+        .join(";")
+    }
+
+    pub fn decode(text: &str) -> Option<WorkloadNames> {
+        let mut parts = text.split(';').map(str::to_string);
+        let names = WorkloadNames {
+            workload: parts.next()?,
+            service_account: parts.next()?,
+            app: parts.next()?,
+            version: parts.next()?,
+            canonical_service: parts.next()?,
+            canonical_revision: parts.next()?,
+        };
+        parts.next().is_none().then_some(names)
+    }
+}
+
 /// Names one workload on a node: `namespace/name`.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize)]
 pub struct WorkloadKey {
@@ -95,6 +164,22 @@ fn is_dns_label(s: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn istio_derivation_and_round_trip() {
+        let labels: BTreeMap<String, String> =
+            [("app", "reviews"), ("version", "v2")].map(|(k, v)| (k.to_string(), v.to_string())).into();
+        let names = WorkloadNames::derive("reviews-v2", "bookinfo-reviews", &labels);
+        assert_eq!((names.canonical_service.as_str(), names.canonical_revision.as_str()), ("reviews", "v2"));
+        assert_eq!(WorkloadNames::decode(&names.encode()), Some(names));
+        let bare = WorkloadNames::derive("batch", "default", &BTreeMap::new());
+        assert_eq!(
+            (bare.app.as_str(), bare.canonical_service.as_str(), bare.canonical_revision.as_str()),
+            ("", "batch", "latest")
+        );
+        assert_eq!(WorkloadNames::decode("a;b;c"), None);
+        assert_eq!(WorkloadNames::decode("a;b;c;d;e;f;g"), None);
+    }
 
     fn spec() -> WorkloadSpec {
         serde_json::from_str(

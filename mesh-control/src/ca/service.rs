@@ -17,6 +17,7 @@ use tonic::{Request, Response, Status};
 
 use super::{CertificateAuthority, SpiffeId, node_tokens::NodeCredentials};
 use crate::{
+    metrics::ControlMetrics,
     model::{Kind, Object, store::Store},
     proto::istio_ca::{IstioCertificateRequest, IstioCertificateResponse, istio_certificate_service_server},
 };
@@ -31,11 +32,34 @@ pub struct CertificateService {
     pub store: Arc<Mutex<Store>>,
     /// The longest certificate lifetime handed out (a request may ask for less).
     pub max_ttl: Duration,
+    pub metrics: Arc<ControlMetrics>,
 }
 
 #[tonic::async_trait]
 impl istio_certificate_service_server::IstioCertificateService for CertificateService {
     async fn create_certificate(
+        &self,
+        request: Request<IstioCertificateRequest>,
+    ) -> Result<Response<IstioCertificateResponse>, Status> {
+        self.metrics.csr_requests.inc();
+        let issued = self.issue(request).await;
+        match &issued {
+            Ok(_) => {
+                self.metrics.certificates_issued.inc();
+            }
+            Err(status) => self.metrics.sign_error(match status.code() {
+                tonic::Code::Unavailable => "no_ca",
+                tonic::Code::Unauthenticated => "bad_token",
+                tonic::Code::PermissionDenied => "identity_not_allowed",
+                _ => "bad_csr",
+            }),
+        }
+        issued
+    }
+}
+
+impl CertificateService {
+    async fn issue(
         &self,
         request: Request<IstioCertificateRequest>,
     ) -> Result<Response<IstioCertificateResponse>, Status> {

@@ -45,6 +45,8 @@ pub struct Pod {
     pub ready: bool,
     /// Labels of the pod's namespace, as the node saw them (local mode only).
     pub namespace_labels: Labels,
+    /// The name metrics give it: its controller's (see [`workload_name`]).
+    pub workload_name: String,
     /// Kubernetes: the address of the pod's node (`status.hostIP`). Where its node's tunnel
     /// is when that node has not reported to this replica (it reports to one replica only).
     pub host_ip: Option<IpAddr>,
@@ -128,6 +130,7 @@ pub fn node(meta: Meta, _node: corev1::Node) -> Result<Node, Vec<FieldError>> {
 
 pub fn pod(meta: Meta, pod: corev1::Pod) -> Result<Pod, Vec<FieldError>> {
     let mut errors = Vec::new();
+    let workload_name = workload_name(&pod.metadata);
     let spec = pod.spec.unwrap_or_default();
     let status = pod.status.unwrap_or_default();
     let mut ip_strings: Vec<String> = status.pod_ips.unwrap_or_default().into_iter().map(|p| p.ip).collect();
@@ -152,8 +155,39 @@ pub fn pod(meta: Meta, pod: corev1::Pod) -> Result<Pod, Vec<FieldError>> {
         service_account: spec.service_account_name.unwrap_or_else(|| "default".into()),
         ready,
         namespace_labels: Labels::new(),
+        workload_name,
         host_ip,
     })
+}
+
+/// Istio's workload name for a pod: a Deployment's name for the pods of its ReplicaSets
+/// (the ReplicaSet's name less its `pod-template-hash`), a CronJob's for its Jobs' pods (the
+/// Job's name less its scheduled-time suffix), another controller's own name, else the
+/// `generateName` stem, else the pod's name. Bounded: pods come and go, their owners stay.
+pub fn workload_name(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> String {
+    let own = meta.name.clone().unwrap_or_default();
+    let controller = meta.owner_references.iter().flatten().find(|o| o.controller == Some(true));
+    let Some(controller) = controller else {
+        return meta
+            .generate_name
+            .as_deref()
+            .map(|g| g.trim_end_matches('-'))
+            .filter(|g| !g.is_empty())
+            .map_or(own, str::to_string);
+    };
+    let name = controller.name.as_str();
+    let hash = meta.labels.as_ref().and_then(|l| l.get("pod-template-hash"));
+    match (controller.kind.as_str(), hash) {
+        ("ReplicaSet", Some(hash)) => name.strip_suffix(&format!("-{hash}")).unwrap_or(name).to_string(),
+        ("Job", _) => match name.rsplit_once('-') {
+            // CronJob-made Jobs end in the scheduled time in minutes.
+            Some((cron, stamp)) if stamp.len() >= 8 && stamp.bytes().all(|b| b.is_ascii_digit()) => {
+                cron.to_string()
+            }
+            _ => name.to_string(),
+        },
+        _ => name.to_string(),
+    }
 }
 
 pub fn service(meta: Meta, svc: corev1::Service) -> Result<Service, Vec<FieldError>> {
@@ -264,4 +298,48 @@ pub fn endpoint_slice(
         return Err(errors);
     }
     Ok(EndpointSlice { meta, service, ports, endpoints })
+}
+
+#[cfg(test)]
+mod tests {
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
+
+    use super::workload_name;
+
+    fn owned_by(kind: &str, owner: &str, pod: &str, hash: Option<&str>) -> ObjectMeta {
+        ObjectMeta {
+            name: Some(pod.into()),
+            labels: hash.map(|h| [("pod-template-hash".to_string(), h.to_string())].into()),
+            owner_references: Some(vec![OwnerReference {
+                kind: kind.into(),
+                name: owner.into(),
+                controller: Some(true),
+                ..OwnerReference::default()
+            }]),
+            ..ObjectMeta::default()
+        }
+    }
+
+    #[test]
+    fn pods_are_named_by_their_owners() {
+        let deployment =
+            owned_by("ReplicaSet", "reviews-v1-7d8f9c", "reviews-v1-7d8f9c-x2x7q", Some("7d8f9c"));
+        assert_eq!(workload_name(&deployment), "reviews-v1");
+        let bare_rs = owned_by("ReplicaSet", "cache-rs", "cache-rs-abcde", None);
+        assert_eq!(workload_name(&bare_rs), "cache-rs");
+        let cron = owned_by("Job", "backup-28912345", "backup-28912345-q9z", None);
+        assert_eq!(workload_name(&cron), "backup");
+        let job = owned_by("Job", "migrate-v2", "migrate-v2-q9z", None);
+        assert_eq!(workload_name(&job), "migrate-v2");
+        let sts = owned_by("StatefulSet", "db", "db-0", None);
+        assert_eq!(workload_name(&sts), "db");
+        let generated = ObjectMeta {
+            name: Some("tool-8k2f".into()),
+            generate_name: Some("tool-".into()),
+            ..ObjectMeta::default()
+        };
+        assert_eq!(workload_name(&generated), "tool");
+        let plain = ObjectMeta { name: Some("debug".into()), ..ObjectMeta::default() };
+        assert_eq!(workload_name(&plain), "debug");
+    }
 }

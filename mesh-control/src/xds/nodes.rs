@@ -3,9 +3,11 @@
 
 use std::{
     collections::{BTreeMap, HashMap},
-    sync::Mutex,
+    sync::{Arc, Mutex},
     time::SystemTime,
 };
+
+use crate::metrics::ControlMetrics;
 
 #[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
 pub struct NodeStatus {
@@ -42,10 +44,13 @@ impl NodeStatus {
 #[derive(Default)]
 pub struct Nodes {
     by_name: Mutex<HashMap<String, NodeStatus>>,
+    /// Streams, pushes and rejections as metrics.
+    pub metrics: Arc<ControlMetrics>,
 }
 
 impl Nodes {
     pub fn connected(&self, node: &str, protocol: &str) {
+        self.metrics.connected_nodes.inc();
         let mut map = self.by_name.lock().expect("nodes lock");
         let s = map.entry(node.to_string()).or_default();
         s.node = node.to_string();
@@ -57,6 +62,7 @@ impl Nodes {
     }
 
     pub fn disconnected(&self, node: &str) {
+        self.metrics.connected_nodes.dec();
         if let Some(s) = self.by_name.lock().expect("nodes lock").get_mut(node) {
             s.streams = s.streams.saturating_sub(1);
             s.connected = s.streams > 0;
@@ -73,6 +79,7 @@ impl Nodes {
 
     pub fn nacked(&self, node: &str, type_url: &str, generation: u64, reason: &str) {
         tracing::warn!(node, type_url, generation, "node rejected config: {reason}");
+        self.metrics.rejected(type_url);
         if let Some(s) = self.by_name.lock().expect("nodes lock").get_mut(node) {
             s.nacks.insert(type_url.to_string(), Nack { generation, reason: reason.to_string() });
         }

@@ -100,6 +100,8 @@ fn workload(node: &str, w: mesh::ReportedWorkload) -> Result<Object, ParseError>
         });
     }
     Ok(Object::NodeWorkload(Pod {
+        // A node names what it runs; it knows no owner.
+        workload_name: meta.name.clone(),
         meta,
         ips,
         node: node.to_string(),

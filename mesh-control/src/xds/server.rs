@@ -182,6 +182,11 @@ fn next_response<P: Protocol>(p: &mut P) -> Option<P::Resp> {
         match p.response(type_url, want, generation, &nonce, removals) {
             Some(response) => {
                 tracing::debug!(node = p.common().node, type_url, generation, "push");
+                // From the snapshot's making, or from the stream's start for a node that
+                // connected after it: the wait this node had for it.
+                let c = p.common();
+                let waited = c.snapshot.built.map(|built| built.max(c.started).elapsed());
+                c.nodes.metrics.pushed(type_url, waited);
                 p.common().pending.insert(type_url.to_string(), (nonce, generation));
                 return Some(response);
             }
@@ -212,6 +217,8 @@ struct Common {
     address_scoped: bool,
     /// The client came back holding config (a reconnect).
     resyncing: bool,
+    /// When the stream opened.
+    started: std::time::Instant,
 }
 
 impl Common {
@@ -236,6 +243,7 @@ impl Common {
             next_nonce: 0,
             address_scoped: false,
             resyncing: false,
+            started: std::time::Instant::now(),
         }
     }
 

@@ -71,6 +71,8 @@ pub struct Snapshot {
     /// False until every source that must be read in full before serving (the Kubernetes
     /// API's first list) has been: nothing is pushed from a partial model.
     pub synced: bool,
+    /// When it was built: a push's latency counts from here.
+    pub built: Option<std::time::Instant>,
 }
 
 /// The types, in the order a change is pushed: what is referenced before what references it

@@ -36,6 +36,7 @@ pub fn socket_path(state_dir: &Path) -> PathBuf {
 #[derive(Debug, Default)]
 pub struct Inherited {
     pub admin: Option<TcpListener>,
+    pub metrics: Option<TcpListener>,
     pub tunnel: Option<TcpListener>,
     /// By `namespace/name`.
     pub workloads: HashMap<String, Vec<(Role, TcpListener)>>,
@@ -76,6 +77,7 @@ pub fn take_over(path: &Path) -> io::Result<Option<(Predecessor, Inherited)>> {
                     listener.set_nonblocking(true)?;
                     match (described.role, described.workload) {
                         (Role::Admin, _) => inherited.admin = Some(listener),
+                        (Role::Metrics, _) => inherited.metrics = Some(listener),
                         (Role::Tunnel, _) => inherited.tunnel = Some(listener),
                         (role, Some(key)) => {
                             inherited.workloads.entry(key).or_default().push((role, listener))

@@ -29,6 +29,8 @@ const MAX_MESSAGE: usize = 256 * 1024;
 #[serde(rename_all = "snake_case")]
 pub enum Role {
     Admin,
+    /// The metrics-only endpoint (`--metrics-addr`).
+    Metrics,
     Tunnel,
     /// A workload's outbound capture listener (127.0.0.1 / ::1 in its netns).
     Outbound4,

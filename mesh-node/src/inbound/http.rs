@@ -23,12 +23,51 @@ use crate::{
         sniff::{self, Prefixed, Protocol},
         upgrade::{splice_upgrade, upgrade_protocol},
     },
-    telemetry::metrics::ConnectionCounters,
+    telemetry::{
+        labels::{DestinationLabels, ServiceLabels, Shared, SourceLabels},
+        metrics::{ConnectionCounters, ConnectionLabels, Metrics, Reporter, SecurityPolicy},
+        requests::{Arrived, RequestReport, ResponseFlags},
+    },
 };
 
 enum Upstream {
-    Http1(Mutex<hyper::client::conn::http1::SendRequest<Incoming>>),
-    Http2(hyper::client::conn::http2::SendRequest<Incoming>),
+    Http1(Mutex<hyper::client::conn::http1::SendRequest<Body>>),
+    Http2(hyper::client::conn::http2::SendRequest<Body>),
+}
+
+/// `reporter="destination"` request metrics for one delivered connection: the caller and
+/// Service as the client's node said, this pod, and how the caller reached it.
+pub struct Reporting {
+    pub report: RequestReport,
+    pub destination: Arc<DestinationLabels>,
+    pub security: SecurityPolicy,
+}
+
+impl Reporting {
+    /// The `reporter="destination"` series of one connection delivered into a pod: its TCP
+    /// labels, and the reporting of the requests on it.
+    pub fn for_connection(
+        metrics: &Arc<Metrics>,
+        source: Arc<SourceLabels>,
+        destination: Arc<DestinationLabels>,
+        service: Arc<ServiceLabels>,
+        security: SecurityPolicy,
+    ) -> (ConnectionLabels, Arc<Reporting>) {
+        let labels = ConnectionLabels::tcp(
+            Reporter::destination,
+            Arc::clone(&source),
+            Arc::clone(&destination),
+            Arc::clone(&service),
+            security,
+        );
+        let report = RequestReport {
+            metrics: Arc::clone(metrics),
+            reporter: Reporter::destination,
+            source: Shared(source),
+            service: Shared(service),
+        };
+        (labels, Arc::new(Reporting { report, destination, security }))
+    }
 }
 
 /// How long a connection to a workload with request-level policies may stay silent before it
@@ -36,14 +75,15 @@ enum Upstream {
 const SNIFF_TIMEOUT: Duration = Duration::from_millis(500);
 
 /// Passes `client` to `delivered` for a workload whose policies look at requests: HTTP is
-/// judged request by request; anything else is judged as a connection (a DENY rule that needs
-/// HTTP then matches: fail closed) and relayed.
+/// judged request by request (and reported, with `reporting`); anything else is judged as a
+/// connection (a DENY rule that needs HTTP then matches: fail closed) and relayed.
 pub async fn judge_and_pass<S>(
     mut client: S,
     delivered: TcpStream,
     connection: Inbound,
     counters: &ConnectionCounters,
     drain: &Drain,
+    reporting: Option<Arc<Reporting>>,
 ) -> Result<(), String>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -52,7 +92,7 @@ where
     let client = Prefixed::new(prefix, client);
     match protocol {
         Protocol::Http1 | Protocol::H2c => {
-            serve(client, delivered, protocol == Protocol::H2c, connection, drain).await
+            serve(client, delivered, protocol == Protocol::H2c, connection, drain, reporting).await
         }
         _ => {
             if connection.decide(&connection.current(), None) != Verdict::Allow {
@@ -69,13 +109,14 @@ where
 }
 
 /// Serves `client` (HTTP/2 if `h2`) until it closes, forwarding allowed requests over
-/// `delivered`.
-async fn serve<S>(
+/// `delivered`, each reported with `reporting`.
+pub async fn serve<S>(
     client: S,
     delivered: TcpStream,
     h2: bool,
     connection: Inbound,
     drain: &Drain,
+    reporting: Option<Arc<Reporting>>,
 ) -> Result<(), String>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -95,11 +136,18 @@ where
         tokio::spawn(conn.with_upgrades());
         Upstream::Http1(Mutex::new(sender))
     };
-    let shared = Arc::new((connection, upstream, drain.clone()));
+    let shared = Arc::new((connection, upstream, drain.clone(), reporting));
     let service = service_fn(move |request: Request<Incoming>| {
         let shared = Arc::clone(&shared);
         async move {
-            let (mut parts, body) = handle(&shared.0, &shared.1, request).await.into_parts();
+            let arrived = Arrived::new(request.headers());
+            let request = request.map(|body| arrived.count(body).boxed());
+            let response = handle(&shared.0, &shared.1, request).await;
+            let response = match &shared.3 {
+                Some(r) => r.report.meter(arrived, response, Arc::clone(&r.destination), r.security),
+                None => response,
+            };
+            let (mut parts, body) = response.into_parts();
             if !h2 {
                 shared.2.close_after(&mut parts);
             }
@@ -120,7 +168,7 @@ where
     served.map_err(|e| e.to_string())
 }
 
-async fn handle(connection: &Inbound, upstream: &Upstream, mut request: Request<Incoming>) -> Response<Body> {
+async fn handle(connection: &Inbound, upstream: &Upstream, mut request: Request<Body>) -> Response<Body> {
     let host = request
         .uri()
         .authority()
@@ -166,6 +214,9 @@ async fn handle(connection: &Inbound, upstream: &Upstream, mut request: Request<
         Err(e) => {
             let mut response = Response::new(full(format!("upstream request failed: {e}\n")));
             *response.status_mut() = StatusCode::BAD_GATEWAY;
+            // The pod's connection ended under the request (UC), or reset it (UR).
+            let flags = if e.is_closed() || e.is_incomplete_message() { "UC" } else { "UR" };
+            response.extensions_mut().insert(ResponseFlags(flags));
             response
         }
     }

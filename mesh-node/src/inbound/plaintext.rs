@@ -9,11 +9,18 @@ use std::{net::SocketAddr, sync::Arc, time::Duration};
 use nodemesh_api::proto::mesh::{self, MtlsMode};
 use tokio::net::{TcpListener, TcpStream};
 
-use super::{deliver::Delivery, guard::Guarded, http::judge_and_pass};
+use super::{
+    deliver::Delivery,
+    guard::Guarded,
+    http::{Reporting, judge_and_pass},
+};
 use crate::{
     authz::{Authorizer, Inbound, Verdict},
     conn::relay,
-    telemetry::metrics::{ConnectionLabels, InboundDeniedLabels, Reporter, UNKNOWN},
+    telemetry::{
+        labels::{Peer, ServiceLabels},
+        metrics::{InboundDeniedLabels, SecurityPolicy},
+    },
     workload::Source,
 };
 
@@ -97,15 +104,18 @@ impl PlaintextInbound {
                 return;
             }
         };
-        let counters = self.authorizer.metrics.connection_opened(&ConnectionLabels {
-            reporter: Reporter::destination,
-            source_workload: UNKNOWN.into(),
-            source_workload_namespace: UNKNOWN.into(),
-            destination_workload: pod.key.name.clone(),
-            destination_workload_namespace: pod.key.namespace.clone(),
-        });
+        // A plaintext client proves nothing: Istio's `unknown` source, and no Service (the
+        // client may have dialled the pod itself).
+        let (labels, reporting) = Reporting::for_connection(
+            &self.authorizer.metrics,
+            Peer::unknown().as_source(),
+            self.authorizer.local_peer(&pod.key, &pod.service_account).as_destination(),
+            ServiceLabels::unknown(),
+            SecurityPolicy::none,
+        );
+        let counters = self.authorizer.metrics.connection_opened(&labels);
         let relayed = if per_request {
-            judge_and_pass(conn, delivered, connection, &counters, &self.drain).await
+            judge_and_pass(conn, delivered, connection, &counters, &self.drain, Some(reporting)).await
         } else {
             // The pod is the first side: what it sends is what the destination sent.
             relay::relay_stream(delivered, Guarded::new(conn, connection), &counters.sent, &counters.received)

@@ -11,6 +11,8 @@ use std::{
     time::{Duration, Instant},
 };
 
+use nodemesh_api::workload::WorkloadNames;
+
 use super::conn_limits::{ConnectionLimits, ConnectionSlot, Refused};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -77,6 +79,8 @@ pub struct Endpoint {
     pub workload: String,
     /// A meshed workload on a node with a tunnel: how the mesh reaches it.
     pub tunnel: Option<TunnelTarget>,
+    /// How metrics name the workload behind it, as the control plane sent it.
+    pub names: Option<Arc<WorkloadNames>>,
 }
 
 #[derive(Debug)]
@@ -447,6 +451,7 @@ mod tests {
 
     fn ep(last: u8, zone: &str) -> Endpoint {
         Endpoint {
+            names: None,
             addr: SocketAddr::from(([10, 0, 0, last], 80)),
             healthy: true,
             weight: 1,

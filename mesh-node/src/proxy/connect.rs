@@ -11,13 +11,16 @@ use super::{Outbound, upstream::Upstream};
 use crate::{
     authz::{Inbound, Verdict},
     conn::pool::Sender,
-    inbound::{guard::Guarded, http::judge_and_pass},
+    inbound::{
+        guard::Guarded,
+        http::{Reporting, judge_and_pass},
+    },
     policy::{
         conn_limits::{ConnectionSlot, Refused},
         connection_settings::{ConnectionSettings, UpstreamTls},
         lb::{Balancer, Endpoint, EndpointState, LocalityKey, Pick, TunnelTarget},
     },
-    telemetry::metrics::{ConnectionLabels, Reporter},
+    telemetry::{labels::Caller, metrics::SecurityPolicy},
     workload::Source,
 };
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -109,10 +112,18 @@ impl Outbound {
         endpoint: &Endpoint,
         h2: bool,
         slot: ConnectionSlot,
+        caller: &Caller,
     ) -> io::Result<Sender> {
         let timeout = self.connect_timeout_to(cluster);
         let stream = self
-            .connect_upstream(source, endpoint.addr, endpoint.tunnel.as_ref(), &cluster.connection, timeout)
+            .connect_upstream(
+                source,
+                endpoint.addr,
+                endpoint.tunnel.as_ref(),
+                &cluster.connection,
+                timeout,
+                caller,
+            )
             .await?;
         handshake(stream, h2, slot).await
     }
@@ -120,6 +131,19 @@ impl Outbound {
     /// The cluster's connect timeout (DestinationRule `tcp.connectTimeout`), else the node's.
     pub(super) fn connect_timeout_to(&self, cluster: &Balancer) -> Duration {
         cluster.limits.connect_timeout.unwrap_or(self.connect_timeout)
+    }
+
+    /// Whether [`Outbound::connect_upstream`] reaches `dst` on a meshed path (delivery into a
+    /// meshed pod of this node, or the mTLS tunnel): what `connection_security_policy` says.
+    pub(super) fn secured(
+        &self,
+        dst: SocketAddr,
+        tunnel: Option<&TunnelTarget>,
+        settings: &ConnectionSettings,
+    ) -> bool {
+        settings.tls != UpstreamTls::Disable
+            && (self.locals.local(dst.ip()).is_some_and(|w| w.delivery.is_some())
+                || (tunnel.is_some() && self.tunnels.is_some()))
     }
 
     /// Reaches `dst` for the source workload: a meshed pod of this node by delivery into its
@@ -133,6 +157,7 @@ impl Outbound {
         tunnel: Option<&TunnelTarget>,
         settings: &ConnectionSettings,
         timeout: Duration,
+        caller: &Caller,
     ) -> io::Result<Upstream> {
         let from = source.ips.iter().find(|ip| ip.is_ipv4() == dst.is_ipv4()).copied();
         let meshed_path = settings.tls != UpstreamTls::Disable;
@@ -170,16 +195,19 @@ impl Outbound {
             // Requests are judged by the destination's policies in this process, between the
             // two ends of an in-memory pipe.
             let (ours, theirs) = tokio::io::duplex(CHUNK_FOR_JUDGED);
-            let counters = self.metrics.connection_opened(&ConnectionLabels {
-                reporter: Reporter::destination,
-                source_workload: source.key.name.clone(),
-                source_workload_namespace: source.key.namespace.clone(),
-                destination_workload: pod.key.name.clone(),
-                destination_workload_namespace: pod.key.namespace.clone(),
-            });
+            let (labels, reporting) = Reporting::for_connection(
+                &self.metrics,
+                Arc::clone(&caller.source),
+                self.authorizer.local_peer(&pod.key, &pod.service_account).as_destination(),
+                Arc::clone(&caller.service),
+                SecurityPolicy::mutual_tls,
+            );
+            let counters = self.metrics.connection_opened(&labels);
             let drain = self.drain.clone();
             tokio::spawn(async move {
-                if let Err(e) = judge_and_pass(theirs, delivered, connection, &counters, &drain).await {
+                let judged =
+                    judge_and_pass(theirs, delivered, connection, &counters, &drain, Some(reporting));
+                if let Err(e) = judged.await {
                     tracing::debug!("judged same-node connection ended: {e}");
                 }
                 counters.closed();
@@ -190,7 +218,7 @@ impl Outbound {
             let identity =
                 tunnels.credentials().identities.identity(&source.key.namespace, &source.service_account);
             return tunnels
-                .connect(&identity, target, dst, from, &source.key.name, timeout)
+                .connect(&identity, target, dst, from, caller, timeout)
                 .await
                 .map(Upstream::Tunnel);
         }

@@ -7,7 +7,10 @@ use hyper::{
     header::{self, HeaderValue},
 };
 
-use crate::conn::pool::{Body, full};
+use crate::{
+    conn::pool::{Body, full},
+    telemetry::requests::ResponseFlags,
+};
 
 /// A gRPC answer with no messages: what a gRPC client reads as status `code`.
 pub(super) fn grpc_trailers_only(code: u32, message: &str) -> Response<Body> {
@@ -26,5 +29,11 @@ pub(super) fn text_response(status: StatusCode, reason: &str) -> Response<Body> 
     let mut response = Response::new(full(format!("nodemesh: {reason}\n")));
     *response.status_mut() = status;
     response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+    response
+}
+
+/// `response` marked with `flags`.
+pub(crate) fn flagged(mut response: Response<Body>, flags: &'static str) -> Response<Body> {
+    response.extensions_mut().insert(ResponseFlags(flags));
     response
 }

@@ -7,7 +7,8 @@
 
 use std::{io, net::SocketAddr, sync::Arc, time::Duration};
 
-use nodemesh_api::workload::WorkloadKey;
+use nodemesh_api::workload::WorkloadNames;
+
 use tokio::net::{TcpListener, TcpStream};
 
 use super::{Outbound, connect::Attempt, http, upstream::Upstream};
@@ -21,10 +22,15 @@ use crate::{
         request_match::RequestSource,
     },
     proxy::route::{Decision, connection_hash},
-    telemetry::metrics::{
-        ConnectionLabels, EgressDeniedLabels, FailureLabels, FailureReason, Reporter, UNKNOWN,
+    telemetry::{
+        labels::{Caller, Peer, ServiceLabels},
+        metrics::{
+            ConnectionLabels, EgressDeniedLabels, FailureLabels, FailureReason, Reporter, SecurityPolicy,
+        },
     },
+    tunnel::{HTTP1, HTTP2},
     workload::Source,
+    xds::resources::AddressInfo,
 };
 
 /// A connection to a cluster endpoint: its place under the cluster's maxConnections, and the
@@ -32,6 +38,7 @@ use crate::{
 pub(super) struct Balanced {
     _slot: ConnectionSlot,
     workload: String,
+    names: Option<Arc<WorkloadNames>>,
 }
 
 /// How long a connection to a port with tls routes may take to send its ClientHello when
@@ -89,6 +96,10 @@ impl Outbound {
             Some(router) => router.decide(&source, dst).await,
             None => Decision::Direct(None),
         };
+        let caller = match &decision {
+            Decision::Balance { service, .. } => self.caller(&source, service, dst),
+            _ => self.caller(&source, "", dst),
+        };
         // The cluster's tcp.idleTimeout, once the connection goes to one.
         let mut idle = None;
         let connected = match decision {
@@ -99,6 +110,7 @@ impl Outbound {
                     tunnel.as_ref(),
                     &ConnectionSettings::default(),
                     self.connect_timeout,
+                    &caller,
                 )
                 .await
                 .map(|s| (s, dst, None)),
@@ -128,8 +140,18 @@ impl Outbound {
                 if http && !opaque && !tcp_routes_take_it {
                     let h2 = protocol == sniff::Protocol::H2c;
                     let cache = self.router.as_ref().map(|r| Arc::clone(&r.cache));
-                    let target =
-                        Arc::new(http::Target { balancer, hash_policy, local, service, vip: dst, cache });
+                    // Its upstream connections carry HTTP of the client's version: the
+                    // serving node reports each request too.
+                    let caller = Caller { http: Some(if h2 { HTTP2 } else { HTTP1 }), ..caller };
+                    let target = Arc::new(http::Target {
+                        balancer,
+                        hash_policy,
+                        local,
+                        service,
+                        caller,
+                        vip: dst,
+                        cache,
+                    });
                     http::serve(Arc::clone(&self), client, h2, source, target).await;
                     return;
                 }
@@ -142,18 +164,18 @@ impl Outbound {
                     Ok(Some(b)) if b.passthrough => {
                         let timeout = self.connect_timeout_to(&b);
                         idle = b.connection.tcp_idle_timeout;
-                        self.connect_upstream(&source, dst, None, &b.connection, timeout)
+                        self.connect_upstream(&source, dst, None, &b.connection, timeout, &caller)
                             .await
                             .map(|s| (s, dst, None))
                     }
                     Ok(Some(b)) => {
                         idle = b.connection.tcp_idle_timeout;
-                        self.connect_balanced(&source, &b, None, local.as_ref(), &service, dst).await
+                        self.connect_balanced(&source, &b, None, local.as_ref(), &caller, dst).await
                     }
                     Ok(None) => {
                         idle = balancer.connection.tcp_idle_timeout;
                         let hash = connection_hash(hash_policy.as_ref(), &source, &client).await;
-                        self.connect_balanced(&source, &balancer, hash, local.as_ref(), &service, dst).await
+                        self.connect_balanced(&source, &balancer, hash, local.as_ref(), &caller, dst).await
                     }
                 }
             }
@@ -190,21 +212,21 @@ impl Outbound {
         };
         // The endpoint's own workload (it may run on another node), else whatever runs locally
         // at that address.
-        let dst_workload = balanced
-            .as_ref()
-            .and_then(|b| b.workload.split_once('/'))
-            .map(|(namespace, name)| WorkloadKey { namespace: namespace.into(), name: name.into() })
-            .or_else(|| self.locals.local(dst.ip()).map(|w| w.key.clone()));
-        let labels = ConnectionLabels {
-            reporter: Reporter::source,
-            source_workload: source.key.name.clone(),
-            source_workload_namespace: source.key.namespace.clone(),
-            destination_workload: dst_workload.as_ref().map_or(UNKNOWN, |k| &k.name).to_string(),
-            destination_workload_namespace: dst_workload
-                .as_ref()
-                .map_or(UNKNOWN, |k| &k.namespace)
-                .to_string(),
+        let destination = match balanced.as_ref().filter(|b| !b.workload.is_empty()) {
+            Some(b) => Peer::of_endpoint(&b.workload, b.names.as_deref(), &self.metrics.naming),
+            None => match self.locals.local(dst.ip()) {
+                Some(w) => self.authorizer.local_peer(&w.key, &w.service_account),
+                None => Peer::unknown(),
+            },
         };
+        let security = if upstream.secured() { SecurityPolicy::mutual_tls } else { SecurityPolicy::none };
+        let labels = ConnectionLabels::tcp(
+            Reporter::source,
+            Arc::clone(&caller.source),
+            destination.as_destination(),
+            Arc::clone(&caller.service),
+            security,
+        );
         let counters = self.metrics.connection_opened(&labels);
         tracing::debug!(workload = %source.key, %dst, "proxying");
         match upstream.relay(client, &counters.sent, &counters.received, idle).await {
@@ -214,6 +236,24 @@ impl Outbound {
             Err(e) => tracing::debug!(workload = %source.key, %dst, "relay ended with error: {e}"),
         }
         counters.closed();
+    }
+
+    /// The source workload's labels and the Service it dialled (`service`: its hostname;
+    /// empty: none, passed through to `vip`).
+    pub(super) fn caller(&self, source: &Source, service: &str, vip: SocketAddr) -> Caller {
+        let cache = self.router.as_ref().map(|r| &r.cache);
+        let record = cache.and_then(|c| c.workload(&source.key.to_string()));
+        let peer = Peer::local(record.as_deref(), &source.key, &source.service_account, &self.metrics.naming);
+        let service = if service.is_empty() {
+            ServiceLabels::passthrough()
+        } else {
+            let namespace = match cache.and_then(|c| c.address(vip.ip())) {
+                Some(AddressInfo::Service(svc)) => svc.namespace.clone(),
+                _ => String::new(),
+            };
+            ServiceLabels::of(service, &namespace)
+        };
+        Caller { pod: source.key.name.clone(), source: peer.as_source(), service, http: None }
     }
 
     /// The cluster of the tcp/tls route that takes this connection (`None`: no route does,
@@ -250,9 +290,10 @@ impl Outbound {
         balancer: &Balancer,
         hash: Option<u64>,
         local: Option<&LocalityKey>,
-        service: &str,
+        caller: &Caller,
         vip: SocketAddr,
     ) -> io::Result<(Upstream, SocketAddr, Option<Balanced>)> {
+        let service = caller.service.destination_service.as_str();
         let slot = balancer.admit_connection().ok_or_else(|| {
             io::Error::other(Refused::AtLimit(balancer.limits.max_connections.unwrap_or_default()))
         })?;
@@ -261,8 +302,15 @@ impl Outbound {
             .open(&[], true, |endpoint| async move {
                 let ep = &endpoint.ep;
                 let timeout = self.connect_timeout_to(balancer);
-                self.connect_upstream(source, ep.addr, ep.tunnel.as_ref(), &balancer.connection, timeout)
-                    .await
+                self.connect_upstream(
+                    source,
+                    ep.addr,
+                    ep.tunnel.as_ref(),
+                    &balancer.connection,
+                    timeout,
+                    caller,
+                )
+                .await
             })
             .await
             .map_err(|e| match e.kind() {
@@ -273,6 +321,14 @@ impl Outbound {
             })?;
         let addr = pick.endpoint.ep.addr;
         tracing::debug!(workload = %source.key, %vip, service, endpoint = %addr, "balanced");
-        Ok((stream, addr, Some(Balanced { _slot: slot, workload: pick.endpoint.ep.workload.clone() })))
+        Ok((
+            stream,
+            addr,
+            Some(Balanced {
+                _slot: slot,
+                workload: pick.endpoint.ep.workload.clone(),
+                names: pick.endpoint.ep.names.clone(),
+            }),
+        ))
     }
 }

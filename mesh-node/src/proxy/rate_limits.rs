@@ -4,16 +4,16 @@
 //! Responses under a limit carry `x-ratelimit-limit`, `x-ratelimit-remaining` and
 //! `x-ratelimit-reset` (seconds to the next fill) of the tightest bucket they drew from.
 
-use hyper::{HeaderMap, Response, StatusCode, header, header::HeaderValue};
+use hyper::{HeaderMap, Response, StatusCode, header::HeaderValue};
 
 use super::{
     Outbound,
-    local_reply::{grpc_trailers_only, text_response},
+    local_reply::{flagged, grpc_trailers_only, text_response},
 };
 use crate::{conn::pool::Body, workload::Source};
 use crate::{
     policy::rate_limit::{RateLimit, Verdict},
-    telemetry::metrics::RateLimitedLabels,
+    telemetry::{metrics::RateLimitedLabels, requests::is_grpc},
 };
 
 /// The tightest bucket a request drew from so far (fewest tokens left).
@@ -72,15 +72,7 @@ fn refusal(limit: &RateLimit, v: &Verdict, key: &str, grpc: bool) -> Response<Bo
         text_response(StatusCode::TOO_MANY_REQUESTS, &reason)
     };
     set_headers(response.headers_mut(), v);
-    response
+    flagged(response, "RL")
 }
 
 const RESOURCE_EXHAUSTED: u32 = 8;
-
-/// A gRPC request (`content-type: application/grpc[+proto|;...]`).
-fn is_grpc(headers: &HeaderMap) -> bool {
-    headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.starts_with("application/grpc"))
-}

@@ -31,6 +31,11 @@ pub enum Upstream {
 }
 
 impl Upstream {
+    /// Reached over a meshed path (the tunnel, or delivery into a meshed pod of this node).
+    pub fn secured(&self) -> bool {
+        !matches!(self, Upstream::Tcp(_))
+    }
+
     /// Relays `client` to this upstream until both directions have finished (or, with `idle`,
     /// until neither has moved a byte for that long); on error resets both sides.
     pub async fn relay(

@@ -1,11 +1,16 @@
 //! The node proxy's metrics. Istio's `istio_tcp_*` names and label names are kept so Istio
 //! dashboards and alerts work unchanged; everything Nodemesh-specific is under `nodemesh_`.
 
+use std::sync::Arc;
+
 use prometheus_client::{
     encoding::{EncodeLabelSet, EncodeLabelValue},
     metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
     registry::Registry,
 };
+
+pub use super::labels::UNKNOWN;
+use super::labels::{DestinationLabels, Naming, ServiceLabels, Shared, SourceLabels};
 
 /// Istio's buckets for `istio_request_duration_milliseconds`.
 const DURATION_BUCKETS_MS: [f64; 19] = [
@@ -17,29 +22,87 @@ fn duration_histogram() -> Histogram {
     Histogram::new(DURATION_BUCKETS_MS)
 }
 
-/// Labels of one HTTP request, as Istio's `reporter="source"` series carry them.
+/// Istio's buckets for `istio_request_bytes` / `istio_response_bytes`: 1 B to 1 GB by tens.
+fn size_histogram() -> Histogram {
+    Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(1.0, 10.0, 10))
+}
+
+/// Labels of one HTTP request: Istio's standard set, from either reporter.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {
     pub reporter: Reporter,
-    pub source_workload: String,
-    pub source_workload_namespace: String,
-    /// The Service's hostname.
-    pub destination_service: String,
-    pub destination_workload: String,
-    pub destination_workload_namespace: String,
-    pub response_code: String,
+    #[prometheus(flatten)]
+    pub source: Shared<SourceLabels>,
+    #[prometheus(flatten)]
+    pub destination: Shared<DestinationLabels>,
+    #[prometheus(flatten)]
+    pub service: Shared<ServiceLabels>,
+    pub request_protocol: RequestProtocol,
+    pub response_code: u16,
+    /// The gRPC status (from the answer's headers or trailers); empty for plain HTTP.
+    pub grpc_response_status: Option<u32>,
+    /// Envoy's response flags (`-`: none): why the proxy answered itself, or how the
+    /// exchange ended.
+    pub response_flags: &'static str,
+    pub connection_security_policy: SecurityPolicy,
 }
 
-pub const UNKNOWN: &str = "unknown";
-
-/// Labels of one TCP connection, as Istio's `reporter="source"` series carry them.
+/// Labels of one TCP connection: Istio's standard set, from either reporter.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ConnectionLabels {
     pub reporter: Reporter,
-    pub source_workload: String,
-    pub source_workload_namespace: String,
-    pub destination_workload: String,
-    pub destination_workload_namespace: String,
+    #[prometheus(flatten)]
+    pub source: Shared<SourceLabels>,
+    #[prometheus(flatten)]
+    pub destination: Shared<DestinationLabels>,
+    #[prometheus(flatten)]
+    pub service: Shared<ServiceLabels>,
+    pub request_protocol: RequestProtocol,
+    pub response_flags: &'static str,
+    pub connection_security_policy: SecurityPolicy,
+}
+
+impl ConnectionLabels {
+    /// A TCP connection from `source` to `destination` (of `service`).
+    pub fn tcp(
+        reporter: Reporter,
+        source: Arc<SourceLabels>,
+        destination: Arc<DestinationLabels>,
+        service: Arc<ServiceLabels>,
+        security: SecurityPolicy,
+    ) -> ConnectionLabels {
+        ConnectionLabels {
+            reporter,
+            source: Shared(source),
+            destination: Shared(destination),
+            service: Shared(service),
+            request_protocol: RequestProtocol::tcp,
+            response_flags: NO_FLAGS,
+            connection_security_policy: security,
+        }
+    }
+}
+
+/// Envoy's "no flags".
+pub const NO_FLAGS: &str = "-";
+
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types, reason = "label values are Istio's lowercase words")]
+pub enum RequestProtocol {
+    tcp,
+    http,
+    grpc,
+}
+
+/// How the connection between the two workloads was secured.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types, reason = "label values are Istio's lowercase words")]
+pub enum SecurityPolicy {
+    /// Through the mTLS tunnel, or delivered between two meshed pods of one node, where
+    /// mesh-node proves both identities itself (the case STRICT accepts; see ARCHITECTURE.md).
+    mutual_tls,
+    /// Plaintext: a peer outside the mesh, or a DestinationRule with `tls.mode: DISABLE`.
+    none,
 }
 
 #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
@@ -124,6 +187,8 @@ pub struct Metrics {
     opened: Family<ConnectionLabels, Counter>,
     requests: Family<RequestLabels, Counter>,
     durations: Family<RequestLabels, Histogram, fn() -> Histogram>,
+    request_sizes: Family<RequestLabels, Histogram, fn() -> Histogram>,
+    response_sizes: Family<RequestLabels, Histogram, fn() -> Histogram>,
     closed: Family<ConnectionLabels, Counter>,
     sent: Family<ConnectionLabels, Counter>,
     received: Family<ConnectionLabels, Counter>,
@@ -135,6 +200,8 @@ pub struct Metrics {
     /// proven): how often clients had to open a new one, e.g. after certificate renewal.
     pub tunnel_connections_accepted: Counter,
     pub meshed_workloads: Gauge,
+    /// The trust domain and cluster that peers' labels name.
+    pub naming: Naming,
 }
 
 impl Default for Metrics {
@@ -143,6 +210,8 @@ impl Default for Metrics {
             opened: Family::default(),
             requests: Family::default(),
             durations: Family::new_with_constructor(duration_histogram),
+            request_sizes: Family::new_with_constructor(size_histogram),
+            response_sizes: Family::new_with_constructor(size_histogram),
             closed: Family::default(),
             sent: Family::default(),
             received: Family::default(),
@@ -152,23 +221,22 @@ impl Default for Metrics {
             inbound_denied: Family::default(),
             tunnel_connections_accepted: Counter::default(),
             meshed_workloads: Gauge::default(),
+            naming: Naming::default(),
         }
     }
 }
 
 impl Metrics {
-    pub fn new(registry: &mut Registry) -> Metrics {
-        let m = Metrics::default();
-        registry.register(
-            "istio_requests",
-            "HTTP requests proxied for the source workload",
-            m.requests.clone(),
-        );
+    pub fn new(registry: &mut Registry, naming: Naming) -> Metrics {
+        let m = Metrics { naming, ..Metrics::default() };
+        registry.register("istio_requests", "HTTP and gRPC requests", m.requests.clone());
         registry.register(
             "istio_request_duration_milliseconds",
-            "Time from a request's arrival at the proxy to its response head",
+            "Time from a request's arrival at the proxy to the last byte of its answer",
             m.durations.clone(),
         );
+        registry.register("istio_request_bytes", "HTTP request body sizes", m.request_sizes.clone());
+        registry.register("istio_response_bytes", "HTTP response body sizes", m.response_sizes.clone());
         registry.register(
             "istio_tcp_connections_opened",
             "TCP connections opened through the node proxy",
@@ -232,10 +300,13 @@ impl Metrics {
         }
     }
 
-    /// One HTTP request answered (by the upstream or the proxy) after `ms` milliseconds.
-    pub fn request(&self, labels: &RequestLabels, ms: f64) {
+    /// One HTTP request answered (by the upstream or the proxy) in full after `ms`
+    /// milliseconds, with bodies of `request_bytes` and `response_bytes`.
+    pub fn request(&self, labels: &RequestLabels, ms: f64, request_bytes: u64, response_bytes: u64) {
         self.requests.get_or_create(labels).inc();
         self.durations.get_or_create(labels).observe(ms);
+        self.request_sizes.get_or_create(labels).observe(request_bytes as f64);
+        self.response_sizes.get_or_create(labels).observe(response_bytes as f64);
     }
 
     pub fn failure(&self, labels: &FailureLabels) {
@@ -261,24 +332,41 @@ mod tests {
 
     #[test]
     fn istio_names_and_labels_are_exported() {
+        use crate::telemetry::labels::Peer;
         let mut registry = Registry::default();
-        let metrics = Metrics::new(&mut registry);
-        let labels = ConnectionLabels {
-            reporter: Reporter::source,
-            source_workload: "web".into(),
-            source_workload_namespace: "shop".into(),
-            destination_workload: UNKNOWN.into(),
-            destination_workload_namespace: UNKNOWN.into(),
-        };
+        let metrics = Metrics::new(&mut registry, Naming::default());
+        let web = Peer::new("shop", "web", Some("web-sa"), None, &metrics.naming);
+        let labels = ConnectionLabels::tcp(
+            Reporter::source,
+            web.as_source(),
+            Peer::unknown().as_destination(),
+            ServiceLabels::of("db.shop.svc.cluster.local", "shop"),
+            SecurityPolicy::none,
+        );
         let c = metrics.connection_opened(&labels);
         c.sent.inc_by(5);
         c.closed();
+        let request = RequestLabels {
+            reporter: Reporter::destination,
+            source: Shared(web.as_source()),
+            destination: Shared(web.as_destination()),
+            service: Shared(ServiceLabels::of("web.shop.svc.cluster.local", "shop")),
+            request_protocol: RequestProtocol::grpc,
+            response_code: 200,
+            grpc_response_status: Some(0),
+            response_flags: NO_FLAGS,
+            connection_security_policy: SecurityPolicy::mutual_tls,
+        };
+        metrics.request(&request, 3.0, 10, 2000);
         let mut text = String::new();
         prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
         assert!(text.contains(
-            r#"istio_tcp_connections_opened_total{reporter="source",source_workload="web",source_workload_namespace="shop",destination_workload="unknown",destination_workload_namespace="unknown"} 1"#
+            r#"istio_tcp_connections_opened_total{reporter="source",source_workload="web",source_workload_namespace="shop",source_principal="spiffe://cluster.local/ns/shop/sa/web-sa",source_app="unknown",source_version="unknown",source_canonical_service="web",source_canonical_revision="latest",source_cluster="Kubernetes",destination_workload="unknown",destination_workload_namespace="unknown",destination_principal="unknown",destination_app="unknown",destination_version="unknown",destination_canonical_service="unknown",destination_canonical_revision="unknown",destination_cluster="unknown",destination_service="db.shop.svc.cluster.local",destination_service_name="db",destination_service_namespace="shop",request_protocol="tcp",response_flags="-",connection_security_policy="none"} 1"#
         ), "{text}");
         assert!(text.contains("istio_tcp_sent_bytes_total{"), "{text}");
         assert!(text.contains("istio_tcp_connections_closed_total{"), "{text}");
+        assert!(text.contains(r#"request_protocol="grpc",response_code="200",grpc_response_status="0",response_flags="-",connection_security_policy="mutual_tls"} 1"#), "{text}");
+        assert!(text.contains("istio_response_bytes_sum{reporter=\"destination\""), "{text}");
+        assert!(text.contains("istio_request_bytes_count{reporter=\"destination\""), "{text}");
     }
 }

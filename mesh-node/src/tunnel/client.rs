@@ -32,9 +32,13 @@ use tokio::{
     net::{TcpSocket, TcpStream},
 };
 
-use super::{BAGGAGE, FORWARDED, POD_NAME_KEY, credentials::Credentials, forwarded_for};
+use super::{
+    BAGGAGE, FORWARDED, PROTOCOL_HEADER, SERVICE_HEADER, caller_baggage, credentials::Credentials,
+    forwarded_for, service_header,
+};
 use crate::identity::server_name;
 use crate::policy::lb::TunnelTarget;
+use crate::telemetry::labels::Caller;
 
 /// Streams one pooled connection carries before another is opened.
 pub const STREAMS_PER_CONNECTION: usize = 1000;
@@ -155,16 +159,16 @@ impl TunnelPool {
     }
 
     /// A stream to `destination` (a pod address) on the target's node, opened as `source`
-    /// for a client at `from`. A refusal by the far node comes back as an error naming its
-    /// answer: `ConnectionRefused` when the pod refused or is gone, `PermissionDenied` when
-    /// policy said no.
+    /// for a client at `from` (labelled as `caller` says, for the far node's telemetry). A
+    /// refusal by the far node comes back as an error naming its answer: `ConnectionRefused`
+    /// when the pod refused or is gone, `PermissionDenied` when policy said no.
     pub async fn connect(
         &self,
         source: &SpiffeId,
         target: &TunnelTarget,
         destination: SocketAddr,
         from: Option<IpAddr>,
-        source_workload: &str,
+        caller: &Caller,
         timeout: Duration,
     ) -> io::Result<TunnelStream> {
         let identities = &self.credentials.identities;
@@ -184,8 +188,12 @@ impl TunnelPool {
                 if let Some(ip) = from {
                     request = request.header(FORWARDED, forwarded_for(ip));
                 }
-                if !source_workload.is_empty() {
-                    request = request.header(BAGGAGE, format!("{POD_NAME_KEY}={source_workload}"));
+                request = request.header(BAGGAGE, caller_baggage(&caller.pod, &caller.source));
+                if let Some(service) = service_header(&caller.service) {
+                    request = request.header(SERVICE_HEADER, service);
+                }
+                if let Some(http) = caller.http {
+                    request = request.header(PROTOCOL_HEADER, http);
                 }
                 let request = request.body(Empty::new()).map_err(io::Error::other)?;
                 let mut sender = slot.0.sender.clone();

@@ -22,17 +22,17 @@ use nodemesh_api::identity::SpiffeId;
 use tokio::net::{TcpListener, TcpStream};
 
 use super::{
-    BAGGAGE, FORWARDED, POD_NAME_KEY, baggage_value,
+    BAGGAGE, FORWARDED, HTTP1, HTTP2, PROTOCOL_HEADER, SERVICE_HEADER, caller_from_baggage,
     client::{CONNECTION_WINDOW, STREAM_WINDOW, STREAMS_PER_CONNECTION},
     credentials::Credentials,
-    parse_forwarded_for,
+    parse_forwarded_for, service_from_header,
 };
 use crate::{
     authz::{Authorizer, Inbound, Verdict},
     conn::relay,
     identity::tls::peer_identity,
     inbound::{deliver::Delivery, guard::Guarded, http},
-    telemetry::metrics::{ConnectionLabels, Metrics, Reporter, UNKNOWN},
+    telemetry::metrics::{Metrics, SecurityPolicy},
     workload::IpIndex,
 };
 
@@ -154,10 +154,11 @@ impl TunnelServer {
 
     /// One CONNECT stream: checks, delivers, and relays once the client has its 200.
     async fn stream(&self, mut request: Request<Incoming>, peers: &Peers) -> Response<Full<Bytes>> {
-        let ConnectRequest { target, from, source_workload } = match ConnectRequest::parse(&request) {
-            Ok(r) => r,
-            Err((status, why)) => return answer(status, why),
-        };
+        let ConnectRequest { target, from, baggage, service, http: carries_http } =
+            match ConnectRequest::parse(&request) {
+                Ok(r) => r,
+                Err((status, why)) => return answer(status, why),
+            };
         // Held briefly when unknown: the client may have learned of a pod this node is still
         // registering; a 404 would count against the endpoint at the client.
         let Some(local) = self.locals.wait_for(target.ip(), REGISTRATION_WAIT).await else {
@@ -213,15 +214,18 @@ impl TunnelServer {
                 return answer(status, format!("{target}: {e}"));
             }
         };
-        // The client's workload name is its own say (baggage); its namespace is proven.
-        let source_workload = source_workload.unwrap_or_else(|| UNKNOWN.to_string());
-        let labels = ConnectionLabels {
-            reporter: Reporter::destination,
-            source_workload,
-            source_workload_namespace: peers.client.namespace.clone(),
-            destination_workload: local.key.name.clone(),
-            destination_workload_namespace: local.key.namespace.clone(),
-        };
+        // The client's namespace and principal are proven by its certificate; its other labels
+        // are its node's say (baggage).
+        let source =
+            caller_from_baggage(baggage.as_deref(), &peers.client.namespace, peers.client.to_string());
+        let destination = self.authorizer.local_peer(&local.key, &local.service_account).as_destination();
+        let (labels, reporting) = http::Reporting::for_connection(
+            &self.metrics,
+            source.as_source(),
+            destination,
+            service_from_header(service.as_deref()),
+            SecurityPolicy::mutual_tls,
+        );
         let metrics = Arc::clone(&self.metrics);
         let client = peers.client.clone();
         let peer = peers.addr;
@@ -236,11 +240,17 @@ impl TunnelServer {
                 }
             };
             let counters = metrics.connection_opened(&labels);
-            let relayed = if per_request {
-                http::judge_and_pass(TokioIo::new(upgraded), delivered, connection, &counters, &drain).await
+            let client_side = TokioIo::new(upgraded);
+            let relayed = if let Some(h2) = carries_http {
+                // The client's node proxied HTTP: served as HTTP here too, each request judged
+                // and reported.
+                http::serve(client_side, delivered, h2, connection, &drain, Some(reporting)).await
+            } else if per_request {
+                http::judge_and_pass(client_side, delivered, connection, &counters, &drain, Some(reporting))
+                    .await
             } else {
                 // The pod is the first side: what it sends is what the destination sent.
-                let client = Guarded::new(TokioIo::new(upgraded), connection);
+                let client = Guarded::new(client_side, connection);
                 relay::relay_stream(delivered, client, &counters.sent, &counters.received)
                     .await
                     .map(|_| ())
@@ -263,8 +273,12 @@ pub struct ConnectRequest {
     pub target: SocketAddr,
     /// The client pod's address (`Forwarded: for=`), when given.
     pub from: Option<IpAddr>,
-    /// The client's workload name (baggage `k8s.pod.name`), when given.
-    pub source_workload: Option<String>,
+    /// What the client's node says about it (W3C baggage), for telemetry only.
+    pub baggage: Option<String>,
+    /// The Service the client dialled (`SERVICE_HEADER`), for telemetry only.
+    pub service: Option<String>,
+    /// The stream carries HTTP (`PROTOCOL_HEADER`): `Some(true)` for HTTP/2.
+    pub http: Option<bool>,
 }
 
 impl ConnectRequest {
@@ -284,7 +298,13 @@ impl ConnectRequest {
         Ok(ConnectRequest {
             target,
             from: header(FORWARDED).and_then(parse_forwarded_for),
-            source_workload: header(BAGGAGE).and_then(|b| baggage_value(b, POD_NAME_KEY)).map(str::to_string),
+            baggage: header(BAGGAGE).map(str::to_string),
+            service: header(SERVICE_HEADER).map(str::to_string),
+            http: match header(PROTOCOL_HEADER) {
+                Some(HTTP2) => Some(true),
+                Some(HTTP1) => Some(false),
+                _ => None,
+            },
         })
     }
 }

@@ -17,7 +17,10 @@ use envoy_types::pb::envoy::config::{
 };
 use envoy_types::pb::envoy::extensions::upstreams::http::v3::HttpProtocolOptions as UpstreamHttpOptions;
 use envoy_types::pb::google::protobuf as pbuf;
-use nodemesh_api::proto::{ENDPOINT_SERVICE_ACCOUNT, ENDPOINT_TUNNEL, METADATA_KEY, mesh};
+use nodemesh_api::{
+    proto::{ENDPOINT_SERVICE_ACCOUNT, ENDPOINT_TUNNEL, ENDPOINT_WORKLOAD, METADATA_KEY, mesh},
+    workload::WorkloadNames,
+};
 use prost::Message;
 
 use crate::policy::{
@@ -252,20 +255,36 @@ fn endpoints(cla: &ClusterLoadAssignment) -> Result<Vec<Endpoint>, String> {
                     format!("ClusterLoadAssignment {}: endpoint {addr}: {e}", cla.cluster_name)
                 })?,
                 workload: ep.hostname.clone(),
+                names: endpoint_names(lb),
             });
         }
     }
     Ok(out)
 }
 
+/// How metrics name the endpoint's workload (`nodemesh.io` metadata `workload`). Telemetry
+/// only: a value this node cannot read leaves the endpoint named by its workload key, and the
+/// endpoint is taken all the same.
+fn endpoint_names(lb: &LbEndpoint) -> Option<Arc<WorkloadNames>> {
+    let fields = &lb.metadata.as_ref()?.filter_metadata.get(METADATA_KEY)?.fields;
+    let Some(pbuf::value::Kind::StringValue(text)) = fields.get(ENDPOINT_WORKLOAD)?.kind.as_ref() else {
+        return None;
+    };
+    WorkloadNames::decode(text).map(Arc::new)
+}
+
 /// The endpoint's tunnel, from its `nodemesh.io` metadata (`tunnel`, `service_account`); the
-/// namespace is the workload's (`namespace/name`).
+/// namespace is the workload's (`namespace/name`). No `tunnel`: none.
 fn endpoint_tunnel(lb: &LbEndpoint, workload: &str) -> Result<Option<TunnelTarget>, String> {
     let Some(fields) =
         lb.metadata.as_ref().and_then(|m| m.filter_metadata.get(METADATA_KEY)).map(|s| &s.fields)
     else {
         return Ok(None);
     };
+    // Metadata without a tunnel (only the workload's names): reached in plaintext.
+    if !fields.contains_key(ENDPOINT_TUNNEL) {
+        return Ok(None);
+    }
     let text = |key: &str| match fields.get(key).and_then(|v| v.kind.as_ref()) {
         Some(pbuf::value::Kind::StringValue(s)) => Ok(s.clone()),
         _ => Err(format!("metadata {METADATA_KEY}.{key} is missing or not a string")),
@@ -287,4 +306,40 @@ fn socket_addr(a: Option<&envoy_core::Address>) -> Option<SocketAddr> {
         return None;
     };
     Some(SocketAddr::new(ip, u16::try_from(port).ok()?))
+}
+
+#[cfg(test)]
+mod tests {
+    use envoy_types::pb::envoy::config::{core::v3::Metadata, endpoint::v3::Endpoint as EnvoyEndpoint};
+
+    use super::*;
+
+    fn lb_with(fields: &[(&str, &str)]) -> LbEndpoint {
+        let string = |s: &str| pbuf::Value { kind: Some(pbuf::value::Kind::StringValue(s.into())) };
+        LbEndpoint {
+            host_identifier: Some(lb_endpoint::HostIdentifier::Endpoint(EnvoyEndpoint::default())),
+            metadata: Some(Metadata {
+                filter_metadata: [(
+                    METADATA_KEY.to_string(),
+                    pbuf::Struct { fields: fields.iter().map(|(k, v)| (k.to_string(), string(v))).collect() },
+                )]
+                .into(),
+                ..Metadata::default()
+            }),
+            ..LbEndpoint::default()
+        }
+    }
+
+    #[test]
+    fn an_endpoint_named_for_telemetry_only_is_reached_in_plaintext() {
+        let names = WorkloadNames::derive("web", "web-sa", &Default::default());
+        let lb = lb_with(&[(ENDPOINT_WORKLOAD, &names.encode())]);
+        assert_eq!(endpoint_tunnel(&lb, "shop/web-1").unwrap(), None);
+        assert_eq!(endpoint_names(&lb).as_deref(), Some(&names));
+        // A value this node cannot read names nothing, and costs the endpoint nothing.
+        assert_eq!(endpoint_names(&lb_with(&[(ENDPOINT_WORKLOAD, "a;b")])), None);
+        let tunnelled = lb_with(&[(ENDPOINT_TUNNEL, "10.0.0.2:15008"), (ENDPOINT_SERVICE_ACCOUNT, "web-sa")]);
+        let t = endpoint_tunnel(&tunnelled, "shop/web-1").unwrap().unwrap();
+        assert_eq!((t.namespace.as_str(), t.service_account.as_str()), ("shop", "web-sa"));
+    }
 }

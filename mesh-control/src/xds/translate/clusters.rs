@@ -20,6 +20,7 @@ use super::index::{Ep, EpTunnel};
 use crate::{
     model::{Locality, istio},
     proto::{self, mesh},
+    workload::WorkloadNames,
     xds::encode::{pb_duration, socket_address, string_value, to_any},
 };
 
@@ -299,7 +300,7 @@ pub(super) fn build_load_assignment(name: &str, eps: Vec<Ep>) -> endpoint::Clust
                 hostname: e.workload,
                 ..Default::default()
             })),
-            metadata: e.tunnel.map(tunnel_metadata),
+            metadata: endpoint_metadata(e.tunnel, e.names),
         };
         groups.entry(e.locality).or_default().push(lb);
     }
@@ -323,12 +324,17 @@ pub(super) fn build_load_assignment(name: &str, eps: Vec<Ep>) -> endpoint::Clust
     }
 }
 
-/// `filter_metadata["nodemesh.io"] = {tunnel, service_account}`.
-fn tunnel_metadata(t: EpTunnel) -> envoy_core::Metadata {
+/// `filter_metadata["nodemesh.io"] = {tunnel, service_account, workload}`: how a meshed
+/// endpoint is reached, and how telemetry names the workload behind it.
+fn endpoint_metadata(tunnel: Option<EpTunnel>, names: Option<WorkloadNames>) -> Option<envoy_core::Metadata> {
     let string = |s: String| pbuf::Value { kind: Some(pbuf::value::Kind::StringValue(s)) };
-    let fields = [
-        (proto::ENDPOINT_TUNNEL.to_string(), string(t.address.to_string())),
-        (proto::ENDPOINT_SERVICE_ACCOUNT.to_string(), string(t.service_account)),
-    ];
-    nodemesh_metadata(fields)
+    let mut fields = Vec::new();
+    if let Some(t) = tunnel {
+        fields.push((proto::ENDPOINT_TUNNEL.to_string(), string(t.address.to_string())));
+        fields.push((proto::ENDPOINT_SERVICE_ACCOUNT.to_string(), string(t.service_account)));
+    }
+    if let Some(names) = names {
+        fields.push((proto::ENDPOINT_WORKLOAD.to_string(), string(names.encode())));
+    }
+    (!fields.is_empty()).then(|| nodemesh_metadata(fields))
 }

@@ -6,7 +6,10 @@ use std::{
     net::IpAddr,
 };
 
-use crate::model::{Labels, Locality, Object, selector_matches, store::Store};
+use crate::{
+    model::{Labels, Locality, Object, selector_matches, store::Store},
+    workload::WorkloadNames,
+};
 
 /// An endpoint of one service port before grouping.
 #[derive(Clone)]
@@ -22,6 +25,8 @@ pub(super) struct Ep {
     pub(super) labels: Labels,
     /// How a meshed peer reaches it through its node's tunnel; `None`: in plaintext.
     pub(super) tunnel: Option<EpTunnel>,
+    /// How telemetry names the workload (`None`: no workload known).
+    pub(super) names: Option<WorkloadNames>,
 }
 
 /// A meshed workload's tunnel, as endpoint metadata carries it (`nodemesh.io` in the
@@ -37,6 +42,8 @@ pub(super) struct EpTunnel {
 pub(super) struct Wl<'a> {
     pub(super) namespace: &'a str,
     pub(super) name: &'a str,
+    /// The name metrics give it (a pod's owner's).
+    pub(super) workload_name: &'a str,
     pub(super) labels: &'a Labels,
     pub(super) ips: Vec<IpAddr>,
     pub(super) ready: bool,
@@ -51,6 +58,11 @@ pub(super) struct Wl<'a> {
 }
 
 impl Wl<'_> {
+    /// How telemetry names it.
+    pub(super) fn names(&self) -> WorkloadNames {
+        WorkloadNames::derive(self.workload_name, self.service_account, self.labels)
+    }
+
     /// One endpoint per address of the workload, on `port`.
     pub(super) fn endpoints(&self, port: u16) -> impl Iterator<Item = Ep> + '_ {
         self.ips.iter().map(move |ip| Ep {
@@ -64,6 +76,7 @@ impl Wl<'_> {
             tunnel: self
                 .tunnel
                 .map(|address| EpTunnel { address, service_account: self.service_account.to_string() }),
+            names: Some(self.names()),
         })
     }
 }
@@ -123,6 +136,7 @@ impl<'a> WorkloadIndex<'a> {
                 workloads.push(Wl {
                     namespace: &p.meta.namespace,
                     name: &p.meta.name,
+                    workload_name: &p.workload_name,
                     labels: &p.meta.labels,
                     ips: p.ips.clone(),
                     ready: p.ready,
@@ -148,6 +162,7 @@ impl<'a> WorkloadIndex<'a> {
                 workloads.push(Wl {
                     namespace: &we.meta.namespace,
                     name: &we.meta.name,
+                    workload_name: &we.meta.name,
                     labels: &we.spec.labels,
                     ips: we.spec.address.parse().into_iter().collect(),
                     ready: true,
@@ -169,6 +184,10 @@ impl<'a> WorkloadIndex<'a> {
         let by_uid =
             workloads.iter().enumerate().map(|(i, w)| (format!("{}/{}", w.namespace, w.name), i)).collect();
         WorkloadIndex { nodes, workloads, by_label, by_uid }
+    }
+
+    pub(super) fn names_of(&self, uid: &str) -> Option<WorkloadNames> {
+        self.by_uid.get(uid).map(|i| self.workloads[*i].names())
     }
 
     pub(super) fn labels_of(&self, uid: &str) -> Labels {

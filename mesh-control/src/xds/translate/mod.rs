@@ -148,6 +148,7 @@ impl<'a> Translator<'a> {
                             workload: e.target.clone(),
                             labels: self.index.labels_of(&e.target),
                             tunnel: self.index.tunnel_of(&e.target),
+                            names: self.index.names_of(&e.target),
                         });
                     }
                 }
@@ -217,6 +218,7 @@ impl<'a> Translator<'a> {
                                     workload: String::new(),
                                     labels: e.labels.clone(),
                                     tunnel: None,
+                                    names: None,
                                 })
                             })
                             .collect();

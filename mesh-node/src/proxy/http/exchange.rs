@@ -17,6 +17,7 @@ use crate::{
         retry::RetryPolicy,
     },
     proxy::{Outbound, connect::Attempt, rate_limits::Drawn},
+    telemetry::metrics::NO_FLAGS,
     workload::Source,
 };
 
@@ -59,12 +60,14 @@ impl Exchange<'_> {
                         return Err(overloaded(&format!("{} ({}): {why}", target.service, target.vip)));
                     }
                     Err(ConnectFailed { why, denied: true, .. }) => {
+                        // Envoy has no flag for an RBAC denial: its code (403) says it.
                         return Err(error_response(
                             StatusCode::FORBIDDEN,
+                            NO_FLAGS,
                             &format!("RBAC: access denied: {why}"),
                         ));
                     }
-                    Err(ConnectFailed { why, .. }) => {
+                    Err(ConnectFailed { why, no_endpoint, .. }) => {
                         if may_retry(retries)
                             && retry.retries_failure(false)
                             && balancer.retry_budget.withdraw()
@@ -73,8 +76,16 @@ impl Exchange<'_> {
                             tokio::time::sleep(RetryPolicy::backoff(retries)).await;
                             continue;
                         }
+                        // The last attempt's reason: no endpoint at all (UH) outranks the
+                        // retries spent (URX) on failed connects (UF).
+                        let flags = match (no_endpoint, retries) {
+                            (true, _) => "UH",
+                            (false, 1..) => "URX",
+                            (false, 0) => "UF",
+                        };
                         return Err(error_response(
                             StatusCode::SERVICE_UNAVAILABLE,
+                            flags,
                             &format!("{} ({}): {why}", target.service, target.vip),
                         ));
                     }
@@ -106,7 +117,7 @@ impl Exchange<'_> {
             let overall_left = self.deadline.is_none_or(|d| d > tokio::time::Instant::now());
             let retry_now =
                 |retries: u32| may_retry(retries) && overall_left && balancer.retry_budget.withdraw();
-            let (status, why) = match result {
+            let (status, flags, why) = match result {
                 Ok(Ok(response)) => {
                     {
                         // Any answer is a success for connect-failure ejection; with the
@@ -130,10 +141,12 @@ impl Exchange<'_> {
                 }
                 Ok(Err(e)) => {
                     tracing::info!(workload = %source.key, service = target.service, endpoint = %addr, "request failed: {e}");
-                    (StatusCode::BAD_GATEWAY, format!("upstream request failed: {e}"))
+                    // The connection ended under the request (UC), or the stream was reset (UR).
+                    let flags = if e.is_closed() || e.is_incomplete_message() { "UC" } else { "UR" };
+                    (StatusCode::BAD_GATEWAY, flags, format!("upstream request failed: {e}"))
                 }
                 Err(limit) => {
-                    (StatusCode::GATEWAY_TIMEOUT, format!("upstream request timeout after {limit:?}"))
+                    (StatusCode::GATEWAY_TIMEOUT, "UT", format!("upstream request timeout after {limit:?}"))
                 }
             };
             // The request failed on this endpoint: another may take it, within the budget.
@@ -143,7 +156,8 @@ impl Exchange<'_> {
                 previous.push(addr);
                 continue;
             }
-            return Err(error_response(status, &format!("{} ({addr}): {why}", target.service)));
+            let flags = if retries > 0 { "URX" } else { flags };
+            return Err(error_response(status, flags, &format!("{} ({addr}): {why}", target.service)));
         }
     }
 }
@@ -169,7 +183,7 @@ async fn connect(
                         .admit_http_connection(outbound.connect_timeout_to(balancer))
                         .await
                         .map_err(std::io::Error::other)?;
-                    outbound.dial_http(source, balancer, &endpoint.ep, h2, slot).await
+                    outbound.dial_http(source, balancer, &endpoint.ep, h2, slot, &target.caller).await
                 }
             }
         })
@@ -185,7 +199,12 @@ async fn connect(
                 std::io::ErrorKind::NotFound => e.to_string(),
                 _ => format!("upstream connect error: {e}"),
             };
-            ConnectFailed { why, overflow, denied: e.kind() == std::io::ErrorKind::PermissionDenied }
+            ConnectFailed {
+                why,
+                overflow,
+                denied: e.kind() == std::io::ErrorKind::PermissionDenied,
+                no_endpoint: e.kind() == std::io::ErrorKind::NotFound,
+            }
         })
 }
 
@@ -196,6 +215,8 @@ struct ConnectFailed {
     overflow: bool,
     /// Refused by the destination's AuthorizationPolicy.
     denied: bool,
+    /// The cluster had no endpoint to try.
+    no_endpoint: bool,
 }
 
 /// Bodies up to this size are kept so that a request can be retried.

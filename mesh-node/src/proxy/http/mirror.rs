@@ -1,14 +1,16 @@
 //! Request mirroring: a copy of the request to one endpoint of each mirror cluster, its answer
 //! discarded; the live request never waits for a copy.
 
-use std::{net::SocketAddr, sync::Arc};
+use std::sync::Arc;
 
 use bytes::Bytes;
 use http_body_util::BodyExt;
 use hyper::{Request, http::request::Parts};
 
 use super::{Target, headers::shadow_authority};
-use crate::{conn::pool::full, policy::lb::Balancer, proxy::Outbound, workload::Source};
+use crate::{
+    conn::pool::full, policy::lb::Balancer, proxy::Outbound, telemetry::labels::Caller, workload::Source,
+};
 
 /// Sends a copy of the request (`body`: kept whole) to each of `clusters`, in the background.
 pub(super) fn spawn_copies(
@@ -24,9 +26,9 @@ pub(super) fn spawn_copies(
     for cluster in clusters {
         let Some(balancer) = cache.cluster_for(cluster, &source.key.namespace) else { continue };
         let (outbound, source) = (Arc::clone(outbound), Arc::clone(source));
-        let (mut parts, body, vip) = (parts.clone(), body.clone(), target.vip);
+        let (mut parts, body, caller) = (parts.clone(), body.clone(), target.caller.clone());
         shadow_authority(&mut parts);
-        tokio::spawn(async move { mirror(&outbound, &source, &balancer, parts, body, h2, vip).await });
+        tokio::spawn(async move { mirror(&outbound, &source, &balancer, parts, body, h2, caller).await });
     }
 }
 
@@ -38,7 +40,7 @@ async fn mirror(
     parts: hyper::http::request::Parts,
     body: Bytes,
     h2: bool,
-    vip: SocketAddr,
+    caller: Caller,
 ) {
     let Some(pick) = balancer.pick(None, None, &[]) else { return };
     let addr = pick.endpoint.ep.addr;
@@ -46,7 +48,7 @@ async fn mirror(
         Some(s) => Ok(s),
         // A copy never waits for a connection: under maxConnections it is skipped.
         None => match balancer.admit_connection() {
-            Some(slot) => outbound.dial_http(source, balancer, &pick.endpoint.ep, h2, slot).await,
+            Some(slot) => outbound.dial_http(source, balancer, &pick.endpoint.ep, h2, slot, &caller).await,
             None => return,
         },
     };
@@ -57,6 +59,10 @@ async fn mirror(
             let _ = response.into_body().collect().await;
             source.http_pool.put(addr, sender, balancer);
         }
-        Err(e) => tracing::debug!(%vip, endpoint = %addr, "mirrored request failed: {e}"),
+        Err(e) => tracing::debug!(
+            service = caller.service.destination_service,
+            endpoint = %addr,
+            "mirrored request failed: {e}"
+        ),
     }
 }

@@ -16,6 +16,7 @@ mod exchange;
 mod headers;
 mod mirror;
 mod plan;
+mod report;
 
 use std::{convert::Infallible, net::SocketAddr, sync::Arc};
 
@@ -33,8 +34,13 @@ use tokio::net::TcpStream;
 
 use exchange::{Buffered, Exchange, buffer_small};
 use headers::{prepare_request, request_hash, strip_hop_by_hop};
+use report::{AnsweredBy, SourceReport};
 
-use super::{Outbound, local_reply::text_response, rate_limits::Drawn};
+use super::{
+    Outbound,
+    local_reply::{flagged, text_response},
+    rate_limits::Drawn,
+};
 use crate::{
     conn::{
         pool::Body,
@@ -45,7 +51,7 @@ use crate::{
         lb::{Balancer, LocalityKey},
         request_match::RequestSource,
     },
-    telemetry::metrics::{Reporter, RequestLabels, UNKNOWN},
+    telemetry::{labels::Caller, metrics::SecurityPolicy, requests::Arrived},
     workload::Source,
     xds::{cache::Cache, resources::AddressInfo},
 };
@@ -58,6 +64,8 @@ pub(crate) struct Target {
     pub local: Option<LocalityKey>,
     /// The service hostname, for logs and error bodies.
     pub service: String,
+    /// The caller and the Service, as metrics label them (here and at the serving node).
+    pub caller: Caller,
     /// What the client dialled.
     pub vip: SocketAddr,
     /// Routes, clusters and addresses from the control plane. The service port is looked up
@@ -94,12 +102,14 @@ pub(crate) async fn serve(
     let io = TokioIo::new(client);
     let (key, service_name) = (source.key.clone(), target.service.clone());
     let drain = outbound.drain.clone();
-    let service = service_fn(move |req| {
+    let report = Arc::new(SourceReport::new(&outbound, &target));
+    let service = service_fn(move |req: Request<Incoming>| {
         let (outbound, source, target) = (Arc::clone(&outbound), Arc::clone(&source), Arc::clone(&target));
+        let report = Arc::clone(&report);
         async move {
-            let started = std::time::Instant::now();
-            let response = forward(&outbound, &source, &target, req).await;
-            record(&outbound, &source, &target, &response, started);
+            let arrived = Arrived::new(req.headers());
+            let response = forward(&outbound, &source, &target, req, &arrived).await;
+            let response = report.meter(arrived, response);
             let (mut parts, body) = response.into_parts();
             if !h2 {
                 outbound.drain.close_after(&mut parts);
@@ -126,6 +136,7 @@ async fn forward(
     source: &Arc<Source>,
     target: &Target,
     mut req: Request<Incoming>,
+    arrived: &Arrived,
 ) -> Response<Body> {
     let h2 = req.version() == Version::HTTP_2;
     let upgrade = if h2 { None } else { upgrade_protocol(req.headers()) };
@@ -160,7 +171,7 @@ async fn forward(
     let hash = request_hash(plan.hash_policy.as_ref(), source, &parts);
     let Some(_slot) = plan.balancer.admit_request() else {
         return overloaded(&format!(
-            "{}: cluster {} is at its connectionPool limit of requests in flight (overflow)",
+            "{}: cluster {} is at its connectionPool limit of requests in flight",
             target.service, plan.balancer.name
         ));
     };
@@ -173,12 +184,20 @@ async fn forward(
             Ok(Buffered::Whole(bytes)) => (Some(bytes), None),
             Ok(Buffered::Stream(body)) => (None, Some(body)),
             Err(e) => {
-                return error_response(StatusCode::BAD_REQUEST, &format!("reading the request body: {e}"));
+                return error_response(
+                    StatusCode::BAD_REQUEST,
+                    "DC",
+                    &format!("reading the request body: {e}"),
+                );
             }
         }
     } else {
         (None, Some(body.boxed()))
     };
+    let stream = stream.map(|body| arrived.count(body).boxed());
+    if let Some(bytes) = &replay {
+        arrived.counted_whole(bytes.len());
+    }
     if let Some(bytes) = &replay {
         mirror::spawn_copies(outbound, source, target, &plan.mirrors, &parts, bytes, h2);
     }
@@ -199,8 +218,17 @@ async fn forward(
         Err(answer) => return answer,
     };
     let addr = pick.endpoint.ep.addr;
-    let answered_by = pick.endpoint.ep.workload.clone();
+    let answered_by = AnsweredBy {
+        workload: pick.endpoint.ep.workload.clone(),
+        names: pick.endpoint.ep.names.clone(),
+        security: if outbound.secured(addr, pick.endpoint.ep.tunnel.as_ref(), &plan.balancer.connection) {
+            SecurityPolicy::mutual_tls
+        } else {
+            SecurityPolicy::none
+        },
+    };
     drop(pick);
+    response.extensions_mut().insert(answered_by);
     if response.status() == StatusCode::SWITCHING_PROTOCOLS
         && let Some(client_upgrade) = client_upgrade
     {
@@ -214,9 +242,6 @@ async fn forward(
         source.http_pool.put(addr, sender, &plan.balancer);
     }
     strip_hop_by_hop(response.headers_mut());
-    if !answered_by.is_empty() {
-        response.extensions_mut().insert(AnsweredBy(answered_by));
-    }
     if let Some((route, t)) = plan.chosen {
         t.response_ops.apply(response.headers_mut());
         route.response_ops.apply(response.headers_mut());
@@ -225,41 +250,16 @@ async fn forward(
     response.map(BodyExt::boxed)
 }
 
-/// The upstream workload that answered (`namespace/name`), kept on the response for metrics.
-#[derive(Clone)]
-struct AnsweredBy(String);
-
-/// `istio_requests_total` and `istio_request_duration_milliseconds` for one answered request.
-fn record(
-    outbound: &Outbound,
-    source: &Source,
-    target: &Target,
-    response: &Response<Body>,
-    started: std::time::Instant,
-) {
-    let answered = response.extensions().get::<AnsweredBy>().map(|a| a.0.as_str()).unwrap_or_default();
-    let (namespace, name) = answered.split_once('/').unwrap_or((UNKNOWN, UNKNOWN));
-    let labels = RequestLabels {
-        reporter: Reporter::source,
-        source_workload: source.key.name.clone(),
-        source_workload_namespace: source.key.namespace.clone(),
-        destination_service: target.service.clone(),
-        destination_workload: name.to_string(),
-        destination_workload_namespace: namespace.to_string(),
-        response_code: response.status().as_u16().to_string(),
-    };
-    outbound.metrics.request(&labels, started.elapsed().as_secs_f64() * 1000.0);
-}
-
 /// 503 with Envoy's overflow marker, so callers (and Envoy-aware clients) can tell a
 /// circuit breaker from a failing upstream.
 fn overloaded(reason: &str) -> Response<Body> {
-    let mut response = error_response(StatusCode::SERVICE_UNAVAILABLE, reason);
+    let mut response = error_response(StatusCode::SERVICE_UNAVAILABLE, "UO", reason);
     response.headers_mut().insert("x-envoy-overloaded", HeaderValue::from_static("true"));
     response
 }
 
-fn error_response(status: StatusCode, reason: &str) -> Response<Body> {
-    tracing::info!(status = status.as_u16(), "answered by the proxy: {reason}");
-    text_response(status, reason)
+/// The proxy's own answer, with Envoy's response `flags` saying why.
+fn error_response(status: StatusCode, flags: &'static str, reason: &str) -> Response<Body> {
+    tracing::info!(status = status.as_u16(), flags, "answered by the proxy: {reason}");
+    flagged(text_response(status, reason), flags)
 }

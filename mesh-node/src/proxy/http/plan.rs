@@ -23,7 +23,7 @@ use crate::{
         request_match::RequestSource,
         retry::RetryPolicy,
     },
-    proxy::local_reply::grpc_trailers_only,
+    proxy::local_reply::{flagged, grpc_trailers_only},
     workload::Source,
 };
 
@@ -64,6 +64,7 @@ pub(super) async fn plan<'t>(
     let Some(route) = table.select(parts, from) else {
         return Err(error_response(
             StatusCode::NOT_FOUND,
+            "NR",
             &format!("{}: no route matches {} {}", target.service, parts.method, parts.uri),
         ));
     };
@@ -89,6 +90,7 @@ pub(super) async fn plan<'t>(
     plan.balancer = cache.cluster_for(&t.cluster, &source.key.namespace).ok_or_else(|| {
         error_response(
             StatusCode::SERVICE_UNAVAILABLE,
+            "NC",
             &format!(
                 "{}: route {} sends to cluster {}, which this node does not have (is the DestinationRule subset defined?)",
                 target.service, route.name, t.cluster
@@ -120,7 +122,7 @@ fn fault_response(abort: Abort) -> Response<Body> {
         }
         Abort::Grpc(code) => response = grpc_trailers_only(code, "fault filter abort"),
     }
-    response
+    flagged(response, "FI")
 }
 
 /// A route's rewrite: the matched prefix (or the whole path) replaced, or a regex substitution;

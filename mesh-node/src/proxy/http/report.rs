@@ -1,0 +1,74 @@
+//! `reporter="source"` request metrics for one client connection: the caller's and the
+//! Service's labels are resolved once per connection, the answering endpoint's once per
+//! endpoint; the rest is [`RequestReport`]'s.
+
+use std::sync::{Arc, Mutex};
+
+use hyper::Response;
+use nodemesh_api::workload::WorkloadNames;
+
+use super::Target;
+use crate::{
+    conn::pool::Body,
+    proxy::Outbound,
+    telemetry::{
+        labels::{DestinationLabels, Peer, Shared},
+        metrics::{Reporter, SecurityPolicy},
+        requests::{Arrived, RequestReport},
+    },
+};
+
+/// The upstream workload that answered (`namespace/name`), how its endpoint names it and how
+/// it was reached, kept on the response for metrics.
+#[derive(Clone)]
+pub(super) struct AnsweredBy {
+    pub(super) workload: String,
+    pub(super) names: Option<Arc<WorkloadNames>>,
+    pub(super) security: SecurityPolicy,
+}
+
+/// How many answering endpoints a connection remembers the labels of.
+const REMEMBERED_DESTINATIONS: usize = 16;
+
+pub(super) struct SourceReport {
+    report: RequestReport,
+    destinations: Mutex<Vec<(String, Arc<DestinationLabels>)>>,
+}
+
+impl SourceReport {
+    pub(super) fn new(outbound: &Outbound, target: &Target) -> SourceReport {
+        SourceReport {
+            report: RequestReport {
+                metrics: Arc::clone(&outbound.metrics),
+                reporter: Reporter::source,
+                source: Shared(Arc::clone(&target.caller.source)),
+                service: Shared(Arc::clone(&target.caller.service)),
+            },
+            destinations: Mutex::default(),
+        }
+    }
+
+    /// The labels of workload `uid` (`namespace/name`; empty: the proxy answered), named as
+    /// its endpoint's `names` say.
+    fn destination(&self, uid: &str, names: Option<&WorkloadNames>) -> Arc<DestinationLabels> {
+        let mut remembered = self.destinations.lock().expect("destinations lock");
+        if let Some((_, labels)) = remembered.iter().find(|(u, _)| u == uid) {
+            return Arc::clone(labels);
+        }
+        let labels = Peer::of_endpoint(uid, names, &self.report.metrics.naming).as_destination();
+        if remembered.len() == REMEMBERED_DESTINATIONS {
+            remembered.remove(0);
+        }
+        remembered.push((uid.to_string(), Arc::clone(&labels)));
+        labels
+    }
+
+    /// `response` to the request that `arrived`, counted when its body ends.
+    pub(super) fn meter(&self, arrived: Arrived, response: Response<Body>) -> Response<Body> {
+        let (destination, security) = match response.extensions().get::<AnsweredBy>() {
+            Some(a) => (self.destination(&a.workload, a.names.as_deref()), a.security),
+            None => (self.destination("", None), SecurityPolicy::none),
+        };
+        self.report.meter(arrived, response, destination, security)
+    }
+}
