@@ -39,14 +39,6 @@ pub struct Series {
 impl Prometheus {
     /// Starts Prometheus in `netns` scraping `jobs` every second; data under `work_dir`.
     pub fn start(netns_name: &str, work_dir: &Path, jobs: &[Job<'_>]) -> anyhow::Result<Prometheus> {
-        let binary = Path::new("/usr/bin/prometheus");
-        anyhow::ensure!(
-            binary.is_file(),
-            "prometheus is not installed at {} (cargo xtask setup installs Debian's prometheus)",
-            binary.display()
-        );
-        let dir = work_dir.join("prometheus");
-        std::fs::create_dir_all(dir.join("data"))?;
         let mut config =
             String::from("global:\n  scrape_interval: 1s\n  scrape_timeout: 900ms\nscrape_configs:\n");
         for job in jobs {
@@ -57,6 +49,20 @@ impl Prometheus {
                 targets.join(", ")
             ));
         }
+        Prometheus::start_with_config(netns_name, work_dir, &config)
+    }
+
+    /// Starts Prometheus in `netns` with `config` (YAML, or JSON, which is YAML too); data
+    /// under `work_dir`.
+    pub fn start_with_config(netns_name: &str, work_dir: &Path, config: &str) -> anyhow::Result<Prometheus> {
+        let binary = Path::new("/usr/bin/prometheus");
+        anyhow::ensure!(
+            binary.is_file(),
+            "prometheus is not installed at {} (cargo xtask setup installs Debian's prometheus)",
+            binary.display()
+        );
+        let dir = work_dir.join("prometheus");
+        std::fs::create_dir_all(dir.join("data"))?;
         let config_file = dir.join("prometheus.yml");
         std::fs::write(&config_file, config)?;
         let args: Vec<String> = vec![
@@ -76,9 +82,22 @@ impl Prometheus {
             Stdio::from(log),
         )?;
         let prometheus = Prometheus { netns: netns_name.to_string(), child, dir };
-        netns::wait_listening(netns_name, LISTEN.parse()?, Duration::from_secs(30))
-            .with_context(|| format!("Prometheus did not start; see {}", prometheus.log().display()))?;
+        // Listening comes first; queries are answered (not 503) once its storage is ready.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while netns::http_get(netns_name, LISTEN.parse()?, "/-/ready").is_err() {
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "Prometheus was not ready after 30 s; see {}",
+                prometheus.log().display()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
         Ok(prometheus)
+    }
+
+    /// Where files beside its config go (file_sd target lists, say).
+    pub fn dir(&self) -> &Path {
+        &self.dir
     }
 
     pub fn log(&self) -> PathBuf {

@@ -10,15 +10,20 @@ use std::time::Duration;
 use nodemesh_tests::{
     Registration, SimCluster,
     mesh::{answered, eventually, hello_counts, service_yaml},
-    prometheus::{Job, Prometheus},
+    prometheus::Prometheus,
 };
 
 const WEB_VIP: &str = "10.96.0.20";
 const DB_VIP: &str = "10.96.0.21";
 const NOWHERE_VIP: &str = "10.96.0.22";
+const GREETER_VIP: &str = "10.96.0.23";
 const WEB: &str = "web.shop.svc.cluster.local";
 const DB: &str = "db.shop.svc.cluster.local";
 const METRICS_PORT: u16 = 15020;
+const NODE_MANIFEST: &str = "deploy/daemonset/base/mesh-node/daemonset.yaml";
+const CONTROL_MANIFEST: &str = "deploy/daemonset/base/mesh-control/deployment.yaml";
+const SCRAPE_CONFIG: &str = "deploy/observability/prometheus.yml";
+const DASHBOARDS: &str = "deploy/observability/grafana";
 
 /// An HTTP Service (port name `http`) at `vip`, 80 → 8080 on `app=<app>` pods.
 fn http_service(name: &str, vip: &str, app: &str) -> String {
@@ -39,6 +44,22 @@ fn prometheus_sees_istio_labelled_traffic_from_both_reporters_and_the_control_pl
     cluster.write_config("db.yaml", &service_yaml("db", DB_VIP, "db"));
     // A Service whose selector matches nothing: the proxy answers its requests itself.
     cluster.write_config("nowhere.yaml", &http_service("nowhere", NOWHERE_VIP, "nothing"));
+    cluster.write_config("greeter.yaml", &http_service("greeter", GREETER_VIP, "greeter"));
+    // Requests for /fault are aborted by the client's node (flag FI); the rest go to web.
+    cluster.write_config(
+        "web-routes.yaml",
+        r#"apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: web, namespace: shop}
+spec:
+  hosts: [web]
+  http:
+  - match: [{uri: {prefix: /fault}}]
+    fault: {abort: {httpStatus: 503, percentage: {value: 100}}}
+    route: [{destination: {host: web}}]
+  - route: [{destination: {host: web}}]
+"#,
+    );
     let metrics_addr = format!("0.0.0.0:{METRICS_PORT}");
     cluster.start(&[], &["--metrics-addr", &metrics_addr]).unwrap();
 
@@ -49,20 +70,40 @@ fn prometheus_sees_istio_labelled_traffic_from_both_reporters_and_the_control_pl
     let web = cluster.nodes[1].add_pod("web0", "shop").unwrap();
     cluster.nodes[1].register(&web, &labelled(&[("app", "web"), ("version", "v1")], "web-sa")).unwrap();
     cluster.nodes[1].serve_http(&web, &[web.addr(8080)]).unwrap();
+    let greeter = cluster.nodes[1].add_pod("greeter0", "shop").unwrap();
+    cluster.nodes[1].register(&greeter, &labelled(&[("app", "greeter")], "greeter-sa")).unwrap();
+    cluster.nodes[1].serve_grpc(&greeter, &[greeter.addr(8080)]).unwrap();
     let db = cluster.nodes[1].add_pod("db0", "shop").unwrap();
     cluster.nodes[1].register(&db, &labelled(&[("app", "db")], "db-sa")).unwrap();
     cluster.nodes[1].serve(&db, &[db.addr(8080)]).unwrap();
 
-    let node_targets = (0..2).map(|i| (cluster.node_ip(i), METRICS_PORT).into()).collect();
-    let prometheus = Prometheus::start(
+    // The shipped scrape config, with the pods the cluster would list: both mesh-nodes and
+    // mesh-control annotated as their manifests are, and a pod that is not.
+    let targets_file = cluster.work_dir.join("pods.json");
+    let mut pods =
+        vec![pod_target(&cluster.control.admin_addr().ip().to_string(), "mesh-control", CONTROL_MANIFEST)];
+    for i in 0..2 {
+        pods.push(pod_target(&cluster.node_ip(i).to_string(), "mesh-node", NODE_MANIFEST));
+    }
+    pods.push(serde_json::json!({"targets": [client.ip.to_string()], "labels": {
+        "__meta_kubernetes_pod_ip": client.ip.to_string(), "__meta_kubernetes_pod_label_app": "client"}}));
+    std::fs::write(&targets_file, serde_json::to_string(&pods).unwrap()).unwrap();
+    let prometheus = Prometheus::start_with_config(
         &cluster.fabric_netns,
         &cluster.work_dir,
-        &[
-            Job { name: "mesh-node", targets: node_targets },
-            Job { name: "mesh-control", targets: vec![cluster.control.admin_addr()] },
-        ],
+        &shipped_scrape_config(&targets_file),
     )
     .unwrap();
+    prometheus.wait_for(r#"sum(up{job="nodemesh"})"#, Duration::from_secs(20), |v| v == 3.0).unwrap();
+    let scraped = prometheus.query(r#"up{job="nodemesh"}"#).unwrap();
+    let mut apps: Vec<&str> =
+        scraped.iter().filter_map(|s| s.labels.get("app").map(String::as_str)).collect();
+    apps.sort();
+    assert_eq!(
+        apps,
+        ["mesh-control", "mesh-node", "mesh-node"],
+        "the unannotated pod is not scraped: {scraped:?}"
+    );
 
     let node0 = &cluster.nodes[0];
     let web_to = format!("{WEB_VIP}:80");
@@ -92,7 +133,7 @@ fn prometheus_sees_istio_labelled_traffic_from_both_reporters_and_the_control_pl
     for reporter in ["source", "destination"] {
         let series = prometheus
             .query(&format!(
-                r#"istio_requests_total{{reporter="{reporter}",destination_service_name="web"}}"#
+                r#"istio_requests_total{{reporter="{reporter}",destination_service_name="web",response_code="200"}}"#
             ))
             .unwrap();
         assert_eq!(
@@ -107,6 +148,37 @@ fn prometheus_sees_istio_labelled_traffic_from_both_reporters_and_the_control_pl
         .value(&format!(r#"sum(istio_response_bytes_sum{{destination_service="{WEB}"}})"#))
         .unwrap();
     assert!(bytes > 0.0, "response sizes are recorded: {bytes}");
+
+    // gRPC over h2c: 10 unary calls, their status (in trailers) at both reporters. (The
+    // server stream the client drops after 4 messages counts as `DC`, no status.)
+    let greeter_to = format!("{GREETER_VIP}:80");
+    eventually("the client reaches greeter", Duration::from_secs(20), || {
+        node0.testapp(&client, &["grpc-client", "--to", &greeter_to, "--calls", "1"]).is_ok()
+    });
+    let r = node0
+        .testapp(&client, &["grpc-client", "--to", &greeter_to, "--calls", "10", "--messages", "4"])
+        .unwrap();
+    assert_eq!(r["checks_serving"], 10, "{r}");
+    for reporter in ["source", "destination"] {
+        let ok = format!(
+            r#"sum(istio_requests_total{{reporter="{reporter}",destination_service_name="greeter",request_protocol="grpc",response_code="200",grpc_response_status="0"}})"#
+        );
+        prometheus.wait_for(&ok, Duration::from_secs(20), |v| v >= 10.0).unwrap();
+    }
+
+    // A fault abort: the client's node answers 503 itself, flagged FI.
+    eventually("the fault route is in force", Duration::from_secs(20), || {
+        node0
+            .testapp(&client, &["http-client", "--to", &web_to, "--path", "/fault"])
+            .is_ok_and(|r| r["statuses"]["503"] == 1)
+    });
+    prometheus
+        .wait_for(
+            r#"sum(istio_requests_total{reporter="source",destination_service_name="web",response_code="503",response_flags="FI"})"#,
+            Duration::from_secs(20),
+            |v| v >= 1.0,
+        )
+        .unwrap();
 
     // A Service with no endpoints: the proxy's own 503, flagged UH (no healthy upstream).
     let _ = node0.testapp(&client, &["http-client", "--to", &format!("{NOWHERE_VIP}:80")]);
@@ -141,6 +213,107 @@ fn prometheus_sees_istio_labelled_traffic_from_both_reporters_and_the_control_pl
     assert!(prometheus.value("sum(pilot_proxy_convergence_time_seconds_count)").unwrap() >= 2.0);
     assert!(prometheus.value("nodemesh_control_config_generation").unwrap() >= 1.0);
     assert_eq!(prometheus.value("sum(pilot_total_xds_rejects_total)").unwrap(), 0.0);
+
+    // Every panel of the shipped Grafana dashboards shows data for this traffic, and their
+    // variables offer what was sent (once the newest series have two scrapes: rate() needs
+    // them).
+    std::thread::sleep(Duration::from_secs(3));
+    dashboards_show_the_traffic(&prometheus);
+}
+
+fn workspace_file(path: &str) -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(path)
+}
+
+/// A pod as Kubernetes service discovery labels it: its IP, its `app` label and the
+/// annotations of `manifest`'s pod template (`prometheus.io/port` → the
+/// `__meta_kubernetes_pod_annotation_prometheus_io_port` label, and so on).
+fn pod_target(ip: &str, app: &str, manifest: &str) -> serde_json::Value {
+    let text = std::fs::read_to_string(workspace_file(manifest)).unwrap();
+    let object: serde_json::Value = serde_saphyr::from_str(&text).unwrap();
+    let annotations =
+        object["spec"]["template"]["metadata"]["annotations"].as_object().cloned().unwrap_or_default();
+    let mut labels = serde_json::Map::new();
+    labels.insert("__meta_kubernetes_pod_ip".into(), ip.into());
+    labels.insert("__meta_kubernetes_pod_label_app".into(), app.into());
+    labels.insert("__meta_kubernetes_pod_name".into(), format!("{app}-0").into());
+    labels.insert("__meta_kubernetes_pod_node_name".into(), "node".into());
+    for (key, value) in annotations {
+        let name = key.replace(|c: char| !c.is_ascii_alphanumeric(), "_");
+        labels.insert(format!("__meta_kubernetes_pod_annotation_{name}"), value);
+    }
+    serde_json::json!({"targets": [ip], "labels": labels})
+}
+
+/// The shipped scrape config with its pods read from `targets` instead of the API server
+/// (Debian's Prometheus has no Kubernetes discovery; a file hands over the same labels, and
+/// the shipped relabelling decides what is scraped), scraping every second.
+fn shipped_scrape_config(targets: &std::path::Path) -> String {
+    let text = std::fs::read_to_string(workspace_file(SCRAPE_CONFIG)).unwrap();
+    let mut config: serde_json::Value = serde_saphyr::from_str(&text).unwrap();
+    config["global"] = serde_json::json!({"scrape_interval": "1s", "scrape_timeout": "900ms"});
+    for job in config["scrape_configs"].as_array_mut().unwrap() {
+        let job = job.as_object_mut().unwrap();
+        assert!(job.remove("kubernetes_sd_configs").is_some(), "{SCRAPE_CONFIG}: pods come from Kubernetes");
+        job.insert("file_sd_configs".into(), serde_json::json!([{"files": [targets]}]));
+    }
+    serde_json::to_string(&config).unwrap()
+}
+
+/// Grafana's expressions as Prometheus runs them: `$__rate_interval` a minute, the
+/// variables set to this test's service and `workload`.
+fn grafana_to_promql(expr: &str, workload: &str) -> String {
+    expr.replace("$__rate_interval", "1m")
+        .replace("$service", WEB)
+        .replace("$namespace", "shop")
+        .replace("$workload", workload)
+}
+
+fn dashboards_show_the_traffic(prometheus: &Prometheus) {
+    let mut checked = 0;
+    for entry in std::fs::read_dir(workspace_file(DASHBOARDS)).unwrap() {
+        let path = entry.unwrap().path();
+        let dashboard: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        let name = path.file_name().unwrap().to_string_lossy().to_string();
+        for variable in dashboard["templating"]["list"].as_array().unwrap() {
+            let Some(query) = variable["query"]["query"].as_str() else { continue };
+            // label_values(selector, label): the values Prometheus has for `label`.
+            let inner = query.strip_prefix("label_values(").and_then(|q| q.strip_suffix(')')).unwrap();
+            let (selector, label) = inner.rsplit_once(',').unwrap();
+            let promql = grafana_to_promql(&format!("count by ({}) ({selector})", label.trim()), "web0");
+            let values: Vec<String> = prometheus
+                .query(&promql)
+                .unwrap()
+                .into_iter()
+                .filter_map(|s| s.labels.get(label.trim()).cloned())
+                .collect();
+            let want = grafana_to_promql(&format!("${}", variable["name"].as_str().unwrap()), "web0");
+            assert!(
+                values.contains(&want),
+                "{name}: variable {} offers {values:?}, not {want}",
+                variable["name"]
+            );
+        }
+        for panel in dashboard["panels"].as_array().unwrap() {
+            let title = panel["title"].as_str().unwrap();
+            // What web0 serves, or what the client calls (the workload view shows both sides).
+            let exprs: Vec<String> = panel["targets"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .flat_map(|t| ["web0", "client"].map(|w| grafana_to_promql(t["expr"].as_str().unwrap(), w)))
+                .collect();
+            let shown = exprs.iter().any(|e| {
+                let series =
+                    prometheus.query(e).unwrap_or_else(|err| panic!("{name}: panel {title:?}: {err:#}"));
+                !series.is_empty()
+            });
+            assert!(shown, "{name}: panel {title:?} shows nothing for the test's traffic: {exprs:?}");
+            checked += 1;
+        }
+    }
+    assert!(checked >= 15, "the dashboards hold {checked} panels");
 }
 
 /// Istio's labels of the client's requests to web, from either reporter.
