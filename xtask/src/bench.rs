@@ -91,6 +91,16 @@ pub(crate) fn run() -> anyhow::Result<()> {
         cross(|r| r.gbit_per_s, 2),
         x.handshakes_per_sec
     );
+    let cross_http_rows: Vec<String> = x
+        .http
+        .iter()
+        .map(|(protocol, direct, meshed)| {
+            format!(
+                "{stamp} {protocol} | {:.0} / {:.0} | {:.0} / {:.0} | {:.0} / {:.0} |",
+                direct.0, meshed.0, direct.1, meshed.1, direct.2, meshed.2
+            )
+        })
+        .collect();
     let c = crate::bench_control::run()?;
     let control_row = format!(
         "{stamp} {p50:.0} / {p99:.0} | {sp50:.0} / {sp99:.0} | {sync:.0} | {rss:.1} ({hwm:.1}) | {cpu:.2} |",
@@ -133,6 +143,7 @@ pub(crate) fn run() -> anyhow::Result<()> {
         (UPGRADE_TABLE, &upgrade_row),
     ];
     rows.extend(http_rows.iter().map(|r| (HTTP_TABLE, r)));
+    rows.extend(cross_http_rows.iter().map(|r| (CROSS_HTTP_TABLE, r)));
     for (table, row) in rows {
         text = insert_row(&text, table, row);
         println!("\n{table}\n{row}");
@@ -145,6 +156,7 @@ pub(crate) fn run() -> anyhow::Result<()> {
 const DATA_PATH_TABLE: &str = "| date (UTC) | commit | connect/s | p50 µs | p99 µs | Gbit/s | mesh-node RSS MiB (peak) | mesh-node CPU |";
 const MTLS_TABLE: &str = "| date (UTC) | commit | connect/s direct / mesh plaintext / mesh mTLS | p50 µs | p99 µs | Gbit/s | mTLS handshakes/s |";
 const HTTP_TABLE: &str = "| date (UTC) | commit | protocol | p50 µs direct / mesh-node / Envoy | p99 µs direct / mesh-node / Envoy | max req/s direct / mesh-node / Envoy |";
+const CROSS_HTTP_TABLE: &str = "| date (UTC) | commit | protocol | p50 µs direct / mesh mTLS | p99 µs direct / mesh mTLS | max req/s direct / mesh mTLS |";
 const DISCOVERY_TABLE: &str = "| date (UTC) | commit | pods | Pod object → first captured connection p50 / p99 ms | mesh-node RSS MiB with the pods (peak) |";
 const UPGRADE_TABLE: &str = "| date (UTC) | commit | HTTP requests | failed | TCP streams broken / short connections failed | p99 ms before / during the switch | switch s |";
 const CONTROL_TABLE: &str = "| date (UTC) | commit | 2 nodes: p50 / p99 ms | 50 clients: p50 / p99 ms | sync 50 clients ms | mesh-control RSS MiB (peak) | mesh-control CPU s to sync |";

@@ -70,7 +70,7 @@ pub(crate) fn run() -> anyhow::Result<Vec<ProtocolRun>> {
     Ok(runs)
 }
 
-fn measure(node: &SimNode, client: &Pod, to: &str, h2: bool) -> anyhow::Result<Figures> {
+pub(crate) fn measure(node: &SimNode, client: &Pod, to: &str, h2: bool) -> anyhow::Result<Figures> {
     let mut args = vec!["bench-http", "--to", to, "--rate", "1000", "--count", "5000", "--concurrency", "16"];
     if h2 {
         args.push("--h2");
