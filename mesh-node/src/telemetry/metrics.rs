@@ -27,9 +27,10 @@ fn size_histogram() -> Histogram {
     Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(1.0, 10.0, 10))
 }
 
-/// Labels of one HTTP request: Istio's standard set, from either reporter.
+/// Who reported, between which two workloads, for which Service: the part of its labels
+/// every Istio series has.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct RequestLabels {
+pub struct Parties {
     pub reporter: Reporter,
     #[prometheus(flatten)]
     pub source: Shared<SourceLabels>,
@@ -37,6 +38,13 @@ pub struct RequestLabels {
     pub destination: Shared<DestinationLabels>,
     #[prometheus(flatten)]
     pub service: Shared<ServiceLabels>,
+}
+
+/// Labels of one HTTP request: Istio's standard set, from either reporter.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    #[prometheus(flatten)]
+    pub parties: Parties,
     pub request_protocol: RequestProtocol,
     pub response_code: u16,
     /// The gRPC status (from the answer's headers or trailers); empty for plain HTTP.
@@ -50,13 +58,8 @@ pub struct RequestLabels {
 /// Labels of one TCP connection: Istio's standard set, from either reporter.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ConnectionLabels {
-    pub reporter: Reporter,
     #[prometheus(flatten)]
-    pub source: Shared<SourceLabels>,
-    #[prometheus(flatten)]
-    pub destination: Shared<DestinationLabels>,
-    #[prometheus(flatten)]
-    pub service: Shared<ServiceLabels>,
+    pub parties: Parties,
     pub request_protocol: RequestProtocol,
     pub response_flags: &'static str,
     pub connection_security_policy: SecurityPolicy,
@@ -72,10 +75,12 @@ impl ConnectionLabels {
         security: SecurityPolicy,
     ) -> ConnectionLabels {
         ConnectionLabels {
-            reporter,
-            source: Shared(source),
-            destination: Shared(destination),
-            service: Shared(service),
+            parties: Parties {
+                reporter,
+                source: Shared(source),
+                destination: Shared(destination),
+                service: Shared(service),
+            },
             request_protocol: RequestProtocol::tcp,
             response_flags: NO_FLAGS,
             connection_security_policy: security,
@@ -347,10 +352,12 @@ mod tests {
         c.sent.inc_by(5);
         c.closed();
         let request = RequestLabels {
-            reporter: Reporter::destination,
-            source: Shared(web.as_source()),
-            destination: Shared(web.as_destination()),
-            service: Shared(ServiceLabels::of("web.shop.svc.cluster.local", "shop")),
+            parties: Parties {
+                reporter: Reporter::destination,
+                source: Shared(web.as_source()),
+                destination: Shared(web.as_destination()),
+                service: Shared(ServiceLabels::of("web.shop.svc.cluster.local", "shop")),
+            },
             request_protocol: RequestProtocol::grpc,
             response_code: 200,
             grpc_response_status: Some(0),

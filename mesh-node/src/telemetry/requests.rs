@@ -17,7 +17,7 @@ use hyper::{HeaderMap, Response, body::Body, header};
 use super::{
     body::{Counted, End, Ended, Metered, grpc_status},
     labels::{DestinationLabels, ServiceLabels, Shared, SourceLabels},
-    metrics::{Metrics, NO_FLAGS, Reporter, RequestLabels, RequestProtocol, SecurityPolicy},
+    metrics::{Metrics, NO_FLAGS, Parties, Reporter, RequestLabels, RequestProtocol, SecurityPolicy},
 };
 
 /// Envoy's response flags for an answer a proxy gave itself, or an exchange that ended
@@ -81,10 +81,12 @@ impl RequestReport {
     {
         let flags = response.extensions().get::<ResponseFlags>().map_or(NO_FLAGS, |f| f.0);
         let mut labels = RequestLabels {
-            reporter: self.reporter,
-            source: self.source.clone(),
-            destination: Shared(destination),
-            service: self.service.clone(),
+            parties: Parties {
+                reporter: self.reporter,
+                source: self.source.clone(),
+                destination: Shared(destination),
+                service: self.service.clone(),
+            },
             request_protocol: if arrived.grpc { RequestProtocol::grpc } else { RequestProtocol::http },
             response_code: response.status().as_u16(),
             grpc_response_status: None,
