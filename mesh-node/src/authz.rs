@@ -92,6 +92,12 @@ impl Authorizer {
         labels::Peer::local(self.lookup(key).as_deref(), key, service_account, &self.metrics.naming)
     }
 
+    /// Whether `key`'s policies, as they are now, judge its HTTP request by request (then
+    /// `inbound::http` serves and reports its requests itself).
+    pub fn judges_requests(&self, key: &WorkloadKey) -> bool {
+        self.lookup(key).is_some_and(|w| needs_http(&w.authorizations))
+    }
+
     /// The identity of a pod of this node, as its certificate would say.
     pub fn identity_of(&self, namespace: &str, service_account: &str) -> SpiffeId {
         SpiffeId::of_workload(&self.trust_domain, namespace, service_account)

@@ -17,6 +17,7 @@ const WEB_VIP: &str = "10.96.0.20";
 const DB_VIP: &str = "10.96.0.21";
 const NOWHERE_VIP: &str = "10.96.0.22";
 const GREETER_VIP: &str = "10.96.0.23";
+const NEAR_VIP: &str = "10.96.0.24";
 const WEB: &str = "web.shop.svc.cluster.local";
 const DB: &str = "db.shop.svc.cluster.local";
 const METRICS_PORT: u16 = 15020;
@@ -45,6 +46,7 @@ fn prometheus_sees_istio_labelled_traffic_from_both_reporters_and_the_control_pl
     // A Service whose selector matches nothing: the proxy answers its requests itself.
     cluster.write_config("nowhere.yaml", &http_service("nowhere", NOWHERE_VIP, "nothing"));
     cluster.write_config("greeter.yaml", &http_service("greeter", GREETER_VIP, "greeter"));
+    cluster.write_config("near.yaml", &http_service("near", NEAR_VIP, "near"));
     // Requests for /fault are aborted by the client's node (flag FI); the rest go to web.
     cluster.write_config(
         "web-routes.yaml",
@@ -67,6 +69,10 @@ spec:
     cluster.nodes[0]
         .register(&client, &labelled(&[("app", "client"), ("version", "v2")], "client-sa"))
         .unwrap();
+    // On the client's own node: delivered in-process, both reporters counted by node 0.
+    let near = cluster.nodes[0].add_pod("near0", "shop").unwrap();
+    cluster.nodes[0].register(&near, &labelled(&[("app", "near")], "near-sa")).unwrap();
+    cluster.nodes[0].serve_http(&near, &[near.addr(8080)]).unwrap();
     let web = cluster.nodes[1].add_pod("web0", "shop").unwrap();
     cluster.nodes[1].register(&web, &labelled(&[("app", "web"), ("version", "v1")], "web-sa")).unwrap();
     cluster.nodes[1].serve_http(&web, &[web.addr(8080)]).unwrap();
@@ -148,6 +154,23 @@ spec:
         .value(&format!(r#"sum(istio_response_bytes_sum{{destination_service="{WEB}"}})"#))
         .unwrap();
     assert!(bytes > 0.0, "response sizes are recorded: {bytes}");
+
+    // A Service on the client's own node: each request counted once by each reporter.
+    let near_to = format!("{NEAR_VIP}:80");
+    eventually("the client reaches near", Duration::from_secs(20), || {
+        node0.testapp(&client, &["http-client", "--to", &near_to]).is_ok_and(|r| r.get("error").is_none())
+    });
+    let r = node0.testapp(&client, &["http-client", "--to", &near_to, "--requests", "7"]).unwrap();
+    assert_eq!(r["statuses"]["200"], 7, "{r}");
+    let near_count = |reporter: &str| {
+        format!(
+            r#"sum(istio_requests_total{{reporter="{reporter}",destination_workload="near0",destination_principal="spiffe://cluster.local/ns/shop/sa/near-sa",source_workload="client",connection_security_policy="mutual_tls",response_code="200"}})"#
+        )
+    };
+    let sourced = prometheus.wait_for(&near_count("source"), Duration::from_secs(20), |v| v >= 8.0).unwrap();
+    let destined =
+        prometheus.wait_for(&near_count("destination"), Duration::from_secs(20), |v| v >= 8.0).unwrap();
+    assert_eq!(sourced, destined, "same-node requests: one count per reporter");
 
     // gRPC over h2c: 10 unary calls, their status (in trailers) at both reporters. (The
     // server stream the client drops after 4 messages counts as `DC`, no status.)

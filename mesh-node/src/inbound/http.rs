@@ -144,7 +144,7 @@ where
             let request = request.map(|body| arrived.count(body).boxed());
             let response = handle(&shared.0, &shared.1, request).await;
             let response = match &shared.3 {
-                Some(r) => r.report.meter(arrived, response, Arc::clone(&r.destination), r.security),
+                Some(r) => r.report.meter(arrived, response, Arc::clone(&r.destination), r.security, false),
                 None => response,
             };
             let (mut parts, body) = response.into_parts();

@@ -146,6 +146,14 @@ impl Outbound {
                 || (tunnel.is_some() && self.tunnels.is_some()))
     }
 
+    /// Whether `dst` is a meshed pod of this node whose policies do not judge requests: its
+    /// connections are delivered as bytes, so nothing on its side reports its requests.
+    pub(super) fn delivers_unjudged(&self, dst: SocketAddr) -> bool {
+        self.locals
+            .local(dst.ip())
+            .is_some_and(|w| w.delivery.is_some() && !self.authorizer.judges_requests(&w.key))
+    }
+
     /// Reaches `dst` for the source workload: a meshed pod of this node by delivery into its
     /// netns, a meshed pod elsewhere through its node's tunnel, anything else directly — as
     /// the cluster's `settings` allow (tls.mode DISABLE: always directly, in plaintext;

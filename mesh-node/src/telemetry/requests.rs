@@ -68,13 +68,15 @@ impl RequestReport {
     /// `response` to the request that `arrived`, answered by `destination` over a connection
     /// secured as `security`: counted once its body ends. Flags come from a [`ResponseFlags`]
     /// on the response, else from how the body ended (`DC`: the client went away; `UC`: the
-    /// upstream failed mid-answer).
+    /// upstream failed mid-answer). `also_destination`: this process delivered it to a pod of
+    /// its own without serving it as HTTP there, so it reports the destination's series too.
     pub fn meter<B>(
         &self,
         arrived: Arrived,
         response: Response<B>,
         destination: Arc<DestinationLabels>,
         security: SecurityPolicy,
+        also_destination: bool,
     ) -> Response<BoxBody<Bytes, B::Error>>
     where
         B: Body<Data = Bytes> + Unpin + Send + Sync + 'static,
@@ -108,6 +110,10 @@ impl RequestReport {
                 let ms = arrived.at.elapsed().as_secs_f64() * 1000.0;
                 let request_bytes = arrived.request_bytes.load(Ordering::Relaxed);
                 metrics.request(&labels, ms, request_bytes, ended.bytes);
+                if also_destination {
+                    labels.parties.reporter = Reporter::destination;
+                    metrics.request(&labels, ms, request_bytes, ended.bytes);
+                }
             })
             .boxed()
         })

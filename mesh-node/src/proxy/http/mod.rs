@@ -218,14 +218,12 @@ async fn forward(
         Err(answer) => return answer,
     };
     let addr = pick.endpoint.ep.addr;
+    let secured = outbound.secured(addr, pick.endpoint.ep.tunnel.as_ref(), &plan.balancer.connection);
     let answered_by = AnsweredBy {
         workload: pick.endpoint.ep.workload.clone(),
         names: pick.endpoint.ep.names.clone(),
-        security: if outbound.secured(addr, pick.endpoint.ep.tunnel.as_ref(), &plan.balancer.connection) {
-            SecurityPolicy::mutual_tls
-        } else {
-            SecurityPolicy::none
-        },
+        security: if secured { SecurityPolicy::mutual_tls } else { SecurityPolicy::none },
+        delivered_here: secured && outbound.delivers_unjudged(addr),
     };
     drop(pick);
     response.extensions_mut().insert(answered_by);

@@ -25,6 +25,9 @@ pub(super) struct AnsweredBy {
     pub(super) workload: String,
     pub(super) names: Option<Arc<WorkloadNames>>,
     pub(super) security: SecurityPolicy,
+    /// A pod of this node whose requests nothing else reports (delivered as bytes, not
+    /// judged per request): this report counts its `reporter="destination"` series too.
+    pub(super) delivered_here: bool,
 }
 
 /// How many answering endpoints a connection remembers the labels of.
@@ -65,10 +68,10 @@ impl SourceReport {
 
     /// `response` to the request that `arrived`, counted when its body ends.
     pub(super) fn meter(&self, arrived: Arrived, response: Response<Body>) -> Response<Body> {
-        let (destination, security) = match response.extensions().get::<AnsweredBy>() {
-            Some(a) => (self.destination(&a.workload, a.names.as_deref()), a.security),
-            None => (self.destination("", None), SecurityPolicy::none),
+        let (destination, security, delivered_here) = match response.extensions().get::<AnsweredBy>() {
+            Some(a) => (self.destination(&a.workload, a.names.as_deref()), a.security, a.delivered_here),
+            None => (self.destination("", None), SecurityPolicy::none, false),
         };
-        self.report.meter(arrived, response, destination, security)
+        self.report.meter(arrived, response, destination, security, delivered_here)
     }
 }
