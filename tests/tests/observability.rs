@@ -171,6 +171,14 @@ spec:
     let destined =
         prometheus.wait_for(&near_count("destination"), Duration::from_secs(20), |v| v >= 8.0).unwrap();
     assert_eq!(sourced, destined, "same-node requests: one count per reporter");
+    // Their connections into the pod, with the bytes that passed, at the destination too.
+    prometheus
+        .wait_for(
+            r#"sum(istio_tcp_received_bytes_total{reporter="destination",destination_workload="near0",source_workload="client",connection_security_policy="mutual_tls"})"#,
+            Duration::from_secs(20),
+            |v| v > 0.0,
+        )
+        .unwrap();
 
     // gRPC over h2c: 10 unary calls, their status (in trailers) at both reporters. (The
     // server stream the client drops after 4 messages counts as `DC`, no status.)

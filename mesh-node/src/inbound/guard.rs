@@ -13,7 +13,10 @@ use std::{
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-use crate::authz::{Inbound, Verdict};
+use crate::{
+    authz::{Inbound, Verdict},
+    telemetry::metrics::ConnectionCounters,
+};
 
 /// The version of the node's Workloads (0 without a control plane: nothing ever changes).
 fn version(connection: &Inbound) -> u64 {
@@ -25,12 +28,21 @@ pub struct Guarded<S> {
     connection: Inbound,
     seen: u64,
     revoked: bool,
+    /// The destination's TCP series, when this stream is the pod's side of a connection no
+    /// one else counts for it (same-node delivery): what the pod sends is `sent`.
+    tally: Option<ConnectionCounters>,
 }
 
 impl<S> Guarded<S> {
     pub fn new(inner: S, connection: Inbound) -> Guarded<S> {
         let seen = version(&connection);
-        Guarded { inner, connection, seen, revoked: false }
+        Guarded { inner, connection, seen, revoked: false, tally: None }
+    }
+
+    /// Counting the bytes that pass as the destination's TCP series, closed with the stream.
+    pub fn tallied(mut self, counters: ConnectionCounters) -> Guarded<S> {
+        self.tally = Some(counters);
+        self
     }
 
     pub fn get_ref(&self) -> &S {
@@ -61,11 +73,24 @@ impl<S> Guarded<S> {
     }
 }
 
+impl<S> Drop for Guarded<S> {
+    fn drop(&mut self) {
+        if let Some(tally) = &self.tally {
+            tally.closed();
+        }
+    }
+}
+
 impl<S: AsyncRead + Unpin> AsyncRead for Guarded<S> {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         this.check()?;
-        Pin::new(&mut this.inner).poll_read(cx, buf)
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut this.inner).poll_read(cx, buf);
+        if let (Poll::Ready(Ok(())), Some(tally)) = (&polled, &this.tally) {
+            tally.sent.inc_by((buf.filled().len() - before) as u64);
+        }
+        polled
     }
 }
 
@@ -73,7 +98,11 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Guarded<S> {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         this.check()?;
-        Pin::new(&mut this.inner).poll_write(cx, buf)
+        let polled = Pin::new(&mut this.inner).poll_write(cx, buf);
+        if let (Poll::Ready(Ok(n)), Some(tally)) = (&polled, &this.tally) {
+            tally.received.inc_by(*n as u64);
+        }
+        polled
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {

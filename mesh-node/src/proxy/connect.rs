@@ -197,20 +197,22 @@ impl Outbound {
             if let Some(k) = &settings.keepalive {
                 k.apply(&socket2::SockRef::from(&delivered))?;
             }
-            if !per_request {
-                return Ok(Upstream::Guarded(Guarded::new(delivered, connection)));
-            }
-            // Requests are judged by the destination's policies in this process, between the
-            // two ends of an in-memory pipe.
-            let (ours, theirs) = tokio::io::duplex(CHUNK_FOR_JUDGED);
+            let destination = self.authorizer.local_peer(&pod.key, &pod.service_account).as_destination();
             let (labels, reporting) = Reporting::for_connection(
                 &self.metrics,
                 Arc::clone(&caller.source),
-                self.authorizer.local_peer(&pod.key, &pod.service_account).as_destination(),
+                destination,
                 Arc::clone(&caller.service),
                 SecurityPolicy::mutual_tls,
             );
             let counters = self.metrics.connection_opened(&labels);
+            if !per_request {
+                // Delivered as bytes: the pod's side counts its TCP series here.
+                return Ok(Upstream::Guarded(Guarded::new(delivered, connection).tallied(counters)));
+            }
+            // Requests are judged by the destination's policies in this process, between the
+            // two ends of an in-memory pipe.
+            let (ours, theirs) = tokio::io::duplex(CHUNK_FOR_JUDGED);
             let drain = self.drain.clone();
             tokio::spawn(async move {
                 let judged =
