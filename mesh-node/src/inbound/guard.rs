@@ -30,7 +30,8 @@ pub struct Guarded<S> {
     revoked: bool,
     /// The destination's TCP series, when this stream is the pod's side of a connection no
     /// one else counts for it (same-node delivery): what the pod sends is `sent`.
-    tally: Option<ConnectionCounters>,
+    /// Boxed: most guarded streams have none, and the data path's `Upstream` stays small.
+    tally: Option<Box<ConnectionCounters>>,
 }
 
 impl<S> Guarded<S> {
@@ -41,7 +42,7 @@ impl<S> Guarded<S> {
 
     /// Counting the bytes that pass as the destination's TCP series, closed with the stream.
     pub fn tallied(mut self, counters: ConnectionCounters) -> Guarded<S> {
-        self.tally = Some(counters);
+        self.tally = Some(Box::new(counters));
         self
     }
 
