@@ -13,9 +13,14 @@ const SENT: &str = "istio_tcp_sent_bytes_total";
 const RECEIVED: &str = "istio_tcp_received_bytes_total";
 
 fn opened_from(node: &SimNode, pod: &Pod) -> f64 {
-    node.metrics()
-        .unwrap()
-        .sum(OPENED, &[("source_workload", &pod.name), ("source_workload_namespace", &pod.namespace)])
+    node.metrics().unwrap().sum(
+        OPENED,
+        &[
+            ("reporter", "source"),
+            ("source_workload", &pod.name),
+            ("source_workload_namespace", &pod.namespace),
+        ],
+    )
 }
 
 /// Metrics are updated as connections close; poll briefly instead of racing the proxy.
@@ -176,7 +181,12 @@ fn mesh_node_never_captures_its_own_upstream_connects() {
     eventually("host connection counted", || opened_from(&node, &host) == 1.0);
     thread::sleep(Duration::from_millis(300));
     let m = node.metrics().unwrap();
-    assert_eq!(m.sum(OPENED, &[]), 2.0, "a proxied connection was captured again (loop)");
+    // Counted once by the client's side (the server's side counts the same connections).
+    assert_eq!(
+        m.sum(OPENED, &[("reporter", "source")]),
+        2.0,
+        "a proxied connection was captured again (loop)"
+    );
     assert_eq!(m.sum("nodemesh_proxy_failures_total", &[]), 0.0);
 }
 

@@ -69,9 +69,14 @@ fn api_get(node: &SimNode, api: &FakeApiServer, path: &str, token: &str) -> Stri
 }
 
 fn opened_from(node: &SimNode, pod: &Pod) -> f64 {
-    node.metrics()
-        .unwrap()
-        .sum(OPENED, &[("source_workload", &pod.name), ("source_workload_namespace", &pod.namespace)])
+    node.metrics().unwrap().sum(
+        OPENED,
+        &[
+            ("reporter", "source"),
+            ("source_workload", &pod.name),
+            ("source_workload_namespace", &pod.namespace),
+        ],
+    )
 }
 
 /// One echo round trip from `from` to `to`; panics if it fails.

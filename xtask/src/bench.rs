@@ -43,7 +43,9 @@ pub(crate) fn run() -> anyhow::Result<()> {
     let mesh = measure(&node, &mesh_client, &server)?;
     let cpu_pct = (cpu_seconds(pid)? - cpu_before) / started.elapsed().as_secs_f64() * 100.0;
     let (rss_kib, hwm_kib) = memory_kib(pid)?;
-    let opened = node.metrics()?.sum("istio_tcp_connections_opened_total", &[("source_workload", "meshed")]);
+    let opened = node
+        .metrics()?
+        .sum("istio_tcp_connections_opened_total", &[("reporter", "source"), ("source_workload", "meshed")]);
     anyhow::ensure!(opened > 3000.0, "meshed runs did not go through mesh-node ({opened} connections)");
 
     // Both tables' rows start with when and at which commit.

@@ -200,7 +200,10 @@ fn print_report(m: &Metrics) {
     let mut pairs: Vec<(String, String)> = m
         .samples
         .iter()
-        .filter(|s| s.name == "istio_tcp_connections_opened_total")
+        .filter(|s| {
+            s.name == "istio_tcp_connections_opened_total"
+                && s.labels.get("reporter").map(String::as_str) == Some("source")
+        })
         .map(|s| {
             let l = |k: &str| s.labels.get(k).cloned().unwrap_or_default();
             (
@@ -214,7 +217,9 @@ fn print_report(m: &Metrics) {
     for (src, dst) in &pairs {
         let (sns, sname) = src.split_once('/').unwrap_or_default();
         let (dns, dname) = dst.split_once('/').unwrap_or_default();
+        // The client's side: same-node connections are counted by both reporters.
         let labels = [
+            ("reporter", "source"),
             ("source_workload", sname),
             ("source_workload_namespace", sns),
             ("destination_workload", dname),
