@@ -1,9 +1,8 @@
 //! A real Prometheus server (Debian's `prometheus`, installed by `cargo xtask setup`) run in a
-//! simulated cluster's fabric netns, scraping mesh-node and mesh-control every second, and
-//! asked PromQL through its HTTP API as a dashboard would.
+//! simulated cluster's fabric netns with the scrape config a test gives it, and asked PromQL
+//! through its HTTP API as a dashboard would.
 
 use std::{
-    net::SocketAddr,
     path::{Path, PathBuf},
     process::{Child, Stdio},
     time::{Duration, Instant},
@@ -16,12 +15,6 @@ use crate::netns;
 
 /// Where Prometheus answers inside the netns it runs in.
 const LISTEN: &str = "127.0.0.1:19090";
-
-/// One scrape job: its name and the `host:port` targets it scrapes `/metrics` from.
-pub struct Job<'a> {
-    pub name: &'a str,
-    pub targets: Vec<SocketAddr>,
-}
 
 pub struct Prometheus {
     netns: String,
@@ -37,21 +30,6 @@ pub struct Series {
 }
 
 impl Prometheus {
-    /// Starts Prometheus in `netns` scraping `jobs` every second; data under `work_dir`.
-    pub fn start(netns_name: &str, work_dir: &Path, jobs: &[Job<'_>]) -> anyhow::Result<Prometheus> {
-        let mut config =
-            String::from("global:\n  scrape_interval: 1s\n  scrape_timeout: 900ms\nscrape_configs:\n");
-        for job in jobs {
-            let targets: Vec<String> = job.targets.iter().map(|t| format!("'{t}'")).collect();
-            config.push_str(&format!(
-                "  - job_name: {}\n    static_configs:\n      - targets: [{}]\n",
-                job.name,
-                targets.join(", ")
-            ));
-        }
-        Prometheus::start_with_config(netns_name, work_dir, &config)
-    }
-
     /// Starts Prometheus in `netns` with `config` (YAML, or JSON, which is YAML too); data
     /// under `work_dir`.
     pub fn start_with_config(netns_name: &str, work_dir: &Path, config: &str) -> anyhow::Result<Prometheus> {
@@ -93,11 +71,6 @@ impl Prometheus {
             std::thread::sleep(Duration::from_millis(100));
         }
         Ok(prometheus)
-    }
-
-    /// Where files beside its config go (file_sd target lists, say).
-    pub fn dir(&self) -> &Path {
-        &self.dir
     }
 
     pub fn log(&self) -> PathBuf {

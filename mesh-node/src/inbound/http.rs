@@ -26,7 +26,7 @@ use crate::{
     telemetry::{
         labels::{DestinationLabels, ServiceLabels, Shared, SourceLabels},
         metrics::{ConnectionCounters, ConnectionLabels, Metrics, Reporter, SecurityPolicy},
-        requests::{Arrived, RequestReport, ResponseFlags},
+        requests::{Arrived, RequestReport, ResponseFlags, upstream_failure_flags},
     },
 };
 
@@ -44,29 +44,32 @@ pub struct Reporting {
 }
 
 impl Reporting {
-    /// The `reporter="destination"` series of one connection delivered into a pod: its TCP
-    /// labels, and the reporting of the requests on it.
-    pub fn for_connection(
+    /// The `reporter="destination"` series of one connection delivered into a pod.
+    pub fn new(
         metrics: &Arc<Metrics>,
         source: Arc<SourceLabels>,
         destination: Arc<DestinationLabels>,
         service: Arc<ServiceLabels>,
         security: SecurityPolicy,
-    ) -> (ConnectionLabels, Arc<Reporting>) {
-        let labels = ConnectionLabels::tcp(
-            Reporter::destination,
-            Arc::clone(&source),
-            Arc::clone(&destination),
-            Arc::clone(&service),
-            security,
-        );
+    ) -> Reporting {
         let report = RequestReport {
             metrics: Arc::clone(metrics),
             reporter: Reporter::destination,
             source: Shared(source),
             service: Shared(service),
         };
-        (labels, Arc::new(Reporting { report, destination, security }))
+        Reporting { report, destination, security }
+    }
+
+    /// The connection's own TCP labels.
+    pub fn connection_labels(&self) -> ConnectionLabels {
+        ConnectionLabels::tcp(
+            Reporter::destination,
+            Arc::clone(&self.report.source.0),
+            Arc::clone(&self.destination),
+            Arc::clone(&self.report.service.0),
+            self.security,
+        )
     }
 }
 
@@ -214,9 +217,7 @@ async fn handle(connection: &Inbound, upstream: &Upstream, mut request: Request<
         Err(e) => {
             let mut response = Response::new(full(format!("upstream request failed: {e}\n")));
             *response.status_mut() = StatusCode::BAD_GATEWAY;
-            // The pod's connection ended under the request (UC), or reset it (UR).
-            let flags = if e.is_closed() || e.is_incomplete_message() { "UC" } else { "UR" };
-            response.extensions_mut().insert(ResponseFlags(flags));
+            response.extensions_mut().insert(ResponseFlags(upstream_failure_flags(&e)));
             response
         }
     }

@@ -106,16 +106,17 @@ impl PlaintextInbound {
         };
         // A plaintext client proves nothing: Istio's `unknown` source, and no Service (the
         // client may have dialled the pod itself).
-        let (labels, reporting) = Reporting::for_connection(
+        let reporting = Reporting::new(
             &self.authorizer.metrics,
             Peer::unknown().as_source(),
             self.authorizer.local_peer(&pod.key, &pod.service_account).as_destination(),
             ServiceLabels::unknown(),
             SecurityPolicy::none,
         );
-        let counters = self.authorizer.metrics.connection_opened(&labels);
+        let counters = self.authorizer.metrics.connection_opened(&reporting.connection_labels());
         let relayed = if per_request {
-            judge_and_pass(conn, delivered, connection, &counters, &self.drain, Some(reporting)).await
+            judge_and_pass(conn, delivered, connection, &counters, &self.drain, Some(Arc::new(reporting)))
+                .await
         } else {
             // The pod is the first side: what it sends is what the destination sent.
             relay::relay_stream(delivered, Guarded::new(conn, connection), &counters.sent, &counters.received)

@@ -133,25 +133,24 @@ impl Outbound {
         cluster.limits.connect_timeout.unwrap_or(self.connect_timeout)
     }
 
-    /// Whether [`Outbound::connect_upstream`] reaches `dst` on a meshed path (delivery into a
-    /// meshed pod of this node, or the mTLS tunnel): what `connection_security_policy` says.
-    pub(super) fn secured(
+    /// How [`Outbound::connect_upstream`] reaches `dst`, for metrics: on a meshed path
+    /// (delivery into a meshed pod of this node, or the mTLS tunnel), and whether that pod is
+    /// this node's and does not judge requests (its requests are delivered as bytes: nothing
+    /// on its side reports them). Mirrors `connect_upstream`'s choice of path.
+    pub(super) fn reached(
         &self,
         dst: SocketAddr,
         tunnel: Option<&TunnelTarget>,
         settings: &ConnectionSettings,
-    ) -> bool {
-        settings.tls != UpstreamTls::Disable
-            && (self.locals.local(dst.ip()).is_some_and(|w| w.delivery.is_some())
-                || (tunnel.is_some() && self.tunnels.is_some()))
-    }
-
-    /// Whether `dst` is a meshed pod of this node whose policies do not judge requests: its
-    /// connections are delivered as bytes, so nothing on its side reports its requests.
-    pub(super) fn delivers_unjudged(&self, dst: SocketAddr) -> bool {
-        self.locals
-            .local(dst.ip())
-            .is_some_and(|w| w.delivery.is_some() && !self.authorizer.judges_requests(&w.key))
+    ) -> (SecurityPolicy, bool) {
+        if settings.tls == UpstreamTls::Disable {
+            return (SecurityPolicy::none, false);
+        }
+        match self.locals.local(dst.ip()).filter(|w| w.delivery.is_some()) {
+            Some(w) => (SecurityPolicy::mutual_tls, !self.authorizer.judges_requests(&w.key)),
+            None if tunnel.is_some() && self.tunnels.is_some() => (SecurityPolicy::mutual_tls, false),
+            None => (SecurityPolicy::none, false),
+        }
     }
 
     /// Reaches `dst` for the source workload: a meshed pod of this node by delivery into its
@@ -198,14 +197,14 @@ impl Outbound {
                 k.apply(&socket2::SockRef::from(&delivered))?;
             }
             let destination = self.authorizer.local_peer(&pod.key, &pod.service_account).as_destination();
-            let (labels, reporting) = Reporting::for_connection(
+            let reporting = Reporting::new(
                 &self.metrics,
                 Arc::clone(&caller.source),
                 destination,
                 Arc::clone(&caller.service),
                 SecurityPolicy::mutual_tls,
             );
-            let counters = self.metrics.connection_opened(&labels);
+            let counters = self.metrics.connection_opened(&reporting.connection_labels());
             if !per_request {
                 // Delivered as bytes: the pod's side counts its TCP series here.
                 return Ok(Upstream::Guarded(Guarded::new(delivered, connection).tallied(counters)));
@@ -215,8 +214,14 @@ impl Outbound {
             let (ours, theirs) = tokio::io::duplex(CHUNK_FOR_JUDGED);
             let drain = self.drain.clone();
             tokio::spawn(async move {
-                let judged =
-                    judge_and_pass(theirs, delivered, connection, &counters, &drain, Some(reporting));
+                let judged = judge_and_pass(
+                    theirs,
+                    delivered,
+                    connection,
+                    &counters,
+                    &drain,
+                    Some(Arc::new(reporting)),
+                );
                 if let Err(e) = judged.await {
                     tracing::debug!("judged same-node connection ended: {e}");
                 }

@@ -25,6 +25,12 @@ use super::{
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ResponseFlags(pub &'static str);
 
+/// Envoy's flag for a request its upstream failed: the connection ended under it (`UC`), or
+/// the stream was reset (`UR`).
+pub fn upstream_failure_flags(e: &hyper::Error) -> &'static str {
+    if e.is_closed() || e.is_incomplete_message() { "UC" } else { "UR" }
+}
+
 /// A gRPC request or answer (`content-type: application/grpc[+proto|;...]`).
 pub fn is_grpc(headers: &HeaderMap) -> bool {
     headers

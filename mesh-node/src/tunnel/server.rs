@@ -219,7 +219,7 @@ impl TunnelServer {
         let source =
             caller_from_baggage(baggage.as_deref(), &peers.client.namespace, peers.client.to_string());
         let destination = self.authorizer.local_peer(&local.key, &local.service_account).as_destination();
-        let (labels, reporting) = http::Reporting::for_connection(
+        let reporting = http::Reporting::new(
             &self.metrics,
             source.as_source(),
             destination,
@@ -239,15 +239,22 @@ impl TunnelServer {
                     return;
                 }
             };
-            let counters = metrics.connection_opened(&labels);
+            let counters = metrics.connection_opened(&reporting.connection_labels());
             let client_side = TokioIo::new(upgraded);
             let relayed = if let Some(h2) = carries_http {
                 // The client's node proxied HTTP: served as HTTP here too, each request judged
                 // and reported.
-                http::serve(client_side, delivered, h2, connection, &drain, Some(reporting)).await
+                http::serve(client_side, delivered, h2, connection, &drain, Some(Arc::new(reporting))).await
             } else if per_request {
-                http::judge_and_pass(client_side, delivered, connection, &counters, &drain, Some(reporting))
-                    .await
+                http::judge_and_pass(
+                    client_side,
+                    delivered,
+                    connection,
+                    &counters,
+                    &drain,
+                    Some(Arc::new(reporting)),
+                )
+                .await
             } else {
                 // The pod is the first side: what it sends is what the destination sent.
                 let client = Guarded::new(client_side, connection);

@@ -17,7 +17,7 @@ use crate::{
         retry::RetryPolicy,
     },
     proxy::{Outbound, connect::Attempt, rate_limits::Drawn},
-    telemetry::metrics::NO_FLAGS,
+    telemetry::{metrics::NO_FLAGS, requests::upstream_failure_flags},
     workload::Source,
 };
 
@@ -141,9 +141,11 @@ impl Exchange<'_> {
                 }
                 Ok(Err(e)) => {
                     tracing::info!(workload = %source.key, service = target.service, endpoint = %addr, "request failed: {e}");
-                    // The connection ended under the request (UC), or the stream was reset (UR).
-                    let flags = if e.is_closed() || e.is_incomplete_message() { "UC" } else { "UR" };
-                    (StatusCode::BAD_GATEWAY, flags, format!("upstream request failed: {e}"))
+                    (
+                        StatusCode::BAD_GATEWAY,
+                        upstream_failure_flags(&e),
+                        format!("upstream request failed: {e}"),
+                    )
                 }
                 Err(limit) => {
                     (StatusCode::GATEWAY_TIMEOUT, "UT", format!("upstream request timeout after {limit:?}"))

@@ -51,7 +51,7 @@ use crate::{
         lb::{Balancer, LocalityKey},
         request_match::RequestSource,
     },
-    telemetry::{labels::Caller, metrics::SecurityPolicy, requests::Arrived},
+    telemetry::{labels::Caller, requests::Arrived},
     workload::Source,
     xds::{cache::Cache, resources::AddressInfo},
 };
@@ -218,12 +218,13 @@ async fn forward(
         Err(answer) => return answer,
     };
     let addr = pick.endpoint.ep.addr;
-    let secured = outbound.secured(addr, pick.endpoint.ep.tunnel.as_ref(), &plan.balancer.connection);
+    let (security, delivered_here) =
+        outbound.reached(addr, pick.endpoint.ep.tunnel.as_ref(), &plan.balancer.connection);
     let answered_by = AnsweredBy {
         workload: pick.endpoint.ep.workload.clone(),
         names: pick.endpoint.ep.names.clone(),
-        security: if secured { SecurityPolicy::mutual_tls } else { SecurityPolicy::none },
-        delivered_here: secured && outbound.delivers_unjudged(addr),
+        security,
+        delivered_here,
     };
     drop(pick);
     response.extensions_mut().insert(answered_by);
