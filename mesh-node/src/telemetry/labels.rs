@@ -138,12 +138,6 @@ impl Peer {
         }
     }
 
-    /// With the principal a certificate proved, which outranks any naming guess.
-    pub fn with_principal(mut self, principal: String) -> Peer {
-        self.principal = principal;
-        self
-    }
-
     pub fn as_source(&self) -> Arc<SourceLabels> {
         Arc::new(SourceLabels {
             source_workload: self.workload.clone(),

@@ -42,8 +42,9 @@ pub(super) struct EpTunnel {
 pub(super) struct Wl<'a> {
     pub(super) namespace: &'a str,
     pub(super) name: &'a str,
-    /// The name metrics give it (a pod's owner's).
-    pub(super) workload_name: &'a str,
+    /// How metrics name it (its owner's name first), derived once per snapshot: every
+    /// endpoint of it carries a copy.
+    pub(super) names: WorkloadNames,
     pub(super) labels: &'a Labels,
     pub(super) ips: Vec<IpAddr>,
     pub(super) ready: bool,
@@ -58,11 +59,6 @@ pub(super) struct Wl<'a> {
 }
 
 impl Wl<'_> {
-    /// How telemetry names it.
-    pub(super) fn names(&self) -> WorkloadNames {
-        WorkloadNames::derive(self.workload_name, self.service_account, self.labels)
-    }
-
     /// One endpoint per address of the workload, on `port`.
     pub(super) fn endpoints(&self, port: u16) -> impl Iterator<Item = Ep> + '_ {
         self.ips.iter().map(move |ip| Ep {
@@ -76,7 +72,7 @@ impl Wl<'_> {
             tunnel: self
                 .tunnel
                 .map(|address| EpTunnel { address, service_account: self.service_account.to_string() }),
-            names: Some(self.names()),
+            names: Some(self.names.clone()),
         })
     }
 }
@@ -136,7 +132,7 @@ impl<'a> WorkloadIndex<'a> {
                 workloads.push(Wl {
                     namespace: &p.meta.namespace,
                     name: &p.meta.name,
-                    workload_name: &p.workload_name,
+                    names: WorkloadNames::derive(&p.workload_name, &p.service_account, &p.meta.labels),
                     labels: &p.meta.labels,
                     ips: p.ips.clone(),
                     ready: p.ready,
@@ -162,7 +158,7 @@ impl<'a> WorkloadIndex<'a> {
                 workloads.push(Wl {
                     namespace: &we.meta.namespace,
                     name: &we.meta.name,
-                    workload_name: &we.meta.name,
+                    names: WorkloadNames::derive(&we.meta.name, &we.spec.service_account, &we.spec.labels),
                     labels: &we.spec.labels,
                     ips: we.spec.address.parse().into_iter().collect(),
                     ready: true,
@@ -187,7 +183,7 @@ impl<'a> WorkloadIndex<'a> {
     }
 
     pub(super) fn names_of(&self, uid: &str) -> Option<WorkloadNames> {
-        self.by_uid.get(uid).map(|i| self.workloads[*i].names())
+        self.by_uid.get(uid).map(|i| self.workloads[*i].names.clone())
     }
 
     pub(super) fn labels_of(&self, uid: &str) -> Labels {

@@ -47,7 +47,7 @@ impl Translator<'_> {
             let workload = mesh::Workload {
                 uid: format!("{}/{}", w.namespace, w.name),
                 name: w.name.to_string(),
-                workload_name: w.workload_name.to_string(),
+                workload_name: w.names.workload.clone(),
                 namespace: w.namespace.to_string(),
                 service_account: w.service_account.to_string(),
                 node: w.node.to_string(),
