@@ -10,6 +10,7 @@
 //! - `kube_client` (feature `kubernetes`): how both reach the API server.
 #![forbid(unsafe_code)]
 
+pub mod access_log;
 pub mod hash;
 pub mod http;
 pub mod identity;
