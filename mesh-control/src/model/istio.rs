@@ -417,6 +417,141 @@ pub struct MeshConfigSpec {
     /// upgrade's gap): Nodemesh's own field.
     #[serde(default)]
     pub node_proxy_down: NodeProxyDown,
+    /// Istio's: set, the built-in `envoy` access log is on for every workload, to this path
+    /// (`/dev/stdout` for the node's log) unless a Telemetry turns it off.
+    pub access_log_file: Option<String>,
+    #[serde(default)]
+    pub access_log_encoding: AccessLogEncoding,
+    /// The `envoy` provider's text format (Envoy command operators); unset: Istio's default.
+    pub access_log_format: Option<String>,
+    #[serde(default)]
+    pub extension_providers: Vec<ExtensionProvider>,
+    #[serde(default)]
+    pub default_providers: DefaultProviders,
+}
+
+/// The access-log provider every mesh has: Envoy's file log to the node's stdout.
+pub const ENVOY_PROVIDER: &str = "envoy";
+
+/// `MeshConfig.accessLogEncoding`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum AccessLogEncoding {
+    #[default]
+    Text,
+    Json,
+}
+
+/// `MeshConfig.extensionProviders[]`: named backends Telemetry objects refer to. Only Envoy's
+/// file access log is applied; the other kinds are read so that a mesh config written for
+/// Istio loads, and are named in the log when a Telemetry selects them.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ExtensionProvider {
+    pub name: String,
+    pub envoy_file_access_log: Option<EnvoyFileAccessLog>,
+    pub zipkin: Option<serde_json::Value>,
+    pub opentelemetry: Option<serde_json::Value>,
+    pub envoy_otel_als: Option<serde_json::Value>,
+    pub envoy_http_als: Option<serde_json::Value>,
+    pub envoy_tcp_als: Option<serde_json::Value>,
+    pub prometheus: Option<serde_json::Value>,
+    pub stackdriver: Option<serde_json::Value>,
+    pub skywalking: Option<serde_json::Value>,
+    pub datadog: Option<serde_json::Value>,
+    pub lightstep: Option<serde_json::Value>,
+    pub envoy_ext_authz_http: Option<serde_json::Value>,
+    pub envoy_ext_authz_grpc: Option<serde_json::Value>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct EnvoyFileAccessLog {
+    pub path: String,
+    pub log_format: Option<LogFormat>,
+}
+
+/// Text or JSON (`labels`: key → command-operator format).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogFormat {
+    pub text: Option<String>,
+    pub labels: Option<BTreeMap<String, String>>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct DefaultProviders {
+    #[serde(default)]
+    pub access_logging: Vec<String>,
+    #[serde(default)]
+    pub tracing: Vec<String>,
+    #[serde(default)]
+    pub metrics: Vec<String>,
+}
+
+impl MeshConfigSpec {
+    pub fn check(&self, errors: &mut Vec<FieldError>) {
+        use nodemesh_api::access_log::Template;
+        if let Some(format) = &self.access_log_format
+            && let Err(e) = Template::parse(format)
+        {
+            errors.push(FieldError::new("spec.accessLogFormat", e));
+        }
+        let mut names = std::collections::BTreeSet::new();
+        for (i, p) in self.extension_providers.iter().enumerate() {
+            let at = |field: &str| format!("spec.extensionProviders[{i}]{field}");
+            if p.name.is_empty() {
+                errors.push(FieldError::new(at(".name"), "empty"));
+            } else if !names.insert(p.name.as_str()) || p.name == ENVOY_PROVIDER {
+                errors.push(FieldError::new(
+                    at(".name"),
+                    format!("`{}` is defined twice (or is the built-in `envoy`)", p.name),
+                ));
+            }
+            let kinds = [
+                p.envoy_file_access_log.is_some(),
+                p.zipkin.is_some(),
+                p.opentelemetry.is_some(),
+                p.envoy_otel_als.is_some(),
+                p.envoy_http_als.is_some(),
+                p.envoy_tcp_als.is_some(),
+                p.prometheus.is_some(),
+                p.stackdriver.is_some(),
+                p.skywalking.is_some(),
+                p.datadog.is_some(),
+                p.lightstep.is_some(),
+                p.envoy_ext_authz_http.is_some(),
+                p.envoy_ext_authz_grpc.is_some(),
+            ];
+            if kinds.iter().filter(|k| **k).count() != 1 {
+                errors.push(FieldError::new(
+                    at(""),
+                    "needs exactly one provider kind (envoyFileAccessLog, zipkin, …)",
+                ));
+            }
+            let Some(file) = &p.envoy_file_access_log else { continue };
+            if file.path.is_empty() {
+                errors.push(FieldError::new(
+                    at(".envoyFileAccessLog.path"),
+                    "empty (use /dev/stdout for the node's log)",
+                ));
+            }
+            let format = file.log_format.clone().unwrap_or_default();
+            if format.text.is_some() && format.labels.is_some() {
+                errors.push(FieldError::new(at(".envoyFileAccessLog.logFormat"), "text or labels, not both"));
+            }
+            if let Some(Err(e)) = format.text.as_deref().map(Template::parse) {
+                errors.push(FieldError::new(at(".envoyFileAccessLog.logFormat.text"), e));
+            }
+            for (key, value) in format.labels.iter().flatten() {
+                if let Err(e) = Template::parse(value) {
+                    errors
+                        .push(FieldError::new(at(&format!(".envoyFileAccessLog.logFormat.labels.{key}")), e));
+                }
+            }
+        }
+    }
 }
 
 /// `MeshConfig.nodeProxyDown`.

@@ -12,6 +12,7 @@ pub mod parse;
 pub mod peer_authentication;
 pub mod rate_limit;
 pub mod store;
+pub mod telemetry;
 pub mod virtual_service;
 
 use std::{collections::BTreeMap, fmt, net::IpAddr};
@@ -51,10 +52,11 @@ pub enum Kind {
     NodeProxy,
     PeerAuthentication,
     AuthorizationPolicy,
+    Telemetry,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 16] = [
+    pub const ALL: [Kind; 17] = [
         Kind::Namespace,
         Kind::Node,
         Kind::Pod,
@@ -71,6 +73,7 @@ impl Kind {
         Kind::NodeProxy,
         Kind::PeerAuthentication,
         Kind::AuthorizationPolicy,
+        Kind::Telemetry,
     ];
 
     pub fn is_namespaced(self) -> bool {
@@ -135,6 +138,7 @@ pub enum Object {
     NodeProxy(core::NodeProxy),
     PeerAuthentication(peer_authentication::PeerAuthentication),
     AuthorizationPolicy(authorization::AuthorizationPolicy),
+    Telemetry(telemetry::Telemetry),
 }
 
 impl Object {
@@ -156,6 +160,7 @@ impl Object {
             Object::NodeProxy(_) => Kind::NodeProxy,
             Object::PeerAuthentication(_) => Kind::PeerAuthentication,
             Object::AuthorizationPolicy(_) => Kind::AuthorizationPolicy,
+            Object::Telemetry(_) => Kind::Telemetry,
         }
     }
 
@@ -176,6 +181,7 @@ impl Object {
             Object::NodeProxy(o) => &o.meta,
             Object::PeerAuthentication(o) => &o.meta,
             Object::AuthorizationPolicy(o) => &o.meta,
+            Object::Telemetry(o) => &o.meta,
         }
     }
 

@@ -58,8 +58,8 @@ impl fmt::Display for ParseError {
 const ISTIO_NETWORKING: &[&str] =
     &["networking.istio.io/v1", "networking.istio.io/v1beta1", "networking.istio.io/v1alpha3"];
 const ISTIO_SECURITY: &[&str] = &["security.istio.io/v1", "security.istio.io/v1beta1"];
-const NOT_YET: &[&str] =
-    &["Gateway", "EnvoyFilter", "RequestAuthentication", "Telemetry", "HTTPRoute", "GRPCRoute"];
+const ISTIO_TELEMETRY: &[&str] = &["telemetry.istio.io/v1", "telemetry.istio.io/v1alpha1"];
+const NOT_YET: &[&str] = &["Gateway", "EnvoyFilter", "RequestAuthentication", "HTTPRoute", "GRPCRoute"];
 
 /// Parses one object. Every source (files, the Kubernetes API, node reports) goes through here.
 pub fn object_from_value(value: Value) -> Result<Object, ParseError> {
@@ -97,6 +97,7 @@ pub fn object_from_value(value: Value) -> Result<Object, ParseError> {
         (v, "VirtualService") if ISTIO_NETWORKING.contains(&v) => Kind::VirtualService,
         (v, "PeerAuthentication") if ISTIO_SECURITY.contains(&v) => Kind::PeerAuthentication,
         (v, "AuthorizationPolicy") if ISTIO_SECURITY.contains(&v) => Kind::AuthorizationPolicy,
+        (v, "Telemetry") if ISTIO_TELEMETRY.contains(&v) => Kind::Telemetry,
         ("nodemesh.io/v1alpha1", "MeshConfig") => Kind::MeshConfig,
         ("nodemesh.io/v1alpha1", "RateLimitPolicy") => Kind::RateLimitPolicy,
         (v, k) => {
@@ -106,7 +107,7 @@ pub fn object_from_value(value: Value) -> Result<Object, ParseError> {
                 format!(
                     "unknown kind {k} ({v}); supported: v1 Namespace/Node/Pod/Service, discovery.k8s.io/v1 \
                      EndpointSlice, networking.istio.io ServiceEntry/WorkloadEntry/DestinationRule/Sidecar/VirtualService, \
-                     security.istio.io PeerAuthentication/AuthorizationPolicy, \
+                     security.istio.io PeerAuthentication/AuthorizationPolicy, telemetry.istio.io Telemetry, \
                      nodemesh.io/v1alpha1 MeshConfig/RateLimitPolicy"
                 )
             };
@@ -182,8 +183,14 @@ pub fn object_from_value(value: Value) -> Result<Object, ParseError> {
             checked(|e| spec.check(e))?;
             Ok(Object::RateLimitPolicy(super::rate_limit::RateLimitPolicy { meta: meta.clone(), spec }))
         }),
-        Kind::MeshConfig => spec::<istio::MeshConfigSpec>(&value)
-            .map(|spec| Object::MeshConfig(istio::MeshConfig { meta: meta.clone(), spec })),
+        Kind::MeshConfig => spec::<istio::MeshConfigSpec>(&value).and_then(|spec| {
+            checked(|e| spec.check(e))?;
+            Ok(Object::MeshConfig(istio::MeshConfig { meta: meta.clone(), spec }))
+        }),
+        Kind::Telemetry => spec::<super::telemetry::TelemetrySpec>(&value).and_then(|spec| {
+            checked(|e| spec.check(e))?;
+            Ok(Object::Telemetry(super::telemetry::Telemetry { meta: meta.clone(), spec }))
+        }),
         Kind::NodeWorkload | Kind::NodeProxy => {
             unreachable!("node reports are not parsed from documents")
         }

@@ -32,7 +32,7 @@ struct Watched {
 }
 
 /// Every resource the model reads from a cluster.
-const RESOURCES: [Watched; 14] = [
+const RESOURCES: [Watched; 15] = [
     Watched { group: "", version: "v1", kind: "Namespace", plural: "namespaces", model: Kind::Namespace },
     Watched { group: "", version: "v1", kind: "Node", plural: "nodes", model: Kind::Node },
     Watched { group: "", version: "v1", kind: "Pod", plural: "pods", model: Kind::Pod },
@@ -92,6 +92,13 @@ const RESOURCES: [Watched; 14] = [
         kind: "PeerAuthentication",
         plural: "peerauthentications",
         model: Kind::PeerAuthentication,
+    },
+    Watched {
+        group: "telemetry.istio.io",
+        version: "v1",
+        kind: "Telemetry",
+        plural: "telemetries",
+        model: Kind::Telemetry,
     },
     Watched {
         group: "nodemesh.io",

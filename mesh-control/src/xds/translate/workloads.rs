@@ -1,6 +1,6 @@
 //! Workloads as `Workload` resources (and `Address` resources by IP), per node, with the
 //! policies each carries: outbound mode and egress hosts (Sidecar, MeshConfig), mTLS mode
-//! (PeerAuthentication), authorizations (AuthorizationPolicy).
+//! (PeerAuthentication), authorizations (AuthorizationPolicy), access logs (Telemetry).
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -13,6 +13,7 @@ use crate::{
         istio::OutboundMode,
         peer_authentication::{MtlsMode, PeerAuthentications},
         selector_matches,
+        telemetry::Telemetries,
     },
     proto::{self, mesh},
     xds::{authorizations, snapshot::Resource},
@@ -36,6 +37,7 @@ impl Translator<'_> {
             .collect();
         let peer_authentications = PeerAuthentications::new(store);
         let authorization_policies = AuthorizationPolicies::new(store);
+        let telemetries = Telemetries::new(store);
         let mut by_node: BTreeMap<String, Vec<Resource>> = BTreeMap::new();
         let mut hints: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
         let mut addresses = Vec::new();
@@ -77,6 +79,7 @@ impl Translator<'_> {
                     .into_iter()
                     .map(authorizations::authorization)
                     .collect(),
+                access_logs: telemetries.access_logs(w.namespace, w.labels),
             };
             if !w.node.is_empty() {
                 let uid = workload.uid.clone();

@@ -1,0 +1,384 @@
+//! Istio's `Telemetry` (telemetry.istio.io/v1): access logging per mesh, namespace and
+//! workload, resolved with MeshConfig's providers into each workload's access logs.
+//!
+//! Levels, least specific first, each overriding the one before per provider and side: MeshConfig
+//! `accessLogFile` (the built-in `envoy` provider on for everyone), the root namespace's
+//! Telemetry without a selector (mesh-wide), the workload's namespace's without a selector, the
+//! one whose selector matches the workload. Within a level the first by name wins, as for
+//! PeerAuthentication. `tracing` and `metrics` are read (so a typo'd object still fails as a
+//! whole) but not applied yet: Nodemesh always reports Istio's standard metrics.
+
+use std::collections::BTreeMap;
+
+use nodemesh_api::{access_log, proto::mesh};
+use serde::{Deserialize, Serialize};
+
+use super::{
+    FieldError, Labels, Meta, Object,
+    istio::{AccessLogEncoding, ENVOY_PROVIDER, MeshConfigSpec},
+    peer_authentication::{LabelSelector, root_namespace},
+    selector_matches,
+    store::Store,
+};
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Telemetry {
+    pub meta: Meta,
+    pub spec: TelemetrySpec,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TelemetrySpec {
+    pub selector: Option<LabelSelector>,
+    /// Gateways and waypoints; Nodemesh has neither.
+    pub target_ref: Option<serde_json::Value>,
+    #[serde(default)]
+    pub target_refs: Vec<serde_json::Value>,
+    #[serde(default)]
+    pub access_logging: Vec<AccessLogging>,
+    #[serde(default)]
+    pub tracing: Vec<serde_json::Value>,
+    #[serde(default)]
+    pub metrics: Vec<serde_json::Value>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AccessLogging {
+    #[serde(rename = "match")]
+    pub match_: Option<LogMatch>,
+    /// Empty: MeshConfig's default providers (else `envoy`).
+    #[serde(default)]
+    pub providers: Vec<ProviderRef>,
+    pub disabled: Option<bool>,
+    pub filter: Option<LogFilter>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogMatch {
+    #[serde(default)]
+    pub mode: LogMode,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum LogMode {
+    #[default]
+    ClientAndServer,
+    Client,
+    Server,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProviderRef {
+    pub name: String,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogFilter {
+    pub expression: String,
+}
+
+impl TelemetrySpec {
+    pub fn check(&self, errors: &mut Vec<FieldError>) {
+        if self.target_ref.is_some() || !self.target_refs.is_empty() {
+            errors.push(FieldError::new(
+                "spec.targetRefs",
+                "Nodemesh has no gateways or waypoints to target; use spec.selector (or none) instead",
+            ));
+        }
+        for (i, entry) in self.access_logging.iter().enumerate() {
+            for (j, p) in entry.providers.iter().enumerate() {
+                if p.name.is_empty() {
+                    errors.push(FieldError::new(
+                        format!("spec.accessLogging[{i}].providers[{j}].name"),
+                        "empty",
+                    ));
+                }
+            }
+            if let Some(filter) = &entry.filter
+                && let Err(e) = access_log::Filter::parse(&filter.expression)
+            {
+                errors.push(FieldError::new(
+                    format!("spec.accessLogging[{i}].filter.expression"),
+                    format!("`{}`: {e}", filter.expression),
+                ));
+            }
+        }
+    }
+}
+
+/// One provider's state on one side (client or server) while levels are applied.
+#[derive(Clone, Debug, Default, PartialEq)]
+struct Side {
+    on: bool,
+    filter: Option<String>,
+}
+
+/// A provider's file log, as MeshConfig defines it.
+struct FileProvider {
+    path: String,
+    json: bool,
+    text: String,
+    labels: BTreeMap<String, String>,
+}
+
+/// The Telemetries and MeshConfig of one store, ready to resolve for any workload.
+pub struct Telemetries<'a> {
+    telemetries: Vec<&'a Telemetry>,
+    root_namespace: String,
+    providers: BTreeMap<String, FileProvider>,
+    defaults: Vec<String>,
+    /// MeshConfig `accessLogFile`: the `envoy` provider is on mesh-wide.
+    mesh_file: bool,
+}
+
+impl<'a> Telemetries<'a> {
+    pub fn new(store: &'a Store) -> Telemetries<'a> {
+        let mesh = store.of_kind(super::Kind::MeshConfig).find_map(|o| match o {
+            Object::MeshConfig(m) => Some(&m.spec),
+            _ => None,
+        });
+        let telemetries = store
+            .of_kind(super::Kind::Telemetry)
+            .filter_map(|o| match o {
+                Object::Telemetry(t) => Some(t),
+                _ => None,
+            })
+            .collect();
+        let default = MeshConfigSpec::default();
+        let mesh = mesh.unwrap_or(&default);
+        Telemetries {
+            telemetries,
+            root_namespace: root_namespace(store),
+            providers: file_providers(mesh),
+            defaults: if mesh.default_providers.access_logging.is_empty() {
+                vec![ENVOY_PROVIDER.to_string()]
+            } else {
+                mesh.default_providers.access_logging.clone()
+            },
+            mesh_file: mesh.access_log_file.as_deref().is_some_and(|f| !f.is_empty()),
+        }
+    }
+
+    fn first(&self, namespace: &str, pick: impl Fn(&Telemetry) -> bool) -> Option<&'a Telemetry> {
+        self.telemetries
+            .iter()
+            .copied()
+            .filter(|t| t.meta.namespace == namespace && pick(t))
+            .min_by(|a, b| a.meta.name.cmp(&b.meta.name))
+    }
+
+    /// The access logs of a workload in `namespace` with `labels`.
+    pub fn access_logs(&self, namespace: &str, labels: &Labels) -> Vec<mesh::AccessLog> {
+        // provider → (client, server)
+        let mut state: BTreeMap<String, (Side, Side)> = BTreeMap::new();
+        if self.mesh_file {
+            let on = Side { on: true, filter: None };
+            state.insert(ENVOY_PROVIDER.into(), (on.clone(), on));
+        }
+        let levels = [
+            self.first(&self.root_namespace, |t| t.spec.selector.is_none()),
+            self.first(namespace, |t| t.spec.selector.is_none()).filter(|_| namespace != self.root_namespace),
+            self.first(namespace, |t| {
+                t.spec.selector.as_ref().is_some_and(|s| selector_matches(&s.match_labels, labels))
+            }),
+        ];
+        for telemetry in levels.into_iter().flatten() {
+            for entry in &telemetry.spec.access_logging {
+                let names: Vec<&str> = if entry.providers.is_empty() {
+                    self.defaults.iter().map(String::as_str).collect()
+                } else {
+                    entry.providers.iter().map(|p| p.name.as_str()).collect()
+                };
+                let mode = entry.match_.as_ref().map(|m| m.mode).unwrap_or_default();
+                for name in names {
+                    let sides = state.entry(name.to_string()).or_default();
+                    for (side, applies) in
+                        [(&mut sides.0, mode != LogMode::Server), (&mut sides.1, mode != LogMode::Client)]
+                    {
+                        if applies {
+                            side.on = !entry.disabled.unwrap_or(false);
+                            if let Some(f) = &entry.filter {
+                                side.filter = Some(f.expression.clone());
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        let mut logs = Vec::new();
+        for (name, (client, server)) in state {
+            let Some(provider) = self.providers.get(&name) else {
+                if client.on || server.on {
+                    tracing::warn!(
+                        provider = name,
+                        namespace,
+                        "a Telemetry turns on access log provider `{name}`, which MeshConfig does not define \
+                         (extensionProviders with envoyFileAccessLog); nothing is logged for it"
+                    );
+                }
+                continue;
+            };
+            let log = |side: &Side, mode: mesh::access_log::Mode| mesh::AccessLog {
+                provider: name.clone(),
+                path: provider.path.clone(),
+                json: provider.json,
+                text: provider.text.clone(),
+                labels: provider.labels.clone().into_iter().collect(),
+                filter: side.filter.clone().unwrap_or_default(),
+                mode: mode as i32,
+            };
+            match (client.on, server.on) {
+                (true, true) if client.filter == server.filter => {
+                    logs.push(log(&client, mesh::access_log::Mode::ClientAndServer))
+                }
+                (c, s) => {
+                    if c {
+                        logs.push(log(&client, mesh::access_log::Mode::Client));
+                    }
+                    if s {
+                        logs.push(log(&server, mesh::access_log::Mode::Server));
+                    }
+                }
+            }
+        }
+        logs
+    }
+}
+
+/// MeshConfig's file-log providers by name, the built-in `envoy` among them.
+fn file_providers(mesh: &MeshConfigSpec) -> BTreeMap<String, FileProvider> {
+    let mut providers = BTreeMap::new();
+    providers.insert(
+        ENVOY_PROVIDER.to_string(),
+        FileProvider {
+            path: mesh
+                .access_log_file
+                .clone()
+                .filter(|f| !f.is_empty())
+                .unwrap_or_else(|| "/dev/stdout".into()),
+            json: mesh.access_log_encoding == AccessLogEncoding::Json,
+            text: mesh.access_log_format.clone().unwrap_or_default(),
+            labels: BTreeMap::new(),
+        },
+    );
+    for p in &mesh.extension_providers {
+        if let Some(file) = &p.envoy_file_access_log {
+            let format = file.log_format.clone().unwrap_or_default();
+            providers.insert(
+                p.name.clone(),
+                FileProvider {
+                    path: file.path.clone(),
+                    json: format.labels.is_some(),
+                    text: format.text.unwrap_or_default(),
+                    labels: format.labels.unwrap_or_default(),
+                },
+            );
+        }
+    }
+    providers
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::object_from_value;
+
+    fn store(yaml: &str) -> Store {
+        Store::from_valid_yaml(yaml)
+    }
+
+    fn labels(app: &str) -> Labels {
+        [("app".to_string(), app.to_string())].into()
+    }
+
+    #[test]
+    fn levels_override_per_provider_and_side() {
+        let s = store(
+            "apiVersion: telemetry.istio.io/v1
+kind: Telemetry
+metadata: {name: mesh-default, namespace: istio-system}
+spec:
+  accessLogging: [{providers: [{name: envoy}]}]
+---
+apiVersion: telemetry.istio.io/v1
+kind: Telemetry
+metadata: {name: quiet, namespace: batch}
+spec:
+  accessLogging: [{disabled: true}]
+---
+apiVersion: telemetry.istio.io/v1
+kind: Telemetry
+metadata: {name: errors-only, namespace: shop}
+spec:
+  selector: {matchLabels: {app: cart}}
+  accessLogging:
+  - match: {mode: SERVER}
+    filter: {expression: 'response.code >= 500'}
+",
+        );
+        let t = Telemetries::new(&s);
+        let web = t.access_logs("shop", &labels("web"));
+        assert_eq!(web.len(), 1);
+        assert_eq!((web[0].path.as_str(), web[0].mode), ("/dev/stdout", 0));
+        assert!(t.access_logs("batch", &labels("job")).is_empty());
+        let cart = t.access_logs("shop", &labels("cart"));
+        assert_eq!(cart.len(), 2, "{cart:?}");
+        assert_eq!((cart[0].mode, cart[0].filter.as_str()), (mesh::access_log::Mode::Client as i32, ""));
+        assert_eq!(
+            (cart[1].mode, cart[1].filter.as_str()),
+            (mesh::access_log::Mode::Server as i32, "response.code >= 500")
+        );
+    }
+
+    #[test]
+    fn mesh_config_providers_and_defaults() {
+        let s = store(
+            "apiVersion: nodemesh.io/v1alpha1
+kind: MeshConfig
+metadata: {name: mesh}
+spec:
+  accessLogFile: /var/log/mesh.log
+  accessLogEncoding: JSON
+  defaultProviders: {accessLogging: [json-file]}
+  extensionProviders:
+  - name: json-file
+    envoyFileAccessLog:
+      path: /var/log/json.log
+      logFormat: {labels: {code: '%RESPONSE_CODE%'}}
+---
+apiVersion: telemetry.istio.io/v1
+kind: Telemetry
+metadata: {name: logs-on, namespace: shop}
+spec:
+  accessLogging: [{}]
+",
+        );
+        let t = Telemetries::new(&s);
+        let logs = t.access_logs("shop", &labels("web"));
+        let by: Vec<(&str, &str, bool)> =
+            logs.iter().map(|l| (l.provider.as_str(), l.path.as_str(), l.json)).collect();
+        assert_eq!(by, [("envoy", "/var/log/mesh.log", true), ("json-file", "/var/log/json.log", true)]);
+        assert_eq!(t.access_logs("other", &labels("web")).len(), 1, "accessLogFile: envoy on everywhere");
+    }
+
+    #[test]
+    fn bad_filters_and_targets_are_named() {
+        let value = serde_json::json!({
+            "apiVersion": "telemetry.istio.io/v1", "kind": "Telemetry",
+            "metadata": {"name": "t", "namespace": "shop"},
+            "spec": {"targetRefs": [{"kind": "Gateway", "name": "gw"}],
+                     "accessLogging": [{"filter": {"expression": "response.status >= 400"}}]}
+        });
+        let err = object_from_value(value).unwrap_err().to_string();
+        assert!(err.contains("Telemetry shop/t"), "{err}");
+        assert!(err.contains("spec.targetRefs"), "{err}");
+        assert!(err.contains("spec.accessLogging[0].filter.expression"), "{err}");
+        assert!(err.contains("unknown attribute `response.status`"), "{err}");
+    }
+}
