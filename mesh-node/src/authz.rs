@@ -62,6 +62,16 @@ impl Verdict {
         }
     }
 
+    /// Envoy's response code details for it: `rbac_access_denied_matched_policy[<policy>]`,
+    /// `[none]` when no ALLOW policy matched.
+    pub fn envoy_details(&self) -> String {
+        match self {
+            Verdict::Allow => "via_upstream".into(),
+            Verdict::Deny { policy } if policy.is_empty() => "rbac_access_denied_matched_policy[none]".into(),
+            Verdict::Deny { policy } => format!("rbac_access_denied_matched_policy[{policy}]"),
+        }
+    }
+
     /// The metric's `reason` label.
     pub fn reason(&self) -> &'static str {
         match self {

@@ -3,7 +3,7 @@
 //! answers a denied one 403 itself, and passes allowed ones to the application over the
 //! delivered connection (one upstream connection per inbound connection, same HTTP version).
 
-use std::{convert::Infallible, sync::Arc, time::Duration};
+use std::{convert::Infallible, net::SocketAddr, sync::Arc, time::Duration};
 
 use http_body_util::BodyExt;
 use hyper::{Request, Response, StatusCode, body::Incoming, header, service::service_fn};
@@ -13,6 +13,8 @@ use tokio::{
     net::TcpStream,
     sync::Mutex,
 };
+
+use nodemesh_api::workload::WorkloadKey;
 
 use crate::authz::{Inbound, Request as AuthzRequest, Verdict};
 use crate::drain::Drain;
@@ -24,9 +26,10 @@ use crate::{
         upgrade::{splice_upgrade, upgrade_protocol},
     },
     telemetry::{
+        access_log::{ConnectionFacts, LogSubject, Side},
         labels::{DestinationLabels, ServiceLabels, Shared, SourceLabels},
         metrics::{ConnectionCounters, ConnectionLabels, Metrics, Reporter, SecurityPolicy},
-        requests::{Arrived, RequestReport, ResponseFlags, upstream_failure_flags},
+        requests::{Arrived, RequestReport, ResponseDetails, ResponseFlags, upstream_failure_flags},
     },
 };
 
@@ -44,21 +47,45 @@ pub struct Reporting {
 }
 
 impl Reporting {
-    /// The `reporter="destination"` series of one connection delivered into a pod.
+    /// The `reporter="destination"` series (and server-side access logs) of one connection
+    /// delivered into a pod.
     pub fn new(
         metrics: &Arc<Metrics>,
         source: Arc<SourceLabels>,
         destination: Arc<DestinationLabels>,
         service: Arc<ServiceLabels>,
         security: SecurityPolicy,
+        access: LogSubject,
     ) -> Reporting {
         let report = RequestReport {
             metrics: Arc::clone(metrics),
             reporter: Reporter::destination,
             source: Shared(source),
             service: Shared(service),
+            access: Some(access),
         };
         Reporting { report, destination, security }
+    }
+
+    /// Server-side access logs of `workload` for a connection from `client` to `target` (a
+    /// port of the pod).
+    pub fn server_log(
+        metrics: &Metrics,
+        workload: &WorkloadKey,
+        client: Option<SocketAddr>,
+        target: SocketAddr,
+    ) -> LogSubject {
+        LogSubject {
+            logs: Arc::clone(&metrics.access_logs),
+            workload: workload.to_string(),
+            side: Side::Server,
+            facts: ConnectionFacts {
+                downstream_remote: client,
+                downstream_local: Some(target),
+                upstream_host: Some(target),
+                upstream_cluster: format!("inbound|{}||", target.port()),
+            },
+        }
     }
 
     /// The connection's own TCP labels.
@@ -143,7 +170,10 @@ where
     let service = service_fn(move |request: Request<Incoming>| {
         let shared = Arc::clone(&shared);
         async move {
-            let arrived = Arrived::new(request.headers());
+            let arrived = match &shared.3 {
+                Some(r) => r.report.arrived(&request),
+                None => Arrived::new(request.headers()),
+            };
             let request = request.map(|body| arrived.count(body).boxed());
             let response = handle(&shared.0, &shared.1, request).await;
             let response = match &shared.3 {
@@ -185,9 +215,11 @@ async fn handle(connection: &Inbound, upstream: &Upstream, mut request: Request<
         headers: request.headers(),
     };
     // The policies as they are now: a change applies to the next request.
-    if connection.decide(&connection.current(), Some(&facts)) != Verdict::Allow {
+    let verdict = connection.decide(&connection.current(), Some(&facts));
+    if verdict != Verdict::Allow {
         let mut response = Response::new(full("RBAC: access denied\n"));
         *response.status_mut() = StatusCode::FORBIDDEN;
+        response.extensions_mut().insert(ResponseDetails(verdict.envoy_details()));
         return response;
     }
     // An allowed upgrade (WebSocket) becomes a byte tunnel once the application agrees; the

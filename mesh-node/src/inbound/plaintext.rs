@@ -112,6 +112,7 @@ impl PlaintextInbound {
             self.authorizer.local_peer(&pod.key, &pod.service_account).as_destination(),
             ServiceLabels::unknown(),
             SecurityPolicy::none,
+            Reporting::server_log(&self.authorizer.metrics, &pod.key, Some(peer), dst),
         );
         let counters = self.authorizer.metrics.connection_opened(&reporting.connection_labels());
         let relayed = if per_request {

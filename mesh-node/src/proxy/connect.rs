@@ -203,6 +203,7 @@ impl Outbound {
                 destination,
                 Arc::clone(&caller.service),
                 SecurityPolicy::mutual_tls,
+                Reporting::server_log(&self.metrics, &pod.key, None, dst),
             );
             let counters = self.metrics.connection_opened(&reporting.connection_labels());
             if !per_request {

@@ -10,7 +10,10 @@ use prometheus_client::{
 };
 
 pub use super::labels::UNKNOWN;
-use super::labels::{DestinationLabels, Naming, ServiceLabels, Shared, SourceLabels};
+use super::{
+    access_log::AccessLogs,
+    labels::{DestinationLabels, Naming, ServiceLabels, Shared, SourceLabels},
+};
 
 /// Istio's buckets for `istio_request_duration_milliseconds`.
 const DURATION_BUCKETS_MS: [f64; 19] = [
@@ -207,6 +210,8 @@ pub struct Metrics {
     pub meshed_workloads: Gauge,
     /// The trust domain and cluster that peers' labels name.
     pub naming: Naming,
+    /// Which workloads are access-logged, and the writers (their dropped lines counted here).
+    pub access_logs: Arc<AccessLogs>,
 }
 
 impl Default for Metrics {
@@ -227,6 +232,7 @@ impl Default for Metrics {
             tunnel_connections_accepted: Counter::default(),
             meshed_workloads: Gauge::default(),
             naming: Naming::default(),
+            access_logs: Arc::default(),
         }
     }
 }
@@ -235,6 +241,11 @@ impl Metrics {
     pub fn new(registry: &mut Registry, naming: Naming) -> Metrics {
         let m = Metrics { naming, ..Metrics::default() };
         registry.register("istio_requests", "HTTP and gRPC requests", m.requests.clone());
+        registry.register(
+            "nodemesh_access_log_dropped_lines",
+            "Access-log lines dropped because their writer fell behind",
+            m.access_logs.dropped.clone(),
+        );
         registry.register(
             "istio_request_duration_milliseconds",
             "Time from a request's arrival at the proxy to the last byte of its answer",

@@ -3,6 +3,7 @@
 //! recorded when the answer's last byte has gone (with its gRPC status, from trailers too).
 
 use std::{
+    net::SocketAddr,
     sync::{
         Arc,
         atomic::{AtomicU64, Ordering},
@@ -12,11 +13,13 @@ use std::{
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, combinators::BoxBody};
-use hyper::{HeaderMap, Response, body::Body, header};
+use hyper::{HeaderMap, Request, Response, body::Body, header};
+use nodemesh_api::access_log::Record;
 
 use super::{
+    access_log::{LogSubject, Pending, ServerLog},
     body::{Counted, End, Ended, Metered, grpc_status},
-    labels::{DestinationLabels, ServiceLabels, Shared, SourceLabels},
+    labels::{DestinationLabels, ServiceLabels, Shared, SourceLabels, UNKNOWN},
     metrics::{Metrics, NO_FLAGS, Parties, Reporter, RequestLabels, RequestProtocol, SecurityPolicy},
 };
 
@@ -24,6 +27,36 @@ use super::{
 /// abnormally, kept on the response for metrics (see ARCHITECTURE.md "Metrics").
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ResponseFlags(pub &'static str);
+
+/// Envoy's `%RESPONSE_CODE_DETAILS%` where the flags do not say it all (a policy's denial
+/// names the policy), kept on the response for access logs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ResponseDetails(pub String);
+
+/// The endpoint that answered, kept on the response for access logs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct UpstreamHost(pub SocketAddr);
+
+/// Envoy's response code details for an answer with `flags` (`-`: the upstream's own), all
+/// given before a response started (a failure after it keeps `via_upstream`).
+fn details_for(flags: &str) -> &'static str {
+    match flags {
+        "-" => "via_upstream",
+        "NR" => "route_not_found",
+        "NC" => "cluster_not_found",
+        "UH" => "no_healthy_upstream",
+        "UF" => "upstream_reset_before_response_started{connection_failure}",
+        "URX" => "upstream_reset_before_response_started{retry_limit_exceeded}",
+        "UO" => "upstream_reset_before_response_started{overflow}",
+        "UC" => "upstream_reset_before_response_started{connection_termination}",
+        "UR" => "upstream_reset_before_response_started{remote_reset}",
+        "UT" => "response_timeout",
+        "RL" => "local_rate_limited",
+        "FI" => "fault_filter_abort",
+        "DC" => "downstream_remote_disconnect",
+        _ => "-",
+    }
+}
 
 /// Envoy's flag for a request its upstream failed: the connection ended under it (`UC`), or
 /// the stream was reset (`UR`).
@@ -44,11 +77,13 @@ pub struct Arrived {
     at: Instant,
     grpc: bool,
     request_bytes: Arc<AtomicU64>,
+    /// Set when the request is access-logged.
+    log: Option<Box<Pending>>,
 }
 
 impl Arrived {
     pub fn new(headers: &HeaderMap) -> Arrived {
-        Arrived { at: Instant::now(), grpc: is_grpc(headers), request_bytes: Arc::default() }
+        Arrived { at: Instant::now(), grpc: is_grpc(headers), request_bytes: Arc::default(), log: None }
     }
 
     /// `body`, counted as it passes.
@@ -68,9 +103,22 @@ pub struct RequestReport {
     pub reporter: Reporter,
     pub source: Shared<SourceLabels>,
     pub service: Shared<ServiceLabels>,
+    /// Whose access logs the requests go to, if anyone's.
+    pub access: Option<LogSubject>,
 }
 
 impl RequestReport {
+    /// `request` has arrived: timed from now, and access-logged if its workload's logs are on.
+    pub fn arrived<B>(&self, request: &Request<B>) -> Arrived {
+        let mut arrived = Arrived::new(request.headers());
+        if let Some(access) = &self.access
+            && let Some(logs) = access.logs_now()
+        {
+            arrived.log = Some(Box::new(Pending::start(logs, access.side, request.into())));
+        }
+        arrived
+    }
+
     /// `response` to the request that `arrived`, answered by `destination` over a connection
     /// secured as `security`: counted once its body ends. Flags come from a [`ResponseFlags`]
     /// on the response, else from how the body ended (`DC`: the client went away; `UC`: the
@@ -79,7 +127,7 @@ impl RequestReport {
     pub fn meter<B>(
         &self,
         arrived: Arrived,
-        response: Response<B>,
+        mut response: Response<B>,
         destination: Arc<DestinationLabels>,
         security: SecurityPolicy,
         also_destination: bool,
@@ -88,6 +136,9 @@ impl RequestReport {
         B: Body<Data = Bytes> + Unpin + Send + Sync + 'static,
     {
         let flags = response.extensions().get::<ResponseFlags>().map_or(NO_FLAGS, |f| f.0);
+        let server_log = response.extensions_mut().remove::<ServerLog>();
+        let logs =
+            self.log_records(arrived.log.map(|p| *p), server_log, &response, &destination, (flags, security));
         let mut labels = RequestLabels {
             parties: Parties {
                 reporter: self.reporter,
@@ -103,6 +154,7 @@ impl RequestReport {
         };
         let head_status = if arrived.grpc { grpc_status(response.headers()) } else { None };
         let metrics = Arc::clone(&self.metrics);
+        let (at, request_bytes) = (arrived.at, arrived.request_bytes);
         response.map(move |body| {
             Metered::new(body, head_status, move |ended: Ended| {
                 labels.grpc_response_status = ended.grpc_status;
@@ -113,9 +165,19 @@ impl RequestReport {
                         End::Dropped => "DC",
                     };
                 }
-                let ms = arrived.at.elapsed().as_secs_f64() * 1000.0;
-                let request_bytes = arrived.request_bytes.load(Ordering::Relaxed);
+                let elapsed = at.elapsed();
+                let ms = elapsed.as_secs_f64() * 1000.0;
+                let request_bytes = request_bytes.load(Ordering::Relaxed);
                 metrics.request(&labels, ms, request_bytes, ended.bytes);
+                for (pending, mut record) in logs {
+                    record.duration = elapsed;
+                    record.grpc_status = ended.grpc_status;
+                    record.response_flags = labels.response_flags;
+                    record.bytes_received = request_bytes;
+                    record.bytes_sent = ended.bytes;
+                    record.request = Some(pending.request);
+                    pending.logs.write(pending.side, &record);
+                }
                 if also_destination {
                     labels.parties.reporter = Reporter::destination;
                     metrics.request(&labels, ms, request_bytes, ended.bytes);
@@ -123,5 +185,60 @@ impl RequestReport {
             })
             .boxed()
         })
+    }
+
+    /// The lines to write for this request when its answer ends, all but the end's facts: the
+    /// client's or server's (`pending`), and the serving pod's where this node delivered it.
+    fn log_records<B>(
+        &self,
+        pending: Option<Pending>,
+        server: Option<ServerLog>,
+        response: &Response<B>,
+        destination: &DestinationLabels,
+        (flags, security): (&str, SecurityPolicy),
+    ) -> Vec<(Pending, Record)> {
+        if pending.is_none() && server.is_none() {
+            return Vec::new();
+        }
+        let known =
+            |principal: &str| if principal == UNKNOWN { String::new() } else { principal.to_string() };
+        let facts = self.access.as_ref().map(|a| a.facts.clone()).unwrap_or_default();
+        let upstream = response.extensions().get::<UpstreamHost>().map(|u| u.0).or(facts.upstream_host);
+        let common = Record {
+            response_code: response.status().as_u16(),
+            response_code_details: response
+                .extensions()
+                .get::<ResponseDetails>()
+                .map_or_else(|| details_for(flags).to_string(), |d| d.0.clone()),
+            upstream_host: upstream,
+            upstream_cluster: facts.upstream_cluster,
+            downstream_local: facts.downstream_local,
+            downstream_remote: facts.downstream_remote,
+            source_principal: known(&self.source.0.source_principal),
+            destination_principal: known(&destination.destination_principal),
+            mtls: security == SecurityPolicy::mutual_tls,
+            ..Record::default()
+        };
+        let mut records = Vec::with_capacity(2);
+        if let Some(pending) = pending {
+            let record = Record {
+                start_time: pending.start_time,
+                response_headers: pending.logs.capture_response(response.headers()),
+                ..common.clone()
+            };
+            records.push((pending, record));
+        }
+        if let Some(ServerLog(pending)) = server {
+            // At the pod's end the connection came from the client and went to the pod.
+            let record = Record {
+                start_time: pending.start_time,
+                response_headers: pending.logs.capture_response(response.headers()),
+                downstream_local: upstream,
+                upstream_cluster: upstream.map_or_else(String::new, |u| format!("inbound|{}||", u.port())),
+                ..common
+            };
+            records.push((pending, record));
+        }
+        records
     }
 }

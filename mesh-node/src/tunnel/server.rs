@@ -225,6 +225,12 @@ impl TunnelServer {
             destination,
             service_from_header(service.as_deref()),
             SecurityPolicy::mutual_tls,
+            http::Reporting::server_log(
+                &self.metrics,
+                &local.key,
+                Some(SocketAddr::new(from.unwrap_or(peers.addr.ip()), 0)),
+                target,
+            ),
         );
         let metrics = Arc::clone(&self.metrics);
         let client = peers.client.clone();

@@ -16,7 +16,10 @@ use prost::Message;
 use tokio::sync::Notify;
 
 use super::resources::{AddressEntry, AddressInfo, ClusterConfig, EndpointSet, Incoming};
-use crate::policy::{http_route::RouteTable, l4_route::L4Routes, lb::Balancer, rate_limit::BucketRegistry};
+use crate::{
+    policy::{http_route::RouteTable, l4_route::L4Routes, lb::Balancer, rate_limit::BucketRegistry},
+    telemetry::access_log::AccessLogs,
+};
 
 #[derive(Default)]
 struct State {
@@ -46,10 +49,12 @@ pub struct Cache {
     pub workloads_version: std::sync::atomic::AtomicU64,
     /// Woken whenever Workloads change (inbound decisions wait on it for a new pod's policy).
     pub workloads_changed: Notify,
+    /// Workloads' access logs, switched as their records change.
+    access_logs: Arc<AccessLogs>,
 }
 
 impl Cache {
-    pub fn new(max_endpoints_per_cluster: usize) -> Cache {
+    pub fn new(max_endpoints_per_cluster: usize, access_logs: Arc<AccessLogs>) -> Cache {
         Cache {
             state: RwLock::default(),
             address_changed: Notify::new(),
@@ -57,6 +62,7 @@ impl Cache {
             buckets: BucketRegistry::default(),
             workloads_version: std::sync::atomic::AtomicU64::new(0),
             workloads_changed: Notify::new(),
+            access_logs,
         }
     }
 
@@ -128,7 +134,7 @@ impl Cache {
                 self.apply_endpoints(decode_each::<ClusterLoadAssignment, EndpointSet>(updated)?, removed)?
             }
             proto::ROUTE_TYPE => self.apply_routes(&decode_all::<RouteConfiguration>(updated)?, removed)?,
-            proto::WORKLOAD_TYPE => self.apply_workloads(decode_all::<mesh::Workload>(updated)?, removed),
+            proto::WORKLOAD_TYPE => self.apply_workloads(decode_all::<mesh::Workload>(updated)?, removed)?,
             proto::ADDRESS_TYPE => self.apply_addresses(
                 updated.iter().map(AddressEntry::try_from).collect::<Result<Vec<_>, _>>()?,
                 removed,
@@ -201,7 +207,9 @@ impl Cache {
         Ok(())
     }
 
-    fn apply_workloads(&self, workloads: Vec<mesh::Workload>, removed: &[String]) {
+    fn apply_workloads(&self, workloads: Vec<mesh::Workload>, removed: &[String]) -> Result<(), String> {
+        let logs = self.access_logs.compile(&workloads)?;
+        self.access_logs.apply(logs, removed);
         let mut s = self.state.write().expect("cache lock");
         for name in removed {
             s.workloads.remove(name);
@@ -212,6 +220,7 @@ impl Cache {
         self.workloads_version.fetch_add(1, std::sync::atomic::Ordering::Release);
         drop(s);
         self.workloads_changed.notify_waiters();
+        Ok(())
     }
 
     fn apply_addresses(&self, entries: Vec<AddressEntry>, removed: &[String]) {

@@ -51,7 +51,11 @@ use crate::{
         lb::{Balancer, LocalityKey},
         request_match::RequestSource,
     },
-    telemetry::{labels::Caller, requests::Arrived},
+    telemetry::{
+        access_log::{Pending, ServerLog, Side},
+        labels::Caller,
+        requests::{Arrived, UpstreamHost},
+    },
     workload::Source,
     xds::{cache::Cache, resources::AddressInfo},
 };
@@ -99,15 +103,21 @@ pub(crate) async fn serve(
     source: Arc<Source>,
     target: Arc<Target>,
 ) {
+    // Captured connections reach the proxy from loopback in the pod's netns: the pod's own
+    // address is what a log reader knows it by.
+    let peer = client
+        .peer_addr()
+        .ok()
+        .map(|p| SocketAddr::new(source.ips.first().copied().unwrap_or(p.ip()), p.port()));
     let io = TokioIo::new(client);
     let (key, service_name) = (source.key.clone(), target.service.clone());
     let drain = outbound.drain.clone();
-    let report = Arc::new(SourceReport::new(&outbound, &target));
+    let report = Arc::new(SourceReport::new(&outbound, &target, key.to_string(), peer));
     let service = service_fn(move |req: Request<Incoming>| {
         let (outbound, source, target) = (Arc::clone(&outbound), Arc::clone(&source), Arc::clone(&target));
         let report = Arc::clone(&report);
         async move {
-            let arrived = Arrived::new(req.headers());
+            let arrived = report.arrived(&req);
             let response = forward(&outbound, &source, &target, req, &arrived).await;
             let response = report.meter(arrived, response);
             let (mut parts, body) = response.into_parts();
@@ -226,8 +236,17 @@ async fn forward(
         security,
         delivered_here,
     };
+    // The pod is this node's: nothing at its end sees the request, so its server-side line is
+    // written here too.
+    if delivered_here
+        && let Some(logs) =
+            outbound.metrics.access_logs.for_workload(&pick.endpoint.ep.workload, Side::Server)
+    {
+        response.extensions_mut().insert(ServerLog(Pending::start(logs, Side::Server, (&parts).into())));
+    }
     drop(pick);
     response.extensions_mut().insert(answered_by);
+    response.extensions_mut().insert(UpstreamHost(addr));
     if response.status() == StatusCode::SWITCHING_PROTOCOLS
         && let Some(client_upgrade) = client_upgrade
     {

@@ -2,7 +2,10 @@
 //! Service's labels are resolved once per connection, the answering endpoint's once per
 //! endpoint; the rest is [`RequestReport`]'s.
 
-use std::sync::{Arc, Mutex};
+use std::{
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+};
 
 use hyper::Response;
 use nodemesh_api::workload::WorkloadNames;
@@ -12,6 +15,7 @@ use crate::{
     conn::pool::Body,
     proxy::Outbound,
     telemetry::{
+        access_log::{ConnectionFacts, LogSubject, Side},
         labels::{DestinationLabels, Peer, Shared},
         metrics::{Reporter, SecurityPolicy},
         requests::{Arrived, RequestReport},
@@ -39,13 +43,31 @@ pub(super) struct SourceReport {
 }
 
 impl SourceReport {
-    pub(super) fn new(outbound: &Outbound, target: &Target) -> SourceReport {
+    /// The report of `workload`'s connection from `client` to `target`.
+    pub(super) fn new(
+        outbound: &Outbound,
+        target: &Target,
+        workload: String,
+        client: Option<SocketAddr>,
+    ) -> SourceReport {
+        let access = LogSubject {
+            logs: Arc::clone(&outbound.metrics.access_logs),
+            workload,
+            side: Side::Client,
+            facts: ConnectionFacts {
+                downstream_remote: client,
+                downstream_local: Some(target.vip),
+                upstream_host: None,
+                upstream_cluster: format!("outbound|{}||{}", target.vip.port(), target.service),
+            },
+        };
         SourceReport {
             report: RequestReport {
                 metrics: Arc::clone(&outbound.metrics),
                 reporter: Reporter::source,
                 source: Shared(Arc::clone(&target.caller.source)),
                 service: Shared(Arc::clone(&target.caller.service)),
+                access: Some(access),
             },
             destinations: Mutex::default(),
         }
@@ -64,6 +86,11 @@ impl SourceReport {
         }
         remembered.push((uid.to_string(), Arc::clone(&labels)));
         labels
+    }
+
+    /// `request` has arrived: timed, and access-logged if the caller's logs are on.
+    pub(super) fn arrived<B>(&self, request: &hyper::Request<B>) -> Arrived {
+        self.report.arrived(request)
     }
 
     /// `response` to the request that `arrived`, counted when its body ends.
