@@ -170,6 +170,21 @@ impl Drain {
     where
         C: Future<Output = T>,
     {
+        self.serve_while(conn, h2, std::future::pending(), graceful_shutdown).await
+    }
+
+    /// [`Drain::serve`], also shut down gracefully (at once) when `ended` completes: what the
+    /// connection's requests are passed to has gone, so its client must open a new one.
+    pub async fn serve_while<C, T>(
+        &self,
+        conn: C,
+        h2: bool,
+        ended: impl Future<Output = ()>,
+        graceful_shutdown: impl FnOnce(Pin<&mut C>),
+    ) -> T
+    where
+        C: Future<Output = T>,
+    {
         let mut conn = std::pin::pin!(conn);
         tokio::select! {
             out = conn.as_mut() => return out,
@@ -179,6 +194,7 @@ impl Drain {
                     tokio::time::sleep(HTTP1_IDLE_GRACE).await;
                 }
             } => {}
+            () = ended => {}
         }
         graceful_shutdown(conn.as_mut());
         conn.await

@@ -152,13 +152,19 @@ where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let io = TokioIo::new(delivered);
+    // Ends when the upstream HTTP/2 connection does (the pod closed or reset it): the client's
+    // connection is then shut down (GOAWAY) rather than left failing every request.
+    let (upstream_gone, upstream_ended) = tokio::sync::oneshot::channel::<()>();
     let upstream = if h2 {
         let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
             .handshake(io)
             .await
             .map_err(|e| format!("upstream HTTP/2: {e}"))?;
-        tokio::spawn(conn);
+        tokio::spawn(async move {
+            let _ = conn.await;
+            drop(upstream_gone);
+        });
         Upstream::Http2(sender)
     } else {
         let (sender, conn) =
@@ -192,7 +198,10 @@ where
         let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
             .serve_connection(client, service);
-        drain.serve(conn, true, |c| c.graceful_shutdown()).await
+        let ended = async {
+            let _ = upstream_ended.await;
+        };
+        drain.serve_while(conn, true, ended, |c| c.graceful_shutdown()).await
     } else {
         let conn =
             hyper::server::conn::http1::Builder::new().serve_connection(client, service).with_upgrades();
@@ -250,6 +259,11 @@ async fn handle(connection: &Inbound, upstream: &Upstream, mut request: Request<
             let mut response = Response::new(full(format!("upstream request failed: {e}\n")));
             *response.status_mut() = StatusCode::BAD_GATEWAY;
             response.extensions_mut().insert(ResponseFlags(upstream_failure_flags(&e)));
+            // The HTTP/1 connection to the pod is unusable now; so is this one, which the
+            // client would otherwise send its next request on.
+            if matches!(upstream, Upstream::Http1(_)) {
+                response.headers_mut().insert(header::CONNECTION, header::HeaderValue::from_static("close"));
+            }
             response
         }
     }
