@@ -4,7 +4,7 @@
 //! Server (HTTP/1.x and h2c on the same port), per request, a JSON body:
 //! `{"server","method","path","host","version","peer","headers"}`. `/status/<code>` answers
 //! with that status; `/flaky/<n>` answers 503 to every n-th request it gets and 200 otherwise;
-//! `/delay/<ms>` answers after that long; `/slow-on/<server>/<ms>` too, but only on the
+//! `/delay/<ms>` answers after that long; `/reset` closes the connection unanswered; `/slow-on/<server>/<ms>` too, but only on the
 //! server of that name (the others answer at once);
 //! `/stats` answers `{"served": n, "last_host"}`: the requests this server answered before it,
 //! and the Host of the last one. A request
@@ -15,7 +15,10 @@ use std::{
     convert::Infallible,
     io::{self, Read, Write},
     net::SocketAddr,
-    sync::atomic::{AtomicU64, Ordering},
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
     time::Duration,
 };
 
@@ -27,7 +30,10 @@ use hyper_util::{
     server::conn::auto,
 };
 use serde_json::{Value, json};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    sync::Notify,
+};
 
 pub(crate) fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("tokio runtime")
@@ -46,13 +52,21 @@ pub(crate) fn serve(name: &str, listen: &[String], always: Option<StatusCode>) -
                     let Ok((stream, peer)) = listener.accept().await else { continue };
                     let name = name.clone();
                     tokio::spawn(async move {
-                        let service = service_fn(move |req| {
-                            let name = name.clone();
-                            async move { Ok::<_, Infallible>(answer(&name, peer, req, always).await) }
+                        let reset = Arc::new(Notify::new());
+                        let service = service_fn({
+                            let reset = Arc::clone(&reset);
+                            move |req| {
+                                let (name, reset) = (name.clone(), Arc::clone(&reset));
+                                async move { Ok::<_, Infallible>(answer(&name, peer, req, always, &reset).await) }
+                            }
                         });
-                        let _ = auto::Builder::new(TokioExecutor::new())
-                            .serve_connection_with_upgrades(TokioIo::new(stream), service)
-                            .await;
+                        let builder = auto::Builder::new(TokioExecutor::new());
+                        let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+                        // `/reset`: the connection is dropped unanswered, as by a crashing server.
+                        tokio::select! {
+                            _ = conn => {}
+                            () = reset.notified() => {}
+                        }
                     });
                 }
             }));
@@ -78,6 +92,7 @@ async fn answer(
     peer: SocketAddr,
     mut req: Request<Incoming>,
     always: Option<StatusCode>,
+    reset: &Notify,
 ) -> Response<Body> {
     let host = req
         .headers()
@@ -124,6 +139,10 @@ async fn answer(
     SERVED.fetch_add(1, Ordering::Relaxed);
     if let (Ok(mut last), Some(host)) = (LAST_HOST.lock(), report["host"].as_str()) {
         *last = host.to_string();
+    }
+    if path == "/reset" {
+        reset.notify_one();
+        std::future::pending::<()>().await;
     }
     if let Some(ms) = path.strip_prefix("/delay/").and_then(|ms| ms.parse::<u64>().ok()) {
         tokio::time::sleep(Duration::from_millis(ms)).await;
