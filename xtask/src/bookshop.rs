@@ -161,6 +161,56 @@ fn apply(cluster: &SimCluster, config: &Path, file: Option<&str>) -> anyhow::Res
     Ok(())
 }
 
+/// Errors-only access logs for the namespace, switched on while jason's faults happen and off
+/// again: the lines name the fault (`FI`) where it was injected.
+fn access_logs(cluster: &SimCluster, config: &Path, shop: &Bookshop) -> anyhow::Result<()> {
+    let target = config.join("bookshop-telemetry.yaml");
+    let text =
+        fs::read_to_string(util::workspace_root()?.join("examples/bookshop/telemetry/errors-only.yaml"))?;
+    println!("\n  $ cp examples/bookshop/telemetry/errors-only.yaml <config>/");
+    for line in text.lines().take_while(|l| l.starts_with('#')) {
+        println!("    {line}");
+    }
+    let logged_before: Vec<usize> = cluster.nodes.iter().map(|n| n.log().len()).collect();
+    fs::write(&target, text)?;
+    cluster.control.wait_for_config()?;
+    let jason = shop.browse(cluster, 2, Some("jason"), None)?;
+    show("2 pages as jason", &jason);
+    let mut lines = Vec::new();
+    for _ in 0..50 {
+        lines = cluster
+            .nodes
+            .iter()
+            .zip(&logged_before)
+            .enumerate()
+            .flat_map(|(i, (node, from))| {
+                let log = node.log();
+                let new = log.get(*from..).unwrap_or_default().to_string();
+                new.lines()
+                    .filter(|l| l.starts_with("[20"))
+                    .map(|l| format!("node-{}: {l}", i + 1))
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        if lines.iter().any(|l| l.contains(" 503 FI fault_filter_abort ")) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    println!("      access-log lines (mesh-node stdout):");
+    for line in lines.iter().take(4) {
+        println!("        {line}");
+    }
+    ensure!(
+        lines.iter().any(|l| l.contains(" 503 FI fault_filter_abort ")),
+        "the injected faults should be logged with flag FI: {lines:#?}"
+    );
+    fs::remove_file(&target)?;
+    println!("\n  $ rm <config>/bookshop-telemetry.yaml   (access logs off)");
+    cluster.control.wait_for_config()?;
+    Ok(())
+}
+
 /// The walk through the route files.
 pub(crate) fn walk(cluster: &SimCluster, config: &Path, shop: &Bookshop) -> anyhow::Result<()> {
     println!(
@@ -229,6 +279,8 @@ pub(crate) fn walk(cluster: &SimCluster, config: &Path, shop: &Bookshop) -> anyh
         "jason's ratings should fail after 1 s: {jason}"
     );
     ensure!(count(&anon, "stars", "none") == 10 && anon["failed"] == 0, "others untouched: {anon}");
+
+    access_logs(cluster, config, shop)?;
 
     apply(cluster, config, Some("6-mirror.yaml"))?;
     let before = shop.v3_served(cluster)?;
