@@ -7,7 +7,9 @@
 //!
 //! For HTTP/1.1 and h2c each: latency (one connection, open loop at 1,000 req/s, 5,000
 //! requests, p50/p99 from each request's scheduled time) and max RPS (16 requests in flight for
-//! 5 s: 16 keep-alive connections, or 16 streams on one h2 connection).
+//! 5 s: 16 keep-alive connections, or 16 streams on one h2 connection). Then mesh-node again
+//! with access logs on for every request (MeshConfig `accessLogFile`, Envoy's default text
+//! format, to a file): what logging costs.
 
 use std::time::Duration;
 
@@ -26,9 +28,17 @@ pub(crate) struct ProtocolRun {
     pub direct: Figures,
     pub mesh: Figures,
     pub envoy: Figures,
+    /// mesh-node with every request access-logged.
+    pub mesh_logged: Figures,
 }
 
-pub(crate) fn run() -> anyhow::Result<Vec<ProtocolRun>> {
+/// Access-log lines written during the logged runs (one per request, none dropped: else fewer).
+pub(crate) struct HttpRuns {
+    pub protocols: Vec<ProtocolRun>,
+    pub lines_written: usize,
+}
+
+pub(crate) fn run() -> anyhow::Result<HttpRuns> {
     let mut node = SimNode::new()?;
     let config = node.work_dir.join("config");
     std::fs::create_dir_all(&config)?;
@@ -65,9 +75,49 @@ pub(crate) fn run() -> anyhow::Result<Vec<ProtocolRun>> {
         let direct = measure(&node, &plain, &server.addr(8080).to_string(), h2)?;
         let mesh = measure(&node, &meshed, &vip, h2)?;
         let via_envoy = measure(&node, &plain, &envoy, h2)?;
-        runs.push(ProtocolRun { protocol, direct, mesh, envoy: via_envoy });
+        runs.push((protocol, h2, direct, mesh, via_envoy));
     }
-    Ok(runs)
+    let log = log_everything(&node, &config, &meshed, &vip)?;
+    let lines_before = count_lines(&log);
+    let mut protocols = Vec::new();
+    for (protocol, h2, direct, mesh, envoy) in runs {
+        crate::util::step(&format!("HTTP bench, {protocol}: mesh-node with access logs on"));
+        let mesh_logged = measure(&node, &meshed, &vip, h2)?;
+        protocols.push(ProtocolRun { protocol, direct, mesh, envoy, mesh_logged });
+    }
+    // The writer thread may still be draining its queue.
+    std::thread::sleep(Duration::from_millis(500));
+    Ok(HttpRuns { protocols, lines_written: count_lines(&log) - lines_before })
+}
+
+/// Turns access logs on for every workload, to a file in the node's work dir, and waits until
+/// a request of `client` is logged; returns the file.
+fn log_everything(
+    node: &SimNode,
+    config: &std::path::Path,
+    client: &Pod,
+    vip: &str,
+) -> anyhow::Result<std::path::PathBuf> {
+    let log = node.work_dir.join("access.log");
+    mesh::write_config(
+        config,
+        "mesh.yaml",
+        &format!(
+            "apiVersion: nodemesh.io/v1alpha1\nkind: MeshConfig\nmetadata: {{name: mesh}}\n\
+             spec: {{accessLogFile: {}}}\n",
+            log.display()
+        ),
+    );
+    mesh::wait_until(Duration::from_secs(20), Duration::from_millis(100), || {
+        node.testapp(client, &["http-client", "--to", vip, "--requests", "1"]).is_ok()
+            && count_lines(&log) > 0
+    })
+    .context("access logs never came on")?;
+    Ok(log)
+}
+
+fn count_lines(path: &std::path::Path) -> usize {
+    std::fs::read(path).map_or(0, |b| b.iter().filter(|c| **c == b'\n').count())
 }
 
 pub(crate) fn measure(node: &SimNode, client: &Pod, to: &str, h2: bool) -> anyhow::Result<Figures> {
