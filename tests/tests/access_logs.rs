@@ -3,8 +3,8 @@
 //! caller's node and server side at the serving node, appear within a second for that
 //! namespace's workloads only, in Envoy's default text format on the node's stdout and as JSON
 //! in a file; a filter keeps only errors; each response flag a user looks for appears for the
-//! case that causes it (no route, upstream reset, denied by policy, rate limited, timeout);
-//! off again — they stop.
+//! case that causes it (no route, upstream reset, denied by policy, rate limited, timeout); a
+//! TCP connection gets one line per side with its bytes; off again — they stop.
 
 use std::{
     path::{Path, PathBuf},
@@ -13,13 +13,14 @@ use std::{
 
 use nodemesh_tests::{
     Pod, Registration, SimCluster, SimNode,
-    mesh::{eventually, http_get},
+    mesh::{eventually, hello_counts, http_get, service_yaml},
 };
 use serde_json::Value;
 
 const WEB_VIP: &str = "10.96.0.30";
 const API_VIP: &str = "10.96.0.31";
 const ECHO_VIP: &str = "10.96.0.32";
+const DB_VIP: &str = "10.96.0.33";
 const WEB_CLUSTER: &str = "outbound|80||web.shop.svc.cluster.local";
 
 /// An HTTP Service at `vip`, 80 → 8080 on `app=<app>` pods of `namespace`.
@@ -89,6 +90,8 @@ spec:
           cluster: "%UPSTREAM_CLUSTER%"
           upstream: "%UPSTREAM_HOST%"
           duration: "%DURATION%"
+          received: "%BYTES_RECEIVED%"
+          sent: "%BYTES_SENT%"
           agent: "%REQ(USER-AGENT)%"
 "#,
         json_log.display()
@@ -170,6 +173,7 @@ fn telemetry_turns_access_logs_on_for_one_namespace_with_filters_and_response_fl
     cluster.write_config("web.yaml", &http_service("web", "shop", WEB_VIP, "web"));
     cluster.write_config("api.yaml", &http_service("api", "shop", API_VIP, "web"));
     cluster.write_config("echo.yaml", &http_service("echo", "other", ECHO_VIP, "echo"));
+    cluster.write_config("db.yaml", &service_yaml("db", DB_VIP, "db"));
     cluster.write_config("routes.yaml", ROUTES);
     cluster.write_config("mesh.yaml", &mesh_config(&json_log));
     cluster.start(&[], &[]).unwrap();
@@ -184,6 +188,9 @@ fn telemetry_turns_access_logs_on_for_one_namespace_with_filters_and_response_fl
     let echo = cluster.nodes[1].add_pod("echo0", "other").unwrap();
     cluster.nodes[1].register(&echo, &Registration::labelled(&[("app", "echo")])).unwrap();
     cluster.nodes[1].serve_http(&echo, &[echo.addr(8080)]).unwrap();
+    let db = cluster.nodes[1].add_pod("db0", "shop").unwrap();
+    cluster.nodes[1].register(&db, &Registration::labelled(&[("app", "db")])).unwrap();
+    cluster.nodes[1].serve(&db, &[db.addr(8080)]).unwrap();
 
     let (node0, node1) = (&cluster.nodes[0], &cluster.nodes[1]);
     let web_to = format!("{WEB_VIP}:80");
@@ -231,6 +238,28 @@ fn telemetry_turns_access_logs_on_for_one_namespace_with_filters_and_response_fl
         text.iter().find(|l| l.contains("\"GET /ok HTTP/1.1\"")).unwrap_or_else(|| panic!("{text:#?}"));
     assert!(line.contains(" 200 - via_upstream ") && line.contains(WEB_CLUSTER), "{line}");
     assert!(text_lines(node1).iter().any(|l| l.contains("\"GET /ok HTTP/1.1\" 200 - via_upstream")));
+
+    // A TCP connection (not HTTP): one line per side when it ends, with its bytes.
+    let db_to = format!("{DB_VIP}:80");
+    assert_eq!(hello_counts(node0, &client, &db_to, 1).values().sum::<usize>(), 1);
+    let db_cluster = "outbound|80||db.shop.svc.cluster.local";
+    eventually("both TCP lines", Duration::from_secs(2), || {
+        let tcp: Vec<Value> = json_lines(&json_log).into_iter().filter(|l| l["method"].is_null()).collect();
+        tcp.iter().any(|l| l["cluster"] == db_cluster) && tcp.iter().any(|l| l["cluster"] == "inbound|8080||")
+    });
+    let tcp: Vec<Value> = json_lines(&json_log).into_iter().filter(|l| l["method"].is_null()).collect();
+    let client_line = one(&tcp, db_cluster, "TCP client side");
+    let server_line = one(&tcp, "inbound|8080||", "TCP server side");
+    for line in [&client_line, &server_line] {
+        assert_eq!((line["code"].clone(), line["flags"].clone()), (0.into(), "-".into()), "{line}");
+    }
+    // The client said `HELLO\n`; both sides count the same bytes each way.
+    assert_eq!(client_line["received"], 6, "{client_line}");
+    assert_eq!(server_line["received"], 6, "{server_line}");
+    assert!(client_line["sent"].as_u64().is_some_and(|n| n > 6), "{client_line}");
+    assert_eq!(client_line["sent"], server_line["sent"]);
+    assert_eq!(client_line["upstream"], db.addr(8080).to_string(), "{client_line}");
+    assert_eq!(server_line["upstream"], db.addr(8080).to_string(), "{server_line}");
 
     // The response flags a user looks for, each where Envoy would write it.
     let flagged = |path: &str, side: &str| -> Value {

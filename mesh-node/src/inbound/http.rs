@@ -26,7 +26,7 @@ use crate::{
         upgrade::{splice_upgrade, upgrade_protocol},
     },
     telemetry::{
-        access_log::{ConnectionFacts, LogSubject, Side},
+        access_log::{ConnectionFacts, ConnectionLog, LogSubject, Side},
         labels::{DestinationLabels, ServiceLabels, Shared, SourceLabels},
         metrics::{ConnectionCounters, ConnectionLabels, Metrics, Reporter, SecurityPolicy},
         requests::{Arrived, RequestReport, ResponseDetails, ResponseFlags, upstream_failure_flags},
@@ -86,6 +86,11 @@ impl Reporting {
                 upstream_cluster: format!("inbound|{}||", target.port()),
             },
         }
+    }
+
+    /// The connection's access-log line, if its workload's server-side logs are on now.
+    pub fn connection_log(&self) -> Option<ConnectionLog> {
+        self.report.access.as_ref().and_then(ConnectionLog::of)
     }
 
     /// The connection's own TCP labels.

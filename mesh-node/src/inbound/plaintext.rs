@@ -120,10 +120,22 @@ impl PlaintextInbound {
                 .await
         } else {
             // The pod is the first side: what it sends is what the destination sent.
-            relay::relay_stream(delivered, Guarded::new(conn, connection), &counters.sent, &counters.received)
-                .await
-                .map(|_| ())
-                .map_err(|e| e.to_string())
+            let log = reporting.connection_log();
+            let relayed = relay::relay_stream(
+                delivered,
+                Guarded::new(conn, connection),
+                &counters.sent,
+                &counters.received,
+            )
+            .await;
+            if let Some(log) = log {
+                log.finish(
+                    "-",
+                    Some((dst, false)),
+                    relayed.as_ref().map_or((0, 0), |t| (t.received, t.sent)),
+                );
+            }
+            relayed.map(|_| ()).map_err(|e| e.to_string())
         };
         if let Err(e) = relayed {
             tracing::debug!(workload = %pod.key, client = %peer, "inbound relay ended with error: {e}");

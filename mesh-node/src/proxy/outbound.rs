@@ -23,6 +23,7 @@ use crate::{
     },
     proxy::route::{Decision, connection_hash},
     telemetry::{
+        access_log::{ConnectionFacts, ConnectionLog, Side},
         labels::{Caller, Peer, ServiceLabels},
         metrics::{
             ConnectionLabels, EgressDeniedLabels, FailureLabels, FailureReason, Reporter, SecurityPolicy,
@@ -100,6 +101,24 @@ impl Outbound {
             Decision::Balance { service, .. } => self.caller(&source, service, dst),
             _ => self.caller(&source, "", dst),
         };
+        // Its access-log line, if the caller's logs are on (a connection proxied as HTTP logs
+        // each request instead, and drops this).
+        let log = self.metrics.access_logs.for_key(&source.key, Side::Client).map(|logs| {
+            let facts = ConnectionFacts {
+                downstream_remote: Some(SocketAddr::new(
+                    source.ips.first().copied().unwrap_or(peer.ip()),
+                    peer.port(),
+                )),
+                downstream_local: Some(dst),
+                upstream_host: None,
+                upstream_cluster: match &decision {
+                    Decision::Balance { service, .. } => format!("outbound|{}||{service}", dst.port()),
+                    Decision::Direct(_) => "PassthroughCluster".into(),
+                    Decision::Deny(..) => "BlackHoleCluster".into(),
+                },
+            };
+            ConnectionLog::start(logs, Side::Client, facts)
+        });
         // The cluster's tcp.idleTimeout, once the connection goes to one.
         let mut idle = None;
         let connected = match decision {
@@ -189,6 +208,9 @@ impl Outbound {
                     reason: code.label().into(),
                 });
                 relay::reset(&client);
+                if let Some(log) = log {
+                    log.finish("UH", None, (0, 0));
+                }
                 return;
             }
         };
@@ -207,6 +229,14 @@ impl Outbound {
                 tracing::info!(workload = %source.key, %dst, "upstream connect failed: {e}");
                 self.metrics.failure(&fail(reason));
                 relay::reset(&client);
+                if let Some(log) = log {
+                    let flags = match reason {
+                        FailureReason::upstream_overflow => "UO",
+                        FailureReason::no_healthy_endpoint => "UH",
+                        _ => "UF",
+                    };
+                    log.finish(flags, None, (0, 0));
+                }
                 return;
             }
         };
@@ -229,13 +259,22 @@ impl Outbound {
         );
         let counters = self.metrics.connection_opened(&labels);
         tracing::debug!(workload = %source.key, %dst, "proxying");
-        match upstream.relay(client, &counters.sent, &counters.received, idle).await {
-            Ok(t) => {
-                tracing::debug!(workload = %source.key, %dst, sent = t.sent, received = t.received, "closed")
-            }
-            Err(e) => tracing::debug!(workload = %source.key, %dst, "relay ended with error: {e}"),
-        }
+        let relayed = upstream.relay(client, &counters.sent, &counters.received, idle).await;
         counters.closed();
+        let totals = match relayed {
+            Ok(t) => {
+                tracing::debug!(workload = %source.key, %dst, sent = t.sent, received = t.received, "closed");
+                (t.sent, t.received)
+            }
+            Err(e) => {
+                // The totals went with the error; the line says the connection was reset.
+                tracing::debug!(workload = %source.key, %dst, "relay ended with error: {e}");
+                (0, 0)
+            }
+        };
+        if let Some(log) = log {
+            log.finish("-", Some((dst, security == SecurityPolicy::mutual_tls)), totals);
+        }
     }
 
     /// The source workload's labels and the Service it dialled (`service`: its hostname;

@@ -14,13 +14,14 @@ use std::{
         atomic::{AtomicBool, Ordering},
         mpsc,
     },
-    time::SystemTime,
+    time::{Instant, SystemTime},
 };
 
 use hyper::{HeaderMap, Method, Request, Uri, Version, header::HeaderName, http::request::Parts};
 use nodemesh_api::{
     access_log::{LogSpec, Record, RequestFacts},
     proto::mesh,
+    workload::WorkloadKey,
 };
 use prometheus_client::metrics::counter::Counter;
 
@@ -69,6 +70,14 @@ impl AccessLogs {
         }
         let logs = self.by_workload.read().expect("access logs lock").get(uid).cloned()?;
         logs.logs.iter().any(|(spec, _)| spec.logs(side)).then_some(logs)
+    }
+
+    /// [`AccessLogs::for_workload`] by key: nothing is formatted unless some workload is logged.
+    pub fn for_key(&self, key: &WorkloadKey, side: Side) -> Option<Arc<WorkloadLogs>> {
+        if !self.any.load(Ordering::Relaxed) {
+            return None;
+        }
+        self.for_workload(&key.to_string(), side)
     }
 
     /// Checks the access logs of `workloads` without changing anything: an `Err` names the
@@ -327,6 +336,54 @@ impl Pending {
     pub fn start(logs: Arc<WorkloadLogs>, side: Side, head: Head<'_>) -> Pending {
         let request = logs.capture(head);
         Pending { logs, side, start_time: SystemTime::now(), request }
+    }
+}
+
+/// A TCP connection's line (not proxied as HTTP), written when it ends.
+pub struct ConnectionLog {
+    logs: Arc<WorkloadLogs>,
+    side: Side,
+    began: Instant,
+    record: Record,
+}
+
+impl ConnectionLog {
+    /// The line of a connection logged on `side` to `logs`.
+    pub fn start(logs: Arc<WorkloadLogs>, side: Side, facts: ConnectionFacts) -> ConnectionLog {
+        let record = Record {
+            start_time: SystemTime::now(),
+            upstream_host: facts.upstream_host,
+            upstream_cluster: facts.upstream_cluster,
+            downstream_local: facts.downstream_local,
+            downstream_remote: facts.downstream_remote,
+            ..Record::default()
+        };
+        ConnectionLog { logs, side, began: Instant::now(), record }
+    }
+
+    /// The line of a connection whose requests would go to `subject`, if its logs are on now.
+    pub fn of(subject: &LogSubject) -> Option<ConnectionLog> {
+        let logs = subject.logs_now()?;
+        Some(ConnectionLog::start(logs, subject.side, subject.facts.clone()))
+    }
+
+    /// Writes the line: Envoy's `flags` (`-`: none), the upstream reached and whether over
+    /// mTLS, and the bytes `from_downstream` and `to_downstream`.
+    pub fn finish(
+        mut self,
+        flags: &'static str,
+        upstream: Option<(SocketAddr, bool)>,
+        (from_downstream, to_downstream): (u64, u64),
+    ) {
+        self.record.duration = self.began.elapsed();
+        self.record.response_flags = flags;
+        if let Some((host, mtls)) = upstream {
+            self.record.upstream_host = Some(host);
+            self.record.mtls = mtls;
+        }
+        self.record.bytes_received = from_downstream;
+        self.record.bytes_sent = to_downstream;
+        self.logs.write(self.side, &self.record);
     }
 }
 

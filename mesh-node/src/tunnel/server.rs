@@ -263,11 +263,18 @@ impl TunnelServer {
                 .await
             } else {
                 // The pod is the first side: what it sends is what the destination sent.
+                let log = reporting.connection_log();
                 let client = Guarded::new(client_side, connection);
-                relay::relay_stream(delivered, client, &counters.sent, &counters.received)
-                    .await
-                    .map(|_| ())
-                    .map_err(|e| e.to_string())
+                let relayed =
+                    relay::relay_stream(delivered, client, &counters.sent, &counters.received).await;
+                if let Some(log) = log {
+                    log.finish(
+                        "-",
+                        Some((target, true)),
+                        relayed.as_ref().map_or((0, 0), |t| (t.received, t.sent)),
+                    );
+                }
+                relayed.map(|_| ()).map_err(|e| e.to_string())
             };
             if let Err(e) = relayed {
                 tracing::debug!(%client, %peer, %target, "tunnel stream ended with error: {e}");
