@@ -442,16 +442,17 @@ pub enum AccessLogEncoding {
     Json,
 }
 
-/// `MeshConfig.extensionProviders[]`: named backends Telemetry objects refer to. Only Envoy's
-/// file access log is applied; the other kinds are read so that a mesh config written for
-/// Istio loads, and are named in the log when a Telemetry selects them.
+/// `MeshConfig.extensionProviders[]`: named backends Telemetry objects refer to. Envoy's file
+/// access log, Zipkin and OpenTelemetry (OTLP/gRPC) tracing are applied; the other kinds are
+/// read so that a mesh config written for Istio loads, and are named in the log when a
+/// Telemetry selects them.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ExtensionProvider {
     pub name: String,
     pub envoy_file_access_log: Option<EnvoyFileAccessLog>,
-    pub zipkin: Option<serde_json::Value>,
-    pub opentelemetry: Option<serde_json::Value>,
+    pub zipkin: Option<ZipkinProvider>,
+    pub opentelemetry: Option<OpenTelemetryProvider>,
     pub envoy_otel_als: Option<serde_json::Value>,
     pub envoy_http_als: Option<serde_json::Value>,
     pub envoy_tcp_als: Option<serde_json::Value>,
@@ -462,6 +463,33 @@ pub struct ExtensionProvider {
     pub lightstep: Option<serde_json::Value>,
     pub envoy_ext_authz_http: Option<serde_json::Value>,
     pub envoy_ext_authz_grpc: Option<serde_json::Value>,
+}
+
+/// Zipkin v2 JSON over HTTP.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ZipkinProvider {
+    /// The collector's host (a Service's hostname, or an address).
+    pub service: String,
+    pub port: u16,
+    pub max_tag_length: Option<u32>,
+    /// Nodemesh always sends 128-bit trace ids, as W3C trace context needs.
+    pub enable_64bit_trace_id: Option<bool>,
+    /// Default `/api/v2/spans`.
+    pub path: Option<String>,
+}
+
+/// OpenTelemetry: OTLP over gRPC (`http` — OTLP over HTTP — is not supported yet).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct OpenTelemetryProvider {
+    pub service: String,
+    pub port: u16,
+    pub max_tag_length: Option<u32>,
+    pub http: Option<serde_json::Value>,
+    pub grpc: Option<serde_json::Value>,
+    pub resource_detectors: Option<serde_json::Value>,
+    pub dynatrace_sampler: Option<serde_json::Value>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -529,6 +557,33 @@ impl MeshConfigSpec {
                     at(""),
                     "needs exactly one provider kind (envoyFileAccessLog, zipkin, …)",
                 ));
+            }
+            let collector = match (&p.zipkin, &p.opentelemetry) {
+                (Some(z), _) => Some((".zipkin", z.service.as_str(), z.port)),
+                (_, Some(o)) => Some((".opentelemetry", o.service.as_str(), o.port)),
+                _ => None,
+            };
+            if let Some((kind, service, port)) = collector {
+                if service.is_empty() {
+                    errors.push(FieldError::new(at(&format!("{kind}.service")), "empty"));
+                }
+                if port == 0 {
+                    errors.push(FieldError::new(at(&format!("{kind}.port")), "missing"));
+                }
+            }
+            if let Some(otel) = &p.opentelemetry {
+                for (field, set) in [
+                    ("http", otel.http.is_some()),
+                    ("resourceDetectors", otel.resource_detectors.is_some()),
+                    ("dynatraceSampler", otel.dynatrace_sampler.is_some()),
+                ] {
+                    if set {
+                        errors.push(FieldError::new(
+                            at(&format!(".opentelemetry.{field}")),
+                            "not supported by Nodemesh (spans go over OTLP/gRPC)",
+                        ));
+                    }
+                }
             }
             let Some(file) = &p.envoy_file_access_log else { continue };
             if file.path.is_empty() {

@@ -5,8 +5,10 @@
 //! `accessLogFile` (the built-in `envoy` provider on for everyone), the root namespace's
 //! Telemetry without a selector (mesh-wide), the workload's namespace's without a selector, the
 //! one whose selector matches the workload. Within a level the first by name wins, as for
-//! PeerAuthentication. `tracing` and `metrics` are read (so a typo'd object still fails as a
-//! whole) but not applied yet: Nodemesh always reports Istio's standard metrics.
+//! PeerAuthentication. Tracing resolves the same way, per field (provider, sampling, reporting),
+//! against MeshConfig's zipkin and opentelemetry providers. `metrics` is read (so a typo'd
+//! object still fails as a whole) but not applied: Nodemesh always reports Istio's standard
+//! metrics.
 
 use std::collections::BTreeMap;
 
@@ -38,7 +40,7 @@ pub struct TelemetrySpec {
     #[serde(default)]
     pub access_logging: Vec<AccessLogging>,
     #[serde(default)]
-    pub tracing: Vec<serde_json::Value>,
+    pub tracing: Vec<TracingSpec>,
     #[serde(default)]
     pub metrics: Vec<serde_json::Value>,
 }
@@ -54,6 +56,26 @@ pub struct AccessLogging {
     pub disabled: Option<bool>,
     pub filter: Option<LogFilter>,
 }
+
+/// `spec.tracing[]`.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TracingSpec {
+    #[serde(rename = "match")]
+    pub match_: Option<LogMatch>,
+    /// The first is used (Istio supports one tracing provider per workload); empty: MeshConfig
+    /// `defaultProviders.tracing`.
+    #[serde(default)]
+    pub providers: Vec<ProviderRef>,
+    pub random_sampling_percentage: Option<f64>,
+    pub disable_span_reporting: Option<bool>,
+    pub custom_tags: Option<serde_json::Value>,
+    pub use_request_id_for_trace_sampling: Option<bool>,
+    pub enable_istio_tags: Option<bool>,
+}
+
+/// Istio's default sampling when nothing sets one (MeshConfig `defaultConfig.tracing.sampling`).
+const DEFAULT_SAMPLING_PERCENT: f64 = 1.0;
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -109,6 +131,31 @@ impl TelemetrySpec {
                 ));
             }
         }
+        for (i, t) in self.tracing.iter().enumerate() {
+            let at = |field: &str| format!("spec.tracing[{i}].{field}");
+            if t.random_sampling_percentage.is_some_and(|p| !(0.0..=100.0).contains(&p)) {
+                errors.push(FieldError::new(at("randomSamplingPercentage"), "must be within 0-100"));
+            }
+            if t.providers.len() > 1 {
+                errors
+                    .push(FieldError::new(at("providers"), "one tracing provider per workload, as in Istio"));
+            }
+            if t.match_.as_ref().is_some_and(|m| m.mode != LogMode::ClientAndServer) {
+                errors.push(FieldError::new(
+                    at("match.mode"),
+                    "Nodemesh traces both sides of a request; only CLIENT_AND_SERVER is supported",
+                ));
+            }
+            for (field, set) in [
+                ("customTags", t.custom_tags.is_some()),
+                ("useRequestIdForTraceSampling", t.use_request_id_for_trace_sampling.is_some()),
+                ("enableIstioTags", t.enable_istio_tags == Some(false)),
+            ] {
+                if set {
+                    errors.push(FieldError::new(at(field), "not supported by Nodemesh yet"));
+                }
+            }
+        }
     }
 }
 
@@ -133,6 +180,9 @@ pub struct Telemetries<'a> {
     root_namespace: String,
     providers: BTreeMap<String, FileProvider>,
     defaults: Vec<String>,
+    /// MeshConfig's tracing providers by name, sampling and switch still unset.
+    tracers: BTreeMap<String, mesh::Tracing>,
+    default_tracer: Option<String>,
     /// MeshConfig `accessLogFile`: the `envoy` provider is on mesh-wide.
     mesh_file: bool,
 }
@@ -162,7 +212,55 @@ impl<'a> Telemetries<'a> {
                 mesh.default_providers.access_logging.clone()
             },
             mesh_file: mesh.access_log_file.as_deref().is_some_and(|f| !f.is_empty()),
+            tracers: tracing_providers(mesh),
+            default_tracer: mesh.default_providers.tracing.first().cloned(),
         }
+    }
+
+    /// The tracing of a workload in `namespace` with `labels`: `None` when no provider is
+    /// chosen for it (its requests' trace headers still pass through).
+    pub fn tracing(&self, namespace: &str, labels: &Labels) -> Option<mesh::Tracing> {
+        let mut provider = self.default_tracer.clone();
+        let mut sampling = DEFAULT_SAMPLING_PERCENT;
+        let mut disabled = false;
+        for telemetry in self.levels(namespace, labels) {
+            for entry in &telemetry.spec.tracing {
+                if let Some(p) = entry.providers.first() {
+                    provider = Some(p.name.clone());
+                }
+                if let Some(p) = entry.random_sampling_percentage {
+                    sampling = p;
+                }
+                if let Some(d) = entry.disable_span_reporting {
+                    disabled = d;
+                }
+            }
+        }
+        let name = provider?;
+        let Some(tracer) = self.tracers.get(&name) else {
+            tracing::warn!(
+                provider = name,
+                namespace,
+                "tracing provider `{name}` is not defined in MeshConfig extensionProviders \
+                 (zipkin or opentelemetry); no spans are sent for it"
+            );
+            return None;
+        };
+        Some(mesh::Tracing { sampling_percent: sampling, reporting_disabled: disabled, ..tracer.clone() })
+    }
+
+    /// The Telemetries that apply to a workload, least specific first: the root namespace's
+    /// selector-less one, its namespace's, the one selecting it.
+    fn levels(&self, namespace: &str, labels: &Labels) -> impl Iterator<Item = &'a Telemetry> {
+        [
+            self.first(&self.root_namespace, |t| t.spec.selector.is_none()),
+            self.first(namespace, |t| t.spec.selector.is_none()).filter(|_| namespace != self.root_namespace),
+            self.first(namespace, |t| {
+                t.spec.selector.as_ref().is_some_and(|s| selector_matches(&s.match_labels, labels))
+            }),
+        ]
+        .into_iter()
+        .flatten()
     }
 
     fn first(&self, namespace: &str, pick: impl Fn(&Telemetry) -> bool) -> Option<&'a Telemetry> {
@@ -181,14 +279,7 @@ impl<'a> Telemetries<'a> {
             let on = Side { on: true, filter: None };
             state.insert(ENVOY_PROVIDER.into(), (on.clone(), on));
         }
-        let levels = [
-            self.first(&self.root_namespace, |t| t.spec.selector.is_none()),
-            self.first(namespace, |t| t.spec.selector.is_none()).filter(|_| namespace != self.root_namespace),
-            self.first(namespace, |t| {
-                t.spec.selector.as_ref().is_some_and(|s| selector_matches(&s.match_labels, labels))
-            }),
-        ];
-        for telemetry in levels.into_iter().flatten() {
+        for telemetry in self.levels(namespace, labels) {
             for entry in &telemetry.spec.access_logging {
                 let names: Vec<&str> = if entry.providers.is_empty() {
                     self.defaults.iter().map(String::as_str).collect()
@@ -282,6 +373,33 @@ fn file_providers(mesh: &MeshConfigSpec) -> BTreeMap<String, FileProvider> {
         }
     }
     providers
+}
+
+/// MeshConfig's zipkin and opentelemetry providers by name.
+fn tracing_providers(mesh: &MeshConfigSpec) -> BTreeMap<String, mesh::Tracing> {
+    let mut tracers = BTreeMap::new();
+    for p in &mesh.extension_providers {
+        let (protocol, service, port, max_tag_length, path) = match (&p.zipkin, &p.opentelemetry) {
+            (Some(z), _) => {
+                (mesh::tracing::Protocol::Zipkin, &z.service, z.port, z.max_tag_length, z.path.clone())
+            }
+            (_, Some(o)) => (mesh::tracing::Protocol::OtlpGrpc, &o.service, o.port, o.max_tag_length, None),
+            _ => continue,
+        };
+        let host = if service.contains(':') { format!("[{service}]") } else { service.clone() };
+        tracers.insert(
+            p.name.clone(),
+            mesh::Tracing {
+                provider: p.name.clone(),
+                protocol: protocol as i32,
+                endpoint: format!("{host}:{port}"),
+                path: path.unwrap_or_default(),
+                max_tag_length: max_tag_length.unwrap_or_default(),
+                ..mesh::Tracing::default()
+            },
+        );
+    }
+    tracers
 }
 
 #[cfg(test)]
@@ -380,5 +498,67 @@ spec:
         assert!(err.contains("spec.targetRefs"), "{err}");
         assert!(err.contains("spec.accessLogging[0].filter.expression"), "{err}");
         assert!(err.contains("unknown attribute `response.status`"), "{err}");
+    }
+
+    #[test]
+    fn tracing_resolves_provider_and_sampling_per_level() {
+        let s = store(
+            "apiVersion: nodemesh.io/v1alpha1
+kind: MeshConfig
+metadata: {name: mesh}
+spec:
+  extensionProviders:
+  - {name: zipkin, zipkin: {service: zipkin.tracing.svc.cluster.local, port: 9411}}
+  - {name: otel, opentelemetry: {service: 10.0.0.9, port: 4317, maxTagLength: 64}}
+---
+apiVersion: telemetry.istio.io/v1
+kind: Telemetry
+metadata: {name: mesh-default, namespace: istio-system}
+spec:
+  tracing: [{providers: [{name: zipkin}], randomSamplingPercentage: 10}]
+---
+apiVersion: telemetry.istio.io/v1
+kind: Telemetry
+metadata: {name: all, namespace: shop}
+spec:
+  tracing: [{randomSamplingPercentage: 100}]
+---
+apiVersion: telemetry.istio.io/v1
+kind: Telemetry
+metadata: {name: cart-otel, namespace: shop}
+spec:
+  selector: {matchLabels: {app: cart}}
+  tracing: [{providers: [{name: otel}], disableSpanReporting: true}]
+",
+        );
+        let t = Telemetries::new(&s);
+        let batch = t.tracing("batch", &labels("job")).expect("mesh-wide zipkin");
+        assert_eq!(
+            (batch.endpoint.as_str(), batch.sampling_percent),
+            ("zipkin.tracing.svc.cluster.local:9411", 10.0)
+        );
+        let web = t.tracing("shop", &labels("web")).unwrap();
+        assert_eq!((web.provider.as_str(), web.sampling_percent), ("zipkin", 100.0));
+        let cart = t.tracing("shop", &labels("cart")).unwrap();
+        assert_eq!(cart.protocol, mesh::tracing::Protocol::OtlpGrpc as i32);
+        assert_eq!(
+            (cart.endpoint.as_str(), cart.max_tag_length, cart.sampling_percent),
+            ("10.0.0.9:4317", 64, 100.0)
+        );
+        assert!(cart.reporting_disabled);
+        // Without a provider anywhere, nothing is traced.
+        assert!(Telemetries::new(&store("")).tracing("shop", &labels("web")).is_none());
+    }
+
+    #[test]
+    fn unsupported_tracing_fields_are_named() {
+        let value = serde_json::json!({
+            "apiVersion": "telemetry.istio.io/v1", "kind": "Telemetry",
+            "metadata": {"name": "t", "namespace": "shop"},
+            "spec": {"tracing": [{"randomSamplingPercentage": 150, "customTags": {"a": {"literal": {"value": "b"}}}}]}
+        });
+        let err = object_from_value(value).unwrap_err().to_string();
+        assert!(err.contains("spec.tracing[0].randomSamplingPercentage"), "{err}");
+        assert!(err.contains("spec.tracing[0].customTags"), "{err}");
     }
 }

@@ -1,6 +1,7 @@
 //! Workloads as `Workload` resources (and `Address` resources by IP), per node, with the
 //! policies each carries: outbound mode and egress hosts (Sidecar, MeshConfig), mTLS mode
-//! (PeerAuthentication), authorizations (AuthorizationPolicy), access logs (Telemetry).
+//! (PeerAuthentication), authorizations (AuthorizationPolicy), access logs and tracing
+//! (Telemetry).
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -80,6 +81,7 @@ impl Translator<'_> {
                     .map(authorizations::authorization)
                     .collect(),
                 access_logs: telemetries.access_logs(w.namespace, w.labels),
+                tracing: telemetries.tracing(w.namespace, w.labels),
             };
             if !w.node.is_empty() {
                 let uid = workload.uid.clone();
