@@ -61,7 +61,11 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let drain = Drain::default();
     drain.register(&mut metrics_registry);
     let index = Arc::new(IpIndex::default());
-    let cache = Arc::new(Cache::new(config.max_endpoints_per_cluster, Arc::clone(&metrics.access_logs)));
+    let cache = Arc::new(Cache::new(
+        config.max_endpoints_per_cluster,
+        Arc::clone(&metrics.access_logs),
+        Arc::clone(&metrics.tracers),
+    ));
     let identities = match (&config.control_plane, &config.token) {
         (Some(cp), Some(token)) => {
             Some(Arc::new(Identities::new(cp, token.clone(), config.trust_domain.clone())?))

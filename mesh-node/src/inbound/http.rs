@@ -181,8 +181,9 @@ where
     let service = service_fn(move |request: Request<Incoming>| {
         let shared = Arc::clone(&shared);
         async move {
+            let mut request = request;
             let arrived = match &shared.3 {
-                Some(r) => r.report.arrived(&request),
+                Some(r) => r.report.arrived(&mut request),
                 None => Arrived::new(request.headers()),
             };
             let request = request.map(|body| arrived.count(body).boxed());

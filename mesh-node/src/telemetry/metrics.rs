@@ -13,6 +13,7 @@ pub use super::labels::UNKNOWN;
 use super::{
     access_log::AccessLogs,
     labels::{DestinationLabels, Naming, ServiceLabels, Shared, SourceLabels},
+    tracer::Tracers,
 };
 
 /// Istio's buckets for `istio_request_duration_milliseconds`.
@@ -212,6 +213,8 @@ pub struct Metrics {
     pub naming: Naming,
     /// Which workloads are access-logged, and the writers (their dropped lines counted here).
     pub access_logs: Arc<AccessLogs>,
+    /// Which workloads are traced, and the span exporters (their spans counted here).
+    pub tracers: Arc<Tracers>,
 }
 
 impl Default for Metrics {
@@ -233,6 +236,7 @@ impl Default for Metrics {
             meshed_workloads: Gauge::default(),
             naming: Naming::default(),
             access_logs: Arc::default(),
+            tracers: Arc::default(),
         }
     }
 }
@@ -245,6 +249,16 @@ impl Metrics {
             "nodemesh_access_log_dropped_lines",
             "Access-log lines dropped because their writer fell behind",
             m.access_logs.dropped.clone(),
+        );
+        registry.register(
+            "nodemesh_spans_dropped",
+            "Spans dropped: their exporter's queue was full or the collector did not take them",
+            m.tracers.dropped.clone(),
+        );
+        registry.register(
+            "nodemesh_spans_exported",
+            "Spans a collector accepted",
+            m.tracers.exported.clone(),
         );
         registry.register(
             "istio_request_duration_milliseconds",

@@ -17,10 +17,12 @@ use hyper::{HeaderMap, Request, Response, body::Body, header};
 use nodemesh_api::access_log::Record;
 
 use super::{
-    access_log::{LogSubject, Pending, ServerLog},
+    access_log::{ConnectionFacts, LogSubject, Pending, ServerLog},
     body::{Counted, End, Ended, Metered, grpc_status},
     labels::{DestinationLabels, ServiceLabels, Shared, SourceLabels, UNKNOWN},
     metrics::{Metrics, NO_FLAGS, Parties, Reporter, RequestLabels, RequestProtocol, SecurityPolicy},
+    trace_context::ensure_request_id,
+    tracer::{ActiveSpan, Outcome},
 };
 
 /// Envoy's response flags for an answer a proxy gave itself, or an exchange that ended
@@ -79,11 +81,19 @@ pub struct Arrived {
     request_bytes: Arc<AtomicU64>,
     /// Set when the request is access-logged.
     log: Option<Box<Pending>>,
+    /// Set when the request is traced and sampled.
+    span: Option<Box<ActiveSpan>>,
 }
 
 impl Arrived {
     pub fn new(headers: &HeaderMap) -> Arrived {
-        Arrived { at: Instant::now(), grpc: is_grpc(headers), request_bytes: Arc::default(), log: None }
+        Arrived {
+            at: Instant::now(),
+            grpc: is_grpc(headers),
+            request_bytes: Arc::default(),
+            log: None,
+            span: None,
+        }
     }
 
     /// `body`, counted as it passes.
@@ -108,13 +118,18 @@ pub struct RequestReport {
 }
 
 impl RequestReport {
-    /// `request` has arrived: timed from now, and access-logged if its workload's logs are on.
-    pub fn arrived<B>(&self, request: &Request<B>) -> Arrived {
+    /// `request` has arrived: timed from now; given an `x-request-id` if it has none; joined
+    /// to its trace (its headers then carry this hop's span) if its workload is traced; and
+    /// access-logged if its workload's logs are on.
+    pub fn arrived<B>(&self, request: &mut Request<B>) -> Arrived {
         let mut arrived = Arrived::new(request.headers());
-        if let Some(access) = &self.access
-            && let Some(logs) = access.logs_now()
-        {
-            arrived.log = Some(Box::new(Pending::start(logs, access.side, request.into())));
+        ensure_request_id(request.headers_mut());
+        let Some(subject) = &self.access else { return arrived };
+        if let Some(tracer) = self.metrics.tracers.for_workload(&subject.workload) {
+            arrived.span = tracer.start(request, subject.side).map(Box::new);
+        }
+        if let Some(logs) = subject.logs_now() {
+            arrived.log = Some(Box::new(Pending::start(logs, subject.side, (&*request).into())));
         }
         arrived
     }
@@ -139,6 +154,7 @@ impl RequestReport {
         let server_log = response.extensions_mut().remove::<ServerLog>();
         let logs =
             self.log_records(arrived.log.map(|p| *p), server_log, &response, &destination, (flags, security));
+        let span = arrived.span.map(|span| (span, self.span_facts(&response)));
         let mut labels = RequestLabels {
             parties: Parties {
                 reporter: self.reporter,
@@ -177,6 +193,9 @@ impl RequestReport {
                     record.bytes_sent = ended.bytes;
                     record.request = Some(pending.request);
                     pending.logs.write(pending.side, &record);
+                }
+                if let Some((span, facts)) = span {
+                    span.finish(facts.outcome(&labels, request_bytes, ended.bytes));
                 }
                 if also_destination {
                     labels.parties.reporter = Reporter::destination;
@@ -240,5 +259,65 @@ impl RequestReport {
             records.push((pending, record));
         }
         records
+    }
+
+    /// What a span needs of the request besides how it ended.
+    fn span_facts<B>(&self, response: &Response<B>) -> SpanFacts {
+        let facts = self.access.as_ref().map(|a| a.facts.clone()).unwrap_or_default();
+        let upstream = response.extensions().get::<UpstreamHost>().map(|u| u.0).or(facts.upstream_host);
+        let port = facts.downstream_local.map_or(0, |a| a.port());
+        SpanFacts { name: format!("{}:{port}/*", self.service.0.destination_service), upstream, facts }
+    }
+}
+
+/// A traced request's facts, gathered when its answer starts.
+struct SpanFacts {
+    name: String,
+    upstream: Option<SocketAddr>,
+    facts: ConnectionFacts,
+}
+
+impl SpanFacts {
+    /// The span's outcome: named for the workload on its side (the caller at a CLIENT span,
+    /// the serving workload at a SERVER span), as Istio's spans are.
+    fn outcome<'a>(
+        &'a self,
+        labels: &'a RequestLabels,
+        request_bytes: u64,
+        response_bytes: u64,
+    ) -> Outcome<'a> {
+        let (source, d) = (&labels.parties.source.0, &labels.parties.destination.0);
+        let (namespace, service, revision, cluster) = match labels.parties.reporter {
+            Reporter::source => (
+                &source.source_workload_namespace,
+                &source.source_canonical_service,
+                &source.source_canonical_revision,
+                &source.source_cluster,
+            ),
+            Reporter::destination => (
+                &d.destination_workload_namespace,
+                &d.destination_canonical_service,
+                &d.destination_canonical_revision,
+                &d.destination_cluster,
+            ),
+        };
+        Outcome {
+            name: self.name.clone(),
+            service: format!("{service}.{namespace}"),
+            status: labels.response_code,
+            flags: labels.response_flags,
+            grpc_status: labels.grpc_response_status,
+            request_bytes,
+            response_bytes,
+            upstream: self.upstream,
+            upstream_cluster: &self.facts.upstream_cluster,
+            peer: self.facts.downstream_remote,
+            istio: [
+                ("istio.namespace", namespace),
+                ("istio.canonical_service", service),
+                ("istio.canonical_revision", revision),
+                ("istio.cluster_id", cluster),
+            ],
+        }
     }
 }

@@ -18,7 +18,7 @@ use tokio::sync::Notify;
 use super::resources::{AddressEntry, AddressInfo, ClusterConfig, EndpointSet, Incoming};
 use crate::{
     policy::{http_route::RouteTable, l4_route::L4Routes, lb::Balancer, rate_limit::BucketRegistry},
-    telemetry::access_log::AccessLogs,
+    telemetry::{access_log::AccessLogs, tracer::Tracers},
 };
 
 #[derive(Default)]
@@ -49,12 +49,17 @@ pub struct Cache {
     pub workloads_version: std::sync::atomic::AtomicU64,
     /// Woken whenever Workloads change (inbound decisions wait on it for a new pod's policy).
     pub workloads_changed: Notify,
-    /// Workloads' access logs, switched as their records change.
+    /// Workloads' access logs and tracing, switched as their records change.
     access_logs: Arc<AccessLogs>,
+    tracers: Arc<Tracers>,
 }
 
 impl Cache {
-    pub fn new(max_endpoints_per_cluster: usize, access_logs: Arc<AccessLogs>) -> Cache {
+    pub fn new(
+        max_endpoints_per_cluster: usize,
+        access_logs: Arc<AccessLogs>,
+        tracers: Arc<Tracers>,
+    ) -> Cache {
         Cache {
             state: RwLock::default(),
             address_changed: Notify::new(),
@@ -63,6 +68,7 @@ impl Cache {
             workloads_version: std::sync::atomic::AtomicU64::new(0),
             workloads_changed: Notify::new(),
             access_logs,
+            tracers,
         }
     }
 
@@ -208,8 +214,11 @@ impl Cache {
     }
 
     fn apply_workloads(&self, workloads: Vec<mesh::Workload>, removed: &[String]) -> Result<(), String> {
+        // Both checked before either changes: a bad record leaves everything as it was.
         let logs = self.access_logs.compile(&workloads)?;
+        let tracers = self.tracers.compile(&workloads)?;
         self.access_logs.apply(logs, removed);
+        self.tracers.apply(tracers, removed);
         let mut s = self.state.write().expect("cache lock");
         for name in removed {
             s.workloads.remove(name);

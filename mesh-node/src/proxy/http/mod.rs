@@ -117,7 +117,8 @@ pub(crate) async fn serve(
         let (outbound, source, target) = (Arc::clone(&outbound), Arc::clone(&source), Arc::clone(&target));
         let report = Arc::clone(&report);
         async move {
-            let arrived = report.arrived(&req);
+            let mut req = req;
+            let arrived = report.arrived(&mut req);
             let response = forward(&outbound, &source, &target, req, &arrived).await;
             let response = report.meter(arrived, response);
             let (mut parts, body) = response.into_parts();

@@ -88,8 +88,8 @@ impl SourceReport {
         labels
     }
 
-    /// `request` has arrived: timed, and access-logged if the caller's logs are on.
-    pub(super) fn arrived<B>(&self, request: &hyper::Request<B>) -> Arrived {
+    /// `request` has arrived: see [`RequestReport::arrived`].
+    pub(super) fn arrived<B>(&self, request: &mut hyper::Request<B>) -> Arrived {
         self.report.arrived(request)
     }
 
