@@ -146,6 +146,11 @@ impl SimCluster {
         Ok(())
     }
 
+    /// The fabric netns's own address (mesh-control's; collectors a test runs there too).
+    pub fn fabric_ip(&self) -> Ipv4Addr {
+        fabric_ip4(1)
+    }
+
     /// Node `i`'s address on the fabric (what other nodes tunnel to: its `--node-ip`).
     pub fn node_ip(&self, i: usize) -> Ipv4Addr {
         fabric_ip4(self.nodes[i].index + 1)

