@@ -88,9 +88,30 @@ impl Reporting {
         }
     }
 
-    /// The connection's access-log line, if its workload's server-side logs are on now.
-    pub fn connection_log(&self) -> Option<ConnectionLog> {
-        self.report.access.as_ref().and_then(ConnectionLog::of)
+    /// Relays `client` to the pod over `delivered` as bytes, counted, and access-logged as a
+    /// TCP connection if the pod's server-side logs are on.
+    pub async fn relay_to_pod<S>(
+        &self,
+        delivered: TcpStream,
+        client: S,
+        counters: &ConnectionCounters,
+    ) -> Result<(), String>
+    where
+        S: AsyncRead + AsyncWrite + Unpin,
+    {
+        let log = self.report.access.as_ref().and_then(ConnectionLog::of);
+        // The pod is the first side: what it sends is what the destination sent.
+        let relayed = relay::relay_stream(delivered, client, &counters.sent, &counters.received).await;
+        if let Some(log) = log {
+            let pod = self.report.access.as_ref().and_then(|a| a.facts.upstream_host);
+            let mtls = self.security == SecurityPolicy::mutual_tls;
+            log.finish(
+                "-",
+                pod.map(|p| (p, mtls)),
+                relayed.as_ref().map_or((0, 0), |t| (t.received, t.sent)),
+            );
+        }
+        relayed.map(|_| ()).map_err(|e| e.to_string())
     }
 
     /// The connection's own TCP labels.

@@ -119,23 +119,7 @@ impl PlaintextInbound {
             judge_and_pass(conn, delivered, connection, &counters, &self.drain, Some(Arc::new(reporting)))
                 .await
         } else {
-            // The pod is the first side: what it sends is what the destination sent.
-            let log = reporting.connection_log();
-            let relayed = relay::relay_stream(
-                delivered,
-                Guarded::new(conn, connection),
-                &counters.sent,
-                &counters.received,
-            )
-            .await;
-            if let Some(log) = log {
-                log.finish(
-                    "-",
-                    Some((dst, false)),
-                    relayed.as_ref().map_or((0, 0), |t| (t.received, t.sent)),
-                );
-            }
-            relayed.map(|_| ()).map_err(|e| e.to_string())
+            reporting.relay_to_pod(delivered, Guarded::new(conn, connection), &counters).await
         };
         if let Err(e) = relayed {
             tracing::debug!(workload = %pod.key, client = %peer, "inbound relay ended with error: {e}");

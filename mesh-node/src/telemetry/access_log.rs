@@ -9,11 +9,7 @@ use std::{
     collections::HashMap,
     io::Write,
     net::SocketAddr,
-    sync::{
-        Arc, Mutex, RwLock,
-        atomic::{AtomicBool, Ordering},
-        mpsc,
-    },
+    sync::{Arc, Mutex, mpsc},
     time::{Instant, SystemTime},
 };
 
@@ -24,6 +20,8 @@ use nodemesh_api::{
     workload::WorkloadKey,
 };
 use prometheus_client::metrics::counter::Counter;
+
+use super::per_workload::PerWorkload;
 
 /// Lines a writer may fall behind by before new ones are dropped.
 const QUEUE_LINES: usize = 8192;
@@ -40,9 +38,7 @@ pub enum Side {
 /// Every logged workload of this node and the writers their lines go to.
 #[derive(Default)]
 pub struct AccessLogs {
-    /// Whether any workload is logged at all: the one check a request pays otherwise.
-    any: AtomicBool,
-    by_workload: RwLock<HashMap<String, Arc<WorkloadLogs>>>,
+    by_workload: PerWorkload<WorkloadLogs>,
     writers: Mutex<HashMap<String, Arc<Writer>>>,
     /// Lines dropped because a writer fell behind (`nodemesh_access_log_dropped_lines`).
     pub dropped: Counter,
@@ -57,7 +53,7 @@ pub struct WorkloadLogs {
 
 impl std::fmt::Debug for AccessLogs {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let logged = self.by_workload.read().expect("access logs lock").len();
+        let logged = self.by_workload.len();
         f.debug_struct("AccessLogs").field("logged_workloads", &logged).finish_non_exhaustive()
     }
 }
@@ -65,19 +61,12 @@ impl std::fmt::Debug for AccessLogs {
 impl AccessLogs {
     /// The logs of workload `uid` (`namespace/name`) for `side`, if any is on.
     pub fn for_workload(&self, uid: &str, side: Side) -> Option<Arc<WorkloadLogs>> {
-        if !self.any.load(Ordering::Relaxed) {
-            return None;
-        }
-        let logs = self.by_workload.read().expect("access logs lock").get(uid).cloned()?;
-        logs.logs.iter().any(|(spec, _)| spec.logs(side)).then_some(logs)
+        self.by_workload.get(uid).filter(|logs| logs.logs.iter().any(|(spec, _)| spec.logs(side)))
     }
 
     /// [`AccessLogs::for_workload`] by key: nothing is formatted unless some workload is logged.
     pub fn for_key(&self, key: &WorkloadKey, side: Side) -> Option<Arc<WorkloadLogs>> {
-        if !self.any.load(Ordering::Relaxed) {
-            return None;
-        }
-        self.for_workload(&key.to_string(), side)
+        self.by_workload.get_key(key).filter(|logs| logs.logs.iter().any(|(spec, _)| spec.logs(side)))
     }
 
     /// Checks the access logs of `workloads` without changing anything: an `Err` names the
@@ -127,17 +116,7 @@ impl AccessLogs {
 
     /// Applies compiled logs and removes those of `removed` workloads.
     pub fn apply(&self, compiled: Vec<(String, Option<WorkloadLogs>)>, removed: &[String]) {
-        let mut by_workload = self.by_workload.write().expect("access logs lock");
-        for uid in removed {
-            by_workload.remove(uid);
-        }
-        for (uid, logs) in compiled {
-            match logs {
-                Some(logs) => by_workload.insert(uid, Arc::new(logs)),
-                None => by_workload.remove(&uid),
-            };
-        }
-        self.any.store(!by_workload.is_empty(), Ordering::Relaxed);
+        self.by_workload.apply(compiled, removed);
     }
 
     /// The writer for `path`, started on first use and kept for the process's life (one per
@@ -455,7 +434,7 @@ mod tests {
         // Removed: off, and a request pays only the `any` check again.
         logs.apply(Vec::new(), &["shop/web".to_string()]);
         assert!(logs.for_workload("shop/web", Side::Server).is_none());
-        assert!(!logs.any.load(Ordering::Relaxed));
+        assert!(logs.by_workload.is_empty());
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

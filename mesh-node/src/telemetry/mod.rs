@@ -5,6 +5,7 @@ pub mod access_log;
 pub mod body;
 pub mod labels;
 pub mod metrics;
+pub mod per_workload;
 pub mod requests;
 pub mod span;
 pub mod span_export;

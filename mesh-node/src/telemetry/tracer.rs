@@ -6,19 +6,17 @@
 use std::{
     collections::HashMap,
     net::SocketAddr,
-    sync::{
-        Arc, Mutex, RwLock,
-        atomic::{AtomicBool, Ordering},
-    },
+    sync::{Arc, Mutex},
     time::{Instant, SystemTime},
 };
 
 use hyper::{Request, header};
-use nodemesh_api::{proto::mesh, workload::WorkloadKey};
+use nodemesh_api::proto::mesh;
 use prometheus_client::metrics::counter::Counter;
 
 use super::{
     access_log::Side,
+    per_workload::PerWorkload,
     span::Span,
     span_export::{Exporter, ExporterKey},
     trace_context::{TraceContext, new_span_id, new_trace_id},
@@ -30,9 +28,7 @@ const DEFAULT_MAX_TAG_LENGTH: usize = 256;
 /// Every traced workload of this node and the exporters their spans go to.
 #[derive(Default)]
 pub struct Tracers {
-    /// Whether any workload is traced: the one check a request pays otherwise.
-    any: AtomicBool,
-    by_workload: RwLock<HashMap<String, Arc<WorkloadTracer>>>,
+    by_workload: PerWorkload<WorkloadTracer>,
     exporters: Mutex<HashMap<ExporterKey, Arc<Exporter>>>,
     /// Spans dropped because an exporter's queue was full (`nodemesh_spans_dropped`).
     pub dropped: Counter,
@@ -42,7 +38,7 @@ pub struct Tracers {
 
 impl std::fmt::Debug for Tracers {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let traced = self.by_workload.read().expect("tracers lock").len();
+        let traced = self.by_workload.len();
         f.debug_struct("Tracers").field("traced_workloads", &traced).finish_non_exhaustive()
     }
 }
@@ -59,18 +55,7 @@ pub struct WorkloadTracer {
 impl Tracers {
     /// The tracing of workload `uid` (`namespace/name`), if it is traced.
     pub fn for_workload(&self, uid: &str) -> Option<Arc<WorkloadTracer>> {
-        if !self.any.load(Ordering::Relaxed) {
-            return None;
-        }
-        self.by_workload.read().expect("tracers lock").get(uid).cloned()
-    }
-
-    /// [`Tracers::for_workload`] by key: nothing is formatted unless some workload is traced.
-    pub fn for_key(&self, key: &WorkloadKey) -> Option<Arc<WorkloadTracer>> {
-        if !self.any.load(Ordering::Relaxed) {
-            return None;
-        }
-        self.for_workload(&key.to_string())
+        self.by_workload.get(uid)
     }
 
     /// Checks the tracing of `workloads` without changing anything: an `Err` names the
@@ -101,17 +86,7 @@ impl Tracers {
 
     /// Applies compiled tracing and removes that of `removed` workloads.
     pub fn apply(&self, compiled: Vec<(String, Option<WorkloadTracer>)>, removed: &[String]) {
-        let mut by_workload = self.by_workload.write().expect("tracers lock");
-        for uid in removed {
-            by_workload.remove(uid);
-        }
-        for (uid, tracer) in compiled {
-            match tracer {
-                Some(t) => by_workload.insert(uid, Arc::new(t)),
-                None => by_workload.remove(&uid),
-            };
-        }
-        self.any.store(!by_workload.is_empty(), Ordering::Relaxed);
+        self.by_workload.apply(compiled, removed);
     }
 
     /// The exporter for `key`, started on first use and kept for the process's life.

@@ -262,19 +262,7 @@ impl TunnelServer {
                 )
                 .await
             } else {
-                // The pod is the first side: what it sends is what the destination sent.
-                let log = reporting.connection_log();
-                let client = Guarded::new(client_side, connection);
-                let relayed =
-                    relay::relay_stream(delivered, client, &counters.sent, &counters.received).await;
-                if let Some(log) = log {
-                    log.finish(
-                        "-",
-                        Some((target, true)),
-                        relayed.as_ref().map_or((0, 0), |t| (t.received, t.sent)),
-                    );
-                }
-                relayed.map(|_| ()).map_err(|e| e.to_string())
+                reporting.relay_to_pod(delivered, Guarded::new(client_side, connection), &counters).await
             };
             if let Err(e) = relayed {
                 tracing::debug!(%client, %peer, %target, "tunnel stream ended with error: {e}");
