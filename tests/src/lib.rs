@@ -773,6 +773,11 @@ impl SimNode {
         self.control.log()
     }
 
+    /// Waits until mesh-node applies every change made to mesh-control's directory so far.
+    pub fn wait_for_config(&self) -> anyhow::Result<String> {
+        self.control.wait_for_config()
+    }
+
     /// GET on mesh-control's admin endpoint (inside the node netns).
     pub fn control_get(&self, path: &str) -> anyhow::Result<String> {
         self.control.get(path)

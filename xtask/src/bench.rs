@@ -82,20 +82,21 @@ pub(crate) fn run() -> anyhow::Result<()> {
             )
         })
         .collect();
-    let logged_rows: Vec<String> = http
+    let observed_rows: Vec<String> = http
         .protocols
         .iter()
         .map(|r| {
+            let four = |f: fn(&crate::bench_http::Figures) -> f64| {
+                [&r.mesh, &r.logged, &r.traced_1, &r.traced_100].map(|x| format!("{:.0}", f(x))).join(" / ")
+            };
             format!(
-                "{stamp} {} | {:.0} / {:.0} | {:.0} / {:.0} | {:.0} / {:.0} | {} |",
+                "{stamp} {} | {} | {} | {} | {} / {} |",
                 r.protocol,
-                r.mesh.0,
-                r.mesh_logged.0,
-                r.mesh.1,
-                r.mesh_logged.1,
-                r.mesh.2,
-                r.mesh_logged.2,
-                http.lines_written
+                four(|x| x.0),
+                four(|x| x.1),
+                four(|x| x.2),
+                http.lines_written,
+                http.spans_received
             )
         })
         .collect();
@@ -164,7 +165,7 @@ pub(crate) fn run() -> anyhow::Result<()> {
     ];
     rows.extend(http_rows.iter().map(|r| (HTTP_TABLE, r)));
     rows.extend(cross_http_rows.iter().map(|r| (CROSS_HTTP_TABLE, r)));
-    rows.extend(logged_rows.iter().map(|r| (ACCESS_LOG_TABLE, r)));
+    rows.extend(observed_rows.iter().map(|r| (OBSERVABILITY_TABLE, r)));
     for (table, row) in rows {
         text = insert_row(&text, table, row);
         println!("\n{table}\n{row}");
@@ -177,7 +178,7 @@ pub(crate) fn run() -> anyhow::Result<()> {
 const DATA_PATH_TABLE: &str = "| date (UTC) | commit | connect/s | p50 µs | p99 µs | Gbit/s | mesh-node RSS MiB (peak) | mesh-node CPU |";
 const MTLS_TABLE: &str = "| date (UTC) | commit | connect/s direct / mesh plaintext / mesh mTLS | p50 µs | p99 µs | Gbit/s | mTLS handshakes/s |";
 const HTTP_TABLE: &str = "| date (UTC) | commit | protocol | p50 µs direct / mesh-node / Envoy | p99 µs direct / mesh-node / Envoy | max req/s direct / mesh-node / Envoy |";
-const ACCESS_LOG_TABLE: &str = "| date (UTC) | commit | protocol | p50 µs mesh-node logs off / on | p99 µs logs off / on | max req/s logs off / on | lines written (both protocols) |";
+const OBSERVABILITY_TABLE: &str = "| date (UTC) | commit | protocol | p50 µs off / logs / trace 1% / trace 100% | p99 µs off / logs / trace 1% / trace 100% | max req/s off / logs / trace 1% / trace 100% | log lines / spans received (both protocols) |";
 const CROSS_HTTP_TABLE: &str = "| date (UTC) | commit | protocol | p50 µs direct / mesh mTLS | p99 µs direct / mesh mTLS | max req/s direct / mesh mTLS |";
 const DISCOVERY_TABLE: &str = "| date (UTC) | commit | pods | Pod object → first captured connection p50 / p99 ms | mesh-node RSS MiB with the pods (peak) |";
 const UPGRADE_TABLE: &str = "| date (UTC) | commit | HTTP requests | failed | TCP streams broken / short connections failed | p99 ms before / during the switch | switch s |";

@@ -9,12 +9,16 @@
 //! requests, p50/p99 from each request's scheduled time) and max RPS (16 requests in flight for
 //! 5 s: 16 keep-alive connections, or 16 streams on one h2 connection). Then mesh-node again
 //! with access logs on for every request (MeshConfig `accessLogFile`, Envoy's default text
-//! format, to a file): what logging costs.
+//! format, to a file), then with tracing at 1% and 100% sampling (spans to a Zipkin receiver
+//! on the node's loopback): what each costs.
 
 use std::time::Duration;
 
 use anyhow::Context;
-use nodemesh_tests::{CONTROL_PLANE_URL, Pod, Registration, SimNode, envoy, mesh};
+use nodemesh_tests::{
+    CONTROL_PLANE_URL, Pod, Registration, SimNode, envoy, mesh,
+    trace_collectors::{Collector, TraceCollectors},
+};
 use serde_json::Value;
 
 const VIP: &str = "10.96.0.30";
@@ -28,14 +32,19 @@ pub(crate) struct ProtocolRun {
     pub direct: Figures,
     pub mesh: Figures,
     pub envoy: Figures,
-    /// mesh-node with every request access-logged.
-    pub mesh_logged: Figures,
+    /// mesh-node again with telemetry on: every request access-logged; then traced at 1%
+    /// and at 100% sampling (access logs off).
+    pub logged: Figures,
+    pub traced_1: Figures,
+    pub traced_100: Figures,
 }
 
-/// Access-log lines written during the logged runs (one per request, none dropped: else fewer).
 pub(crate) struct HttpRuns {
     pub protocols: Vec<ProtocolRun>,
+    /// Access-log lines written during the logged runs (one per request unless some dropped).
     pub lines_written: usize,
+    /// Spans the collector took during the traced runs.
+    pub spans_received: usize,
 }
 
 pub(crate) fn run() -> anyhow::Result<HttpRuns> {
@@ -77,17 +86,78 @@ pub(crate) fn run() -> anyhow::Result<HttpRuns> {
         let via_envoy = measure(&node, &plain, &envoy, h2)?;
         runs.push((protocol, h2, direct, mesh, via_envoy));
     }
+    let measure_all = |what: &str| -> anyhow::Result<Vec<Figures>> {
+        runs.iter()
+            .map(|(protocol, h2, ..)| {
+                crate::util::step(&format!("HTTP bench, {protocol}: mesh-node with {what}"));
+                measure(&node, &meshed, &vip, *h2)
+            })
+            .collect()
+    };
     let log = log_everything(&node, &config, &meshed, &vip)?;
     let lines_before = count_lines(&log);
-    let mut protocols = Vec::new();
-    for (protocol, h2, direct, mesh, envoy) in runs {
-        crate::util::step(&format!("HTTP bench, {protocol}: mesh-node with access logs on"));
-        let mesh_logged = measure(&node, &meshed, &vip, h2)?;
-        protocols.push(ProtocolRun { protocol, direct, mesh, envoy, mesh_logged });
-    }
+    let logged = measure_all("access logs on")?;
     // The writer thread may still be draining its queue.
     std::thread::sleep(Duration::from_millis(500));
-    Ok(HttpRuns { protocols, lines_written: count_lines(&log) - lines_before })
+    let lines_written = count_lines(&log) - lines_before;
+
+    let collectors =
+        TraceCollectors::start(&node.node_netns, std::net::Ipv4Addr::LOCALHOST.into(), &node.work_dir)?;
+    trace_everything(&node, &config, &collectors, 1.0)?;
+    let before = collectors.spans(Collector::Zipkin).len();
+    let traced_1 = measure_all("tracing at 1%")?;
+    trace_everything(&node, &config, &collectors, 100.0)?;
+    let traced_100 = measure_all("tracing at 100%")?;
+    // The exporter sends what it holds within a second.
+    std::thread::sleep(Duration::from_secs(2));
+    let spans_received = collectors.spans(Collector::Zipkin).len() - before;
+
+    let protocols = runs
+        .into_iter()
+        .zip(logged)
+        .zip(traced_1.into_iter().zip(traced_100))
+        .map(|(((protocol, _, direct, mesh, envoy), logged), (traced_1, traced_100))| ProtocolRun {
+            protocol,
+            direct,
+            mesh,
+            envoy,
+            logged,
+            traced_1,
+            traced_100,
+        })
+        .collect();
+    Ok(HttpRuns { protocols, lines_written, spans_received })
+}
+
+/// Turns access logs off and tracing on for every workload at `percent`, spans to the
+/// collectors' Zipkin receiver; waits until the node runs it.
+fn trace_everything(
+    node: &SimNode,
+    config: &std::path::Path,
+    collectors: &TraceCollectors,
+    percent: f64,
+) -> anyhow::Result<()> {
+    let zipkin = collectors.zipkin;
+    mesh::write_config(
+        config,
+        "mesh.yaml",
+        &format!(
+            "apiVersion: nodemesh.io/v1alpha1\nkind: MeshConfig\nmetadata: {{name: mesh}}\nspec:\n  \
+             extensionProviders: [{{name: zipkin, zipkin: {{service: \"{}\", port: {}}}}}]\n",
+            zipkin.ip(),
+            zipkin.port()
+        ),
+    );
+    mesh::write_config(
+        config,
+        "telemetry.yaml",
+        &format!(
+            "apiVersion: telemetry.istio.io/v1\nkind: Telemetry\nmetadata: {{name: mesh-default, namespace: istio-system}}\n\
+             spec:\n  tracing: [{{providers: [{{name: zipkin}}], randomSamplingPercentage: {percent}}}]\n"
+        ),
+    );
+    node.wait_for_config()?;
+    Ok(())
 }
 
 /// Turns access logs on for every workload, to a file in the node's work dir, and waits until
