@@ -1,6 +1,7 @@
 //! Distributed tracing across two nodes with mTLS between them: a three-hop request (client →
-//! service A → service B; A forwards the trace headers as an instrumented application does)
-//! yields one trace — a CLIENT and a SERVER span per hop, each with the right parent — at a
+//! service A on the other node → service B beside A; A forwards the trace headers as an
+//! instrumented application does) yields one trace — a CLIENT and a SERVER span per hop, each
+//! with the right parent, for the cross-node hop and the same-node one alike — at a
 //! Zipkin receiver and, after the Telemetry switches provider at runtime, at an OTLP/gRPC
 //! receiver (OpenTelemetry's own protocol code). A trace started in B3 reaches the last app in
 //! W3C as well, and the reverse; `x-request-id` is set when absent; an unsampled request
@@ -99,6 +100,15 @@ fn check_chain(spans: &[Value], root_parent: Option<&str>) {
         (Some("a.shop"), Some("a.shop"))
     );
     assert_eq!(server_b["service"], "b.shop");
+    // CLIENT spans name the Service port the caller dialled; SERVER spans the pod's port.
+    assert_eq!(
+        (client_a["name"].as_str(), server_a["name"].as_str()),
+        (Some("a.shop.svc.cluster.local:80/*"), Some("a.shop.svc.cluster.local:8080/*"))
+    );
+    assert_eq!(
+        (client_b["name"].as_str(), server_b["name"].as_str()),
+        (Some("b.shop.svc.cluster.local:80/*"), Some("b.shop.svc.cluster.local:8080/*"))
+    );
     for s in spans {
         let tags = &s["tags"];
         assert_eq!(tags["http.status_code"], "200", "{s}");
@@ -128,9 +138,10 @@ fn a_three_hop_request_is_one_trace_at_zipkin_and_at_otlp_in_b3_and_w3c() {
     cluster.nodes[0].register(&client, &Registration::labelled(&[("app", "client")])).unwrap();
     let a = cluster.nodes[1].add_pod("a0", "shop").unwrap();
     cluster.nodes[1].register(&a, &Registration::labelled(&[("app", "a")])).unwrap();
-    let b = cluster.nodes[0].add_pod("b0", "shop").unwrap();
-    cluster.nodes[0].register(&b, &Registration::labelled(&[("app", "b")])).unwrap();
-    cluster.nodes[0].serve_http(&b, &[b.addr(8080)]).unwrap();
+    // B beside A: the second hop is delivered within node 1, whose proxy makes both its spans.
+    let b = cluster.nodes[1].add_pod("b0", "shop").unwrap();
+    cluster.nodes[1].register(&b, &Registration::labelled(&[("app", "b")])).unwrap();
+    cluster.nodes[1].serve_http(&b, &[b.addr(8080)]).unwrap();
     let forward = format!("{B_VIP}:80");
     let args: Vec<String> =
         ["http-serve", "--name", "a0", "--listen", &a.addr(8080).to_string(), "--forward-to", &forward]

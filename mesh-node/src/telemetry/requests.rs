@@ -17,7 +17,7 @@ use hyper::{HeaderMap, Request, Response, body::Body, header};
 use nodemesh_api::access_log::Record;
 
 use super::{
-    access_log::{ConnectionFacts, LogSubject, Pending, ServerLog},
+    access_log::{ConnectionFacts, LogSubject, Pending, ServerLog, Side},
     body::{Counted, End, Ended, Metered, grpc_status},
     labels::{DestinationLabels, ServiceLabels, Shared, SourceLabels, UNKNOWN},
     metrics::{Metrics, NO_FLAGS, Parties, Reporter, RequestLabels, RequestProtocol, SecurityPolicy},
@@ -34,6 +34,11 @@ pub struct ResponseFlags(pub &'static str);
 /// names the policy), kept on the response for access logs.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ResponseDetails(pub String);
+
+/// On a response: the SERVER span of a pod of this node that served the request with no HTTP
+/// server of ours at its end (see `proxy::http::exchange`), finished with the request.
+#[derive(Clone)]
+pub struct ServerSpan(pub ActiveSpan);
 
 /// The endpoint that answered, kept on the response for access logs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -155,6 +160,19 @@ impl RequestReport {
         let logs =
             self.log_records(arrived.log.map(|p| *p), server_log, &response, &destination, (flags, security));
         let span = arrived.span.map(|span| (span, self.span_facts(&response)));
+        let server_span = response.extensions_mut().remove::<ServerSpan>().map(|s| {
+            let mut facts = self.span_facts(&response);
+            // At the pod's end the request came in on the pod's port (as at a serving node).
+            if let Some(pod) = facts.upstream {
+                facts.facts.upstream_cluster = format!("inbound|{}||", pod.port());
+                facts.name = format!("{}:{}/*", self.service.0.destination_service, pod.port());
+            }
+            (s.0, facts)
+        });
+        let own_side = match self.reporter {
+            Reporter::source => Side::Client,
+            Reporter::destination => Side::Server,
+        };
         let mut labels = RequestLabels {
             parties: Parties {
                 reporter: self.reporter,
@@ -195,7 +213,10 @@ impl RequestReport {
                     pending.logs.write(pending.side, &record);
                 }
                 if let Some((span, facts)) = span {
-                    span.finish(facts.outcome(&labels, request_bytes, ended.bytes));
+                    span.finish(facts.outcome(&labels, own_side, request_bytes, ended.bytes));
+                }
+                if let Some((span, facts)) = server_span {
+                    span.finish(facts.outcome(&labels, Side::Server, request_bytes, ended.bytes));
                 }
                 if also_destination {
                     labels.parties.reporter = Reporter::destination;
@@ -283,18 +304,19 @@ impl SpanFacts {
     fn outcome<'a>(
         &'a self,
         labels: &'a RequestLabels,
+        side: Side,
         request_bytes: u64,
         response_bytes: u64,
     ) -> Outcome<'a> {
         let (source, d) = (&labels.parties.source.0, &labels.parties.destination.0);
-        let (namespace, service, revision, cluster) = match labels.parties.reporter {
-            Reporter::source => (
+        let (namespace, service, revision, cluster) = match side {
+            Side::Client => (
                 &source.source_workload_namespace,
                 &source.source_canonical_service,
                 &source.source_canonical_revision,
                 &source.source_cluster,
             ),
-            Reporter::destination => (
+            Side::Server => (
                 &d.destination_workload_namespace,
                 &d.destination_canonical_service,
                 &d.destination_canonical_revision,

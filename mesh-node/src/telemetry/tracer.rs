@@ -164,6 +164,7 @@ fn truncate(value: &mut String, max: usize) {
 }
 
 /// A span in progress: finished when its request's answer ends.
+#[derive(Clone)]
 pub struct ActiveSpan {
     tracer: Arc<WorkloadTracer>,
     span: Span,

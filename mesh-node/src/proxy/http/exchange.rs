@@ -17,7 +17,12 @@ use crate::{
         retry::RetryPolicy,
     },
     proxy::{Outbound, connect::Attempt, rate_limits::Drawn},
-    telemetry::{metrics::NO_FLAGS, requests::upstream_failure_flags},
+    telemetry::{
+        access_log::Side,
+        metrics::NO_FLAGS,
+        requests::{ServerSpan, upstream_failure_flags},
+        tracer::ActiveSpan,
+    },
     workload::Source,
 };
 
@@ -37,6 +42,18 @@ pub(super) struct Exchange<'a> {
 }
 
 impl Exchange<'_> {
+    /// A pod of this node that serves without per-request policy is reached with no HTTP
+    /// server of ours at its end, so its SERVER span starts here: the pod gets that span's
+    /// context (the request's own CLIENT span is its parent).
+    fn server_span(&self, pick: &Pick, request: &mut Request<Body>) -> Option<ActiveSpan> {
+        let ep = &pick.endpoint.ep;
+        let (_, delivered_here) =
+            self.outbound.reached(ep.addr, ep.tunnel.as_ref(), &self.balancer.connection);
+        let tracer =
+            delivered_here.then(|| self.outbound.metrics.tracers.for_workload(&ep.workload)).flatten()?;
+        tracer.start(request, Side::Server)
+    }
+
     /// Sends the request (`replay`: its body, kept so it can be sent again; else `stream`,
     /// sent once) until an answer is final. `Err` is the answer mesh-node gives instead.
     pub(super) async fn send(
@@ -109,7 +126,9 @@ impl Exchange<'_> {
                 (Some(t), Some(d)) => Some(t.min(d.saturating_duration_since(tokio::time::Instant::now()))),
                 (t, d) => t.or_else(|| d.map(|d| d.saturating_duration_since(tokio::time::Instant::now()))),
             };
-            let exchange = sender.send(Request::from_parts(parts.clone(), body));
+            let mut request = Request::from_parts(parts.clone(), body);
+            let server_span = self.server_span(&pick, &mut request);
+            let exchange = sender.send(request);
             let result = match limit {
                 Some(limit) => tokio::time::timeout(limit, exchange).await.map_err(|_| limit),
                 None => Ok(exchange.await),
@@ -118,7 +137,7 @@ impl Exchange<'_> {
             let retry_now =
                 |retries: u32| may_retry(retries) && overall_left && balancer.retry_budget.withdraw();
             let (status, flags, why) = match result {
-                Ok(Ok(response)) => {
+                Ok(Ok(mut response)) => {
                     {
                         // Any answer is a success for connect-failure ejection; with the
                         // DestinationRule's outlier detection, 5xx (or gateway errors) count as failures.
@@ -136,6 +155,9 @@ impl Exchange<'_> {
                         previous.push(addr);
                         tokio::time::sleep(RetryPolicy::backoff(retries)).await;
                         continue;
+                    }
+                    if let Some(span) = server_span {
+                        response.extensions_mut().insert(ServerSpan(span));
                     }
                     return Ok((pick, sender, response));
                 }
