@@ -284,8 +284,9 @@ pub struct ConnectionFacts {
     pub upstream_cluster: String,
 }
 
-/// Whose logs a connection's requests go to, looked up again for every request so that a
-/// Telemetry change applies to open connections too.
+/// Whose a connection's requests are (the workload and the side it is on): its access logs
+/// and tracing are looked up again for every request, so that a Telemetry change applies to
+/// open connections too.
 pub struct LogSubject {
     pub logs: Arc<AccessLogs>,
     /// The workload's `namespace/name`.

@@ -118,7 +118,7 @@ pub struct RequestReport {
     pub reporter: Reporter,
     pub source: Shared<SourceLabels>,
     pub service: Shared<ServiceLabels>,
-    /// Whose access logs the requests go to, if anyone's.
+    /// Whose requests these are, for access logs and tracing (`None`: nobody's).
     pub access: Option<LogSubject>,
 }
 
