@@ -428,6 +428,26 @@ pub struct MeshConfigSpec {
     pub extension_providers: Vec<ExtensionProvider>,
     #[serde(default)]
     pub default_providers: DefaultProviders,
+    /// Istio's ProxyConfig defaults; Nodemesh reads `tracing.sampling` from it.
+    #[serde(default)]
+    pub default_config: ProxyDefaults,
+}
+
+/// `MeshConfig.defaultConfig` (Istio's ProxyConfig): only what a node proxy of Nodemesh uses.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ProxyDefaults {
+    #[serde(default)]
+    pub tracing: TracingDefaults,
+}
+
+/// `defaultConfig.tracing`.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TracingDefaults {
+    /// Percent of requests sampled where no Telemetry sets `randomSamplingPercentage`;
+    /// unset: 1.
+    pub sampling: Option<f64>,
 }
 
 /// The access-log provider every mesh has: Envoy's file log to the node's stdout.
@@ -525,6 +545,9 @@ impl MeshConfigSpec {
             && let Err(e) = Template::parse(format)
         {
             errors.push(FieldError::new("spec.accessLogFormat", e));
+        }
+        if self.default_config.tracing.sampling.is_some_and(|p| !(0.0..=100.0).contains(&p)) {
+            errors.push(FieldError::new("spec.defaultConfig.tracing.sampling", "must be within 0-100"));
         }
         let mut names = std::collections::BTreeSet::new();
         for (i, p) in self.extension_providers.iter().enumerate() {

@@ -74,7 +74,8 @@ pub struct TracingSpec {
     pub enable_istio_tags: Option<bool>,
 }
 
-/// Istio's default sampling when nothing sets one (MeshConfig `defaultConfig.tracing.sampling`).
+/// Istio's sampling when neither a Telemetry nor MeshConfig `defaultConfig.tracing.sampling`
+/// sets one.
 const DEFAULT_SAMPLING_PERCENT: f64 = 1.0;
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -183,6 +184,7 @@ pub struct Telemetries<'a> {
     /// MeshConfig's tracing providers by name, sampling and switch still unset.
     tracers: BTreeMap<String, mesh::Tracing>,
     default_tracer: Option<String>,
+    default_sampling: f64,
     /// MeshConfig `accessLogFile`: the `envoy` provider is on mesh-wide.
     mesh_file: bool,
 }
@@ -214,6 +216,7 @@ impl<'a> Telemetries<'a> {
             mesh_file: mesh.access_log_file.as_deref().is_some_and(|f| !f.is_empty()),
             tracers: tracing_providers(mesh),
             default_tracer: mesh.default_providers.tracing.first().cloned(),
+            default_sampling: mesh.default_config.tracing.sampling.unwrap_or(DEFAULT_SAMPLING_PERCENT),
         }
     }
 
@@ -221,7 +224,7 @@ impl<'a> Telemetries<'a> {
     /// chosen for it (its requests' trace headers still pass through).
     pub fn tracing(&self, namespace: &str, labels: &Labels) -> Option<mesh::Tracing> {
         let mut provider = self.default_tracer.clone();
-        let mut sampling = DEFAULT_SAMPLING_PERCENT;
+        let mut sampling = self.default_sampling;
         let mut disabled = false;
         for telemetry in self.levels(namespace, labels) {
             for entry in &telemetry.spec.tracing {
@@ -510,6 +513,8 @@ spec:
   extensionProviders:
   - {name: zipkin, zipkin: {service: zipkin.tracing.svc.cluster.local, port: 9411}}
   - {name: otel, opentelemetry: {service: 10.0.0.9, port: 4317, maxTagLength: 64}}
+  defaultProviders: {tracing: [zipkin]}
+  defaultConfig: {tracing: {sampling: 5}}
 ---
 apiVersion: telemetry.istio.io/v1
 kind: Telemetry
@@ -546,6 +551,21 @@ spec:
             ("10.0.0.9:4317", 64, 100.0)
         );
         assert!(cart.reporting_disabled);
+        // No Telemetry in `istio-system` says otherwise: MeshConfig's default provider and
+        // sampling.
+        let s = store(
+            "apiVersion: nodemesh.io/v1alpha1
+kind: MeshConfig
+metadata: {name: mesh}
+spec:
+  extensionProviders: [{name: zipkin, zipkin: {service: zipkin, port: 9411}}]
+  defaultProviders: {tracing: [zipkin]}
+  defaultConfig: {tracing: {sampling: 5}}
+",
+        );
+        let job =
+            Telemetries::new(&s).tracing("batch", &labels("job")).expect("MeshConfig's default provider");
+        assert_eq!((job.provider.as_str(), job.sampling_percent), ("zipkin", 5.0));
         // Without a provider anywhere, nothing is traced.
         assert!(Telemetries::new(&store("")).tracing("shop", &labels("web")).is_none());
     }
