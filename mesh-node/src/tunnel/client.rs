@@ -206,6 +206,14 @@ impl TunnelPool {
                     Err(e) if !retried => {
                         tracing::debug!(tunnel = %key.tunnel, "tunnel stream refused ({e}); trying a new connection");
                         slot.0.refused.store(true, Ordering::Release);
+                        if !slot.0.proven.load(Ordering::Acquire) {
+                            // A new connection's first stream failed: the peer refused our
+                            // certificate after the handshake (TLS 1.3 servers check the
+                            // client's last). While the two nodes' renewals cross — the peer
+                            // renewed, we have not yet — a new dial meets the same refusal, so
+                            // the retry goes on an older connection both sides proved.
+                            self.dial_refused(&key);
+                        }
                         retried = true;
                     }
                     Err(e) => {
@@ -277,6 +285,14 @@ impl TunnelPool {
                     None => Err(e),
                 }
             }
+        }
+    }
+
+    /// Counts a new connection to `key` that the peer refused like a failed dial: stale
+    /// connections serve for [`REDIAL_AFTER`].
+    fn dial_refused(&self, key: &PoolKey) {
+        if let Some(pool) = self.pools.lock().expect("tunnel pools lock").get(key) {
+            *pool.dial_failed.lock().expect("tunnel pool lock") = Some(Instant::now());
         }
     }
 
