@@ -4,7 +4,7 @@
 
 use std::{
     collections::HashMap,
-    net::IpAddr,
+    net::{IpAddr, SocketAddr},
     sync::{Arc, RwLock},
 };
 
@@ -28,6 +28,15 @@ pub struct Source {
     /// The delivery routing in its netns, held while this registration or a connection
     /// delivered into it lives. `None`: it shares mesh-node's own netns (no delivery).
     pub routes: Option<Arc<DeliveryRoutes>>,
+}
+
+impl Source {
+    /// The address a connection from `peer` to the proxy came from, as a reader of logs and
+    /// spans knows it: captured connections reach the proxy from loopback in the pod's netns,
+    /// so the pod's own address with the connection's port.
+    pub fn client_addr(&self, peer: SocketAddr) -> SocketAddr {
+        SocketAddr::new(self.ips.first().copied().unwrap_or(peer.ip()), peer.port())
+    }
 }
 
 /// A workload of this node, as inbound traffic and telemetry see it.

@@ -26,7 +26,7 @@ use crate::{
         upgrade::{splice_upgrade, upgrade_protocol},
     },
     telemetry::{
-        access_log::{ConnectionFacts, ConnectionLog, LogSubject, Side},
+        access_log::{ConnectionFacts, ConnectionLog, LogSubject, Side, inbound_cluster},
         labels::{DestinationLabels, ServiceLabels, Shared, SourceLabels},
         metrics::{ConnectionCounters, ConnectionLabels, Metrics, Reporter, SecurityPolicy},
         requests::{Arrived, RequestReport, ResponseDetails, ResponseFlags, upstream_failure_flags},
@@ -83,7 +83,7 @@ impl Reporting {
                 downstream_remote: client,
                 downstream_local: Some(target),
                 upstream_host: Some(target),
-                upstream_cluster: format!("inbound|{}||", target.port()),
+                upstream_cluster: inbound_cluster(target.port()),
             },
         }
     }

@@ -23,7 +23,7 @@ use crate::{
     },
     proxy::route::{Decision, connection_hash},
     telemetry::{
-        access_log::{ConnectionFacts, ConnectionLog, Side},
+        access_log::{ConnectionFacts, ConnectionLog, Side, outbound_cluster},
         labels::{Caller, Peer, ServiceLabels},
         metrics::{
             ConnectionLabels, EgressDeniedLabels, FailureLabels, FailureReason, Reporter, SecurityPolicy,
@@ -105,14 +105,11 @@ impl Outbound {
         // each request instead, and drops this).
         let log = self.metrics.access_logs.for_key(&source.key, Side::Client).map(|logs| {
             let facts = ConnectionFacts {
-                downstream_remote: Some(SocketAddr::new(
-                    source.ips.first().copied().unwrap_or(peer.ip()),
-                    peer.port(),
-                )),
+                downstream_remote: Some(source.client_addr(peer)),
                 downstream_local: Some(dst),
                 upstream_host: None,
                 upstream_cluster: match &decision {
-                    Decision::Balance { service, .. } => format!("outbound|{}||{service}", dst.port()),
+                    Decision::Balance { service, .. } => outbound_cluster(dst.port(), service),
                     Decision::Direct(_) => "PassthroughCluster".into(),
                     Decision::Deny(..) => "BlackHoleCluster".into(),
                 },

@@ -61,12 +61,12 @@ impl std::fmt::Debug for AccessLogs {
 impl AccessLogs {
     /// The logs of workload `uid` (`namespace/name`) for `side`, if any is on.
     pub fn for_workload(&self, uid: &str, side: Side) -> Option<Arc<WorkloadLogs>> {
-        self.by_workload.get(uid).filter(|logs| logs.logs.iter().any(|(spec, _)| spec.logs(side)))
+        self.by_workload.get(uid).filter(|logs| logs.logs.iter().any(|(spec, _)| logs_side(spec, side)))
     }
 
     /// [`AccessLogs::for_workload`] by key: nothing is formatted unless some workload is logged.
     pub fn for_key(&self, key: &WorkloadKey, side: Side) -> Option<Arc<WorkloadLogs>> {
-        self.by_workload.get_key(key).filter(|logs| logs.logs.iter().any(|(spec, _)| spec.logs(side)))
+        self.by_workload.get_key(key).filter(|logs| logs.logs.iter().any(|(spec, _)| logs_side(spec, side)))
     }
 
     /// Checks the access logs of `workloads` without changing anything: an `Err` names the
@@ -177,7 +177,7 @@ impl WorkloadLogs {
 
     /// Writes `record` to every log on for `side` whose filter takes it.
     pub fn write(&self, side: Side, record: &Record) {
-        for (spec, writer) in self.logs.iter().filter(|(spec, _)| spec.logs(side)) {
+        for (spec, writer) in self.logs.iter().filter(|(spec, _)| logs_side(spec, side)) {
             if let Some(line) = spec.line(record) {
                 writer.send(line);
             }
@@ -185,16 +185,11 @@ impl WorkloadLogs {
     }
 }
 
-trait SideOf {
-    fn logs(&self, side: Side) -> bool;
-}
-
-impl SideOf for LogSpec {
-    fn logs(&self, side: Side) -> bool {
-        match side {
-            Side::Client => self.client,
-            Side::Server => self.server,
-        }
+/// Whether `spec` logs requests on `side`.
+fn logs_side(spec: &LogSpec, side: Side) -> bool {
+    match side {
+        Side::Client => spec.client,
+        Side::Server => spec.server,
     }
 }
 
@@ -272,6 +267,16 @@ fn write_lines(path: &str, lines: &mpsc::Receiver<String>, dropped: &Counter) {
             tracing::warn!(path, "writing the access log: {e}");
         }
     }
+}
+
+/// Envoy's name for the cluster that delivers into a pod's `port`.
+pub fn inbound_cluster(port: u16) -> String {
+    format!("inbound|{port}||")
+}
+
+/// Envoy's name for the cluster of Service `host` on `port`.
+pub fn outbound_cluster(port: u16, host: &str) -> String {
+    format!("outbound|{port}||{host}")
 }
 
 /// What a connection's requests share in their log lines: addresses and the cluster.
@@ -366,11 +371,6 @@ impl ConnectionLog {
         self.logs.write(self.side, &self.record);
     }
 }
-
-/// On a response: the pod that answered is this node's and its server-side logs are on; the
-/// client side writes that line too (nothing else sees the request at the pod's end).
-#[derive(Clone)]
-pub struct ServerLog(pub Pending);
 
 #[cfg(test)]
 mod tests {

@@ -17,7 +17,7 @@ use hyper::{HeaderMap, Request, Response, body::Body, header};
 use nodemesh_api::access_log::Record;
 
 use super::{
-    access_log::{ConnectionFacts, LogSubject, Pending, ServerLog, Side},
+    access_log::{ConnectionFacts, LogSubject, Pending, Side, inbound_cluster},
     body::{Counted, End, Ended, Metered, grpc_status},
     labels::{DestinationLabels, ServiceLabels, Shared, SourceLabels, UNKNOWN},
     metrics::{Metrics, NO_FLAGS, Parties, Reporter, RequestLabels, RequestProtocol, SecurityPolicy},
@@ -35,10 +35,14 @@ pub struct ResponseFlags(pub &'static str);
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ResponseDetails(pub String);
 
-/// On a response: the SERVER span of a pod of this node that served the request with no HTTP
-/// server of ours at its end (see `proxy::http::exchange`), finished with the request.
-#[derive(Clone)]
-pub struct ServerSpan(pub ActiveSpan);
+/// On a response from a pod of this node reached with no HTTP server of ours at its end (see
+/// `proxy::http::exchange`): nothing there sees the request, so the pod's server-side log line
+/// and SERVER span are made by the caller's proxy and written with the request.
+#[derive(Clone, Default)]
+pub struct ServedHere {
+    pub log: Option<Pending>,
+    pub span: Option<ActiveSpan>,
+}
 
 /// The endpoint that answered, kept on the response for access logs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -156,18 +160,23 @@ impl RequestReport {
         B: Body<Data = Bytes> + Unpin + Send + Sync + 'static,
     {
         let flags = response.extensions().get::<ResponseFlags>().map_or(NO_FLAGS, |f| f.0);
-        let server_log = response.extensions_mut().remove::<ServerLog>();
-        let logs =
-            self.log_records(arrived.log.map(|p| *p), server_log, &response, &destination, (flags, security));
+        let served_here = response.extensions_mut().remove::<ServedHere>().unwrap_or_default();
+        let logs = self.log_records(
+            arrived.log.map(|p| *p),
+            served_here.log,
+            &response,
+            &destination,
+            (flags, security),
+        );
         let span = arrived.span.map(|span| (span, self.span_facts(&response)));
-        let server_span = response.extensions_mut().remove::<ServerSpan>().map(|s| {
+        let server_span = served_here.span.map(|span| {
             let mut facts = self.span_facts(&response);
             // At the pod's end the request came in on the pod's port (as at a serving node).
             if let Some(pod) = facts.upstream {
-                facts.facts.upstream_cluster = format!("inbound|{}||", pod.port());
+                facts.facts.upstream_cluster = inbound_cluster(pod.port());
                 facts.name = format!("{}:{}/*", self.service.0.destination_service, pod.port());
             }
-            (s.0, facts)
+            (span, facts)
         });
         let own_side = match self.reporter {
             Reporter::source => Side::Client,
@@ -232,7 +241,7 @@ impl RequestReport {
     fn log_records<B>(
         &self,
         pending: Option<Pending>,
-        server: Option<ServerLog>,
+        server: Option<Pending>,
         response: &Response<B>,
         destination: &DestinationLabels,
         (flags, security): (&str, SecurityPolicy),
@@ -268,13 +277,13 @@ impl RequestReport {
             };
             records.push((pending, record));
         }
-        if let Some(ServerLog(pending)) = server {
+        if let Some(pending) = server {
             // At the pod's end the connection came from the client and went to the pod.
             let record = Record {
                 start_time: pending.start_time,
                 response_headers: pending.logs.capture_response(response.headers()),
                 downstream_local: upstream,
-                upstream_cluster: upstream.map_or_else(String::new, |u| format!("inbound|{}||", u.port())),
+                upstream_cluster: upstream.map_or_else(String::new, |u| inbound_cluster(u.port())),
                 ..common
             };
             records.push((pending, record));

@@ -147,6 +147,8 @@ async fn export(key: ExporterKey, mut spans: mpsc::Receiver<Span>, dropped: Coun
 async fn send_zipkin(key: &ExporterKey, spans: &[Span]) -> Result<(), String> {
     let body = serde_json::to_vec(&Value::Array(spans.iter().map(zipkin_json).collect()))
         .map_err(|e| format!("encoding: {e}"))?;
+    // Resolved and connected per batch (at most one a second): a collector Service's address
+    // may change, and an idle connection between batches buys nothing.
     let addr: SocketAddr = tokio::net::lookup_host(&key.endpoint)
         .await
         .map_err(|e| format!("resolving {}: {e}", key.endpoint))?

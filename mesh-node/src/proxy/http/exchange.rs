@@ -18,10 +18,9 @@ use crate::{
     },
     proxy::{Outbound, connect::Attempt, rate_limits::Drawn},
     telemetry::{
-        access_log::Side,
+        access_log::{Pending, Side},
         metrics::NO_FLAGS,
-        requests::{ServerSpan, upstream_failure_flags},
-        tracer::ActiveSpan,
+        requests::{ServedHere, upstream_failure_flags},
     },
     workload::Source,
 };
@@ -43,15 +42,20 @@ pub(super) struct Exchange<'a> {
 
 impl Exchange<'_> {
     /// A pod of this node that serves without per-request policy is reached with no HTTP
-    /// server of ours at its end, so its SERVER span starts here: the pod gets that span's
-    /// context (the request's own CLIENT span is its parent).
-    fn server_span(&self, pick: &Pick, request: &mut Request<Body>) -> Option<ActiveSpan> {
+    /// server of ours at its end: its server-side log line and SERVER span start here (the pod
+    /// gets that span's context; the request's own CLIENT span is its parent).
+    fn served_here(&self, pick: &Pick, request: &mut Request<Body>) -> Option<ServedHere> {
         let ep = &pick.endpoint.ep;
         let (_, delivered_here) =
             self.outbound.reached(ep.addr, ep.tunnel.as_ref(), &self.balancer.connection);
-        let tracer =
-            delivered_here.then(|| self.outbound.metrics.tracers.for_workload(&ep.workload)).flatten()?;
-        tracer.start(request, Side::Server)
+        if !delivered_here {
+            return None;
+        }
+        let metrics = &self.outbound.metrics;
+        let span = metrics.tracers.for_workload(&ep.workload).and_then(|t| t.start(request, Side::Server));
+        let logs = metrics.access_logs.for_workload(&ep.workload, Side::Server);
+        let log = logs.map(|logs| Pending::start(logs, Side::Server, (&*request).into()));
+        (span.is_some() || log.is_some()).then_some(ServedHere { log, span })
     }
 
     /// Sends the request (`replay`: its body, kept so it can be sent again; else `stream`,
@@ -127,7 +131,7 @@ impl Exchange<'_> {
                 (t, d) => t.or_else(|| d.map(|d| d.saturating_duration_since(tokio::time::Instant::now()))),
             };
             let mut request = Request::from_parts(parts.clone(), body);
-            let server_span = self.server_span(&pick, &mut request);
+            let served_here = self.served_here(&pick, &mut request);
             let exchange = sender.send(request);
             let result = match limit {
                 Some(limit) => tokio::time::timeout(limit, exchange).await.map_err(|_| limit),
@@ -156,8 +160,8 @@ impl Exchange<'_> {
                         tokio::time::sleep(RetryPolicy::backoff(retries)).await;
                         continue;
                     }
-                    if let Some(span) = server_span {
-                        response.extensions_mut().insert(ServerSpan(span));
+                    if let Some(served) = served_here {
+                        response.extensions_mut().insert(served);
                     }
                     return Ok((pick, sender, response));
                 }

@@ -52,7 +52,6 @@ use crate::{
         request_match::RequestSource,
     },
     telemetry::{
-        access_log::{Pending, ServerLog, Side},
         labels::Caller,
         requests::{Arrived, UpstreamHost},
     },
@@ -103,12 +102,7 @@ pub(crate) async fn serve(
     source: Arc<Source>,
     target: Arc<Target>,
 ) {
-    // Captured connections reach the proxy from loopback in the pod's netns: the pod's own
-    // address is what a log reader knows it by.
-    let peer = client
-        .peer_addr()
-        .ok()
-        .map(|p| SocketAddr::new(source.ips.first().copied().unwrap_or(p.ip()), p.port()));
+    let peer = client.peer_addr().ok().map(|p| source.client_addr(p));
     let io = TokioIo::new(client);
     let (key, service_name) = (source.key.clone(), target.service.clone());
     let drain = outbound.drain.clone();
@@ -237,14 +231,6 @@ async fn forward(
         security,
         delivered_here,
     };
-    // The pod is this node's: nothing at its end sees the request, so its server-side line is
-    // written here too.
-    if delivered_here
-        && let Some(logs) =
-            outbound.metrics.access_logs.for_workload(&pick.endpoint.ep.workload, Side::Server)
-    {
-        response.extensions_mut().insert(ServerLog(Pending::start(logs, Side::Server, (&parts).into())));
-    }
     drop(pick);
     response.extensions_mut().insert(answered_by);
     response.extensions_mut().insert(UpstreamHost(addr));

@@ -15,7 +15,7 @@ use crate::{
     conn::pool::Body,
     proxy::Outbound,
     telemetry::{
-        access_log::{ConnectionFacts, LogSubject, Side},
+        access_log::{ConnectionFacts, LogSubject, Side, outbound_cluster},
         labels::{DestinationLabels, Peer, Shared},
         metrics::{Reporter, SecurityPolicy},
         requests::{Arrived, RequestReport},
@@ -58,7 +58,7 @@ impl SourceReport {
                 downstream_remote: client,
                 downstream_local: Some(target.vip),
                 upstream_host: None,
-                upstream_cluster: format!("outbound|{}||{}", target.vip.port(), target.service),
+                upstream_cluster: outbound_cluster(target.vip.port(), &target.service),
             },
         };
         SourceReport {
