@@ -79,6 +79,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         let mut client = XdsClient::new(cp.clone(), config.node_name.clone(), Arc::clone(&cache));
         client.token = config.token.clone();
         client.tunnel_address = credentials.as_ref().and(config.tunnel_address);
+        client.metrics_port = config.metrics_addr.map(|a| a.port());
         Arc::new(client)
     });
     let router = xds_client.as_ref().map(|c| Router {

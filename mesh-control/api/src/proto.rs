@@ -71,3 +71,9 @@ pub const SOURCE_SCOPED_HEADER: &str = "x-nodemesh-source-scoped";
 /// Address resources use, so the server computes them only once it knows the Address
 /// subscription (otherwise a reconnect would first remove what the node holds).
 pub const ADDRESS_SCOPED: &str = "nodemesh.io/address-scoped";
+
+/// `Node.metadata` field of mesh-node: the port of its `--metrics-addr` endpoint (a number).
+/// mesh-control scrapes `http://<the stream's peer address>:<port>/metrics` for the service
+/// graph: the peer address, not one the node names, so a node cannot point mesh-control at
+/// another host.
+pub const NODE_METRICS_PORT: &str = "nodemesh.io/metrics-port";

@@ -26,6 +26,10 @@ pub struct NodeStatus {
     pub acked: BTreeMap<String, u64>,
     /// Per type URL: the last rejection, until a later response is accepted.
     pub nacks: BTreeMap<String, Nack>,
+    /// Where the service graph scrapes the node's metrics: its stream's peer address with the
+    /// port it announced (`nodemesh.io/metrics-port`); none if it has no `--metrics-addr`.
+    #[serde(default)]
+    pub metrics_endpoint: Option<std::net::SocketAddr>,
 }
 
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
@@ -59,6 +63,13 @@ impl Nodes {
         s.protocol = protocol.to_string();
         s.connected_at = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs());
         s.acked.clear();
+    }
+
+    /// Records where the node's metrics are scraped (see [`NodeStatus::metrics_endpoint`]).
+    pub fn metrics_endpoint(&self, node: &str, endpoint: Option<std::net::SocketAddr>) {
+        if let Some(s) = self.by_name.lock().expect("nodes lock").get_mut(node) {
+            s.metrics_endpoint = endpoint;
+        }
     }
 
     pub fn disconnected(&self, node: &str) {

@@ -77,6 +77,7 @@ impl AdsServer {
         make: impl FnOnce(Common) -> P + Send + 'static,
     ) -> Result<Response<BoxStream<P::Resp>>, Status> {
         let metadata = request.metadata().clone();
+        let peer = request.remote_addr();
         let mut inbound = request.into_inner();
         let (tx, rx) = mpsc::channel(16);
         let (snapshots, nodes) = (self.snapshots.clone(), Arc::clone(&self.nodes));
@@ -101,11 +102,32 @@ impl AdsServer {
                 let _ = tx.send(Err(refused)).await;
                 return;
             }
-            let mut common = Common::new(node.id.clone(), snapshots, nodes, P::NAME);
+            let mut common = Common::new(node.id.clone(), snapshots, Arc::clone(&nodes), P::NAME);
+            nodes.metrics_endpoint(
+                &node.id,
+                peer.zip(metrics_port(node)).map(|(p, port)| (p.ip(), port).into()),
+            );
             common.address_scoped = node.client_features.iter().any(|f| f == proto::ADDRESS_SCOPED);
             serve(make(common), first, inbound, tx).await;
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+/// The port the node announced for its metrics (`nodemesh.io/metrics-port`), if any.
+fn metrics_port(node: &Node) -> Option<u16> {
+    use envoy_types::pb::google::protobuf::value::Kind;
+    let field = node.metadata.as_ref()?.fields.get(proto::NODE_METRICS_PORT)?;
+    match field.kind {
+        Some(Kind::NumberValue(n)) if n.fract() == 0.0 && (1.0..=65535.0).contains(&n) => Some(n as u16),
+        _ => {
+            tracing::warn!(
+                node = node.id,
+                "node metadata {}: not a port: {field:?}",
+                proto::NODE_METRICS_PORT
+            );
+            None
+        }
     }
 }
 

@@ -26,7 +26,7 @@ use envoy_types::pb::{
             aggregated_discovery_service_client::AggregatedDiscoveryServiceClient,
         },
     },
-    google::rpc::Status as RpcStatus,
+    google::{protobuf as pbuf, rpc::Status as RpcStatus},
 };
 use nodemesh_api::{
     proto::{self, mesh},
@@ -124,6 +124,9 @@ pub struct Client {
     pub token: Option<NodeToken>,
     /// Where other nodes reach this node's tunnel, reported with the workloads.
     pub tunnel_address: Option<std::net::SocketAddr>,
+    /// The port of `--metrics-addr`, announced in the node's metadata so mesh-control can
+    /// scrape it for the service graph.
+    pub metrics_port: Option<u16>,
 }
 
 const SUBSCRIBE_ORDER: [&str; 5] =
@@ -148,6 +151,7 @@ impl Client {
             stream,
             token: None,
             tunnel_address: None,
+            metrics_port: None,
         }
     }
 
@@ -225,6 +229,7 @@ impl Client {
             // Our clusters and endpoints follow from our addresses: the control plane waits for
             // the Address subscription below before computing them.
             client_features: vec![proto::ADDRESS_SCOPED.into()],
+            metadata: self.metrics_port.map(node_metadata),
             ..Default::default()
         });
         for (i, type_url) in SUBSCRIBE_ORDER.iter().enumerate() {
@@ -332,6 +337,12 @@ const REPORT_RETRY_MAX: Duration = Duration::from_secs(30);
 
 /// Reports the registered workloads now and after every change, for as long as the session,
 /// with the node token if there is one.
+/// The node's xDS metadata: the port mesh-control scrapes for the service graph.
+fn node_metadata(metrics_port: u16) -> pbuf::Struct {
+    let port = pbuf::Value { kind: Some(pbuf::value::Kind::NumberValue(f64::from(metrics_port))) };
+    pbuf::Struct { fields: [(proto::NODE_METRICS_PORT.to_string(), port)].into() }
+}
+
 async fn report_workloads(
     channel: tonic::transport::Channel,
     Reporter { node, token, tunnel_address }: Reporter,
