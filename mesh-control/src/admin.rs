@@ -6,6 +6,7 @@
 //! | `/debug/nodes` | JSON: every node, the generation it applied, NACK reasons |
 //! | `/debug/config` | JSON: the current generation, the objects in force, rejected input, conflicts |
 //! | `/metrics` | Prometheus (OpenMetrics text): pushes, push latency, nodes, rejections, CA |
+//! | `/graph` | the live service graph (a page); `/graph/data`: what it draws, as JSON |
 
 use std::sync::{Arc, Mutex};
 
@@ -14,6 +15,7 @@ use prometheus_client::registry::Registry;
 use tokio::{net::TcpListener, sync::watch};
 
 use crate::{
+    graph::ServiceGraph,
     http::{self, Body},
     model::store::Store,
     xds::{nodes::Nodes, snapshot::Snapshot},
@@ -25,6 +27,8 @@ pub struct Admin {
     pub snapshots: watch::Receiver<Arc<Snapshot>>,
     /// Every metric of this process (`nodes.metrics` among them).
     pub registry: Registry,
+    /// The service graph; `None` when turned off (`--graph-scrape-interval-ms 0`).
+    pub graph: Option<Arc<ServiceGraph>>,
 }
 
 /// `/debug/nodes` as `mesh-control status` reads it.
@@ -106,6 +110,14 @@ impl Admin {
                     Err(e) => http::text(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
                 }
             }
+            "/graph" | "/graph/" if self.graph.is_some() => http::html(crate::graph::PAGE),
+            "/graph/data" => match &self.graph {
+                Some(graph) => http::json(StatusCode::OK, &graph.view()),
+                None => http::error(
+                    StatusCode::NOT_FOUND,
+                    "the service graph is off (--graph-scrape-interval-ms 0)",
+                ),
+            },
             other => http::text(StatusCode::NOT_FOUND, format!("no admin path {other}\n")),
         }
     }

@@ -6,6 +6,7 @@
 //! - [`meshing`], [`workload`]: the opt-in rule and a workload as a node registers it.
 //! - [`ca`], [`tls_port`]: the workload CA, and the TLS port nodes reach it (and xDS) on.
 //! - [`metrics`]: mesh-control's own metrics (istiod's names), on the admin endpoint.
+//! - [`graph`]: the live service graph (admin `/graph`), from the nodes' metrics.
 #![forbid(unsafe_code)]
 
 // Shared with mesh-node through the nodemesh-api crate; re-exported so paths stay short.
@@ -13,6 +14,7 @@ pub use nodemesh_api::{hash, http, logging, meshing, proto, workload};
 
 pub mod admin;
 pub mod ca;
+pub mod graph;
 pub mod metrics;
 pub mod model;
 pub mod run;

@@ -12,6 +12,7 @@ use clap::{Parser, Subcommand};
 use mesh_control::{
     admin::NodesReport,
     ca::node_tokens::NodeTokens,
+    graph::GraphSettings,
     model::store::{Origin, SourceError, Store},
     run::{
         self, CaSettings, DEFAULT_ADMIN_ADDR, DEFAULT_TLS_ADDR, DEFAULT_TLS_NAMES, DEFAULT_XDS_ADDR, Settings,
@@ -56,6 +57,13 @@ enum Command {
         kube_api: Option<String>,
         #[command(flatten)]
         ca: CaArgs,
+        /// How often the service graph (admin `/graph`) scrapes each node's metrics; 0 turns
+        /// the graph off.
+        #[arg(long, env = "NODEMESH_GRAPH_SCRAPE_INTERVAL_MS", default_value_t = 5000)]
+        graph_scrape_interval_ms: u64,
+        /// The span the graph's counts and rates cover.
+        #[arg(long, env = "NODEMESH_GRAPH_WINDOW_SECS", default_value_t = 60)]
+        graph_window_secs: u64,
     },
     /// Create a CA bundle in Istio's `cacerts` layout (a self-signed root and this cluster's
     /// intermediate) in an empty directory, for `kubectl create secret generic cacerts
@@ -160,6 +168,8 @@ fn main() -> ExitCode {
             kubernetes,
             kube_api,
             ca,
+            graph_scrape_interval_ms,
+            graph_window_secs,
         } => {
             let settings = Settings {
                 config_dir,
@@ -184,6 +194,10 @@ fn main() -> ExitCode {
                     require_secret: ca.require_ca_secret,
                     tls_addr: ca.tls_addr,
                     tls_names: DEFAULT_TLS_NAMES.iter().map(|n| n.to_string()).chain(ca.tls_names).collect(),
+                }),
+                graph: (graph_scrape_interval_ms > 0).then(|| GraphSettings {
+                    scrape_interval: Duration::from_millis(graph_scrape_interval_ms),
+                    window: Duration::from_secs(graph_window_secs.max(1)),
                 }),
             };
             let rt = tokio::runtime::Runtime::new().expect("tokio runtime");

@@ -22,6 +22,7 @@ use crate::{
         node_tokens::{NodeCredentials, NodeTokens, TokenReviewer},
         service::CertificateService,
     },
+    graph::{GraphSettings, ServiceGraph},
     metrics::ControlMetrics,
     model::{
         Kind,
@@ -65,6 +66,8 @@ pub struct Settings {
     pub kubernetes: Option<kube::Connection>,
     /// The workload CA; `None`: no certificates are issued.
     pub ca: Option<CaSettings>,
+    /// The service graph's scrapes of the nodes; `None`: no graph.
+    pub graph: Option<GraphSettings>,
 }
 
 /// Where the CA keeps its state, and what it issues.
@@ -133,11 +136,16 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
 
     let mut registry = prometheus_client::registry::Registry::default();
     nodes.metrics.register(&mut registry);
+    let graph = settings.graph.map(|g| Arc::new(ServiceGraph::new(Arc::clone(&nodes), g)));
+    if let Some(graph) = &graph {
+        tokio::spawn(Arc::clone(graph).run());
+    }
     let admin = Arc::new(Admin {
         store: Arc::clone(&store),
         nodes: Arc::clone(&nodes),
         snapshots: snap_rx.clone(),
         registry,
+        graph,
     });
     let admin_listener = TcpListener::bind(settings.admin_addr)
         .await

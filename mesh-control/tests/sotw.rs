@@ -182,6 +182,7 @@ async fn a_state_of_the_world_client_gets_full_state_and_its_acks_and_nacks_are_
         resync_grace: Duration::ZERO,
         kubernetes: None,
         ca: None,
+        graph: None,
     };
     let server = tokio::spawn(run(settings));
 

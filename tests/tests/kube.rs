@@ -272,6 +272,7 @@ async fn kubernetes_nodes_prove_themselves_with_service_account_tokens() {
             tls_addr: "127.0.0.1:0".parse().unwrap(),
             tls_names: vec!["localhost".into()],
         }),
+        graph: None,
     };
     let server = tokio::spawn(run(settings));
     let ask = |token: &'static str, identity: &'static str| async move {

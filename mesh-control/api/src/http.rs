@@ -50,6 +50,11 @@ pub fn openmetrics(body: String) -> Response<Body> {
     respond(StatusCode::OK, "application/openmetrics-text; version=1.0.0; charset=utf-8", body.into())
 }
 
+/// A page of the admin endpoint's own (the service graph).
+pub fn html(body: &'static str) -> Response<Body> {
+    respond(StatusCode::OK, "text/html; charset=utf-8", Bytes::from_static(body.as_bytes()))
+}
+
 pub fn json(status: StatusCode, value: &impl serde::Serialize) -> Response<Body> {
     match serde_json::to_vec_pretty(value) {
         Ok(body) => respond(status, "application/json", body.into()),

@@ -1,0 +1,296 @@
+//! One node's Istio metrics folded into the graph's edges: for each (caller → callee), the
+//! running totals the node has counted since it started.
+//!
+//! - **Who is a vertex:** an app (Istio's `app` label, else the workload's name) in its
+//!   namespace, so `productpage → reviews → ratings` connects whatever workloads back each;
+//!   a callee with no workload behind it (no endpoints, an external host) is its service.
+//!   Callers outside the mesh are one vertex, `unknown`.
+//! - **Counted once:** each request is counted by the caller's node (`reporter="source"`) and
+//!   again by the serving node (`reporter="destination"`). The graph takes the source's count,
+//!   and the destination's only where there is no source in the mesh to report it.
+//! - **An error** is a 5xx, no response at all (code 0: reset, refused, timed out before the
+//!   answer) or a gRPC call whose status is not OK.
+
+use std::collections::{BTreeMap, HashMap};
+
+use super::exposition::Sample;
+
+/// The metric families the graph reads.
+pub const FAMILIES: [&str; 5] = [
+    REQUESTS,
+    DURATION_BUCKETS,
+    "istio_tcp_connections_opened_total",
+    "istio_tcp_sent_bytes_total",
+    "istio_tcp_received_bytes_total",
+];
+const REQUESTS: &str = "istio_requests_total";
+const DURATION_BUCKETS: &str = "istio_request_duration_milliseconds_bucket";
+const UNKNOWN: &str = "unknown";
+
+/// A vertex: an app (or service) in its namespace; the namespace is empty for `unknown`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
+pub struct Vertex {
+    pub namespace: String,
+    pub name: String,
+}
+
+impl Vertex {
+    fn unknown() -> Vertex {
+        Vertex { namespace: String::new(), name: UNKNOWN.into() }
+    }
+
+    /// `namespace/name`, or `unknown`.
+    pub fn id(&self) -> String {
+        if self.namespace.is_empty() {
+            self.name.clone()
+        } else {
+            format!("{}/{}", self.namespace, self.name)
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct EdgeKey {
+    pub source: Vertex,
+    pub destination: Vertex,
+}
+
+/// What one node counted on one edge (counters since the node started).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct EdgeTotals {
+    pub requests: f64,
+    pub errors: f64,
+    /// Requests that travelled over mTLS (`connection_security_policy="mutual_tls"`).
+    pub mtls_requests: f64,
+    /// Cumulative request-duration bucket counts by upper bound (ms; `+Inf` last).
+    pub duration_buckets: BTreeMap<Bound, f64>,
+    pub connections: f64,
+    pub mtls_connections: f64,
+    /// Bytes both ways over the edge's TCP connections.
+    pub bytes: f64,
+}
+
+/// A bucket's upper bound, ordered as a number.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Bound(pub f64);
+impl Eq for Bound {}
+impl Ord for Bound {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.0.total_cmp(&other.0)
+    }
+}
+impl PartialOrd for Bound {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl EdgeTotals {
+    /// Whether a counter went down since `earlier`: the node restarted (or replaced its
+    /// process in a handover), so its counts start again from zero.
+    pub fn reset_since(&self, earlier: &EdgeTotals) -> bool {
+        self.requests < earlier.requests
+            || self.connections < earlier.connections
+            || self.bytes < earlier.bytes
+    }
+
+    /// What was counted between `earlier` and `self`.
+    pub fn minus(&self, earlier: &EdgeTotals) -> EdgeTotals {
+        let buckets = self
+            .duration_buckets
+            .iter()
+            .map(|(le, n)| (*le, n - earlier.duration_buckets.get(le).copied().unwrap_or(0.0)))
+            .collect();
+        EdgeTotals {
+            requests: self.requests - earlier.requests,
+            errors: self.errors - earlier.errors,
+            mtls_requests: self.mtls_requests - earlier.mtls_requests,
+            duration_buckets: buckets,
+            connections: self.connections - earlier.connections,
+            mtls_connections: self.mtls_connections - earlier.mtls_connections,
+            bytes: self.bytes - earlier.bytes,
+        }
+    }
+
+    pub fn add(&mut self, other: &EdgeTotals) {
+        self.requests += other.requests;
+        self.errors += other.errors;
+        self.mtls_requests += other.mtls_requests;
+        for (le, n) in &other.duration_buckets {
+            *self.duration_buckets.entry(*le).or_default() += n;
+        }
+        self.connections += other.connections;
+        self.mtls_connections += other.mtls_connections;
+        self.bytes += other.bytes;
+    }
+
+    /// The `q` quantile of request durations (ms), interpolated linearly inside its bucket as
+    /// Prometheus's `histogram_quantile` does; `None` without requests. A quantile in the
+    /// `+Inf` bucket is the highest finite bound.
+    pub fn duration_quantile(&self, q: f64) -> Option<f64> {
+        let total = self.duration_buckets.iter().next_back().map(|(_, n)| *n)?;
+        if total <= 0.0 {
+            return None;
+        }
+        let rank = q * total;
+        let mut lower = (0.0, 0.0);
+        for (Bound(le), count) in &self.duration_buckets {
+            if *count >= rank {
+                if le.is_infinite() {
+                    return Some(lower.0);
+                }
+                let in_bucket = count - lower.1;
+                let fraction = if in_bucket > 0.0 { (rank - lower.1) / in_bucket } else { 1.0 };
+                return Some(lower.0 + (le - lower.0) * fraction);
+            }
+            lower = (*le, *count);
+        }
+        Some(lower.0)
+    }
+}
+
+/// One node's page folded into edges.
+pub fn fold(samples: &[Sample]) -> HashMap<EdgeKey, EdgeTotals> {
+    let mut edges: HashMap<EdgeKey, EdgeTotals> = HashMap::new();
+    for s in samples {
+        let Some(key) = edge_of(s) else { continue };
+        let mtls = s.label("connection_security_policy") == "mutual_tls";
+        let totals = edges.entry(key).or_default();
+        match s.name.as_str() {
+            REQUESTS => {
+                totals.requests += s.value;
+                if is_error(s) {
+                    totals.errors += s.value;
+                }
+                if mtls {
+                    totals.mtls_requests += s.value;
+                }
+            }
+            DURATION_BUCKETS => {
+                let le = match s.label("le") {
+                    "+Inf" => f64::INFINITY,
+                    le => match le.parse() {
+                        Ok(le) => le,
+                        Err(_) => continue,
+                    },
+                };
+                *totals.duration_buckets.entry(Bound(le)).or_default() += s.value;
+            }
+            "istio_tcp_connections_opened_total" => {
+                totals.connections += s.value;
+                if mtls {
+                    totals.mtls_connections += s.value;
+                }
+            }
+            "istio_tcp_sent_bytes_total" | "istio_tcp_received_bytes_total" => totals.bytes += s.value,
+            _ => {}
+        }
+    }
+    edges
+}
+
+/// The edge a sample counts for, or `None` if the other reporter counts it.
+fn edge_of(s: &Sample) -> Option<EdgeKey> {
+    let source_known = s.label("source_workload") != UNKNOWN && !s.label("source_workload").is_empty();
+    match s.label("reporter") {
+        "source" => {}
+        "destination" if !source_known => {}
+        _ => return None,
+    }
+    let source = if source_known {
+        Vertex {
+            namespace: s.label("source_workload_namespace").to_string(),
+            name: known(s.label("source_app")).unwrap_or(s.label("source_workload")).to_string(),
+        }
+    } else {
+        Vertex::unknown()
+    };
+    let destination = match (known(s.label("destination_app")), known(s.label("destination_service_name"))) {
+        (Some(app), _) => {
+            Vertex { namespace: s.label("destination_workload_namespace").to_string(), name: app.into() }
+        }
+        (None, Some(service)) => {
+            Vertex { namespace: s.label("destination_service_namespace").to_string(), name: service.into() }
+        }
+        (None, None) => match known(s.label("destination_workload")) {
+            Some(w) => {
+                Vertex { namespace: s.label("destination_workload_namespace").to_string(), name: w.into() }
+            }
+            None => Vertex::unknown(),
+        },
+    };
+    Some(EdgeKey { source, destination })
+}
+
+fn known(value: &str) -> Option<&str> {
+    (!value.is_empty() && value != UNKNOWN).then_some(value)
+}
+
+fn is_error(s: &Sample) -> bool {
+    let code = s.label("response_code");
+    let grpc = s.label("grpc_response_status");
+    code.starts_with('5') || code == "0" || (!grpc.is_empty() && grpc != "0" && grpc != "-")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::graph::exposition::samples;
+
+    const PAGE: &str = r#"
+istio_requests_total{reporter="source",source_workload="client-v2",source_workload_namespace="shop",source_app="client",destination_app="web",destination_workload_namespace="shop",destination_service_name="web",destination_service_namespace="shop",response_code="200",grpc_response_status="",connection_security_policy="mutual_tls"} 30
+istio_requests_total{reporter="source",source_workload="client-v2",source_workload_namespace="shop",source_app="client",destination_app="web",destination_workload_namespace="shop",destination_service_name="web",destination_service_namespace="shop",response_code="503",grpc_response_status="",connection_security_policy="none"} 10
+istio_requests_total{reporter="destination",source_workload="client-v2",source_workload_namespace="shop",source_app="client",destination_app="web",destination_workload_namespace="shop",destination_service_name="web",destination_service_namespace="shop",response_code="200",connection_security_policy="mutual_tls"} 30
+istio_requests_total{reporter="destination",source_workload="unknown",source_workload_namespace="unknown",source_app="unknown",destination_app="web",destination_workload_namespace="shop",destination_service_name="web",destination_service_namespace="shop",response_code="200",connection_security_policy="none"} 4
+istio_requests_total{reporter="source",source_workload="client-v2",source_workload_namespace="shop",source_app="client",destination_app="unknown",destination_workload_namespace="unknown",destination_service_name="nowhere",destination_service_namespace="shop",response_code="503",connection_security_policy="none"} 2
+istio_requests_total{reporter="source",source_workload="client-v2",source_workload_namespace="shop",source_app="client",destination_app="greeter",destination_workload_namespace="shop",destination_service_name="greeter",destination_service_namespace="shop",response_code="200",grpc_response_status="14",connection_security_policy="mutual_tls"} 1
+istio_request_duration_milliseconds_bucket{reporter="source",source_workload="client-v2",source_workload_namespace="shop",source_app="client",destination_app="web",destination_workload_namespace="shop",destination_service_name="web",destination_service_namespace="shop",le="100"} 30
+istio_request_duration_milliseconds_bucket{reporter="source",source_workload="client-v2",source_workload_namespace="shop",source_app="client",destination_app="web",destination_workload_namespace="shop",destination_service_name="web",destination_service_namespace="shop",le="250"} 30
+istio_request_duration_milliseconds_bucket{reporter="source",source_workload="client-v2",source_workload_namespace="shop",source_app="client",destination_app="web",destination_workload_namespace="shop",destination_service_name="web",destination_service_namespace="shop",le="500"} 40
+istio_request_duration_milliseconds_bucket{reporter="source",source_workload="client-v2",source_workload_namespace="shop",source_app="client",destination_app="web",destination_workload_namespace="shop",destination_service_name="web",destination_service_namespace="shop",le="+Inf"} 40
+"#;
+
+    fn vertex(namespace: &str, name: &str) -> Vertex {
+        Vertex { namespace: namespace.into(), name: name.into() }
+    }
+
+    fn edges() -> HashMap<EdgeKey, EdgeTotals> {
+        fold(&samples(PAGE, |n| FAMILIES.contains(&n)).unwrap())
+    }
+
+    #[test]
+    fn each_request_is_counted_once_on_its_edge_between_apps() {
+        let edges = edges();
+        let web = &edges[&EdgeKey { source: vertex("shop", "client"), destination: vertex("shop", "web") }];
+        assert_eq!((web.requests, web.errors, web.mtls_requests), (40.0, 10.0, 30.0));
+        let outside = &edges[&EdgeKey { source: Vertex::unknown(), destination: vertex("shop", "web") }];
+        assert_eq!(outside.requests, 4.0, "callers outside the mesh: the destination's count");
+        let nowhere =
+            &edges[&EdgeKey { source: vertex("shop", "client"), destination: vertex("shop", "nowhere") }];
+        assert_eq!(nowhere.errors, 2.0, "a service without workloads is its own vertex");
+        let greeter =
+            &edges[&EdgeKey { source: vertex("shop", "client"), destination: vertex("shop", "greeter") }];
+        assert_eq!(greeter.errors, 1.0, "a gRPC status other than OK is an error");
+        assert_eq!(edges.len(), 4);
+    }
+
+    #[test]
+    fn p99_is_interpolated_inside_its_bucket_like_histogram_quantile() {
+        let edges = edges();
+        let web = &edges[&EdgeKey { source: vertex("shop", "client"), destination: vertex("shop", "web") }];
+        // 39.6 of 40: the 9.6th of the 10 requests in (250, 500].
+        let close = |got: Option<f64>, want: f64| got.is_some_and(|g| (g - want).abs() < 1e-9);
+        assert!(close(web.duration_quantile(0.99), 250.0 + 250.0 * 0.96));
+        assert!(close(web.duration_quantile(0.5), 100.0 * 20.0 / 30.0));
+        assert_eq!(EdgeTotals::default().duration_quantile(0.99), None);
+    }
+
+    #[test]
+    fn a_restart_is_seen_as_counters_going_down() {
+        let now = EdgeTotals { requests: 3.0, ..Default::default() };
+        let before = EdgeTotals { requests: 10.0, ..Default::default() };
+        assert!(now.reset_since(&before));
+        assert!(!before.reset_since(&now));
+        assert_eq!(before.minus(&now).requests, 7.0);
+    }
+}
