@@ -10,6 +10,7 @@
 //! outright are swept by [`sweep_stale`] (names carry the creating PID).
 #![forbid(unsafe_code)]
 
+pub mod browser;
 mod cluster;
 mod control;
 pub mod envoy;

@@ -50,6 +50,15 @@ pub fn service_yaml(name: &str, vip: &str, app: &str) -> String {
     )
 }
 
+/// An HTTP Service (port name `http`) `name` in `namespace` at `vip`, port 80 → 8080 on pods
+/// labelled `app=<app>`.
+pub fn http_service_yaml(name: &str, namespace: &str, vip: &str, app: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: {namespace}}}\n\
+         spec:\n  clusterIP: {vip}\n  selector: {{app: {app}}}\n  ports: [{{name: http, port: 80, targetPort: 8080}}]\n"
+    )
+}
+
 /// A DestinationRule for `web` in `shop` with `policy` as its traffic policy (flow YAML).
 pub fn rule_yaml(policy: &str) -> String {
     format!(

@@ -13,7 +13,7 @@ use std::{
 
 use nodemesh_tests::{
     Pod, Registration, SimCluster, SimNode,
-    mesh::{eventually, hello_counts, http_get, service_yaml},
+    mesh::{eventually, hello_counts, http_get, http_service_yaml, service_yaml},
 };
 use serde_json::Value;
 
@@ -24,13 +24,6 @@ const DB_VIP: &str = "10.96.0.33";
 const WEB_CLUSTER: &str = "outbound|80||web.shop.svc.cluster.local";
 
 /// An HTTP Service at `vip`, 80 → 8080 on `app=<app>` pods of `namespace`.
-fn http_service(name: &str, namespace: &str, vip: &str, app: &str) -> String {
-    format!(
-        "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: {namespace}}}\n\
-         spec:\n  clusterIP: {vip}\n  selector: {{app: {app}}}\n  ports: [{{name: http, port: 80, targetPort: 8080}}]\n"
-    )
-}
-
 /// `/delay/*` times out after 300 ms; `api` (the same pods) routes only `/v1`.
 const ROUTES: &str = r#"apiVersion: networking.istio.io/v1
 kind: VirtualService
@@ -170,9 +163,9 @@ fn one(lines: &[Value], cluster_prefix: &str, what: &str) -> Value {
 fn telemetry_turns_access_logs_on_for_one_namespace_with_filters_and_response_flags() {
     let mut cluster = SimCluster::new(2).unwrap();
     let json_log: PathBuf = cluster.work_dir.join("access.json");
-    cluster.write_config("web.yaml", &http_service("web", "shop", WEB_VIP, "web"));
-    cluster.write_config("api.yaml", &http_service("api", "shop", API_VIP, "web"));
-    cluster.write_config("echo.yaml", &http_service("echo", "other", ECHO_VIP, "echo"));
+    cluster.write_config("web.yaml", &http_service_yaml("web", "shop", WEB_VIP, "web"));
+    cluster.write_config("api.yaml", &http_service_yaml("api", "shop", API_VIP, "web"));
+    cluster.write_config("echo.yaml", &http_service_yaml("echo", "other", ECHO_VIP, "echo"));
     cluster.write_config("db.yaml", &service_yaml("db", DB_VIP, "db"));
     cluster.write_config("routes.yaml", ROUTES);
     cluster.write_config("mesh.yaml", &mesh_config(&json_log));

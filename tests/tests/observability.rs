@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use nodemesh_tests::{
     Registration, SimCluster,
-    mesh::{answered, eventually, hello_counts, service_yaml},
+    mesh::{answered, eventually, hello_counts, http_service_yaml, service_yaml},
     prometheus::Prometheus,
 };
 
@@ -26,14 +26,6 @@ const CONTROL_MANIFEST: &str = "deploy/daemonset/base/mesh-control/deployment.ya
 const SCRAPE_CONFIG: &str = "deploy/observability/prometheus.yml";
 const DASHBOARDS: &str = "deploy/observability/grafana";
 
-/// An HTTP Service (port name `http`) at `vip`, 80 → 8080 on `app=<app>` pods.
-fn http_service(name: &str, vip: &str, app: &str) -> String {
-    format!(
-        "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: shop}}\n\
-         spec:\n  clusterIP: {vip}\n  selector: {{app: {app}}}\n  ports: [{{name: http, port: 80, targetPort: 8080}}]\n"
-    )
-}
-
 fn labelled(labels: &[(&str, &str)], account: &str) -> Registration {
     Registration { service_account: Some(account.into()), ..Registration::labelled(labels) }
 }
@@ -41,12 +33,12 @@ fn labelled(labels: &[(&str, &str)], account: &str) -> Registration {
 #[test]
 fn prometheus_sees_istio_labelled_traffic_from_both_reporters_and_the_control_planes_metrics() {
     let mut cluster = SimCluster::new(2).unwrap();
-    cluster.write_config("web.yaml", &http_service("web", WEB_VIP, "web"));
+    cluster.write_config("web.yaml", &http_service_yaml("web", "shop", WEB_VIP, "web"));
     cluster.write_config("db.yaml", &service_yaml("db", DB_VIP, "db"));
     // A Service whose selector matches nothing: the proxy answers its requests itself.
-    cluster.write_config("nowhere.yaml", &http_service("nowhere", NOWHERE_VIP, "nothing"));
-    cluster.write_config("greeter.yaml", &http_service("greeter", GREETER_VIP, "greeter"));
-    cluster.write_config("near.yaml", &http_service("near", NEAR_VIP, "near"));
+    cluster.write_config("nowhere.yaml", &http_service_yaml("nowhere", "shop", NOWHERE_VIP, "nothing"));
+    cluster.write_config("greeter.yaml", &http_service_yaml("greeter", "shop", GREETER_VIP, "greeter"));
+    cluster.write_config("near.yaml", &http_service_yaml("near", "shop", NEAR_VIP, "near"));
     // Requests for /fault are aborted by the client's node (flag FI); the rest go to web.
     cluster.write_config(
         "web-routes.yaml",

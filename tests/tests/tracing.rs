@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use nodemesh_tests::{
     Pod, Registration, SimCluster, SimNode,
-    mesh::{eventually, http_get},
+    mesh::{eventually, http_get, http_service_yaml},
     trace_collectors::{Collector, TraceCollectors},
 };
 use serde_json::Value;
@@ -20,13 +20,6 @@ const A_VIP: &str = "10.96.0.40";
 const B_VIP: &str = "10.96.0.41";
 const A_HOST: &str = "a.shop.svc.cluster.local";
 const B_HOST: &str = "b.shop.svc.cluster.local";
-
-fn http_service(name: &str, vip: &str) -> String {
-    format!(
-        "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: shop}}\n\
-         spec:\n  clusterIP: {vip}\n  selector: {{app: {name}}}\n  ports: [{{name: http, port: 80, targetPort: 8080}}]\n"
-    )
-}
 
 fn mesh_config(collectors: &TraceCollectors) -> String {
     let (z, o) = (collectors.zipkin, collectors.otlp);
@@ -128,8 +121,8 @@ fn a_three_hop_request_is_one_trace_at_zipkin_and_at_otlp_in_b3_and_w3c() {
     let mut cluster = SimCluster::new(2).unwrap();
     let collectors =
         TraceCollectors::start(&cluster.fabric_netns, cluster.fabric_ip().into(), &cluster.work_dir).unwrap();
-    cluster.write_config("a.yaml", &http_service("a", A_VIP));
-    cluster.write_config("b.yaml", &http_service("b", B_VIP));
+    cluster.write_config("a.yaml", &http_service_yaml("a", "shop", A_VIP, "a"));
+    cluster.write_config("b.yaml", &http_service_yaml("b", "shop", B_VIP, "b"));
     cluster.write_config("mesh.yaml", &mesh_config(&collectors));
     cluster.write_config("telemetry.yaml", &shop_tracing("zipkin"));
     cluster.start(&[], &[]).unwrap();

@@ -13,8 +13,19 @@ use crate::util::{self, output, step};
 /// buildah for the container images (`cargo xtask image`, no Docker daemon).
 /// `prometheus`: the real server the observability test scrapes mesh-node and mesh-control
 /// with (its service is not started; the test runs its own on loopback).
-const APT_PACKAGES: &[&str] =
-    &["iproute2", "util-linux", "curl", "llvm-22-dev", "libpolly-22-dev", "buildah", "prometheus"];
+/// `chromium` and `chromium-driver`: the headless browser the service-graph test drives over
+/// WebDriver.
+const APT_PACKAGES: &[&str] = &[
+    "iproute2",
+    "util-linux",
+    "curl",
+    "llvm-22-dev",
+    "libpolly-22-dev",
+    "buildah",
+    "prometheus",
+    "chromium",
+    "chromium-driver",
+];
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 /// Kernel options the data path needs, with what each is for.
 const KERNEL_OPTIONS: &[(&str, &str)] = &[
