@@ -197,25 +197,23 @@ fn edge_of(s: &Sample) -> Option<EdgeKey> {
         "destination" if !source_known => {}
         _ => return None,
     }
+    // A namespace Istio labels `unknown` (PassthroughCluster, BlackHoleCluster) is none.
+    let namespace = |label: &str| known(s.label(label)).unwrap_or("").to_string();
     let source = if source_known {
         Vertex {
-            namespace: s.label("source_workload_namespace").to_string(),
+            namespace: namespace("source_workload_namespace"),
             name: known(s.label("source_app")).unwrap_or(s.label("source_workload")).to_string(),
         }
     } else {
         Vertex::unknown()
     };
     let destination = match (known(s.label("destination_app")), known(s.label("destination_service_name"))) {
-        (Some(app), _) => {
-            Vertex { namespace: s.label("destination_workload_namespace").to_string(), name: app.into() }
-        }
+        (Some(app), _) => Vertex { namespace: namespace("destination_workload_namespace"), name: app.into() },
         (None, Some(service)) => {
-            Vertex { namespace: s.label("destination_service_namespace").to_string(), name: service.into() }
+            Vertex { namespace: namespace("destination_service_namespace"), name: service.into() }
         }
         (None, None) => match known(s.label("destination_workload")) {
-            Some(w) => {
-                Vertex { namespace: s.label("destination_workload_namespace").to_string(), name: w.into() }
-            }
+            Some(w) => Vertex { namespace: namespace("destination_workload_namespace"), name: w.into() },
             None => Vertex::unknown(),
         },
     };
@@ -244,6 +242,7 @@ istio_requests_total{reporter="destination",source_workload="client-v2",source_w
 istio_requests_total{reporter="destination",source_workload="unknown",source_workload_namespace="unknown",source_app="unknown",destination_app="web",destination_workload_namespace="shop",destination_service_name="web",destination_service_namespace="shop",response_code="200",connection_security_policy="none"} 4
 istio_requests_total{reporter="source",source_workload="client-v2",source_workload_namespace="shop",source_app="client",destination_app="unknown",destination_workload_namespace="unknown",destination_service_name="nowhere",destination_service_namespace="shop",response_code="503",connection_security_policy="none"} 2
 istio_requests_total{reporter="source",source_workload="client-v2",source_workload_namespace="shop",source_app="client",destination_app="greeter",destination_workload_namespace="shop",destination_service_name="greeter",destination_service_namespace="shop",response_code="200",grpc_response_status="14",connection_security_policy="mutual_tls"} 1
+istio_tcp_connections_opened_total{reporter="source",source_workload="client-v2",source_workload_namespace="shop",source_app="client",destination_app="unknown",destination_workload_namespace="unknown",destination_service_name="PassthroughCluster",destination_service_namespace="unknown",connection_security_policy="none"} 3
 istio_request_duration_milliseconds_bucket{reporter="source",source_workload="client-v2",source_workload_namespace="shop",source_app="client",destination_app="web",destination_workload_namespace="shop",destination_service_name="web",destination_service_namespace="shop",le="100"} 30
 istio_request_duration_milliseconds_bucket{reporter="source",source_workload="client-v2",source_workload_namespace="shop",source_app="client",destination_app="web",destination_workload_namespace="shop",destination_service_name="web",destination_service_namespace="shop",le="250"} 30
 istio_request_duration_milliseconds_bucket{reporter="source",source_workload="client-v2",source_workload_namespace="shop",source_app="client",destination_app="web",destination_workload_namespace="shop",destination_service_name="web",destination_service_namespace="shop",le="500"} 40
@@ -271,7 +270,14 @@ istio_request_duration_milliseconds_bucket{reporter="source",source_workload="cl
         let greeter =
             &edges[&EdgeKey { source: vertex("shop", "client"), destination: vertex("shop", "greeter") }];
         assert_eq!(greeter.errors, 1.0, "a gRPC status other than OK is an error");
-        assert_eq!(edges.len(), 4);
+        let passthrough = Vertex { namespace: String::new(), name: "PassthroughCluster".into() };
+        let out = &edges[&EdgeKey { source: vertex("shop", "client"), destination: passthrough }];
+        assert_eq!(
+            (out.connections, out.mtls_connections),
+            (3.0, 0.0),
+            "Istio's `unknown` namespace is none"
+        );
+        assert_eq!(edges.len(), 5);
     }
 
     #[test]
