@@ -58,3 +58,32 @@ pub fn wait_listening(name: &str, addr: SocketAddr, timeout: Duration) -> anyhow
         }
     })
 }
+
+/// Forwards TCP connections accepted on `listen` (in the caller's own netns, typically the
+/// host's loopback) to `to` inside netns `name`, until the process exits: how the demo lets a
+/// browser on the host open a page served inside the simulated cluster. Each connection gets
+/// two copying threads; the connection to `to` is made from a thread that entered `name`.
+pub fn forward(listen: SocketAddr, name: &str, to: SocketAddr) -> anyhow::Result<()> {
+    let listener = std::net::TcpListener::bind(listen).with_context(|| format!("listening on {listen}"))?;
+    let name = name.to_string();
+    std::thread::spawn(move || {
+        for client in listener.incoming().flatten() {
+            let upstream =
+                match run_in(&name, move || Ok(TcpStream::connect_timeout(&to, Duration::from_secs(2))?)) {
+                    Ok(s) => s,
+                    Err(_) => continue,
+                };
+            for (mut from, mut into) in
+                [(client.try_clone(), upstream.try_clone()), (upstream.try_clone(), client.try_clone())]
+                    .into_iter()
+                    .filter_map(|(a, b)| Some((a.ok()?, b.ok()?)))
+            {
+                std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut from, &mut into);
+                    let _ = into.shutdown(std::net::Shutdown::Write);
+                });
+            }
+        }
+    });
+    Ok(())
+}

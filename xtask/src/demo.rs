@@ -11,6 +11,9 @@ use crate::{bookshop, setup, util};
 
 const REVIEWS: &str = "10.96.0.20:9080";
 const RATINGS: &str = "10.96.0.30:9080";
+const NODE_METRICS_ADDR: &str = "0.0.0.0:15020";
+/// Where the demo forwards mesh-control's admin endpoint on the host, for a browser.
+const GRAPH_ON_HOST: &str = "127.0.0.1:15014";
 
 pub(crate) fn run(keep: bool) -> anyhow::Result<()> {
     setup::run()?;
@@ -24,7 +27,9 @@ pub(crate) fn run(keep: bool) -> anyhow::Result<()> {
         let entry = entry?;
         std::fs::copy(entry.path(), config.join(entry.file_name()))?;
     }
-    cluster.start(&[], &[])?;
+    // Nodes serve their metrics off-node (as the DaemonSet does) so mesh-control's service
+    // graph can scrape them.
+    cluster.start(&["--graph-scrape-interval-ms", "1000"], &["--metrics-addr", NODE_METRICS_ADDR])?;
     println!(
         "  mesh-control watches {} (nodes dial its TLS port, {})",
         config.display(),
@@ -83,6 +88,7 @@ pub(crate) fn run(keep: bool) -> anyhow::Result<()> {
     util::step("the bookshop sample (examples/bookshop): L7 routing, one route file at a time");
     let shop = bookshop::start(&mut cluster, &config)?;
     bookshop::walk(&cluster, &config, &shop)?;
+    service_graph(&cluster)?;
     crate::demo_discovery::run()?;
 
     println!("\nmesh-control status:");
@@ -177,6 +183,54 @@ fn identity_and_policy(
         refused.is_ok() && denied.is_ok(),
         "STRICT or the AuthorizationPolicy did not take effect"
     );
+    Ok(())
+}
+
+/// The service graph mesh-control drew from the nodes' metrics: its address (forwarded to the
+/// host's loopback), and its edges as text.
+fn service_graph(cluster: &SimCluster) -> anyhow::Result<()> {
+    util::step("the service graph: mesh-control scrapes every node's metrics and draws the edges");
+    let admin = cluster.control.admin_addr();
+    let address = match nodemesh_tests::netns::forward(GRAPH_ON_HOST.parse()?, &cluster.fabric_netns, admin) {
+        Ok(()) => format!("http://{GRAPH_ON_HOST}/graph"),
+        Err(e) => {
+            println!("  (cannot forward {GRAPH_ON_HOST} to mesh-control: {e:#})");
+            format!("http://{admin}/graph inside netns {}", cluster.fabric_netns)
+        }
+    };
+    println!("  Service graph: {address}  (open it in a browser; --keep leaves it up)");
+    // The bookshop's requests, once two scrapes of each node have seen them.
+    let mut edges = Vec::new();
+    for _ in 0..50 {
+        let data: serde_json::Value = serde_json::from_str(&cluster.control.get("/graph/data")?)?;
+        edges = data["edges"].as_array().cloned().unwrap_or_default();
+        if edges.iter().any(|e| e["destination"] == "bookshop/ratings") {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let name = |e: &serde_json::Value, side: &str| e[side].as_str().unwrap_or("?").to_string();
+    let width = |side: &str| edges.iter().map(|e| name(e, side).len()).max().unwrap_or(0).max(4);
+    let (from_w, to_w) = (width("source"), width("destination"));
+    println!(
+        "  {:<from_w$} {:<to_w$} {:>6} {:>8} {:>7} {:>10}  MTLS",
+        "FROM", "TO", "COUNT", "RATE/S", "ERRORS", "P99"
+    );
+    for e in &edges {
+        let p99 = e["p99_ms"].as_f64().map_or("-".to_string(), |v| format!("{v:.1} ms"));
+        println!(
+            "  {:<from_w$} {:<to_w$} {:>6} {:>8.2} {:>6.1}% {:>10}  {} {}",
+            name(e, "source"),
+            name(e, "destination"),
+            e["count"].as_u64().unwrap_or(0),
+            e["rate"].as_f64().unwrap_or(0.0),
+            e["error_rate"].as_f64().unwrap_or(0.0) * 100.0,
+            p99,
+            e["protocol"].as_str().unwrap_or("?"),
+            e["mtls"].as_str().unwrap_or("?"),
+        );
+    }
+    anyhow::ensure!(!edges.is_empty(), "the service graph shows no edges after the bookshop's traffic");
     Ok(())
 }
 
