@@ -21,6 +21,7 @@ const WEB_VIP: &str = "10.96.0.30";
 const API_VIP: &str = "10.96.0.31";
 const ECHO_VIP: &str = "10.96.0.32";
 const DB_VIP: &str = "10.96.0.33";
+const CACHE_VIP: &str = "10.96.0.34";
 const WEB_CLUSTER: &str = "outbound|80||web.shop.svc.cluster.local";
 
 /// An HTTP Service at `vip`, 80 → 8080 on `app=<app>` pods of `namespace`.
@@ -167,6 +168,7 @@ fn telemetry_turns_access_logs_on_for_one_namespace_with_filters_and_response_fl
     cluster.write_config("api.yaml", &http_service_yaml("api", "shop", API_VIP, "web"));
     cluster.write_config("echo.yaml", &http_service_yaml("echo", "other", ECHO_VIP, "echo"));
     cluster.write_config("db.yaml", &service_yaml("db", DB_VIP, "db"));
+    cluster.write_config("cache.yaml", &service_yaml("cache", CACHE_VIP, "cache"));
     cluster.write_config("routes.yaml", ROUTES);
     cluster.write_config("mesh.yaml", &mesh_config(&json_log));
     cluster.start(&[], &[]).unwrap();
@@ -184,6 +186,10 @@ fn telemetry_turns_access_logs_on_for_one_namespace_with_filters_and_response_fl
     let db = cluster.nodes[1].add_pod("db0", "shop").unwrap();
     cluster.nodes[1].register(&db, &Registration::labelled(&[("app", "db")])).unwrap();
     cluster.nodes[1].serve(&db, &[db.addr(8080)]).unwrap();
+    // On the client's own node: delivered by node 0 itself, which writes both lines.
+    let cache = cluster.nodes[0].add_pod("cache0", "shop").unwrap();
+    cluster.nodes[0].register(&cache, &Registration::labelled(&[("app", "cache")])).unwrap();
+    cluster.nodes[0].serve(&cache, &[cache.addr(8080)]).unwrap();
 
     let (node0, node1) = (&cluster.nodes[0], &cluster.nodes[1]);
     let web_to = format!("{WEB_VIP}:80");
@@ -253,6 +259,23 @@ fn telemetry_turns_access_logs_on_for_one_namespace_with_filters_and_response_fl
     assert_eq!(client_line["sent"], server_line["sent"]);
     assert_eq!(client_line["upstream"], db.addr(8080).to_string(), "{client_line}");
     assert_eq!(server_line["upstream"], db.addr(8080).to_string(), "{server_line}");
+
+    // The same for a pod on the client's node: node 0 writes the server side's line too.
+    let cache_to = format!("{CACHE_VIP}:80");
+    assert_eq!(hello_counts(node0, &client, &cache_to, 1).values().sum::<usize>(), 1);
+    let cache_addr = cache.addr(8080).to_string();
+    let cache_lines = || -> Vec<Value> {
+        json_lines(&json_log)
+            .into_iter()
+            .filter(|l| l["method"].is_null() && l["upstream"] == cache_addr)
+            .collect()
+    };
+    eventually("both same-node TCP lines", Duration::from_secs(2), || cache_lines().len() == 2);
+    let tcp = cache_lines();
+    let client_line = one(&tcp, "outbound|80||cache.shop.svc.cluster.local", "same-node TCP client side");
+    let server_line = one(&tcp, "inbound|8080||", "same-node TCP server side");
+    assert_eq!((client_line["received"].clone(), server_line["received"].clone()), (6.into(), 6.into()));
+    assert_eq!(client_line["sent"], server_line["sent"], "{client_line} {server_line}");
 
     // The response flags a user looks for, each where Envoy would write it.
     let flagged = |path: &str, side: &str| -> Value {

@@ -15,7 +15,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use crate::{
     authz::{Inbound, Verdict},
-    telemetry::metrics::ConnectionCounters,
+    telemetry::{access_log::ConnectionLog, metrics::ConnectionCounters},
 };
 
 /// The version of the node's Workloads (0 without a control plane: nothing ever changes).
@@ -28,10 +28,19 @@ pub struct Guarded<S> {
     connection: Inbound,
     seen: u64,
     revoked: bool,
-    /// The destination's TCP series, when this stream is the pod's side of a connection no
-    /// one else counts for it (same-node delivery): what the pod sends is `sent`.
-    /// Boxed: most guarded streams have none, and the data path's `Upstream` stays small.
-    tally: Option<Box<ConnectionCounters>>,
+    /// The destination's side of a connection no one else counts for it (same-node
+    /// delivery). Boxed: most guarded streams have none, and the data path's `Upstream` stays
+    /// small.
+    tally: Option<Box<Tally>>,
+}
+
+/// The pod's side of a same-node connection: its TCP series (what the pod sends is `sent`)
+/// and its server-side access-log line, written with this connection's bytes when it ends.
+struct Tally {
+    counters: ConnectionCounters,
+    log: Option<(ConnectionLog, std::net::SocketAddr)>,
+    from_pod: u64,
+    to_pod: u64,
 }
 
 impl<S> Guarded<S> {
@@ -40,9 +49,17 @@ impl<S> Guarded<S> {
         Guarded { inner, connection, seen, revoked: false, tally: None }
     }
 
-    /// Counting the bytes that pass as the destination's TCP series, closed with the stream.
-    pub fn tallied(mut self, counters: ConnectionCounters) -> Guarded<S> {
-        self.tally = Some(Box::new(counters));
+    /// Counting the bytes that pass as the destination's TCP series, closed with the stream;
+    /// and, if the pod's server-side access logs are on, its line for the connection (`pod`:
+    /// the address delivered to).
+    pub fn tallied(
+        mut self,
+        counters: ConnectionCounters,
+        log: Option<ConnectionLog>,
+        pod: std::net::SocketAddr,
+    ) -> Guarded<S> {
+        let log = log.map(|l| (l, pod));
+        self.tally = Some(Box::new(Tally { counters, log, from_pod: 0, to_pod: 0 }));
         self
     }
 
@@ -76,8 +93,14 @@ impl<S> Guarded<S> {
 
 impl<S> Drop for Guarded<S> {
     fn drop(&mut self) {
-        if let Some(tally) = &self.tally {
-            tally.closed();
+        if let Some(tally) = self.tally.take() {
+            tally.counters.closed();
+            if let Some((log, pod)) = tally.log {
+                // Same-node delivery is mesh-node proving both identities itself: mTLS's case.
+                // (A connection a policy change closed has no flag, as an RBAC denial has none
+                // in Envoy: the mesh-node log line says why.)
+                log.finish("-", Some((pod, true)), (tally.to_pod, tally.from_pod));
+            }
         }
     }
 }
@@ -88,8 +111,10 @@ impl<S: AsyncRead + Unpin> AsyncRead for Guarded<S> {
         this.check()?;
         let before = buf.filled().len();
         let polled = Pin::new(&mut this.inner).poll_read(cx, buf);
-        if let (Poll::Ready(Ok(())), Some(tally)) = (&polled, &this.tally) {
-            tally.sent.inc_by((buf.filled().len() - before) as u64);
+        if let (Poll::Ready(Ok(())), Some(tally)) = (&polled, &mut this.tally) {
+            let n = (buf.filled().len() - before) as u64;
+            tally.counters.sent.inc_by(n);
+            tally.from_pod += n;
         }
         polled
     }
@@ -100,8 +125,9 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Guarded<S> {
         let this = self.get_mut();
         this.check()?;
         let polled = Pin::new(&mut this.inner).poll_write(cx, buf);
-        if let (Poll::Ready(Ok(n)), Some(tally)) = (&polled, &this.tally) {
-            tally.received.inc_by(*n as u64);
+        if let (Poll::Ready(Ok(n)), Some(tally)) = (&polled, &mut this.tally) {
+            tally.counters.received.inc_by(*n as u64);
+            tally.to_pod += *n as u64;
         }
         polled
     }

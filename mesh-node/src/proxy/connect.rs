@@ -20,7 +20,7 @@ use crate::{
         connection_settings::{ConnectionSettings, UpstreamTls},
         lb::{Balancer, Endpoint, EndpointState, LocalityKey, Pick, TunnelTarget},
     },
-    telemetry::{labels::Caller, metrics::SecurityPolicy},
+    telemetry::{access_log::ConnectionLog, labels::Caller, metrics::SecurityPolicy},
     workload::Source,
 };
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -197,18 +197,23 @@ impl Outbound {
                 k.apply(&socket2::SockRef::from(&delivered))?;
             }
             let destination = self.authorizer.local_peer(&pod.key, &pod.service_account).as_destination();
+            let server_log = Reporting::server_log(&self.metrics, &pod.key, None, dst);
+            let log = if per_request { None } else { ConnectionLog::of(&server_log) };
             let reporting = Reporting::new(
                 &self.metrics,
                 Arc::clone(&caller.source),
                 destination,
                 Arc::clone(&caller.service),
                 SecurityPolicy::mutual_tls,
-                Reporting::server_log(&self.metrics, &pod.key, None, dst),
+                server_log,
             );
             let counters = self.metrics.connection_opened(&reporting.connection_labels());
             if !per_request {
-                // Delivered as bytes: the pod's side counts its TCP series here.
-                return Ok(Upstream::Guarded(Guarded::new(delivered, connection).tallied(counters)));
+                // Delivered as bytes: the pod's side counts its TCP series and writes its
+                // server-side access-log line here.
+                return Ok(Upstream::Guarded(
+                    Guarded::new(delivered, connection).tallied(counters, log, dst),
+                ));
             }
             // Requests are judged by the destination's policies in this process, between the
             // two ends of an in-memory pipe.
