@@ -26,9 +26,25 @@ use tokio::{
 const FIRST_CHUNK: usize = 2 * 1024;
 const CHUNK: usize = 32 * 1024;
 
+/// The bytes a relay moved: `sent` from the client to the other side, `received` back.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Totals {
     pub sent: u64,
     pub received: u64,
+}
+
+/// How a relay ended: what it moved (also when it failed part-way, or closed for idleness)
+/// and whether it failed.
+pub struct Relayed {
+    pub totals: Totals,
+    pub result: io::Result<()>,
+}
+
+impl Relayed {
+    /// The totals if the relay ended without error.
+    pub fn ok(self) -> io::Result<Totals> {
+        self.result.map(|()| self.totals)
+    }
 }
 
 /// Relays between two TCP connections until both directions have finished (or, with `idle`,
@@ -39,7 +55,7 @@ pub async fn relay_tcp(
     sent: &Counter,
     received: &Counter,
     idle: Option<Duration>,
-) -> io::Result<Totals> {
+) -> Relayed {
     let activity = Activity::new(idle);
     let result = {
         let (mut client_read, mut client_write) = client.split();
@@ -47,8 +63,8 @@ pub async fn relay_tcp(
         activity
             .watch(async {
                 tokio::try_join!(
-                    copy_half(&mut client_read, &mut upstream_write, sent, &activity),
-                    copy_half(&mut upstream_read, &mut client_write, received, &activity),
+                    copy_half(&mut client_read, &mut upstream_write, sent, &activity, &activity.sent),
+                    copy_half(&mut upstream_read, &mut client_write, received, &activity, &activity.received),
                 )
             })
             .await
@@ -56,7 +72,7 @@ pub async fn relay_tcp(
     if result.is_err() {
         reset(&upstream);
     }
-    finish(&client, result)
+    finish(&client, &activity, result)
 }
 
 /// Relays between a TCP connection and any other byte stream (a tunnel stream: split with
@@ -66,7 +82,7 @@ pub async fn relay_stream<S: AsyncRead + AsyncWrite + Unpin>(
     other: S,
     sent: &Counter,
     received: &Counter,
-) -> io::Result<Totals> {
+) -> Relayed {
     relay_stream_idle(client, other, sent, received, None).await
 }
 
@@ -77,7 +93,7 @@ pub async fn relay_stream_idle<S: AsyncRead + AsyncWrite + Unpin>(
     sent: &Counter,
     received: &Counter,
     idle: Option<Duration>,
-) -> io::Result<Totals> {
+) -> Relayed {
     let activity = Activity::new(idle);
     let (mut other_read, mut other_write) = tokio::io::split(other);
     let result = {
@@ -85,36 +101,48 @@ pub async fn relay_stream_idle<S: AsyncRead + AsyncWrite + Unpin>(
         activity
             .watch(async {
                 tokio::try_join!(
-                    copy_half(&mut client_read, &mut other_write, sent, &activity),
-                    copy_half(&mut other_read, &mut client_write, received, &activity),
+                    copy_half(&mut client_read, &mut other_write, sent, &activity, &activity.sent),
+                    copy_half(&mut other_read, &mut client_write, received, &activity, &activity.received),
                 )
             })
             .await
     };
-    finish(&client, result)
+    finish(&client, &activity, result)
 }
 
-fn finish(client: &TcpStream, result: io::Result<(u64, u64)>) -> io::Result<Totals> {
-    match result {
-        Ok((sent, received)) => Ok(Totals { sent, received }),
-        Err(e) => {
-            reset(client);
-            Err(e)
-        }
+fn finish(client: &TcpStream, activity: &Activity, result: io::Result<()>) -> Relayed {
+    if result.is_err() {
+        reset(client);
     }
+    let totals = Totals {
+        sent: activity.sent.load(Ordering::Relaxed),
+        received: activity.received.load(Ordering::Relaxed),
+    };
+    Relayed { totals, result }
 }
 
-/// When a relay last moved a byte, for its idle timeout (`None`: no timeout, nothing kept).
+/// What a relay moved each way, and when it last moved a byte, for its idle timeout (`None`:
+/// no timeout, no time kept).
 struct Activity {
     idle: Option<Duration>,
     start: Instant,
     /// Milliseconds after `start` of the last read that moved bytes.
     last_ms: AtomicU64,
+    /// Bytes written each way so far (kept here, not returned by the copies, so that a relay
+    /// that fails or idles out still knows them).
+    sent: AtomicU64,
+    received: AtomicU64,
 }
 
 impl Activity {
     fn new(idle: Option<Duration>) -> Activity {
-        Activity { idle, start: Instant::now(), last_ms: AtomicU64::new(0) }
+        Activity {
+            idle,
+            start: Instant::now(),
+            last_ms: AtomicU64::new(0),
+            sent: AtomicU64::new(0),
+            received: AtomicU64::new(0),
+        }
     }
 
     fn moved(&self) {
@@ -127,9 +155,9 @@ impl Activity {
     /// both sides close normally (the caller drops them), as Envoy's TCP proxy does.
     async fn watch(
         &self,
-        copying: impl std::future::Future<Output = io::Result<(u64, u64)>>,
-    ) -> io::Result<(u64, u64)> {
-        let Some(idle) = self.idle else { return copying.await };
+        copying: impl std::future::Future<Output = io::Result<((), ())>>,
+    ) -> io::Result<()> {
+        let Some(idle) = self.idle else { return copying.await.map(|_| ()) };
         let watchdog = async {
             loop {
                 let last = self.start + Duration::from_millis(self.last_ms.load(Ordering::Relaxed));
@@ -141,10 +169,10 @@ impl Activity {
             }
         };
         tokio::select! {
-            result = copying => result,
+            result = copying => result.map(|_| ()),
             () = watchdog => {
                 tracing::debug!("relay closed after {idle:?} without a byte either way (idleTimeout)");
-                Ok((0, 0))
+                Ok(())
             }
         }
     }
@@ -155,13 +183,13 @@ async fn copy_half<R, W>(
     writer: &mut W,
     counter: &Counter,
     activity: &Activity,
-) -> io::Result<u64>
+    moved: &AtomicU64,
+) -> io::Result<()>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
     let mut buf = vec![0u8; FIRST_CHUNK];
-    let mut total = 0u64;
     loop {
         let n = reader.read(&mut buf).await?;
         activity.moved();
@@ -169,11 +197,11 @@ where
             // Peer finished sending: pass the FIN on. The other direction may go on. A failed
             // shutdown means that side is already gone, which its own read will report.
             let _ = writer.shutdown().await;
-            return Ok(total);
+            return Ok(());
         }
         writer.write_all(&buf[..n]).await?;
-        total += n as u64;
         counter.inc_by(n as u64);
+        moved.fetch_add(n as u64, Ordering::Relaxed);
         if n == buf.len() && buf.len() < CHUNK {
             buf = vec![0u8; CHUNK];
         }
@@ -183,4 +211,52 @@ where
 /// Closes with RST instead of FIN: the peer learns the connection failed, not that it ended.
 pub fn reset(stream: &TcpStream) {
     let _ = socket2::SockRef::from(stream).set_linger(Some(Duration::ZERO));
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::net::TcpListener;
+
+    use super::*;
+
+    /// A connected pair of loopback TCP sockets.
+    async fn pair() -> (TcpStream, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let dialled = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+        (dialled, listener.accept().await.unwrap().0)
+    }
+
+    #[tokio::test]
+    async fn a_relay_that_fails_or_idles_out_still_knows_its_bytes() {
+        let (sent, received) = (Counter::default(), Counter::default());
+        // Reset by the upstream after 5 bytes.
+        let ((mut client, proxy_side), (proxy_upstream, mut server)) = (pair().await, pair().await);
+        let relay = tokio::spawn(async move {
+            let (sent, received) = (Counter::default(), Counter::default());
+            relay_tcp(proxy_side, proxy_upstream, &sent, &received, None).await
+        });
+        client.write_all(b"hello").await.unwrap();
+        let mut buf = [0u8; 5];
+        server.read_exact(&mut buf).await.unwrap();
+        reset(&server);
+        drop(server);
+        let relayed = relay.await.unwrap();
+        assert!(relayed.result.is_err(), "the upstream's reset ends the relay with an error");
+        assert_eq!(relayed.totals, Totals { sent: 5, received: 0 });
+
+        // Closed for idleness after 3 bytes each way.
+        let ((mut client, proxy_side), (proxy_upstream, mut server)) = (pair().await, pair().await);
+        let idle = Some(Duration::from_millis(100));
+        let relay = relay_tcp(proxy_side, proxy_upstream, &sent, &received, idle);
+        let talk = async {
+            client.write_all(b"abc").await.unwrap();
+            let mut buf = [0u8; 3];
+            server.read_exact(&mut buf).await.unwrap();
+            server.write_all(b"xyz").await.unwrap();
+            client.read_exact(&mut buf).await.unwrap();
+        };
+        let (relayed, ()) = tokio::join!(relay, talk);
+        assert!(relayed.result.is_ok(), "an idle close is no failure");
+        assert_eq!(relayed.totals, Totals { sent: 3, received: 3 });
+    }
 }

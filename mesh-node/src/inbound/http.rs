@@ -105,13 +105,9 @@ impl Reporting {
         if let Some(log) = log {
             let pod = self.report.access.as_ref().and_then(|a| a.facts.upstream_host);
             let mtls = self.security == SecurityPolicy::mutual_tls;
-            log.finish(
-                "-",
-                pod.map(|p| (p, mtls)),
-                relayed.as_ref().map_or((0, 0), |t| (t.received, t.sent)),
-            );
+            log.finish("-", pod.map(|p| (p, mtls)), (relayed.totals.received, relayed.totals.sent));
         }
-        relayed.map(|_| ()).map_err(|e| e.to_string())
+        relayed.result.map_err(|e| e.to_string())
     }
 
     /// The connection's own TCP labels.
@@ -155,11 +151,15 @@ where
                 relay::reset(&delivered);
                 return Err("denied".into());
             }
-            // The pod is the first side: what it sends is what the destination sent.
-            relay::relay_stream(delivered, client, &counters.sent, &counters.received)
-                .await
-                .map(|_| ())
-                .map_err(|e| e.to_string())
+            match reporting {
+                // Logged as the TCP connection it turned out to be.
+                Some(reporting) => reporting.relay_to_pod(delivered, client, counters).await,
+                // The pod is the first side: what it sends is what the destination sent.
+                None => relay::relay_stream(delivered, client, &counters.sent, &counters.received)
+                    .await
+                    .result
+                    .map_err(|e| e.to_string()),
+            }
         }
     }
 }

@@ -258,19 +258,17 @@ impl Outbound {
         tracing::debug!(workload = %source.key, %dst, "proxying");
         let relayed = upstream.relay(client, &counters.sent, &counters.received, idle).await;
         counters.closed();
-        let totals = match relayed {
-            Ok(t) => {
-                tracing::debug!(workload = %source.key, %dst, sent = t.sent, received = t.received, "closed");
-                (t.sent, t.received)
+        let t = relayed.totals;
+        match &relayed.result {
+            Ok(()) => {
+                tracing::debug!(workload = %source.key, %dst, sent = t.sent, received = t.received, "closed")
             }
             Err(e) => {
-                // The totals went with the error; the line says the connection was reset.
-                tracing::debug!(workload = %source.key, %dst, "relay ended with error: {e}");
-                (0, 0)
+                tracing::debug!(workload = %source.key, %dst, sent = t.sent, received = t.received, "relay ended with error: {e}")
             }
-        };
+        }
         if let Some(log) = log {
-            log.finish("-", Some((dst, security == SecurityPolicy::mutual_tls)), totals);
+            log.finish("-", Some((dst, security == SecurityPolicy::mutual_tls)), (t.sent, t.received));
         }
     }
 

@@ -15,7 +15,7 @@ use tokio::{
 use prometheus_client::metrics::counter::Counter;
 
 use crate::{
-    conn::relay::{self, Totals},
+    conn::relay::{self, Relayed},
     inbound::guard::Guarded,
     tunnel::client::TunnelStream,
 };
@@ -44,7 +44,7 @@ impl Upstream {
         sent: &Counter,
         received: &Counter,
         idle: Option<std::time::Duration>,
-    ) -> io::Result<Totals> {
+    ) -> Relayed {
         match self {
             Upstream::Tcp(upstream) => relay::relay_tcp(client, upstream, sent, received, idle).await,
             // Dropping a tunnel stream that did not finish resets it (RST_STREAM).
