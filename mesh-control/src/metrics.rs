@@ -24,6 +24,13 @@ pub struct SignErrorLabels {
     pub error: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ScrapeLabels {
+    /// `ok` or `failed` (unreachable, timed out, not 2xx, a page that does not parse; a node
+    /// without a metrics endpoint is not scraped at all).
+    pub result: String,
+}
+
 /// istiod's buckets for `pilot_proxy_convergence_time` (seconds).
 const CONVERGENCE_BUCKETS: [f64; 10] = [0.1, 0.5, 1.0, 3.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0];
 
@@ -38,6 +45,8 @@ pub struct ControlMetrics {
     pub csr_requests: Counter,
     pub certificates_issued: Counter,
     sign_errors: Family<SignErrorLabels, Counter>,
+    /// The service graph's scrapes of nodes' metrics, by result.
+    graph_scrapes: Family<ScrapeLabels, Counter>,
 }
 
 impl Default for ControlMetrics {
@@ -52,6 +61,7 @@ impl Default for ControlMetrics {
             csr_requests: Counter::default(),
             certificates_issued: Counter::default(),
             sign_errors: Family::default(),
+            graph_scrapes: Family::default(),
         }
     }
 }
@@ -97,6 +107,11 @@ impl ControlMetrics {
             "Certificate signing requests refused, by reason",
             self.sign_errors.clone(),
         );
+        registry.register(
+            "nodemesh_control_graph_scrapes",
+            "The service graph's scrapes of node metrics, by result",
+            self.graph_scrapes.clone(),
+        );
     }
 
     /// A response of `type_url` went to a node, `since` its snapshot was built.
@@ -109,6 +124,12 @@ impl ControlMetrics {
 
     pub fn rejected(&self, type_url: &str) {
         self.rejects.get_or_create(&XdsType { r#type: short_type(type_url).into() }).inc();
+    }
+
+    /// A scrape of a node's metrics for the service graph.
+    pub fn graph_scraped(&self, ok: bool) {
+        let result = if ok { "ok" } else { "failed" };
+        self.graph_scrapes.get_or_create(&ScrapeLabels { result: result.into() }).inc();
     }
 
     pub fn sign_error(&self, error: &'static str) {

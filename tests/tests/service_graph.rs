@@ -197,8 +197,11 @@ fn the_graph_page_draws_each_edge_with_the_rate_errors_p99_and_mtls_of_the_traff
     assert_eq!((db["protocol"].as_str(), db["mtls"].as_str()), (Some("tcp"), Some("mutual_tls")), "{db}");
     assert!(label(&page, "client", "db").starts_with("tcp "), "{page:#}");
 
-    // Both nodes listed as scraped, none failing.
+    // Both nodes listed as scraped, none failing; mesh-control counts its scrapes.
     let sources = page["sources"].as_array().unwrap();
     assert_eq!(sources.len(), 2, "{page:#}");
     assert!(sources.iter().all(|s| s["failed"] == false), "{page:#}");
+    let metrics = cluster.control.get("/metrics").unwrap();
+    assert!(metrics.contains("nodemesh_control_graph_scrapes_total{result=\"ok\"}"), "{metrics}");
+    assert!(!metrics.contains("nodemesh_control_graph_scrapes_total{result=\"failed\"}"), "{metrics}");
 }

@@ -89,6 +89,9 @@ impl ServiceGraph {
             .collect()
             .await;
         for (node, endpoint, at, result) in results {
+            if endpoint.is_some() {
+                self.nodes.metrics.graph_scraped(result.is_ok());
+            }
             let mut sources = self.sources.lock().expect("graph lock");
             let state = sources.entry(node.clone()).or_default();
             state.endpoint = endpoint;
