@@ -150,13 +150,13 @@ impl EdgeTotals {
 }
 
 /// One node's page folded into edges.
-pub fn fold(samples: &[Sample]) -> HashMap<EdgeKey, EdgeTotals> {
+pub fn fold(samples: &[Sample<'_>]) -> HashMap<EdgeKey, EdgeTotals> {
     let mut edges: HashMap<EdgeKey, EdgeTotals> = HashMap::new();
     for s in samples {
         let Some(key) = edge_of(s) else { continue };
         let mtls = s.label("connection_security_policy") == "mutual_tls";
         let totals = edges.entry(key).or_default();
-        match s.name.as_str() {
+        match s.name {
             REQUESTS => {
                 totals.requests += s.value;
                 if is_error(s) {
@@ -190,7 +190,7 @@ pub fn fold(samples: &[Sample]) -> HashMap<EdgeKey, EdgeTotals> {
 }
 
 /// The edge a sample counts for, or `None` if the other reporter counts it.
-fn edge_of(s: &Sample) -> Option<EdgeKey> {
+fn edge_of(s: &Sample<'_>) -> Option<EdgeKey> {
     let source_known = s.label("source_workload") != UNKNOWN && !s.label("source_workload").is_empty();
     match s.label("reporter") {
         "source" => {}
@@ -224,7 +224,7 @@ fn known(value: &str) -> Option<&str> {
     (!value.is_empty() && value != UNKNOWN).then_some(value)
 }
 
-fn is_error(s: &Sample) -> bool {
+fn is_error(s: &Sample<'_>) -> bool {
     let code = s.label("response_code");
     let grpc = s.label("grpc_response_status");
     code.starts_with('5') || code == "0" || (!grpc.is_empty() && grpc != "0" && grpc != "-")

@@ -5,25 +5,30 @@
 //! A line that does not parse is an error naming its line number: a node that serves a broken
 //! page is reported on the graph page instead of being drawn from half its numbers.
 
-use std::collections::BTreeMap;
+use std::borrow::Cow;
 
-/// One sample: the metric's name as written (`istio_requests_total`), its labels and value.
+/// One sample: the metric's name as written (`istio_requests_total`), its labels and value,
+/// borrowed from the page (a value is copied only if it has escapes): a busy node's page has
+/// thousands of lines of some twenty labels each, parsed on every scrape of every node.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Sample {
-    pub name: String,
-    pub labels: BTreeMap<String, String>,
+pub struct Sample<'a> {
+    pub name: &'a str,
+    pub labels: Labels<'a>,
     pub value: f64,
 }
 
-impl Sample {
+/// Label names and values, in the page's order.
+pub type Labels<'a> = Vec<(&'a str, Cow<'a, str>)>;
+
+impl Sample<'_> {
     /// The label's value, or "" when absent.
     pub fn label(&self, name: &str) -> &str {
-        self.labels.get(name).map_or("", String::as_str)
+        self.labels.iter().find(|(n, _)| *n == name).map_or("", |(_, v)| v.as_ref())
     }
 }
 
 /// The samples of `page` whose metric name `wanted` accepts (others are not parsed further).
-pub fn samples(page: &str, wanted: impl Fn(&str) -> bool) -> Result<Vec<Sample>, String> {
+pub fn samples<'a>(page: &'a str, wanted: impl Fn(&str) -> bool) -> Result<Vec<Sample<'a>>, String> {
     let mut out = Vec::new();
     for (i, line) in page.lines().enumerate() {
         let line = line.trim_end();
@@ -38,12 +43,12 @@ pub fn samples(page: &str, wanted: impl Fn(&str) -> bool) -> Result<Vec<Sample>,
         let (labels, rest) = if line[name_end..].starts_with('{') {
             labels(&line[name_end + 1..]).map_err(|e| format!("line {}: {e}", i + 1))?
         } else {
-            (BTreeMap::new(), &line[name_end..])
+            (Vec::new(), &line[name_end..])
         };
         let value = rest.split_whitespace().next().ok_or_else(|| format!("line {}: no value", i + 1))?;
         let value =
             parse_value(value).ok_or_else(|| format!("line {}: value `{value}` is not a number", i + 1))?;
-        out.push(Sample { name: name.to_string(), labels, value });
+        out.push(Sample { name, labels, value });
     }
     Ok(out)
 }
@@ -59,19 +64,26 @@ fn parse_value(text: &str) -> Option<f64> {
 
 /// `a="x",b="y"} rest` → the labels and `rest`. Values use the format's escapes: `\\`, `\"`,
 /// `\n`.
-fn labels(mut text: &str) -> Result<(BTreeMap<String, String>, &str), String> {
-    let mut labels = BTreeMap::new();
+fn labels(mut text: &str) -> Result<(Labels<'_>, &str), String> {
+    let mut labels = Vec::with_capacity(24);
     loop {
         text = text.trim_start_matches([' ', ',']);
         if let Some(rest) = text.strip_prefix('}') {
             return Ok((labels, rest));
         }
         let (name, after) = text.split_once("=\"").ok_or("a label without =\"value\"")?;
-        let mut value = String::new();
-        let mut chars = after.char_indices();
-        let end = loop {
+        let end = after.find(['"', '\\']).ok_or_else(|| format!("label {name}: unterminated value"))?;
+        if after.as_bytes()[end] == b'"' {
+            labels.push((name.trim(), Cow::Borrowed(&after[..end])));
+            text = &after[end + 1..];
+            continue;
+        }
+        // Escapes: the value is rebuilt.
+        let mut value = String::from(&after[..end]);
+        let mut chars = after[end..].char_indices();
+        let close = loop {
             match chars.next() {
-                Some((i, '"')) => break i,
+                Some((i, '"')) => break end + i,
                 Some((_, '\\')) => match chars.next() {
                     Some((_, 'n')) => value.push('\n'),
                     Some((_, c)) => value.push(c),
@@ -81,8 +93,8 @@ fn labels(mut text: &str) -> Result<(BTreeMap<String, String>, &str), String> {
                 None => return Err(format!("label {name}: unterminated value")),
             }
         };
-        labels.insert(name.trim().to_string(), value);
-        text = &after[end + 1..];
+        labels.push((name.trim(), Cow::Owned(value)));
+        text = &after[close + 1..];
     }
 }
 

@@ -24,12 +24,14 @@ pub(super) async fn fetch(
     let page = tokio::time::timeout(timeout, get(endpoint))
         .await
         .map_err(|_| format!("http://{endpoint}/metrics: no answer within {timeout:?}"))??;
-    let samples = exposition::samples(&page, |name| edges::FAMILIES.contains(&name))
+    let page = std::str::from_utf8(&page)
+        .map_err(|_| format!("http://{endpoint}/metrics: the page is not UTF-8"))?;
+    let samples = exposition::samples(page, |name| edges::FAMILIES.contains(&name))
         .map_err(|e| format!("http://{endpoint}/metrics: {e}"))?;
     Ok(edges::fold(&samples))
 }
 
-async fn get(endpoint: SocketAddr) -> Result<String, String> {
+async fn get(endpoint: SocketAddr) -> Result<Bytes, String> {
     let url = format!("http://{endpoint}/metrics");
     let stream = TcpStream::connect(endpoint).await.map_err(|e| format!("{url}: {e}"))?;
     let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
@@ -51,5 +53,5 @@ async fn get(endpoint: SocketAddr) -> Result<String, String> {
     if !status.is_success() {
         return Err(format!("{url}: HTTP {status}"));
     }
-    String::from_utf8(body.to_vec()).map_err(|_| format!("{url}: the page is not UTF-8"))
+    Ok(body)
 }

@@ -72,9 +72,17 @@ pub struct SourceView {
 }
 
 impl Windows {
-    /// Adds a node's newest scrape and forgets its scrapes older than `window`.
+    /// Adds a node's newest scrape and forgets its scrapes older than `window`. Only scrapes
+    /// a sixth of the window apart are kept as baselines (the newest replaces one closer to
+    /// the last kept): a node's memory stays at eight scrapes whatever the interval, and the
+    /// counts cover between five sixths of the window and all of it (the span says which).
     pub fn record(&mut self, node: &str, scrape: Scrape, window: Duration) {
         let scrapes = self.by_node.entry(node.to_string()).or_default();
+        let spacing = window / 6;
+        let len = scrapes.len();
+        if len >= 2 && scrape.at.duration_since(scrapes[len - 2].at) < spacing {
+            scrapes.pop_back();
+        }
         scrapes.push_back(scrape);
         let newest = scrapes.back().map(|s| s.at).expect("just pushed");
         while scrapes.len() > 1 && scrapes.front().is_some_and(|s| newest.duration_since(s.at) > window) {
@@ -196,6 +204,23 @@ mod tests {
         let view = w.view(window, vec![]);
         let e = &view.edges[0];
         assert_eq!(e.count, 10 + 20, "n1 counts from its scrape at 5 s");
+    }
+
+    #[test]
+    fn a_node_keeps_a_bounded_number_of_scrapes_whatever_the_interval() {
+        let t0 = Instant::now();
+        let window = Duration::from_secs(60);
+        let mut w = Windows::default();
+        for k in 0..300u64 {
+            w.record("n1", scrape(t0 + Duration::from_millis(500 * k), k as f64, 0.0), window);
+        }
+        let kept = &w.by_node["n1"];
+        assert!(kept.len() <= 8, "{} scrapes kept", kept.len());
+        let view = w.view(window, vec![]);
+        assert!(view.span_seconds >= 50.0 && view.span_seconds <= 60.0, "{}", view.span_seconds);
+        let e = &view.edges[0];
+        assert!((e.rate - 2.0).abs() < 1e-9, "two requests a second: {}", e.rate);
+        assert_eq!(e.count as f64, view.span_seconds * 2.0);
     }
 
     #[test]
