@@ -11,9 +11,9 @@
 //! - **An error** is a 5xx, no response at all (code 0: reset, refused, timed out before the
 //!   answer) or a gRPC call whose status is not OK.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 
-use super::exposition::Sample;
+use super::exposition::{self, Sample};
 
 /// The metric families the graph reads.
 pub const FAMILIES: [&str; 5] = [
@@ -35,10 +35,6 @@ pub struct Vertex {
 }
 
 impl Vertex {
-    fn unknown() -> Vertex {
-        Vertex { namespace: String::new(), name: UNKNOWN.into() }
-    }
-
     /// `namespace/name`, or `unknown`.
     pub fn id(&self) -> String {
         if self.namespace.is_empty() {
@@ -63,25 +59,32 @@ pub struct EdgeTotals {
     /// Requests that travelled over mTLS (`connection_security_policy="mutual_tls"`).
     pub mtls_requests: f64,
     /// Cumulative request-duration bucket counts by upper bound (ms; `+Inf` last).
-    pub duration_buckets: BTreeMap<Bound, f64>,
+    pub duration_buckets: Buckets,
     pub connections: f64,
     pub mtls_connections: f64,
     /// Bytes both ways over the edge's TCP connections.
     pub bytes: f64,
 }
 
-/// A bucket's upper bound, ordered as a number.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Bound(pub f64);
-impl Eq for Bound {}
-impl Ord for Bound {
-    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
-        self.0.total_cmp(&other.0)
+/// Cumulative counts by bucket upper bound, ascending: a sorted vector (a node's page lists
+/// some twenty bounds per series; a tree of them per edge per scrape cost more than the rest).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Buckets(Vec<(f64, f64)>);
+
+impl Buckets {
+    pub fn add(&mut self, le: f64, n: f64) {
+        match self.0.binary_search_by(|(b, _)| b.total_cmp(&le)) {
+            Ok(i) => self.0[i].1 += n,
+            Err(i) => self.0.insert(i, (le, n)),
+        }
     }
-}
-impl PartialOrd for Bound {
-    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
-        Some(self.cmp(other))
+
+    pub fn get(&self, le: f64) -> f64 {
+        self.0.binary_search_by(|(b, _)| b.total_cmp(&le)).map_or(0.0, |i| self.0[i].1)
+    }
+
+    pub fn iter(&self) -> impl DoubleEndedIterator<Item = &(f64, f64)> {
+        self.0.iter()
     }
 }
 
@@ -96,11 +99,12 @@ impl EdgeTotals {
 
     /// What was counted between `earlier` and `self`.
     pub fn minus(&self, earlier: &EdgeTotals) -> EdgeTotals {
-        let buckets = self
-            .duration_buckets
-            .iter()
-            .map(|(le, n)| (*le, n - earlier.duration_buckets.get(le).copied().unwrap_or(0.0)))
-            .collect();
+        let buckets = Buckets(
+            self.duration_buckets
+                .iter()
+                .map(|(le, n)| (*le, n - earlier.duration_buckets.get(*le)))
+                .collect(),
+        );
         EdgeTotals {
             requests: self.requests - earlier.requests,
             errors: self.errors - earlier.errors,
@@ -116,8 +120,8 @@ impl EdgeTotals {
         self.requests += other.requests;
         self.errors += other.errors;
         self.mtls_requests += other.mtls_requests;
-        for (le, n) in &other.duration_buckets {
-            *self.duration_buckets.entry(*le).or_default() += n;
+        for (le, n) in other.duration_buckets.iter() {
+            self.duration_buckets.add(*le, *n);
         }
         self.connections += other.connections;
         self.mtls_connections += other.mtls_connections;
@@ -134,7 +138,7 @@ impl EdgeTotals {
         }
         let rank = q * total;
         let mut lower = (0.0, 0.0);
-        for (Bound(le), count) in &self.duration_buckets {
+        for (le, count) in self.duration_buckets.iter() {
             if *count >= rank {
                 if le.is_infinite() {
                     return Some(lower.0);
@@ -149,75 +153,129 @@ impl EdgeTotals {
     }
 }
 
-/// One node's page folded into edges.
-pub fn fold(samples: &[Sample<'_>]) -> HashMap<EdgeKey, EdgeTotals> {
-    let mut edges: HashMap<EdgeKey, EdgeTotals> = HashMap::new();
-    for s in samples {
-        let Some(key) = edge_of(s) else { continue };
-        let mtls = s.label("connection_security_policy") == "mutual_tls";
-        let totals = edges.entry(key).or_default();
-        match s.name {
-            REQUESTS => {
-                totals.requests += s.value;
-                if is_error(s) {
-                    totals.errors += s.value;
-                }
-                if mtls {
-                    totals.mtls_requests += s.value;
-                }
-            }
-            DURATION_BUCKETS => {
-                let le = match s.label("le") {
-                    "+Inf" => f64::INFINITY,
-                    le => match le.parse() {
-                        Ok(le) => le,
-                        Err(_) => continue,
-                    },
-                };
-                *totals.duration_buckets.entry(Bound(le)).or_default() += s.value;
-            }
-            "istio_tcp_connections_opened_total" => {
-                totals.connections += s.value;
-                if mtls {
-                    totals.mtls_connections += s.value;
-                }
-            }
-            "istio_tcp_sent_bytes_total" | "istio_tcp_received_bytes_total" => totals.bytes += s.value,
-            _ => {}
+/// One node's page folded into edges, sample by sample as it is parsed (no sample outlives
+/// its line); an error names the line that does not parse.
+pub fn fold(page: &str) -> Result<HashMap<EdgeKey, EdgeTotals>, String> {
+    let mut folder = Folder::default();
+    exposition::for_each_sample(page, |name| FAMILIES.contains(&name), |s| folder.add(&s))?;
+    Ok(folder.finish())
+}
+
+/// The edges so far, and the run of samples of one edge being added up: a page lists a
+/// series' lines together (a histogram's twenty-odd buckets), so the edge's key is made once
+/// per run, not once per line.
+#[derive(Default)]
+struct Folder {
+    edges: HashMap<EdgeKey, EdgeTotals>,
+    run: Option<(EdgeKey, EdgeTotals)>,
+}
+
+impl Folder {
+    fn add(&mut self, s: &Sample<'_>) {
+        let Some((source, destination)) = edge_of(s) else { return };
+        let same =
+            self.run.as_ref().is_some_and(|(k, _)| source.is(&k.source) && destination.is(&k.destination));
+        if !same {
+            self.flush();
+            let key = EdgeKey { source: source.owned(), destination: destination.owned() };
+            self.run = Some((key, EdgeTotals::default()));
+        }
+        if let Some((_, totals)) = &mut self.run {
+            count(totals, s);
         }
     }
-    edges
+
+    fn flush(&mut self) {
+        if let Some((key, totals)) = self.run.take() {
+            self.edges.entry(key).or_default().add(&totals);
+        }
+    }
+
+    fn finish(mut self) -> HashMap<EdgeKey, EdgeTotals> {
+        self.flush();
+        self.edges
+    }
+}
+
+fn count(totals: &mut EdgeTotals, s: &Sample<'_>) {
+    let mtls = s.label("connection_security_policy") == "mutual_tls";
+    match s.name {
+        REQUESTS => {
+            totals.requests += s.value;
+            if is_error(s) {
+                totals.errors += s.value;
+            }
+            if mtls {
+                totals.mtls_requests += s.value;
+            }
+        }
+        DURATION_BUCKETS => {
+            let le = match s.label("le") {
+                "+Inf" => f64::INFINITY,
+                le => match le.parse() {
+                    Ok(le) => le,
+                    Err(_) => return,
+                },
+            };
+            totals.duration_buckets.add(le, s.value);
+        }
+        "istio_tcp_connections_opened_total" => {
+            totals.connections += s.value;
+            if mtls {
+                totals.mtls_connections += s.value;
+            }
+        }
+        "istio_tcp_sent_bytes_total" | "istio_tcp_received_bytes_total" => totals.bytes += s.value,
+        _ => {}
+    }
+}
+
+/// A vertex as a sample names it (borrowed from the page).
+struct VertexRef<'a> {
+    namespace: &'a str,
+    name: &'a str,
+}
+
+impl VertexRef<'_> {
+    fn is(&self, v: &Vertex) -> bool {
+        self.namespace == v.namespace && self.name == v.name
+    }
+
+    fn owned(&self) -> Vertex {
+        Vertex { namespace: self.namespace.to_string(), name: self.name.to_string() }
+    }
 }
 
 /// The edge a sample counts for, or `None` if the other reporter counts it.
-fn edge_of(s: &Sample<'_>) -> Option<EdgeKey> {
-    let source_known = s.label("source_workload") != UNKNOWN && !s.label("source_workload").is_empty();
+fn edge_of<'a>(s: &'a Sample<'_>) -> Option<(VertexRef<'a>, VertexRef<'a>)> {
+    let source_known = known(s.label("source_workload")).is_some();
     match s.label("reporter") {
         "source" => {}
         "destination" if !source_known => {}
         _ => return None,
     }
     // A namespace Istio labels `unknown` (PassthroughCluster, BlackHoleCluster) is none.
-    let namespace = |label: &str| known(s.label(label)).unwrap_or("").to_string();
+    let namespace = |label: &str| known(s.label(label)).unwrap_or("");
+    let unknown = VertexRef { namespace: "", name: UNKNOWN };
     let source = if source_known {
-        Vertex {
+        VertexRef {
             namespace: namespace("source_workload_namespace"),
-            name: known(s.label("source_app")).unwrap_or(s.label("source_workload")).to_string(),
+            name: known(s.label("source_app")).unwrap_or(s.label("source_workload")),
         }
     } else {
-        Vertex::unknown()
+        unknown
     };
     let destination = match (known(s.label("destination_app")), known(s.label("destination_service_name"))) {
-        (Some(app), _) => Vertex { namespace: namespace("destination_workload_namespace"), name: app.into() },
+        (Some(app), _) => VertexRef { namespace: namespace("destination_workload_namespace"), name: app },
         (None, Some(service)) => {
-            Vertex { namespace: namespace("destination_service_namespace"), name: service.into() }
+            VertexRef { namespace: namespace("destination_service_namespace"), name: service }
         }
         (None, None) => match known(s.label("destination_workload")) {
-            Some(w) => Vertex { namespace: namespace("destination_workload_namespace"), name: w.into() },
-            None => Vertex::unknown(),
+            Some(w) => VertexRef { namespace: namespace("destination_workload_namespace"), name: w },
+            None => VertexRef { namespace: "", name: UNKNOWN },
         },
     };
-    Some(EdgeKey { source, destination })
+    Some((source, destination))
 }
 
 fn known(value: &str) -> Option<&str> {
@@ -233,7 +291,6 @@ fn is_error(s: &Sample<'_>) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::graph::exposition::samples;
 
     const PAGE: &str = r#"
 istio_requests_total{reporter="source",source_workload="client-v2",source_workload_namespace="shop",source_app="client",destination_app="web",destination_workload_namespace="shop",destination_service_name="web",destination_service_namespace="shop",response_code="200",grpc_response_status="",connection_security_policy="mutual_tls"} 30
@@ -249,12 +306,16 @@ istio_request_duration_milliseconds_bucket{reporter="source",source_workload="cl
 istio_request_duration_milliseconds_bucket{reporter="source",source_workload="client-v2",source_workload_namespace="shop",source_app="client",destination_app="web",destination_workload_namespace="shop",destination_service_name="web",destination_service_namespace="shop",le="+Inf"} 40
 "#;
 
+    fn unknown() -> Vertex {
+        Vertex { namespace: String::new(), name: UNKNOWN.into() }
+    }
+
     fn vertex(namespace: &str, name: &str) -> Vertex {
         Vertex { namespace: namespace.into(), name: name.into() }
     }
 
     fn edges() -> HashMap<EdgeKey, EdgeTotals> {
-        fold(&samples(PAGE, |n| FAMILIES.contains(&n)).unwrap())
+        fold(PAGE).unwrap()
     }
 
     #[test]
@@ -262,7 +323,7 @@ istio_request_duration_milliseconds_bucket{reporter="source",source_workload="cl
         let edges = edges();
         let web = &edges[&EdgeKey { source: vertex("shop", "client"), destination: vertex("shop", "web") }];
         assert_eq!((web.requests, web.errors, web.mtls_requests), (40.0, 10.0, 30.0));
-        let outside = &edges[&EdgeKey { source: Vertex::unknown(), destination: vertex("shop", "web") }];
+        let outside = &edges[&EdgeKey { source: unknown(), destination: vertex("shop", "web") }];
         assert_eq!(outside.requests, 4.0, "callers outside the mesh: the destination's count");
         let nowhere =
             &edges[&EdgeKey { source: vertex("shop", "client"), destination: vertex("shop", "nowhere") }];

@@ -27,9 +27,13 @@ impl Sample<'_> {
     }
 }
 
-/// The samples of `page` whose metric name `wanted` accepts (others are not parsed further).
-pub fn samples<'a>(page: &'a str, wanted: impl Fn(&str) -> bool) -> Result<Vec<Sample<'a>>, String> {
-    let mut out = Vec::new();
+/// Calls `each` with every sample of `page` whose metric name `wanted` accepts (others are
+/// not parsed further); stops at the first line that does not parse.
+pub fn for_each_sample<'a>(
+    page: &'a str,
+    wanted: impl Fn(&str) -> bool,
+    mut each: impl FnMut(Sample<'a>),
+) -> Result<(), String> {
     for (i, line) in page.lines().enumerate() {
         let line = line.trim_end();
         if line.is_empty() || line.starts_with('#') {
@@ -48,9 +52,9 @@ pub fn samples<'a>(page: &'a str, wanted: impl Fn(&str) -> bool) -> Result<Vec<S
         let value = rest.split_whitespace().next().ok_or_else(|| format!("line {}: no value", i + 1))?;
         let value =
             parse_value(value).ok_or_else(|| format!("line {}: value `{value}` is not a number", i + 1))?;
-        out.push(Sample { name, labels, value });
+        each(Sample { name, labels, value });
     }
-    Ok(out)
+    Ok(())
 }
 
 fn parse_value(text: &str) -> Option<f64> {
@@ -101,6 +105,12 @@ fn labels(mut text: &str) -> Result<(Labels<'_>, &str), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn samples<'a>(page: &'a str, wanted: impl Fn(&str) -> bool) -> Result<Vec<Sample<'a>>, String> {
+        let mut all = Vec::new();
+        for_each_sample(page, wanted, |s| all.push(s))?;
+        Ok(all)
+    }
 
     #[test]
     fn samples_of_an_openmetrics_page_with_escapes_and_exemplars() {

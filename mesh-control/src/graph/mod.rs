@@ -38,8 +38,9 @@ pub struct GraphSettings {
     pub window: Duration,
 }
 
-/// Nodes scraped at once; a cluster of thousands is walked in slices this wide.
-const CONCURRENT_SCRAPES: usize = 32;
+/// Nodes scraped at once; a cluster of thousands is walked in slices this wide. Each page in
+/// flight is held whole (a busy node's is several MiB), so this bounds that memory too.
+const CONCURRENT_SCRAPES: usize = 8;
 const SCRAPE_TIMEOUT: Duration = Duration::from_secs(3);
 
 pub struct ServiceGraph {
