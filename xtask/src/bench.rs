@@ -22,9 +22,13 @@ pub(crate) struct Run {
     gbit_per_s: f64,
 }
 
-pub(crate) fn run() -> anyhow::Result<()> {
+pub(crate) fn run(graph_only: bool) -> anyhow::Result<()> {
     setup::run()?;
     util::build_release()?;
+    if graph_only {
+        let stamp = format!("| {} | {} |", util::output("date", &["-u", "+%Y-%m-%d %H:%M"])?, commit()?);
+        return write_rows(vec![(GRAPH_TABLE, graph_row(&stamp)?)]);
+    }
     let mut node = SimNode::new()?;
     let direct_client = node.add_pod("direct", "bench")?;
     let mesh_client = node.add_pod("meshed", "bench")?;
@@ -154,20 +158,43 @@ pub(crate) fn run() -> anyhow::Result<()> {
         during = u.p99_during_ms,
         switch = u.switch_s,
     );
+    let graph_row = graph_row(&stamp)?;
+    let mut rows = vec![
+        (DATA_PATH_TABLE, row),
+        (MTLS_TABLE, mtls_row),
+        (CONTROL_TABLE, control_row),
+        (DISCOVERY_TABLE, discovery_row),
+        (UPGRADE_TABLE, upgrade_row),
+        (GRAPH_TABLE, graph_row),
+    ];
+    rows.extend(http_rows.into_iter().map(|r| (HTTP_TABLE, r)));
+    rows.extend(cross_http_rows.into_iter().map(|r| (CROSS_HTTP_TABLE, r)));
+    rows.extend(observed_rows.into_iter().map(|r| (OBSERVABILITY_TABLE, r)));
+    write_rows(rows)
+}
+
+/// The service-graph table's row.
+fn graph_row(stamp: &str) -> anyhow::Result<String> {
+    let g = crate::bench_graph::run()?;
+    Ok(format!(
+        "{stamp} {nodes} | {page:.2} ({lines}) | {cpu:.0} | {share:.1}% | {rss:.1} ({hwm:.1}) | {view:.1} |",
+        nodes = crate::bench_graph::NODES,
+        page = g.page_mib,
+        lines = g.series_lines,
+        cpu = g.cpu_ms_per_round,
+        share = g.cpu_ms_per_round / 5000.0 * 100.0,
+        rss = g.rss_mib,
+        hwm = g.hwm_mib,
+        view = g.view_ms,
+    ))
+}
+
+/// Appends each row to its table in bench/RESULTS.md.
+fn write_rows(rows: Vec<(&str, String)>) -> anyhow::Result<()> {
     let path = util::workspace_root()?.join("bench/RESULTS.md");
     let mut text = fs::read_to_string(&path).unwrap_or_else(|_| HEADER.to_string());
-    let mut rows = vec![
-        (DATA_PATH_TABLE, &row),
-        (MTLS_TABLE, &mtls_row),
-        (CONTROL_TABLE, &control_row),
-        (DISCOVERY_TABLE, &discovery_row),
-        (UPGRADE_TABLE, &upgrade_row),
-    ];
-    rows.extend(http_rows.iter().map(|r| (HTTP_TABLE, r)));
-    rows.extend(cross_http_rows.iter().map(|r| (CROSS_HTTP_TABLE, r)));
-    rows.extend(observed_rows.iter().map(|r| (OBSERVABILITY_TABLE, r)));
     for (table, row) in rows {
-        text = insert_row(&text, table, row);
+        text = insert_row(&text, table, &row);
         println!("\n{table}\n{row}");
     }
     fs::write(&path, text)?;
@@ -182,6 +209,7 @@ const OBSERVABILITY_TABLE: &str = "| date (UTC) | commit | protocol | p50 µs of
 const CROSS_HTTP_TABLE: &str = "| date (UTC) | commit | protocol | p50 µs direct / mesh mTLS | p99 µs direct / mesh mTLS | max req/s direct / mesh mTLS |";
 const DISCOVERY_TABLE: &str = "| date (UTC) | commit | pods | Pod object → first captured connection p50 / p99 ms | mesh-node RSS MiB with the pods (peak) |";
 const UPGRADE_TABLE: &str = "| date (UTC) | commit | HTTP requests | failed | TCP streams broken / short connections failed | p99 ms before / during the switch | switch s |";
+const GRAPH_TABLE: &str = "| date (UTC) | commit | nodes | page MiB (series lines) | mesh-control CPU ms per scrape round | CPU at the default 5 s interval | mesh-control RSS MiB (peak) | /graph/data p50 ms |";
 const CONTROL_TABLE: &str = "| date (UTC) | commit | 2 nodes: p50 / p99 ms | 50 clients: p50 / p99 ms | sync 50 clients ms | mesh-control RSS MiB (peak) | mesh-control CPU s to sync |";
 
 /// `text` with `row` added at the end of the table whose header line is `header` (a new

@@ -4,6 +4,7 @@
 mod bench;
 mod bench_control;
 mod bench_discovery;
+mod bench_graph;
 mod bench_http;
 mod bench_mtls;
 mod bench_upgrade;
@@ -54,7 +55,11 @@ enum Cmd {
         debug: bool,
     },
     /// Setup, build (release), benchmark direct vs through mesh-node; append to bench/RESULTS.md.
-    Bench,
+    Bench {
+        /// Only the service-graph benchmark (its table alone).
+        #[arg(long)]
+        graph_only: bool,
+    },
     /// Setup, build (release), then N minutes of traffic on two simulated nodes while pods and
     /// config churn; failed requests, mesh-node RSS and open fds at start and end, appended
     /// to bench/RESULTS.md.
@@ -80,7 +85,7 @@ fn main() -> std::process::ExitCode {
         Cmd::Lint => lint::run(),
         Cmd::Demo { keep } => demo::run(keep),
         Cmd::Image { debug } => image::run(debug),
-        Cmd::Bench => bench::run(),
+        Cmd::Bench { graph_only } => bench::run(graph_only),
         Cmd::Soak { minutes } => soak::run(minutes),
         Cmd::Fuzz { seconds, targets } => fuzz::run(seconds, &targets),
         Cmd::Clean => {

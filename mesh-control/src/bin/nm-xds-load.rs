@@ -5,6 +5,10 @@
 //! `{"event":"synced","ms":..}` once every node holds the endpoints of every VIP it subscribed
 //! to, then `{"event":"endpoints","node":i,"count":n,"at_us":t}` whenever the endpoint count of
 //! `--watch-cluster` changes on a node (t: microseconds since the Unix epoch).
+//!
+//! With `--metrics-page FILE`, every simulated node announces a metrics port
+//! (`nodemesh.io/metrics-port`) where this process serves FILE as its metrics, so mesh-control's
+//! service graph scrapes one page per simulated node.
 
 use std::{
     collections::{BTreeSet, HashMap},
@@ -13,11 +17,14 @@ use std::{
 };
 
 use clap::Parser;
-use envoy_types::pb::envoy::{
-    config::{core::v3::Node, endpoint::v3::ClusterLoadAssignment},
-    service::discovery::v3::{
-        DeltaDiscoveryRequest, aggregated_discovery_service_client::AggregatedDiscoveryServiceClient,
+use envoy_types::pb::{
+    envoy::{
+        config::{core::v3::Node, endpoint::v3::ClusterLoadAssignment},
+        service::discovery::v3::{
+            DeltaDiscoveryRequest, aggregated_discovery_service_client::AggregatedDiscoveryServiceClient,
+        },
     },
+    google::protobuf as pbuf,
 };
 use mesh_control::proto::{self, mesh};
 use prost::Message;
@@ -41,6 +48,9 @@ struct Args {
     /// Cluster whose endpoint count is reported after sync.
     #[arg(long)]
     watch_cluster: String,
+    /// A metrics page (OpenMetrics text) every node serves, announced in its xDS metadata.
+    #[arg(long)]
+    metrics_page: Option<std::path::PathBuf>,
 }
 
 /// The VIP of service `i` (the bench writes Services the same way).
@@ -57,16 +67,45 @@ struct Progress {
     synced: BTreeSet<usize>,
 }
 
+/// Serves `page` as every request's answer on a loopback port; the port.
+async fn serve_page(page: std::path::PathBuf) -> anyhow::Result<u16> {
+    use http_body_util::Full;
+    let page = bytes::Bytes::from(std::fs::read(&page)?);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let port = listener.local_addr()?.port();
+    let handler = Arc::new(move |_req: hyper::Request<hyper::body::Incoming>| {
+        let page = page.clone();
+        async move {
+            let mut response = hyper::Response::new(Full::new(page));
+            response.headers_mut().insert(
+                hyper::header::CONTENT_TYPE,
+                hyper::header::HeaderValue::from_static("application/openmetrics-text; version=1.0.0"),
+            );
+            response
+        }
+    });
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            mesh_control::http::spawn_connection(stream, Arc::clone(&handler));
+        }
+    });
+    Ok(port)
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Arc::new(Args::parse());
+    let metrics_port = match &args.metrics_page {
+        Some(page) => Some(serve_page(page.clone()).await?),
+        None => None,
+    };
     let progress = Arc::new(Mutex::new(Progress::default()));
     let started = Instant::now();
     let mut tasks = Vec::new();
     for node in 0..args.nodes {
         let (args, progress) = (Arc::clone(&args), Arc::clone(&progress));
         tasks.push(tokio::spawn(async move {
-            if let Err(e) = run_node(node, &args, &progress).await {
+            if let Err(e) = run_node(node, &args, metrics_port, &progress).await {
                 eprintln!("nm-xds-load: node {node}: {e:#}");
                 std::process::exit(1);
             }
@@ -85,7 +124,12 @@ async fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn run_node(node: usize, args: &Args, progress: &Mutex<Progress>) -> anyhow::Result<()> {
+async fn run_node(
+    node: usize,
+    args: &Args,
+    metrics_port: Option<u16>,
+    progress: &Mutex<Progress>,
+) -> anyhow::Result<()> {
     let mut wanted: BTreeSet<usize> =
         (0..args.per_node).map(|k| (node * args.per_node + k) % args.services).collect();
     wanted.insert(0);
@@ -103,6 +147,13 @@ async fn run_node(node: usize, args: &Args, progress: &Mutex<Progress>) -> anyho
             node: (i == 0).then(|| Node {
                 id: format!("load-node-{node}"),
                 client_features: vec![proto::ADDRESS_SCOPED.into()],
+                metadata: metrics_port.map(|port| pbuf::Struct {
+                    fields: [(
+                        proto::NODE_METRICS_PORT.to_string(),
+                        pbuf::Value { kind: Some(pbuf::value::Kind::NumberValue(f64::from(port))) },
+                    )]
+                    .into(),
+                }),
                 ..Default::default()
             }),
             type_url: type_url.to_string(),
