@@ -10,7 +10,7 @@
 #![forbid(unsafe_code)]
 
 // Shared with mesh-node through the nodemesh-api crate; re-exported so paths stay short.
-pub use nodemesh_api::{hash, http, logging, meshing, proto, workload};
+pub use nodemesh_api::{hash, http, logging, meshing, proto, service_graph, workload};
 
 pub mod admin;
 pub mod ca;

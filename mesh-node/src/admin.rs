@@ -4,6 +4,7 @@
 //! |---|---|
 //! | `/healthz/ready` | 200 (`ready (pid N)`) once capture is attached, saved workloads are restored, (with `--kubernetes`) the first pod list is reconciled and any running mesh-node has handed over; 503 while draining, saying why and how many connections are open |
 //! | `/metrics` | Prometheus (OpenMetrics text); also on `--metrics-addr`, with readiness |
+//! | `/graph/edges` | the service graph's edges folded from these metrics (JSON, for mesh-control); also on `--metrics-addr` |
 //! | `/config_dump` | JSON: node settings, every workload with its capture state, and the config
 //! |   | received from the control plane (addresses, clusters with endpoints and health) |
 
@@ -13,6 +14,7 @@ use std::sync::{
 };
 
 use hyper::{Method, Request, Response, StatusCode, body::Incoming};
+use nodemesh_api::service_graph::{EDGES_PATH, EdgeReport};
 use prometheus_client::registry::Registry as MetricsRegistry;
 use tokio::net::TcpListener;
 
@@ -49,10 +51,12 @@ impl Admin {
         let handler = Arc::new(move |req: Request<Incoming>| {
             let admin = Arc::clone(&self);
             async move {
-                if scope == Scope::Metrics && !matches!(req.uri().path(), "/metrics" | "/healthz/ready") {
+                if scope == Scope::Metrics
+                    && !matches!(req.uri().path(), "/metrics" | "/healthz/ready" | EDGES_PATH)
+                {
                     return http::text(
                         StatusCode::NOT_FOUND,
-                        "only /metrics and /healthz/ready are served here\n",
+                        "only /metrics, /graph/edges and /healthz/ready are served here\n",
                     );
                 }
                 admin.route(req).await
@@ -90,6 +94,20 @@ impl Admin {
                 let mut out = String::new();
                 match prometheus_client::encoding::text::encode(&mut out, &self.metrics) {
                     Ok(()) => http::openmetrics(out),
+                    Err(e) => http::text(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+                }
+            }
+            // The service graph's edges, folded from this node's own metrics (mesh-control
+            // reads this instead of the whole page), on the blocking pool: a busy node's page
+            // takes milliseconds to fold.
+            EDGES_PATH => {
+                let mut page = String::new();
+                if let Err(e) = prometheus_client::encoding::text::encode(&mut page, &self.metrics) {
+                    return http::text(StatusCode::INTERNAL_SERVER_ERROR, e.to_string());
+                }
+                match tokio::task::spawn_blocking(move || EdgeReport::of_page(&page)).await {
+                    Ok(Ok(report)) => http::json(StatusCode::OK, &report),
+                    Ok(Err(e)) => http::text(StatusCode::INTERNAL_SERVER_ERROR, e),
                     Err(e) => http::text(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
                 }
             }

@@ -2,7 +2,8 @@
 //! scraping both nodes' metrics endpoints, and the page at mesh-control's `/graph` loaded the way
 //! a user would open it. The test sends known traffic and reads the page back: each edge it
 //! drew, with the count, rate, error rate, p99 and mTLS the traffic must give. A screenshot of
-//! the page is saved to the test's output (`target/tmp/service-graph.png`).
+//! the page is saved to the test's output (`target/tmp/service-graph.png`). The nodes fold
+//! their own metrics into edges (`/graph/edges`), which is what mesh-control reads.
 
 use std::{collections::BTreeMap, path::PathBuf, time::Duration};
 
@@ -196,6 +197,20 @@ fn the_graph_page_draws_each_edge_with_the_rate_errors_p99_and_mtls_of_the_traff
     let db = row(&page, "client", "db").unwrap();
     assert_eq!((db["protocol"].as_str(), db["mtls"].as_str()), (Some("tcp"), Some("mutual_tls")), "{db}");
     assert!(label(&page, "client", "db").starts_with("tcp "), "{page:#}");
+
+    // The client's node folded those numbers itself: its /graph/edges, which mesh-control
+    // reads instead of the whole /metrics page.
+    let report: Value = serde_json::from_str(&cluster.nodes[0].admin_get("/graph/edges").unwrap()).unwrap();
+    let folded = report["edges"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["source"]["name"] == "client" && e["destination"]["name"] == "web")
+        .unwrap_or_else(|| panic!("{report:#}"));
+    assert_eq!(
+        (folded["totals"]["requests"].as_f64(), folded["totals"]["errors"].as_f64()),
+        (Some(40.0), Some(10.0))
+    );
 
     // Both nodes listed as scraped, none failing; mesh-control counts its scrapes.
     let sources = page["sources"].as_array().unwrap();

@@ -7,6 +7,8 @@
 //!   [`meshing`]: the opt-in rule; [`matchers`]: the matching both sides must do alike;
 //!   [`hash`]: the process-independent hash behind resource versions and hash rings;
 //! - [`http`], [`logging`]: the admin-endpoint and log plumbing both binaries share;
+//! - [`service_graph`]: a node's Istio metrics folded into service-graph edges, as the node
+//!   serves them and mesh-control reads them;
 //! - `kube_client` (feature `kubernetes`): how both reach the API server.
 #![forbid(unsafe_code)]
 
@@ -20,6 +22,7 @@ pub mod logging;
 pub mod matchers;
 pub mod meshing;
 pub mod proto;
+pub mod service_graph;
 pub mod workload;
 
 /// The HBONE tunnel's port on every node (mesh-node's `--tunnel-listen` default; the

@@ -7,8 +7,9 @@
 //! `--watch-cluster` changes on a node (t: microseconds since the Unix epoch).
 //!
 //! With `--metrics-page FILE`, every simulated node announces a metrics port
-//! (`nodemesh.io/metrics-port`) where this process serves FILE as its metrics, so mesh-control's
-//! service graph scrapes one page per simulated node.
+//! (`nodemesh.io/metrics-port`) where this process serves FILE as its metrics and, as mesh-node
+//! does, the edges it folds to at `/graph/edges`: mesh-control's service graph scrapes one
+//! report per simulated node.
 
 use std::{
     collections::{BTreeSet, HashMap},
@@ -67,20 +68,27 @@ struct Progress {
     synced: BTreeSet<usize>,
 }
 
-/// Serves `page` as every request's answer on a loopback port; the port.
+/// Serves `page` as a node's metrics on a loopback port, and the edges it folds to at
+/// `/graph/edges` (folded once: the simulated nodes' counters do not move); the port.
 async fn serve_page(page: std::path::PathBuf) -> anyhow::Result<u16> {
     use http_body_util::Full;
-    let page = bytes::Bytes::from(std::fs::read(&page)?);
+    use mesh_control::service_graph::{EDGES_PATH, EdgeReport};
+    let text = std::fs::read_to_string(&page)?;
+    let report =
+        bytes::Bytes::from(serde_json::to_vec(&EdgeReport::of_page(&text).map_err(anyhow::Error::msg)?)?);
+    let page = bytes::Bytes::from(text);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let port = listener.local_addr()?.port();
-    let handler = Arc::new(move |_req: hyper::Request<hyper::body::Incoming>| {
-        let page = page.clone();
+    let handler = Arc::new(move |req: hyper::Request<hyper::body::Incoming>| {
+        let (body, content_type) = match req.uri().path() {
+            EDGES_PATH => (report.clone(), "application/json"),
+            _ => (page.clone(), "application/openmetrics-text; version=1.0.0"),
+        };
         async move {
-            let mut response = hyper::Response::new(Full::new(page));
-            response.headers_mut().insert(
-                hyper::header::CONTENT_TYPE,
-                hyper::header::HeaderValue::from_static("application/openmetrics-text; version=1.0.0"),
-            );
+            let mut response = hyper::Response::new(Full::new(body));
+            response
+                .headers_mut()
+                .insert(hyper::header::CONTENT_TYPE, hyper::header::HeaderValue::from_static(content_type));
             response
         }
     });

@@ -1,19 +1,18 @@
 //! The live service graph on mesh-control's admin endpoint (`/graph`, data at `/graph/data`).
 //!
 //! mesh-control scrapes every connected node's metrics endpoint (the port a node announces in
-//! its xDS metadata, at the address its stream comes from) on an interval, folds the Istio
-//! metrics there into edges between apps, and keeps a window of scrapes per node. The page
+//! its xDS metadata, at the address its stream comes from) on an interval for the edges the
+//! node's Istio metrics give (`/graph/edges`, folded by the node; an older node's `/metrics`
+//! page, folded here), and keeps a window of scrapes per node. The page
 //! polls the data and draws each edge with its request rate, error rate, p99 and mTLS. It
 //! reads the same counters Prometheus would, so the graph and a dashboard agree; it needs no
 //! Prometheus to run.
 //!
-//! - [`exposition`]: the sample lines of a metrics page.
-//! - [`edges`]: one node's samples → per-edge totals.
+//! - [`nodemesh_api::service_graph`]: a node's metrics → per-edge totals (each node serves
+//!   its own at `/graph/edges`).
 //! - [`window`]: the scrapes in the window → the graph.
-//! - [`scrape`]: fetching a node's page.
+//! - [`scrape`]: fetching a node's edges.
 
-pub mod edges;
-pub mod exposition;
 mod scrape;
 pub mod window;
 

@@ -8,7 +8,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use super::edges::{EdgeKey, EdgeTotals, Vertex};
+use nodemesh_api::service_graph::edges::{EdgeKey, EdgeTotals, Vertex};
 
 /// One scrape of one node, folded into edges.
 pub struct Scrape {

@@ -28,7 +28,7 @@ const DURATION_BUCKETS: &str = "istio_request_duration_milliseconds_bucket";
 const UNKNOWN: &str = "unknown";
 
 /// A vertex: an app (or service) in its namespace; the namespace is empty for `unknown`.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
 pub struct Vertex {
     pub namespace: String,
     pub name: String,
@@ -45,14 +45,14 @@ impl Vertex {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
 pub struct EdgeKey {
     pub source: Vertex,
     pub destination: Vertex,
 }
 
 /// What one node counted on one edge (counters since the node started).
-#[derive(Debug, Clone, Default, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct EdgeTotals {
     pub requests: f64,
     pub errors: f64,
@@ -68,8 +68,27 @@ pub struct EdgeTotals {
 
 /// Cumulative counts by bucket upper bound, ascending: a sorted vector (a node's page lists
 /// some twenty bounds per series; a tree of them per edge per scrape cost more than the rest).
-#[derive(Debug, Clone, Default, PartialEq)]
+///
+/// On the wire a bound of `null` is `+Inf` (JSON has no infinity).
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(from = "Vec<(Option<f64>, f64)>", into = "Vec<(Option<f64>, f64)>")]
 pub struct Buckets(Vec<(f64, f64)>);
+
+impl From<Vec<(Option<f64>, f64)>> for Buckets {
+    fn from(wire: Vec<(Option<f64>, f64)>) -> Buckets {
+        let mut buckets = Buckets::default();
+        for (le, n) in wire {
+            buckets.add(le.unwrap_or(f64::INFINITY), n);
+        }
+        buckets
+    }
+}
+
+impl From<Buckets> for Vec<(Option<f64>, f64)> {
+    fn from(buckets: Buckets) -> Self {
+        buckets.0.into_iter().map(|(le, n)| (le.is_finite().then_some(le), n)).collect()
+    }
+}
 
 impl Buckets {
     pub fn add(&mut self, le: f64, n: f64) {
