@@ -6,7 +6,7 @@
 //! | `/debug/nodes` | JSON: every node, the generation it applied, NACK reasons |
 //! | `/debug/config` | JSON: the current generation, the objects in force, rejected input, conflicts |
 //! | `/metrics` | Prometheus (OpenMetrics text): pushes, push latency, nodes, rejections, CA |
-//! | `/graph` | the live service graph (a page); `/graph/data`: what it draws, as JSON |
+//! | `/graph` | the live service graph (a page); `/graph/data`: what it draws, as JSON (`?versions=true`: a vertex per app version) |
 
 use std::sync::{Arc, Mutex};
 
@@ -112,7 +112,11 @@ impl Admin {
             }
             "/graph" | "/graph/" if self.graph.is_some() => http::html(crate::graph::PAGE),
             "/graph/data" => match &self.graph {
-                Some(graph) => http::json(StatusCode::OK, &graph.view()),
+                Some(graph) => {
+                    let by_version =
+                        req.uri().query().is_some_and(|q| q.split('&').any(|p| p == "versions=true"));
+                    http::json(StatusCode::OK, &graph.view(by_version))
+                }
                 None => http::error(
                     StatusCode::NOT_FOUND,
                     "the service graph is off (--graph-scrape-interval-ms 0)",

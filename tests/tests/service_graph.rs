@@ -8,7 +8,7 @@
 use std::{collections::BTreeMap, path::PathBuf, time::Duration};
 
 use nodemesh_tests::{
-    SimCluster,
+    Registration, SimCluster,
     browser::Browser,
     mesh::{answered, eventually, http_service_yaml, labelled, service_yaml},
 };
@@ -83,7 +83,13 @@ fn the_graph_page_draws_each_edge_with_the_rate_errors_p99_and_mtls_of_the_traff
     cluster.nodes[0].register(&probe, &labelled("probe")).unwrap();
     for app in ["web", "slow", "plain"] {
         let pod = cluster.nodes[1].add_pod(&format!("{app}0"), "shop").unwrap();
-        cluster.nodes[1].register(&pod, &labelled(app)).unwrap();
+        // slow's pod carries a version: the versioned graph shows it.
+        let how = if app == "slow" {
+            Registration::labelled(&[("app", app), ("version", "v1")])
+        } else {
+            labelled(app)
+        };
+        cluster.nodes[1].register(&pod, &how).unwrap();
         cluster.nodes[1].serve_http(&pod, &[pod.addr(8080)]).unwrap();
     }
     let db = cluster.nodes[1].add_pod("db0", "shop").unwrap();
@@ -211,6 +217,19 @@ fn the_graph_page_draws_each_edge_with_the_rate_errors_p99_and_mtls_of_the_traff
         (folded["totals"]["requests"].as_f64(), folded["totals"]["errors"].as_f64()),
         (Some(40.0), Some(10.0))
     );
+
+    // A box per version of each app: slow's edge ends at `slow:v1`, the others unchanged.
+    browser.execute("document.getElementById('versions').click(); return true;").unwrap();
+    let versioned = browser
+        .wait_for("the versioned graph", READ_PAGE, Duration::from_secs(10), |page| {
+            row(page, "client", "slow:v1").is_some()
+        })
+        .unwrap();
+    assert_eq!(number(row(&versioned, "client", "slow:v1").unwrap(), "count"), 10.0, "{versioned:#}");
+    assert!(row(&versioned, "client", "slow").is_none(), "{versioned:#}");
+    assert_eq!(number(row(&versioned, "client", "web").unwrap(), "count"), 40.0, "{versioned:#}");
+    let shot = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("service-graph-versions.png");
+    browser.screenshot(&shot).unwrap();
 
     // Both nodes listed as scraped, none failing; mesh-control counts its scrapes.
     let sources = page["sources"].as_array().unwrap();

@@ -199,12 +199,15 @@ fn service_graph(cluster: &SimCluster) -> anyhow::Result<()> {
         }
     };
     println!("  Service graph: {address}  (open it in a browser; --keep leaves it up)");
-    // The bookshop's requests, once two scrapes of each node have seen them.
+    // The bookshop's requests, once two scrapes of each node have seen them, per version.
     let mut edges = Vec::new();
     for _ in 0..50 {
-        let data: serde_json::Value = serde_json::from_str(&cluster.control.get("/graph/data")?)?;
+        // A box per version: the bookshop's reviews v1, v2 and v3 each get their edge.
+        let data: serde_json::Value =
+            serde_json::from_str(&cluster.control.get("/graph/data?versions=true")?)?;
         edges = data["edges"].as_array().cloned().unwrap_or_default();
-        if edges.iter().any(|e| e["destination"] == "bookshop/ratings") {
+        if edges.iter().any(|e| e["destination"].as_str().is_some_and(|d| d.starts_with("bookshop/ratings")))
+        {
             break;
         }
         std::thread::sleep(Duration::from_millis(200));

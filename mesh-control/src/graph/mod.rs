@@ -113,8 +113,8 @@ impl ServiceGraph {
         }
     }
 
-    /// The graph now (what `/graph/data` answers).
-    pub fn view(&self) -> GraphView {
+    /// The graph now (what `/graph/data` answers; `?versions=true`: `by_version`).
+    pub fn view(&self, by_version: bool) -> GraphView {
         let now = Instant::now();
         let sources = self
             .sources
@@ -128,6 +128,6 @@ impl ServiceGraph {
                 error: s.error.clone(),
             })
             .collect();
-        self.windows.lock().expect("graph lock").view(self.settings.window, sources)
+        self.windows.lock().expect("graph lock").view(self.settings.window, sources, by_version)
     }
 }

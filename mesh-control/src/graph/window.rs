@@ -40,6 +40,8 @@ pub struct VertexView {
     pub id: String,
     pub namespace: String,
     pub name: String,
+    /// Empty in the app graph, and for an app without a `version` label.
+    pub version: String,
 }
 
 #[derive(Debug, serde::Serialize)]
@@ -95,8 +97,9 @@ impl Windows {
         self.by_node.retain(|node, _| keep.contains(node));
     }
 
-    /// The graph over the window, with `sources` describing each node's scrape.
-    pub fn view(&self, window: Duration, sources: Vec<SourceView>) -> GraphView {
+    /// The graph over the window, with `sources` describing each node's scrape; one vertex
+    /// per app, or (`by_version`) per version of each app (Kiali's versioned app graph).
+    pub fn view(&self, window: Duration, sources: Vec<SourceView>, by_version: bool) -> GraphView {
         let mut merged: BTreeMap<EdgeKey, (EdgeTotals, f64, f64)> = BTreeMap::new();
         let mut span = 0.0f64;
         for scrapes in self.by_node.values() {
@@ -112,7 +115,15 @@ impl Windows {
                     // New since the oldest scrape (counters start at zero), or restarted.
                     _ => now.clone(),
                 };
-                let entry = merged.entry(key.clone()).or_default();
+                let key = if by_version {
+                    key.clone()
+                } else {
+                    EdgeKey {
+                        source: key.source.clone().unversioned(),
+                        destination: key.destination.clone().unversioned(),
+                    }
+                };
+                let entry = merged.entry(key).or_default();
                 entry.0.add(&delta);
                 entry.1 += delta.requests.max(delta.connections) / seconds;
                 entry.2 += delta.bytes / seconds;
@@ -137,7 +148,7 @@ impl Windows {
 }
 
 fn vertex_view(v: Vertex) -> VertexView {
-    VertexView { id: v.id(), namespace: v.namespace, name: v.name }
+    VertexView { id: v.id(), namespace: v.namespace, name: v.name, version: v.version }
 }
 
 /// The edge as drawn, or `None` if nothing crossed it in the window.
@@ -174,7 +185,7 @@ mod tests {
     use super::*;
 
     fn key(from: &str, to: &str) -> EdgeKey {
-        let v = |name: &str| Vertex { namespace: "shop".into(), name: name.into() };
+        let v = |name: &str| Vertex { namespace: "shop".into(), name: name.into(), version: String::new() };
         EdgeKey { source: v(from), destination: v(to) }
     }
 
@@ -192,7 +203,7 @@ mod tests {
         w.record("n1", scrape(t0 + Duration::from_secs(5), 120.0, 5.0), window);
         w.record("n2", scrape(t0, 0.0, 0.0), window);
         w.record("n2", scrape(t0 + Duration::from_secs(4), 20.0, 5.0), window);
-        let view = w.view(window, vec![]);
+        let view = w.view(window, vec![], false);
         assert_eq!(view.edges.len(), 1);
         let e = &view.edges[0];
         assert_eq!((e.count, e.rate, e.error_rate, e.mtls), (40, 4.0 + 5.0, 0.25, "mutual_tls"));
@@ -201,7 +212,7 @@ mod tests {
 
         // Older than the window: forgotten, so the baseline moves.
         w.record("n1", scrape(t0 + Duration::from_secs(12), 130.0, 5.0), window);
-        let view = w.view(window, vec![]);
+        let view = w.view(window, vec![], false);
         let e = &view.edges[0];
         assert_eq!(e.count, 10 + 20, "n1 counts from its scrape at 5 s");
     }
@@ -216,7 +227,7 @@ mod tests {
         }
         let kept = &w.by_node["n1"];
         assert!(kept.len() <= 8, "{} scrapes kept", kept.len());
-        let view = w.view(window, vec![]);
+        let view = w.view(window, vec![], false);
         assert!(view.span_seconds >= 50.0 && view.span_seconds <= 60.0, "{}", view.span_seconds);
         let e = &view.edges[0];
         assert!((e.rate - 2.0).abs() < 1e-9, "two requests a second: {}", e.rate);
@@ -230,12 +241,12 @@ mod tests {
         let mut w = Windows::default();
         w.record("n1", scrape(t0, 100.0, 0.0), window);
         w.record("n1", scrape(t0 + Duration::from_secs(2), 7.0, 0.0), window);
-        assert_eq!(w.view(window, vec![]).edges[0].count, 7);
+        assert_eq!(w.view(window, vec![], false).edges[0].count, 7);
 
         let mut idle = Windows::default();
         idle.record("n1", scrape(t0, 100.0, 0.0), window);
         idle.record("n1", scrape(t0 + Duration::from_secs(2), 100.0, 0.0), window);
-        let view = idle.view(window, vec![]);
+        let view = idle.view(window, vec![], false);
         assert!(view.edges.is_empty() && view.vertices.is_empty());
     }
 }

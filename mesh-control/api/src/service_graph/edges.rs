@@ -27,21 +27,31 @@ const REQUESTS: &str = "istio_requests_total";
 const DURATION_BUCKETS: &str = "istio_request_duration_milliseconds_bucket";
 const UNKNOWN: &str = "unknown";
 
-/// A vertex: an app (or service) in its namespace; the namespace is empty for `unknown`.
+/// A vertex: an app (or service) in its namespace, and the app's version (Istio's `version`
+/// label; empty when unknown); the namespace is empty for `unknown`.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
 pub struct Vertex {
     pub namespace: String,
     pub name: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub version: String,
 }
 
 impl Vertex {
-    /// `namespace/name`, or `unknown`.
+    /// `namespace/name`, `namespace/name:version`, or `unknown`.
     pub fn id(&self) -> String {
-        if self.namespace.is_empty() {
+        let app = if self.namespace.is_empty() {
             self.name.clone()
         } else {
             format!("{}/{}", self.namespace, self.name)
-        }
+        };
+        if self.version.is_empty() { app } else { format!("{app}:{}", self.version) }
+    }
+
+    /// The same vertex for all its versions (the app graph).
+    pub fn unversioned(mut self) -> Vertex {
+        self.version.clear();
+        self
     }
 }
 
@@ -253,15 +263,20 @@ fn count(totals: &mut EdgeTotals, s: &Sample<'_>) {
 struct VertexRef<'a> {
     namespace: &'a str,
     name: &'a str,
+    version: &'a str,
 }
 
 impl VertexRef<'_> {
     fn is(&self, v: &Vertex) -> bool {
-        self.namespace == v.namespace && self.name == v.name
+        self.namespace == v.namespace && self.name == v.name && self.version == v.version
     }
 
     fn owned(&self) -> Vertex {
-        Vertex { namespace: self.namespace.to_string(), name: self.name.to_string() }
+        Vertex {
+            namespace: self.namespace.to_string(),
+            name: self.name.to_string(),
+            version: self.version.to_string(),
+        }
     }
 }
 
@@ -275,23 +290,30 @@ fn edge_of<'a>(s: &'a Sample<'_>) -> Option<(VertexRef<'a>, VertexRef<'a>)> {
     }
     // A namespace Istio labels `unknown` (PassthroughCluster, BlackHoleCluster) is none.
     let namespace = |label: &str| known(s.label(label)).unwrap_or("");
-    let unknown = VertexRef { namespace: "", name: UNKNOWN };
+    let unknown = VertexRef { namespace: "", name: UNKNOWN, version: "" };
     let source = if source_known {
         VertexRef {
             namespace: namespace("source_workload_namespace"),
             name: known(s.label("source_app")).unwrap_or(s.label("source_workload")),
+            version: known(s.label("source_version")).unwrap_or(""),
         }
     } else {
         unknown
     };
     let destination = match (known(s.label("destination_app")), known(s.label("destination_service_name"))) {
-        (Some(app), _) => VertexRef { namespace: namespace("destination_workload_namespace"), name: app },
+        (Some(app), _) => VertexRef {
+            namespace: namespace("destination_workload_namespace"),
+            name: app,
+            version: known(s.label("destination_version")).unwrap_or(""),
+        },
         (None, Some(service)) => {
-            VertexRef { namespace: namespace("destination_service_namespace"), name: service }
+            VertexRef { namespace: namespace("destination_service_namespace"), name: service, version: "" }
         }
         (None, None) => match known(s.label("destination_workload")) {
-            Some(w) => VertexRef { namespace: namespace("destination_workload_namespace"), name: w },
-            None => VertexRef { namespace: "", name: UNKNOWN },
+            Some(w) => {
+                VertexRef { namespace: namespace("destination_workload_namespace"), name: w, version: "" }
+            }
+            None => VertexRef { namespace: "", name: UNKNOWN, version: "" },
         },
     };
     Some((source, destination))
@@ -326,11 +348,11 @@ istio_request_duration_milliseconds_bucket{reporter="source",source_workload="cl
 "#;
 
     fn unknown() -> Vertex {
-        Vertex { namespace: String::new(), name: UNKNOWN.into() }
+        Vertex { namespace: String::new(), name: UNKNOWN.into(), version: String::new() }
     }
 
     fn vertex(namespace: &str, name: &str) -> Vertex {
-        Vertex { namespace: namespace.into(), name: name.into() }
+        Vertex { namespace: namespace.into(), name: name.into(), version: String::new() }
     }
 
     fn edges() -> HashMap<EdgeKey, EdgeTotals> {
@@ -350,7 +372,8 @@ istio_request_duration_milliseconds_bucket{reporter="source",source_workload="cl
         let greeter =
             &edges[&EdgeKey { source: vertex("shop", "client"), destination: vertex("shop", "greeter") }];
         assert_eq!(greeter.errors, 1.0, "a gRPC status other than OK is an error");
-        let passthrough = Vertex { namespace: String::new(), name: "PassthroughCluster".into() };
+        let passthrough =
+            Vertex { namespace: String::new(), name: "PassthroughCluster".into(), version: String::new() };
         let out = &edges[&EdgeKey { source: vertex("shop", "client"), destination: passthrough }];
         assert_eq!(
             (out.connections, out.mtls_connections),
@@ -369,6 +392,19 @@ istio_request_duration_milliseconds_bucket{reporter="source",source_workload="cl
         assert!(close(web.duration_quantile(0.99), 250.0 + 250.0 * 0.96));
         assert!(close(web.duration_quantile(0.5), 100.0 * 20.0 / 30.0));
         assert_eq!(EdgeTotals::default().duration_quantile(0.99), None);
+    }
+
+    #[test]
+    fn an_apps_version_is_part_of_its_vertex() {
+        let page = r#"istio_requests_total{reporter="source",source_workload="productpage-v1",source_workload_namespace="shop",source_app="productpage",source_version="v1",destination_app="reviews",destination_version="v2",destination_workload_namespace="shop",destination_service_name="reviews",response_code="200"} 7
+"#;
+        let edges = fold(page).unwrap();
+        let key = edges.keys().next().unwrap();
+        assert_eq!(
+            (key.source.id(), key.destination.id()),
+            ("shop/productpage:v1".into(), "shop/reviews:v2".into())
+        );
+        assert_eq!(key.destination.clone().unversioned().id(), "shop/reviews");
     }
 
     #[test]
