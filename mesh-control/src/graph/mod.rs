@@ -128,6 +128,6 @@ impl ServiceGraph {
                 error: s.error.clone(),
             })
             .collect();
-        self.windows.lock().expect("graph lock").view(self.settings.window, sources, by_version)
+        self.windows.lock().expect("graph lock").view(now, self.settings.window, sources, by_version)
     }
 }

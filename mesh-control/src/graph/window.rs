@@ -99,11 +99,22 @@ impl Windows {
 
     /// The graph over the window, with `sources` describing each node's scrape; one vertex
     /// per app, or (`by_version`) per version of each app (Kiali's versioned app graph).
-    pub fn view(&self, window: Duration, sources: Vec<SourceView>, by_version: bool) -> GraphView {
+    /// A node whose last good scrape is older than the window (unreachable since) is left
+    /// out: its numbers would be old news drawn as live.
+    pub fn view(
+        &self,
+        now: Instant,
+        window: Duration,
+        sources: Vec<SourceView>,
+        by_version: bool,
+    ) -> GraphView {
         let mut merged: BTreeMap<EdgeKey, (EdgeTotals, f64, f64)> = BTreeMap::new();
         let mut span = 0.0f64;
         for scrapes in self.by_node.values() {
             let (Some(oldest), Some(newest)) = (scrapes.front(), scrapes.back()) else { continue };
+            if now.saturating_duration_since(newest.at) > window {
+                continue;
+            }
             let seconds = newest.at.duration_since(oldest.at).as_secs_f64();
             if seconds <= 0.0 {
                 continue;
@@ -203,7 +214,7 @@ mod tests {
         w.record("n1", scrape(t0 + Duration::from_secs(5), 120.0, 5.0), window);
         w.record("n2", scrape(t0, 0.0, 0.0), window);
         w.record("n2", scrape(t0 + Duration::from_secs(4), 20.0, 5.0), window);
-        let view = w.view(window, vec![], false);
+        let view = w.view(t0 + Duration::from_secs(5), window, vec![], false);
         assert_eq!(view.edges.len(), 1);
         let e = &view.edges[0];
         assert_eq!((e.count, e.rate, e.error_rate, e.mtls), (40, 4.0 + 5.0, 0.25, "mutual_tls"));
@@ -212,9 +223,13 @@ mod tests {
 
         // Older than the window: forgotten, so the baseline moves.
         w.record("n1", scrape(t0 + Duration::from_secs(12), 130.0, 5.0), window);
-        let view = w.view(window, vec![], false);
+        let view = w.view(t0 + Duration::from_secs(12), window, vec![], false);
         let e = &view.edges[0];
         assert_eq!(e.count, 10 + 20, "n1 counts from its scrape at 5 s");
+
+        // n2 not scraped for longer than the window: left out.
+        let view = w.view(t0 + Duration::from_secs(15), window, vec![], false);
+        assert_eq!(view.edges[0].count, 10, "only n1's requests");
     }
 
     #[test]
@@ -227,7 +242,7 @@ mod tests {
         }
         let kept = &w.by_node["n1"];
         assert!(kept.len() <= 8, "{} scrapes kept", kept.len());
-        let view = w.view(window, vec![], false);
+        let view = w.view(t0 + Duration::from_millis(500 * 299), window, vec![], false);
         assert!(view.span_seconds >= 50.0 && view.span_seconds <= 60.0, "{}", view.span_seconds);
         let e = &view.edges[0];
         assert!((e.rate - 2.0).abs() < 1e-9, "two requests a second: {}", e.rate);
@@ -241,12 +256,12 @@ mod tests {
         let mut w = Windows::default();
         w.record("n1", scrape(t0, 100.0, 0.0), window);
         w.record("n1", scrape(t0 + Duration::from_secs(2), 7.0, 0.0), window);
-        assert_eq!(w.view(window, vec![], false).edges[0].count, 7);
+        assert_eq!(w.view(t0 + Duration::from_secs(2), window, vec![], false).edges[0].count, 7);
 
         let mut idle = Windows::default();
         idle.record("n1", scrape(t0, 100.0, 0.0), window);
         idle.record("n1", scrape(t0 + Duration::from_secs(2), 100.0, 0.0), window);
-        let view = idle.view(window, vec![], false);
+        let view = idle.view(t0 + Duration::from_secs(2), window, vec![], false);
         assert!(view.edges.is_empty() && view.vertices.is_empty());
     }
 }
