@@ -195,5 +195,25 @@ impl Drop for Browser {
         }
         let _ = self.driver.kill();
         let _ = self.driver.wait();
+        // A session that failed half-way leaves Chromium running once chromedriver is gone:
+        // end the processes started with this browser's own profile directory.
+        for pid in started_with(&self.dir.join("profile")) {
+            let _ =
+                nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+        }
     }
+}
+
+/// Processes whose command line names `profile` (`--user-data-dir=<profile>`): this test's
+/// Chromium and its helpers, and no one else's (the directory is the test's own).
+fn started_with(profile: &Path) -> Vec<i32> {
+    let needle = format!("--user-data-dir={}", profile.display());
+    let Ok(entries) = std::fs::read_dir("/proc") else { return Vec::new() };
+    entries
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .is_ok_and(|c| c.split(|b| *b == 0).any(|arg| arg == needle.as_bytes()))
+        })
+        .collect()
 }
