@@ -14,8 +14,9 @@ use nodemesh_api::service_graph::{
 };
 use tokio::net::TcpStream;
 
-/// A page larger than this is refused rather than held in memory (a node's metrics stay far
-/// below it: their label values are bounded, see the README's cardinality section).
+/// An answer larger than this is refused rather than held in memory (a node's metrics stay
+/// far below it: their label values are bounded, see ARCHITECTURE.md "Workload names are
+/// owners' names").
 const MAX_PAGE: usize = 64 << 20;
 
 pub(super) async fn fetch(

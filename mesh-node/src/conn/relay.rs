@@ -40,12 +40,6 @@ pub struct Relayed {
     pub result: io::Result<()>,
 }
 
-impl Relayed {
-    /// The totals if the relay ended without error.
-    pub fn ok(self) -> io::Result<Totals> {
-        self.result.map(|()| self.totals)
-    }
-}
 
 /// Relays between two TCP connections until both directions have finished (or, with `idle`,
 /// until neither has moved a byte for that long); on error resets both sides.
