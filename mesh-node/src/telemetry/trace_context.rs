@@ -82,7 +82,9 @@ impl TraceContext {
 
 /// Sets a header whose value we formatted (always valid; an invalid one is left out).
 fn put(headers: &mut HeaderMap, name: &'static str, value: String) {
-    if let Ok(v) = HeaderValue::from_str(&value) {
+    // Takes the string's buffer over (from_str would copy it): this runs on every traced
+    // request, sampled or not.
+    if let Ok(v) = HeaderValue::try_from(value) {
         headers.insert(name, v);
     }
 }
@@ -170,9 +172,7 @@ pub fn ensure_request_id(headers: &mut HeaderMap) {
         (bits >> 48) & 0xffff,
         bits & 0xffff_ffff_ffff
     );
-    if let Ok(v) = HeaderValue::from_str(&id) {
-        headers.insert(REQUEST_ID, v);
-    }
+    put(headers, REQUEST_ID, id);
 }
 
 #[cfg(test)]
