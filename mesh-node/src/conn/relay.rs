@@ -40,7 +40,6 @@ pub struct Relayed {
     pub result: io::Result<()>,
 }
 
-
 /// Relays between two TCP connections until both directions have finished (or, with `idle`,
 /// until neither has moved a byte for that long); on error resets both sides.
 pub async fn relay_tcp(
